@@ -1,0 +1,429 @@
+//! Types shared by the kernel half (`sidecar-ebpf`) and the user half (`sidecar-user`).
+//!
+//! Every map key and value is defined here once, `#[repr(C)]`, with no implicit padding, so
+//! that a layout change is one edit checked by both compilers. Addresses are always stored in
+//! a 16-byte form: IPv4 becomes the v4-mapped IPv6 address `::ffff:a.b.c.d`. That lets one key
+//! type describe both families and makes a dual-stack socket talking IPv4 match its IPv4 peer.
+//!
+//! Byte order: address words hold bytes in network order (exactly as the kernel's
+//! `user_ip6`/`remote_ip6` arrays do); ports are in host order.
+#![cfg_attr(not(test), no_std)]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Names of the eBPF programs inside the object, as the loader looks them up.
+pub mod programs {
+    pub const CONNECT4: &str = "sidecar_connect4";
+    pub const CONNECT6: &str = "sidecar_connect6";
+    pub const SOCKOPS: &str = "sidecar_sockops";
+    pub const SK_MSG: &str = "sidecar_sk_msg";
+    /// All programs, in the order the loader loads them.
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG];
+}
+
+/// Names of the maps inside the object. Each is pinned under the run's bpffs directory.
+pub mod maps {
+    /// `HashMap<u64 cgroup id, WorkloadConfig>`: which cgroups are meshed, and how.
+    pub const WORKLOADS: &str = "WORKLOADS";
+    /// `LpmTrie<ScopedAddr, u8>`: destinations that bypass the proxy, per workload scope.
+    pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: written at connect, read at established.
+    pub const COOKIE_ORIG_DST: &str = "COOKIE_ORIG_DST";
+    /// `LruHashMap<u64 socket cookie, u8>`: the proxy's own loopback upstream sockets.
+    pub const PROXY_COOKIES: &str = "PROXY_COOKIES";
+    /// `LruHashMap<SockKey, OrigDst>`: original destination by the app socket's 4-tuple;
+    /// the proxy looks it up with (peer, local) of an accepted socket.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// `LruHashMap<SockKey, u32>`: sockets inserted into `SOCKETS` (both ends of a splice).
+    pub const SPLICED: &str = "SPLICED";
+    /// `LruHashMap<SockKey, u32>`: sender sockets that missed their peer once and must stay
+    /// on the TCP path from then on, so bytes can never be reordered.
+    pub const PASSTHRU: &str = "PASSTHRU";
+    /// `SockHash<SockKey>`: the spliced sockets; `sk_msg` redirects between them.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// `PerCpuArray<u64>`: one slot per [`Counter`](crate::Counter).
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
+pub mod limits {
+    pub const WORKLOADS: u32 = 1024;
+    pub const EXCLUDED_CIDRS: u32 = 1024;
+    pub const COOKIE_ORIG_DST: u32 = 65_536;
+    pub const PROXY_COOKIES: u32 = 65_536;
+    pub const ORIG_DST: u32 = 65_536;
+    pub const SPLICED: u32 = 131_072;
+    pub const PASSTHRU: u32 = 65_536;
+    pub const SOCKETS: u32 = 131_072;
+    /// Ports a workload can exclude from interception.
+    pub const EXCLUDED_PORTS: usize = 16;
+    /// How many ancestor levels the connect hooks walk looking for a workload entry.
+    pub const CGROUP_DEPTH: i32 = 16;
+}
+
+/// Role of a cgroup in [`WorkloadConfig::role`].
+pub mod role {
+    /// Outbound TCP connects are redirected to the proxy.
+    pub const WORKLOAD: u32 = 1;
+    /// The proxy itself: never redirected; its loopback upstream sockets get spliced.
+    pub const PROXY: u32 = 2;
+}
+
+/// Bits of [`WorkloadConfig::flags`].
+pub mod flags {
+    /// The proxy listens on `[::1]`: connect6 may redirect.
+    pub const IPV6_LISTENER: u16 = 1;
+}
+
+/// Per-cgroup configuration, keyed by cgroup id in [`maps::WORKLOADS`]. The connect hooks
+/// use the entry of the deepest ancestor cgroup that has one, so child cgroups are covered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadConfig {
+    /// One of [`role`].
+    pub role: u32,
+    /// Identifies the workload in [`ScopedAddr`] keys of the CIDR exclusion trie.
+    pub scope: u32,
+    /// Port of the proxy's outbound listener on 127.0.0.1 / [::1], host order.
+    pub proxy_port: u16,
+    /// Bits from [`flags`].
+    pub flags: u16,
+    /// Number of valid entries in `excluded_ports`.
+    pub excluded_ports_len: u32,
+    /// Destination ports that bypass the proxy, host order.
+    pub excluded_ports: [u16; limits::EXCLUDED_PORTS],
+}
+
+impl WorkloadConfig {
+    /// Whether `port` (host order) is in the exclusion list.
+    #[inline(always)]
+    pub fn excludes_port(&self, port: u16) -> bool {
+        let mut i = 0;
+        // Written as a bounded loop over the fixed array so the verifier accepts it.
+        while i < limits::EXCLUDED_PORTS {
+            if (i as u32) < self.excluded_ports_len && self.excluded_ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Key data of the CIDR exclusion trie: the workload's scope (big-endian, so it forms the
+/// first 32 bits of the prefix) followed by the 16-byte address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopedAddr {
+    pub scope: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+impl ScopedAddr {
+    pub const fn new(scope: u32, addr: [u8; 16]) -> Self {
+        Self {
+            scope: scope.to_be_bytes(),
+            addr,
+        }
+    }
+}
+
+/// Prefix length of an LPM key for a CIDR of `prefix` bits on `addr`: 32 bits of scope, plus
+/// 96 bits of `::ffff:` for IPv4.
+pub const fn lpm_prefix_len(is_ipv4: bool, prefix: u8) -> u32 {
+    32 + if is_ipv4 { 96 } else { 0 } + prefix as u32
+}
+
+/// An original destination, as the app asked for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// 16-byte address, network byte order words (v4-mapped for IPv4).
+    pub ip: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl OrigDst {
+    pub fn to_socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(ip_from_words(self.ip), self.port)
+    }
+
+    pub fn from_socket_addr(addr: SocketAddr) -> Self {
+        Self {
+            ip: words_from_ip(addr.ip()),
+            port: addr.port(),
+            _pad: 0,
+        }
+    }
+}
+
+/// A TCP socket's 4-tuple from its own point of view. The peer's key is [`SockKey::peer`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> Self {
+        Self {
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+
+    pub fn from_addrs(local: SocketAddr, remote: SocketAddr) -> Self {
+        Self {
+            local_ip: words_from_ip(local.ip()),
+            remote_ip: words_from_ip(remote.ip()),
+            local_port: local.port(),
+            remote_port: remote.port(),
+        }
+    }
+
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(ip_from_words(self.local_ip), self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(ip_from_words(self.remote_ip), self.remote_port)
+    }
+}
+
+/// The v4-mapped form of an IPv4 address given as the kernel gives it (network byte order
+/// in a `u32`, i.e. its in-memory bytes are the address bytes).
+#[inline(always)]
+pub const fn mapped_v4(ip4_net: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_net]
+}
+
+/// Whether a 16-byte address is loopback: `::1` or v4-mapped `127.0.0.0/8`.
+#[inline(always)]
+pub const fn is_loopback(ip: &[u32; 4]) -> bool {
+    let w3 = ip[3].to_ne_bytes();
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 {
+        return w3[0] == 0 && w3[1] == 0 && w3[2] == 0 && w3[3] == 1;
+    }
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && w3[0] == 127
+}
+
+/// 16-byte form of an address (IPv4 becomes v4-mapped).
+pub fn words_from_ip(ip: IpAddr) -> [u32; 4] {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut words = [0u32; 4];
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ]);
+    }
+    words
+}
+
+/// Inverse of [`words_from_ip`]: v4-mapped addresses come back as IPv4.
+pub fn ip_from_words(words: [u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// 16-byte form of an IPv4 address, as bytes (for [`ScopedAddr`]).
+pub fn mapped_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The proxy's outbound listener addresses: connects are rewritten to these.
+pub const PROXY_IPV4: Ipv4Addr = Ipv4Addr::LOCALHOST;
+pub const PROXY_IPV6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+
+/// Every decision the kernel half makes is counted in one per-CPU slot of
+/// [`maps::COUNTERS`]. The discriminant is the slot index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// TCP connects seen from a workload cgroup (both families).
+    ConnectSeen = 0,
+    /// Connects rewritten to the proxy.
+    ConnectRedirected,
+    /// Connects left alone because the destination port is excluded.
+    ConnectExcludedPort,
+    /// Connects left alone because the destination address is in an excluded CIDR.
+    ConnectExcludedCidr,
+    /// IPv6 connects left alone because the proxy has no IPv6 listener.
+    ConnectNoV6Listener,
+    /// Connects from the proxy's own cgroup (never redirected).
+    ConnectFromProxy,
+    /// Original destinations published under a 4-tuple for the proxy to read.
+    OrigDstPublished,
+    /// Sockets inserted into the sockhash.
+    SockhashInsert,
+    /// Sockhash inserts the kernel refused.
+    SockhashInsertFailed,
+    /// Messages `sk_msg` redirected to the peer socket.
+    SkMsgRedirected,
+    /// Bytes in those messages.
+    SkMsgRedirectedBytes,
+    /// Messages that found no peer and went through the TCP stack.
+    SkMsgMiss,
+    /// Messages of sockets that had missed once and stay on the TCP path.
+    SkMsgPassthru,
+    /// Splice bookkeeping entries removed when a socket closed.
+    CloseCleanup,
+}
+
+impl Counter {
+    /// Every counter, in slot order, with its metric-friendly name.
+    pub const ALL: [(Counter, &'static str); 14] = [
+        (Counter::ConnectSeen, "connect_seen"),
+        (Counter::ConnectRedirected, "connect_redirected"),
+        (Counter::ConnectExcludedPort, "connect_excluded_port"),
+        (Counter::ConnectExcludedCidr, "connect_excluded_cidr"),
+        (Counter::ConnectNoV6Listener, "connect_no_v6_listener"),
+        (Counter::ConnectFromProxy, "connect_from_proxy"),
+        (Counter::OrigDstPublished, "orig_dst_published"),
+        (Counter::SockhashInsert, "sockhash_insert"),
+        (Counter::SockhashInsertFailed, "sockhash_insert_failed"),
+        (Counter::SkMsgRedirected, "sk_msg_redirected"),
+        (Counter::SkMsgRedirectedBytes, "sk_msg_redirected_bytes"),
+        (Counter::SkMsgMiss, "sk_msg_miss"),
+        (Counter::SkMsgPassthru, "sk_msg_passthru"),
+        (Counter::CloseCleanup, "close_cleanup"),
+    ];
+    /// Number of slots in [`maps::COUNTERS`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, made of integers only, with no padding
+    // (checked by the layout tests below).
+    unsafe impl aya::Pod for super::WorkloadConfig {}
+    unsafe impl aya::Pod for super::ScopedAddr {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<SockKey>(), 16 + 16 + 2 + 2);
+        assert_eq!(offset_of!(SockKey, local_port), 32);
+        assert_eq!(size_of::<OrigDst>(), 20);
+        assert_eq!(size_of::<ScopedAddr>(), 20);
+        assert_eq!(
+            size_of::<WorkloadConfig>(),
+            4 + 4 + 2 + 2 + 4 + 2 * limits::EXCLUDED_PORTS
+        );
+        assert_eq!(offset_of!(WorkloadConfig, excluded_ports), 16);
+    }
+
+    #[test]
+    fn v4_is_stored_mapped_in_network_order() {
+        let ip = Ipv4Addr::new(10, 1, 2, 3);
+        // The kernel hands IPv4 addresses over as a u32 whose bytes are the address bytes.
+        let kernel_u32 = u32::from_ne_bytes(ip.octets());
+        assert_eq!(words_from_ip(IpAddr::V4(ip)), mapped_v4(kernel_u32));
+        assert_eq!(ip_from_words(mapped_v4(kernel_u32)), IpAddr::V4(ip));
+        let bytes = mapped_octets(IpAddr::V4(ip));
+        assert_eq!(&bytes[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&bytes[12..], &[10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn v6_round_trips() {
+        let ip: IpAddr = "2001:db8::42".parse().unwrap();
+        assert_eq!(ip_from_words(words_from_ip(ip)), ip);
+        assert_eq!(words_from_ip(ip)[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+    }
+
+    #[test]
+    fn loopback_detection() {
+        let lo4 = words_from_ip("127.0.0.1".parse().unwrap());
+        let lo4b = words_from_ip("127.200.0.9".parse().unwrap());
+        let lo6 = words_from_ip("::1".parse().unwrap());
+        let other4 = words_from_ip("10.0.0.1".parse().unwrap());
+        let other6 = words_from_ip("2001:db8::1".parse().unwrap());
+        let any6 = words_from_ip("::".parse().unwrap());
+        assert!(is_loopback(&lo4) && is_loopback(&lo4b) && is_loopback(&lo6));
+        assert!(!is_loopback(&other4) && !is_loopback(&other6) && !is_loopback(&any6));
+    }
+
+    #[test]
+    fn peer_key_reverses_the_tuple() {
+        let a: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+        let k = SockKey::from_addrs(a, b);
+        assert_eq!(k.peer(), SockKey::from_addrs(b, a));
+        assert_eq!(k.peer().peer(), k);
+        assert_eq!((k.local(), k.remote()), (a, b));
+    }
+
+    #[test]
+    fn orig_dst_round_trips() {
+        for s in ["192.0.2.7:8080", "[2001:db8::7]:443"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            assert_eq!(OrigDst::from_socket_addr(addr).to_socket_addr(), addr);
+        }
+    }
+
+    #[test]
+    fn port_exclusion_respects_len() {
+        let mut cfg = WorkloadConfig {
+            role: role::WORKLOAD,
+            scope: 1,
+            proxy_port: 15001,
+            flags: 0,
+            excluded_ports_len: 2,
+            excluded_ports: [0; limits::EXCLUDED_PORTS],
+        };
+        cfg.excluded_ports[0] = 22;
+        cfg.excluded_ports[1] = 5432;
+        cfg.excluded_ports[2] = 80; // beyond len: ignored
+        assert!(cfg.excludes_port(22) && cfg.excludes_port(5432));
+        assert!(!cfg.excludes_port(80) && !cfg.excludes_port(0));
+    }
+
+    #[test]
+    fn lpm_prefix_lengths() {
+        assert_eq!(lpm_prefix_len(true, 8), 32 + 96 + 8);
+        assert_eq!(lpm_prefix_len(false, 64), 32 + 64);
+        assert_eq!(ScopedAddr::new(0x01020304, [0; 16]).scope, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn counter_table_matches_discriminants() {
+        for (i, (c, _)) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

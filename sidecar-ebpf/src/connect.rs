@@ -1,0 +1,195 @@
+//! cgroup/connect4 and cgroup/connect6: steer a workload's outbound TCP connects to the proxy.
+//!
+//! Which sockets are the proxy's own? The proxy runs in a cgroup whose [`WorkloadConfig`] has
+//! the `PROXY` role, so its connects are never rewritten (no loop); they are only noted by
+//! cookie when they go to loopback, so `sockops` can splice the proxy → local upstream leg.
+
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
+
+#[cfg(feature = "broken-for-tests")]
+use aya_ebpf::bindings::bpf_sock_addr;
+use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use sidecar_common::{
+    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, ScopedAddr, WorkloadConfig, flags, is_loopback,
+    limits, lpm_prefix_len, mapped_v4, role,
+};
+
+use crate::{
+    ctx::user_ip6,
+    maps::{COOKIE_ORIG_DST, EXCLUDED_CIDRS, PROXY_COOKIES, SOCKMAP_ENABLED, WORKLOADS, count},
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Verdict that lets the connect proceed (rewritten or not).
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn sidecar_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect::<false>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = try_connect::<true>(&ctx);
+    ALLOW
+}
+
+/// The configuration of the deepest cgroup, from the caller's own up to the root, that has an
+/// entry in `WORKLOADS`; deepest wins so a proxy container inside a meshed pod stays exempt.
+#[inline(always)]
+fn find_workload() -> Option<WorkloadConfig> {
+    // SAFETY: helper calls without pointer arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the map value is copied out immediately.
+    if let Some(cfg) = unsafe { WORKLOADS.get(&own) } {
+        return Some(*cfg);
+    }
+    let mut found = None;
+    let mut level = 0;
+    while level < limits::CGROUP_DEPTH {
+        // SAFETY: as above.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: as above.
+        if let Some(cfg) = unsafe { WORKLOADS.get(&id) } {
+            found = Some(*cfg);
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Inlined per hook with `V6` fixed: `user_ip6` may only be touched by the IPv6 hooks, so the
+/// IPv4 program must not even contain that access.
+#[inline(always)]
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i64> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the context pointer; every field is read with a 4-byte load.
+    let (sock_type, protocol, ip, port) = unsafe {
+        let ip = if V6 {
+            user_ip6(addr_of!((*sa).user_ip6))
+        } else {
+            mapped_v4(read_volatile(addr_of!((*sa).user_ip4)))
+        };
+        (
+            read_volatile(addr_of!((*sa).type_)),
+            read_volatile(addr_of!((*sa).protocol)),
+            ip,
+            u16::from_be(read_volatile(addr_of!((*sa).user_port)) as u16),
+        )
+    };
+    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(cfg) = find_workload() else {
+        return Ok(());
+    };
+    // SAFETY: the helper takes the context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
+
+    if cfg.role == role::PROXY {
+        count(Counter::ConnectFromProxy, 1);
+        if SOCKMAP_ENABLED.load() != 0 && is_loopback(&ip) {
+            PROXY_COOKIES.insert(&cookie, &1, 0)?;
+        }
+        return Ok(());
+    }
+    if cfg.role != role::WORKLOAD {
+        return Ok(());
+    }
+    count(Counter::ConnectSeen, 1);
+    if port == cfg.proxy_port && is_loopback(&ip) {
+        // Already aimed at the proxy: nothing to rewrite.
+        return Ok(());
+    }
+    if cfg.excludes_port(port) {
+        count(Counter::ConnectExcludedPort, 1);
+        return Ok(());
+    }
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = ip[i].to_ne_bytes();
+        addr[4 * i] = b[0];
+        addr[4 * i + 1] = b[1];
+        addr[4 * i + 2] = b[2];
+        addr[4 * i + 3] = b[3];
+        i += 1;
+    }
+    let key = Key::new(lpm_prefix_len(false, 128), ScopedAddr::new(cfg.scope, addr));
+    if EXCLUDED_CIDRS.get(&key).is_some() {
+        count(Counter::ConnectExcludedCidr, 1);
+        return Ok(());
+    }
+    if V6 && cfg.flags & flags::IPV6_LISTENER == 0 {
+        count(Counter::ConnectNoV6Listener, 1);
+        return Ok(());
+    }
+
+    COOKIE_ORIG_DST.insert(&cookie, &OrigDst { ip, port, _pad: 0 }, 0)?;
+    // SAFETY: writes of 4-byte context fields the connect hooks may rewrite.
+    unsafe {
+        if V6 {
+            let lo = proxy_ipv6_words();
+            let p = addr_of_mut!((*sa).user_ip6).cast::<u32>();
+            write_volatile(p, lo[0]);
+            write_volatile(p.add(1), lo[1]);
+            write_volatile(p.add(2), lo[2]);
+            write_volatile(p.add(3), lo[3]);
+        } else {
+            write_volatile(
+                addr_of_mut!((*sa).user_ip4),
+                u32::from_ne_bytes(PROXY_IPV4.octets()),
+            );
+        }
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(cfg.proxy_port.to_be()),
+        );
+    }
+    count(Counter::ConnectRedirected, 1);
+    debug!(
+        ctx,
+        "redirected connect to port {} via proxy port {}", port, cfg.proxy_port
+    );
+    broken_for_tests(sa);
+    Ok(())
+}
+
+/// `PROXY_IPV6` as four network-order words.
+#[inline(always)]
+fn proxy_ipv6_words() -> [u32; 4] {
+    let o = PROXY_IPV6.octets();
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// With the `broken-for-tests` feature, writes a context field connect hooks may not write,
+/// so the verifier rejects the program and the test harnesses must report a failure.
+#[inline(always)]
+fn broken_for_tests(_sa: *mut aya_ebpf::bindings::bpf_sock_addr) {
+    #[cfg(feature = "broken-for-tests")]
+    // SAFETY: deliberately invalid; never loads.
+    unsafe {
+        write_volatile(addr_of_mut!((*(_sa as *mut bpf_sock_addr)).family), 0);
+    }
+}

@@ -1,0 +1,79 @@
+//! Reading context fields. The verifier only allows 4-byte loads of most context fields, so
+//! each word is read with a volatile load that LLVM cannot merge into a wider one.
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::bindings::{bpf_sock_ops, sk_msg_md};
+use sidecar_common::{SockKey, mapped_v4};
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+#[inline(always)]
+unsafe fn words(p: *const [u32; 4]) -> [u32; 4] {
+    let p = p.cast::<u32>();
+    // SAFETY: `p` points at a 4-word array inside the context.
+    unsafe {
+        [
+            read_volatile(p),
+            read_volatile(p.add(1)),
+            read_volatile(p.add(2)),
+            read_volatile(p.add(3)),
+        ]
+    }
+}
+
+/// Builds a [`SockKey`] from the common layout of `bpf_sock_ops` and `sk_msg_md`: addresses
+/// normalised to 16 bytes, `remote_port` converted from network order (the kernel stores the
+/// big-endian port in the top half of the word), `local_port` already in host order.
+///
+/// Every field is read unconditionally, at a constant offset, and only the values are chosen
+/// by family: if the choice were made on pointers, LLVM would merge the branches into one
+/// load at a computed offset, which the verifier rejects ("modified ctx ptr").
+macro_rules! sock_key_from {
+    ($p:expr) => {{
+        let p = $p;
+        // SAFETY: `p` is the context pointer the kernel gave the program.
+        let (family, l4, r4, l6, r6, lport, rport) = unsafe {
+            (
+                read_volatile(addr_of!((*p).family)),
+                read_volatile(addr_of!((*p).local_ip4)),
+                read_volatile(addr_of!((*p).remote_ip4)),
+                words(addr_of!((*p).local_ip6)),
+                words(addr_of!((*p).remote_ip6)),
+                read_volatile(addr_of!((*p).local_port)),
+                read_volatile(addr_of!((*p).remote_port)),
+            )
+        };
+        let (local_ip, remote_ip) = if family == AF_INET {
+            (mapped_v4(l4), mapped_v4(r4))
+        } else if family == AF_INET6 {
+            (l6, r6)
+        } else {
+            return None;
+        };
+        Some(SockKey {
+            local_ip,
+            remote_ip,
+            local_port: lport as u16,
+            remote_port: u32::from_be(rport) as u16,
+        })
+    }};
+}
+
+#[inline(always)]
+pub fn sock_ops_key(ops: *const bpf_sock_ops) -> Option<SockKey> {
+    sock_key_from!(ops)
+}
+
+#[inline(always)]
+pub fn sk_msg_key(msg: *const sk_msg_md) -> Option<SockKey> {
+    sock_key_from!(msg)
+}
+
+/// Reads the 16-byte destination of a `connect6` context.
+#[inline(always)]
+pub unsafe fn user_ip6(p: *const [u32; 4]) -> [u32; 4] {
+    // SAFETY: forwarded from the caller.
+    unsafe { words(p) }
+}

@@ -1,0 +1,27 @@
+//! Kernel half of the sidecar.
+//!
+//! * `connect4`/`connect6` (cgroup/connect*): rewrite a meshed workload's outbound TCP connect
+//!   to the proxy's listener, remembering the original destination by socket cookie.
+//! * `sockops` (attached at the cgroup v2 root, so it sees every local socket): when one of our
+//!   loopback connections is established, publish the original destination under the app
+//!   socket's 4-tuple and insert both ends into the `SOCKETS` sockhash.
+//! * `sk_msg` (attached to `SOCKETS`): hand each message straight to the peer socket's receive
+//!   queue, skipping the TCP/IP stack on that hop.
+//!
+//! Each entry point is a thin wrapper that calls a `try_*` function and maps its result to
+//! the verdict in one place; every verdict lets traffic through unchanged when in doubt.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod ctx;
+mod maps;
+mod skmsg;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}

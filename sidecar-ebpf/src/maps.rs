@@ -1,0 +1,53 @@
+//! Every map and global of the object. Names, key and value types come from `sidecar-common`.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+};
+use sidecar_common::{Counter, OrigDst, ScopedAddr, SockKey, WorkloadConfig, limits};
+
+#[map(name = "WORKLOADS")]
+pub static WORKLOADS: HashMap<u64, WorkloadConfig> =
+    HashMap::with_max_entries(limits::WORKLOADS, 0);
+
+#[map(name = "EXCLUDED_CIDRS")]
+pub static EXCLUDED_CIDRS: LpmTrie<ScopedAddr, u8> =
+    LpmTrie::with_max_entries(limits::EXCLUDED_CIDRS, 0);
+
+#[map(name = "COOKIE_ORIG_DST")]
+pub static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(limits::COOKIE_ORIG_DST, 0);
+
+#[map(name = "PROXY_COOKIES")]
+pub static PROXY_COOKIES: LruHashMap<u64, u8> =
+    LruHashMap::with_max_entries(limits::PROXY_COOKIES, 0);
+
+#[map(name = "ORIG_DST")]
+pub static ORIG_DST: LruHashMap<SockKey, OrigDst> =
+    LruHashMap::with_max_entries(limits::ORIG_DST, 0);
+
+#[map(name = "SPLICED")]
+pub static SPLICED: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(limits::SPLICED, 0);
+
+#[map(name = "PASSTHRU")]
+pub static PASSTHRU: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(limits::PASSTHRU, 0);
+
+#[map(name = "SOCKETS")]
+pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(limits::SOCKETS, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Set by the loader: 0 turns the sockmap fast path off (connect redirect still works).
+#[unsafe(no_mangle)]
+pub static SOCKMAP_ENABLED: Global<u8> = Global::new(1);
+
+/// Adds `n` to a per-CPU counter; per-CPU slots need no atomics.
+#[inline(always)]
+pub fn count(counter: Counter, n: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer is this CPU's slot, valid for the program's run.
+        unsafe { *slot += n };
+    }
+}

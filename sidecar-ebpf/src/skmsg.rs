@@ -1,0 +1,42 @@
+//! sk_msg on `SOCKETS`: deliver each message straight into the peer socket's receive queue.
+//!
+//! A message that finds no peer goes through the TCP stack, and its sender is put in
+//! `PASSTHRU` for the rest of its life: once any bytes took the slow path, later bytes must
+//! not overtake them through the fast one (the receiver reads redirected data first).
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_F_INGRESS, sk_action::SK_PASS},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use sidecar_common::Counter;
+
+use crate::{
+    ctx::sk_msg_key,
+    maps::{PASSTHRU, SOCKETS, count},
+};
+
+#[sk_msg]
+pub fn sidecar_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) {
+    let Some(key) = sk_msg_key(ctx.msg) else {
+        return;
+    };
+    if PASSTHRU.get_ptr(&key).is_some() {
+        count(Counter::SkMsgPassthru, 1);
+        return;
+    }
+    let size = u64::from(ctx.size());
+    if SOCKETS.redirect_msg(ctx, key.peer(), BPF_F_INGRESS as u64) == i64::from(SK_PASS) {
+        count(Counter::SkMsgRedirected, 1);
+        count(Counter::SkMsgRedirectedBytes, size);
+    } else {
+        count(Counter::SkMsgMiss, 1);
+        let _ = PASSTHRU.insert(&key, &1, BPF_ANY as u64);
+    }
+}

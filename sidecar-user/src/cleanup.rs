@@ -1,0 +1,162 @@
+//! `sidecar cleanup`: remove what crashed runs left behind — pinned links (which keeps their
+//! programs attached), pinned maps, cgroups, state files, a bpffs mount we made. Safe to run
+//! any time: a run that is still alive is left alone. Running it twice does nothing the
+//! second time.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Result;
+
+use crate::{
+    host::{bpffs, cgroup, privileges},
+    state::{self, RunState},
+};
+
+/// What one cleanup did, line by line, for the user.
+#[derive(Debug, Default)]
+pub struct Cleaned {
+    pub actions: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
+    privileges::require("sidecar cleanup")?;
+    let cg_root = cgroup::root()?;
+    let mut done = Cleaned::default();
+
+    for (file, parsed) in state::list() {
+        let state = match parsed {
+            Ok(s) => s,
+            Err(e) => {
+                done.skipped.push(format!(
+                    "{}: unreadable ({e}); remove it by hand",
+                    file.display()
+                ));
+                continue;
+            }
+        };
+        if run_is_alive(&state, &cg_root) {
+            done.skipped
+                .push(format!("run {} is still running: stop it first", state.pid));
+            continue;
+        }
+        clean_run(&state, &cg_root, &mut done);
+        if fs::remove_file(&file).is_ok() {
+            done.actions
+                .push(format!("removed state file {}", file.display()));
+        }
+    }
+
+    // Leftovers without a state file (e.g. a crash before it was written).
+    for dir in run_dirs(&bpffs_path.join("sidecar")) {
+        if !pid_of(&dir).is_some_and(pid_alive) {
+            remove_pins(&dir, &mut done);
+        }
+    }
+    for dir in run_dirs(&cg_root.join("sidecar")) {
+        if !pid_of(&dir).is_some_and(pid_alive) {
+            remove_cgroup(&dir, &cg_root, &cg_root, &mut done);
+        }
+    }
+    for parent in [bpffs_path.join("sidecar"), cg_root.join("sidecar")] {
+        if fs::remove_dir(&parent).is_ok() {
+            done.actions.push(format!("removed {}", parent.display()));
+        }
+    }
+    Ok(done)
+}
+
+fn clean_run(state: &RunState, cg_root: &Path, done: &mut Cleaned) {
+    remove_pins(&state.pin_dir, done);
+    let _ = fs::remove_dir(state.pin_dir.parent().unwrap_or(&state.pin_dir));
+    remove_cgroup(&state.run_cgroup, &state.original_cgroup, cg_root, done);
+    if state.bpffs_mounted_by_us && bpffs::unmount_if_empty(&state.bpffs) {
+        done.actions
+            .push(format!("unmounted bpffs at {}", state.bpffs.display()));
+    }
+}
+
+/// A run is alive while its process exists and still sits in the run's proxy cgroup (so a
+/// reused pid is not mistaken for it).
+fn run_is_alive(state: &RunState, cg_root: &Path) -> bool {
+    pid_alive(state.pid)
+        && cgroup::of_process(cg_root, &state.pid.to_string())
+            .is_ok_and(|cg| cg.starts_with(&state.run_cgroup))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `run-<pid>` directories below `parent`.
+fn run_dirs(parent: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| pid_of(p).is_some())
+        .collect()
+}
+
+fn pid_of(dir: &Path) -> Option<u32> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("run-")?
+        .parse()
+        .ok()
+}
+
+/// Removing a pinned link detaches its program; removing a pinned map frees it once unused.
+fn remove_pins(dir: &Path, done: &mut Cleaned) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => done.actions.push(format!("unpinned {}", path.display())),
+            Err(e) => done
+                .skipped
+                .push(format!("cannot unpin {}: {e}", path.display())),
+        }
+    }
+    if fs::remove_dir(dir).is_ok() {
+        done.actions.push(format!("removed {}", dir.display()));
+    }
+}
+
+/// Moves any process still inside (the crashed run's command keeps running, no longer
+/// intercepted) to `evict_to`, or the root if that is gone, then removes the cgroups.
+fn remove_cgroup(path: &Path, evict_to: &Path, cg_root: &Path, done: &mut Cleaned) {
+    if !path.exists() {
+        return;
+    }
+    let target = if evict_to.exists() { evict_to } else { cg_root };
+    let mut dirs = vec![path.to_path_buf()];
+    if let Ok(entries) = fs::read_dir(path) {
+        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for dir in &dirs {
+        for pid in cgroup::pids(dir).unwrap_or_default() {
+            match cgroup::move_process(target, pid) {
+                Ok(()) => done.actions.push(format!(
+                    "moved pid {pid} out of {} to {}",
+                    dir.display(),
+                    target.display()
+                )),
+                Err(e) => done.skipped.push(e.to_string()),
+            }
+        }
+    }
+    match cgroup::remove_tree(path) {
+        Ok(()) => done
+            .actions
+            .push(format!("removed cgroup {}", path.display())),
+        Err(e) => done.skipped.push(e.to_string()),
+    }
+}

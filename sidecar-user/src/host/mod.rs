@@ -1,0 +1,7 @@
+//! The host's kernel interfaces the sidecar depends on: cgroup v2, bpffs, privileges.
+//! Paths are always discovered from `/proc/mounts`, never assumed.
+
+pub mod bpffs;
+pub mod cgroup;
+pub mod mounts;
+pub mod privileges;

@@ -1,0 +1,16 @@
+//! The user half of the sidecar: the loader that attaches the kernel half, the transparent
+//! proxy, and the commands built from them.
+//!
+//! Reading order follows a connection: [`run`] sets up a workload, [`redirect`] steers its
+//! connections to the [`proxy`], which recovers each original destination, connects upstream,
+//! copies bytes and records the outcome for the [`report`].
+
+pub mod cidr;
+pub mod cleanup;
+pub mod host;
+pub mod probe;
+pub mod proxy;
+pub mod redirect;
+pub mod report;
+pub mod run;
+pub mod state;

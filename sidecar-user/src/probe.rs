@@ -1,0 +1,159 @@
+//! `sidecar probe`: does this host have what eBPF interception needs? Each check prints a
+//! verdict and, when it fails, the fix. The program check really loads, attaches (to a
+//! temporary cgroup) and pins the embedded object, then removes all of it.
+
+use std::path::Path;
+
+use crate::{
+    host::{bpffs::Bpffs, cgroup, privileges},
+    redirect::ebpf::{EbpfInterception, Settings},
+};
+
+#[derive(Debug)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found (on success) or what is wrong (on failure).
+    pub detail: String,
+    /// How to fix a failure.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+pub fn probe(bpffs_path: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    checks.push(kernel_release());
+
+    let privileged = privileges::sufficient(privileges::effective_caps());
+    checks.push(if privileged {
+        Check::pass(
+            "privileges",
+            "CAP_SYS_ADMIN or CAP_BPF+CAP_NET_ADMIN present",
+        )
+    } else {
+        Check::fail(
+            "privileges",
+            "not root",
+            "run `sudo sidecar probe` (and `sudo sidecar run`)",
+        )
+    });
+
+    let cg_root = cgroup::root();
+    checks.push(match &cg_root {
+        Ok(p) => Check::pass("cgroup v2", format!("mounted at {}", p.display())),
+        Err(e) => Check::fail(
+            "cgroup v2",
+            "no cgroup2 mount in /proc/mounts",
+            e.to_string(),
+        ),
+    });
+
+    checks.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Check::pass("BTF", "/sys/kernel/btf/vmlinux present")
+    } else {
+        // Our programs use no CO-RE relocations, so this is informational.
+        Check::pass(
+            "BTF",
+            "no /sys/kernel/btf/vmlinux (not required by these programs)",
+        )
+    });
+
+    let bpffs_mounted = crate::host::mounts::is_mounted(bpffs_path, "bpf");
+    checks.push(if bpffs_mounted {
+        Check::pass("bpffs", format!("mounted at {}", bpffs_path.display()))
+    } else if privileged {
+        Check::pass(
+            "bpffs",
+            format!(
+                "not mounted at {}; `sidecar run` mounts it (and unmounts it after)",
+                bpffs_path.display()
+            ),
+        )
+    } else {
+        Check::fail(
+            "bpffs",
+            format!("not mounted at {}", bpffs_path.display()),
+            format!("`mount -t bpf bpffs {}` (as root)", bpffs_path.display()),
+        )
+    });
+
+    if let (true, Ok(root)) = (privileged, &cg_root) {
+        checks.push(programs(root, bpffs_path));
+    } else {
+        checks.push(Check::fail(
+            "eBPF programs",
+            "not tried (needs root and cgroup v2)",
+            "fix the checks above, then run `sidecar probe` again",
+        ));
+    }
+    checks
+}
+
+fn kernel_release() -> Check {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    Check::pass("kernel", format!("Linux {release}"))
+}
+
+/// Loads the object, attaches connect4/connect6/sockops to a scratch cgroup and sk_msg to the
+/// sockhash, pins everything, then tears it all down.
+fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
+    const NAME: &str = "eBPF programs";
+    let pid = std::process::id();
+    let result = (|| -> anyhow::Result<()> {
+        let bpffs = Bpffs::ensure(bpffs_path)?;
+        let scratch = cgroup::Cgroup::create(cg_root.join(format!("sidecar/probe-{pid}")))?;
+        let interception = EbpfInterception::attach(
+            &Settings {
+                connect_cgroup: scratch.path().into(),
+                sockops_cgroup: scratch.path().into(),
+                pin_dir: bpffs.path().join(format!("sidecar/probe-{pid}")),
+                sockmap: true,
+                bpf_log: false,
+            },
+            &[],
+            &[],
+        )?;
+        let failures = interception.detach();
+        let _ = std::fs::remove_dir(bpffs.path().join("sidecar"));
+        drop(scratch);
+        let _ = std::fs::remove_dir(cg_root.join("sidecar"));
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(failures.join("; "))
+        }
+    })();
+    match result {
+        Ok(()) => Check::pass(
+            NAME,
+            "connect4, connect6, sockops, sk_msg load, attach and pin (sockmap fast path available)",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{e:#}"),
+            "a kernel ≥ 5.10 built with CONFIG_CGROUP_BPF, CONFIG_BPF_SYSCALL and \
+             CONFIG_BPF_STREAM_PARSER (sockmap) is needed",
+        ),
+    }
+}

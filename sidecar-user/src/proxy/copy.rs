@@ -1,0 +1,108 @@
+//! Bidirectional copy with correct half-close and an idle timeout.
+//!
+//! Each direction copies until EOF, then shuts down the write side of the other socket, so a
+//! client that half-closes still receives the rest of the response. The connection ends when
+//! both directions are done, when either fails, or when no byte moved for `idle`.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Bytes moved in each direction, and why the copy stopped.
+#[derive(Debug)]
+pub struct Copied {
+    pub from_client: u64,
+    pub from_upstream: u64,
+    pub end: CopyEnd,
+}
+
+#[derive(Debug)]
+pub enum CopyEnd {
+    Done,
+    Idle,
+    Aborted,
+    Error(io::Error),
+}
+
+pub async fn bidirectional(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    abort: &CancellationToken,
+) -> Copied {
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte moved, in either direction.
+    let last = AtomicU64::new(0);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+
+    let both = async {
+        tokio::try_join!(
+            one_way(&mut cr, &mut uw, &up, &last, start),
+            one_way(&mut ur, &mut cw, &down, &last, start),
+        )
+    };
+    let watchdog = async {
+        loop {
+            let deadline = start + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            sleep_until(deadline).await;
+        }
+    };
+    let end = tokio::select! {
+        r = both => match r {
+            Ok(_) => CopyEnd::Done,
+            Err(e) => CopyEnd::Error(e),
+        },
+        () = watchdog => CopyEnd::Idle,
+        () = abort.cancelled() => CopyEnd::Aborted,
+    };
+    Copied {
+        from_client: up.load(Ordering::Relaxed),
+        from_upstream: down.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+async fn one_way<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    total: &AtomicU64,
+    last: &AtomicU64,
+    start: Instant,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            // Propagate the half-close; the other direction keeps going. A peer that has
+            // already gone away needs no FIN.
+            return match writer.shutdown().await {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                other => other,
+            };
+        }
+        writer.write_all(&buf[..n]).await?;
+        total.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}

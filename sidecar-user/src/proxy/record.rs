@@ -1,0 +1,94 @@
+//! What the proxy remembers about each connection, for the exit summary and the report.
+
+use std::{net::SocketAddr, sync::Mutex, time::Duration};
+
+use serde::Serialize;
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Both directions reached EOF.
+    Ok,
+    /// The accepted socket had no original destination (not an intercepted connection).
+    NoOriginalDestination,
+    /// Connecting to the original destination failed or timed out.
+    UpstreamConnectFailed,
+    /// A read or write failed mid-stream (e.g. a reset).
+    IoError,
+    /// No byte moved in either direction for the idle timeout.
+    IdleTimeout,
+    /// The proxy shut down before the connection finished.
+    Shutdown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::NoOriginalDestination => "no_original_destination",
+            Self::UpstreamConnectFailed => "upstream_connect_failed",
+            Self::IoError => "io_error",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// One proxied connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnRecord {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub original_dst: Option<SocketAddr>,
+    pub upstream_local: Option<SocketAddr>,
+    pub bytes_from_client: u64,
+    pub bytes_from_upstream: u64,
+    pub duration_ms: u64,
+    /// app ↔ proxy hop carried by the sockmap fast path.
+    pub app_leg_spliced: bool,
+    /// proxy ↔ upstream hop carried by the sockmap fast path (local upstreams only).
+    pub upstream_leg_spliced: bool,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ConnRecord {
+    pub fn duration(&self) -> Duration {
+        Duration::from_millis(self.duration_ms)
+    }
+}
+
+/// Finished connections, bounded so a long run cannot grow without limit; the count of
+/// records that did not fit is kept.
+pub struct Journal {
+    inner: Mutex<(Vec<ConnRecord>, u64)>,
+    capacity: usize,
+}
+
+impl Journal {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new((Vec::new(), 0)),
+            capacity,
+        }
+    }
+
+    pub fn push(&self, record: ConnRecord) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.0.len() < self.capacity {
+            inner.0.push(record);
+        } else {
+            inner.1 += 1;
+        }
+    }
+
+    /// The records (ordered by id) and how many were dropped for lack of room.
+    pub fn snapshot(&self) -> (Vec<ConnRecord>, u64) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = inner.0.clone();
+        records.sort_by_key(|r| r.id);
+        (records, inner.1)
+    }
+}

@@ -1,0 +1,491 @@
+//! eBPF interception: loads the embedded object, fills the configuration maps, attaches the
+//! programs, and pins maps and links under the run's bpffs directory.
+//!
+//! [`EbpfInterception`] owns all of it; dropping it detaches every program and removes every
+//! pin, also when setup fails halfway. Attach order is sk_msg → sockops → connect hooks, so
+//! the first redirected connection already finds the splice machinery in place; detach runs
+//! in reverse.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use sidecar_common::{
+    Counter, OrigDst, ScopedAddr, SockKey, WorkloadConfig, lpm_prefix_len, mapped_octets, maps,
+    programs,
+};
+use thiserror::Error;
+
+use super::{OrigDstError, Redirect};
+
+/// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time so the
+/// binary is self-contained.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_EBPF_OBJECT"));
+
+const PROBE_HINT: &str = "run `sidecar probe` to see which kernel feature is missing";
+
+#[derive(Debug, Error)]
+pub enum EbpfError {
+    #[error("cannot load the eBPF object: {0}; {PROBE_HINT}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {0} (was it built from this source tree?)")]
+    Missing(&'static str),
+    #[error(
+        "the kernel rejected program {name}: {summary}; {PROBE_HINT} (SIDECAR_LOG=debug shows the verifier log)"
+    )]
+    Program { name: &'static str, summary: String },
+    #[error("cannot attach {name} to {target}: {source}; {PROBE_HINT}")]
+    Attach {
+        name: &'static str,
+        target: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("{name} was attached without a BPF link (kernel older than 5.7?): {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error(
+        "pin directory {0} already exists: another run uses it, or a crashed run left it \
+         (`sidecar cleanup` removes it)"
+    )]
+    PinDirExists(PathBuf),
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to attach.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The connect hooks attach here; it must contain the workload and the proxy cgroups.
+    pub connect_cgroup: PathBuf,
+    /// sockops attaches here: the cgroup v2 root, so it also sees local upstream servers.
+    pub sockops_cgroup: PathBuf,
+    /// A fresh directory on bpffs for this run's pins.
+    pub pin_dir: PathBuf,
+    /// The sockmap fast path (off to measure what it contributes).
+    pub sockmap: bool,
+    /// Turns on aya-log output from the programs (off by default: it costs cycles).
+    pub bpf_log: bool,
+}
+
+/// A cgroup to enter into `WORKLOADS`.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub cgroup_id: u64,
+    pub config: WorkloadConfig,
+}
+
+/// A destination CIDR that bypasses the proxy for the workload with this scope.
+#[derive(Debug, Clone, Copy)]
+pub struct ExcludedCidr {
+    pub scope: u32,
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+/// Everything one run loaded, attached and pinned.
+pub struct EbpfInterception {
+    pins: Pins,
+    ebpf: Ebpf,
+    lookups: std::sync::Arc<KernelLookups>,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl EbpfInterception {
+    pub fn attach(
+        settings: &Settings,
+        workloads: &[Workload],
+        excluded: &[ExcludedCidr],
+    ) -> Result<Self, EbpfError> {
+        let mut pins = Pins::create(&settings.pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SOCKMAP_ENABLED", &u8::from(settings.sockmap), true)
+            .override_global(
+                aya_log::LEVEL,
+                &if settings.bpf_log { 5u8 } else { 0u8 },
+                true,
+            )
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
+
+        // Maps first: configuration in place and pinned before any program can run.
+        for (name, map) in ebpf.maps() {
+            // Only the maps we own by name; `.rodata` and friends are internal to the object.
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = settings.pin_dir.join(name);
+            map.pin(&path).map_err(|source| EbpfError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            pins.files.push(path);
+        }
+        fill_workloads(&mut ebpf, workloads)?;
+        fill_excluded(&mut ebpf, excluded)?;
+        let logger = if settings.bpf_log {
+            aya_log::EbpfLogger::init(&mut ebpf)
+                .inspect_err(|e| tracing::warn!("eBPF logging unavailable: {e}"))
+                .ok()
+        } else {
+            None
+        };
+
+        attach_sk_msg(&mut ebpf)?;
+        let root = open_cgroup(&settings.sockops_cgroup)?;
+        let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
+        let id = prog
+            .attach(&root, CgroupAttachMode::Single)
+            .map_err(|source| attach_error(programs::SOCKOPS, &settings.sockops_cgroup, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_error(programs::SOCKOPS, &settings.sockops_cgroup, source))?;
+        pins.pin_link(programs::SOCKOPS, fd_link(programs::SOCKOPS, link)?)?;
+
+        let cgroup = open_cgroup(&settings.connect_cgroup)?;
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
+            pins.pin_link(name, fd_link(name, link)?)?;
+        }
+
+        let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir)?);
+        Ok(Self {
+            pins,
+            ebpf,
+            lookups,
+            _logger: logger,
+        })
+    }
+
+    /// The read side the proxy uses (original destinations, splice state, counters).
+    pub fn lookups(&self) -> std::sync::Arc<KernelLookups> {
+        self.lookups.clone()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.dir
+    }
+
+    /// Loaded program ids, for diagnostics.
+    pub fn program_names(&self) -> Vec<String> {
+        self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
+    }
+
+    /// Detaches and unpins everything now, reporting what could not be removed.
+    pub fn detach(mut self) -> Vec<String> {
+        self.pins.remove_all()
+    }
+}
+
+/// Loads (verifies) a program of the object and returns it typed.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    T: 'a + Loadable,
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog: &mut T = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Missing(name))?
+        .try_into()
+        .map_err(|source| program_error(name, source))?;
+    prog.load_once()
+        .map_err(|source| program_error(name, source))?;
+    Ok(prog)
+}
+
+/// One line for the user; the verifier's full log goes to the debug log.
+fn program_error(name: &'static str, source: aya::programs::ProgramError) -> EbpfError {
+    let full = source.to_string();
+    tracing::debug!(program = name, "{full}");
+    let summary = full.lines().next().unwrap_or_default();
+    let summary = summary
+        .split(". Verifier output")
+        .next()
+        .unwrap_or(summary)
+        .to_string();
+    EbpfError::Program { name, summary }
+}
+
+/// The program types we load, behind one `load` that is a no-op when already loaded.
+pub trait Loadable {
+    fn load_once(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! loadable {
+    ($($t:ty),*) => {$(
+        impl Loadable for $t {
+            fn load_once(&mut self) -> Result<(), aya::programs::ProgramError> {
+                match self.fd() {
+                    Ok(_) => Ok(()),
+                    Err(_) => self.load(),
+                }
+            }
+        }
+    )*};
+}
+loadable!(CgroupSockAddr, SockOps, SkMsg);
+
+fn attach_error(
+    name: &'static str,
+    target: &Path,
+    source: aya::programs::ProgramError,
+) -> EbpfError {
+    EbpfError::Attach {
+        name,
+        target: target.display().to_string(),
+        source,
+    }
+}
+
+/// A cgroup attachment as a pinnable BPF link (kernels ≥ 5.7 attach with links).
+fn fd_link<L>(name: &'static str, link: L) -> Result<FdLink, EbpfError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })
+}
+
+fn open_cgroup(path: &Path) -> Result<fs::File, EbpfError> {
+    fs::File::open(path).map_err(|source| EbpfError::Cgroup {
+        path: path.into(),
+        source,
+    })
+}
+
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let map_error = |source| EbpfError::Map {
+        name: maps::SOCKETS,
+        source,
+    };
+    // A duplicate of the map's fd: the map itself stays in the object, because the sockops
+    // program is relocated against it when it loads.
+    let sockets = ebpf
+        .map(maps::SOCKETS)
+        .ok_or(EbpfError::Missing(maps::SOCKETS))?;
+    let fd = SockHash::<_, SockKey>::try_from(sockets)
+        .map_err(map_error)?
+        .fd()
+        .try_clone()
+        .map_err(|e| map_error(aya::maps::MapError::from(e)))?;
+    let prog: &mut SkMsg = program(ebpf, programs::SK_MSG)?;
+    prog.attach(&fd).map_err(|source| EbpfError::Attach {
+        name: programs::SK_MSG,
+        target: maps::SOCKETS.into(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn fill_workloads(ebpf: &mut Ebpf, workloads: &[Workload]) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(maps::WORKLOADS)
+        .ok_or(EbpfError::Missing(maps::WORKLOADS))?;
+    let mut map: HashMap<_, u64, WorkloadConfig> =
+        HashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::WORKLOADS,
+            source,
+        })?;
+    for w in workloads {
+        map.insert(w.cgroup_id, w.config, 0)
+            .map_err(|source| EbpfError::Map {
+                name: maps::WORKLOADS,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn fill_excluded(ebpf: &mut Ebpf, excluded: &[ExcludedCidr]) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(maps::EXCLUDED_CIDRS)
+        .ok_or(EbpfError::Missing(maps::EXCLUDED_CIDRS))?;
+    let mut trie: LpmTrie<_, ScopedAddr, u8> =
+        LpmTrie::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::EXCLUDED_CIDRS,
+            source,
+        })?;
+    for c in excluded {
+        let key = Key::new(
+            lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
+            ScopedAddr::new(c.scope, mapped_octets(c.addr)),
+        );
+        trie.insert(&key, 1, 0).map_err(|source| EbpfError::Map {
+            name: maps::EXCLUDED_CIDRS,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The run's pins. Dropping it unpins every link (which detaches the program) and removes
+/// every pinned map and the directory.
+struct Pins {
+    dir: PathBuf,
+    links: Vec<PinnedLink>,
+    files: Vec<PathBuf>,
+}
+
+impl Pins {
+    fn create(dir: &Path) -> Result<Self, EbpfError> {
+        if dir.exists() {
+            return Err(EbpfError::PinDirExists(dir.into()));
+        }
+        fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
+            path: dir.into(),
+            source,
+        })?;
+        Ok(Self {
+            dir: dir.into(),
+            links: Vec::new(),
+            files: Vec::new(),
+        })
+    }
+
+    fn pin_link(&mut self, name: &str, link: FdLink) -> Result<(), EbpfError> {
+        let path = self.dir.join(link_pin_name(name));
+        let pinned = link
+            .pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+        self.links.push(pinned);
+        Ok(())
+    }
+
+    /// Unpins in reverse order of attachment; returns what failed.
+    fn remove_all(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        while let Some(link) = self.links.pop() {
+            if let Err(e) = link.unpin() {
+                failures.push(format!("unpinning a link in {}: {e}", self.dir.display()));
+            }
+        }
+        for file in self.files.drain(..).rev() {
+            if let Err(e) = fs::remove_file(&file)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                failures.push(format!("removing {}: {e}", file.display()));
+            }
+        }
+        if let Err(e) = fs::remove_dir(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            failures.push(format!("removing {}: {e}", self.dir.display()));
+        }
+        failures
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for failure in self.remove_all() {
+            tracing::warn!("{failure}");
+        }
+    }
+}
+
+/// File name of a pinned link: `link-<program>`.
+pub fn link_pin_name(program: &str) -> String {
+    format!("link-{program}")
+}
+
+/// Read access to the maps the proxy and the reports need, opened from the pins so it works
+/// the same for a run's own process and for tools inspecting it.
+pub struct KernelLookups {
+    orig_dst: HashMap<MapData, SockKey, OrigDst>,
+    spliced: HashMap<MapData, SockKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl KernelLookups {
+    pub fn open(pin_dir: &Path) -> Result<Self, EbpfError> {
+        fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<T, EbpfError> {
+            let data = MapData::from_pin(dir.join(name))
+                .map_err(|source| EbpfError::Map { name, source })?;
+            let map = aya::maps::Map::from_map_data(data)
+                .map_err(|source| EbpfError::Map { name, source })?;
+            T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+        }
+        Ok(Self {
+            orig_dst: open(pin_dir, maps::ORIG_DST)?,
+            spliced: open(pin_dir, maps::SPLICED)?,
+            counters: open(pin_dir, maps::COUNTERS)?,
+        })
+    }
+
+    /// Sum over CPUs of every counter, by name.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .map(|(c, name)| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*name, total)
+            })
+            .collect()
+    }
+}
+
+impl Redirect for KernelLookups {
+    fn original_destination(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<SocketAddr, OrigDstError> {
+        // Published by sockops under the app socket's own 4-tuple: (client, proxy listener).
+        match self.orig_dst.get(&SockKey::from_addrs(client, local), 0) {
+            Ok(dst) => Ok(dst.to_socket_addr()),
+            Err(aya::maps::MapError::KeyNotFound) => Err(OrigDstError::Unknown { client }),
+            Err(e) => Err(OrigDstError::Lookup {
+                client,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn is_spliced(&self, local: SocketAddr, peer: SocketAddr) -> bool {
+        self.spliced
+            .get(&SockKey::from_addrs(local, peer), 0)
+            .is_ok()
+    }
+}

@@ -1,0 +1,140 @@
+//! The end-of-run summary (for people, on stderr) and report (JSON, for scripts and tests).
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::proxy::record::{ConnRecord, Outcome};
+
+/// Rows the human summary shows before it abbreviates.
+const SUMMARY_ROWS: usize = 20;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub exit_code: i32,
+    pub connections: Vec<ConnRecord>,
+    /// Connections not recorded because the journal was full.
+    pub dropped_records: u64,
+    /// The eBPF per-CPU counters, summed.
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+impl Report {
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        std::fs::write(path, json).with_context(|| format!("writing report {}", path.display()))
+    }
+
+    pub fn summary(&self) -> String {
+        let c = |name: &str| self.counters.get(name).copied().unwrap_or(0);
+        let total = self.connections.len();
+        let ok = self
+            .connections
+            .iter()
+            .filter(|r| r.outcome == Outcome::Ok)
+            .count();
+        let fast = self
+            .connections
+            .iter()
+            .filter(|r| r.app_leg_spliced)
+            .count();
+        let fast_up = self
+            .connections
+            .iter()
+            .filter(|r| r.upstream_leg_spliced)
+            .count();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "sidecar: {total} connection(s) proxied, {ok} ok, {} failed; kernel fast path on \
+             {fast}/{total} app legs and {fast_up}/{total} upstream legs",
+            total - ok
+        );
+        let _ = writeln!(
+            out,
+            "sidecar: eBPF saw {} connect(s): {} redirected, {} excluded by port, {} by CIDR; \
+             sk_msg redirected {} message(s) ({}), {} missed",
+            c("connect_seen"),
+            c("connect_redirected"),
+            c("connect_excluded_port"),
+            c("connect_excluded_cidr"),
+            c("sk_msg_redirected"),
+            human_bytes(c("sk_msg_redirected_bytes")),
+            c("sk_msg_miss"),
+        );
+        if total > 0 {
+            let _ = writeln!(
+                out,
+                "  {:>4}  {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} OUTCOME",
+                "ID", "CLIENT", "ORIGINAL DST", "SENT", "RECEIVED", "MS", "FAST"
+            );
+        }
+        for r in self.connections.iter().take(SUMMARY_ROWS) {
+            let dst = r
+                .original_dst
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into());
+            let fast = match (r.app_leg_spliced, r.upstream_leg_spliced) {
+                (true, true) => "both",
+                (true, false) => "app",
+                (false, true) => "up",
+                (false, false) => "no",
+            };
+            let _ = writeln!(
+                out,
+                "  {:>4}  {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {}",
+                r.id,
+                r.client.to_string(),
+                dst,
+                human_bytes(r.bytes_from_client),
+                human_bytes(r.bytes_from_upstream),
+                r.duration_ms,
+                fast,
+                r.outcome.as_str()
+            );
+        }
+        if total > SUMMARY_ROWS {
+            let _ = writeln!(
+                out,
+                "  … {} more (use --report FILE for all)",
+                total - SUMMARY_ROWS
+            );
+        }
+        if self.dropped_records > 0 {
+            let _ = writeln!(
+                out,
+                "  ({} connection(s) not recorded: journal full)",
+                self.dropped_records
+            );
+        }
+        out
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024 * 1024), "1.0 MiB");
+    }
+}

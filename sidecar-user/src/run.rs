@@ -1,0 +1,357 @@
+//! `sidecar run -- CMD`: the standalone mode. Runs CMD in a fresh cgroup whose outbound TCP
+//! is steered by eBPF to this process's proxy, and leaves no kernel state behind.
+//!
+//! Layout of one run (PID is this process):
+//!
+//! ```text
+//! <cgroup2>/sidecar/run-PID/          connect4/connect6 attached here
+//!     ├── proxy/                      this process (role PROXY: never redirected)
+//!     └── app/                        CMD and its children (role WORKLOAD)
+//! <cgroup2>                           sockops attached here (sees local upstreams too)
+//! <bpffs>/sidecar/run-PID/            pinned maps and links
+//! /run/sidecar/run-PID.json           what `sidecar cleanup` needs after a crash
+//! ```
+//!
+//! Every object is owned by a value whose `Drop` removes it; they are declared in creation
+//! order so Rust drops them in reverse: detach, leave the proxy cgroup, remove cgroups,
+//! remove the state file, unmount bpffs if we mounted it.
+
+use std::{
+    ffi::{CString, OsString},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener},
+    os::unix::{ffi::OsStrExt, process::ExitStatusExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use sidecar_common::{WorkloadConfig, flags, limits, role};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+use crate::{
+    cidr::Cidr,
+    host::{bpffs::Bpffs, cgroup, privileges},
+    proxy::{Proxy, ProxySettings, record::Journal},
+    redirect::ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
+    report::Report,
+    state::{RunState, StateFile},
+};
+
+/// Everything `sidecar run` is told on the command line.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub proxy_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
+    /// The run's cgroup; default `<cgroup2>/sidecar/run-<pid>`.
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub sockmap: bool,
+    pub bpf_log: bool,
+    pub proxy: ProxySettings,
+    pub drain_timeout: Duration,
+    pub report: Option<PathBuf>,
+    pub command: Vec<OsString>,
+}
+
+/// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
+const WORKLOAD_SCOPE: u32 = 1;
+/// Records kept for the exit summary and report.
+const JOURNAL_CAPACITY: usize = 100_000;
+
+/// Runs the command under the sidecar and returns the exit code to leave with.
+pub fn run(opts: RunOptions) -> Result<i32> {
+    // Everything that can be checked without touching the kernel comes first.
+    if opts.exclude_ports.len() > limits::EXCLUDED_PORTS {
+        bail!(
+            "--exclude-ports takes at most {} ports ({} given): exclude a CIDR instead",
+            limits::EXCLUDED_PORTS,
+            opts.exclude_ports.len()
+        );
+    }
+    let program = resolve_command(&opts.command)?;
+    privileges::require("sidecar run")?;
+    let cg_root = cgroup::root()?;
+    let (listen_v4, listen_v6) = bind_listeners(opts.proxy_port)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let _guard = rt.enter();
+
+    let pid = std::process::id();
+    let bpffs = Bpffs::ensure(&opts.bpffs)?;
+    // `<bpffs>/sidecar` and `<cgroup2>/sidecar` are shared by concurrent runs: whoever
+    // finishes last (finding them empty) removes them.
+    let _bpffs_parent = RemoveIfEmpty(bpffs.path().join("sidecar"));
+    let _cgroup_parent = RemoveIfEmpty(cg_root.join("sidecar"));
+    let run_path = opts
+        .cgroup
+        .clone()
+        .unwrap_or_else(|| cg_root.join(format!("sidecar/run-{pid}")));
+    let run_path = if run_path.is_absolute() {
+        run_path
+    } else {
+        cg_root.join(run_path)
+    };
+    let original_cgroup = cgroup::of_process(&cg_root, "self")?;
+    let pin_dir = bpffs.path().join(format!("sidecar/run-{pid}"));
+    let _state = StateFile::write(&RunState {
+        pid,
+        run_cgroup: run_path.clone(),
+        original_cgroup: original_cgroup.clone(),
+        pin_dir: pin_dir.clone(),
+        bpffs: bpffs.path().into(),
+        bpffs_mounted_by_us: bpffs.mounted_by_us(),
+    })
+    .context("writing the run's state file under /run/sidecar")?;
+    let run_cg = cgroup::Cgroup::create(run_path.clone())?;
+    let proxy_cg = cgroup::Cgroup::create(run_path.join("proxy"))?;
+    let app_cg = cgroup::Cgroup::create(run_path.join("app"))?;
+    let _in_proxy = SelfInCgroup::enter(proxy_cg.path(), original_cgroup)?;
+
+    let mut app = WorkloadConfig {
+        role: role::WORKLOAD,
+        scope: WORKLOAD_SCOPE,
+        proxy_port: opts.proxy_port,
+        flags: if listen_v6.is_some() {
+            flags::IPV6_LISTENER
+        } else {
+            0
+        },
+        excluded_ports_len: opts.exclude_ports.len() as u32,
+        excluded_ports: [0; limits::EXCLUDED_PORTS],
+    };
+    app.excluded_ports[..opts.exclude_ports.len()].copy_from_slice(&opts.exclude_ports);
+    let proxy_entry = WorkloadConfig {
+        role: role::PROXY,
+        ..app
+    };
+    let interception = EbpfInterception::attach(
+        &Settings {
+            connect_cgroup: run_cg.path().into(),
+            sockops_cgroup: cg_root.clone(),
+            pin_dir,
+            sockmap: opts.sockmap,
+            bpf_log: opts.bpf_log,
+        },
+        &[
+            Workload {
+                cgroup_id: app_cg.id()?,
+                config: app,
+            },
+            Workload {
+                cgroup_id: proxy_cg.id()?,
+                config: proxy_entry,
+            },
+        ],
+        &opts
+            .exclude_cidrs
+            .iter()
+            .map(|c| ExcludedCidr {
+                scope: WORKLOAD_SCOPE,
+                addr: c.addr,
+                prefix: c.prefix,
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    info!(
+        cgroup = %run_cg.path().display(),
+        pins = %interception.pin_dir().display(),
+        proxy_port = opts.proxy_port,
+        sockmap = opts.sockmap,
+        "interception attached"
+    );
+
+    let lookups = interception.lookups();
+    let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
+    let proxy = Proxy::new(opts.proxy, lookups.clone(), journal.clone());
+    for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
+        let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
+        rt.spawn(proxy.clone().serve(listener));
+    }
+
+    let status = rt.block_on(run_command(
+        &program,
+        &opts.command[1..],
+        app_cg.path(),
+        opts.drain_timeout,
+    ))?;
+    let leftovers = cgroup::terminate_all(app_cg.path(), Duration::from_secs(2));
+    if leftovers > 0 {
+        info!("stopped {leftovers} process(es) the command left in its cgroup");
+    }
+    let cut = rt.block_on(proxy.drain(opts.drain_timeout));
+    if cut > 0 {
+        warn!("{cut} connection(s) were still open after the drain deadline and were closed");
+    }
+    let counters = lookups.counters();
+    drop(lookups);
+    for failure in interception.detach() {
+        warn!("{failure}");
+    }
+
+    let exit_code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let (connections, dropped) = journal.snapshot();
+    let report = Report {
+        exit_code,
+        connections,
+        dropped_records: dropped,
+        counters,
+    };
+    eprint!("{}", report.summary());
+    if let Some(path) = &opts.report {
+        report.write(path)?;
+    }
+    Ok(exit_code)
+}
+
+/// Finds the program in PATH now, so a typo fails before anything is attached.
+fn resolve_command(command: &[OsString]) -> Result<PathBuf> {
+    let Some(name) = command.first() else {
+        bail!("no command given: use `sidecar run -- CMD ARGS...`");
+    };
+    let name = Path::new(name);
+    let candidates: Vec<PathBuf> = if name.as_os_str().as_bytes().contains(&b'/') {
+        vec![name.into()]
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|dir| dir.join(name))
+            .collect()
+    };
+    candidates
+        .into_iter()
+        .find(|p| is_executable(p))
+        .with_context(|| {
+            format!(
+                "command not found: {} (check the name, or give a full path)",
+                name.display()
+            )
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: valid NUL-terminated path.
+    path.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
+}
+
+/// Binds the proxy's outbound listeners before anything is attached, so a busy port fails
+/// cleanly. IPv6 is optional: without `::1`, IPv6 connects are simply not intercepted.
+fn bind_listeners(port: u16) -> Result<(StdListener, Option<StdListener>)> {
+    let in_use = |addr: SocketAddr, e: io::Error| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "proxy port {port} is already in use on {addr}: pick another with --proxy-port"
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        }
+    };
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let listen_v4 = StdListener::bind(v4).map_err(|e| in_use(v4, e))?;
+    listen_v4.set_nonblocking(true)?;
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let listen_v6 = match StdListener::bind(v6) {
+        Ok(l) => {
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(in_use(v6, e)),
+        Err(e) => {
+            warn!("no IPv6 listener on {v6} ({e}): IPv6 connects will not be intercepted");
+            None
+        }
+    };
+    Ok((listen_v4, listen_v6))
+}
+
+/// Spawns the command inside the app cgroup and waits for it. SIGINT/SIGTERM to the sidecar
+/// are passed on; a command that ignores them is killed after the drain deadline.
+async fn run_command(
+    program: &Path,
+    args: &[OsString],
+    app_cgroup: &Path,
+    grace: Duration,
+) -> Result<std::process::ExitStatus> {
+    let procs = CString::new(app_cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    // SAFETY: the closure only makes async-signal-safe syscalls (open/write/close) on memory
+    // prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            if written == 1 { Ok(()) } else { Err(err) }
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let pid = child.id().unwrap_or(0) as i32;
+    info!(pid, command = %program.display(), "command started");
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    tokio::select! {
+        status = child.wait() => return Ok(status?),
+        _ = sigint.recv() => info!("SIGINT: stopping the command"),
+        _ = sigterm.recv() => info!("SIGTERM: stopping the command"),
+    }
+    // SAFETY: kill(2) on the child's pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => Ok(status?),
+        Err(_) => {
+            warn!("the command did not stop within {grace:?}: killing it");
+            child.kill().await?;
+            Ok(child.wait().await?)
+        }
+    }
+}
+
+/// A directory removed on drop if it is empty by then.
+struct RemoveIfEmpty(PathBuf);
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// This process inside the proxy cgroup; moves back out on drop so the cgroup can be removed.
+struct SelfInCgroup {
+    original: PathBuf,
+}
+
+impl SelfInCgroup {
+    fn enter(cgroup: &Path, original: PathBuf) -> Result<Self, cgroup::CgroupError> {
+        cgroup::move_process(cgroup, std::process::id())?;
+        Ok(Self { original })
+    }
+}
+
+impl Drop for SelfInCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = cgroup::move_process(&self.original, std::process::id()) {
+            warn!("{e}");
+        }
+    }
+}

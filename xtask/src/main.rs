@@ -1,0 +1,85 @@
+//! Project automation. `cargo xtask build-ebpf` builds the eBPF object (installing what it
+//! needs first), `cargo xtask test` builds everything and runs the whole test suite.
+
+mod build_ebpf;
+mod toolchain;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build and test automation for the sidecar workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (nightly, -Z build-std=core, bpf-linker), installing the nightly's
+    /// rust-src and a bpf-linker built against the nightly's own LLVM when they are missing.
+    BuildEbpf(build_ebpf::Options),
+    /// Build the eBPF object, then run every test of the workspace (privileged ones included:
+    /// run as root; with CI set they fail instead of skipping when they cannot run).
+    Test {
+        /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
+        Cmd::Test { args } => test(&args),
+    }
+}
+
+fn test(args: &[String]) -> Result<()> {
+    build_ebpf::build(&build_ebpf::Options::default())?;
+    step("building the workspace");
+    run(cargo().args(["build", "--workspace", "--locked"]))?;
+    step("running the tests");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--locked", "--"])
+        .args(args);
+    run(&mut cmd)
+}
+
+/// `cargo` on the caller's toolchain (the stable one for everything but the eBPF crate).
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Prints a progress line, so long steps say what they are doing.
+pub fn step(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+/// Runs a command to completion; a failure names the command.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; a failure names the command.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
