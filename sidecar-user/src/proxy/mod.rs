@@ -9,6 +9,7 @@ pub mod record;
 
 use std::{
     net::SocketAddr,
+    os::fd::AsFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -127,7 +128,10 @@ impl Proxy {
             Ok(a) => a,
             Err(e) => return finish(rec, Outcome::IoError, Some(e.to_string())),
         };
-        let dst = match self.redirect.original_destination(peer, local) {
+        let dst = match self
+            .redirect
+            .original_destination(client.as_fd(), peer, local)
+        {
             Ok(dst) => dst,
             Err(e) => {
                 warn!("{e}");

@@ -469,6 +469,7 @@ impl KernelLookups {
 impl Redirect for KernelLookups {
     fn original_destination(
         &self,
+        _socket: std::os::fd::BorrowedFd<'_>,
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<SocketAddr, OrigDstError> {

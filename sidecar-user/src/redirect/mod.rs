@@ -4,7 +4,7 @@
 
 pub mod ebpf;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, os::fd::BorrowedFd};
 
 use thiserror::Error;
 
@@ -18,9 +18,11 @@ pub enum OrigDstError {
 
 /// What the proxy needs from an interception mode.
 pub trait Redirect: Send + Sync {
-    /// The destination the app asked for, given the accepted socket's peer and local address.
+    /// The destination the app asked for. Given the accepted socket (iptables mode asks it
+    /// with `SO_ORIGINAL_DST`) and its peer and local addresses (eBPF mode keys a map on them).
     fn original_destination(
         &self,
+        socket: BorrowedFd<'_>,
         client: SocketAddr,
         local: SocketAddr,
     ) -> Result<SocketAddr, OrigDstError>;
