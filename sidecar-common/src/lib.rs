@@ -159,16 +159,22 @@ impl OrigDst {
     }
 }
 
-/// A TCP socket's 4-tuple from its own point of view. The peer's key is [`SockKey::peer`].
+/// A TCP socket's 4-tuple from its own point of view, qualified by its network namespace:
+/// sockops sees every namespace, and `127.0.0.1:x → 127.0.0.1:y` can exist in several at once.
+/// The peer's key is [`SockKey::peer`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SockKey {
+    /// The kernel's network namespace cookie (`bpf_get_netns_cookie`, `SO_NETNS_COOKIE`).
+    pub netns: u64,
     pub local_ip: [u32; 4],
     pub remote_ip: [u32; 4],
     /// Host order.
     pub local_port: u16,
     /// Host order.
     pub remote_port: u16,
+    /// Explicit padding to the 8-byte alignment, always zero (hash keys compare all bytes).
+    pub _pad: u32,
 }
 
 impl SockKey {
@@ -176,19 +182,23 @@ impl SockKey {
     #[inline(always)]
     pub fn peer(&self) -> Self {
         Self {
+            netns: self.netns,
             local_ip: self.remote_ip,
             remote_ip: self.local_ip,
             local_port: self.remote_port,
             remote_port: self.local_port,
+            _pad: 0,
         }
     }
 
-    pub fn from_addrs(local: SocketAddr, remote: SocketAddr) -> Self {
+    pub fn from_addrs(netns: u64, local: SocketAddr, remote: SocketAddr) -> Self {
         Self {
+            netns,
             local_ip: words_from_ip(local.ip()),
             remote_ip: words_from_ip(remote.ip()),
             local_port: local.port(),
             remote_port: remote.port(),
+            _pad: 0,
         }
     }
 
@@ -336,8 +346,8 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<SockKey>(), 16 + 16 + 2 + 2);
-        assert_eq!(offset_of!(SockKey, local_port), 32);
+        assert_eq!(size_of::<SockKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(offset_of!(SockKey, local_port), 40);
         assert_eq!(size_of::<OrigDst>(), 20);
         assert_eq!(size_of::<ScopedAddr>(), 20);
         assert_eq!(
@@ -382,8 +392,9 @@ mod tests {
     fn peer_key_reverses_the_tuple() {
         let a: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:15001".parse().unwrap();
-        let k = SockKey::from_addrs(a, b);
-        assert_eq!(k.peer(), SockKey::from_addrs(b, a));
+        let k = SockKey::from_addrs(7, a, b);
+        assert_eq!(k.peer(), SockKey::from_addrs(7, b, a));
+        assert_ne!(k, SockKey::from_addrs(8, a, b));
         assert_eq!(k.peer().peer(), k);
         assert_eq!((k.local(), k.remote()), (a, b));
     }

@@ -1,9 +1,15 @@
 //! Reading context fields. The verifier only allows 4-byte loads of most context fields, so
 //! each word is read with a volatile load that LLVM cannot merge into a wider one.
 
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, read_volatile},
+};
 
-use aya_ebpf::bindings::{bpf_sock_ops, sk_msg_md};
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, sk_msg_md},
+    helpers::generated::bpf_get_netns_cookie,
+};
 use sidecar_common::{SockKey, mapped_v4};
 
 pub const AF_INET: u32 = 2;
@@ -53,10 +59,13 @@ macro_rules! sock_key_from {
             return None;
         };
         Some(SockKey {
+            // SAFETY: the helper takes the context pointer.
+            netns: unsafe { bpf_get_netns_cookie(p as *mut c_void) },
             local_ip,
             remote_ip,
             local_port: lport as u16,
             remote_port: u32::from_be(rport) as u16,
+            _pad: 0,
         })
     }};
 }

@@ -76,6 +76,10 @@ pub enum EbpfError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "cannot read this process's network namespace cookie (SO_NETNS_COOKIE needs Linux ≥ 5.14): {source}"
+    )]
+    Netns { source: std::io::Error },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -426,6 +430,9 @@ pub fn link_pin_name(program: &str) -> String {
 /// Read access to the maps the proxy and the reports need, opened from the pins so it works
 /// the same for a run's own process and for tools inspecting it.
 pub struct KernelLookups {
+    /// This process's network namespace: keys are namespace-qualified, and the proxy's
+    /// sockets all live in its own.
+    netns: u64,
     orig_dst: HashMap<MapData, SockKey, OrigDst>,
     spliced: HashMap<MapData, SockKey, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -444,6 +451,7 @@ impl KernelLookups {
             T::try_from(map).map_err(|source| EbpfError::Map { name, source })
         }
         Ok(Self {
+            netns: own_netns_cookie().map_err(|source| EbpfError::Netns { source })?,
             orig_dst: open(pin_dir, maps::ORIG_DST)?,
             spliced: open(pin_dir, maps::SPLICED)?,
             counters: open(pin_dir, maps::COUNTERS)?,
@@ -474,7 +482,10 @@ impl Redirect for KernelLookups {
         local: SocketAddr,
     ) -> Result<SocketAddr, OrigDstError> {
         // Published by sockops under the app socket's own 4-tuple: (client, proxy listener).
-        match self.orig_dst.get(&SockKey::from_addrs(client, local), 0) {
+        match self
+            .orig_dst
+            .get(&SockKey::from_addrs(self.netns, client, local), 0)
+        {
             Ok(dst) => Ok(dst.to_socket_addr()),
             Err(aya::maps::MapError::KeyNotFound) => Err(OrigDstError::Unknown { client }),
             Err(e) => Err(OrigDstError::Lookup {
@@ -486,7 +497,35 @@ impl Redirect for KernelLookups {
 
     fn is_spliced(&self, local: SocketAddr, peer: SocketAddr) -> bool {
         self.spliced
-            .get(&SockKey::from_addrs(local, peer), 0)
+            .get(&SockKey::from_addrs(self.netns, local, peer), 0)
             .is_ok()
+    }
+}
+
+/// The cookie of the network namespace this process runs in.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    netns_cookie(std::os::fd::AsFd::as_fd(&socket))
+}
+
+/// `SO_NETNS_COOKIE` of a socket.
+pub fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64-sized out buffer with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
