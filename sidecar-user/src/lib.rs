@@ -14,3 +14,5 @@ pub mod redirect;
 pub mod report;
 pub mod run;
 pub mod state;
+pub mod tls;
+pub mod tunnel;

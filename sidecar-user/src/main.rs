@@ -7,7 +7,8 @@ use sidecar::{
     cidr::Cidr,
     cleanup, probe,
     proxy::ProxySettings,
-    run::{self, RunOptions},
+    run::{self, MtlsOptions, RunOptions},
+    tls::{TlsFiles, certs, identity::SpiffeId},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -38,11 +39,46 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Mint development certificates: a CA per trust domain, and workload certificates with
+    /// SPIFFE IDs, so a demo or test mesh needs nothing outside this binary.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Remove what a crashed `sidecar run` left behind (pins, attachments, cgroups, state).
     Cleanup {
         /// bpffs mount point the runs used.
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Create a CA: writes ca.pem and ca-key.pem into DIR.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain, e.g. example.org.
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+    /// Issue a workload certificate: writes cert.pem, key.pem and bundle.pem into OUT.
+    Issue {
+        /// Directory of the CA (from `sidecar cert ca`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// e.g. spiffe://example.org/ns/default/sa/client
+        #[arg(long)]
+        spiffe_id: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Start the validity this many hours in the past (e.g. to mint an expired one).
+        #[arg(long, default_value_t = 0)]
+        backdate_hours: u64,
     },
 }
 
@@ -82,6 +118,23 @@ struct RunArgs {
     /// Also write the summary as JSON to this file (every connection and eBPF counter).
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Turn on mTLS with the credentials in DIR: cert.pem (workload certificate with a SPIFFE
+    /// ID, then intermediates), key.pem, bundle.pem (trust bundle). Rotated by replacing files.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
+    #[arg(long, default_value_t = 15008)]
+    inbound_port: u16,
+    /// With --tls-dir: address the tunnel listener binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    inbound_addr: std::net::IpAddr,
+    /// With --tls-dir: destinations that have sidecars; their traffic must be mTLS.
+    #[arg(long, value_delimiter = ',')]
+    mesh_cidrs: Vec<Cidr>,
+    /// With --tls-dir: try mTLS to every other destination too, and fall back to plaintext
+    /// where no sidecar answers (the verdict is cached per address for a minute).
+    #[arg(long)]
+    permissive: bool,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -137,8 +190,50 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             },
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             report: args.report,
+            mtls: args.tls_dir.map(|dir| MtlsOptions {
+                files: TlsFiles {
+                    cert: dir.join(certs::CERT),
+                    key: dir.join(certs::KEY),
+                    bundle: dir.join(certs::BUNDLE),
+                },
+                inbound: std::net::SocketAddr::new(args.inbound_addr, args.inbound_port),
+                tunnel_port: args.inbound_port,
+                mesh_cidrs: args.mesh_cidrs,
+                permissive: args.permissive,
+            }),
             command: args.command,
         }),
+        Command::Cert(CertCommand::Ca {
+            dir,
+            trust_domain,
+            days,
+        }) => {
+            certs::write_ca(&dir, &trust_domain, Duration::from_secs(days * 86_400))?;
+            println!(
+                "wrote {} and {}",
+                dir.join(certs::CA_CERT).display(),
+                dir.join(certs::CA_KEY).display()
+            );
+            Ok(0)
+        }
+        Command::Cert(CertCommand::Issue {
+            ca_dir,
+            spiffe_id,
+            out,
+            hours,
+            backdate_hours,
+        }) => {
+            let id: SpiffeId = spiffe_id.parse()?;
+            certs::write_workload(
+                &ca_dir,
+                &out,
+                &id,
+                Duration::from_secs(hours * 3600),
+                Duration::from_secs(backdate_hours * 3600),
+            )?;
+            println!("wrote {id} to {}", out.join(certs::CERT).display());
+            Ok(0)
+        }
         Command::Probe { bpffs } => {
             let checks = probe::probe(&bpffs);
             for c in &checks {

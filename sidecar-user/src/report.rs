@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::proxy::record::{ConnRecord, Outcome};
+use crate::proxy::record::{ConnRecord, Direction, Outcome};
 
 /// Rows the human summary shows before it abbreviates.
 const SUMMARY_ROWS: usize = 20;
@@ -18,6 +18,8 @@ pub struct Report {
     pub dropped_records: u64,
     /// The eBPF per-CPU counters, summed.
     pub counters: BTreeMap<&'static str, u64>,
+    /// Tunnels the inbound side refused, by reason.
+    pub inbound_rejections: BTreeMap<&'static str, u64>,
 }
 
 impl Report {
@@ -63,11 +65,24 @@ impl Report {
             human_bytes(c("sk_msg_redirected_bytes")),
             c("sk_msg_miss"),
         );
+        let refused: u64 = self.inbound_rejections.values().sum();
+        if refused > 0 {
+            let reasons: Vec<String> = self
+                .inbound_rejections
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "sidecar: refused {refused} inbound tunnel(s): {}",
+                reasons.join(", ")
+            );
+        }
         if total > 0 {
             let _ = writeln!(
                 out,
-                "  {:>4}  {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} OUTCOME",
-                "ID", "CLIENT", "ORIGINAL DST", "SENT", "RECEIVED", "MS", "FAST"
+                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {:<12} PEER",
+                "ID", "DIR", "CLIENT", "ORIGINAL DST", "SENT", "RECEIVED", "MS", "FAST", "OUTCOME"
             );
         }
         for r in self.connections.iter().take(SUMMARY_ROWS) {
@@ -81,17 +96,27 @@ impl Report {
                 (false, true) => "up",
                 (false, false) => "no",
             };
+            let dir = match r.direction {
+                Direction::Outbound => "out",
+                Direction::Inbound => "in",
+            };
+            let peer = match (&r.peer_identity, r.mtls) {
+                (Some(id), _) => format!("mTLS {id}"),
+                (None, _) => "plaintext".to_string(),
+            };
             let _ = writeln!(
                 out,
-                "  {:>4}  {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {}",
+                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {:<12} {}",
                 r.id,
+                dir,
                 r.client.to_string(),
                 dst,
                 human_bytes(r.bytes_from_client),
                 human_bytes(r.bytes_from_upstream),
                 r.duration_ms,
                 fast,
-                r.outcome.as_str()
+                r.outcome.as_str(),
+                peer
             );
         }
         if total > SUMMARY_ROWS {

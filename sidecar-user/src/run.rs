@@ -37,11 +37,19 @@ use tracing::{info, warn};
 use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
-    proxy::{Proxy, ProxySettings, record::Journal},
+    proxy::{
+        Proxy, ProxySettings,
+        mesh::Mesh,
+        record::{Direction, Journal},
+    },
     redirect::ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
     report::Report,
     state::{RunState, StateFile},
+    tls::{self, TlsFiles, TlsState},
 };
+
+/// How long a peer sidecar has, after the handshake, to send its preamble.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything `sidecar run` is told on the command line.
 #[derive(Debug, Clone)]
@@ -57,8 +65,27 @@ pub struct RunOptions {
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
     pub report: Option<PathBuf>,
+    /// mTLS between sidecars; `None` keeps every connection plaintext.
+    pub mtls: Option<MtlsOptions>,
     pub command: Vec<OsString>,
 }
+
+/// `sidecar run`'s mTLS settings.
+#[derive(Debug, Clone)]
+pub struct MtlsOptions {
+    pub files: TlsFiles,
+    /// Where this sidecar accepts tunnels from peer sidecars (all addresses by default).
+    pub inbound: SocketAddr,
+    /// The tunnel port of peer sidecars (the same port mesh-wide).
+    pub tunnel_port: u16,
+    /// Destinations known to have sidecars: mTLS required.
+    pub mesh_cidrs: Vec<Cidr>,
+    /// Other destinations: try mTLS, fall back to plaintext.
+    pub permissive: bool,
+}
+
+/// How often certificate files are checked for rotation.
+const ROTATION_POLL: Duration = Duration::from_secs(1);
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
@@ -78,7 +105,23 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let program = resolve_command(&opts.command)?;
     privileges::require("sidecar run")?;
     let cg_root = cgroup::root()?;
+    // Credentials are checked before anything is attached: a bad set is a clean error.
+    let tls = match &opts.mtls {
+        Some(m) => {
+            Some(TlsState::load(m.files.clone()).context("loading the workload certificates")?)
+        }
+        None => None,
+    };
     let (listen_v4, listen_v6) = bind_listeners(opts.proxy_port)?;
+    let inbound = match &opts.mtls {
+        Some(m) => Some(StdListener::bind(m.inbound).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for tunnels on {}: {e}: pick another with --inbound-port",
+                m.inbound
+            )
+        })?),
+        None => None,
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -172,10 +215,31 @@ pub fn run(opts: RunOptions) -> Result<i32> {
 
     let lookups = interception.lookups();
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
-    let proxy = Proxy::new(opts.proxy, lookups.clone(), journal.clone());
+    let mesh = match (&opts.mtls, tls) {
+        (Some(m), Some(tls)) => {
+            info!(identity = %tls.current().identity, inbound = %m.inbound, "mTLS on");
+            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL);
+            Some(Mesh::new(
+                tls,
+                m.mesh_cidrs.clone(),
+                m.tunnel_port,
+                m.permissive,
+                opts.proxy.connect_timeout,
+                PREAMBLE_TIMEOUT,
+            ))
+        }
+        _ => None,
+    };
+    let proxy = Proxy::new(opts.proxy, lookups.clone(), mesh, journal.clone());
     for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
         let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
-        rt.spawn(proxy.clone().serve(listener));
+        rt.spawn(proxy.clone().serve(listener, Direction::Outbound));
+    }
+    if let Some(listener) = inbound {
+        listener.set_nonblocking(true)?;
+        let listener =
+            TcpListener::from_std(listener).context("registering the inbound listener")?;
+        rt.spawn(proxy.clone().serve(listener, Direction::Inbound));
     }
 
     let status = rt.block_on(run_command(
@@ -207,6 +271,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         connections,
         dropped_records: dropped,
         counters,
+        inbound_rejections: proxy.rejections(),
     };
     eprint!("{}", report.summary());
     if let Some(path) = &opts.report {

@@ -12,7 +12,6 @@ use std::{
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
     time::{Instant, sleep_until},
 };
 use tokio_util::sync::CancellationToken;
@@ -35,19 +34,27 @@ pub enum CopyEnd {
     Error(io::Error),
 }
 
-pub async fn bidirectional(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+/// Copies between the two halves of each side. Plain sockets pass `TcpStream::split` halves
+/// (no locking); TLS streams pass `tokio::io::split` halves.
+pub async fn bidirectional<CR, CW, UR, UW>(
+    client: (CR, CW),
+    upstream: (UR, UW),
     idle: Duration,
     abort: &CancellationToken,
-) -> Copied {
+) -> Copied
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
     let last = AtomicU64::new(0);
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
+    let (mut cr, mut cw) = client;
+    let (mut ur, mut uw) = upstream;
 
     let both = async {
         tokio::try_join!(

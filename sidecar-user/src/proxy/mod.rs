@@ -1,15 +1,20 @@
-//! The transparent TCP proxy. One intercepted connection goes, top to bottom:
+//! The proxy. Two data paths, each reading top to bottom in its own module:
 //!
-//! accept → original destination → (policy) → connect upstream → copy both ways → record
+//! * [`outbound`]: accept (kernel-redirected) → original destination → mesh route →
+//!   upstream (plain, or mTLS tunnel to the destination's sidecar) → copy → record
+//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble →
+//!   connect the local app → copy → record
 //!
-//! Each arrow is a function call in [`Proxy::handle`].
+//! Both share one accept loop and one drain mechanism.
 
 pub mod copy;
+pub mod inbound;
+pub mod mesh;
+pub mod outbound;
 pub mod record;
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -19,18 +24,19 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use self::{
-    copy::CopyEnd,
-    record::{ConnRecord, Journal, Outcome},
+    copy::{Copied, CopyEnd},
+    mesh::Mesh,
+    record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
 use crate::redirect::Redirect;
 
 /// Timeouts of the data path.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxySettings {
-    /// How long connecting to the original destination may take.
+    /// How long connecting to the original destination (or its sidecar) may take.
     pub connect_timeout: Duration,
     /// A connection with no byte moving in either direction for this long is closed.
     pub idle_timeout: Duration,
@@ -41,7 +47,9 @@ pub struct ProxySettings {
 pub struct Proxy {
     settings: ProxySettings,
     redirect: Arc<dyn Redirect>,
+    mesh: Option<Mesh>,
     journal: Arc<Journal>,
+    rejections: Rejections,
     next_id: AtomicU64,
     stop_accepting: CancellationToken,
     abort: CancellationToken,
@@ -52,12 +60,15 @@ impl Proxy {
     pub fn new(
         settings: ProxySettings,
         redirect: Arc<dyn Redirect>,
+        mesh: Option<Mesh>,
         journal: Arc<Journal>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             redirect,
+            mesh,
             journal,
+            rejections: Rejections::default(),
             next_id: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -65,8 +76,13 @@ impl Proxy {
         })
     }
 
+    /// Connections the inbound side refused, by reason.
+    pub fn rejections(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.rejections.snapshot()
+    }
+
     /// Accepts until [`Proxy::drain`] starts; each connection runs in its own task.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, direction: Direction) {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -83,10 +99,16 @@ impl Proxy {
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let this = self.clone();
-            let span = info_span!("conn", id, client = %peer);
+            let span = info_span!("conn", id, dir = ?direction, client = %peer);
             self.tasks.spawn(
                 async move {
-                    let record = this.handle(client, peer, id).await;
+                    let started = Instant::now();
+                    let mut record = ConnRecord::new(id, direction, peer);
+                    match direction {
+                        Direction::Outbound => this.outbound(client, &mut record).await,
+                        Direction::Inbound => this.inbound(client, &mut record).await,
+                    }
+                    record.duration_ms = started.elapsed().as_millis() as u64;
                     debug!(
                         outcome = record.outcome.as_str(),
                         up = record.bytes_from_client,
@@ -100,88 +122,13 @@ impl Proxy {
         }
     }
 
-    /// The data path of one intercepted connection.
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr, id: u64) -> ConnRecord {
-        let started = Instant::now();
-        let mut rec = ConnRecord {
-            id,
-            client: peer,
-            original_dst: None,
-            upstream_local: None,
-            bytes_from_client: 0,
-            bytes_from_upstream: 0,
-            duration_ms: 0,
-            app_leg_spliced: false,
-            upstream_leg_spliced: false,
-            outcome: Outcome::Ok,
-            error: None,
-        };
-        let finish = |mut rec: ConnRecord, outcome: Outcome, error: Option<String>| {
-            rec.outcome = outcome;
-            rec.error = error;
-            rec.duration_ms = started.elapsed().as_millis() as u64;
-            rec
-        };
-
-        // Original destination: where the app was going before the kernel redirected it.
-        let local = match client.local_addr() {
-            Ok(a) => a,
-            Err(e) => return finish(rec, Outcome::IoError, Some(e.to_string())),
-        };
-        let dst = match self
-            .redirect
-            .original_destination(client.as_fd(), peer, local)
-        {
-            Ok(dst) => dst,
-            Err(e) => {
-                warn!("{e}");
-                return finish(rec, Outcome::NoOriginalDestination, Some(e.to_string()));
-            }
-        };
-        rec.original_dst = Some(dst);
-        rec.app_leg_spliced = self.redirect.is_spliced(local, peer);
-
-        // Upstream: our own connect is exempt from redirection (the proxy's cgroup role).
-        let mut upstream = match self.connect_upstream(dst).await {
-            Ok(s) => s,
-            Err(e) => {
-                info!(%dst, "upstream connect failed: {e}");
-                // Reset the client so it fails now, the way a refused connect would.
-                let _ = client.set_zero_linger();
-                return finish(rec, Outcome::UpstreamConnectFailed, Some(e.to_string()));
-            }
-        };
-        rec.upstream_local = upstream.local_addr().ok();
-        if let Some(up_local) = rec.upstream_local {
-            rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, dst);
-        }
-        let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
-
-        // Copy until both sides are done.
-        let copied = copy::bidirectional(
-            &mut client,
-            &mut upstream,
-            self.settings.idle_timeout,
-            &self.abort,
-        )
-        .await;
-        rec.bytes_from_client = copied.from_client;
-        rec.bytes_from_upstream = copied.from_upstream;
-        match copied.end {
-            CopyEnd::Done => finish(rec, Outcome::Ok, None),
-            CopyEnd::Idle => finish(rec, Outcome::IdleTimeout, None),
-            CopyEnd::Aborted => finish(rec, Outcome::Shutdown, None),
-            CopyEnd::Error(e) => finish(rec, Outcome::IoError, Some(e.to_string())),
-        }
-    }
-
-    async fn connect_upstream(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(dst)).await {
+    async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.settings.connect_timeout),
+                format!("no answer within {timeout:?}"),
             )),
         }
     }
@@ -202,4 +149,21 @@ impl Proxy {
         self.tasks.wait().await;
         cut
     }
+}
+
+/// Copies the byte counts and the way the copy ended into the record.
+fn finish_copy(record: &mut ConnRecord, copied: Copied) {
+    record.bytes_from_client = copied.from_client;
+    record.bytes_from_upstream = copied.from_upstream;
+    (record.outcome, record.error) = match copied.end {
+        CopyEnd::Done => (Outcome::Ok, None),
+        CopyEnd::Idle => (Outcome::IdleTimeout, None),
+        CopyEnd::Aborted => (Outcome::Shutdown, None),
+        CopyEnd::Error(e) => (Outcome::IoError, Some(e.to_string())),
+    };
+}
+
+fn fail(record: &mut ConnRecord, outcome: Outcome, error: impl ToString) {
+    record.outcome = outcome;
+    record.error = Some(error.to_string());
 }

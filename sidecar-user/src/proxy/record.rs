@@ -14,12 +14,16 @@ pub enum Outcome {
     NoOriginalDestination,
     /// Connecting to the original destination failed or timed out.
     UpstreamConnectFailed,
+    /// The mTLS tunnel to the destination's sidecar could not be built.
+    TunnelFailed,
     /// A read or write failed mid-stream (e.g. a reset).
     IoError,
     /// No byte moved in either direction for the idle timeout.
     IdleTimeout,
     /// The proxy shut down before the connection finished.
     Shutdown,
+    /// The inbound side refused the peer (TLS, identity or preamble); see `error`.
+    Refused,
 }
 
 impl Outcome {
@@ -28,17 +32,36 @@ impl Outcome {
             Self::Ok => "ok",
             Self::NoOriginalDestination => "no_original_destination",
             Self::UpstreamConnectFailed => "upstream_connect_failed",
+            Self::TunnelFailed => "tunnel_failed",
             Self::IoError => "io_error",
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
+            Self::Refused => "refused",
         }
     }
+}
+
+/// Which way a connection crosses the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the local app, intercepted by the kernel.
+    Outbound,
+    /// From a peer sidecar, through the mTLS tunnel.
+    Inbound,
 }
 
 /// One proxied connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnRecord {
     pub id: u64,
+    pub direction: Direction,
+    /// Whether the sidecar-to-sidecar leg was mTLS.
+    pub mtls: bool,
+    /// The verified SPIFFE ID of the peer sidecar (the server's for outbound, the client's
+    /// for inbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
     pub client: SocketAddr,
     pub original_dst: Option<SocketAddr>,
     pub upstream_local: Option<SocketAddr>,
@@ -55,8 +78,52 @@ pub struct ConnRecord {
 }
 
 impl ConnRecord {
+    pub fn new(id: u64, direction: Direction, client: SocketAddr) -> Self {
+        Self {
+            id,
+            direction,
+            mtls: false,
+            peer_identity: None,
+            client,
+            original_dst: None,
+            upstream_local: None,
+            bytes_from_client: 0,
+            bytes_from_upstream: 0,
+            duration_ms: 0,
+            app_leg_spliced: false,
+            upstream_leg_spliced: false,
+            outcome: Outcome::Ok,
+            error: None,
+        }
+    }
+
     pub fn duration(&self) -> Duration {
         Duration::from_millis(self.duration_ms)
+    }
+}
+
+/// Connections the inbound side refused, by reason (`no_client_cert`, `untrusted_ca`,
+/// `expired_certificate`, `wrong_identity`, `tls_other`, `alpn`, `preamble_*`, `handshake_timeout`).
+#[derive(Default)]
+pub struct Rejections {
+    counts: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl Rejections {
+    pub fn count(&self, reason: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

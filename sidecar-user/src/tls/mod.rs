@@ -1,0 +1,249 @@
+//! Mutual TLS between sidecars: identities, certificate loading and verification, rotation.
+//!
+//! Crypto provider: `ring`. It builds with nothing but a C compiler (aws-lc-rs needs cmake and
+//! a much longer build), is what rustls has been tested against longest, and offers every
+//! TLS 1.3 suite and the ECDSA/Ed25519/RSA verification we need. FIPS is not a goal here; if it
+//! becomes one, aws-lc-rs is a one-line switch of `provider()`.
+
+pub mod certs;
+pub mod identity;
+pub mod reload;
+pub mod verify;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use thiserror::Error;
+
+use self::{
+    identity::SpiffeId,
+    verify::{SpiffeClientVerifier, SpiffeServerVerifier},
+};
+
+/// The ALPN protocol of our tunnel: a peer that does not speak it is refused.
+pub const ALPN: &[u8] = b"sidecar-tunnel/1";
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no {what} (expected PEM)")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("{path} is not valid PEM: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("the key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("certificate {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        source: identity::IdentityError,
+    },
+    #[error(
+        "certificate {path} does not chain to the bundle {bundle}, or is not valid now: {reason}"
+    )]
+    Chain {
+        path: PathBuf,
+        bundle: PathBuf,
+        reason: String,
+    },
+    #[error("building the TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Where the workload's credentials live (cert-manager/SPIRE style: three PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The workload certificate, followed by any intermediates.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The trust bundle: CA certificates of our trust domain.
+    pub bundle: PathBuf,
+}
+
+/// One loaded, validated set of credentials and the configurations built from it.
+#[derive(Debug)]
+pub struct Credentials {
+    pub identity: SpiffeId,
+    pub not_after: SystemTime,
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Credentials {
+    /// Reads and validates the three files. Every check that a peer would make is made here,
+    /// so a bad set is refused at load time (and a rotation keeps the old set).
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let pem_err = |path: &PathBuf| {
+            let path = path.clone();
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+                path,
+                reason: e.to_string(),
+            }
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read(&files.cert)?)
+                .collect::<Result<_, _>>()
+                .map_err(pem_err(&files.cert))?;
+        if chain.is_empty() {
+            return Err(TlsError::Empty {
+                path: files.cert.clone(),
+                what: "certificate",
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(pem_err(&files.key))?;
+        let bundle: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&read(&files.bundle)?)
+                .collect::<Result<_, _>>()
+                .map_err(pem_err(&files.bundle))?;
+        if bundle.is_empty() {
+            return Err(TlsError::Empty {
+                path: files.bundle.clone(),
+                what: "CA certificate",
+            });
+        }
+
+        let provider = provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::Pem {
+                path: files.key.clone(),
+                reason: e.to_string(),
+            })?;
+        CertifiedKey::new(chain.clone(), signing_key)
+            .keys_match()
+            .map_err(|_| TlsError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            })?;
+        let identity =
+            SpiffeId::from_certificate(&chain[0]).map_err(|source| TlsError::Identity {
+                path: files.cert.clone(),
+                source,
+            })?;
+
+        let mut roots = RootCertStore::empty();
+        for ca in &bundle {
+            roots.add(ca.clone()).map_err(|e| TlsError::Pem {
+                path: files.bundle.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let chain_err = |reason: String| TlsError::Chain {
+            path: files.cert.clone(),
+            bundle: files.bundle.clone(),
+            reason,
+        };
+        let parsed =
+            ParsedCertificate::try_from(&chain[0]).map_err(|e| chain_err(e.to_string()))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| chain_err(e.to_string()))?;
+        let not_after = not_after(&chain[0]).map_err(chain_err)?;
+
+        let trust_domain = identity.trust_domain().to_string();
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(
+                client_verifier,
+                trust_domain.clone(),
+            )))
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+
+        let mut client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+                roots,
+                trust_domain,
+                provider,
+            )))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        Ok(Self {
+            identity,
+            not_after,
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+}
+
+/// The credentials in force. Rotation swaps the whole set at once; a handshake takes the
+/// set current when it starts, so connections already established are never touched.
+#[derive(Debug)]
+pub struct TlsState {
+    files: TlsFiles,
+    current: RwLock<Arc<Credentials>>,
+}
+
+impl TlsState {
+    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+        let creds = Credentials::load(&files)?;
+        Ok(Arc::new(Self {
+            files,
+            current: RwLock::new(Arc::new(creds)),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Credentials> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    fn replace(&self, creds: Credentials) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(creds);
+    }
+}
