@@ -1,1 +1,455 @@
-fn main() {}
+//! `sidecar-testclient`: the workload the integration tests run INSIDE the sidecar
+//! (`sidecar run -- sidecar-testclient …`). It only ever talks plain TCP with std blocking
+//! sockets, so everything it observes is what an unmodified application would observe.
+//!
+//! Output is one JSON line per connection on stdout (types in `sidecar_tests::protocol`);
+//! diagnostics go to stderr. Every socket operation has a timeout, so a broken proxy makes
+//! the client fail with a message instead of hanging the test.
+//!
+//! Spurious `EAGAIN`: a blocking socket should never return `EAGAIN` except when its
+//! timeout expires. Sockets in a sockhash with an sk_msg program use the kernel's `tcp_bpf`
+//! receive path, which can return `EAGAIN` early when woken without data (e.g. by a
+//! write-space wake-up from a concurrent writer). The client retries such early `EAGAIN`s
+//! and COUNTS them (`spurious_wouldblock`), so the tests can check the other behaviours
+//! and still assert transparency separately.
+
+use std::{
+    io::{self, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    process::ExitCode,
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use sidecar_tests::protocol::{
+    ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine, READY, pattern,
+};
+
+/// Longest a connect may take. Generous: the point is to never hang forever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a single read or write may block (also bounds waiting for EOF after half-close).
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `connect-fail` waits for the proxy to give up on the upstream.
+const FAIL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Write granularity of `echo`, so `sent` is exact even when a write fails midway.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Parser)]
+#[command(
+    name = "sidecar-testclient",
+    about = "TCP workload for the sidecar integration tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open `count` connections (`concurrency` at a time); on each send `size` bytes,
+    /// half-close, read the echo until EOF and check it byte for byte. Exit 1 if any failed.
+    Echo {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// Open `count` connections, do one 64-byte ping-pong on each, print them and `READY`,
+    /// then keep them open until stdin reaches EOF.
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Open `count` connections one after the other; on each do `rounds` blocking
+    /// request/response exchanges of `size` bytes (write, then read the echo), then close
+    /// without half-closing: the usual RPC pattern.
+    Pingpong {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 100)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// Connect, send one byte, read: report how (and how fast) the connection failed.
+    ConnectFail {
+        #[arg(long)]
+        addr: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Echo {
+            addr,
+            size,
+            count,
+            concurrency,
+        } => echo(addr, size, count, concurrency),
+        Command::Hold { addr, count } => hold(addr, count),
+        Command::Pingpong {
+            addr,
+            size,
+            rounds,
+            count,
+        } => pingpong(addr, size, rounds, count),
+        Command::ConnectFail { addr } => connect_fail(addr),
+    }
+}
+
+/// Prints one line and flushes, so the test sees it even if we are killed right after.
+fn print_line(line: &str) {
+    let mut out = io::stdout().lock();
+    // A closed stdout only loses test output; the exit code still tells the story.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn emit(value: &impl serde::Serialize) {
+    print_line(&serde_json::to_string(value).expect("protocol types serialize"));
+}
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+// ---------------------------------------------------------------------------------------
+// Blocking I/O that tolerates (and counts) spurious EAGAIN
+
+/// Runs one blocking socket call on a socket whose timeout is `timeout`. An `EAGAIN` that
+/// returns in less than half of it cannot be that timeout: it is counted in `spurious` and
+/// the call retried, for at most `timeout` overall.
+fn retrying<T>(
+    spurious: &AtomicU64,
+    timeout: Duration,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let started = Instant::now();
+        match op() {
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                    && started.elapsed() < timeout / 2
+                    && Instant::now() < deadline =>
+            {
+                spurious.fetch_add(1, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn write_all(stream: &TcpStream, mut buf: &[u8], spurious: &AtomicU64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match retrying(spurious, IO_TIMEOUT, || (&*stream).write(buf))? {
+            0 => return Err(io::Error::from(ErrorKind::WriteZero)),
+            n => buf = &buf[n..],
+        }
+    }
+    Ok(())
+}
+
+fn read_exact(stream: &TcpStream, mut buf: &mut [u8], spurious: &AtomicU64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match retrying(spurious, IO_TIMEOUT, || (&*stream).read(buf))? {
+            0 => return Err(io::Error::from(ErrorKind::UnexpectedEof)),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+/// Reads until EOF, keeping at most `limit` bytes (one more than expected is enough to
+/// notice an over-long echo). Errors carry how much had arrived.
+fn read_to_eof(
+    stream: &TcpStream,
+    limit: usize,
+    spurious: &AtomicU64,
+) -> (Vec<u8>, io::Result<()>) {
+    let mut received = Vec::with_capacity(limit);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match retrying(spurious, IO_TIMEOUT, || (&*stream).read(&mut buf)) {
+            Ok(0) => return (received, Ok(())),
+            Ok(n) => {
+                let keep = n.min(limit.saturating_sub(received.len()));
+                received.extend_from_slice(&buf[..keep]);
+                if received.len() >= limit {
+                    return (received, Ok(()));
+                }
+            }
+            Err(e) => return (received, Err(e)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// echo
+
+fn echo(addr: SocketAddr, size: usize, count: usize, concurrency: usize) -> ExitCode {
+    if count == 0 {
+        return ExitCode::SUCCESS;
+    }
+    let workers = concurrency.clamp(1, count);
+    // Every worker's FIRST connection waits here after connecting, so `concurrency`
+    // connections really are open at the same time (not just started close together).
+    let first_round = Arc::new(Barrier::new(workers));
+    let next = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (first_round, next, tx) = (first_round.clone(), next.clone(), tx.clone());
+        let spawned = thread::Builder::new().name("echo".into()).spawn(move || {
+            let mut barrier = Some(first_round);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let line = echo_one(addr, size, i as u64, barrier.take());
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                eprintln!("error: cannot start worker thread: {e}");
+                // The barrier counts on every worker: without this one nobody would pass it.
+                std::process::exit(1);
+            }
+        }
+    }
+    drop(tx);
+    let (mut failed, mut seen) = (0usize, 0usize);
+    for line in rx {
+        seen += 1;
+        failed += usize::from(!line.ok);
+        emit(&line);
+    }
+    for h in handles {
+        failed += usize::from(h.join().is_err());
+    }
+    if failed > 0 || seen != count {
+        eprintln!("error: {failed} of {count} echo connections failed ({seen} reported)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn pingpong(addr: SocketAddr, size: usize, rounds: usize, count: usize) -> ExitCode {
+    let mut failed = 0;
+    for i in 0..count {
+        let line = pingpong_one(addr, size, rounds, i as u64);
+        failed += usize::from(!line.ok);
+        emit(&line);
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} of {count} ping-pong connections failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn pingpong_one(addr: SocketAddr, size: usize, rounds: usize, seed: u64) -> EchoLine {
+    let spurious = AtomicU64::new(0);
+    let mut line = EchoLine {
+        local: None,
+        peer: None,
+        sent: 0,
+        received: 0,
+        ok: false,
+        error: None,
+        spurious_wouldblock: 0,
+    };
+    let result = (|| -> io::Result<()> {
+        let stream = connect(addr)?;
+        line.local = stream.local_addr().ok();
+        line.peer = stream.peer_addr().ok();
+        let request = pattern(seed, size);
+        let mut reply = vec![0u8; size];
+        for _ in 0..rounds {
+            write_all(&stream, &request, &spurious)?;
+            line.sent += size as u64;
+            read_exact(&stream, &mut reply, &spurious)?;
+            line.received += size as u64;
+            if reply != request {
+                return Err(io::Error::other("reply differs from request"));
+            }
+        }
+        Ok(())
+    })();
+    line.spurious_wouldblock = spurious.load(Ordering::Relaxed);
+    match result {
+        Ok(()) => line.ok = true,
+        Err(e) => line.error = Some(e.to_string()),
+    }
+    line
+}
+
+/// One echo connection. Writing happens on a second thread while this one reads: with a
+/// large payload, writing everything before reading would deadlock once the server's send
+/// buffer is full and it stops reading.
+fn echo_one(addr: SocketAddr, size: usize, seed: u64, barrier: Option<Arc<Barrier>>) -> EchoLine {
+    let payload = Arc::new(pattern(seed, size));
+    let connected = connect(addr);
+    if let Some(b) = barrier {
+        b.wait();
+    }
+    let mut line = EchoLine {
+        local: None,
+        peer: None,
+        sent: 0,
+        received: 0,
+        ok: false,
+        error: None,
+        spurious_wouldblock: 0,
+    };
+    let stream = match connected {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            line.error = Some(format!("connect {addr}: {e}"));
+            return line;
+        }
+    };
+    (line.local, line.peer) = (stream.local_addr().ok(), stream.peer_addr().ok());
+    let spurious = Arc::new(AtomicU64::new(0));
+
+    let write_side = {
+        let (stream, payload, spurious) = (stream.clone(), payload.clone(), spurious.clone());
+        thread::spawn(move || {
+            let mut sent = 0u64;
+            for chunk in payload.chunks(CHUNK) {
+                if let Err(e) = write_all(&stream, chunk, &spurious) {
+                    return (sent, Err(format!("write after {sent} bytes: {e}")));
+                }
+                sent += chunk.len() as u64;
+            }
+            let shut = stream.shutdown(Shutdown::Write);
+            (sent, shut.map_err(|e| format!("shutdown(Write): {e}")))
+        })
+    };
+    let (received, read) = read_to_eof(&stream, size + 1, &spurious);
+    let (sent, wrote) = write_side
+        .join()
+        .unwrap_or((0, Err("writer thread panicked".to_string())));
+
+    line.sent = sent;
+    line.received = received.len() as u64;
+    line.spurious_wouldblock = spurious.load(Ordering::Relaxed);
+    line.error = match (wrote, read) {
+        (Err(e), _) => Some(e),
+        (_, Err(e)) => Some(format!("read after {} bytes: {e}", received.len())),
+        _ if received.len() != size => {
+            Some(format!("echo has {} bytes, sent {size}", received.len()))
+        }
+        _ => received
+            .iter()
+            .zip(payload.iter())
+            .position(|(a, b)| a != b)
+            .map(|at| format!("echo differs from what was sent at byte {at}")),
+    };
+    line.ok = line.error.is_none();
+    line
+}
+
+// ---------------------------------------------------------------------------------------
+// hold
+
+fn hold(addr: SocketAddr, count: usize) -> ExitCode {
+    let mut streams = Vec::with_capacity(count);
+    for i in 0..count {
+        match ping_pong(addr, i as u64) {
+            Ok((stream, line)) => {
+                emit(&line);
+                streams.push(stream);
+            }
+            Err(e) => {
+                eprintln!("error: hold connection {i} to {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    print_line(READY);
+    // Keep the sockets open until the test closes our stdin (or the sidecar kills us).
+    let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
+    drop(streams);
+    ExitCode::SUCCESS
+}
+
+fn ping_pong(addr: SocketAddr, seed: u64) -> io::Result<(TcpStream, HoldLine)> {
+    let stream = connect(addr)?;
+    let spurious = AtomicU64::new(0);
+    let ping = pattern(seed, HOLD_PING_SIZE);
+    write_all(&stream, &ping, &spurious)?;
+    let mut pong = vec![0u8; HOLD_PING_SIZE];
+    read_exact(&stream, &mut pong, &spurious)?;
+    if pong != ping {
+        return Err(io::Error::other("the echo differs from the ping"));
+    }
+    let line = HoldLine {
+        local: stream.local_addr()?,
+        peer: stream.peer_addr()?,
+        spurious_wouldblock: spurious.load(Ordering::Relaxed),
+    };
+    Ok((stream, line))
+}
+
+// ---------------------------------------------------------------------------------------
+// connect-fail
+
+/// Exits 0 whenever it could report: whether the connection failed is data for the test.
+fn connect_fail(addr: SocketAddr) -> ExitCode {
+    let start = Instant::now();
+    let spurious = AtomicU64::new(0);
+    let (connected, error) = match TcpStream::connect_timeout(&addr, FAIL_TIMEOUT) {
+        Err(e) => (false, Some(format!("connect: {e}"))),
+        Ok(stream) => (true, first_failure(&stream, &spurious)),
+    };
+    let elapsed_ms = start.elapsed().as_millis() as u64;
+    let spurious_wouldblock = spurious.load(Ordering::Relaxed);
+    emit(&ConnectFailLine {
+        connected,
+        error,
+        elapsed_ms,
+        spurious_wouldblock,
+    });
+    ExitCode::SUCCESS
+}
+
+/// After a successful connect: how the connection fails, or `None` if a byte came back.
+/// Spurious `EAGAIN`s are retried, so the error is the real failure, not a kernel quirk.
+fn first_failure(stream: &TcpStream, spurious: &AtomicU64) -> Option<String> {
+    if let Err(e) = stream.set_read_timeout(Some(FAIL_TIMEOUT)) {
+        return Some(format!("set_read_timeout: {e}"));
+    }
+    if let Err(e) = retrying(spurious, FAIL_TIMEOUT, || (&*stream).write(b"x")) {
+        return Some(format!("write: {e}"));
+    }
+    let mut byte = [0u8; 1];
+    match retrying(spurious, FAIL_TIMEOUT, || (&*stream).read(&mut byte)) {
+        Ok(0) => Some("read: EOF".to_string()),
+        Ok(_) => None,
+        Err(e) => Some(format!("read: {e}")),
+    }
+}
