@@ -92,9 +92,17 @@ pub struct RunBuilder {
     args: Vec<OsString>,
     command: Vec<OsString>,
     report: bool,
+    binary: Option<PathBuf>,
 }
 
 impl RunBuilder {
+    /// Run this `sidecar` binary instead of the workspace's (e.g. a copy other users can
+    /// execute).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
     /// An extra `sidecar run` option (before `--`).
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().into());
@@ -123,13 +131,14 @@ impl RunBuilder {
     pub fn start(self) -> SidecarRun {
         assert!(!self.command.is_empty(), "a sidecar run needs a command");
         let report_path = self.report.then(fresh_report_path);
+        let binary = self.binary.clone().unwrap_or_else(sidecar_bin);
         let mut cmd = match self.wrapper.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
-                c.args(rest).arg(sidecar_bin());
+                c.args(rest).arg(&binary);
                 c
             }
-            None => Command::new(sidecar_bin()),
+            None => Command::new(&binary),
         };
         cmd.arg("run")
             .arg("--proxy-port")
@@ -210,6 +219,7 @@ impl SidecarRun {
             args: Vec::new(),
             command: Vec::new(),
             report: true,
+            binary: None,
         }
     }
 

@@ -987,8 +987,12 @@ fn non_root_is_rejected() {
         skip("setpriv (util-linux) is not installed: cannot drop privileges");
         return;
     };
+    // A copy in a directory anyone may enter: the checkout itself may sit below a folder
+    // that user 65534 cannot traverse.
+    let public = PublicCopy::of(&sidecar_bin());
     let mut run = SidecarRun::builder(15119)
         .no_report()
+        .binary(public.path())
         .wrapped_in([
             setpriv.as_os_str(),
             "--reuid=65534".as_ref(),
@@ -1002,7 +1006,7 @@ fn non_root_is_rejected() {
         !done.stderr.iter().any(|l| l.starts_with("setpriv:")),
         "setpriv could not start the sidecar as nobody (is {} readable and executable by \
          others?):\n{}",
-        sidecar_bin().display(),
+        public.path().display(),
         done.stderr_text()
     );
     assert_rejected(&done);
@@ -1076,4 +1080,34 @@ fn cleanup_removes_what_a_crashed_run_left() {
     let gone = host::wait_until(EXIT_TIMEOUT, || clients.iter().all(|c| !host::is_alive(*c)));
     assert!(gone, "the hold client(s) {clients:?} did not exit");
     assert_no_leftovers(pid);
+}
+
+/// A world-executable copy of a binary in a fresh 0755 directory under /tmp, removed on drop.
+struct PublicCopy {
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+}
+
+impl PublicCopy {
+    fn of(binary: &std::path::Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sidecar-public-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the public copy's directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+        let file = dir.join("sidecar");
+        std::fs::copy(binary, &file).expect("copying the sidecar binary");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 0755");
+        Self { dir, file }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.file
+    }
+}
+
+impl Drop for PublicCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
