@@ -125,6 +125,9 @@ struct RunArgs {
     /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
     #[arg(long, default_value_t = 15008)]
     inbound_port: u16,
+    /// With --tls-dir: accept no tunnels (a client-only sidecar).
+    #[arg(long)]
+    no_inbound: bool,
     /// With --tls-dir: address the tunnel listener binds.
     #[arg(long, default_value = "0.0.0.0")]
     inbound_addr: std::net::IpAddr,
@@ -135,6 +138,10 @@ struct RunArgs {
     /// where no sidecar answers (the verdict is cached per address for a minute).
     #[arg(long)]
     permissive: bool,
+    /// With --tls-dir: how long a peer sidecar has, after the handshake, to send the tunnel
+    /// preamble, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    preamble_timeout_ms: u64,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -196,10 +203,12 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                     key: dir.join(certs::KEY),
                     bundle: dir.join(certs::BUNDLE),
                 },
-                inbound: std::net::SocketAddr::new(args.inbound_addr, args.inbound_port),
+                inbound: (!args.no_inbound)
+                    .then(|| std::net::SocketAddr::new(args.inbound_addr, args.inbound_port)),
                 tunnel_port: args.inbound_port,
                 mesh_cidrs: args.mesh_cidrs,
                 permissive: args.permissive,
+                preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
             }),
             command: args.command,
         }),

@@ -48,9 +48,6 @@ use crate::{
     tls::{self, TlsFiles, TlsState},
 };
 
-/// How long a peer sidecar has, after the handshake, to send its preamble.
-const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Everything `sidecar run` is told on the command line.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -74,14 +71,17 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 pub struct MtlsOptions {
     pub files: TlsFiles,
-    /// Where this sidecar accepts tunnels from peer sidecars (all addresses by default).
-    pub inbound: SocketAddr,
+    /// Where this sidecar accepts tunnels from peer sidecars (all addresses by default);
+    /// `None` for a client-only sidecar.
+    pub inbound: Option<SocketAddr>,
     /// The tunnel port of peer sidecars (the same port mesh-wide).
     pub tunnel_port: u16,
     /// Destinations known to have sidecars: mTLS required.
     pub mesh_cidrs: Vec<Cidr>,
     /// Other destinations: try mTLS, fall back to plaintext.
     pub permissive: bool,
+    /// How long a peer has, after the handshake, to send its preamble.
+    pub preamble_timeout: Duration,
 }
 
 /// How often certificate files are checked for rotation.
@@ -113,11 +113,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         None => None,
     };
     let (listen_v4, listen_v6) = bind_listeners(opts.proxy_port)?;
-    let inbound = match &opts.mtls {
-        Some(m) => Some(StdListener::bind(m.inbound).map_err(|e| {
+    let inbound = match opts.mtls.as_ref().and_then(|m| m.inbound) {
+        Some(addr) => Some(StdListener::bind(addr).map_err(|e| {
             anyhow::anyhow!(
-                "cannot listen for tunnels on {}: {e}: pick another with --inbound-port",
-                m.inbound
+                "cannot listen for tunnels on {addr}: {e}: pick another with --inbound-port, \
+                 or --no-inbound for a client-only sidecar"
             )
         })?),
         None => None,
@@ -217,7 +217,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let mesh = match (&opts.mtls, tls) {
         (Some(m), Some(tls)) => {
-            info!(identity = %tls.current().identity, inbound = %m.inbound, "mTLS on");
+            info!(identity = %tls.current().identity, inbound = ?m.inbound, "mTLS on");
             let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL);
             Some(Mesh::new(
                 tls,
@@ -225,7 +225,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
                 m.tunnel_port,
                 m.permissive,
                 opts.proxy.connect_timeout,
-                PREAMBLE_TIMEOUT,
+                m.preamble_timeout,
             ))
         }
         _ => None,

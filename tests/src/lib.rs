@@ -17,6 +17,7 @@
 pub mod bpf;
 pub mod echo;
 pub mod host;
+pub mod netns;
 pub mod protocol;
 pub mod report;
 pub mod run;

@@ -12,12 +12,22 @@ pub struct Report {
     pub exit_code: i32,
     pub connections: Vec<Connection>,
     pub counters: Counters,
+    /// Tunnels the inbound side refused, by reason.
+    #[serde(default)]
+    pub inbound_rejections: BTreeMap<String, u64>,
 }
 
 /// One connection the proxy accepted from the application.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Connection {
     pub id: u64,
+    /// `outbound` or `inbound`.
+    #[serde(default)]
+    pub direction: String,
+    #[serde(default)]
+    pub mtls: bool,
+    #[serde(default)]
+    pub peer_identity: Option<String>,
     /// The application socket's address.
     pub client: SocketAddr,
     /// Where the application wanted to go. Optional because a connection whose original

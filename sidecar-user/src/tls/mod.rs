@@ -100,7 +100,7 @@ impl Credentials {
             let path = path.clone();
             move |e: rustls::pki_types::pem::Error| TlsError::Pem {
                 path,
-                reason: e.to_string(),
+                reason: pem_reason(&e),
             }
         };
         let chain: Vec<CertificateDer<'static>> =
@@ -205,6 +205,22 @@ impl Credentials {
             server: Arc::new(server),
             client: Arc::new(client),
         })
+    }
+}
+
+/// PEM errors in words (the library's messages quote raw bytes).
+fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => format!(
+            "a section has no \"{}\" line (file cut short or half-written?)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        E::IllegalSectionStart { line } => {
+            format!("bad section start line {:?}", String::from_utf8_lossy(line))
+        }
+        E::NoItemsFound => "no item of the expected kind".into(),
+        other => other.to_string(),
     }
 }
 

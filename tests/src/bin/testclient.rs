@@ -84,6 +84,16 @@ enum Command {
         rounds: usize,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Run the `count` connections in parallel, each exchanging for this long instead of
+        /// a number of rounds (a bounded stream, e.g. across a certificate rotation).
+        #[arg(long)]
+        seconds: Option<f64>,
+    },
+    /// Echo server: listen on `addr`, print `READY`, then one JSON line per accepted
+    /// connection (its peer address); echo each until EOF. Exit when stdin reaches EOF.
+    Serve {
+        #[arg(long)]
+        addr: SocketAddr,
     },
     /// Connect, send one byte, read: report how (and how fast) the connection failed.
     ConnectFail {
@@ -106,7 +116,12 @@ fn main() -> ExitCode {
             size,
             rounds,
             count,
-        } => pingpong(addr, size, rounds, count),
+            seconds,
+        } => match seconds {
+            None => pingpong(addr, size, rounds, count),
+            Some(s) => pingpong_for(addr, size, count, Duration::from_secs_f64(s)),
+        },
+        Command::Serve { addr } => serve(addr),
         Command::ConnectFail { addr } => connect_fail(addr),
     }
 }
@@ -271,7 +286,87 @@ fn pingpong(addr: SocketAddr, size: usize, rounds: usize, count: usize) -> ExitC
     ExitCode::SUCCESS
 }
 
+/// `count` parallel connections, each exchanging until `duration` has passed.
+fn pingpong_for(addr: SocketAddr, size: usize, count: usize, duration: Duration) -> ExitCode {
+    let deadline = Instant::now() + duration;
+    let handles: Vec<_> = (0..count)
+        .map(|i| thread::spawn(move || pingpong_until(addr, size, i as u64, deadline)))
+        .collect();
+    let mut failed = 0;
+    for h in handles {
+        match h.join() {
+            Ok(line) => {
+                failed += usize::from(!line.ok);
+                emit(&line);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} of {count} streaming connections failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn pingpong_until(addr: SocketAddr, size: usize, seed: u64, deadline: Instant) -> EchoLine {
+    // Rounds are bounded by time; the cap only guards against a clock gone wrong.
+    pingpong_one_with(addr, size, 10_000_000, seed, Some(deadline))
+}
+
+/// Echo server for the far side of a tunnel (runs inside that side's sidecar).
+fn serve(addr: SocketAddr) -> ExitCode {
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_line(READY);
+    // Stdin EOF (the test releasing us) ends the process.
+    thread::spawn(|| {
+        let _ = io::copy(&mut io::stdin(), &mut io::sink());
+        std::process::exit(0);
+    });
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let peer = stream.peer_addr().ok();
+        print_line(&serde_json::json!({ "peer": peer }).to_string());
+        thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match (&stream).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if (&stream).write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if e.kind() == ErrorKind::WouldBlock
+                            || e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+        });
+    }
+    ExitCode::SUCCESS
+}
+
 fn pingpong_one(addr: SocketAddr, size: usize, rounds: usize, seed: u64) -> EchoLine {
+    pingpong_one_with(addr, size, rounds, seed, None)
+}
+
+fn pingpong_one_with(
+    addr: SocketAddr,
+    size: usize,
+    rounds: usize,
+    seed: u64,
+    deadline: Option<Instant>,
+) -> EchoLine {
     let spurious = AtomicU64::new(0);
     let mut line = EchoLine {
         local: None,
@@ -289,6 +384,9 @@ fn pingpong_one(addr: SocketAddr, size: usize, rounds: usize, seed: u64) -> Echo
         let request = pattern(seed, size);
         let mut reply = vec![0u8; size];
         for _ in 0..rounds {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
             write_all(&stream, &request, &spurious)?;
             line.sent += size as u64;
             read_exact(&stream, &mut reply, &spurious)?;

@@ -1,0 +1,109 @@
+//! Two "pods" for tests that cross a network: network namespaces joined by a veth pair, with
+//! addresses only inside them and no route out of the machine. Removed on drop, also when
+//! the test fails.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use crate::host::output_with_timeout;
+
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `a` at 10.203.N.1, `b` at 10.203.N.2, /30 on the veth pair; loopback up in both.
+pub struct PodPair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub struct Netns {
+    pub name: String,
+    pub addr: IpAddr,
+}
+
+impl Netns {
+    /// `nsenter` arguments that run a command in this namespace (network only: the mount
+    /// namespace, hence cgroupfs and bpffs, stays the host's).
+    pub fn enter(&self) -> Vec<String> {
+        vec!["nsenter".into(), format!("--net={}", self.path().display())]
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs a command in the namespace and returns its output (bounded).
+    pub fn run(&self, argv: &[&str]) -> std::process::Output {
+        let enter = self.enter();
+        output_with_timeout(
+            Command::new(&enter[0]).args(&enter[1..]).args(argv),
+            IP_TIMEOUT,
+        )
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = output_with_timeout(Command::new("ip").args(args), IP_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PodPair {
+    /// `tag` (0–255) keeps concurrent pairs apart in names and addresses.
+    pub fn create(tag: u8) -> Self {
+        let id = std::process::id() % 100_000;
+        let (na, nb) = (format!("sct-a{tag}-{id}"), format!("sct-b{tag}-{id}"));
+        let (va, vb) = (
+            format!("sctA{tag}x{}", id % 1000),
+            format!("sctB{tag}x{}", id % 1000),
+        );
+        let pair = Self {
+            a: Netns {
+                name: na.clone(),
+                addr: IpAddr::V4(Ipv4Addr::new(10, 203, tag, 1)),
+            },
+            b: Netns {
+                name: nb.clone(),
+                addr: IpAddr::V4(Ipv4Addr::new(10, 203, tag, 2)),
+            },
+        };
+        // From here on, Drop removes whatever was created.
+        ip(&["netns", "add", &na]);
+        ip(&["netns", "add", &nb]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &na]);
+        ip(&["link", "set", &vb, "netns", &nb]);
+        for (ns, dev, addr) in [(&na, &va, &pair.a.addr), (&nb, &vb, &pair.b.addr)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// Name of the veth end inside `a` (for captures).
+    pub fn veth_a(&self) -> String {
+        let id = std::process::id() % 100_000;
+        let tag = match self.a.addr {
+            IpAddr::V4(v4) => v4.octets()[2],
+            IpAddr::V6(_) => 0,
+        };
+        format!("sctA{tag}x{}", id % 1000)
+    }
+}
+
+impl Drop for PodPair {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end inside it, and with it the pair.
+        for ns in [&self.a.name, &self.b.name] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

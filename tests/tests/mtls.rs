@@ -1,0 +1,586 @@
+//! mTLS between two sidecars, each in its own network namespace ("pod"), joined by a veth
+//! pair with no route out of the machine. Real sockets, real handshakes, real kernel.
+//!
+//! Pod A runs the client app under a sidecar with `--mesh-cidrs` covering pod B; pod B runs
+//! an echo server under a sidecar that accepts tunnels on port 15008.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sidecar_tests::{
+    assert_no_leftovers,
+    host::{self, output_with_timeout},
+    netns::PodPair,
+    protocol::{EchoLine, pattern},
+    report::Report,
+    run::{Finished, SidecarRun},
+    serial, sidecar_bin, skip,
+};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const APP_PORT: u16 = 8080;
+const TD: &str = "example.org";
+const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
+
+/// Certificates for one test, minted with `sidecar cert`, in a directory removed on drop.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sidecar-mtls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the certificate directory");
+        let certs = Self { dir };
+        certs.sidecar(&[
+            "cert",
+            "ca",
+            "--dir",
+            &certs.path("ca"),
+            "--trust-domain",
+            TD,
+        ]);
+        certs
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn sidecar(&self, args: &[&str]) {
+        let out = output_with_timeout(
+            Command::new(sidecar_bin()).args(args),
+            Duration::from_secs(20),
+        );
+        assert!(
+            out.status.success(),
+            "sidecar {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Issues `id` from the CA in `ca` into directory `out`.
+    fn issue(&self, ca: &str, id: &str, out: &str, extra: &[&str]) -> String {
+        let ca_path = self.path(ca);
+        let mut args = vec!["cert", "issue", "--ca-dir", &ca_path, "--spiffe-id", id];
+        let out_path = self.path(out);
+        args.extend(["--out", &out_path]);
+        args.extend(extra);
+        self.sidecar(&args);
+        out_path
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn require(tool: &str) -> bool {
+    host::which(tool).is_some() || skip(&format!("{tool} is not installed (.ci/run installs it)"))
+}
+
+/// Pod B's sidecar and echo server. `wait_ready` returns once the server listens.
+fn start_server(pods: &PodPair, tls_dir: &str, port: u16) -> SidecarRun {
+    let mut run = SidecarRun::builder(port)
+        .wrapped_in(pods.b.enter())
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .arg("--preamble-timeout-ms")
+        .arg("1000")
+        .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+        .start();
+    run.wait_ready(READY_TIMEOUT);
+    run
+}
+
+/// Runs `argv` (a test-client command) in pod A under a sidecar meshing pod B.
+fn client_run(pods: &PodPair, tls_dir: &str, port: u16, argv: Vec<String>) -> SidecarRun {
+    SidecarRun::builder(port)
+        .wrapped_in(pods.a.enter())
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .arg("--no-inbound")
+        .arg("--mesh-cidrs")
+        .arg(format!("{}/32", pods.b.addr))
+        .command(argv)
+        .start()
+}
+
+fn echo_args(pods: &PodPair, size: usize, count: usize) -> Vec<String> {
+    vec![
+        CLIENT.into(),
+        "echo".into(),
+        format!("--addr={}:{APP_PORT}", pods.b.addr),
+        format!("--size={size}"),
+        format!("--count={count}"),
+    ]
+}
+
+/// Stops pod B's server (stdin EOF ends the echo server) and returns the finished run.
+fn stop(mut run: SidecarRun) -> Finished {
+    run.release();
+    run.finish(RUN_TIMEOUT)
+}
+
+fn assert_all_tunnelled(report: &Report, direction: &str, peer: &str, count: usize) {
+    let conns: Vec<_> = report
+        .connections
+        .iter()
+        .filter(|c| c.direction == direction)
+        .collect();
+    assert_eq!(
+        conns.len(),
+        count,
+        "{direction} connections: {:#?}",
+        report.connections
+    );
+    for c in conns {
+        assert!(c.mtls, "{direction} connection not mTLS: {c:?}");
+        assert_eq!(
+            c.peer_identity.as_deref(),
+            Some(peer),
+            "verified peer identity: {c:?}"
+        );
+        assert_eq!(c.outcome, "ok", "{c:?}");
+    }
+}
+
+#[test]
+fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
+    if !sidecar_tests::privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Certs::new("roundtrip");
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = PodPair::create(11);
+    let server = start_server(&pods, &server_tls, 18101);
+
+    let mut small = client_run(&pods, &client_tls, 18102, echo_args(&pods, 64, 5));
+    let small = small.finish(RUN_TIMEOUT);
+    small.assert_exit_code(0);
+    let lines: Vec<EchoLine> = small.parse_stdout();
+    assert!(
+        lines.len() == 5 && lines.iter().all(|l| l.ok),
+        "small echoes: {lines:#?}"
+    );
+    assert_all_tunnelled(small.report(), "outbound", SERVER_ID, 5);
+
+    let mut large = client_run(&pods, &client_tls, 18103, echo_args(&pods, 8 << 20, 1));
+    let large = large.finish(RUN_TIMEOUT);
+    large.assert_exit_code(0);
+    let lines: Vec<EchoLine> = large.parse_stdout();
+    assert!(
+        lines.len() == 1 && lines[0].ok && lines[0].received == 8 << 20,
+        "8 MiB echo: {lines:#?}"
+    );
+    assert_all_tunnelled(large.report(), "outbound", SERVER_ID, 1);
+
+    let server_pid = server.pid();
+    let done = stop(server);
+    done.assert_exit_code(0);
+    let report = done.report();
+    assert_all_tunnelled(report, "inbound", CLIENT_ID, 6);
+    // The server app's peers are its own sidecar's loopback sockets, never pod A.
+    let app_peers: Vec<String> = done
+        .stdout
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["peer"].as_str().map(String::from))
+        .collect();
+    let sidecar_sockets: Vec<String> = report
+        .connections
+        .iter()
+        .filter_map(|c| c.upstream_local.map(|a| a.to_string()))
+        .collect();
+    assert_eq!(app_peers.len(), 6, "server app saw: {app_peers:?}");
+    for peer in &app_peers {
+        assert!(
+            peer.starts_with("127.0.0.1:"),
+            "server app peer {peer} is not loopback"
+        );
+        assert!(
+            sidecar_sockets.contains(peer),
+            "{peer} is not one of the sidecar's sockets {sidecar_sockets:?}"
+        );
+    }
+    assert!(
+        report.connections.iter().all(|c| c.upstream_leg_spliced),
+        "local hop to the app spliced"
+    );
+    assert_no_leftovers(server_pid);
+    assert_no_leftovers(small.pid);
+    assert_no_leftovers(large.pid);
+}
+
+/// A capture on the veth between the pods: a plaintext control connection's payload is
+/// visible in it (so the capture works), a tunnelled connection's payload is not.
+#[test]
+fn tunnel_traffic_shows_no_plaintext_on_the_wire() {
+    if !sidecar_tests::privileged() || !require("nsenter") || !require("tcpdump") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Certs::new("capture");
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = PodPair::create(12);
+    let server = start_server(&pods, &server_tls, 18104);
+    let size = 64 * 1024;
+    // Echo connection 0 sends pattern(0, size); a 48-byte window of it identifies it.
+    let needle = pattern(0, size)[1000..1048].to_vec();
+
+    // Control: the same client straight from pod A to the app port, no sidecar.
+    let capture = Capture::start(&pods, &certs.dir.join("plain.pcap"));
+    let mut argv = echo_args(&pods, size, 1);
+    let enter = pods.a.enter();
+    let out = output_with_timeout(
+        Command::new(&enter[0]).args(&enter[1..]).args(&argv),
+        RUN_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "plaintext control: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = capture.finish();
+    assert!(
+        contains(&plain, &needle),
+        "the capture must see a plaintext payload ({} bytes)",
+        plain.len()
+    );
+
+    // Through the sidecars: mTLS on the wire.
+    let capture = Capture::start(&pods, &certs.dir.join("mtls.pcap"));
+    argv = echo_args(&pods, size, 1);
+    let mut run = client_run(&pods, &client_tls, 18105, argv);
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    assert_all_tunnelled(done.report(), "outbound", SERVER_ID, 1);
+    let tunnelled = capture.finish();
+    assert!(
+        tunnelled.len() > 2 * size,
+        "the tunnel's bytes were captured ({} bytes)",
+        tunnelled.len()
+    );
+    assert!(
+        !contains(&tunnelled, &needle),
+        "plaintext payload visible between the pods"
+    );
+    drop(stop(server));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// tcpdump on pod A's veth, writing a pcap; `finish` stops it and returns the file.
+struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(pods: &PodPair, file: &Path) -> Self {
+        let enter = pods.a.enter();
+        let mut child = Command::new(&enter[0])
+            .args(&enter[1..])
+            .args([
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                &pods.veth_a(),
+                "-s",
+                "0",
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpdump");
+        // tcpdump says "listening on" once the capture is armed.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("tcpdump did not start listening");
+        Self {
+            child,
+            file: file.into(),
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        host::signal(self.child.id(), libc::SIGINT);
+        host::wait_child(&mut self.child, Duration::from_secs(10)).expect("tcpdump did not stop");
+        std::fs::read(&self.file).expect("reading the capture")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a raw TLS client (openssl s_client, in pod A) sends to pod B's tunnel port.
+struct Attempt<'a> {
+    reason: &'static str,
+    cert: Option<&'a str>,
+    bytes: Vec<u8>,
+    /// Keep the connection open this long after sending (to trip the preamble deadline).
+    linger: Duration,
+}
+
+fn s_client(pods: &PodPair, attempt: &Attempt<'_>) {
+    use std::io::Write;
+    let enter = pods.a.enter();
+    let mut cmd = Command::new(&enter[0]);
+    cmd.args(&enter[1..]).args([
+        "openssl",
+        "s_client",
+        "-connect",
+        &format!("{}:15008", pods.b.addr),
+        "-tls1_3",
+        "-alpn",
+        "sidecar-tunnel/1",
+        "-quiet",
+        "-no_ign_eof",
+    ]);
+    if let Some(dir) = attempt.cert {
+        cmd.arg("-cert")
+            .arg(format!("{dir}/cert.pem"))
+            .arg("-key")
+            .arg(format!("{dir}/key.pem"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting openssl s_client");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let _ = stdin.write_all(&attempt.bytes);
+    std::thread::sleep(attempt.linger);
+    drop(stdin);
+    if host::wait_child(&mut child, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[test]
+fn inbound_refusals_are_counted_and_logged_by_reason() {
+    if !sidecar_tests::privileged() || !require("nsenter") || !require("openssl") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Certs::new("refusals");
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let good = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let other_td = certs.issue(
+        "ca",
+        "spiffe://other.org/ns/demo/sa/client",
+        "other-td",
+        &[],
+    );
+    let expired = certs.issue(
+        "ca",
+        CLIENT_ID,
+        "expired",
+        &["--hours=1", "--backdate-hours=48"],
+    );
+    certs.sidecar(&[
+        "cert",
+        "ca",
+        "--dir",
+        &certs.path("rogue-ca"),
+        "--trust-domain",
+        TD,
+    ]);
+    let untrusted = certs.issue("rogue-ca", CLIENT_ID, "untrusted", &[]);
+    let pods = PodPair::create(13);
+    let server = start_server(&pods, &server_tls, 18106);
+
+    let no_wait = Duration::from_millis(300);
+    let attempts = [
+        Attempt {
+            reason: "no_client_cert",
+            cert: None,
+            bytes: vec![],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "wrong_identity",
+            cert: Some(&other_td),
+            bytes: vec![],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "expired_certificate",
+            cert: Some(&expired),
+            bytes: vec![],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "untrusted_ca",
+            cert: Some(&untrusted),
+            bytes: vec![],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "preamble_malformed",
+            cert: Some(&good),
+            bytes: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "preamble_oversized",
+            cert: Some(&good),
+            bytes: vec![b'S', b'C', 1, 0, 0xff, 0xff],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "preamble_truncated",
+            cert: Some(&good),
+            bytes: vec![b'S', b'C', 1, 0, 0, 20, 1, 18, 0],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "preamble_timeout",
+            cert: Some(&good),
+            bytes: vec![],
+            linger: Duration::from_millis(2500),
+        },
+    ];
+    for attempt in &attempts {
+        s_client(&pods, attempt);
+    }
+    // Give the last refusals time to be recorded before stopping.
+    std::thread::sleep(Duration::from_millis(500));
+    let done = stop(server);
+    done.assert_exit_code(0);
+    let rejections = &done.report().inbound_rejections;
+    let stderr = done.stderr_text();
+    for attempt in &attempts {
+        assert_eq!(
+            rejections.get(attempt.reason).copied(),
+            Some(1),
+            "{} refusals counted: {rejections:?}\nstderr:\n{stderr}",
+            attempt.reason
+        );
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("inbound connection refused") && l.contains(attempt.reason)),
+            "no log line for {}:\n{stderr}",
+            attempt.reason
+        );
+    }
+    let total: u64 = rejections.values().sum();
+    assert_eq!(
+        total,
+        attempts.len() as u64,
+        "no other refusals: {rejections:?}"
+    );
+    assert!(
+        done.report()
+            .connections
+            .iter()
+            .all(|c| c.bytes_from_upstream == 0),
+        "nothing reached the app for a refused peer"
+    );
+}
+
+/// Streams run across a certificate rotation: a half-written (invalid) set is refused and the
+/// old one stays; a valid set is picked up by new handshakes; no stream breaks.
+#[test]
+fn certificates_rotate_without_dropping_streams() {
+    if !sidecar_tests::privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Certs::new("rotation");
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = PodPair::create(14);
+    let server = start_server(&pods, &server_tls, 18107);
+
+    let streams = 4;
+    let argv = vec![
+        CLIENT.into(),
+        "pingpong".into(),
+        format!("--addr={}:{APP_PORT}", pods.b.addr),
+        "--size=1024".into(),
+        format!("--count={streams}"),
+        "--seconds=5".into(),
+    ];
+    let mut long = client_run(&pods, &client_tls, 18108, argv);
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // A half-written certificate: refused, the old set stays in force.
+    let cert_path = PathBuf::from(&server_tls).join("cert.pem");
+    let original = std::fs::read(&cert_path).expect("reading the server certificate");
+    std::fs::write(&cert_path, &original[..original.len() / 2])
+        .expect("truncating the certificate");
+    std::thread::sleep(Duration::from_millis(1600));
+    let mut probe = client_run(&pods, &client_tls, 18109, echo_args(&pods, 64, 1));
+    let probe = probe.finish(RUN_TIMEOUT);
+    probe.assert_exit_code(0);
+    assert_all_tunnelled(probe.report(), "outbound", SERVER_ID, 1);
+
+    // A valid new set with a new identity: new handshakes present it.
+    let rotated_id = "spiffe://example.org/ns/demo/sa/server-v2";
+    certs.issue("ca", rotated_id, "server", &[]);
+    std::thread::sleep(Duration::from_millis(1600));
+    let mut after = client_run(&pods, &client_tls, 18110, echo_args(&pods, 64, 1));
+    let after = after.finish(RUN_TIMEOUT);
+    after.assert_exit_code(0);
+    assert_all_tunnelled(after.report(), "outbound", rotated_id, 1);
+
+    // The streams opened before the rotation ran to the end, byte-exact.
+    let long = long.finish(RUN_TIMEOUT);
+    long.assert_exit_code(0);
+    let lines: Vec<EchoLine> = long.parse_stdout();
+    assert_eq!(lines.len(), streams, "{lines:#?}");
+    for l in &lines {
+        assert!(
+            l.ok && l.received > 0 && l.received == l.sent,
+            "stream broke: {l:?}"
+        );
+    }
+    assert_all_tunnelled(long.report(), "outbound", SERVER_ID, streams);
+
+    let done = stop(server);
+    let stderr = done.stderr_text();
+    assert!(
+        stderr.contains("new certificates refused"),
+        "the invalid set was not reported:\n{stderr}"
+    );
+}
