@@ -3,6 +3,7 @@
 
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod toolchain;
 
 use std::process::Command;
@@ -25,6 +26,8 @@ enum Cmd {
     /// Build everything and run `sidecar run -- curl` against a page served on 127.0.0.1
     /// (needs root): shows interception and the exit summary with no setup.
     Demo,
+    /// Fuzz the parsers of network bytes for a bounded time (installs cargo-fuzz if missing).
+    Fuzz(fuzz::Options),
     /// Build the eBPF object, then run every test of the workspace (privileged ones included:
     /// run as root; with CI set they fail instead of skipping when they cannot run).
     Test {
@@ -38,9 +41,13 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
         Cmd::Demo => demo::demo(),
+        Cmd::Fuzz(opts) => fuzz::fuzz(&opts),
         Cmd::Test { args } => test(&args),
     }
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(args: &[String]) -> Result<()> {
     build_ebpf::build(&build_ebpf::Options::default())?;
@@ -50,7 +57,14 @@ fn test(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     // Default members only: the eBPF crate builds for bpfel-unknown-none, not the host.
     cmd.args(["test", "--locked", "--"]).args(args);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if args.is_empty() {
+        // A short, bounded fuzz run so the targets keep building and finding nothing new.
+        fuzz::fuzz(&fuzz::Options {
+            seconds: FUZZ_SECONDS_IN_TEST,
+        })?;
+    }
+    Ok(())
 }
 
 /// `cargo` on the caller's toolchain (the stable one for everything but the eBPF crate).
