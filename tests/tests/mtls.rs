@@ -584,3 +584,63 @@ fn certificates_rotate_without_dropping_streams() {
         "the invalid set was not reported:\n{stderr}"
     );
 }
+
+/// Permissive mode: a destination whose host runs a sidecar gets mTLS; one without falls
+/// back to plaintext, and the connection still works.
+#[test]
+fn permissive_mode_uses_mtls_where_a_sidecar_answers_and_plaintext_elsewhere() {
+    if !sidecar_tests::privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Certs::new("permissive");
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = PodPair::create(15);
+    let permissive = |port: u16| {
+        SidecarRun::builder(port)
+            .wrapped_in(pods.a.enter())
+            .arg("--tls-dir")
+            .arg(&client_tls)
+            .arg("--no-inbound")
+            .arg("--permissive")
+            .command(echo_args(&pods, 4096, 2))
+    };
+
+    // Pod B without a sidecar: nothing listens on the tunnel port.
+    let enter = pods.b.enter();
+    let mut bare = Command::new(&enter[0])
+        .args(&enter[1..])
+        .args([CLIENT, "serve", &format!("--addr=0.0.0.0:{APP_PORT}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the bare server");
+    {
+        use std::io::BufRead;
+        let stdout = bare.stdout.take().expect("piped stdout");
+        let mut first = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("reading READY");
+        assert_eq!(first.trim(), "READY");
+    }
+    let plain = permissive(18111).start().finish(RUN_TIMEOUT);
+    drop(bare.stdin.take());
+    let _ = host::wait_child(&mut bare, Duration::from_secs(5));
+    let _ = bare.kill();
+    plain.assert_exit_code(0);
+    let conns = &plain.report().connections;
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    assert!(
+        conns.iter().all(|c| !c.mtls && c.outcome == "ok"),
+        "plaintext fallback: {conns:#?}"
+    );
+
+    // Pod B with a sidecar: the same client settings now get mTLS.
+    let server = start_server(&pods, &server_tls, 18112);
+    let tunnelled = permissive(18113).start().finish(RUN_TIMEOUT);
+    tunnelled.assert_exit_code(0);
+    assert_all_tunnelled(tunnelled.report(), "outbound", SERVER_ID, 2);
+    drop(stop(server));
+}

@@ -28,7 +28,38 @@ pub struct Mesh {
     pub handshake_timeout: Duration,
     /// How long the inbound side waits for the preamble after the handshake.
     pub preamble_timeout: Duration,
-    cache: Mutex<HashMap<IpAddr, (bool, Instant)>>,
+    cache: VerdictCache,
+}
+
+/// Permissive-mode verdicts (does this address have a sidecar?), remembered for a while.
+pub struct VerdictCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<IpAddr, (bool, Instant)>>,
+}
+
+impl VerdictCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Option<bool> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(&ip)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(v, _)| *v)
+    }
+
+    pub fn put(&self, ip: IpAddr, has_sidecar: bool) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CACHE_CAP {
+            entries.clear();
+        }
+        entries.insert(ip, (has_sidecar, Instant::now()));
+    }
 }
 
 /// What to do with one outbound connection.
@@ -57,7 +88,7 @@ impl Mesh {
             permissive,
             handshake_timeout,
             preamble_timeout,
-            cache: Mutex::new(HashMap::new()),
+            cache: VerdictCache::new(CACHE_TTL),
         }
     }
 
@@ -68,20 +99,37 @@ impl Mesh {
         if !self.permissive {
             return Route::Plain;
         }
-        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(&dst.ip()) {
-            Some((true, at)) if at.elapsed() < CACHE_TTL => Route::Tunnel,
-            Some((false, at)) if at.elapsed() < CACHE_TTL => Route::Plain,
-            _ => Route::TryTunnel,
+        match self.cache.get(dst.ip()) {
+            Some(true) => Route::Tunnel,
+            Some(false) => Route::Plain,
+            None => Route::TryTunnel,
         }
     }
 
     /// Records whether a permissive-mode probe of `ip` found a sidecar.
     pub fn remember(&self, ip: IpAddr, has_sidecar: bool) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= CACHE_CAP {
-            cache.clear();
+        self.cache.put(ip, has_sidecar);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_expire_and_the_cache_stays_bounded() {
+        let cache = VerdictCache::new(Duration::from_millis(50));
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(cache.get(ip), None);
+        cache.put(ip, false);
+        assert_eq!(cache.get(ip), Some(false));
+        cache.put(ip, true);
+        assert_eq!(cache.get(ip), Some(true));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(cache.get(ip), None, "an expired verdict is probed again");
+        for i in 0..(CACHE_CAP as u32 + 10) {
+            cache.put(IpAddr::V4(i.into()), true);
         }
-        cache.insert(ip, (has_sidecar, Instant::now()));
+        assert!(cache.entries.lock().unwrap().len() <= CACHE_CAP);
     }
 }
