@@ -19,6 +19,9 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub actions: Vec<String>,
+    /// Live runs, left alone on purpose.
+    pub live: Vec<String>,
+    /// What could not be removed (the exit code is non-zero when this is not empty).
     pub skipped: Vec<String>,
 }
 

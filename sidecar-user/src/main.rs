@@ -270,8 +270,11 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             for a in &done.actions {
                 println!("{a}");
             }
+            for l in &done.live {
+                println!("{l}");
+            }
             for s in &done.skipped {
-                println!("skipped: {s}");
+                println!("could not clean up: {s}");
             }
             if done.actions.is_empty() && done.skipped.is_empty() {
                 println!("nothing to clean up");
