@@ -42,8 +42,8 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
             }
         };
         if run_is_alive(&state, &cg_root) {
-            done.skipped
-                .push(format!("run {} is still running: stop it first", state.pid));
+            done.live
+                .push(format!("run {} is still running: left alone", state.pid));
             continue;
         }
         clean_run(&state, &cg_root, &mut done);
