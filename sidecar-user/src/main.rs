@@ -4,12 +4,13 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use sidecar::{
+    admin::cli::{self as admin_cli, ConnsArgs, ObserveArgs, StatusArgs},
     cidr::Cidr,
     cleanup, probe,
     proxy::ProxySettings,
     run::{self, RunOptions},
+    telemetry::access_log::{self, AccessLogTarget},
 };
-use tracing_subscriber::EnvFilter;
 
 /// A transparent interception sidecar: eBPF steers a workload's outbound TCP connections to a
 /// local proxy (no iptables), and the sockmap fast path splices local hops in the kernel.
@@ -44,6 +45,10 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Is a running sidecar intercepting and accelerating? Asks its admin endpoint.
+    Status(StatusArgs),
+    /// The connections a running sidecar has open now (`--watch` refreshes like top).
+    Conns(ConnsArgs),
 }
 
 #[derive(clap::Args)]
@@ -82,19 +87,23 @@ struct RunArgs {
     /// Also write the summary as JSON to this file (every connection and eBPF counter).
     #[arg(long)]
     report: Option<PathBuf>,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SIDECAR_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let access = match &cli.command {
+        Command::Run(args) => args.observe.access_log.clone(),
+        _ => AccessLogTarget::Off,
+    };
+    if let Err(e) = access_log::init_logging(&access) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
@@ -138,7 +147,16 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             report: args.report,
             command: args.command,
+            observe: args.observe.into(),
         }),
+        Command::Status(args) => {
+            print!("{}", admin_cli::status(&args)?);
+            Ok(0)
+        }
+        Command::Conns(args) => {
+            admin_cli::conns(&args)?;
+            Ok(0)
+        }
         Command::Probe { bpffs } => {
             let checks = probe::probe(&bpffs);
             for c in &checks {

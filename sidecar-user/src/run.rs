@@ -35,12 +35,14 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    admin::{self, AdminState, config::ObserveOptions},
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     proxy::{Proxy, ProxySettings, record::Journal},
     redirect::ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
     report::Report,
     state::{RunState, StateFile},
+    telemetry::{InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget},
 };
 
 /// Everything `sidecar run` is told on the command line.
@@ -58,6 +60,7 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     pub report: Option<PathBuf>,
     pub command: Vec<OsString>,
+    pub observe: ObserveOptions,
 }
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
@@ -85,6 +88,23 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let _guard = rt.enter();
+
+    // Telemetry and the admin server come up before anything is attached, so `/readyz`
+    // answers "not ready" until interception and listeners really are in place.
+    let telemetry = Telemetry::new(TelemetrySettings {
+        access_log: opts.observe.access_log != AccessLogTarget::Off,
+        destination_labels: opts.observe.destination_labels,
+    });
+    let admin = admin::start_for_run(
+        opts.observe.admin,
+        AdminState {
+            telemetry: telemetry.clone(),
+            config: admin::config::effective(&opts),
+        },
+    )?;
+    if let Some(a) = &admin {
+        info!(addr = %a.addr(), "admin endpoints serving");
+    }
 
     let pid = std::process::id();
     let bpffs = Bpffs::ensure(&opts.bpffs)?;
@@ -171,12 +191,27 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     );
 
     let lookups = interception.lookups();
+    telemetry.attached(
+        InterceptionInfo {
+            mode: "ebpf".into(),
+            sockmap: opts.sockmap,
+            proxy_port: opts.proxy_port,
+            cgroup: run_cg.path().display().to_string(),
+        },
+        lookups.clone(),
+    );
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
-    let proxy = Proxy::new(opts.proxy, lookups.clone(), journal.clone());
+    let proxy = Proxy::with_telemetry(
+        opts.proxy,
+        lookups.clone(),
+        journal.clone(),
+        telemetry.clone(),
+    );
     for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
         let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
         rt.spawn(proxy.clone().serve(listener));
     }
+    telemetry.listeners_serving();
 
     let status = rt.block_on(run_command(
         &program,
@@ -188,11 +223,13 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if leftovers > 0 {
         info!("stopped {leftovers} process(es) the command left in its cgroup");
     }
+    telemetry.draining();
     let cut = rt.block_on(proxy.drain(opts.drain_timeout));
     if cut > 0 {
         warn!("{cut} connection(s) were still open after the drain deadline and were closed");
     }
     let counters = lookups.counters();
+    telemetry.detaching();
     drop(lookups);
     for failure in interception.detach() {
         warn!("{failure}");
@@ -212,6 +249,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if let Some(path) = &opts.report {
         report.write(path)?;
     }
+    drop(admin);
     Ok(exit_code)
 }
 

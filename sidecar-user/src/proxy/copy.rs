@@ -19,6 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 const BUF_SIZE: usize = 16 * 1024;
 
+/// Told about every chunk as it is forwarded, so live views and byte counters move while a
+/// long connection is still open.
+pub trait Meter {
+    fn client_to_upstream(&self, n: u64);
+    fn upstream_to_client(&self, n: u64);
+}
+
 /// Bytes moved in each direction, and why the copy stopped.
 #[derive(Debug)]
 pub struct Copied {
@@ -40,6 +47,7 @@ pub async fn bidirectional(
     upstream: &mut TcpStream,
     idle: Duration,
     abort: &CancellationToken,
+    meter: &impl Meter,
 ) -> Copied {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
@@ -51,8 +59,10 @@ pub async fn bidirectional(
 
     let both = async {
         tokio::try_join!(
-            one_way(&mut cr, &mut uw, &up, &last, start),
-            one_way(&mut ur, &mut cw, &down, &last, start),
+            one_way(&mut cr, &mut uw, &up, &last, start, |n| meter
+                .client_to_upstream(n)),
+            one_way(&mut ur, &mut cw, &down, &last, start, |n| meter
+                .upstream_to_client(n)),
         )
     };
     let watchdog = async {
@@ -85,6 +95,7 @@ async fn one_way<R, W>(
     total: &AtomicU64,
     last: &AtomicU64,
     start: Instant,
+    meter: impl Fn(u64),
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -103,6 +114,7 @@ where
         }
         writer.write_all(&buf[..n]).await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
+        meter(n as u64);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }

@@ -25,7 +25,10 @@ use self::{
     copy::CopyEnd,
     record::{ConnRecord, Journal, Outcome},
 };
-use crate::redirect::Redirect;
+use crate::{
+    redirect::Redirect,
+    telemetry::{self, Telemetry, TelemetrySettings},
+};
 
 /// Timeouts of the data path.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +45,7 @@ pub struct Proxy {
     settings: ProxySettings,
     redirect: Arc<dyn Redirect>,
     journal: Arc<Journal>,
+    telemetry: Arc<Telemetry>,
     next_id: AtomicU64,
     stop_accepting: CancellationToken,
     abort: CancellationToken,
@@ -54,10 +58,26 @@ impl Proxy {
         redirect: Arc<dyn Redirect>,
         journal: Arc<Journal>,
     ) -> Arc<Self> {
+        Self::with_telemetry(
+            settings,
+            redirect,
+            journal,
+            Telemetry::new(TelemetrySettings::default()),
+        )
+    }
+
+    /// A proxy that reports to `telemetry` (metrics, access log, live table).
+    pub fn with_telemetry(
+        settings: ProxySettings,
+        redirect: Arc<dyn Redirect>,
+        journal: Arc<Journal>,
+        telemetry: Arc<Telemetry>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             redirect,
             journal,
+            telemetry,
             next_id: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -86,7 +106,9 @@ impl Proxy {
             let span = info_span!("conn", id, client = %peer);
             self.tasks.spawn(
                 async move {
-                    let record = this.handle(client, peer, id).await;
+                    let conn = this.telemetry.accept(id, peer);
+                    let record = this.handle(client, peer, id, &conn).await;
+                    this.telemetry.close(conn, &record);
                     debug!(
                         outcome = record.outcome.as_str(),
                         up = record.bytes_from_client,
@@ -101,21 +123,15 @@ impl Proxy {
     }
 
     /// The data path of one intercepted connection.
-    async fn handle(&self, mut client: TcpStream, peer: SocketAddr, id: u64) -> ConnRecord {
+    async fn handle(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        id: u64,
+        conn: &telemetry::Conn,
+    ) -> ConnRecord {
         let started = Instant::now();
-        let mut rec = ConnRecord {
-            id,
-            client: peer,
-            original_dst: None,
-            upstream_local: None,
-            bytes_from_client: 0,
-            bytes_from_upstream: 0,
-            duration_ms: 0,
-            app_leg_spliced: false,
-            upstream_leg_spliced: false,
-            outcome: Outcome::Ok,
-            error: None,
-        };
+        let mut rec = ConnRecord::new(id, peer);
         let finish = |mut rec: ConnRecord, outcome: Outcome, error: Option<String>| {
             rec.outcome = outcome;
             rec.error = error;
@@ -128,6 +144,7 @@ impl Proxy {
             Ok(a) => a,
             Err(e) => return finish(rec, Outcome::IoError, Some(e.to_string())),
         };
+        rec.proxy_local = Some(local);
         let dst = match self
             .redirect
             .original_destination(client.as_fd(), peer, local)
@@ -139,9 +156,11 @@ impl Proxy {
             }
         };
         rec.original_dst = Some(dst);
+        conn.destination(dst);
         rec.app_leg_spliced = self.redirect.is_spliced(local, peer);
 
         // Upstream: our own connect is exempt from redirection (the proxy's cgroup role).
+        let connecting = Instant::now();
         let mut upstream = match self.connect_upstream(dst).await {
             Ok(s) => s,
             Err(e) => {
@@ -151,6 +170,8 @@ impl Proxy {
                 return finish(rec, Outcome::UpstreamConnectFailed, Some(e.to_string()));
             }
         };
+        rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
+        conn.upstream_connected(connecting.elapsed());
         rec.upstream_local = upstream.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
             rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, dst);
@@ -164,8 +185,12 @@ impl Proxy {
             &mut upstream,
             self.settings.idle_timeout,
             &self.abort,
+            conn,
         )
         .await;
+        // The kernel's view of both legs, while the sockets are still open.
+        rec.tcp_app = telemetry::tcp_info::read(&client);
+        rec.tcp_upstream = telemetry::tcp_info::read(&upstream);
         rec.bytes_from_client = copied.from_client;
         rec.bytes_from_upstream = copied.from_upstream;
         match copied.end {

@@ -4,6 +4,47 @@ use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use serde::Serialize;
 
+use crate::telemetry::tcp_info::TcpStats;
+
+/// Which way a connection goes through the proxy. Only outbound exists today; the inbound
+/// listener comes with mTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// What protects the upstream leg. `Plain` until mTLS lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Plain,
+    Mtls,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Plain, Mode::Mtls];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Mtls => "mtls",
+        }
+    }
+}
+
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,6 +64,23 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Ok,
+        Outcome::NoOriginalDestination,
+        Outcome::UpstreamConnectFailed,
+        Outcome::IoError,
+        Outcome::IdleTimeout,
+        Outcome::Shutdown,
+    ];
+
+    /// Ended before any byte could be forwarded (the connection never carried data).
+    pub fn is_setup_failure(self) -> bool {
+        matches!(
+            self,
+            Self::NoOriginalDestination | Self::UpstreamConnectFailed
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -52,9 +110,49 @@ pub struct ConnRecord {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    pub direction: Direction,
+    pub mode: Mode,
+    /// The proxy's end of the app leg (the listener address the app was redirected to).
+    pub proxy_local: Option<SocketAddr>,
+    /// How long connecting to the original destination took, in microseconds.
+    pub upstream_connect_us: Option<u64>,
+    /// SPIFFE identities of the two ends; `None` until mTLS lands.
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// The policy rule that allowed or denied the connection; `None` until policy lands.
+    pub policy_rule: Option<String>,
+    /// The kernel's TCP view of each leg (TCP_INFO), read just before the sockets closed.
+    pub tcp_app: Option<TcpStats>,
+    pub tcp_upstream: Option<TcpStats>,
 }
 
 impl ConnRecord {
+    /// A connection just accepted from `client`: nothing known yet but who it is.
+    pub fn new(id: u64, client: SocketAddr) -> Self {
+        Self {
+            id,
+            client,
+            original_dst: None,
+            upstream_local: None,
+            bytes_from_client: 0,
+            bytes_from_upstream: 0,
+            duration_ms: 0,
+            app_leg_spliced: false,
+            upstream_leg_spliced: false,
+            outcome: Outcome::Ok,
+            error: None,
+            direction: Direction::Outbound,
+            mode: Mode::Plain,
+            proxy_local: None,
+            upstream_connect_us: None,
+            src_identity: None,
+            dst_identity: None,
+            policy_rule: None,
+            tcp_app: None,
+            tcp_upstream: None,
+        }
+    }
+
     pub fn duration(&self) -> Duration {
         Duration::from_millis(self.duration_ms)
     }
