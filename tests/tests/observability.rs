@@ -75,13 +75,26 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
     });
     let n = N as f64;
     let out = [("direction", "outbound")];
-    assert_eq!(m.get("sidecar_connections_opened_total", &outbound_plain()), n);
-    assert_eq!(m.get("sidecar_connections_closed_total", &out_reason("ok")), n);
-    assert_eq!(m.sum("sidecar_connections_closed_total"), n, "only ok closes");
+    assert_eq!(
+        m.get("sidecar_connections_opened_total", &outbound_plain()),
+        n
+    );
+    assert_eq!(
+        m.get("sidecar_connections_closed_total", &out_reason("ok")),
+        n
+    );
+    assert_eq!(
+        m.sum("sidecar_connections_closed_total"),
+        n,
+        "only ok closes"
+    );
     assert_eq!(m.sum("sidecar_connections_failed_total"), 0.0);
     assert_eq!(m.get("sidecar_connections_active", &out), 0.0);
     assert_eq!(m.get("sidecar_sent_bytes_total", &out), n * SEND as f64);
-    assert_eq!(m.get("sidecar_received_bytes_total", &out), n * REPLY as f64);
+    assert_eq!(
+        m.get("sidecar_received_bytes_total", &out),
+        n * REPLY as f64
+    );
     assert_eq!(server.received(), N * SEND, "the server saw every byte");
     for h in [
         "sidecar_connection_duration_seconds",
@@ -102,7 +115,11 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
         );
         assert_eq!(m.get("sidecar_tcp_retransmits_total", &[("leg", leg)]), 0.0);
     }
-    assert_eq!(m.sum("sidecar_policy_decisions_total"), 0.0, "no policy yet");
+    assert_eq!(
+        m.sum("sidecar_policy_decisions_total"),
+        0.0,
+        "no policy yet"
+    );
     assert_eq!(m.get("sidecar_certificates_loaded", &[]), 0.0);
     assert_eq!(m.get("sidecar_ready", &[]), 1.0);
     assert_eq!(m.get("sidecar_interception_attached", &[]), 1.0);
@@ -176,7 +193,12 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
         assert_eq!(l["fast_path_app"], true);
         assert_eq!(l["fast_path_upstream"], true);
         assert!(l["src"].as_str().unwrap().starts_with("127.0.0.1:"));
-        assert!(l["upstream_src"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert!(
+            l["upstream_src"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
         assert!(l["start"].as_str().unwrap() <= l["end"].as_str().unwrap());
         assert!(l["duration_ms"].as_f64().unwrap() > 0.0);
         for leg in ["tcp_app", "tcp_upstream"] {
@@ -313,7 +335,10 @@ fn connections_lists_an_open_connection_and_drops_it_when_closed() {
         if list["count"] == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "still listed after close: {list}");
+        assert!(
+            Instant::now() < deadline,
+            "still listed after close: {list}"
+        );
         thread::sleep(Duration::from_millis(10));
     }
     let m = Metrics::scrape(admin);
@@ -808,8 +833,7 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn new(name: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("sidecar-obs-{}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("sidecar-obs-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         Self(path)
     }
