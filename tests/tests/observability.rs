@@ -848,3 +848,42 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// bad input
+// ---------------------------------------------------------------------------------------
+
+/// A busy admin address the user chose, or an access log that cannot be opened, stops the
+/// run with one clear line before anything is attached.
+#[test]
+fn bad_observability_options_fail_cleanly() {
+    if !privileged("bad_observability_options_fail_cleanly") {
+        return;
+    }
+    let _busy = TcpListener::bind("127.0.0.1:17060").unwrap();
+    for (args, expect) in [
+        (
+            vec!["--admin-addr", "127.0.0.1:17060"],
+            "admin address 127.0.0.1:17060 is already in use",
+        ),
+        (
+            vec!["--access-log", "/nonexistent-dir/access.log"],
+            "cannot open the access log /nonexistent-dir/access.log",
+        ),
+        (vec!["--admin-addr", "localhost"], "is not an admin address"),
+    ] {
+        let out = Command::new(sidecar_bin())
+            .args(["run", "--proxy-port", "17260"])
+            .args(&args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    }
+    // Nothing was left behind: the proxy port is free again.
+    TcpListener::bind("127.0.0.1:17260").expect("proxy port released");
+}

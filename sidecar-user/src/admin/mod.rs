@@ -147,7 +147,15 @@ pub fn start_for_run(
 ) -> Result<Option<AdminServer>, AdminError> {
     let addr = match listen {
         config::AdminListen::Off => return Ok(None),
-        config::AdminListen::Addr(a) => return AdminServer::start(a, state).map(Some),
+        config::AdminListen::Addr(a) => {
+            if !a.ip().is_loopback() {
+                tracing::warn!(
+                    "admin endpoints on {a} are reachable from other hosts and have no \
+                     authentication; /config and /connections describe this workload"
+                );
+            }
+            return AdminServer::start(a, state).map(Some);
+        }
         config::AdminListen::Default => DEFAULT_ADDR.parse().expect("static address"),
     };
     match AdminServer::start(addr, state) {

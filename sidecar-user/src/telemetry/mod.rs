@@ -312,7 +312,7 @@ impl Telemetry {
             m.tcp_retransmits
                 .with_label_values(&[leg])
                 .inc_by(u64::from(s.retransmits));
-            if let Some(rate) = s.delivery_rate_bps {
+            if let Some(rate) = s.delivery_rate_bytes_per_sec {
                 m.tcp_delivery_rate
                     .with_label_values(&[leg])
                     .observe(rate as f64);

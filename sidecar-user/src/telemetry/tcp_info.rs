@@ -21,7 +21,7 @@ pub struct TcpStats {
     pub retransmits: u32,
     /// Most recent delivery-rate estimate, bytes per second (Linux ≥ 4.9).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub delivery_rate_bps: Option<u64>,
+    pub delivery_rate_bytes_per_sec: Option<u64>,
 }
 
 /// `struct tcp_info` from `linux/tcp.h`, up to `tcpi_delivery_rate`.
@@ -97,7 +97,7 @@ pub fn read(socket: &impl AsRawFd) -> Option<TcpStats> {
         srtt_us: info.rtt,
         min_rtt_us: if has(min_rtt_end) { info.min_rtt } else { 0 },
         retransmits: info.total_retrans,
-        delivery_rate_bps: has(rate_end).then_some(info.delivery_rate),
+        delivery_rate_bytes_per_sec: has(rate_end).then_some(info.delivery_rate),
     })
 }
 
@@ -122,7 +122,7 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let stats = read(&client).expect("TCP_INFO on a TCP socket");
         assert_eq!(stats.retransmits, 0);
-        assert!(stats.delivery_rate_bps.is_some(), "kernel ≥ 4.9 reports it");
+        assert!(stats.delivery_rate_bytes_per_sec.is_some(), "kernel ≥ 4.9 reports it");
         let file = std::fs::File::open("/proc/self/status").unwrap();
         assert!(read(&file).is_none(), "not a socket");
     }
