@@ -170,8 +170,9 @@ impl Proxy {
                 return finish(rec, Outcome::UpstreamConnectFailed, Some(e.to_string()));
             }
         };
-        rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
-        conn.upstream_connected(connecting.elapsed());
+        let connect_time = connecting.elapsed();
+        rec.upstream_connect_us = Some(connect_time.as_micros() as u64);
+        conn.upstream_connected(connect_time);
         rec.upstream_local = upstream.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
             rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, dst);

@@ -122,7 +122,10 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let stats = read(&client).expect("TCP_INFO on a TCP socket");
         assert_eq!(stats.retransmits, 0);
-        assert!(stats.delivery_rate_bytes_per_sec.is_some(), "kernel ≥ 4.9 reports it");
+        assert!(
+            stats.delivery_rate_bytes_per_sec.is_some(),
+            "kernel ≥ 4.9 reports it"
+        );
         let file = std::fs::File::open("/proc/self/status").unwrap();
         assert!(read(&file).is_none(), "not a socket");
     }
