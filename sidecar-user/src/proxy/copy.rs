@@ -26,6 +26,12 @@ pub trait Meter {
     fn upstream_to_client(&self, n: u64);
 }
 
+/// No metering (for callers that only want the totals in [`Copied`]).
+impl Meter for () {
+    fn client_to_upstream(&self, _: u64) {}
+    fn upstream_to_client(&self, _: u64) {}
+}
+
 /// Bytes moved in each direction, and why the copy stopped.
 #[derive(Debug)]
 pub struct Copied {

@@ -221,6 +221,7 @@ pub fn init_logging(access: &AccessLogTarget) -> io::Result<()> {
         .add_directive(format!("{TARGET}=off").parse().expect("static directive"));
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_filter(filter);
     let access = AccessLogLayer::open(access)
         .map_err(|e| {
