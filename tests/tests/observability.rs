@@ -863,6 +863,82 @@ impl Drop for TempFile {
 }
 
 // ---------------------------------------------------------------------------------------
+// isolation
+// ---------------------------------------------------------------------------------------
+
+/// Admin load does not get in the data path's way: with admin clients that connect and never
+/// send a request and another scraping every endpoint in a loop, known traffic still
+/// completes, byte-exact, and a scrape is answered at once, not after the silent clients'
+/// head timeout (5 s).
+#[test]
+fn admin_load_does_not_block_the_data_path() {
+    if !privileged("admin_load_does_not_block_the_data_path") {
+        return;
+    }
+    const N: u64 = 300;
+    let _server = ReplyServer::start(17170, 2000);
+    let admin: SocketAddr = "127.0.0.1:17070".parse().unwrap();
+    let mut run = Sidecar::spawn(
+        &["--proxy-port", "17270", "--admin-addr", "127.0.0.1:17070"],
+        &["requests", "127.0.0.1:17170", &N.to_string(), "500", "2000"],
+    );
+    run.expect_line("ready");
+    // Stuck clients: connected, silent. The server drops each after its 5 s head timeout.
+    let stuck: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(admin).unwrap())
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let scraper = {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                for path in ["/metrics", "/connections", "/status"] {
+                    if let Ok((200, _)) = http_get(admin, path) {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    run.go();
+    run.expect_line_within("done", Duration::from_secs(60));
+    let took = started.elapsed();
+    let scrape = Instant::now();
+    let (status, _) = http_get(admin, "/metrics").unwrap();
+    let scrape = scrape.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        scrape < Duration::from_secs(2),
+        "a scrape waited {scrape:?} behind silent admin clients"
+    );
+    // Keep scraping a moment after the traffic, so a scrape stuck behind the silent clients
+    // gets its turn once they time out.
+    let m = Metrics::scrape_until(admin, |m| {
+        m.get("sidecar_connections_closed_total", &out_reason("ok")) == N as f64
+    });
+    stop.store(true, Ordering::SeqCst);
+    scraper.join().unwrap();
+    drop(stuck);
+    assert_eq!(
+        m.get("sidecar_sent_bytes_total", &[("direction", "outbound")]),
+        (N * 500) as f64
+    );
+    assert!(
+        answered.load(Ordering::SeqCst) > 0,
+        "the scraper got answers"
+    );
+    println!(
+        "{N} connections in {took:.2?} under admin load; {} admin answers; a scrape took \
+         {scrape:?} with 20 silent admin clients connected",
+        answered.load(Ordering::SeqCst)
+    );
+    run.finish();
+}
+
+// ---------------------------------------------------------------------------------------
 // bad input
 // ---------------------------------------------------------------------------------------
 

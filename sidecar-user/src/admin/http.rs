@@ -139,6 +139,21 @@ pub async fn serve_one(mut stream: TcpStream, handle: impl FnOnce(&Request) -> R
     .await;
 }
 
+/// Answers 503 without reading the request: the server is at its concurrency limit.
+pub async fn busy(mut stream: TcpStream) {
+    let body = "admin server busy; retry\n";
+    let out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(out.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
 /// `GET path` against an admin server, blocking, for the CLI: (status, body).
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
     let mut stream = StdStream::connect_timeout(&addr, timeout)?;

@@ -3,7 +3,8 @@
 //!
 //! It runs on its own thread with its own single-threaded tokio runtime, so a scrape — even
 //! a slow or abusive one — competes with the data path only for a CPU, never for the proxy
-//! runtime's workers or its task queue. Concurrent admin requests are capped.
+//! runtime's workers or its task queue. Concurrent admin requests are capped; excess ones
+//! are answered 503 at once.
 
 pub mod cli;
 pub mod config;
@@ -25,8 +26,10 @@ use crate::telemetry::Telemetry;
 
 /// Default admin address: localhost only.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:15000";
-/// Requests served at the same time; more wait for a slot.
-const MAX_CONCURRENT: usize = 16;
+/// Requests served at the same time (each holds at most an 8 KiB head); beyond that a
+/// connection is answered 503 at once rather than queued, so silent clients cannot make
+/// later scrapes wait for their head timeout.
+const MAX_CONCURRENT: usize = 64;
 /// Rows `/connections` returns at most.
 pub const MAX_CONNECTION_ROWS: usize = 10_000;
 
@@ -128,14 +131,18 @@ async fn serve(listener: StdListener, state: Arc<AdminState>, mut stop: oneshot:
             },
             _ = &mut stop => return,
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            http::serve_one(stream, |req| route(&state, req)).await;
-            drop(permit);
-        });
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    http::serve_one(stream, |req| route(&state, req)).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(http::busy(stream));
+            }
+        }
     }
 }
 
