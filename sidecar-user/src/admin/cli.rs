@@ -19,6 +19,9 @@ use super::{
 use crate::telemetry::access_log::{AccessLogTarget, rfc3339};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The most per-destination series `--metrics-destinations` may ask for: beyond this a
+/// Prometheus server pays more than the breakdown is worth; use the access log instead.
+const MAX_DESTINATION_SERIES: i64 = 10_000;
 
 /// Observability flags of `sidecar run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -33,8 +36,9 @@ pub struct ObserveArgs {
     pub access_log: AccessLogTarget,
     /// Give up to N distinct original destinations their own metric series (the rest share
     /// destination="other"). 0: no per-destination series.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub metrics_destinations: usize,
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=MAX_DESTINATION_SERIES))]
+    pub metrics_destinations: u16,
 }
 
 impl From<ObserveArgs> for ObserveOptions {
@@ -42,7 +46,7 @@ impl From<ObserveArgs> for ObserveOptions {
         Self {
             admin: a.admin_addr.unwrap_or_default(),
             access_log: a.access_log,
-            destination_labels: a.metrics_destinations,
+            destination_labels: usize::from(a.metrics_destinations),
         }
     }
 }
