@@ -975,4 +975,19 @@ fn bad_observability_options_fail_cleanly() {
     }
     // Nothing was left behind: the proxy port is free again.
     TcpListener::bind("127.0.0.1:17260").expect("proxy port released");
+    // Asking a sidecar that is not there says so, and how to point at the right one.
+    for cmd in ["status", "conns"] {
+        let out = Command::new(sidecar_bin())
+            .args([cmd, "--admin", "127.0.0.1:17061"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
+        assert!(
+            stderr.starts_with("error: no sidecar admin endpoint answers on 127.0.0.1:17061")
+                && stderr.contains("--admin")
+                && stderr.lines().count() == 1,
+            "{cmd}: {stderr}"
+        );
+    }
 }
