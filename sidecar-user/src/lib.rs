@@ -5,6 +5,7 @@
 //! connections to the [`proxy`], which recovers each original destination, connects upstream,
 //! copies bytes and records the outcome for the [`report`].
 
+pub mod admin;
 pub mod cidr;
 pub mod cleanup;
 pub mod host;
@@ -14,5 +15,6 @@ pub mod redirect;
 pub mod report;
 pub mod run;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

@@ -4,13 +4,14 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use sidecar::{
+    admin::cli::{self as admin_cli, ConnsArgs, ObserveArgs, StatusArgs},
     cidr::Cidr,
     cleanup, probe,
     proxy::ProxySettings,
     run::{self, MtlsOptions, RunOptions},
+    telemetry::access_log::{self, AccessLogTarget},
     tls::{TlsFiles, certs, identity::SpiffeId},
 };
-use tracing_subscriber::EnvFilter;
 
 /// A transparent interception sidecar: eBPF steers a workload's outbound TCP connections to a
 /// local proxy (no iptables), and the sockmap fast path splices local hops in the kernel.
@@ -32,7 +33,7 @@ enum Command {
     ///
     /// Example: sudo sidecar run -- curl http://127.0.0.1:8080/
     #[command(verbatim_doc_comment)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check that this kernel and host support eBPF interception; prints each check and a fix.
     Probe {
         /// bpffs mount point to check.
@@ -49,6 +50,10 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Is a running sidecar intercepting and accelerating? Asks its admin endpoint.
+    Status(StatusArgs),
+    /// The connections a running sidecar has open now (`--watch` refreshes like top).
+    Conns(ConnsArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,19 +147,23 @@ struct RunArgs {
     /// preamble, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     preamble_timeout_ms: u64,
+    #[command(flatten)]
+    observe: ObserveArgs,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SIDECAR_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let access = match &cli.command {
+        Command::Run(args) => args.observe.access_log.clone(),
+        _ => AccessLogTarget::Off,
+    };
+    if let Err(e) = access_log::init_logging(&access) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
@@ -183,35 +192,39 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Run(args) => run::run(RunOptions {
-            proxy_port: args.proxy_port,
-            exclude_ports: args.exclude_ports,
-            exclude_cidrs: args.exclude_cidrs,
-            cgroup: args.cgroup,
-            bpffs: args.bpffs,
-            sockmap: !args.no_sockmap,
-            bpf_log: args.bpf_log,
-            proxy: ProxySettings {
-                connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-                idle_timeout: Duration::from_secs(args.idle_timeout_secs),
-            },
-            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
-            report: args.report,
-            mtls: args.tls_dir.map(|dir| MtlsOptions {
-                files: TlsFiles {
-                    cert: dir.join(certs::CERT),
-                    key: dir.join(certs::KEY),
-                    bundle: dir.join(certs::BUNDLE),
+        Command::Run(args) => {
+            let args = *args;
+            run::run(RunOptions {
+                proxy_port: args.proxy_port,
+                exclude_ports: args.exclude_ports,
+                exclude_cidrs: args.exclude_cidrs,
+                cgroup: args.cgroup,
+                bpffs: args.bpffs,
+                sockmap: !args.no_sockmap,
+                bpf_log: args.bpf_log,
+                proxy: ProxySettings {
+                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                    idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                 },
-                inbound: (!args.no_inbound)
-                    .then(|| std::net::SocketAddr::new(args.inbound_addr, args.inbound_port)),
-                tunnel_port: args.inbound_port,
-                mesh_cidrs: args.mesh_cidrs,
-                permissive: args.permissive,
-                preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
-            }),
-            command: args.command,
-        }),
+                drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+                report: args.report,
+                mtls: args.tls_dir.map(|dir| MtlsOptions {
+                    files: TlsFiles {
+                        cert: dir.join(certs::CERT),
+                        key: dir.join(certs::KEY),
+                        bundle: dir.join(certs::BUNDLE),
+                    },
+                    inbound: (!args.no_inbound)
+                        .then(|| std::net::SocketAddr::new(args.inbound_addr, args.inbound_port)),
+                    tunnel_port: args.inbound_port,
+                    mesh_cidrs: args.mesh_cidrs,
+                    permissive: args.permissive,
+                    preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
+                }),
+                command: args.command,
+                observe: args.observe.into(),
+            })
+        }
         Command::Cert(CertCommand::Ca {
             dir,
             trust_domain,
@@ -241,6 +254,14 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 Duration::from_secs(backdate_hours * 3600),
             )?;
             println!("wrote {id} to {}", out.join(certs::CERT).display());
+            Ok(0)
+        }
+        Command::Status(args) => {
+            print!("{}", admin_cli::status(&args)?);
+            Ok(0)
+        }
+        Command::Conns(args) => {
+            admin_cli::conns(&args)?;
             Ok(0)
         }
         Command::Probe { bpffs } => {

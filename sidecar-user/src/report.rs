@@ -100,9 +100,9 @@ impl Report {
                 Direction::Outbound => "out",
                 Direction::Inbound => "in",
             };
-            let peer = match (&r.peer_identity, r.mtls) {
-                (Some(id), _) => format!("mTLS {id}"),
-                (None, _) => "plaintext".to_string(),
+            let peer = match r.peer_identity() {
+                Some(id) => format!("mTLS {id}"),
+                None => "plaintext".to_string(),
             };
             let _ = writeln!(
                 out,

@@ -35,6 +35,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    admin::{self, AdminState, config::ObserveOptions},
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     proxy::{
@@ -45,6 +46,7 @@ use crate::{
     redirect::ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
     report::Report,
     state::{RunState, StateFile},
+    telemetry::{InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget},
     tls::{self, TlsFiles, TlsState},
 };
 
@@ -65,6 +67,7 @@ pub struct RunOptions {
     /// mTLS between sidecars; `None` keeps every connection plaintext.
     pub mtls: Option<MtlsOptions>,
     pub command: Vec<OsString>,
+    pub observe: ObserveOptions,
 }
 
 /// `sidecar run`'s mTLS settings.
@@ -128,6 +131,23 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let _guard = rt.enter();
+
+    // Telemetry and the admin server come up before anything is attached, so `/readyz`
+    // answers "not ready" until interception and listeners really are in place.
+    let telemetry = Telemetry::new(TelemetrySettings {
+        access_log: opts.observe.access_log != AccessLogTarget::Off,
+        destination_labels: opts.observe.destination_labels,
+    });
+    let admin = admin::start_for_run(
+        opts.observe.admin,
+        AdminState {
+            telemetry: telemetry.clone(),
+            config: admin::config::effective(&opts),
+        },
+    )?;
+    if let Some(a) = &admin {
+        info!(addr = %a.addr(), "admin endpoints serving");
+    }
 
     let pid = std::process::id();
     let bpffs = Bpffs::ensure(&opts.bpffs)?;
@@ -214,11 +234,25 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     );
 
     let lookups = interception.lookups();
+    telemetry.attached(
+        InterceptionInfo {
+            mode: "ebpf".into(),
+            sockmap: opts.sockmap,
+            proxy_port: opts.proxy_port,
+            cgroup: run_cg.path().display().to_string(),
+        },
+        lookups.clone(),
+    );
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let mesh = match (&opts.mtls, tls) {
         (Some(m), Some(tls)) => {
             info!(identity = %tls.current().identity, inbound = ?m.inbound, "mTLS on");
-            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL);
+            let creds = tls.current();
+            telemetry.certificates(creds.not_after);
+            let watched = telemetry.clone();
+            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, move |c| {
+                watched.certificates(c.not_after)
+            });
             Some(Mesh::new(
                 tls,
                 m.mesh_cidrs.clone(),
@@ -230,7 +264,13 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
-    let proxy = Proxy::new(opts.proxy, lookups.clone(), mesh, journal.clone());
+    let proxy = Proxy::new(
+        opts.proxy,
+        lookups.clone(),
+        mesh,
+        journal.clone(),
+        telemetry.clone(),
+    );
     for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
         let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
         rt.spawn(proxy.clone().serve(listener, Direction::Outbound));
@@ -241,6 +281,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             TcpListener::from_std(listener).context("registering the inbound listener")?;
         rt.spawn(proxy.clone().serve(listener, Direction::Inbound));
     }
+    telemetry.listeners_serving();
 
     let status = rt.block_on(run_command(
         &program,
@@ -252,11 +293,13 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if leftovers > 0 {
         info!("stopped {leftovers} process(es) the command left in its cgroup");
     }
+    telemetry.draining();
     let cut = rt.block_on(proxy.drain(opts.drain_timeout));
     if cut > 0 {
         warn!("{cut} connection(s) were still open after the drain deadline and were closed");
     }
     let counters = lookups.counters();
+    telemetry.detaching();
     drop(lookups);
     for failure in interception.detach() {
         warn!("{failure}");
@@ -277,6 +320,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if let Some(path) = &opts.report {
         report.write(path)?;
     }
+    drop(admin);
     Ok(exit_code)
 }
 

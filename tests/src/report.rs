@@ -24,10 +24,13 @@ pub struct Connection {
     /// `outbound` or `inbound`.
     #[serde(default)]
     pub direction: String,
+    /// `plain` or `mtls`.
     #[serde(default)]
-    pub mtls: bool,
+    pub mode: String,
     #[serde(default)]
-    pub peer_identity: Option<String>,
+    pub src_identity: Option<String>,
+    #[serde(default)]
+    pub dst_identity: Option<String>,
     /// The application socket's address.
     pub client: SocketAddr,
     /// Where the application wanted to go. Optional because a connection whose original
@@ -77,6 +80,20 @@ pub fn counter_name(counter: Counter) -> &'static str {
         .find(|(c, _)| *c == counter)
         .map(|(_, n)| *n)
         .expect("Counter::ALL lists every counter")
+}
+
+impl Connection {
+    pub fn mtls(&self) -> bool {
+        self.mode == "mtls"
+    }
+
+    /// The verified identity of the sidecar at the other end of the tunnel.
+    pub fn peer_identity(&self) -> Option<&str> {
+        match self.direction.as_str() {
+            "inbound" => self.src_identity.as_deref(),
+            _ => self.dst_identity.as_deref(),
+        }
+    }
 }
 
 impl Report {

@@ -145,9 +145,9 @@ fn assert_all_tunnelled(report: &Report, direction: &str, peer: &str, count: usi
         report.connections
     );
     for c in conns {
-        assert!(c.mtls, "{direction} connection not mTLS: {c:?}");
+        assert!(c.mtls(), "{direction} connection not mTLS: {c:?}");
         assert_eq!(
-            c.peer_identity.as_deref(),
+            c.peer_identity(),
             Some(peer),
             "verified peer identity: {c:?}"
         );
@@ -167,7 +167,18 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
     let pods = PodPair::create(11);
     let server = start_server(&pods, &server_tls, 18101);
 
-    let mut small = client_run(&pods, &client_tls, 18102, echo_args(&pods, 64, 5));
+    let access_log = certs.dir.join("client-access.log");
+    let mut small = SidecarRun::builder(18102)
+        .wrapped_in(pods.a.enter())
+        .arg("--tls-dir")
+        .arg(&client_tls)
+        .arg("--no-inbound")
+        .arg("--mesh-cidrs")
+        .arg(format!("{}/32", pods.b.addr))
+        .arg("--access-log")
+        .arg(&access_log)
+        .command(echo_args(&pods, 64, 5))
+        .start();
     let small = small.finish(RUN_TIMEOUT);
     small.assert_exit_code(0);
     let lines: Vec<EchoLine> = small.parse_stdout();
@@ -176,6 +187,23 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
         "small echoes: {lines:#?}"
     );
     assert_all_tunnelled(small.report(), "outbound", SERVER_ID, 5);
+    // The access log carries the tunnel's mode and both verified identities.
+    let log = std::fs::read_to_string(&access_log).expect("reading the access log");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(records.len(), 5, "access log:\n{log}");
+    for r in &records {
+        assert_eq!(r["mode"], "mtls", "{r}");
+        assert_eq!(r["src_identity"], CLIENT_ID, "{r}");
+        assert_eq!(r["dst_identity"], SERVER_ID, "{r}");
+        assert_eq!(
+            (r["bytes_sent"].as_u64(), r["bytes_received"].as_u64()),
+            (Some(64), Some(64)),
+            "{r}"
+        );
+    }
 
     let mut large = client_run(&pods, &client_tls, 18103, echo_args(&pods, 8 << 20, 1));
     let large = large.finish(RUN_TIMEOUT);
@@ -633,7 +661,7 @@ fn permissive_mode_uses_mtls_where_a_sidecar_answers_and_plaintext_elsewhere() {
     let conns = &plain.report().connections;
     assert_eq!(conns.len(), 2, "{conns:#?}");
     assert!(
-        conns.iter().all(|c| !c.mtls && c.outcome == "ok"),
+        conns.iter().all(|c| !c.mtls() && c.outcome == "ok"),
         "plaintext fallback: {conns:#?}"
     );
 

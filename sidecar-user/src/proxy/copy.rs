@@ -18,6 +18,19 @@ use tokio_util::sync::CancellationToken;
 
 const BUF_SIZE: usize = 16 * 1024;
 
+/// Told about every chunk as it is forwarded, so live views and byte counters move while a
+/// long connection is still open.
+pub trait Meter {
+    fn client_to_upstream(&self, n: u64);
+    fn upstream_to_client(&self, n: u64);
+}
+
+/// No metering (for callers that only want the totals in [`Copied`]).
+impl Meter for () {
+    fn client_to_upstream(&self, _: u64) {}
+    fn upstream_to_client(&self, _: u64) {}
+}
+
 /// Bytes moved in each direction, and why the copy stopped.
 #[derive(Debug)]
 pub struct Copied {
@@ -41,6 +54,7 @@ pub async fn bidirectional<CR, CW, UR, UW>(
     upstream: (UR, UW),
     idle: Duration,
     abort: &CancellationToken,
+    meter: &impl Meter,
 ) -> Copied
 where
     CR: AsyncRead + Unpin,
@@ -58,8 +72,10 @@ where
 
     let both = async {
         tokio::try_join!(
-            one_way(&mut cr, &mut uw, &up, &last, start),
-            one_way(&mut ur, &mut cw, &down, &last, start),
+            one_way(&mut cr, &mut uw, &up, &last, start, |n| meter
+                .client_to_upstream(n)),
+            one_way(&mut ur, &mut cw, &down, &last, start, |n| meter
+                .upstream_to_client(n)),
         )
     };
     let watchdog = async {
@@ -92,6 +108,7 @@ async fn one_way<R, W>(
     total: &AtomicU64,
     last: &AtomicU64,
     start: Instant,
+    meter: impl Fn(u64),
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -110,6 +127,7 @@ where
         }
         writer.write_all(&buf[..n]).await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
+        meter(n as u64);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }

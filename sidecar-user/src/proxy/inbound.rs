@@ -4,7 +4,11 @@
 //! The preamble only chooses the local *port*: the connection always goes to loopback, so a
 //! peer can never use this sidecar to reach another host (no open relay).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    time::Instant,
+};
 
 use rustls::CertificateError;
 use tokio::net::TcpStream;
@@ -13,15 +17,16 @@ use tracing::{info, warn};
 
 use super::{
     Proxy, copy, fail, finish_copy,
-    record::{ConnRecord, Outcome},
+    record::{ConnRecord, Mode, Outcome},
 };
 use crate::{
+    telemetry::{Conn, tcp_info},
     tls::{ALPN, identity::SpiffeId},
     tunnel::preamble,
 };
 
 impl Proxy {
-    pub(super) async fn inbound(&self, tcp: TcpStream, rec: &mut ConnRecord) {
+    pub(super) async fn inbound(&self, tcp: TcpStream, rec: &mut ConnRecord, conn: &Conn) {
         let Some(mesh) = &self.mesh else {
             return fail(
                 rec,
@@ -32,7 +37,9 @@ impl Proxy {
         let _ = tcp.set_nodelay(true);
 
         // mTLS handshake: the peer's chain, validity, key usage and trust domain.
-        let acceptor = TlsAcceptor::from(mesh.tls.current().server.clone());
+        let credentials = mesh.tls.current();
+        let acceptor = TlsAcceptor::from(credentials.server.clone());
+        let handshaking = Instant::now();
         let mut tls = match tokio::time::timeout(mesh.handshake_timeout, acceptor.accept(tcp)).await
         {
             Ok(Ok(tls)) => tls,
@@ -45,11 +52,11 @@ impl Proxy {
                 );
             }
         };
-        let (_, conn) = tls.get_ref();
-        if conn.alpn_protocol() != Some(ALPN) {
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN) {
             return self.reject(rec, "alpn", "peer did not negotiate the tunnel ALPN");
         }
-        let peer = match conn
+        let peer = match session
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| SpiffeId::from_certificate(c))
@@ -57,8 +64,14 @@ impl Proxy {
             Some(Ok(id)) => id,
             _ => return self.reject(rec, "wrong_identity", "peer certificate has no SPIFFE ID"),
         };
-        rec.mtls = true;
-        rec.peer_identity = Some(peer.to_string());
+        rec.mode = Mode::Mtls;
+        rec.src_identity = Some(peer.to_string());
+        rec.dst_identity = Some(credentials.identity.to_string());
+        conn.tls_established(
+            handshaking.elapsed(),
+            rec.src_identity.clone(),
+            rec.dst_identity.clone(),
+        );
 
         // (Policy on the verified identity goes here.)
 
@@ -68,6 +81,7 @@ impl Proxy {
             Err(e) => return self.reject(rec, e.reason(), e),
         };
         rec.original_dst = Some(dst);
+        conn.destination(dst);
 
         // The local app, always on loopback.
         let local_app = SocketAddr::new(
@@ -77,6 +91,7 @@ impl Proxy {
             },
             dst.port(),
         );
+        let connecting = Instant::now();
         let mut app = match self.connect(local_app).await {
             Ok(s) => s,
             Err(e) => {
@@ -84,6 +99,8 @@ impl Proxy {
                 return fail(rec, Outcome::UpstreamConnectFailed, e);
             }
         };
+        rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
+        conn.upstream_connected(connecting.elapsed());
         rec.upstream_local = app.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
             rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, local_app);
@@ -91,13 +108,19 @@ impl Proxy {
         let _ = app.set_nodelay(true);
         info!(peer = %peer, %dst, "inbound tunnel accepted");
 
+        // A second handle on the tunnel's socket, to read TCP_INFO after the copy has
+        // consumed the stream.
+        let tunnel_socket = tls.get_ref().0.as_fd().try_clone_to_owned().ok();
         let copied = copy::bidirectional(
             tokio::io::split(tls),
             app.split(),
             self.settings.idle_timeout,
             &self.abort,
+            conn,
         )
         .await;
+        rec.tcp_app = tunnel_socket.as_ref().and_then(tcp_info::read);
+        rec.tcp_upstream = tcp_info::read(&app);
         finish_copy(rec, copied);
     }
 

@@ -31,7 +31,7 @@ use self::{
     mesh::Mesh,
     record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
-use crate::redirect::Redirect;
+use crate::{redirect::Redirect, telemetry::Telemetry};
 
 /// Timeouts of the data path.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +49,7 @@ pub struct Proxy {
     redirect: Arc<dyn Redirect>,
     mesh: Option<Mesh>,
     journal: Arc<Journal>,
+    telemetry: Arc<Telemetry>,
     rejections: Rejections,
     next_id: AtomicU64,
     stop_accepting: CancellationToken,
@@ -62,12 +63,14 @@ impl Proxy {
         redirect: Arc<dyn Redirect>,
         mesh: Option<Mesh>,
         journal: Arc<Journal>,
+        telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             redirect,
             mesh,
             journal,
+            telemetry,
             rejections: Rejections::default(),
             next_id: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
@@ -103,12 +106,14 @@ impl Proxy {
             self.tasks.spawn(
                 async move {
                     let started = Instant::now();
+                    let conn = this.telemetry.accept(id, direction, peer);
                     let mut record = ConnRecord::new(id, direction, peer);
                     match direction {
-                        Direction::Outbound => this.outbound(client, &mut record).await,
-                        Direction::Inbound => this.inbound(client, &mut record).await,
+                        Direction::Outbound => this.outbound(client, &mut record, &conn).await,
+                        Direction::Inbound => this.inbound(client, &mut record, &conn).await,
                     }
                     record.duration_ms = started.elapsed().as_millis() as u64;
+                    this.telemetry.close(conn, &record);
                     debug!(
                         outcome = record.outcome.as_str(),
                         up = record.bytes_from_client,

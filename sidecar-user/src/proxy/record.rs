@@ -4,6 +4,48 @@ use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use serde::Serialize;
 
+use crate::telemetry::tcp_info::TcpStats;
+
+/// Which way a connection crosses the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the local app, intercepted by the kernel.
+    Outbound,
+    /// From a peer sidecar, through the mTLS tunnel.
+    Inbound,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// What protects the sidecar-to-sidecar leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Plain,
+    Mtls,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Plain, Mode::Mtls];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Mtls => "mtls",
+        }
+    }
+}
+
 /// How a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,6 +69,28 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::NoOriginalDestination,
+        Outcome::UpstreamConnectFailed,
+        Outcome::TunnelFailed,
+        Outcome::IoError,
+        Outcome::IdleTimeout,
+        Outcome::Shutdown,
+        Outcome::Refused,
+    ];
+
+    /// Ended before any byte could be forwarded (the connection never carried data).
+    pub fn is_setup_failure(self) -> bool {
+        matches!(
+            self,
+            Self::NoOriginalDestination
+                | Self::UpstreamConnectFailed
+                | Self::TunnelFailed
+                | Self::Refused
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -41,27 +105,10 @@ impl Outcome {
     }
 }
 
-/// Which way a connection crosses the sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// From the local app, intercepted by the kernel.
-    Outbound,
-    /// From a peer sidecar, through the mTLS tunnel.
-    Inbound,
-}
-
 /// One proxied connection.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnRecord {
     pub id: u64,
-    pub direction: Direction,
-    /// Whether the sidecar-to-sidecar leg was mTLS.
-    pub mtls: bool,
-    /// The verified SPIFFE ID of the peer sidecar (the server's for outbound, the client's
-    /// for inbound).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_identity: Option<String>,
     pub client: SocketAddr,
     pub original_dst: Option<SocketAddr>,
     pub upstream_local: Option<SocketAddr>,
@@ -75,15 +122,28 @@ pub struct ConnRecord {
     pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    pub direction: Direction,
+    pub mode: Mode,
+    /// The proxy's end of the app leg (the listener address the app was redirected to).
+    pub proxy_local: Option<SocketAddr>,
+    /// How long connecting to the original destination took, in microseconds.
+    pub upstream_connect_us: Option<u64>,
+    /// SPIFFE identities of the two ends when the connection crossed an mTLS tunnel: for
+    /// outbound, ours and the verified server's; for inbound, the verified client's and ours.
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// The policy rule that allowed or denied the connection; `None` until policy lands.
+    pub policy_rule: Option<String>,
+    /// The kernel's TCP view of each leg (TCP_INFO), read just before the sockets closed.
+    pub tcp_app: Option<TcpStats>,
+    pub tcp_upstream: Option<TcpStats>,
 }
 
 impl ConnRecord {
+    /// A connection just accepted from `client`: nothing known yet but who and which way.
     pub fn new(id: u64, direction: Direction, client: SocketAddr) -> Self {
         Self {
             id,
-            direction,
-            mtls: false,
-            peer_identity: None,
             client,
             original_dst: None,
             upstream_local: None,
@@ -94,6 +154,23 @@ impl ConnRecord {
             upstream_leg_spliced: false,
             outcome: Outcome::Ok,
             error: None,
+            direction,
+            mode: Mode::Plain,
+            proxy_local: None,
+            upstream_connect_us: None,
+            src_identity: None,
+            dst_identity: None,
+            policy_rule: None,
+            tcp_app: None,
+            tcp_upstream: None,
+        }
+    }
+
+    /// The verified identity of the sidecar at the other end of the tunnel, if any.
+    pub fn peer_identity(&self) -> Option<&str> {
+        match self.direction {
+            Direction::Outbound => self.dst_identity.as_deref(),
+            Direction::Inbound => self.src_identity.as_deref(),
         }
     }
 

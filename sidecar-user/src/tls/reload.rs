@@ -24,8 +24,12 @@ fn fingerprint(state: &TlsState) -> u64 {
     h.finish()
 }
 
-/// Watches the files until the runtime shuts down.
-pub fn spawn_watcher(state: Arc<TlsState>, interval: Duration) -> tokio::task::JoinHandle<()> {
+/// Watches the files until the runtime shuts down; `on_rotate` hears of each new set.
+pub fn spawn_watcher(
+    state: Arc<TlsState>,
+    interval: Duration,
+    on_rotate: impl Fn(&Credentials) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = fingerprint(&state);
         loop {
@@ -38,6 +42,7 @@ pub fn spawn_watcher(state: Arc<TlsState>, interval: Duration) -> tokio::task::J
             match Credentials::load(state.files()) {
                 Ok(creds) => {
                     info!(identity = %creds.identity, "rotated to new certificates");
+                    on_rotate(&creds);
                     state.replace(creds);
                 }
                 Err(e) => warn!("new certificates refused, keeping the current ones: {e}"),

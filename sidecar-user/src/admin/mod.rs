@@ -1,0 +1,218 @@
+//! The admin server: `/metrics`, `/healthz`, `/readyz`, `/connections`, `/config`, `/status`
+//! on its own address (127.0.0.1:15000 by default: localhost only).
+//!
+//! It runs on its own thread with its own single-threaded tokio runtime, so a scrape — even
+//! a slow or abusive one — competes with the data path only for a CPU, never for the proxy
+//! runtime's workers or its task queue. Concurrent admin requests are capped; excess ones
+//! are answered 503 at once.
+
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod status;
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener as StdListener},
+    sync::Arc,
+    thread::JoinHandle,
+};
+
+use thiserror::Error;
+use tokio::sync::{Semaphore, oneshot};
+
+use self::http::{Request, Response};
+use crate::telemetry::Telemetry;
+
+/// Default admin address: localhost only.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:15000";
+/// Requests served at the same time (each holds at most an 8 KiB head); beyond that a
+/// connection is answered 503 at once rather than queued, so silent clients cannot make
+/// later scrapes wait for their head timeout.
+const MAX_CONCURRENT: usize = 64;
+/// Rows `/connections` returns at most.
+pub const MAX_CONNECTION_ROWS: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error(
+        "admin address {addr} is already in use: pick another with --admin-addr, or turn the \
+         admin server off with --admin-addr off"
+    )]
+    InUse { addr: SocketAddr },
+    #[error("cannot serve the admin endpoints on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot start the admin thread: {0}")]
+    Thread(io::Error),
+}
+
+/// What the endpoints read.
+pub struct AdminState {
+    pub telemetry: Arc<Telemetry>,
+    /// The effective configuration, already redacted.
+    pub config: serde_json::Value,
+}
+
+/// The running server; dropping it stops the thread.
+pub struct AdminServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds now (so a busy port is reported before anything else starts) and serves on a
+    /// dedicated thread.
+    pub fn start(addr: SocketAddr, state: AdminState) -> Result<Self, AdminError> {
+        let listener = StdListener::bind(addr).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                AdminError::InUse { addr }
+            } else {
+                AdminError::Bind { addr, source }
+            }
+        })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(AdminError::Thread)?;
+        let (stop, stopped) = oneshot::channel();
+        let state = Arc::new(state);
+        let thread = std::thread::Builder::new()
+            .name("sidecar-admin".into())
+            .spawn(move || rt.block_on(serve(listener, state, stopped)))
+            .map_err(AdminError::Thread)?;
+        Ok(Self {
+            addr: bound,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(listener: StdListener, state: Arc<AdminState>, mut stop: oneshot::Receiver<()>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("admin server: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!("admin accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    http::serve_one(stream, |req| route(&state, req)).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(http::busy(stream));
+            }
+        }
+    }
+}
+
+/// Starts the admin server the way `sidecar run` asks: the default address is skipped with a
+/// warning when busy (several runs on one host must not fail on it); a chosen one must work.
+pub fn start_for_run(
+    listen: config::AdminListen,
+    state: AdminState,
+) -> Result<Option<AdminServer>, AdminError> {
+    let addr = match listen {
+        config::AdminListen::Off => return Ok(None),
+        config::AdminListen::Addr(a) => {
+            if !a.ip().is_loopback() {
+                tracing::warn!(
+                    "admin endpoints on {a} are reachable from other hosts and have no \
+                     authentication; /config and /connections describe this workload"
+                );
+            }
+            return AdminServer::start(a, state).map(Some);
+        }
+        config::AdminListen::Default => DEFAULT_ADDR.parse().expect("static address"),
+    };
+    match AdminServer::start(addr, state) {
+        Ok(s) => Ok(Some(s)),
+        Err(AdminError::InUse { addr }) => {
+            tracing::warn!(
+                "admin address {addr} is busy (another sidecar?): running without admin                  endpoints; choose one with --admin-addr"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn route(state: &AdminState, req: &Request) -> Response {
+    let t = &state.telemetry;
+    match req.path.as_str() {
+        "/metrics" => Response::new(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            t.render_metrics(),
+        ),
+        "/healthz" => Response::text(200, "ok\n"),
+        "/readyz" => {
+            let checks = t.ready_checks();
+            let ready = checks.iter().all(|c| c.ok);
+            Response::json(
+                if ready { 200 } else { 503 },
+                &serde_json::json!({ "ready": ready, "checks": checks }),
+            )
+        }
+        "/connections" => {
+            let mut rows = t.live_connections();
+            let total = rows.len();
+            rows.truncate(MAX_CONNECTION_ROWS);
+            Response::json(
+                200,
+                &serde_json::json!({
+                    "count": total,
+                    "truncated": total > rows.len(),
+                    "connections": rows,
+                }),
+            )
+        }
+        "/config" => Response::json(200, &state.config),
+        "/status" => Response::json(200, &status::Status::collect(t)),
+        "/" => Response::text(
+            200,
+            "sidecar admin: /metrics /healthz /readyz /connections /config /status\n",
+        ),
+        _ => Response::text(404, "not found; try /\n"),
+    }
+}
