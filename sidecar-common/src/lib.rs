@@ -34,7 +34,8 @@ pub mod maps {
     /// `LruHashMap<SockKey, OrigDst>`: original destination by the app socket's 4-tuple;
     /// the proxy looks it up with (peer, local) of an accepted socket.
     pub const ORIG_DST: &str = "ORIG_DST";
-    /// `LruHashMap<SockKey, u32>`: sockets inserted into `SOCKETS` (both ends of a splice).
+    /// `LruHashMap<SockKey, u32>`: sockets inserted into `SOCKETS` (both ends of a splice),
+    /// valued by [`owner`](crate::owner).
     pub const SPLICED: &str = "SPLICED";
     /// `LruHashMap<SockKey, u32>`: sender sockets that missed their peer once and must stay
     /// on the TCP path from then on, so bytes can never be reordered.
@@ -67,6 +68,20 @@ pub mod role {
     pub const WORKLOAD: u32 = 1;
     /// The proxy itself: never redirected; its loopback upstream sockets get spliced.
     pub const PROXY: u32 = 2;
+}
+
+/// Values of [`maps::SPLICED`]: whose socket it is.
+///
+/// Only the proxy's own sockets *send* through the fast path. A redirect into the peer's
+/// receive queue has no backpressure, and when the receiver falls behind the kernel fails the
+/// sender's write with `ENOMEM`: the proxy retries that, an application would not. So the
+/// app's and a local server's writes take the TCP path (with TCP's flow control) and the
+/// proxy's writes are spliced into their receive queues.
+pub mod owner {
+    /// The proxy's socket (accepted from the app, or connected to a local upstream).
+    pub const PROXY: u32 = 1;
+    /// Someone else's: the app's, or a local upstream server's.
+    pub const FOREIGN: u32 = 2;
 }
 
 /// Bits of [`WorkloadConfig::flags`].
@@ -302,13 +317,15 @@ pub enum Counter {
     SkMsgMiss,
     /// Messages of sockets that had missed once and stay on the TCP path.
     SkMsgPassthru,
+    /// Messages sent by an application's (not the proxy's) spliced socket: TCP path.
+    SkMsgForeignSender,
     /// Splice bookkeeping entries removed when a socket closed.
     CloseCleanup,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 14] = [
+    pub const ALL: [(Counter, &'static str); 15] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -322,6 +339,7 @@ impl Counter {
         (Counter::SkMsgRedirectedBytes, "sk_msg_redirected_bytes"),
         (Counter::SkMsgMiss, "sk_msg_miss"),
         (Counter::SkMsgPassthru, "sk_msg_passthru"),
+        (Counter::SkMsgForeignSender, "sk_msg_foreign_sender"),
         (Counter::CloseCleanup, "close_cleanup"),
     ];
     /// Number of slots in [`maps::COUNTERS`].

@@ -1,4 +1,6 @@
-//! sk_msg on `SOCKETS`: deliver each message straight into the peer socket's receive queue.
+//! sk_msg on `SOCKETS`: deliver each message the proxy sends straight into the peer socket's
+//! receive queue. Messages sent by an application's socket pass to the TCP stack unchanged
+//! (see `sidecar_common::owner` for why).
 //!
 //! A message that finds no peer goes through the TCP stack, and its sender is put in
 //! `PASSTHRU` for the rest of its life: once any bytes took the slow path, later bytes must
@@ -9,11 +11,11 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use sidecar_common::Counter;
+use sidecar_common::{Counter, owner};
 
 use crate::{
     ctx::sk_msg_key,
-    maps::{PASSTHRU, SOCKETS, count},
+    maps::{PASSTHRU, SOCKETS, SPLICED, count},
 };
 
 #[sk_msg]
@@ -27,6 +29,11 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     let Some(key) = sk_msg_key(ctx.msg) else {
         return;
     };
+    // SAFETY: the value is copied out immediately.
+    if unsafe { SPLICED.get(&key) }.copied() != Some(owner::PROXY) {
+        count(Counter::SkMsgForeignSender, 1);
+        return;
+    }
     if PASSTHRU.get_ptr(&key).is_some() {
         count(Counter::SkMsgPassthru, 1);
         return;

@@ -17,7 +17,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use sidecar_common::{Counter, SockKey, is_loopback};
+use sidecar_common::{Counter, SockKey, is_loopback, owner};
 
 use crate::{
     ctx::sock_ops_key,
@@ -59,11 +59,11 @@ fn on_active_established(ctx: &SockOpsContext) -> Result<(), i64> {
         ORIG_DST.insert(&key, &dst, BPF_ANY as u64)?;
         count(Counter::OrigDstPublished, 1);
         watch_close(ctx);
-        splice(ctx, &key);
+        splice(ctx, &key, owner::FOREIGN);
     } else if PROXY_COOKIES.get_ptr(&cookie).is_some() {
         // The proxy's own connection to a loopback upstream.
         let _ = PROXY_COOKIES.remove(&cookie);
-        splice(ctx, &key);
+        splice(ctx, &key, owner::PROXY);
     }
     Ok(())
 }
@@ -72,15 +72,26 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(key) = sock_ops_key(ctx.ops) else {
         return Ok(());
     };
-    if is_loopback(&key.remote_ip) && SPLICED.get_ptr(&key.peer()).is_some() {
-        splice(ctx, &key);
+    if !is_loopback(&key.remote_ip) {
+        return Ok(());
+    }
+    // The accepting end of a connection whose connecting end we spliced: the proxy accepted
+    // from the app, or a local server accepted from the proxy. It is the other owner.
+    // SAFETY: the value is copied out immediately.
+    if let Some(peer_owner) = unsafe { SPLICED.get(&key.peer()) }.copied() {
+        let ours = if peer_owner == owner::FOREIGN {
+            owner::PROXY
+        } else {
+            owner::FOREIGN
+        };
+        splice(ctx, &key, ours);
     }
     Ok(())
 }
 
 /// Inserts the socket into the sockhash so `sk_msg` can reach it, and records it in `SPLICED`.
 #[inline(always)]
-fn splice(ctx: &SockOpsContext, key: &SockKey) {
+fn splice(ctx: &SockOpsContext, key: &SockKey, owner: u32) {
     if SOCKMAP_ENABLED.load() == 0 {
         return;
     }
@@ -92,7 +103,7 @@ fn splice(ctx: &SockOpsContext, key: &SockKey) {
         return;
     }
     count(Counter::SockhashInsert, 1);
-    let _ = SPLICED.insert(&key, &1, BPF_ANY as u64);
+    let _ = SPLICED.insert(&key, &owner, BPF_ANY as u64);
     watch_close(ctx);
 }
 

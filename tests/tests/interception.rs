@@ -487,6 +487,37 @@ fn sockmap_splices_both_legs() {
     assert_no_leftovers(pid);
 }
 
+/// Bulk load through the fast path: 16 streams of 4 MiB at once, each half-closing and
+/// reading its echo. An application's write must never fail (the sockmap redirect has no
+/// flow control, so only the proxy's own writes use it; see `sidecar_common::owner`), and
+/// every byte must come back.
+#[test]
+fn concurrent_bulk_streams_never_fail_an_application_write() {
+    if !sidecar_tests::privileged() {
+        return;
+    }
+    let _serial = serial();
+    let (size, count) = (4 << 20, 16);
+    let server = EchoServer::start_v4();
+    let mut run = SidecarRun::builder(15123)
+        .command(echo(server.addr(), size, count, count))
+        .start();
+    let done = run.finish(BULK_TIMEOUT);
+    done.assert_exit_code(0);
+    assert_echo_ok(&done, size, count);
+    let report = done.report();
+    assert!(
+        report.connections.iter().all(|c| c.outcome == "ok"),
+        "{:#?}",
+        report.connections
+    );
+    assert!(
+        report.counter(Counter::SkMsgRedirected) > 0,
+        "the proxy's writes were spliced"
+    );
+    assert_no_leftovers(done.pid);
+}
+
 /// Transparency for blocking applications, with the fast path on: request/response on a
 /// blocking socket (the usual RPC pattern) never sees `EAGAIN` before its timeout.
 ///

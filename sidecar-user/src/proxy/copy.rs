@@ -125,9 +125,38 @@ where
                 other => other,
             };
         }
-        writer.write_all(&buf[..n]).await?;
+        write_all_retrying(writer, &buf[..n]).await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
         meter(n as u64);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+}
+
+/// Longest pause between two tries of a write the kernel refused with `ENOMEM`.
+const ENOMEM_BACKOFF_MAX: Duration = Duration::from_millis(5);
+
+/// `write_all`, except that `ENOMEM` is waited out. A write the sockmap fast path redirects
+/// into the peer's receive queue fails with `ENOMEM` while that queue is full (the redirect has
+/// no TCP flow control); it succeeds once the peer has read. The idle timeout still bounds a
+/// peer that never reads.
+async fn write_all_retrying<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut buf: &[u8],
+) -> io::Result<()> {
+    let mut backoff = Duration::from_micros(50);
+    while !buf.is_empty() {
+        match writer.write(buf).await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                backoff = Duration::from_micros(50);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ENOMEM_BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
