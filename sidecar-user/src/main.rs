@@ -7,6 +7,7 @@ use sidecar::{
     cidr::Cidr,
     cleanup, probe,
     proxy::ProxySettings,
+    redirect::Mode,
     run::{self, RunOptions},
 };
 use tracing_subscriber::EnvFilter;
@@ -48,6 +49,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// How connections reach the proxy: ebpf (cgroup connect hooks + sockmap) or iptables
+    /// (nat REDIRECT in a chain of our own, SO_ORIGINAL_DST; the classic baseline).
+    #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
+    mode: ModeArg,
     /// Port of the proxy's outbound listener on 127.0.0.1 and [::1].
     #[arg(long, default_value_t = 15001)]
     proxy_port: u16,
@@ -87,6 +92,12 @@ struct RunArgs {
     command: Vec<OsString>,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Ebpf,
+    Iptables,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -124,6 +135,10 @@ fn one_line(e: &anyhow::Error) -> String {
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => run::run(RunOptions {
+            mode: match args.mode {
+                ModeArg::Ebpf => Mode::Ebpf,
+                ModeArg::Iptables => Mode::Iptables,
+            },
             proxy_port: args.proxy_port,
             exclude_ports: args.exclude_ports,
             exclude_cidrs: args.exclude_cidrs,
