@@ -439,7 +439,7 @@ impl Redirect for OriginalDst {
         &self,
         socket: BorrowedFd<'_>,
         client: SocketAddr,
-        _local: SocketAddr,
+        local: SocketAddr,
     ) -> Result<SocketAddr, OrigDstError> {
         let lookup = |e: io::Error| {
             if e.raw_os_error() == Some(libc::ENOENT) {
@@ -457,6 +457,12 @@ impl Redirect for OriginalDst {
             original_dst_v6(socket).map(SocketAddr::V6)
         }
         .map_err(lookup)?;
+        // conntrack knows every connection, redirected or not: one made straight to the proxy
+        // port reports the listener itself. Forwarding it would connect the proxy to itself,
+        // over and over, so it is refused as not intercepted.
+        if dst == local {
+            return Err(OrigDstError::Unknown { client });
+        }
         Ok(dst)
     }
 
@@ -590,5 +596,55 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"legacy\""));
         assert_eq!(serde_json::from_str::<Rules>(&json).unwrap(), r);
+    }
+
+    /// A crashed run with our pid left its chain and jump: installing again takes them over
+    /// (one jump, fresh rules), and removing leaves nothing. Real iptables, as root; skips
+    /// elsewhere, fails instead under CI.
+    #[test]
+    fn a_leftover_chain_with_our_name_is_taken_over() {
+        let skip = |why: &str| {
+            assert!(std::env::var_os("CI").is_none(), "cannot run: {why}");
+            eprintln!("skipped: {why}");
+        };
+        if !crate::host::privileges::sufficient(crate::host::privileges::effective_caps()) {
+            return skip("needs root");
+        }
+        let tool = match detect() {
+            Ok(t) => t,
+            Err(e) => return skip(&e.to_string()),
+        };
+        let root = crate::host::cgroup::root().unwrap();
+        let pid = std::process::id();
+        let cg =
+            crate::host::cgroup::Cgroup::create(root.join(format!("sci-ipt-unit-{pid}"))).unwrap();
+        let settings = Settings {
+            cgroup_root: root.clone(),
+            app_cgroup: cg.path().into(),
+            proxy_port: 16199,
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+            ipv6: true,
+            chain: format!("{CHAIN_PREFIX}UT{pid}"),
+        };
+        let jumps = |family| {
+            tool.nat(family, &["-S", "OUTPUT"])
+                .unwrap()
+                .lines()
+                .filter(|l| l.ends_with(&format!("-j {}", settings.chain)))
+                .count()
+        };
+        let crashed = IptablesInterception::install(tool.clone(), &settings).unwrap();
+        std::mem::forget(crashed); // as if killed: nothing removed
+        let again = IptablesInterception::install(tool.clone(), &settings);
+        let again = again.expect("a leftover chain of ours is taken over");
+        assert_eq!(jumps(Family::V4), 1);
+        assert_eq!(jumps(Family::V6), 1);
+        let rules = tool.nat(Family::V4, &["-S", &settings.chain]).unwrap();
+        assert_eq!(rules.lines().filter(|l| l.contains("REDIRECT")).count(), 1);
+        assert!(again.remove().is_empty());
+        assert!(!tool.chain_exists(Family::V4, &settings.chain));
+        assert!(!tool.chain_exists(Family::V6, &settings.chain));
+        assert_eq!(jumps(Family::V4), 0);
     }
 }
