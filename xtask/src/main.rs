@@ -1,6 +1,7 @@
 //! Project automation. `cargo xtask build-ebpf` builds the eBPF object (installing what it
 //! needs first), `cargo xtask test` builds everything and runs the whole test suite.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod toolchain;
@@ -32,6 +33,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure direct vs iptables vs eBPF (with and without sockmap) on this host, in network
+    /// namespaces of its own (needs root); writes target/bench/report.md and report.svg.
+    Bench(bench::Options),
+    /// (internal) The bench's echo and sink server.
+    #[command(hide = true)]
+    BenchServer(bench::load::ServerArgs),
+    /// (internal) The bench's load generator.
+    #[command(hide = true)]
+    BenchClient(bench::load::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -39,6 +49,9 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
         Cmd::Demo => demo::demo(),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench(opts) => bench::bench(&opts),
+        Cmd::BenchServer(args) => bench::load::server(&args),
+        Cmd::BenchClient(args) => bench::load::client(&args),
     }
 }
 
@@ -50,7 +63,13 @@ fn test(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     // Default members only: the eBPF crate builds for bpfel-unknown-none, not the host.
     cmd.args(["test", "--locked", "--"]).args(args);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // With a test filter, only the tests were asked for.
+    if args.is_empty() {
+        step("smoke-running the bench harness (cargo xtask bench --quick)");
+        bench::bench(&bench::Options { quick: true })?;
+    }
+    Ok(())
 }
 
 /// `cargo` on the caller's toolchain (the stable one for everything but the eBPF crate).
