@@ -173,6 +173,7 @@ pub fn bench(opts: &Options) -> Result<()> {
         params.exchanges
     ));
 
+    let load_at_start = report::load_average();
     let mut progress = Progress::new(params.rounds * Mode::ALL.len() * 2);
     let mut results = Vec::new();
     let crosscheck;
@@ -212,7 +213,13 @@ pub fn bench(opts: &Options) -> Result<()> {
     progress.done();
 
     let summary = report::summarize(&results)?;
-    let md = report::markdown(&summary, &params, opts.quick, Some(&crosscheck));
+    let md = report::markdown(
+        &summary,
+        &params,
+        opts.quick,
+        Some(&crosscheck),
+        &load_at_start,
+    );
     let svg = report::svg(&summary);
     fs::write(out_dir.join("report.md"), &md)?;
     fs::write(out_dir.join("report.svg"), &svg)?;

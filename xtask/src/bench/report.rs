@@ -207,11 +207,20 @@ pub fn machine() -> (String, String, String) {
     )
 }
 
+/// `/proc/loadavg`'s 1-minute figure: other work on the host adds noise to the figures.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
 pub fn markdown(
     scenarios: &[Scenario],
     params: &Params,
     quick: bool,
     crosscheck: Option<&Result<Vec<SockperfFigures>>>,
+    load_at_start: &str,
 ) -> String {
     let (machine, kernel, date) = machine();
     let commit = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
@@ -233,8 +242,14 @@ pub fn markdown(
          connection (after 200 untimed), {} connect-exchange-close connections, {:.2} s of \
          bulk per stream count. Latency is the client's round trip, µs. The sidecar's CPU time \
          is utime+stime from /proc/PID/stat (10 ms ticks, summed over rounds); RSS from \
-         /proc/PID/status (idle: VmRSS before the first connection; peak: VmHWM).\n",
-        params.rounds, params.exchanges, params.connections, params.bulk_secs
+         /proc/PID/status (idle: VmRSS before the first connection; peak: VmHWM). \
+         Load average (1 min) at start {load_at_start}, at end {}: other work on the host \
+         shows up as noise, mostly in the tails.\n",
+        params.rounds,
+        params.exchanges,
+        params.connections,
+        params.bulk_secs,
+        load_average()
     );
     for s in scenarios {
         let direct = s.get(Mode::Direct);
