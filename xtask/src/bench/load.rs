@@ -132,6 +132,11 @@ pub struct ClientResult {
     pub bulk_secs: Vec<f64>,
     /// The sidecar's figures (proxied modes only).
     pub sidecar: Option<SidecarStats>,
+    /// Writes the kernel refused with ENOMEM and that were retried (sockmap's ingress
+    /// redirect has no backpressure: a full receiver fails the sender's write). An app would
+    /// see these as errors; the bench retries so it can still measure, and reports them.
+    #[serde(default)]
+    pub enomem_retries: u64,
 }
 
 /// CPU time is read from `/proc/<pid>/stat` (utime + stime, all threads, clock ticks).
@@ -199,7 +204,8 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     let mut sink = args.server;
     sink.set_port(args.server.port() + 1);
     for streams in STREAMS {
-        let (bytes, secs) = bulk(sink, streams, Duration::from_secs_f64(args.bulk_secs))?;
+        let (bytes, secs, retries) = bulk(sink, streams, Duration::from_secs_f64(args.bulk_secs))?;
+        result.enomem_retries += retries;
         result.bulk_bytes.push(bytes);
         result.bulk_secs.push(secs);
     }
@@ -224,40 +230,64 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
 
 /// Sends the buffer and reads the same number of bytes back.
 fn exchange(c: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    // No ENOMEM retry here: one message in flight never fills a receiver.
     c.write_all(buf).context("sending a request")?;
     c.read_exact(buf).context("reading the echo")?;
     Ok(())
 }
 
-/// `streams` connections each writing for `time`; returns what the server counted and the
-/// time from start until the last count came back.
-fn bulk(sink: SocketAddr, streams: usize, time: Duration) -> Result<(u64, f64)> {
+/// `streams` connections each writing for `time`; returns what the server counted, the
+/// time from start until the last count came back, and the ENOMEM retries.
+fn bulk(sink: SocketAddr, streams: usize, time: Duration) -> Result<(u64, f64, u64)> {
     let started = Instant::now();
     let deadline = started + time;
     let workers: Vec<_> = (0..streams)
         .map(|_| {
-            thread::spawn(move || -> Result<u64> {
+            thread::spawn(move || -> Result<(u64, u64)> {
                 let mut c = connect(sink)?;
                 let mut chunk = vec![CHUNK_DATA; BULK_CHUNK];
+                let mut retries = 0;
                 while Instant::now() < deadline {
-                    c.write_all(&chunk).context("bulk write")?;
+                    retries += write_retrying(&mut c, &chunk).context("bulk write")?;
                 }
                 chunk[0] = CHUNK_END;
-                c.write_all(&chunk).context("bulk write")?;
+                retries += write_retrying(&mut c, &chunk).context("bulk write")?;
                 let mut count = [0u8; 8];
                 c.read_exact(&mut count)
                     .context("reading the sink's count")?;
-                Ok(u64::from_le_bytes(count))
+                Ok((u64::from_le_bytes(count), retries))
             })
         })
         .collect();
-    let mut total = 0;
+    let (mut total, mut retries) = (0, 0);
     for w in workers {
-        total += w
+        let (bytes, r) = w
             .join()
             .map_err(|_| anyhow::anyhow!("bulk thread panicked"))??;
+        total += bytes;
+        retries += r;
     }
-    Ok((total, started.elapsed().as_secs_f64()))
+    Ok((total, started.elapsed().as_secs_f64(), retries))
+}
+
+/// `write_all`, except that ENOMEM is waited out (bounded: 10 s of retries at most) and
+/// counted instead of failing. Returns the number of retries.
+fn write_retrying(c: &mut TcpStream, mut buf: &[u8]) -> io::Result<u64> {
+    let mut retries = 0u64;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while !buf.is_empty() {
+        match c.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && Instant::now() < deadline => {
+                retries += 1;
+                thread::sleep(Duration::from_micros(100));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(retries)
 }
 
 /// utime + stime of a process, in seconds.
