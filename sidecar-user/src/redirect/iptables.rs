@@ -598,32 +598,47 @@ mod tests {
         assert_eq!(serde_json::from_str::<Rules>(&json).unwrap(), r);
     }
 
+    /// Privileged tests: root and the binaries, else skip (or fail under CI).
+    fn privileged(bin: &str) -> bool {
+        let why = if !crate::host::privileges::sufficient(crate::host::privileges::effective_caps())
+        {
+            "needs root".to_string()
+        } else if !in_path(bin) {
+            format!("needs {bin} (apt-get install iptables)")
+        } else {
+            return true;
+        };
+        assert!(std::env::var_os("CI").is_none(), "cannot run: {why}");
+        eprintln!("skipped: {why}");
+        false
+    }
+
+    /// Runs `f` on a thread of its own in a fresh, unnamed network namespace, so its rules
+    /// never touch the host's tables (child processes inherit the thread's namespace); the
+    /// namespace disappears with the thread.
+    fn in_private_netns(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) of the network namespace affects this thread only.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            f();
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+    }
+
     /// A crashed run with our pid left its chain and jump: installing again takes them over
-    /// (one jump, fresh rules), and removing leaves nothing. Real iptables, as root; skips
-    /// elsewhere, fails instead under CI.
-    #[test]
-    fn a_leftover_chain_with_our_name_is_taken_over() {
-        let skip = |why: &str| {
-            assert!(std::env::var_os("CI").is_none(), "cannot run: {why}");
-            eprintln!("skipped: {why}");
-        };
-        if !crate::host::privileges::sufficient(crate::host::privileges::effective_caps()) {
-            return skip("needs root");
-        }
-        let tool = match detect() {
-            Ok(t) => t,
-            Err(e) => return skip(&e.to_string()),
-        };
+    /// (one jump, fresh rules), and removing leaves nothing.
+    fn leftover_chain_is_taken_over(tool: Tool) {
         let root = crate::host::cgroup::root().unwrap();
         let pid = std::process::id();
-        let cg =
-            crate::host::cgroup::Cgroup::create(root.join(format!("sci-ipt-unit-{pid}"))).unwrap();
+        let name = format!("sci-ipt-unit-{pid}-{}", tool.backend.as_str());
+        let cg = crate::host::cgroup::Cgroup::create(root.join(name)).unwrap();
         let settings = Settings {
             cgroup_root: root.clone(),
             app_cgroup: cg.path().into(),
             proxy_port: 16199,
-            exclude_ports: vec![],
-            exclude_cidrs: vec![],
+            exclude_ports: vec![7],
+            exclude_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             ipv6: true,
             chain: format!("{CHAIN_PREFIX}UT{pid}"),
         };
@@ -640,11 +655,66 @@ mod tests {
         let again = again.expect("a leftover chain of ours is taken over");
         assert_eq!(jumps(Family::V4), 1);
         assert_eq!(jumps(Family::V6), 1);
-        let rules = tool.nat(Family::V4, &["-S", &settings.chain]).unwrap();
-        assert_eq!(rules.lines().filter(|l| l.contains("REDIRECT")).count(), 1);
+        let v4 = tool.nat(Family::V4, &["-S", &settings.chain]).unwrap();
+        assert_eq!(v4.lines().filter(|l| l.contains("REDIRECT")).count(), 1);
+        assert!(
+            v4.contains("-d 10.0.0.0/8 -j RETURN") && !v4.contains("fd00::"),
+            "{v4}"
+        );
+        let v6 = tool.nat(Family::V6, &["-S", &settings.chain]).unwrap();
+        assert!(
+            v6.contains("-d fd00::/8 -j RETURN") && !v6.contains("10.0.0.0"),
+            "{v6}"
+        );
         assert!(again.remove().is_empty());
         assert!(!tool.chain_exists(Family::V4, &settings.chain));
         assert!(!tool.chain_exists(Family::V6, &settings.chain));
         assert_eq!(jumps(Family::V4), 0);
+        assert_eq!(jumps(Family::V6), 0);
+    }
+
+    #[test]
+    fn leftover_chain_is_taken_over_nft() {
+        if privileged("iptables-nft") {
+            in_private_netns(|| {
+                leftover_chain_is_taken_over(Tool {
+                    backend: Backend::Nft,
+                    suffix: "-nft".into(),
+                })
+            });
+        }
+    }
+
+    #[test]
+    fn leftover_chain_is_taken_over_legacy() {
+        if privileged("iptables-legacy") {
+            in_private_netns(|| {
+                leftover_chain_is_taken_over(Tool {
+                    backend: Backend::Legacy,
+                    suffix: "-legacy".into(),
+                })
+            });
+        }
+    }
+
+    /// In a namespace with rules only in the legacy backend, detection picks legacy.
+    #[test]
+    fn detection_follows_the_backend_that_holds_rules() {
+        if privileged("iptables-legacy") && privileged("iptables-nft") {
+            in_private_netns(|| {
+                let legacy = Tool {
+                    backend: Backend::Legacy,
+                    suffix: "-legacy".into(),
+                };
+                legacy.nat(Family::V4, &["-N", "SIDECAR-DETECT"]).unwrap();
+                legacy
+                    .nat(Family::V4, &["-A", "SIDECAR-DETECT", "-j", "RETURN"])
+                    .unwrap();
+                let detected = detect();
+                legacy.nat(Family::V4, &["-F", "SIDECAR-DETECT"]).unwrap();
+                legacy.nat(Family::V4, &["-X", "SIDECAR-DETECT"]).unwrap();
+                assert_eq!(detected.unwrap().backend, Backend::Legacy);
+            });
+        }
     }
 }
