@@ -67,12 +67,14 @@ impl Params {
                 bulk_secs: 0.25,
             }
         } else {
-            // 5 × 4,000 = 20,000 timed exchanges per size, mode and scenario.
+            // 10 × 2,000 = 20,000 timed exchanges per size, mode and scenario. Many short
+            // rounds rather than a few long ones: a run's p50 depends on where the scheduler
+            // puts its threads, so more runs give a fairer mix.
             Self {
-                rounds: 5,
-                exchanges: 4_000,
-                connections: 1_000,
-                bulk_secs: 1.0,
+                rounds: 10,
+                exchanges: 2_000,
+                connections: 500,
+                bulk_secs: 0.5,
             }
         }
     }

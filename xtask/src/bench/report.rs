@@ -27,6 +27,8 @@ pub struct Figures {
     /// Per size in [`SIZES`]: latency percentiles in µs, and the number of exchanges.
     pub rr_us: Vec<[f64; 4]>,
     pub rr_n: Vec<usize>,
+    /// p50 of each round on its own (64 B), in µs: shows the spread between runs.
+    pub round_p50_us: Vec<f64>,
     pub conn_per_sec: f64,
     /// Per stream count in [`STREAMS`], Gbit/s.
     pub bulk_gbps: Vec<f64>,
@@ -84,6 +86,18 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 rr_us.push(PERCENTILES.map(|(p, _)| percentile(&all, p)));
                 rr_n.push(all.len());
             }
+            let round_p50_us = runs
+                .iter()
+                .map(|r| {
+                    let mut v = r.rr_ns.first().cloned().unwrap_or_default();
+                    v.sort_unstable();
+                    if v.is_empty() {
+                        f64::NAN
+                    } else {
+                        percentile(&v, 0.5)
+                    }
+                })
+                .collect();
             let crr_count: usize = runs.iter().map(|r| r.crr_count).sum();
             let crr_secs: f64 = runs.iter().map(|r| r.crr_secs).sum();
             let conn_per_sec = crr_count as f64 / crr_secs;
@@ -137,6 +151,7 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 mode: *mode,
                 rr_us,
                 rr_n,
+                round_p50_us,
                 conn_per_sec,
                 bulk_gbps,
                 cpu_us_per_exchange,
@@ -289,6 +304,34 @@ pub fn markdown(
             }
             md.push('\n');
         }
+        let rounds = s.modes[0].round_p50_us.len();
+        let _ = writeln!(
+            md,
+            "### p50 of each round on its own, 64 B (µs)\n\n\
+             Each round is a fresh `sidecar run`; where the scheduler puts the client, the \
+             proxy's threads and the server on this host's CPUs differs from run to run, and \
+             the p50 of a run can differ by 2× with it. The tables above merge all rounds.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| mode |{}\n|---|{}",
+            (1..=rounds)
+                .map(|r| format!(" round {r} |"))
+                .collect::<String>(),
+            "---:|".repeat(rounds)
+        );
+        for f in &s.modes {
+            let _ = writeln!(
+                md,
+                "| {} |{}",
+                f.mode.label(),
+                f.round_p50_us
+                    .iter()
+                    .map(|v| format!(" {v:.1} |"))
+                    .collect::<String>()
+            );
+        }
+        md.push('\n');
         let _ = writeln!(md, "### connection rate, throughput and sidecar cost\n");
         let _ = writeln!(
             md,
@@ -342,9 +385,11 @@ pub fn markdown(
             let _ = writeln!(
                 md,
                 "`sockperf ping-pong --tcp -m 64 --full-rtt` in the loopback namespace against \
-                 `sockperf server`, beside our client's 64 B figures from the loopback table. \
-                 sockperf polls for the reply where our client blocks in read, so its absolute \
-                 figures are a little lower; the ratios to direct are what should agree.\n"
+                 `sockperf server`, direct and under `sidecar run`, beside our client's 64 B \
+                 figures from the loopback table. Both ends of sockperf poll for data where our \
+                 client and server block in read(), so a sockperf round trip pays no sleep and \
+                 wake-up at either end; the proxy's own hop is the same. Where the ratios to \
+                 direct differ, that difference is what sleeping ends cost in that mode.\n"
             );
             let _ = writeln!(
                 md,
@@ -497,8 +542,8 @@ pub fn check(md: &str) -> Result<()> {
             rows_per_table.push(rows);
         }
     }
-    // Per scenario: one latency table per size and one cost table; plus the cross-check.
-    let per_scenario = SIZES.len() + 1;
+    // Per scenario: one latency table per size, the per-round table and the cost table.
+    let per_scenario = SIZES.len() + 2;
     let mode_tables: Vec<_> = rows_per_table
         .iter()
         .filter(|r| r.len() == Mode::ALL.len())
@@ -642,7 +687,7 @@ mod tests {
             }
             t + "\n"
         };
-        let good: String = (0..6).map(|_| table(false)).collect();
+        let good: String = (0..8).map(|_| table(false)).collect();
         assert!(check(&good).is_ok());
         let mut bad = good.clone();
         bad += &table(true);
