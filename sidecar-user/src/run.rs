@@ -81,6 +81,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             opts.exclude_ports.len()
         );
     }
+    if opts.mode == Mode::Iptables && (!opts.sockmap || opts.bpf_log) {
+        bail!(
+            "--no-sockmap and --bpf-log apply to --mode ebpf only: drop them with --mode iptables"
+        );
+    }
     let program = resolve_command(&opts.command)?;
     privileges::require("sidecar run")?;
     let cg_root = cgroup::root()?;

@@ -509,6 +509,17 @@ fn bad_mode_is_one_clear_error() {
         err.contains("nftables") && err.contains("iptables"),
         "{err}"
     );
+
+    let out = output_within(
+        Command::new(sidecar()).args(["run", "--mode", "iptables", "--no-sockmap", "--", "true"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("error: --no-sockmap") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 /// The cgroup v2 mount, from /proc/mounts.

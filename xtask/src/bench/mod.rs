@@ -67,14 +67,15 @@ impl Params {
                 bulk_secs: 0.25,
             }
         } else {
-            // 10 × 2,000 = 20,000 timed exchanges per size, mode and scenario. Many short
+            // 20 × 1,000 = 20,000 timed exchanges per size, mode and scenario. Many short
             // rounds rather than a few long ones: a run's p50 depends on where the scheduler
-            // puts its threads, so more runs give a fairer mix.
+            // puts its threads (it is bimodal on this 2-vCPU host), so more runs give a
+            // fairer mix.
             Self {
-                rounds: 10,
-                exchanges: 2_000,
-                connections: 500,
-                bulk_secs: 0.5,
+                rounds: 20,
+                exchanges: 1_000,
+                connections: 300,
+                bulk_secs: 0.3,
             }
         }
     }

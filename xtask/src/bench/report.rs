@@ -386,10 +386,10 @@ pub fn markdown(
                 md,
                 "`sockperf ping-pong --tcp -m 64 --full-rtt` in the loopback namespace against \
                  `sockperf server`, direct and under `sidecar run`, beside our client's 64 B \
-                 figures from the loopback table. Both ends of sockperf poll for data where our \
-                 client and server block in read(), so a sockperf round trip pays no sleep and \
-                 wake-up at either end; the proxy's own hop is the same. Where the ratios to \
-                 direct differ, that difference is what sleeping ends cost in that mode.\n"
+                 figures from the loopback table. sockperf is another client and server \
+                 (epoll-driven, its own message format) over the same paths; it runs once per \
+                 mode, after the rounds, so its figures carry one run's scheduling luck (see the \
+                 per-round table). The ratios to direct are the figure to compare.\n"
             );
             let _ = writeln!(
                 md,
