@@ -110,6 +110,14 @@ pub struct Tool {
 }
 
 impl Tool {
+    /// The backend's own binaries (`iptables-nft`, `iptables-legacy`, …).
+    pub fn of(backend: Backend) -> Self {
+        Self {
+            backend,
+            suffix: format!("-{}", backend.as_str()),
+        }
+    }
+
     /// The binary for a family, e.g. `ip6tables-nft`, or its `-save` companion.
     pub fn binary(&self, family: Family, save: bool) -> String {
         let base = match family {
@@ -172,47 +180,48 @@ fn in_path(bin: &str) -> bool {
 /// Finds the backend the host uses and the binaries to drive it (see the module doc).
 pub fn detect() -> Result<Tool, IptablesError> {
     let have = |suffix: &str| in_path(&format!("iptables{suffix}"));
-    let count_rules = |suffix: &str| -> usize {
-        [Family::V4, Family::V6]
-            .iter()
-            .map(|f| {
-                let tool = Tool {
-                    backend: Backend::Nft,
-                    suffix: suffix.into(),
-                };
-                let bin = tool.binary(*f, true);
-                output(&bin, &mut Command::new(&bin))
-                    .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
     if have("-nft") && have("-legacy") {
-        let (nft, legacy) = (count_rules("-nft"), count_rules("-legacy"));
+        let (nft, legacy) = (rule_count(Backend::Nft), rule_count(Backend::Legacy));
         if nft != legacy {
             let backend = if legacy > nft {
                 Backend::Legacy
             } else {
                 Backend::Nft
             };
-            return Ok(Tool {
-                backend,
-                suffix: format!("-{}", backend.as_str()),
-            });
+            return Ok(Tool::of(backend));
         }
     }
     // No rules anywhere (or only one flavour installed): the default `iptables` decides.
+    // `iptables v1.8.9 (nf_tables)`; older releases print no suffix and are legacy.
     let version = output("iptables", Command::new("iptables").arg("--version"))?;
-    let backend = if version.contains("legacy") {
-        Backend::Legacy
-    } else {
+    let backend = if version.contains("nf_tables") {
         Backend::Nft
+    } else {
+        Backend::Legacy
     };
-    let suffix = format!("-{}", backend.as_str());
-    Ok(Tool {
-        backend,
-        suffix: if have(&suffix) { suffix } else { String::new() },
+    let tool = Tool::of(backend);
+    Ok(if have(&tool.suffix) {
+        tool
+    } else {
+        Tool {
+            backend,
+            suffix: String::new(),
+        }
     })
+}
+
+/// Rules (`-A` lines) a backend holds in all its tables, IPv4 and IPv6.
+fn rule_count(backend: Backend) -> usize {
+    let tool = Tool::of(backend);
+    [Family::V4, Family::V6]
+        .iter()
+        .map(|f| {
+            let bin = tool.binary(*f, true);
+            output(&bin, &mut Command::new(&bin))
+                .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// What one run installs; also what its state file records for `sidecar cleanup`.
