@@ -292,13 +292,17 @@ fn run_client(
 ) -> Result<ClientResult> {
     let out = stem.with_extension("json");
     let log = stem.with_extension("log");
+    let sidecar_report = stem.with_extension("sidecar.json");
     let mut cmd = match mode.sidecar_args() {
         None => Command::new(&bins.load),
         Some(args) => {
             let mut c = Command::new(&bins.sidecar);
             c.arg("run")
                 .args(args)
-                .args(["--proxy-port", &PROXY_PORT.to_string(), "--"])
+                .args(["--proxy-port", &PROXY_PORT.to_string()])
+                .arg("--report")
+                .arg(&sidecar_report)
+                .arg("--")
                 .arg(&bins.load);
             c
         }
@@ -330,8 +334,32 @@ fn run_client(
             log.display()
         );
     }
+    if mode != Mode::Direct {
+        check_intercepted(&sidecar_report, params)?;
+    }
     let json = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
     Ok(serde_json::from_slice(&json)?)
+}
+
+/// The figures of a proxied mode mean something only if the sidecar really carried every
+/// connection: its report must list each one (2 request/response, the connect-exchange-close
+/// ones, 1 + 16 bulk), all `ok`.
+fn check_intercepted(report: &Path, params: &Params) -> Result<()> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    let conns = json["connections"].as_array().cloned().unwrap_or_default();
+    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
+    let ok = conns.iter().filter(|c| c["outcome"] == "ok").count();
+    if conns.len() != expected || ok != expected {
+        bail!(
+            "the sidecar carried {} connection(s), {ok} ok, where the client made {expected}: \
+             interception did not happen as it should ({})",
+            conns.len(),
+            report.display()
+        );
+    }
+    Ok(())
 }
 
 /// Waits for a child; past `limit` it gets SIGTERM (the sidecar then stops its command and
