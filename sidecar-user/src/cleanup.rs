@@ -12,6 +12,7 @@ use anyhow::Result;
 
 use crate::{
     host::{bpffs, cgroup, privileges},
+    redirect::iptables,
     state::{self, RunState},
 };
 
@@ -54,6 +55,7 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
     }
 
     // Leftovers without a state file (e.g. a crash before it was written).
+    remove_orphan_chains(&mut done);
     for dir in run_dirs(&bpffs_path.join("sidecar")) {
         if !pid_of(&dir).is_some_and(pid_alive) {
             remove_pins(&dir, &mut done);
@@ -73,12 +75,59 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
 }
 
 fn clean_run(state: &RunState, cg_root: &Path, done: &mut Cleaned) {
+    if let Some(rules) = &state.iptables {
+        remove_chains(rules, done);
+    }
     remove_pins(&state.pin_dir, done);
     let _ = fs::remove_dir(state.pin_dir.parent().unwrap_or(&state.pin_dir));
     remove_cgroup(&state.run_cgroup, &state.original_cgroup, cg_root, done);
     if state.bpffs_mounted_by_us && bpffs::unmount_if_empty(&state.bpffs) {
         done.actions
             .push(format!("unmounted bpffs at {}", state.bpffs.display()));
+    }
+}
+
+/// iptables mode: the jump in nat OUTPUT, then the chain, in each family.
+fn remove_chains(rules: &iptables::Rules, done: &mut Cleaned) {
+    let failures = iptables::remove(rules);
+    if failures.is_empty() {
+        done.actions.push(format!(
+            "removed iptables chain {} and its jump ({}, {})",
+            rules.chain,
+            rules.tool.backend.as_str(),
+            rules
+                .families
+                .iter()
+                .map(|f| match f {
+                    iptables::Family::V4 => "IPv4",
+                    iptables::Family::V6 => "IPv6",
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        ));
+    }
+    done.skipped.extend(failures);
+}
+
+/// `SIDECAR-<pid>` chains of dead pids with no state file. Only when iptables is installed;
+/// only the nat table, only our chains and the jumps to them.
+fn remove_orphan_chains(done: &mut Cleaned) {
+    let Ok(tool) = iptables::detect() else {
+        return;
+    };
+    for family in [iptables::Family::V4, iptables::Family::V6] {
+        for (chain, pid) in iptables::our_chains(&tool, family) {
+            if pid_alive(pid) {
+                continue;
+            }
+            let rules = iptables::Rules {
+                tool: tool.clone(),
+                chain,
+                cgroup_path: String::new(),
+                families: vec![family],
+            };
+            remove_chains(&rules, done);
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use sidecar::{
     cidr::Cidr,
     cleanup, probe,
     proxy::ProxySettings,
+    redirect::Mode,
     run::{self, MtlsOptions, RunOptions},
     telemetry::access_log::{self, AccessLogTarget},
     tls::{TlsFiles, certs, identity::SpiffeId},
@@ -89,6 +90,10 @@ enum CertCommand {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// How connections reach the proxy: ebpf (cgroup connect hooks + sockmap) or iptables
+    /// (nat REDIRECT in a chain of our own, SO_ORIGINAL_DST; the classic baseline).
+    #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
+    mode: ModeArg,
     /// Port of the proxy's outbound listener on 127.0.0.1 and [::1].
     #[arg(long, default_value_t = 15001)]
     proxy_port: u16,
@@ -154,6 +159,12 @@ struct RunArgs {
     command: Vec<OsString>,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Ebpf,
+    Iptables,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let access = match &cli.command {
@@ -195,6 +206,10 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Run(args) => {
             let args = *args;
             run::run(RunOptions {
+                mode: match args.mode {
+                    ModeArg::Ebpf => Mode::Ebpf,
+                    ModeArg::Iptables => Mode::Iptables,
+                },
                 proxy_port: args.proxy_port,
                 exclude_ports: args.exclude_ports,
                 exclude_cidrs: args.exclude_cidrs,

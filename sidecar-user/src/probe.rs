@@ -6,7 +6,10 @@ use std::path::Path;
 
 use crate::{
     host::{bpffs::Bpffs, cgroup, privileges},
-    redirect::ebpf::{EbpfInterception, Settings},
+    redirect::{
+        ebpf::{EbpfInterception, Settings},
+        iptables,
+    },
 };
 
 #[derive(Debug)]
@@ -98,6 +101,7 @@ pub fn probe(bpffs_path: &Path) -> Vec<Check> {
 
     if let (true, Ok(root)) = (privileged, &cg_root) {
         checks.push(programs(root, bpffs_path));
+        checks.push(iptables_mode(root));
     } else {
         checks.push(Check::fail(
             "eBPF programs",
@@ -106,6 +110,44 @@ pub fn probe(bpffs_path: &Path) -> Vec<Check> {
         ));
     }
     checks
+}
+
+/// `--mode iptables`: which backend, and whether a chain with the cgroup match and REDIRECT
+/// can really be installed (on a scratch cgroup; removed again). Optional: without the
+/// iptables package only eBPF mode is available, which is not a failure.
+fn iptables_mode(cg_root: &Path) -> Check {
+    const NAME: &str = "iptables mode";
+    let pid = std::process::id();
+    let scratch = match cgroup::Cgroup::create(cg_root.join(format!("sidecar/probe-ipt-{pid}"))) {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, e.to_string(), "see the cgroup v2 check"),
+    };
+    let result = iptables::probe(
+        cg_root,
+        scratch.path(),
+        &format!("{}PROBE-{pid}", iptables::CHAIN_PREFIX),
+    );
+    drop(scratch);
+    let _ = std::fs::remove_dir(cg_root.join("sidecar"));
+    match result {
+        Ok(tool) => Check::pass(
+            NAME,
+            format!(
+                "iptables-{} backend ({}): nat chain, -m cgroup --path, REDIRECT work",
+                tool.backend.as_str(),
+                tool.binary(iptables::Family::V4, false)
+            ),
+        ),
+        Err(iptables::IptablesError::NotInstalled(bin)) => Check::pass(
+            NAME,
+            format!("unavailable: no `{bin}` (optional; `apt-get install iptables` enables it)"),
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            e.to_string(),
+            "a kernel with netfilter nat, xt_cgroup and xt_REDIRECT (or nft_compat), or use --mode ebpf",
+        ),
+    }
 }
 
 fn kernel_release() -> Check {

@@ -12,6 +12,8 @@ const SUMMARY_ROWS: usize = 20;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The interception mode of the run.
+    pub mode: crate::redirect::Mode,
     pub exit_code: i32,
     pub connections: Vec<ConnRecord>,
     /// Connections not recorded because the journal was full.
@@ -53,18 +55,25 @@ impl Report {
              {fast}/{total} app legs and {fast_up}/{total} upstream legs",
             total - ok
         );
-        let _ = writeln!(
-            out,
-            "sidecar: eBPF saw {} connect(s): {} redirected, {} excluded by port, {} by CIDR; \
+        if self.mode == crate::redirect::Mode::Iptables {
+            let _ = writeln!(
+                out,
+                "sidecar: iptables mode (nat REDIRECT, SO_ORIGINAL_DST): no kernel fast path"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "sidecar: eBPF saw {} connect(s): {} redirected, {} excluded by port, {} by CIDR; \
              sk_msg redirected {} message(s) ({}), {} missed",
-            c("connect_seen"),
-            c("connect_redirected"),
-            c("connect_excluded_port"),
-            c("connect_excluded_cidr"),
-            c("sk_msg_redirected"),
-            human_bytes(c("sk_msg_redirected_bytes")),
-            c("sk_msg_miss"),
-        );
+                c("connect_seen"),
+                c("connect_redirected"),
+                c("connect_excluded_port"),
+                c("connect_excluded_cidr"),
+                c("sk_msg_redirected"),
+                human_bytes(c("sk_msg_redirected_bytes")),
+                c("sk_msg_miss"),
+            );
+        }
         let refused: u64 = self.inbound_rejections.values().sum();
         if refused > 0 {
             let reasons: Vec<String> = self

@@ -43,16 +43,24 @@ use crate::{
         mesh::Mesh,
         record::{Direction, Journal},
     },
-    redirect::ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
+    redirect::{
+        Mode, Redirect,
+        ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
+        iptables::{self, IptablesInterception},
+    },
     report::Report,
     state::{RunState, StateFile},
-    telemetry::{InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget},
+    telemetry::{
+        CounterSource, InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget,
+    },
     tls::{self, TlsFiles, TlsState},
 };
 
 /// Everything `sidecar run` is told on the command line.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// How connections are steered to the proxy.
+    pub mode: Mode,
     pub proxy_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Cidr>,
@@ -105,6 +113,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             opts.exclude_ports.len()
         );
     }
+    if opts.mode == Mode::Iptables && (!opts.sockmap || opts.bpf_log) {
+        bail!(
+            "--no-sockmap and --bpf-log apply to --mode ebpf only: drop them with --mode iptables"
+        );
+    }
     let program = resolve_command(&opts.command)?;
     privileges::require("sidecar run")?;
     let cg_root = cgroup::root()?;
@@ -150,10 +163,19 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     }
 
     let pid = std::process::id();
-    let bpffs = Bpffs::ensure(&opts.bpffs)?;
+    // iptables mode needs no bpffs; its binaries are found before anything is created.
+    let (bpffs, iptables_tool) = match opts.mode {
+        Mode::Ebpf => (Some(Bpffs::ensure(&opts.bpffs)?), None),
+        Mode::Iptables => (None, Some(iptables::detect()?)),
+    };
+    let bpffs_path = bpffs
+        .as_ref()
+        .map_or(opts.bpffs.clone(), |b| b.path().into());
     // `<bpffs>/sidecar` and `<cgroup2>/sidecar` are shared by concurrent runs: whoever
     // finishes last (finding them empty) removes them.
-    let _bpffs_parent = RemoveIfEmpty(bpffs.path().join("sidecar"));
+    let _bpffs_parent = bpffs
+        .as_ref()
+        .map(|b| RemoveIfEmpty(b.path().join("sidecar")));
     let _cgroup_parent = RemoveIfEmpty(cg_root.join("sidecar"));
     let run_path = opts
         .cgroup
@@ -165,14 +187,28 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         cg_root.join(run_path)
     };
     let original_cgroup = cgroup::of_process(&cg_root, "self")?;
-    let pin_dir = bpffs.path().join(format!("sidecar/run-{pid}"));
+    let pin_dir = bpffs_path.join(format!("sidecar/run-{pid}"));
+    let iptables_settings = iptables::Settings {
+        cgroup_root: cg_root.clone(),
+        app_cgroup: run_path.join("app"),
+        proxy_port: opts.proxy_port,
+        exclude_ports: opts.exclude_ports.clone(),
+        exclude_cidrs: opts.exclude_cidrs.clone(),
+        ipv6: listen_v6.is_some(),
+        chain: iptables::chain_for(pid),
+    };
+    let iptables_rules = iptables_tool
+        .as_ref()
+        .map(|tool| iptables::planned(tool.clone(), &iptables_settings))
+        .transpose()?;
     let _state = StateFile::write(&RunState {
         pid,
         run_cgroup: run_path.clone(),
         original_cgroup: original_cgroup.clone(),
         pin_dir: pin_dir.clone(),
-        bpffs: bpffs.path().into(),
-        bpffs_mounted_by_us: bpffs.mounted_by_us(),
+        bpffs: bpffs_path.clone(),
+        bpffs_mounted_by_us: bpffs.as_ref().is_some_and(Bpffs::mounted_by_us),
+        iptables: iptables_rules,
     })
     .context("writing the run's state file under /run/sidecar")?;
     let run_cg = cgroup::Cgroup::create(run_path.clone())?;
@@ -180,68 +216,34 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let app_cg = cgroup::Cgroup::create(run_path.join("app"))?;
     let _in_proxy = SelfInCgroup::enter(proxy_cg.path(), original_cgroup)?;
 
-    let mut app = WorkloadConfig {
-        role: role::WORKLOAD,
-        scope: WORKLOAD_SCOPE,
-        proxy_port: opts.proxy_port,
-        flags: if listen_v6.is_some() {
-            flags::IPV6_LISTENER
-        } else {
-            0
-        },
-        excluded_ports_len: opts.exclude_ports.len() as u32,
-        excluded_ports: [0; limits::EXCLUDED_PORTS],
-    };
-    app.excluded_ports[..opts.exclude_ports.len()].copy_from_slice(&opts.exclude_ports);
-    let proxy_entry = WorkloadConfig {
-        role: role::PROXY,
-        ..app
-    };
-    let interception = EbpfInterception::attach(
-        &Settings {
-            connect_cgroup: run_cg.path().into(),
-            sockops_cgroup: cg_root.clone(),
+    let interception = match iptables_tool {
+        None => Interception::Ebpf(Box::new(attach_ebpf(
+            &opts,
+            &cg_root,
             pin_dir,
-            sockmap: opts.sockmap,
-            bpf_log: opts.bpf_log,
-        },
-        &[
-            Workload {
-                cgroup_id: app_cg.id()?,
-                config: app,
-            },
-            Workload {
-                cgroup_id: proxy_cg.id()?,
-                config: proxy_entry,
-            },
-        ],
-        &opts
-            .exclude_cidrs
-            .iter()
-            .map(|c| ExcludedCidr {
-                scope: WORKLOAD_SCOPE,
-                addr: c.addr,
-                prefix: c.prefix,
-            })
-            .collect::<Vec<_>>(),
-    )?;
-    info!(
-        cgroup = %run_cg.path().display(),
-        pins = %interception.pin_dir().display(),
-        proxy_port = opts.proxy_port,
-        sockmap = opts.sockmap,
-        "interception attached"
-    );
-
-    let lookups = interception.lookups();
+            [&run_cg, &proxy_cg, &app_cg],
+            listen_v6.is_some(),
+        )?)),
+        Some(tool) => {
+            let rules = IptablesInterception::install(tool, &iptables_settings)?;
+            info!(
+                chain = %rules.rules().chain,
+                backend = rules.rules().tool.backend.as_str(),
+                proxy_port = opts.proxy_port,
+                "iptables interception installed"
+            );
+            Interception::Iptables(rules)
+        }
+    };
+    let lookups = interception.redirect();
     telemetry.attached(
         InterceptionInfo {
-            mode: "ebpf".into(),
-            sockmap: opts.sockmap,
+            mode: opts.mode.as_str().into(),
+            sockmap: opts.sockmap && opts.mode == Mode::Ebpf,
             proxy_port: opts.proxy_port,
             cgroup: run_cg.path().display().to_string(),
         },
-        lookups.clone(),
+        interception.counter_source(),
     );
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let mesh = match (&opts.mtls, tls) {
@@ -298,10 +300,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if cut > 0 {
         warn!("{cut} connection(s) were still open after the drain deadline and were closed");
     }
-    let counters = lookups.counters();
     telemetry.detaching();
     drop(lookups);
-    for failure in interception.detach() {
+    let (counters, failures) = interception.remove();
+    for failure in failures {
         warn!("{failure}");
     }
 
@@ -310,6 +312,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     let (connections, dropped) = journal.snapshot();
     let report = Report {
+        mode: opts.mode,
         exit_code,
         connections,
         dropped_records: dropped,
@@ -322,6 +325,110 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     }
     drop(admin);
     Ok(exit_code)
+}
+
+/// The two interception modes behind one owner: dropping it removes whichever was set up.
+/// iptables mode keeps no counters of its own in the kernel.
+struct NoKernelCounters;
+
+impl CounterSource for NoKernelCounters {
+    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        Default::default()
+    }
+}
+
+enum Interception {
+    Ebpf(Box<EbpfInterception>),
+    Iptables(IptablesInterception),
+}
+
+impl Interception {
+    /// What the proxy asks for original destinations.
+    fn redirect(&self) -> Arc<dyn Redirect> {
+        match self {
+            Interception::Ebpf(e) => e.lookups(),
+            Interception::Iptables(_) => Arc::new(iptables::OriginalDst),
+        }
+    }
+
+    /// Where telemetry reads kernel counters (none in iptables mode).
+    fn counter_source(&self) -> Arc<dyn CounterSource> {
+        match self {
+            Interception::Ebpf(e) => e.lookups(),
+            Interception::Iptables(_) => Arc::new(NoKernelCounters),
+        }
+    }
+
+    /// Removes it all now; returns the eBPF counters (none in iptables mode) and failures.
+    fn remove(self) -> (std::collections::BTreeMap<&'static str, u64>, Vec<String>) {
+        match self {
+            Interception::Ebpf(e) => {
+                let counters = e.lookups().counters();
+                (counters, e.detach())
+            }
+            Interception::Iptables(i) => (Default::default(), i.remove()),
+        }
+    }
+}
+
+/// eBPF mode: enters the app and proxy cgroups in `WORKLOADS` and attaches the programs.
+fn attach_ebpf(
+    opts: &RunOptions,
+    cg_root: &Path,
+    pin_dir: PathBuf,
+    [run_cg, proxy_cg, app_cg]: [&cgroup::Cgroup; 3],
+    ipv6: bool,
+) -> Result<EbpfInterception> {
+    let mut app = WorkloadConfig {
+        role: role::WORKLOAD,
+        scope: WORKLOAD_SCOPE,
+        proxy_port: opts.proxy_port,
+        flags: if ipv6 { flags::IPV6_LISTENER } else { 0 },
+        excluded_ports_len: opts.exclude_ports.len() as u32,
+        excluded_ports: [0; limits::EXCLUDED_PORTS],
+    };
+    app.excluded_ports[..opts.exclude_ports.len()].copy_from_slice(&opts.exclude_ports);
+    let proxy_entry = WorkloadConfig {
+        role: role::PROXY,
+        ..app
+    };
+    let interception = EbpfInterception::attach(
+        &Settings {
+            connect_cgroup: run_cg.path().into(),
+            sockops_cgroup: cg_root.into(),
+            pin_dir,
+            sockmap: opts.sockmap,
+            bpf_log: opts.bpf_log,
+        },
+        &[
+            Workload {
+                cgroup_id: app_cg.id()?,
+                config: app,
+            },
+            Workload {
+                cgroup_id: proxy_cg.id()?,
+                config: proxy_entry,
+            },
+        ],
+        &opts
+            .exclude_cidrs
+            .iter()
+            .map(|c| ExcludedCidr {
+                scope: WORKLOAD_SCOPE,
+                addr: c.addr,
+                prefix: c.prefix,
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    info!(
+        cgroup = %run_cg.path().display(),
+        pins = %interception.pin_dir().display(),
+        proxy_port = opts.proxy_port,
+        sockmap = opts.sockmap,
+        "interception attached"
+    );
+
+    Ok(interception)
 }
 
 /// Finds the program in PATH now, so a typo fails before anything is attached.

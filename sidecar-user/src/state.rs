@@ -23,6 +23,9 @@ pub struct RunState {
     /// The bpffs mount point, and whether the run mounted it.
     pub bpffs: PathBuf,
     pub bpffs_mounted_by_us: bool,
+    /// iptables mode: the chains and jumps to remove (absent for eBPF runs).
+    #[serde(default)]
+    pub iptables: Option<crate::redirect::iptables::Rules>,
 }
 
 /// The state file of a live run; removed on drop (after everything it names is gone).

@@ -1,6 +1,7 @@
 //! Project automation. `cargo xtask build-ebpf` builds the eBPF object (installing what it
 //! needs first), `cargo xtask test` builds everything and runs the whole test suite.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
@@ -35,6 +36,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure direct vs iptables vs eBPF (with and without sockmap) on this host, in network
+    /// namespaces of its own (needs root); writes target/bench/report.md and report.svg.
+    Bench(bench::Options),
+    /// (internal) The bench's echo and sink server.
+    #[command(hide = true)]
+    BenchServer(bench::load::ServerArgs),
+    /// (internal) The bench's load generator.
+    #[command(hide = true)]
+    BenchClient(bench::load::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -43,6 +53,9 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::demo(),
         Cmd::Fuzz(opts) => fuzz::fuzz(&opts),
         Cmd::Test { args } => test(&args),
+        Cmd::Bench(opts) => bench::bench(&opts),
+        Cmd::BenchServer(args) => bench::load::server(&args),
+        Cmd::BenchClient(args) => bench::load::client(&args),
     }
 }
 
@@ -58,11 +71,14 @@ fn test(args: &[String]) -> Result<()> {
     // Default members only: the eBPF crate builds for bpfel-unknown-none, not the host.
     cmd.args(["test", "--locked", "--"]).args(args);
     run(&mut cmd)?;
+    // With a test filter, only the tests were asked for.
     if args.is_empty() {
         // A short, bounded fuzz run so the targets keep building and finding nothing new.
         fuzz::fuzz(&fuzz::Options {
             seconds: FUZZ_SECONDS_IN_TEST,
         })?;
+        step("smoke-running the bench harness (cargo xtask bench --quick)");
+        bench::bench(&bench::Options { quick: true })?;
     }
     Ok(())
 }

@@ -1,0 +1,464 @@
+//! `cargo xtask bench [--quick]`: what each interception mode costs over a direct
+//! connection, measured side by side on this host in one run.
+//!
+//! Scenarios (each in its own `scb-*` network namespaces, torn down afterwards):
+//! - **loopback**: client and server on 127.0.0.1 in one namespace (same host, same pod);
+//! - **pods**: client and server in two namespaces joined by a veth pair.
+//!
+//! Modes: direct (no sidecar), iptables, ebpf, ebpf --no-sockmap. Each round runs every
+//! mode once, A B C D A B C D…, so drift hits all alike. One client run measures, in order:
+//! request/response latency (64 B and 4 KiB on a persistent connection), connect-exchange-
+//! close rate, bulk throughput (1 and 16 streams), and for the proxied modes the sidecar's
+//! CPU time and RSS from /proc. The load generator is this binary (release build) re-invoked
+//! as `bench-server` / `bench-client` (see `load.rs`); `sockperf` cross-checks one figure.
+//!
+//! Output: `target/bench/report.md` and `target/bench/report.svg`; the raw per-run JSON and
+//! the sidecar logs in `target/bench/raw/`.
+
+pub mod load;
+mod netns;
+mod report;
+mod sockperf;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, IsTerminal, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use self::{
+    load::ClientResult,
+    netns::{Netns, POD_SERVER_IP, Pods},
+};
+use crate::{build_ebpf, cargo, run, step};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct Options {
+    /// Smoke run (under a minute): one round, fewer exchanges. Fails if any mode lacks
+    /// numbers; CI runs it so the harness cannot rot.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// How much each round does.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub rounds: usize,
+    /// Timed request/response exchanges per size per round.
+    pub exchanges: usize,
+    pub connections: usize,
+    pub bulk_secs: f64,
+}
+
+impl Params {
+    fn for_run(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 1,
+                exchanges: 1_000,
+                connections: 200,
+                bulk_secs: 0.25,
+            }
+        } else {
+            // 20 × 1,000 = 20,000 timed exchanges per size, mode and scenario. Many short
+            // rounds rather than a few long ones: a run's p50 depends on where the scheduler
+            // puts its threads (it is bimodal on this 2-vCPU host), so more runs give a
+            // fairer mix.
+            Self {
+                rounds: 20,
+                exchanges: 1_000,
+                connections: 300,
+                bulk_secs: 0.3,
+            }
+        }
+    }
+}
+
+/// The interception modes compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Direct,
+    Iptables,
+    Ebpf,
+    EbpfNoSockmap,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [
+        Mode::Direct,
+        Mode::Iptables,
+        Mode::Ebpf,
+        Mode::EbpfNoSockmap,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Iptables => "iptables",
+            Mode::Ebpf => "ebpf",
+            Mode::EbpfNoSockmap => "ebpf --no-sockmap",
+        }
+    }
+
+    fn file_key(self) -> &'static str {
+        match self {
+            Mode::EbpfNoSockmap => "ebpf-nosockmap",
+            m => m.label(),
+        }
+    }
+
+    /// `sidecar run` options, or None for a direct connection.
+    fn sidecar_args(self) -> Option<&'static [&'static str]> {
+        match self {
+            Mode::Direct => None,
+            Mode::Iptables => Some(&["--mode", "iptables"]),
+            Mode::Ebpf => Some(&["--mode", "ebpf"]),
+            Mode::EbpfNoSockmap => Some(&["--mode", "ebpf", "--no-sockmap"]),
+        }
+    }
+}
+
+/// The proxy port of the bench's runs (inside its own namespaces; in the assigned range).
+const PROXY_PORT: u16 = 16200;
+/// The echo server's port (the sink takes the next one).
+const SERVER_PORT: u16 = 16210;
+/// The sockperf server's port for the cross-check.
+const SOCKPERF_PORT: u16 = 16220;
+
+/// One scenario's results: per mode, every round's client result.
+pub struct ScenarioResults {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub runs: Vec<(Mode, Vec<ClientResult>)>,
+}
+
+pub fn bench(opts: &Options) -> Result<()> {
+    let started = Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "cargo xtask bench needs root (network namespaces, cgroups, eBPF, iptables): run it with sudo"
+        );
+    }
+    build_ebpf::build(&build_ebpf::Options::default())?;
+    step("building the sidecar and the load generator (release)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "sidecar-user",
+        "-p",
+        "xtask",
+    ]))?;
+    let root = build_ebpf::workspace_root();
+    let bins = Bins {
+        sidecar: root.join("target/release/sidecar"),
+        load: root.join("target/release/xtask"),
+    };
+    let out_dir = root.join("target/bench");
+    let raw = out_dir.join("raw");
+    let _ = fs::remove_dir_all(&raw);
+    fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
+
+    let params = Params::for_run(opts.quick);
+    step(&format!(
+        "bench ({}): {} round(s) × 4 modes × 2 scenarios; {} exchanges per size per round",
+        if opts.quick { "quick" } else { "full" },
+        params.rounds,
+        params.exchanges
+    ));
+
+    let load_at_start = report::load_average();
+    let mut progress = Progress::new(params.rounds * Mode::ALL.len() * 2);
+    let mut results = Vec::new();
+    let crosscheck;
+    {
+        let lo = Netns::create("scb-lo")?;
+        let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
+        let _server = Server::start(&bins.load, &lo, server_addr)?;
+        results.push(run_scenario(
+            (
+                "loopback",
+                "same host: client and server on 127.0.0.1 in one namespace",
+            ),
+            &bins,
+            &lo,
+            server_addr,
+            &params,
+            &raw,
+            &mut progress,
+        )?);
+        progress.say("cross-check: sockperf ping-pong, direct, 64 B");
+        crosscheck = sockperf::crosscheck(&lo, SOCKPERF_PORT, if opts.quick { 1 } else { 3 });
+    }
+    {
+        let pods = Pods::create()?;
+        let server_addr = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);
+        let _server = Server::start(&bins.load, &pods.server, server_addr)?;
+        results.push(run_scenario(
+            ("pods", "two namespaces (pods) joined by a veth pair"),
+            &bins,
+            &pods.client,
+            server_addr,
+            &params,
+            &raw,
+            &mut progress,
+        )?);
+    }
+    progress.done();
+
+    let summary = report::summarize(&results)?;
+    let md = report::markdown(
+        &summary,
+        &params,
+        opts.quick,
+        Some(&crosscheck),
+        &load_at_start,
+    );
+    let svg = report::svg(&summary);
+    fs::write(out_dir.join("report.md"), &md)?;
+    fs::write(out_dir.join("report.svg"), &svg)?;
+    report::check(&md).context("the report lacks numbers")?;
+    if let Err(e) = &crosscheck {
+        if opts.quick {
+            step(&format!("sockperf cross-check unavailable: {e:#}"));
+        } else {
+            bail!("sockperf cross-check failed: {e:#}");
+        }
+    }
+    step(&format!(
+        "wrote {} and report.svg in {:.0} s",
+        out_dir.join("report.md").display(),
+        started.elapsed().as_secs_f64()
+    ));
+    println!("{}", report::headline(&summary));
+    Ok(())
+}
+
+struct Bins {
+    sidecar: PathBuf,
+    load: PathBuf,
+}
+
+fn run_scenario(
+    (name, description): (&'static str, &'static str),
+    bins: &Bins,
+    client_ns: &Netns,
+    server: SocketAddr,
+    params: &Params,
+    raw: &Path,
+    progress: &mut Progress,
+) -> Result<ScenarioResults> {
+    let mut runs: Vec<(Mode, Vec<ClientResult>)> =
+        Mode::ALL.iter().map(|m| (*m, Vec::new())).collect();
+    for round in 0..params.rounds {
+        for (mode, results) in runs.iter_mut() {
+            progress.say(&format!(
+                "{name}: round {}/{} {}",
+                round + 1,
+                params.rounds,
+                mode.label()
+            ));
+            let stem = raw.join(format!("{name}-{}-{round}", mode.file_key()));
+            let result = run_client(bins, client_ns, server, *mode, params, &stem)
+                .with_context(|| format!("{name}, round {}, {}", round + 1, mode.label()))?;
+            results.push(result);
+            progress.tick();
+        }
+    }
+    Ok(ScenarioResults {
+        name,
+        description,
+        runs,
+    })
+}
+
+/// One client run in the client namespace, under `sidecar run` unless direct.
+fn run_client(
+    bins: &Bins,
+    ns: &Netns,
+    server: SocketAddr,
+    mode: Mode,
+    params: &Params,
+    stem: &Path,
+) -> Result<ClientResult> {
+    let out = stem.with_extension("json");
+    let log = stem.with_extension("log");
+    let sidecar_report = stem.with_extension("sidecar.json");
+    let mut cmd = match mode.sidecar_args() {
+        None => Command::new(&bins.load),
+        Some(args) => {
+            let mut c = Command::new(&bins.sidecar);
+            c.arg("run")
+                .args(args)
+                .args(["--proxy-port", &PROXY_PORT.to_string()])
+                .arg("--report")
+                .arg(&sidecar_report)
+                .arg("--")
+                .arg(&bins.load);
+            c
+        }
+    };
+    cmd.args(["bench-client", "--server", &server.to_string()])
+        .args(["--exchanges", &params.exchanges.to_string()])
+        .args(["--connections", &params.connections.to_string()])
+        .args(["--bulk-secs", &params.bulk_secs.to_string()])
+        .arg("--out")
+        .arg(&out);
+    if mode != Mode::Direct {
+        cmd.arg("--sidecar-stats");
+    }
+    ns.enter(&mut cmd)?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log)?);
+    let limit = Duration::from_secs(60) + Duration::from_secs_f64(params.bulk_secs * 4.0);
+    let status = wait_bounded(cmd.spawn().context("starting the client")?, limit)?;
+    if !status.success() {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("error"))
+            .unwrap_or("");
+        bail!(
+            "the client failed ({status}): {last} (log: {})",
+            log.display()
+        );
+    }
+    if mode != Mode::Direct {
+        check_intercepted(&sidecar_report, params)?;
+    }
+    let json = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+/// The figures of a proxied mode mean something only if the sidecar really carried every
+/// connection: its report must list each one (2 request/response, the connect-exchange-close
+/// ones, 1 + 16 bulk), all `ok`.
+fn check_intercepted(report: &Path, params: &Params) -> Result<()> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    let conns = json["connections"].as_array().cloned().unwrap_or_default();
+    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
+    let ok = conns.iter().filter(|c| c["outcome"] == "ok").count();
+    if conns.len() != expected || ok != expected {
+        bail!(
+            "the sidecar carried {} connection(s), {ok} ok, where the client made {expected}: \
+             interception did not happen as it should ({})",
+            conns.len(),
+            report.display()
+        );
+    }
+    Ok(())
+}
+
+/// Waits for a child; past `limit` it gets SIGTERM (the sidecar then stops its command and
+/// cleans up), and SIGKILL 10 s later.
+fn wait_bounded(mut child: Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let hard = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() && Instant::now() < hard {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The bench server in a namespace; killed on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(bin: &Path, ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["bench-server", "--listen", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        ns.enter(&mut cmd)?;
+        let mut child = cmd.spawn().context("starting the bench server")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let server = Self(child);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.trim() == "ready" => Ok(server),
+            _ => bail!("the bench server in {} did not start on {addr}", ns.name()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One status line, rewritten in place on a terminal, one line per step otherwise.
+struct Progress {
+    total: usize,
+    done: usize,
+    started: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            done: 0,
+            started: Instant::now(),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn say(&self, what: &str) {
+        let line = format!(
+            "xtask bench: [{}/{}, {:.0} s] {what}",
+            self.done,
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        if self.tty {
+            eprint!("\r\x1b[K{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+    }
+
+    fn done(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}

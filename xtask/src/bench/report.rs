@@ -1,0 +1,697 @@
+//! From raw client results to `report.md` (tables with absolute figures and ratios to direct
+//! and to iptables, the targets, the cross-check) and `report.svg` (latency percentiles per
+//! mode). [`check`] parses the markdown back and fails if any mode lacks a number.
+
+use std::{fmt::Write as _, process::Command};
+
+use anyhow::{Result, bail};
+
+use super::{
+    Mode, Params, ScenarioResults,
+    load::{SIZES, STREAMS},
+    sockperf::SockperfFigures,
+};
+
+/// Percentiles reported, and their labels.
+const PERCENTILES: [(f64, &str); 4] = [
+    (0.50, "p50"),
+    (0.90, "p90"),
+    (0.99, "p99"),
+    (0.999, "p99.9"),
+];
+
+/// One mode's figures in one scenario.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub mode: Mode,
+    /// Per size in [`SIZES`]: latency percentiles in µs, and the number of exchanges.
+    pub rr_us: Vec<[f64; 4]>,
+    pub rr_n: Vec<usize>,
+    /// p50 of each round on its own (64 B), in µs: shows the spread between runs.
+    pub round_p50_us: Vec<f64>,
+    pub conn_per_sec: f64,
+    /// Per stream count in [`STREAMS`], Gbit/s.
+    pub bulk_gbps: Vec<f64>,
+    /// The sidecar's CPU µs per exchange (per size) and per new connection.
+    pub cpu_us_per_exchange: Option<Vec<f64>>,
+    pub cpu_us_per_conn: Option<f64>,
+    /// MiB.
+    pub idle_rss: Option<f64>,
+    pub peak_rss: Option<f64>,
+    /// Bulk writes refused with ENOMEM (and retried), summed over rounds.
+    pub enomem_retries: u64,
+}
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub modes: Vec<Figures>,
+}
+
+impl Scenario {
+    pub fn get(&self, mode: Mode) -> &Figures {
+        self.modes
+            .iter()
+            .find(|f| f.mode == mode)
+            .expect("every mode ran")
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    let idx = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[idx] as f64 / 1000.0
+}
+
+/// Merges the rounds of each mode. Fails if a mode has no data for some figure.
+pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    for s in results {
+        let mut modes = Vec::new();
+        for (mode, runs) in &s.runs {
+            let what = format!("{} / {}", s.name, mode.label());
+            if runs.is_empty() {
+                bail!("{what}: no runs");
+            }
+            let mut rr_us = Vec::new();
+            let mut rr_n = Vec::new();
+            for (i, size) in SIZES.iter().enumerate() {
+                let mut all: Vec<u32> = runs
+                    .iter()
+                    .flat_map(|r| r.rr_ns.get(i).cloned().unwrap_or_default())
+                    .collect();
+                if all.is_empty() {
+                    bail!("{what}: no request/response samples for {size} B");
+                }
+                all.sort_unstable();
+                rr_us.push(PERCENTILES.map(|(p, _)| percentile(&all, p)));
+                rr_n.push(all.len());
+            }
+            let round_p50_us = runs
+                .iter()
+                .map(|r| {
+                    let mut v = r.rr_ns.first().cloned().unwrap_or_default();
+                    v.sort_unstable();
+                    if v.is_empty() {
+                        f64::NAN
+                    } else {
+                        percentile(&v, 0.5)
+                    }
+                })
+                .collect();
+            let crr_count: usize = runs.iter().map(|r| r.crr_count).sum();
+            let crr_secs: f64 = runs.iter().map(|r| r.crr_secs).sum();
+            let conn_per_sec = crr_count as f64 / crr_secs;
+            let bulk_gbps: Vec<f64> = (0..STREAMS.len())
+                .map(|i| {
+                    let bytes: u64 = runs
+                        .iter()
+                        .map(|r| r.bulk_bytes.get(i).copied().unwrap_or(0))
+                        .sum();
+                    let secs: f64 = runs
+                        .iter()
+                        .map(|r| r.bulk_secs.get(i).copied().unwrap_or(0.0))
+                        .sum();
+                    bytes as f64 * 8.0 / secs / 1e9
+                })
+                .collect();
+            if !(conn_per_sec.is_finite() && conn_per_sec > 0.0) {
+                bail!("{what}: no connection rate");
+            }
+            if bulk_gbps.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
+                bail!("{what}: no bulk throughput");
+            }
+            let stats: Vec<_> = runs.iter().filter_map(|r| r.sidecar.as_ref()).collect();
+            let (cpu_us_per_exchange, cpu_us_per_conn, idle_rss, peak_rss) =
+                if *mode == Mode::Direct {
+                    (None, None, None, None)
+                } else {
+                    if stats.len() != runs.len() {
+                        bail!("{what}: the sidecar's CPU and memory were not measured");
+                    }
+                    let per_exchange = (0..SIZES.len())
+                        .map(|i| {
+                            let cpu: f64 = stats
+                                .iter()
+                                .map(|s| s.rr_cpu_secs.get(i).copied().unwrap_or(0.0))
+                                .sum();
+                            cpu * 1e6 / rr_n[i] as f64
+                        })
+                        .collect();
+                    let cpu_conn: f64 =
+                        stats.iter().map(|s| s.crr_cpu_secs).sum::<f64>() * 1e6 / crr_count as f64;
+                    let mib = |k: u64| k as f64 / 1024.0;
+                    (
+                        Some(per_exchange),
+                        Some(cpu_conn),
+                        stats.iter().map(|s| mib(s.idle_rss_kib)).reduce(f64::max),
+                        stats.iter().map(|s| mib(s.peak_rss_kib)).reduce(f64::max),
+                    )
+                };
+            modes.push(Figures {
+                mode: *mode,
+                rr_us,
+                rr_n,
+                round_p50_us,
+                conn_per_sec,
+                bulk_gbps,
+                cpu_us_per_exchange,
+                cpu_us_per_conn,
+                idle_rss,
+                peak_rss,
+                enomem_retries: runs.iter().map(|r| r.enomem_retries).sum(),
+            });
+        }
+        out.push(Scenario {
+            name: s.name,
+            description: s.description,
+            modes,
+        });
+    }
+    Ok(out)
+}
+
+fn size_label(size: usize) -> String {
+    if size >= 1024 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}×", a / b)
+}
+
+fn cmd_out(prog: &str, args: &[&str]) -> String {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Machine, kernel and date, for the report header.
+pub fn machine() -> (String, String, String) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    (
+        format!("{cpus} vCPU {model}, {mem_gib:.0} GiB RAM"),
+        format!("Linux {}", cmd_out("uname", &["-r"])),
+        cmd_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+    )
+}
+
+/// `/proc/loadavg`'s 1-minute figure: other work on the host adds noise to the figures.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
+pub fn markdown(
+    scenarios: &[Scenario],
+    params: &Params,
+    quick: bool,
+    crosscheck: Option<&Result<Vec<SockperfFigures>>>,
+    load_at_start: &str,
+) -> String {
+    let (machine, kernel, date) = machine();
+    let commit = cmd_out("git", &["rev-parse", "--short", "HEAD"]);
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# sidecar bench{}\n",
+        if quick {
+            " (quick smoke run: not for conclusions)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        md,
+        "{date} · {kernel} · {machine} · commit {commit}\n\n\
+         {} round(s), modes interleaved per round (direct, iptables, ebpf, ebpf --no-sockmap); \
+         per round and mode: {} timed request/response exchanges per size on one persistent \
+         connection (after 200 untimed), {} connect-exchange-close connections, {:.2} s of \
+         bulk per stream count. Latency is the client's round trip, µs. The sidecar's CPU time \
+         is utime+stime from /proc/PID/stat (10 ms ticks, summed over rounds); RSS from \
+         /proc/PID/status (idle: VmRSS before the first connection; peak: VmHWM). \
+         Load average (1 min) at start {load_at_start}, at end {}: other work on the host \
+         shows up as noise, mostly in the tails.\n",
+        params.rounds,
+        params.exchanges,
+        params.connections,
+        params.bulk_secs,
+        load_average()
+    );
+    for s in scenarios {
+        let direct = s.get(Mode::Direct);
+        let ipt = s.get(Mode::Iptables);
+        let _ = writeln!(md, "## {}: {}\n", s.name, s.description);
+        for (i, size) in SIZES.iter().enumerate() {
+            let _ = writeln!(
+                md,
+                "### request/response latency, {} messages ({} exchanges per mode)\n",
+                size_label(*size),
+                direct.rr_n[i]
+            );
+            let _ = writeln!(
+                md,
+                "| mode | p50 µs | p90 µs | p99 µs | p99.9 µs | added p50 µs | p50 ×direct | p50 ×iptables | p99 ×direct | p99 ×iptables |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for f in &s.modes {
+                let p = f.rr_us[i];
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+                    f.mode.label(),
+                    p[0],
+                    p[1],
+                    p[2],
+                    p[3],
+                    p[0] - direct.rr_us[i][0],
+                    ratio(p[0], direct.rr_us[i][0]),
+                    ratio(p[0], ipt.rr_us[i][0]),
+                    ratio(p[2], direct.rr_us[i][2]),
+                    ratio(p[2], ipt.rr_us[i][2]),
+                );
+            }
+            md.push('\n');
+        }
+        let rounds = s.modes[0].round_p50_us.len();
+        let _ = writeln!(
+            md,
+            "### p50 of each round on its own, 64 B (µs)\n\n\
+             Each round is a fresh `sidecar run`; where the scheduler puts the client, the \
+             proxy's threads and the server on this host's CPUs differs from run to run, and \
+             the p50 of a run can differ by 2× with it. The tables above merge all rounds.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| mode |{}\n|---|{}",
+            (1..=rounds)
+                .map(|r| format!(" round {r} |"))
+                .collect::<String>(),
+            "---:|".repeat(rounds)
+        );
+        for f in &s.modes {
+            let _ = writeln!(
+                md,
+                "| {} |{}",
+                f.mode.label(),
+                f.round_p50_us
+                    .iter()
+                    .map(|v| format!(" {v:.1} |"))
+                    .collect::<String>()
+            );
+        }
+        md.push('\n');
+        let _ = writeln!(md, "### connection rate, throughput and sidecar cost\n");
+        let _ = writeln!(
+            md,
+            "| mode | conn/s | ×direct | ×iptables | bulk 1 stream Gbit/s | ×direct | ×iptables | bulk 16 streams Gbit/s | ×direct | ×iptables | CPU µs/exchange 64 B | CPU µs/exchange 4 KiB | CPU µs/conn | idle RSS MiB | peak RSS MiB | bulk writes failed ENOMEM |"
+        );
+        let _ = writeln!(
+            md,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for f in &s.modes {
+            let opt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
+            let cpu = |i: usize| opt(f.cpu_us_per_exchange.as_ref().map(|c| c[i]));
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                f.mode.label(),
+                f.conn_per_sec,
+                ratio(f.conn_per_sec, direct.conn_per_sec),
+                ratio(f.conn_per_sec, ipt.conn_per_sec),
+                f.bulk_gbps[0],
+                ratio(f.bulk_gbps[0], direct.bulk_gbps[0]),
+                ratio(f.bulk_gbps[0], ipt.bulk_gbps[0]),
+                f.bulk_gbps[1],
+                ratio(f.bulk_gbps[1], direct.bulk_gbps[1]),
+                ratio(f.bulk_gbps[1], ipt.bulk_gbps[1]),
+                cpu(0),
+                cpu(1),
+                opt(f.cpu_us_per_conn),
+                opt(f.idle_rss),
+                opt(f.peak_rss),
+                f.enomem_retries,
+            );
+        }
+        md.push('\n');
+        if s.modes.iter().any(|f| f.enomem_retries > 0) {
+            let _ = writeln!(
+                md,
+                "Bulk writes failed with ENOMEM: the sockmap fast path redirects the sender's \
+                 bytes straight into the receiver's queue, with no backpressure; when the \
+                 receiver (the proxy) falls behind, the sender's write() fails with ENOMEM \
+                 instead of blocking. The bench waits 100 µs and retries; an application would \
+                 see an error.\n"
+            );
+        }
+    }
+    md.push_str(&targets(scenarios));
+    md.push_str("\n## Cross-check with sockperf\n\n");
+    match crosscheck {
+        Some(Ok(figs)) => {
+            let lo = scenarios.iter().find(|s| s.name == "loopback");
+            let _ = writeln!(
+                md,
+                "`sockperf ping-pong --tcp -m 64 --full-rtt` in the loopback namespace against \
+                 `sockperf server`, direct and under `sidecar run`, beside our client's 64 B \
+                 figures from the loopback table. sockperf is another client and server \
+                 (epoll-driven, its own message format) over the same paths; it runs once per \
+                 mode, after the rounds, so its figures carry one run's scheduling luck (see the \
+                 per-round table). The ratios to direct are the figure to compare.\n"
+            );
+            let _ = writeln!(
+                md,
+                "| mode | sockperf exchanges | sockperf p50 µs | sockperf p99 µs | sockperf p50 ×direct | ours p50 µs | ours p50 ×direct |"
+            );
+            let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+            let sp_direct = figs
+                .iter()
+                .find(|f| f.mode == Mode::Direct)
+                .map(|f| f.p50_us);
+            for f in figs {
+                let ours = lo.map(|s| s.get(f.mode).rr_us[0][0]);
+                let ours_direct = lo.map(|s| s.get(Mode::Direct).rr_us[0][0]);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {:.1} | {} | {} | {} |",
+                    f.mode.label(),
+                    f.observations,
+                    f.p50_us,
+                    f.p99_us,
+                    sp_direct.map_or("n/a".into(), |d| ratio(f.p50_us, d)),
+                    ours.map_or("n/a".into(), |o| format!("{o:.1}")),
+                    match (ours, ours_direct) {
+                        (Some(o), Some(d)) => ratio(o, d),
+                        _ => "n/a".into(),
+                    }
+                );
+            }
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(md, "not available: {e:#}");
+        }
+        None => md.push_str("not run\n"),
+    }
+    md
+}
+
+/// The issue's targets, each met or missed and by how much.
+fn targets(scenarios: &[Scenario]) -> String {
+    let mut md = String::from(
+        "## Targets\n\n| target | scenario | measured | verdict |\n|---|---|---|---|\n",
+    );
+    let verdict = |ok: bool, by: String| {
+        if ok {
+            format!("met ({by})")
+        } else {
+            format!("**missed** ({by})")
+        }
+    };
+    for s in scenarios {
+        let d = s.get(Mode::Direct).rr_us[0];
+        let i = s.get(Mode::Iptables).rr_us[0];
+        let e = s.get(Mode::Ebpf).rr_us[0];
+        let (added_e, added_i) = (e[0] - d[0], i[0] - d[0]);
+        let _ = writeln!(
+            md,
+            "| eBPF added p50 ≤ ½ iptables' added p50 (64 B) | {} | eBPF +{:.1} µs, iptables +{:.1} µs: {:.2} of iptables' | {} |",
+            s.name,
+            added_e,
+            added_i,
+            added_e / added_i,
+            verdict(
+                added_e <= added_i / 2.0,
+                format!(
+                    "limit {:.1} µs, {:+.1} µs",
+                    added_i / 2.0,
+                    added_e - added_i / 2.0
+                )
+            )
+        );
+        let _ = writeln!(
+            md,
+            "| eBPF p99 ≤ iptables p99 (64 B) | {} | {:.1} µs vs {:.1} µs | {} |",
+            s.name,
+            e[2],
+            i[2],
+            verdict(e[2] <= i[2], format!("{:.2}×", e[2] / i[2]))
+        );
+        if s.name == "loopback" {
+            for (k, size) in SIZES.iter().enumerate() {
+                let d = s.get(Mode::Direct).rr_us[k][0];
+                let e = s.get(Mode::Ebpf).rr_us[k][0];
+                let _ = writeln!(
+                    md,
+                    "| sockmap on all local legs: proxied p50 ≤ 1.15× direct ({}) | {} | {:.1} µs vs {:.1} µs = {:.2}× | {} |",
+                    size_label(*size),
+                    s.name,
+                    e,
+                    d,
+                    e / d,
+                    verdict(e / d <= 1.15, format!("limit 1.15×, {:+.2}", e / d - 1.15))
+                );
+            }
+        }
+    }
+    let idle = scenarios
+        .iter()
+        .filter_map(|s| s.get(Mode::Ebpf).idle_rss)
+        .fold(0.0, f64::max);
+    let _ = writeln!(
+        md,
+        "| sidecar idle RSS < 20 MiB (eBPF mode) | all | {idle:.1} MiB | {} |",
+        verdict(idle < 20.0, format!("{:+.1} MiB vs 20", idle - 20.0))
+    );
+    md
+}
+
+/// One line for the terminal at the end.
+pub fn headline(scenarios: &[Scenario]) -> String {
+    let mut out = String::from("bench: 64 B p50 µs");
+    for s in scenarios {
+        let _ = write!(out, " | {}:", s.name);
+        for f in &s.modes {
+            let _ = write!(out, " {} {:.1}", f.mode.label(), f.rr_us[0][0]);
+        }
+    }
+    out
+}
+
+/// Parses the report's tables back and fails unless every mode has a row with a number in
+/// every cell (`n/a` allowed only for the sidecar's figures of the direct mode).
+pub fn check(md: &str) -> Result<()> {
+    let mut tables = 0;
+    let mut rows_per_table = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for line in md.lines().chain(std::iter::once("")) {
+        if let Some(cells) = line.strip_prefix('|').and_then(|l| l.strip_suffix('|')) {
+            let cells: Vec<&str> = cells.split('|').map(str::trim).collect();
+            if cells.iter().all(|c| c.starts_with("---") || c.is_empty()) {
+                continue;
+            }
+            let rows = current.get_or_insert_with(Vec::new);
+            let Some(mode) = Mode::ALL.iter().find(|m| m.label() == cells[0]) else {
+                continue; // header or a non-mode table
+            };
+            for c in &cells[1..] {
+                let number = c
+                    .trim_end_matches('×')
+                    .parse::<f64>()
+                    .is_ok_and(f64::is_finite);
+                if !(number || (*c == "n/a" && *mode == Mode::Direct)) {
+                    bail!("{}: cell {c:?} is not a number in: {line}", mode.label());
+                }
+            }
+            rows.push(mode.label().to_string());
+        } else if let Some(rows) = current.take()
+            && !rows.is_empty()
+        {
+            tables += 1;
+            rows_per_table.push(rows);
+        }
+    }
+    // Per scenario: one latency table per size, the per-round table and the cost table.
+    let per_scenario = SIZES.len() + 2;
+    let mode_tables: Vec<_> = rows_per_table
+        .iter()
+        .filter(|r| r.len() == Mode::ALL.len())
+        .collect();
+    if mode_tables.len() < 2 * per_scenario {
+        bail!(
+            "expected {} tables with a row for each of the {} modes, found {} ({tables} tables in all)",
+            2 * per_scenario,
+            Mode::ALL.len(),
+            mode_tables.len()
+        );
+    }
+    Ok(())
+}
+
+/// Latency percentiles per mode: one panel per scenario and size, log-scale y axis.
+pub fn svg(scenarios: &[Scenario]) -> String {
+    const PW: f64 = 380.0; // panel width
+    const PH: f64 = 260.0;
+    const ML: f64 = 60.0; // margins inside a panel
+    const MR: f64 = 15.0;
+    const MT: f64 = 30.0;
+    const MB: f64 = 35.0;
+    const COLORS: [&str; 4] = ["#444444", "#d62728", "#1f77b4", "#2ca02c"];
+    let panels: Vec<(&Scenario, usize)> = scenarios
+        .iter()
+        .flat_map(|s| (0..SIZES.len()).map(move |i| (s, i)))
+        .collect();
+    let cols = SIZES.len();
+    let rows = panels.len().div_ceil(cols);
+    let (w, h) = (PW * cols as f64, PH * rows as f64 + 60.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (n, (s, i)) in panels.iter().enumerate() {
+        let (x0, y0) = ((n % cols) as f64 * PW, (n / cols) as f64 * PH);
+        let values: Vec<f64> = s.modes.iter().flat_map(|f| f.rr_us[*i]).collect();
+        let lo = values.iter().cloned().fold(f64::MAX, f64::min).max(0.1);
+        let hi = values.iter().cloned().fold(0.0, f64::max).max(lo * 1.01);
+        let (llo, lhi) = (lo.log10().floor(), hi.log10().ceil());
+        let (plot_w, plot_h) = (PW - ML - MR, PH - MT - MB);
+        let x = |k: usize| x0 + ML + plot_w * (k as f64 + 0.5) / PERCENTILES.len() as f64;
+        let y = |v: f64| y0 + MT + plot_h * (1.0 - (v.max(0.1).log10() - llo) / (lhi - llo));
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" font-size=\"13\" font-weight=\"bold\">{} · {} round trip (µs, log)</text>",
+            x0 + ML,
+            y0 + 18.0,
+            s.name,
+            size_label(SIZES[*i])
+        );
+        // Grid: 1, 2, 5 per decade.
+        let mut decade = llo;
+        while decade < lhi + 0.001 {
+            for m in [1.0, 2.0, 5.0] {
+                let v = 10f64.powf(decade) * m;
+                if v.log10() > lhi + 1e-9 {
+                    continue;
+                }
+                let yy = y(v);
+                let _ = writeln!(
+                    svg,
+                    "<line x1=\"{}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e0e0e0\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+                    x0 + ML,
+                    x0 + PW - MR,
+                    x0 + ML - 5.0,
+                    yy + 4.0,
+                    v
+                );
+            }
+            decade += 1.0;
+        }
+        for (k, (_, label)) in PERCENTILES.iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{label}</text>",
+                x(k),
+                y0 + PH - MB + 16.0
+            );
+        }
+        for (f, color) in s.modes.iter().zip(COLORS) {
+            let points: Vec<String> = f.rr_us[*i]
+                .iter()
+                .enumerate()
+                .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                points.join(" ")
+            );
+            for p in &points {
+                let (px, py) = p.split_once(',').unwrap();
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
+                );
+            }
+        }
+    }
+    // Legend.
+    let ly = h - 25.0;
+    for (k, (m, color)) in Mode::ALL.iter().zip(COLORS).enumerate() {
+        let lx = 20.0 + k as f64 * 170.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            lx + 25.0,
+            lx + 30.0,
+            ly + 4.0,
+            m.label()
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_sorted_samples() {
+        let v: Vec<u32> = (1..=1000).map(|i| i * 1000).collect();
+        assert_eq!(percentile(&v, 0.5), 500.0);
+        assert_eq!(percentile(&v, 0.99), 990.0);
+        assert_eq!(percentile(&v, 0.999), 999.0);
+        assert_eq!(percentile(&[7000], 0.5), 7.0);
+    }
+
+    #[test]
+    fn check_rejects_a_missing_number() {
+        let row = |m: &str, v: &str| format!("| {m} | {v} | 1.00× |\n");
+        let table = |bad: bool| {
+            let mut t = String::from("| mode | x | y |\n|---|---:|---:|\n");
+            for m in Mode::ALL {
+                t += &row(
+                    m.label(),
+                    if bad && m == Mode::Ebpf { "NaN" } else { "1.5" },
+                );
+            }
+            t + "\n"
+        };
+        let good: String = (0..8).map(|_| table(false)).collect();
+        assert!(check(&good).is_ok());
+        let mut bad = good.clone();
+        bad += &table(true);
+        assert!(check(&bad).is_err());
+        assert!(check(&table(false)).is_err(), "too few tables");
+    }
+}
