@@ -137,6 +137,31 @@ pub struct ClientResult {
     /// see these as errors; the bench retries so it can still measure, and reports them.
     #[serde(default)]
     pub enomem_retries: u64,
+    /// Blocking reads that returned EAGAIN long before their timeout, retried: the kernel's
+    /// sockmap receive path (`tcp_bpf_recvmsg`) gives up after one wake-up without data.
+    #[serde(default)]
+    pub eagain_retries: u64,
+}
+
+/// Spurious EAGAINs seen by this client process's blocking reads.
+static SPURIOUS_EAGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `read_exact` on a blocking socket, retrying an EAGAIN that comes back before the read
+/// timeout could have expired (see [`RunResult::eagain_retries`]).
+fn read_exact_retrying(c: &mut TcpStream, mut buf: &mut [u8]) -> io::Result<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while !buf.is_empty() {
+        match c.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                SPURIOUS_EAGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// CPU time is read from `/proc/<pid>/stat` (utime + stime, all threads, clock ticks).
@@ -206,6 +231,7 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     for streams in STREAMS {
         let (bytes, secs, retries) = bulk(sink, streams, Duration::from_secs_f64(args.bulk_secs))?;
         result.enomem_retries += retries;
+        result.eagain_retries = SPURIOUS_EAGAIN.load(std::sync::atomic::Ordering::Relaxed);
         result.bulk_bytes.push(bytes);
         result.bulk_secs.push(secs);
     }
@@ -232,7 +258,7 @@ fn connect(addr: SocketAddr) -> Result<TcpStream> {
 fn exchange(c: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
     // No ENOMEM retry here: one message in flight never fills a receiver.
     c.write_all(buf).context("sending a request")?;
-    c.read_exact(buf).context("reading the echo")?;
+    read_exact_retrying(c, buf).context("reading the echo")?;
     Ok(())
 }
 
@@ -253,8 +279,7 @@ fn bulk(sink: SocketAddr, streams: usize, time: Duration) -> Result<(u64, f64, u
                 chunk[0] = CHUNK_END;
                 retries += write_retrying(&mut c, &chunk).context("bulk write")?;
                 let mut count = [0u8; 8];
-                c.read_exact(&mut count)
-                    .context("reading the sink's count")?;
+                read_exact_retrying(&mut c, &mut count).context("reading the sink's count")?;
                 Ok((u64::from_le_bytes(count), retries))
             })
         })

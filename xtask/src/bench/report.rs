@@ -40,6 +40,8 @@ pub struct Figures {
     pub peak_rss: Option<f64>,
     /// Bulk writes refused with ENOMEM (and retried), summed over rounds.
     pub enomem_retries: u64,
+    /// Blocking reads that returned EAGAIN early (and were retried), summed over rounds.
+    pub eagain_retries: u64,
 }
 
 pub struct Scenario {
@@ -159,6 +161,7 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 idle_rss,
                 peak_rss,
                 enomem_retries: runs.iter().map(|r| r.enomem_retries).sum(),
+                eagain_retries: runs.iter().map(|r| r.eagain_retries).sum(),
             });
         }
         out.push(Scenario {
@@ -374,6 +377,23 @@ pub fn markdown(
                  receiver (the proxy) falls behind, the sender's write() fails with ENOMEM \
                  instead of blocking. The bench waits 100 µs and retries; an application would \
                  see an error.\n"
+            );
+        }
+    }
+    for s in scenarios {
+        let hit: Vec<String> = s
+            .modes
+            .iter()
+            .filter(|f| f.eagain_retries > 0)
+            .map(|f| format!("{} {} ({})", s.name, f.mode.label(), f.eagain_retries))
+            .collect();
+        if !hit.is_empty() {
+            let _ = writeln!(
+                md,
+                "Blocking reads returned EAGAIN before their timeout (retried): {}. A spliced \
+                 socket reads through the kernel's tcp_bpf_recvmsg, which gives up after one \
+                 wake-up without data (README, Known limitations).\n",
+                hit.join(", ")
             );
         }
     }
