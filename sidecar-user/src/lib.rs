@@ -8,6 +8,7 @@
 pub mod cidr;
 pub mod cleanup;
 pub mod host;
+pub mod policy;
 pub mod probe;
 pub mod proxy;
 pub mod redirect;

@@ -115,7 +115,7 @@ fn kernel_release() -> Check {
     Check::pass("kernel", format!("Linux {release}"))
 }
 
-/// Loads the object, attaches connect4/connect6/sockops to a scratch cgroup and sk_msg to the
+/// Loads the object, attaches connect4/connect6/sockops/strict-inbound to a scratch cgroup and sk_msg to the
 /// sockhash, pins everything, then tears it all down.
 fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     const NAME: &str = "eBPF programs";
@@ -130,6 +130,7 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
                 pin_dir: bpffs.path().join(format!("sidecar/probe-{pid}")),
                 sockmap: true,
                 bpf_log: false,
+                strict_inbound_cgroup: Some(scratch.path().into()),
             },
             &[],
             &[],

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
+    policy::{self, Enforcer, kernel::KernelPolicy},
     proxy::{
         Proxy, ProxySettings,
         mesh::Mesh,
@@ -64,6 +65,11 @@ pub struct RunOptions {
     pub report: Option<PathBuf>,
     /// mTLS between sidecars; `None` keeps every connection plaintext.
     pub mtls: Option<MtlsOptions>,
+    /// Authorization policy file (watched for changes); `None` allows everything.
+    pub policy: Option<PathBuf>,
+    /// Strict inbound mode: refuse plaintext connection attempts from outside to the
+    /// workload (only tunnels, delivered from loopback, get in).
+    pub strict_inbound: bool,
     pub command: Vec<OsString>,
 }
 
@@ -86,6 +92,8 @@ pub struct MtlsOptions {
 
 /// How often certificate files are checked for rotation.
 const ROTATION_POLL: Duration = Duration::from_secs(1);
+/// How often the policy file is checked for changes.
+const POLICY_POLL: Duration = Duration::from_secs(1);
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
@@ -103,6 +111,18 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         );
     }
     let program = resolve_command(&opts.command)?;
+    if opts.strict_inbound && opts.mtls.as_ref().and_then(|m| m.inbound).is_none() {
+        bail!(
+            "--inbound-mode strict refuses every connection that does not come through the \
+             sidecar's tunnel, so it needs --tls-dir with an inbound listener (not --no-inbound)"
+        );
+    }
+    // The policy is validated and compiled before anything is attached: a bad file is a
+    // clean error naming its line.
+    let policy = match &opts.policy {
+        Some(path) => Some(policy::load(path)?),
+        None => None,
+    };
     privileges::require("sidecar run")?;
     let cg_root = cgroup::root()?;
     // Credentials are checked before anything is attached: a bad set is a clean error.
@@ -184,6 +204,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             pin_dir,
             sockmap: opts.sockmap,
             bpf_log: opts.bpf_log,
+            strict_inbound_cgroup: opts.strict_inbound.then(|| app_cg.path().into()),
         },
         &[
             Workload {
@@ -230,7 +251,24 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
-    let proxy = Proxy::new(opts.proxy, lookups.clone(), mesh, journal.clone());
+    let enforcer = match (policy, &opts.policy) {
+        (Some(loaded), Some(path)) => {
+            let kernel = KernelPolicy::open(interception.pin_dir(), WORKLOAD_SCOPE)
+                .context("opening the kernel policy maps")?;
+            let enforcer = Enforcer::new(path.clone(), loaded, Some(kernel))?;
+            info!(file = %path.display(), rules = enforcer.current().rules.len(), "policy in force");
+            let _watcher = policy::reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
+            Some(enforcer)
+        }
+        _ => None,
+    };
+    let proxy = Proxy::new(
+        opts.proxy,
+        lookups.clone(),
+        mesh,
+        journal.clone(),
+        enforcer.clone(),
+    );
     for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
         let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
         rt.spawn(proxy.clone().serve(listener, Direction::Outbound));
@@ -272,6 +310,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         dropped_records: dropped,
         counters,
         inbound_rejections: proxy.rejections(),
+        policy: enforcer.map(|e| e.report()),
     };
     eprint!("{}", report.summary());
     if let Some(path) = &opts.report {

@@ -16,6 +16,7 @@ use super::{
     record::{ConnRecord, Outcome},
 };
 use crate::{
+    policy::rules::Way,
     tls::{ALPN, identity::SpiffeId},
     tunnel::preamble,
 };
@@ -60,14 +61,20 @@ impl Proxy {
         rec.mtls = true;
         rec.peer_identity = Some(peer.to_string());
 
-        // (Policy on the verified identity goes here.)
-
         // Preamble: where the peer's app was going.
         let dst = match preamble::read(&mut tls, mesh.preamble_timeout).await {
             Ok(p) => p.original_dst,
             Err(e) => return self.reject(rec, e.reason(), e),
         };
         rec.original_dst = Some(dst);
+
+        // Policy on the verified identity and the destination port the peer asked for,
+        // before anything local is connected. Dropping `tls` closes the tunnel.
+        if !self.permitted(Way::Inbound, Some(&peer), dst) {
+            self.rejections.count("policy_denied");
+            warn!(peer = %peer, %dst, "inbound connection refused by policy");
+            return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
+        }
 
         // The local app, always on loopback.
         let local_app = SocketAddr::new(

@@ -31,7 +31,14 @@ use self::{
     mesh::Mesh,
     record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
-use crate::redirect::Redirect;
+use crate::{
+    policy::{
+        Enforcer,
+        rules::{Request, Way},
+    },
+    redirect::Redirect,
+    tls::identity::SpiffeId,
+};
 
 /// Timeouts of the data path.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +56,8 @@ pub struct Proxy {
     redirect: Arc<dyn Redirect>,
     mesh: Option<Mesh>,
     journal: Arc<Journal>,
+    /// Authorization policy; `None` allows everything.
+    policy: Option<Arc<Enforcer>>,
     rejections: Rejections,
     next_id: AtomicU64,
     stop_accepting: CancellationToken,
@@ -62,12 +71,14 @@ impl Proxy {
         redirect: Arc<dyn Redirect>,
         mesh: Option<Mesh>,
         journal: Arc<Journal>,
+        policy: Option<Arc<Enforcer>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             redirect,
             mesh,
             journal,
+            policy,
             rejections: Rejections::default(),
             next_id: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
@@ -120,6 +131,13 @@ impl Proxy {
                 .instrument(span),
             );
         }
+    }
+
+    /// Whether the policy lets this connection proceed (counted and logged either way).
+    fn permitted(&self, way: Way, source: Option<&SpiffeId>, dst: SocketAddr) -> bool {
+        self.policy
+            .as_ref()
+            .is_none_or(|p| p.check(&Request { way, source, dst }))
     }
 
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {

@@ -10,7 +10,7 @@ use super::{
     mesh::Route,
     record::{ConnRecord, Outcome},
 };
-use crate::tunnel;
+use crate::{policy::rules::Way, tunnel};
 
 impl Proxy {
     pub(super) async fn outbound(&self, mut client: TcpStream, rec: &mut ConnRecord) {
@@ -33,7 +33,12 @@ impl Proxy {
         rec.app_leg_spliced = self.redirect.is_spliced(local, rec.client);
         let _ = client.set_nodelay(true);
 
-        // (Policy goes here.)
+        // Policy: normally the kernel already refused a denied destination at connect();
+        // this catches the rest (e.g. dry-run logging) from the same compiled policy.
+        if !self.permitted(Way::Outbound, None, dst) {
+            let _ = client.set_zero_linger();
+            return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
+        }
 
         // Route: through an mTLS tunnel to the destination's sidecar, or plaintext.
         let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));

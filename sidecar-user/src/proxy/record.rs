@@ -24,6 +24,8 @@ pub enum Outcome {
     Shutdown,
     /// The inbound side refused the peer (TLS, identity or preamble); see `error`.
     Refused,
+    /// The authorization policy denied the connection.
+    PolicyDenied,
 }
 
 impl Outcome {
@@ -37,6 +39,7 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::Refused => "refused",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 }

@@ -1,0 +1,200 @@
+//! Authorization policy: which connections may be made (outbound) and accepted (inbound).
+//!
+//! * [`schema`]: the TOML file, parsed strictly and validated; errors name the line.
+//! * [`rules`]: the validated policy and its pure evaluation (first match wins).
+//! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`).
+//! * [`stats`]: decisions counted by direction, rule and outcome.
+//! * [`reload`]: the file watched and swapped atomically, kernel maps first.
+//!
+//! [`Enforcer`] ties them together for the proxy: one live policy behind an `Arc` swapped
+//! whole, so each connection is decided by one consistent policy.
+
+pub mod kernel;
+pub mod reload;
+pub mod rules;
+pub mod schema;
+pub mod stats;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use self::schema::PolicyError;
+use self::{
+    kernel::{KernelPolicy, KernelPolicyError},
+    rules::{Action, Policy, Request},
+    stats::{DecisionCount, Outcome, PolicyStats},
+};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("policy file {path} {error}")]
+    Invalid { path: PathBuf, error: PolicyError },
+    #[error("policy file {path}: {error}")]
+    Kernel {
+        path: PathBuf,
+        error: KernelPolicyError,
+    },
+}
+
+/// A policy file read, validated and compiled for the kernel: everything that can fail
+/// before it is put in force.
+pub struct Loaded {
+    pub policy: Policy,
+    pub compiled: kernel::Compiled,
+}
+
+/// Reads, validates and compiles `path`.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let policy = schema::parse(&text).map_err(|error| LoadError::Invalid {
+        path: path.into(),
+        error,
+    })?;
+    let compiled = kernel::compile(&policy).map_err(|error| LoadError::Kernel {
+        path: path.into(),
+        error,
+    })?;
+    Ok(Loaded { policy, compiled })
+}
+
+/// The live policy, its kernel maps and its counters.
+pub struct Enforcer {
+    path: PathBuf,
+    live: RwLock<Arc<Policy>>,
+    kernel: Mutex<Option<KernelPolicy>>,
+    stats: PolicyStats,
+    generation: AtomicU64,
+    reload_errors: AtomicU64,
+}
+
+/// What the report shows under `policy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReport {
+    pub file: PathBuf,
+    /// 1 for the policy loaded at start, +1 per successful reload.
+    pub generation: u64,
+    pub reload_errors: u64,
+    pub dry_run: bool,
+    pub rules: usize,
+    pub decisions: Vec<DecisionCount>,
+}
+
+impl Enforcer {
+    /// Puts `loaded` in force, in the kernel (if `kernel` is given) first.
+    pub fn new(
+        path: PathBuf,
+        loaded: Loaded,
+        mut kernel: Option<KernelPolicy>,
+    ) -> Result<Arc<Self>, LoadError> {
+        if let Some(k) = kernel.as_mut() {
+            k.install(&loaded.compiled)
+                .map_err(|error| LoadError::Kernel {
+                    path: path.clone(),
+                    error,
+                })?;
+        }
+        Ok(Arc::new(Self {
+            path,
+            live: RwLock::new(Arc::new(loaded.policy)),
+            kernel: Mutex::new(kernel),
+            stats: PolicyStats::default(),
+            generation: AtomicU64::new(1),
+            reload_errors: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the file; a valid policy replaces the live one (kernel maps first, so a
+    /// kernel failure leaves the old policy whole in both halves).
+    pub fn reload(&self) -> Result<(), LoadError> {
+        let result = load(&self.path).and_then(|loaded| {
+            if let Some(k) = self
+                .kernel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                k.install(&loaded.compiled)
+                    .map_err(|error| LoadError::Kernel {
+                        path: self.path.clone(),
+                        error,
+                    })?;
+            }
+            *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded.policy);
+            Ok(())
+        });
+        match &result {
+            Ok(()) => {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.reload_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Decides on one connection, counts it and logs it. Returns whether it may proceed.
+    pub fn check(&self, req: &Request<'_>) -> bool {
+        let policy = self.current();
+        let decision = policy.evaluate(req);
+        let rule = policy.rule_label(&decision, req.way);
+        let outcome = match (decision.action, decision.refuse) {
+            (Action::Deny, true) => Outcome::Deny,
+            (Action::Deny, false) => Outcome::WouldDeny,
+            (Action::Audit, _) => Outcome::Audit,
+            (Action::Allow, _) => Outcome::Allow,
+        };
+        self.stats.count(req.way, &rule, outcome);
+        let identity = req.source.map(|s| s.to_string());
+        let identity = identity.as_deref().unwrap_or("-");
+        let (direction, dst) = (req.way.as_str(), req.dst);
+        match outcome {
+            Outcome::Deny => {
+                warn!(direction, %rule, identity, %dst, "policy denied the connection")
+            }
+            Outcome::WouldDeny => {
+                warn!(direction, %rule, identity, %dst, "policy would deny the connection (dry run)")
+            }
+            Outcome::Audit => warn!(direction, %rule, identity, %dst, "policy audit"),
+            Outcome::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
+        }
+        !decision.refuse
+    }
+
+    pub fn report(&self) -> PolicyReport {
+        let policy = self.current();
+        PolicyReport {
+            file: self.path.clone(),
+            generation: self.generation.load(Ordering::Relaxed),
+            reload_errors: self.reload_errors.load(Ordering::Relaxed),
+            dry_run: policy.dry_run,
+            rules: policy.rules.len(),
+            decisions: self.stats.snapshot(),
+        }
+    }
+}
