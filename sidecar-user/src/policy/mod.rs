@@ -198,3 +198,6 @@ impl Enforcer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
