@@ -60,18 +60,21 @@ direction = "inbound"
 sources = ["spiffe://partner.example"]
 "#;
 
-fn out(dst: &'static str) -> (Way, Option<&'static str>, &'static str) {
+/// A connection to decide on: direction, peer identity, destination.
+type Conn = (Way, Option<&'static str>, &'static str);
+
+fn out(dst: &'static str) -> Conn {
     (Way::Outbound, None, dst)
 }
 
-fn inb(id: &'static str, dst: &'static str) -> (Way, Option<&'static str>, &'static str) {
+fn inb(id: &'static str, dst: &'static str) -> Conn {
     (Way::Inbound, Some(id), dst)
 }
 
 #[test]
 fn evaluation_table() {
     let policy = parse(POLICY).unwrap();
-    let cases: &[((Way, Option<&str>, &str), &str, Action)] = &[
+    let cases: &[(Conn, &str, Action)] = &[
         // Exact host, both families.
         (out("169.254.169.254:80"), "metadata", Action::Deny),
         (out("169.254.169.253:80"), "default-outbound", Action::Allow),
