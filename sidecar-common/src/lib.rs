@@ -51,6 +51,9 @@ pub mod maps {
     /// `LpmTrie<ScopedAddr, PortBitmap>`: outbound policy compiled per destination prefix;
     /// the key's scope is [`policy_scope`](crate::policy_scope)`(workload scope, slot)`.
     pub const POLICY_OUT: &str = "POLICY_OUT";
+    /// `RingBuf` of [`PolicyDenyEvent`](crate::PolicyDenyEvent): each connect the policy
+    /// refused, so user space can log it and count it by rule.
+    pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
@@ -72,6 +75,9 @@ pub mod limits {
     /// slots so a reload can fill one while the other is live.
     pub const POLICY_PREFIXES: u32 = 1024;
     pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
+    /// Bytes of the deny event ring (a power of two, a multiple of the page size): 2,048
+    /// events; when it is full, events are dropped (`connect_policy_denied` still counts).
+    pub const POLICY_EVENTS_BYTES: u32 = 64 * 1024;
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].
@@ -191,6 +197,19 @@ impl PortBitmap {
     pub fn set(&mut self, port: u16) {
         self.bits[(port >> 3) as usize] |= 1u8 << (port & 7);
     }
+}
+
+/// A connect the outbound policy refused in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyDenyEvent {
+    /// The destination, 16-byte form (network-order words, v4-mapped for IPv4).
+    pub ip: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The calling process (thread group id).
+    pub pid: u32,
 }
 
 /// An original destination, as the app asked for it.
@@ -403,6 +422,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PortBitmap {}
+    unsafe impl aya::Pod for super::PolicyDenyEvent {}
 }
 
 #[cfg(test)]
@@ -511,6 +531,7 @@ mod tests {
             assert!(!b.denies(p), "{p}");
         }
         assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<PolicyDenyEvent>(), 24);
         assert_eq!(policy_scope(1, 0), 2);
         assert_eq!(policy_scope(1, 1), 3);
         assert_eq!(policy_scope(1, 3), 3);

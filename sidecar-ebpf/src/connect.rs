@@ -13,7 +13,8 @@ use core::{
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::{
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie,
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -21,15 +22,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
-    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, ScopedAddr, WorkloadConfig, flags, is_loopback,
-    limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
+    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr, WorkloadConfig, flags,
+    is_loopback, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
 };
 
 use crate::{
     ctx::user_ip6,
     maps::{
-        COOKIE_ORIG_DST, EXCLUDED_CIDRS, POLICY_OUT, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED,
-        WORKLOADS, count,
+        COOKIE_ORIG_DST, EXCLUDED_CIDRS, POLICY_EVENTS, POLICY_OUT, POLICY_STATE, PROXY_COOKIES,
+        SOCKMAP_ENABLED, WORKLOADS, count,
     },
 };
 
@@ -158,6 +159,16 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     // proxy.
     if policy_denies(cfg.scope, addr, port) {
         count(Counter::ConnectPolicyDenied, 1);
+        // SAFETY: helper call without pointer arguments.
+        let pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+        let event = PolicyDenyEvent {
+            ip,
+            port,
+            _pad: 0,
+            pid,
+        };
+        // A full ring drops the event; the counter above still has it.
+        let _ = POLICY_EVENTS.output::<PolicyDenyEvent>(&event, 0);
         debug!(ctx, "connect to port {} refused by policy", port);
         return Ok(false);
     }

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use sidecar_common::{
     Counter, OrigDst, PolicyState, PortBitmap, ScopedAddr, SockKey, WorkloadConfig, limits,
@@ -48,6 +48,9 @@ pub static POLICY_STATE: HashMap<u32, PolicyState> =
 #[map(name = "POLICY_OUT")]
 pub static POLICY_OUT: LpmTrie<ScopedAddr, PortBitmap> =
     LpmTrie::with_max_entries(limits::POLICY_OUT, 0);
+
+#[map(name = "POLICY_EVENTS")]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::POLICY_EVENTS_BYTES, 0);
 
 /// Set by the loader: 0 turns the sockmap fast path off (connect redirect still works).
 #[unsafe(no_mangle)]

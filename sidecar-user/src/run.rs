@@ -37,7 +37,10 @@ use tracing::{info, warn};
 use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
-    policy::{self, Enforcer, kernel::KernelPolicy},
+    policy::{
+        self, Enforcer,
+        kernel::{DenyEvents, KernelPolicy},
+    },
     proxy::{
         Proxy, ProxySettings,
         mesh::Mesh,
@@ -94,6 +97,8 @@ pub struct MtlsOptions {
 const ROTATION_POLL: Duration = Duration::from_secs(1);
 /// How often the policy file is checked for changes.
 const POLICY_POLL: Duration = Duration::from_secs(1);
+/// How often the kernel's policy deny events are read (and logged).
+const EVENT_POLL: Duration = Duration::from_millis(100);
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
@@ -255,9 +260,12 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         (Some(loaded), Some(path)) => {
             let kernel = KernelPolicy::open(interception.pin_dir(), WORKLOAD_SCOPE)
                 .context("opening the kernel policy maps")?;
-            let enforcer = Enforcer::new(path.clone(), loaded, Some(kernel))?;
+            let events = DenyEvents::open(interception.pin_dir())
+                .context("opening the kernel policy events")?;
+            let enforcer = Enforcer::new(path.clone(), loaded, Some(kernel), Some(events))?;
             info!(file = %path.display(), rules = enforcer.current().rules.len(), "policy in force");
             let _watcher = policy::reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
+            let _events = policy::reload::spawn_kernel_event_reader(enforcer.clone(), EVENT_POLL);
             Some(enforcer)
         }
         _ => None,
@@ -293,6 +301,9 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let cut = rt.block_on(proxy.drain(opts.drain_timeout));
     if cut > 0 {
         warn!("{cut} connection(s) were still open after the drain deadline and were closed");
+    }
+    if let Some(e) = &enforcer {
+        e.drain_kernel_events();
     }
     let counters = lookups.counters();
     drop(lookups);

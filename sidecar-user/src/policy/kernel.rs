@@ -16,9 +16,10 @@
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
-use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use sidecar_common::{
-    PolicyState, PortBitmap, ScopedAddr, limits, lpm_prefix_len, maps, policy_flags, policy_scope,
+    PolicyDenyEvent, PolicyState, PortBitmap, ScopedAddr, ip_from_words, limits, lpm_prefix_len,
+    maps, policy_flags, policy_scope,
 };
 use thiserror::Error;
 
@@ -279,6 +280,49 @@ impl KernelPolicy {
         for key in self.keys[slot as usize].drain(..) {
             let _ = self.trie.remove(&key);
         }
+    }
+}
+
+/// The connects the kernel refused, as it reported them ([`maps::POLICY_EVENTS`]).
+pub struct DenyEvents {
+    ring: RingBuf<MapData>,
+}
+
+/// One refused connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelDeny {
+    pub dst: std::net::SocketAddr,
+    pub pid: u32,
+}
+
+impl DenyEvents {
+    pub fn open(pin_dir: &Path) -> Result<Self, KernelPolicyError> {
+        let name = maps::POLICY_EVENTS;
+        let err = |source| KernelPolicyError::Map { name, source };
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+        Ok(Self {
+            ring: RingBuf::try_from(map).map_err(err)?,
+        })
+    }
+
+    /// Every event waiting in the ring (never blocks).
+    pub fn drain(&mut self) -> Vec<KernelDeny> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<PolicyDenyEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole PolicyDenyEvent (plain integers) here; the
+            // read is unaligned-safe.
+            let e: PolicyDenyEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyDenyEvent>()) };
+            out.push(KernelDeny {
+                dst: std::net::SocketAddr::new(ip_from_words(e.ip), e.port),
+                pid: e.pid,
+            });
+        }
+        out
     }
 }
 

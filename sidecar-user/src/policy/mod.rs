@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 pub use self::schema::PolicyError;
 use self::{
-    kernel::{KernelPolicy, KernelPolicyError},
+    kernel::{DenyEvents, KernelPolicy, KernelPolicyError},
     rules::{Action, Policy, Request},
     stats::{DecisionCount, Outcome, PolicyStats},
 };
@@ -79,6 +79,8 @@ pub struct Enforcer {
     path: PathBuf,
     live: RwLock<Arc<Policy>>,
     kernel: Mutex<Option<KernelPolicy>>,
+    /// Connects the kernel refused, read by [`Enforcer::drain_kernel_events`].
+    kernel_events: Mutex<Option<DenyEvents>>,
     stats: PolicyStats,
     generation: AtomicU64,
     reload_errors: AtomicU64,
@@ -102,6 +104,7 @@ impl Enforcer {
         path: PathBuf,
         loaded: Loaded,
         mut kernel: Option<KernelPolicy>,
+        kernel_events: Option<DenyEvents>,
     ) -> Result<Arc<Self>, LoadError> {
         if let Some(k) = kernel.as_mut() {
             k.install(&loaded.compiled)
@@ -114,6 +117,7 @@ impl Enforcer {
             path,
             live: RwLock::new(Arc::new(loaded.policy)),
             kernel: Mutex::new(kernel),
+            kernel_events: Mutex::new(kernel_events),
             stats: PolicyStats::default(),
             generation: AtomicU64::new(1),
             reload_errors: AtomicU64::new(0),
@@ -184,6 +188,43 @@ impl Enforcer {
             Outcome::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
         }
         !decision.refuse
+    }
+
+    /// Logs and counts (by rule, outcome `deny`) every connect the kernel refused since the
+    /// last call. The rule is found by evaluating the destination against the policy in
+    /// force now — the one the kernel used, unless a reload happened in between.
+    pub fn drain_kernel_events(&self) {
+        let events = match self
+            .kernel_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(ring) => ring.drain(),
+            None => return,
+        };
+        if events.is_empty() {
+            return;
+        }
+        let policy = self.current();
+        for e in events {
+            let req = Request {
+                way: rules::Way::Outbound,
+                source: None,
+                dst: e.dst,
+            };
+            let decision = policy.evaluate(&req);
+            let rule = policy.rule_label(&decision, req.way);
+            self.stats.count(req.way, &rule, Outcome::Deny);
+            warn!(
+                direction = "outbound",
+                %rule,
+                identity = "-",
+                dst = %e.dst,
+                pid = e.pid,
+                "policy refused connect() in the kernel (EPERM)"
+            );
+        }
     }
 
     pub fn report(&self) -> PolicyReport {

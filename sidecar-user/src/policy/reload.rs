@@ -44,3 +44,16 @@ pub fn spawn_watcher(enforcer: Arc<Enforcer>, interval: Duration) -> tokio::task
         }
     })
 }
+
+/// Reads the kernel's deny events every `interval` (they are logged and counted by rule).
+pub fn spawn_kernel_event_reader(
+    enforcer: Arc<Enforcer>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            enforcer.drain_kernel_events();
+        }
+    })
+}
