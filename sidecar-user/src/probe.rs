@@ -148,7 +148,7 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     match result {
         Ok(()) => Check::pass(
             NAME,
-            "connect4, connect6, sockops, sk_msg load, attach and pin (sockmap fast path available)",
+            "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin (sockmap fast path available)",
         ),
         Err(e) => Check::fail(
             NAME,
