@@ -69,10 +69,10 @@ impl Proxy {
         rec.original_dst = Some(dst);
 
         // Policy on the verified identity and the destination port the peer asked for,
-        // before anything local is connected. Dropping `tls` closes the tunnel.
+        // before anything local is connected. Dropping `tls` closes the tunnel. (The
+        // enforcer logs the decision with the identity and destination.)
         if !self.permitted(Way::Inbound, Some(&peer), dst) {
             self.rejections.count("policy_denied");
-            warn!(peer = %peer, %dst, "inbound connection refused by policy");
             return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
         }
 
