@@ -423,6 +423,91 @@ mod tests {
         }
     }
 
+    /// The same agreement over random policies (nested and overlapping prefixes of both
+    /// families, including IPv6 blocks that contain the IPv4-mapped range, port ranges, all
+    /// actions, both defaults) and probes inside and around those prefixes and range edges.
+    #[test]
+    fn kernel_and_proxy_agree_on_random_policies() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let bases: [(&str, u8); 8] = [
+            ("0.0.0.0", 0),
+            ("::", 0),
+            ("10.0.0.0", 8),
+            ("10.1.0.0", 16),
+            ("10.1.2.0", 24),
+            ("192.0.2.0", 24),
+            ("2001:db8::", 32),
+            ("2001:db8:1::", 48),
+        ];
+        let mut checked = 0;
+        for _ in 0..300 {
+            let mut text = format!(
+                "[defaults]\noutbound = \"{}\"\n",
+                if next() % 2 == 0 { "allow" } else { "deny" }
+            );
+            for _ in 0..(next() % 6 + 1) {
+                let action = ["allow", "deny", "audit"][(next() % 3) as usize];
+                text.push_str(&format!("[[rule]]\naction = \"{action}\"\n"));
+                if next() % 4 != 0 {
+                    let (b, len) = bases[(next() % bases.len() as u64) as usize];
+                    let max = if b.contains(':') { 128 } else { 32 };
+                    let len = (u32::from(len) + (next() % 9) as u32).min(max);
+                    let addr = match b.parse::<IpAddr>().unwrap() {
+                        IpAddr::V4(a) => IpAddr::V4(
+                            (u32::from(a) & u32::MAX.checked_shl(32 - len).unwrap_or(0)).into(),
+                        ),
+                        IpAddr::V6(a) => IpAddr::V6(
+                            (u128::from(a) & u128::MAX.checked_shl(128 - len).unwrap_or(0))
+                                .into(),
+                        ),
+                    };
+                    text.push_str(&format!("destinations = [\"{addr}/{len}\"]\n"));
+                }
+                if next() % 3 != 0 {
+                    let first = next() % 100;
+                    let last = first + next() % 50;
+                    text.push_str(&format!("ports = [\"{first}-{last}\"]\n"));
+                }
+            }
+            // Random rules may contradict each other; those files are refused, skip them.
+            let Ok(policy) = parse(&text) else { continue };
+            let compiled = compile(&policy).unwrap();
+            let probes = [
+                "10.0.0.1",
+                "10.1.0.1",
+                "10.1.2.3",
+                "10.1.3.1",
+                "10.200.0.1",
+                "192.0.2.1",
+                "192.0.3.1",
+                "2001:db8::1",
+                "2001:db8:1::1",
+                "2001:db8:2::1",
+                "fd00::1",
+                "::1",
+            ];
+            for a in probes {
+                let ip: IpAddr = a.parse().unwrap();
+                for port in [0u16, 1, 25, 49, 50, 99, 100, 148, 149, 150, 65535] {
+                    let d = policy.evaluate(&Request {
+                        way: Way::Outbound,
+                        source: None,
+                        dst: (ip, port).into(),
+                    });
+                    assert_eq!(compiled.denies(ip, port), d.refuse, "{a}:{port} in\n{text}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 10_000, "too few valid random policies: {checked} checks");
+    }
+
     #[test]
     fn too_many_prefixes_is_an_error() {
         let mut text = String::new();
