@@ -75,9 +75,10 @@ pub mod limits {
     /// slots so a reload can fill one while the other is live.
     pub const POLICY_PREFIXES: u32 = 1024;
     pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
-    /// Bytes of the deny event ring (a power of two, a multiple of the page size): 2,048
-    /// events; when it is full, events are dropped (`connect_policy_denied` still counts).
-    pub const POLICY_EVENTS_BYTES: u32 = 64 * 1024;
+    /// Bytes of the deny event ring (a power of two, a multiple of the page size): about
+    /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
+    /// events are dropped (`connect_policy_denied` still counts them).
+    pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].

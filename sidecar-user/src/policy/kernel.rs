@@ -463,8 +463,7 @@ mod tests {
                             (u32::from(a) & u32::MAX.checked_shl(32 - len).unwrap_or(0)).into(),
                         ),
                         IpAddr::V6(a) => IpAddr::V6(
-                            (u128::from(a) & u128::MAX.checked_shl(128 - len).unwrap_or(0))
-                                .into(),
+                            (u128::from(a) & u128::MAX.checked_shl(128 - len).unwrap_or(0)).into(),
                         ),
                     };
                     text.push_str(&format!("destinations = [\"{addr}/{len}\"]\n"));
@@ -505,7 +504,10 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 10_000, "too few valid random policies: {checked} checks");
+        assert!(
+            checked > 10_000,
+            "too few valid random policies: {checked} checks"
+        );
     }
 
     #[test]

@@ -207,6 +207,10 @@ impl Enforcer {
             return;
         }
         let policy = self.current();
+        // One log line per (rule, destination, pid) per batch, with a count: an app retrying
+        // a denied connect in a loop must not flood the log.
+        let mut batch: std::collections::BTreeMap<(String, std::net::SocketAddr, u32), u64> =
+            Default::default();
         for e in events {
             let req = Request {
                 way: rules::Way::Outbound,
@@ -216,12 +220,16 @@ impl Enforcer {
             let decision = policy.evaluate(&req);
             let rule = policy.rule_label(&decision, req.way);
             self.stats.count(req.way, &rule, Outcome::Deny);
+            *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
+        }
+        for ((rule, dst, pid), times) in batch {
             warn!(
                 direction = "outbound",
                 %rule,
                 identity = "-",
-                dst = %e.dst,
-                pid = e.pid,
+                %dst,
+                pid,
+                times,
                 "policy refused connect() in the kernel (EPERM)"
             );
         }

@@ -1,8 +1,8 @@
 //! The proxy. Two data paths, each reading top to bottom in its own module:
 //!
-//! * [`outbound`]: accept (kernel-redirected) → original destination → mesh route →
+//! * [`outbound`]: accept (kernel-redirected) → original destination → policy → mesh route →
 //!   upstream (plain, or mTLS tunnel to the destination's sidecar) → copy → record
-//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble →
+//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble → policy →
 //!   connect the local app → copy → record
 //!
 //! Both share one accept loop and one drain mechanism.
