@@ -37,10 +37,7 @@ use tracing::{info, warn};
 use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
-    policy::{
-        self, Enforcer,
-        kernel::{DenyEvents, KernelPolicy},
-    },
+    policy::{self, Enforcer},
     proxy::{
         Proxy, ProxySettings,
         mesh::Mesh,
@@ -95,10 +92,6 @@ pub struct MtlsOptions {
 
 /// How often certificate files are checked for rotation.
 const ROTATION_POLL: Duration = Duration::from_secs(1);
-/// How often the policy file is checked for changes.
-const POLICY_POLL: Duration = Duration::from_secs(1);
-/// How often the kernel's policy deny events are read (and logged).
-const EVENT_POLL: Duration = Duration::from_millis(100);
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
@@ -256,18 +249,14 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    // In force (kernel maps filled) before CMD starts, so no connect escapes it.
     let enforcer = match (policy, &opts.policy) {
-        (Some(loaded), Some(path)) => {
-            let kernel = KernelPolicy::open(interception.pin_dir(), WORKLOAD_SCOPE)
-                .context("opening the kernel policy maps")?;
-            let events = DenyEvents::open(interception.pin_dir())
-                .context("opening the kernel policy events")?;
-            let enforcer = Enforcer::new(path.clone(), loaded, Some(kernel), Some(events))?;
-            info!(file = %path.display(), rules = enforcer.current().rules.len(), "policy in force");
-            let _watcher = policy::reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
-            let _events = policy::reload::spawn_kernel_event_reader(enforcer.clone(), EVENT_POLL);
-            Some(enforcer)
-        }
+        (Some(loaded), Some(path)) => Some(Enforcer::start(
+            path,
+            loaded,
+            interception.pin_dir(),
+            WORKLOAD_SCOPE,
+        )?),
         _ => None,
     };
     let proxy = Proxy::new(

@@ -74,6 +74,11 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     Ok(Loaded { policy, compiled })
 }
 
+/// How often the policy file is checked for changes.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the kernel's deny events are read (and logged).
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The live policy, its kernel maps and its counters.
 pub struct Enforcer {
     path: PathBuf,
@@ -122,6 +127,32 @@ impl Enforcer {
             generation: AtomicU64::new(1),
             reload_errors: AtomicU64::new(0),
         }))
+    }
+
+    /// For a run whose maps are pinned in `pin_dir`: puts `loaded` in force in the kernel
+    /// (for the workload `scope`) and the proxy, then starts watching the file and reading
+    /// the kernel's deny events. Needs a tokio runtime.
+    pub fn start(
+        path: &Path,
+        loaded: Loaded,
+        pin_dir: &Path,
+        scope: u32,
+    ) -> Result<Arc<Self>, LoadError> {
+        let kernel_error = |error| LoadError::Kernel {
+            path: path.into(),
+            error,
+        };
+        let kernel = KernelPolicy::open(pin_dir, scope).map_err(kernel_error)?;
+        let events = DenyEvents::open(pin_dir).map_err(kernel_error)?;
+        let enforcer = Self::new(path.into(), loaded, Some(kernel), Some(events))?;
+        info!(
+            file = %path.display(),
+            rules = enforcer.current().rules.len(),
+            "policy in force"
+        );
+        reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
+        reload::spawn_kernel_event_reader(enforcer.clone(), EVENT_POLL);
+        Ok(enforcer)
     }
 
     pub fn path(&self) -> &Path {
