@@ -120,7 +120,13 @@ fn wait_for_line(run: &SidecarRun, line: &str) {
 }
 
 fn wait_for_log(run: &SidecarRun, needle: &str) {
-    let seen = wait_until(STEP_TIMEOUT, || run.stderr_text().contains(needle));
+    wait_for_logs(run, needle, 1);
+}
+
+fn wait_for_logs(run: &SidecarRun, needle: &str, times: usize) {
+    let seen = wait_until(STEP_TIMEOUT, || {
+        run.stderr_text().matches(needle).count() >= times
+    });
     assert!(
         seen,
         "the sidecar did not log {needle:?} within {STEP_TIMEOUT:?}; stderr:\n{}",
@@ -248,6 +254,53 @@ destinations = ["127.0.0.0/8"]
     assert_no_leftovers(done.pid);
 }
 
+/// Destinations excluded from interception (`--exclude-ports`, `--exclude-cidrs`) bypass the
+/// proxy, not the policy: the kernel checks the policy first.
+#[test]
+fn deny_holds_for_destinations_that_bypass_the_proxy() {
+    if !sidecar_tests::privileged() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new("exclude");
+    let echo = EchoServer::start_v4();
+    let p = echo.port();
+    let file = scratch.write(
+        "policy.toml",
+        &format!(
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"127.0.0.2/32\", \"127.0.0.3/32\"]\n\
+             ports = [{p}]\n"
+        ),
+    );
+    let dsts: Vec<SocketAddr> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|a| format!("{a}:{p}").parse().unwrap())
+        .collect();
+    let mut run = SidecarRun::builder(19115)
+        .arg("--policy")
+        .arg(&file)
+        .arg("--exclude-ports")
+        .arg(p.to_string())
+        .arg("--exclude-cidrs")
+        .arg("127.0.0.3/32")
+        .command(connect_each(&dsts))
+        .start();
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let lines: Vec<ConnectFailLine> = done.parse_stdout();
+    let refused: Vec<bool> = lines.iter().map(refused_by_kernel).collect();
+    assert_eq!(refused, [false, true, true], "{lines:#?}");
+    assert!(lines[0].connected && lines[0].error.is_none(), "{lines:#?}");
+    let report = done.report();
+    assert!(
+        report.connections.is_empty(),
+        "the excluded destination bypassed the proxy: {:#?}",
+        report.connections
+    );
+    assert_eq!(report.counters.0.get("connect_policy_denied"), Some(&2));
+    assert_no_leftovers(done.pid);
+}
+
 /// Dry run lets a denied connection through and logs it as `would deny`; an audit rule lets
 /// it through and logs it; neither refuses anything in the kernel.
 #[test]
@@ -313,7 +366,7 @@ fn dry_run_and_audit_let_through_and_log() {
 
 /// While two connections stream, the policy is replaced (allowed streams keep going, the new
 /// rules apply to new connects in the kernel), then an invalid file is refused with its line
-/// and the policy in force does not change.
+/// and the policy in force does not change, then an empty policy lifts every deny.
 #[test]
 fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     if !sidecar_tests::privileged() {
@@ -336,15 +389,16 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
             marker.display()
         )
     };
-    let (go1, go2, stream_out) = (
+    let (go1, go2, go3, stream_out) = (
         scratch.path("go1"),
         scratch.path("go2"),
+        scratch.path("go3"),
         scratch.path("stream.out"),
     );
     let fail = |s: &EchoServer| format!("{CLIENT} connect-fail --addr {}", s.addr());
     let script = [
         format!(
-            "{CLIENT} pingpong --addr {} --count 2 --seconds 6 > '{}' &",
+            "{CLIENT} pingpong --addr {} --count 2 --seconds 8 > '{}' &",
             stream.addr(),
             stream_out.display()
         ),
@@ -355,6 +409,10 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         fail(&c),
         "echo PHASE2".into(),
         wait_for(&go2),
+        fail(&b),
+        fail(&c),
+        "echo PHASE3".into(),
+        wait_for(&go3),
         fail(&b),
         fail(&c),
         "wait".into(),
@@ -381,6 +439,12 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     );
     wait_for_log(&run, "policy refused, keeping the current one");
     std::fs::write(&go2, b"").unwrap();
+    // Back to the first kernel slot, with an empty policy: nothing of the first policy
+    // (deny b) may linger there.
+    wait_for_line(&run, "PHASE3");
+    scratch.write("policy.toml", "# allow everything\n");
+    wait_for_logs(&run, "policy reloaded", 2);
+    std::fs::write(&go3, b"").unwrap();
     let done = run.finish(RUN_TIMEOUT);
     done.assert_exit_code(0);
 
@@ -388,8 +452,9 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     let refused: Vec<bool> = fails.iter().map(refused_by_kernel).collect();
     assert_eq!(
         refused,
-        [true, false, true, false, true],
-        "b, then b and c after the reload, then b and c after the invalid file: {fails:#?}"
+        [true, false, true, false, true, false, false],
+        "b; b and c after the reload; b and c after the invalid file; b and c after the \
+         empty policy: {fails:#?}"
     );
     for l in fails.iter().filter(|l| !refused_by_kernel(l)) {
         assert!(l.connected && l.error.is_none(), "allowed connect: {l:?}");
@@ -405,7 +470,7 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         "the refusal names the line and the problem:\n{stderr}"
     );
     let policy = done.report().policy.clone().expect("policy report");
-    assert_eq!((policy.generation, policy.reload_errors), (2, 1));
+    assert_eq!((policy.generation, policy.reload_errors), (3, 1));
     assert_no_leftovers(done.pid);
 }
 
