@@ -1,5 +1,6 @@
 //! Inbound: a peer sidecar's mTLS tunnel. Nothing reaches the local app until the peer has
-//! proved an identity in our trust domain, agreed on our ALPN and sent a valid preamble.
+//! proved an identity in our trust domain, agreed on our ALPN, sent a valid preamble, and the
+//! policy admits that identity to the port it asked for.
 //!
 //! The preamble only chooses the local *port*: the connection always goes to loopback, so a
 //! peer can never use this sidecar to reach another host (no open relay).
