@@ -63,12 +63,27 @@ struct RuleDoc {
     name: Option<Spanned<String>>,
     action: Spanned<String>,
     direction: Option<Spanned<String>>,
-    #[serde(default)]
-    sources: Vec<Spanned<String>>,
-    #[serde(default)]
-    destinations: Vec<Spanned<String>>,
-    #[serde(default)]
-    ports: Vec<Spanned<toml::Value>>,
+    sources: Option<Vec<Spanned<String>>>,
+    destinations: Option<Vec<Spanned<String>>>,
+    ports: Option<Vec<Spanned<toml::Value>>>,
+}
+
+/// An omitted list matches everything; an empty one would too, which is never what its
+/// author meant (an emptied list usually means "nothing"), so it is an error.
+fn non_empty<'a, T>(
+    list: &'a Option<Vec<T>>,
+    field: &str,
+    at: usize,
+    err: &dyn Fn(usize, String) -> PolicyError,
+) -> Result<&'a [T], PolicyError> {
+    match list {
+        None => Ok(&[]),
+        Some(v) if v.is_empty() => Err(err(
+            at,
+            format!("`{field} = []` is empty: omit the field to match any {field}"),
+        )),
+        Some(v) => Ok(v),
+    }
 }
 
 /// Parses and validates a policy file's text.
@@ -152,26 +167,28 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                 }
             }),
         };
-        if !r.sources.is_empty() && direction != Some(Way::Inbound) {
+        let (sources, destinations, ports) = (
+            non_empty(&r.sources, "sources", at, &err)?,
+            non_empty(&r.destinations, "destinations", at, &err)?,
+            non_empty(&r.ports, "ports", at, &err)?,
+        );
+        if !sources.is_empty() && direction != Some(Way::Inbound) {
             return Err(err(
-                r.sources[0].span().start,
+                sources[0].span().start,
                 "`sources` matches the verified identity of an inbound peer; outbound \
                  connections have none: add direction = \"inbound\""
                     .into(),
             ));
         }
-        let sources = r
-            .sources
+        let sources = sources
             .iter()
             .map(|s| parse_pattern(s.get_ref()).map_err(|m| err(s.span().start, m)))
             .collect::<Result<Vec<_>, _>>()?;
-        let destinations = r
-            .destinations
+        let destinations = destinations
             .iter()
             .map(|s| parse_cidr(s.get_ref()).map_err(|m| err(s.span().start, m)))
             .collect::<Result<Vec<_>, _>>()?;
-        let ports = r
-            .ports
+        let ports = ports
             .iter()
             .map(|s| parse_ports(s.get_ref()).map_err(|m| err(s.span().start, m)))
             .collect::<Result<Vec<_>, _>>()?;
