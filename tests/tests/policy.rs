@@ -509,6 +509,7 @@ fn invalid_policy_at_startup_is_a_clean_error() {
 const TD: &str = "example.org";
 const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
 const INTRUDER_ID: &str = "spiffe://example.org/ns/demo/sa/intruder";
+const AUDITED_ID: &str = "spiffe://example.org/ns/ops/sa/debug";
 const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
 const APP_PORT: u16 = 8080;
 
@@ -566,7 +567,8 @@ fn app_connections(done: &Finished) -> usize {
 }
 
 /// The server's policy admits one identity; another identity of the same trust domain
-/// completes the handshake, is refused by policy, and never reaches the app.
+/// completes the handshake, is refused by policy, and never reaches the app; a third, under
+/// an audit rule, gets through and is logged.
 #[test]
 fn inbound_policy_refuses_an_identity_after_the_handshake() {
     if !sidecar_tests::privileged() || !require("nsenter") {
@@ -579,6 +581,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         &[
             (CLIENT_ID, "client"),
             (INTRUDER_ID, "intruder"),
+            (AUDITED_ID, "audited"),
             (SERVER_ID, "server"),
         ],
     );
@@ -586,7 +589,9 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         "policy.toml",
         &format!(
             "[defaults]\ninbound = \"deny\"\n\n[[rule]]\nname = \"clients\"\naction = \"allow\"\n\
-             direction = \"inbound\"\nsources = [\"{CLIENT_ID}\"]\nports = [{APP_PORT}]\n"
+             direction = \"inbound\"\nsources = [\"{CLIENT_ID}\"]\nports = [{APP_PORT}]\n\n\
+             [[rule]]\nname = \"ops\"\naction = \"audit\"\ndirection = \"inbound\"\n\
+             sources = [\"spiffe://example.org/ns/ops/*\"]\n"
         ),
     );
     let pods = PodPair::create_in("scp", 204, 1);
@@ -615,6 +620,11 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
     let conn = &denied.report().connections[0];
     assert_eq!(conn.peer_identity.as_deref(), Some(SERVER_ID), "{conn:?}");
 
+    let audited = echo_from_a(&pods, &scratch, "audited", 19123);
+    audited.assert_exit_code(0);
+    let lines: Vec<EchoLine> = audited.parse_stdout();
+    assert!(lines.len() == 1 && lines[0].ok, "audited: {lines:#?}");
+
     server.release();
     let done = server.finish(RUN_TIMEOUT);
     done.assert_exit_code(0);
@@ -628,10 +638,11 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
     let policy = report.policy.as_ref().expect("policy report");
     assert_eq!(policy.count("clients", "allow"), 1, "{policy:#?}");
     assert_eq!(policy.count("default-inbound", "deny"), 1, "{policy:#?}");
+    assert_eq!(policy.count("ops", "audit"), 1, "{policy:#?}");
     assert_eq!(
         app_connections(&done),
-        1,
-        "only the allowed client reached the app"
+        2,
+        "the allowed and the audited client reached the app, the intruder did not"
     );
     let stderr = done.stderr_text();
     assert!(
@@ -640,9 +651,16 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
             .any(|l| l.contains("policy denied the connection") && l.contains(INTRUDER_ID)),
         "the denial is logged with the identity:\n{stderr}"
     );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("policy audit") && l.contains(AUDITED_ID)),
+        "the audit is logged with the identity:\n{stderr}"
+    );
     assert_no_leftovers(done.pid);
     assert_no_leftovers(allowed.pid);
     assert_no_leftovers(denied.pid);
+    assert_no_leftovers(audited.pid);
 }
 
 /// A process started in a network namespace, killed on drop.
