@@ -17,8 +17,10 @@ pub mod programs {
     pub const CONNECT6: &str = "sidecar_connect6";
     pub const SOCKOPS: &str = "sidecar_sockops";
     pub const SK_MSG: &str = "sidecar_sk_msg";
+    /// cgroup_skb/ingress on the app cgroup: strict inbound mode (see the program's docs).
+    pub const STRICT_INBOUND: &str = "sidecar_strict_in";
     /// All programs, in the order the loader loads them.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG];
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG, STRICT_INBOUND];
 }
 
 /// Names of the maps inside the object. Each is pinned under the run's bpffs directory.
@@ -44,6 +46,15 @@ pub mod maps {
     pub const SOCKETS: &str = "SOCKETS";
     /// `PerCpuArray<u64>`: one slot per [`Counter`](crate::Counter).
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<u32 workload scope, PolicyState>`: which slot of `POLICY_OUT` is live for a
+    /// workload; no entry means no kernel policy.
+    pub const POLICY_STATE: &str = "POLICY_STATE";
+    /// `LpmTrie<ScopedAddr, PortBitmap>`: outbound policy compiled per destination prefix;
+    /// the key's scope is [`policy_scope`](crate::policy_scope)`(workload scope, slot)`.
+    pub const POLICY_OUT: &str = "POLICY_OUT";
+    /// `RingBuf` of [`PolicyDenyEvent`](crate::PolicyDenyEvent): each connect the policy
+    /// refused, so user space can log it and count it by rule.
+    pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
@@ -60,6 +71,15 @@ pub mod limits {
     pub const EXCLUDED_PORTS: usize = 16;
     /// How many ancestor levels the connect hooks walk looking for a workload entry.
     pub const CGROUP_DEPTH: i32 = 16;
+    pub const POLICY_STATE: u32 = 1024;
+    /// Destination prefixes of one compiled outbound policy (one slot); the map holds two
+    /// slots so a reload can fill one while the other is live.
+    pub const POLICY_PREFIXES: u32 = 1024;
+    pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
+    /// Bytes of the deny event ring (a power of two, a multiple of the page size): about
+    /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
+    /// events are dropped (`connect_policy_denied` still counts them).
+    pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].
@@ -147,6 +167,65 @@ impl ScopedAddr {
 /// 96 bits of `::ffff:` for IPv4.
 pub const fn lpm_prefix_len(is_ipv4: bool, prefix: u8) -> u32 {
     32 + if is_ipv4 { 96 } else { 0 } + prefix as u32
+}
+
+/// Which compiled policy is live for a workload ([`maps::POLICY_STATE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyState {
+    /// 0 or 1: the half of [`maps::POLICY_OUT`] the connect hooks read.
+    pub slot: u32,
+    /// Bits from [`policy_flags`].
+    pub flags: u32,
+}
+
+/// Bits of [`PolicyState::flags`].
+pub mod policy_flags {
+    /// Refuse connects whose destination port bit is set (off in dry-run mode).
+    pub const ENFORCE: u32 = 1;
+}
+
+/// Key scope of a workload's policy entries in slot `slot` (0 or 1) of [`maps::POLICY_OUT`].
+#[inline(always)]
+pub const fn policy_scope(workload_scope: u32, slot: u32) -> u32 {
+    workload_scope.wrapping_mul(2).wrapping_add(slot & 1)
+}
+
+/// One bit per destination port (bit `p & 7` of byte `p >> 3`): set = the outbound policy
+/// denies connects to this port for the addresses of the prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortBitmap {
+    pub bits: [u8; 8192],
+}
+
+impl PortBitmap {
+    pub const EMPTY: Self = Self { bits: [0; 8192] };
+
+    #[inline(always)]
+    pub fn denies(&self, port: u16) -> bool {
+        match self.bits.get((port >> 3) as usize) {
+            Some(byte) => byte & (1u8 << (port & 7)) != 0,
+            None => false,
+        }
+    }
+
+    pub fn set(&mut self, port: u16) {
+        self.bits[(port >> 3) as usize] |= 1u8 << (port & 7);
+    }
+}
+
+/// A connect the outbound policy refused in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyDenyEvent {
+    /// The destination, 16-byte form (network-order words, v4-mapped for IPv4).
+    pub ip: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The calling process (thread group id).
+    pub pid: u32,
 }
 
 /// An original destination, as the app asked for it.
@@ -321,11 +400,15 @@ pub enum Counter {
     SkMsgForeignSender,
     /// Splice bookkeeping entries removed when a socket closed.
     CloseCleanup,
+    /// Connects refused (EPERM) because the outbound policy denies the destination.
+    ConnectPolicyDenied,
+    /// Plaintext connection attempts (SYN) from outside refused by strict inbound mode.
+    StrictInboundDropped,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 15] = [
+    pub const ALL: [(Counter, &'static str); 17] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -341,6 +424,8 @@ impl Counter {
         (Counter::SkMsgPassthru, "sk_msg_passthru"),
         (Counter::SkMsgForeignSender, "sk_msg_foreign_sender"),
         (Counter::CloseCleanup, "close_cleanup"),
+        (Counter::ConnectPolicyDenied, "connect_policy_denied"),
+        (Counter::StrictInboundDropped, "strict_inbound_dropped"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -354,6 +439,9 @@ mod pod {
     unsafe impl aya::Pod for super::ScopedAddr {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::PolicyState {}
+    unsafe impl aya::Pod for super::PortBitmap {}
+    unsafe impl aya::Pod for super::PolicyDenyEvent {}
 }
 
 #[cfg(test)]
@@ -447,6 +535,25 @@ mod tests {
         assert_eq!(lpm_prefix_len(true, 8), 32 + 96 + 8);
         assert_eq!(lpm_prefix_len(false, 64), 32 + 64);
         assert_eq!(ScopedAddr::new(0x01020304, [0; 16]).scope, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn port_bitmap_bits() {
+        let mut b = PortBitmap::EMPTY;
+        for p in [0u16, 7, 8, 443, 65535] {
+            b.set(p);
+        }
+        for p in [0u16, 7, 8, 443, 65535] {
+            assert!(b.denies(p), "{p}");
+        }
+        for p in [1u16, 6, 9, 442, 444, 65534] {
+            assert!(!b.denies(p), "{p}");
+        }
+        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<PolicyDenyEvent>(), 24);
+        assert_eq!(policy_scope(1, 0), 2);
+        assert_eq!(policy_scope(1, 1), 3);
+        assert_eq!(policy_scope(1, 3), 3);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use core::{
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::{
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_socket_cookie,
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -21,30 +22,65 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
-    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, ScopedAddr, WorkloadConfig, flags, is_loopback,
-    limits, lpm_prefix_len, mapped_v4, role,
+    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr, WorkloadConfig, flags,
+    is_loopback, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
 };
 
 use crate::{
     ctx::user_ip6,
-    maps::{COOKIE_ORIG_DST, EXCLUDED_CIDRS, PROXY_COOKIES, SOCKMAP_ENABLED, WORKLOADS, count},
+    maps::{
+        COOKIE_ORIG_DST, EXCLUDED_CIDRS, POLICY_EVENTS, POLICY_OUT, POLICY_STATE, PROXY_COOKIES,
+        SOCKMAP_ENABLED, WORKLOADS, count,
+    },
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// Verdict that lets the connect proceed (rewritten or not).
 const ALLOW: i32 = 1;
+/// Verdict that fails the app's `connect()` with EPERM (outbound policy deny).
+const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sidecar_connect4(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect::<false>(&ctx);
-    ALLOW
+    verdict(try_connect::<false>(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
-    let _ = try_connect::<true>(&ctx);
-    ALLOW
+    verdict(try_connect::<true>(&ctx))
+}
+
+/// Only an explicit policy deny refuses; a map error lets the connect through (the proxy
+/// evaluates the same policy again).
+#[inline(always)]
+fn verdict(result: Result<bool, i64>) -> i32 {
+    match result {
+        Ok(false) => REFUSE,
+        _ => ALLOW,
+    }
+}
+
+/// Whether the workload's compiled outbound policy denies `addr` (16 bytes, v4-mapped for
+/// IPv4) on `port`. The live slot is read once, so a reload (fill the other slot, flip
+/// `POLICY_STATE`) is seen whole or not at all.
+#[inline(always)]
+fn policy_denies(scope: u32, addr: [u8; 16], port: u16) -> bool {
+    // SAFETY: the map value is copied out immediately.
+    let Some(state) = (unsafe { POLICY_STATE.get(&scope) }).copied() else {
+        return false;
+    };
+    if state.flags & policy_flags::ENFORCE == 0 {
+        return false;
+    }
+    let key = Key::new(
+        lpm_prefix_len(false, 128),
+        ScopedAddr::new(policy_scope(scope, state.slot), addr),
+    );
+    match POLICY_OUT.get(&key) {
+        Some(bitmap) => bitmap.denies(port),
+        None => false,
+    }
 }
 
 /// The configuration of the deepest cgroup, from the caller's own up to the root, that has an
@@ -77,7 +113,8 @@ fn find_workload() -> Option<WorkloadConfig> {
 /// Inlined per hook with `V6` fixed: `user_ip6` may only be touched by the IPv6 hooks, so the
 /// IPv4 program must not even contain that access.
 #[inline(always)]
-fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i64> {
+/// `Ok(false)` refuses the connect; `Ok(true)` lets it proceed (rewritten or not).
+fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context pointer; every field is read with a 4-byte load.
     let (sock_type, protocol, ip, port) = unsafe {
@@ -94,10 +131,10 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i64> {
         )
     };
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
-        return Ok(());
+        return Ok(true);
     }
     let Some(cfg) = find_workload() else {
-        return Ok(());
+        return Ok(true);
     };
     // SAFETY: the helper takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
@@ -107,38 +144,46 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i64> {
         if SOCKMAP_ENABLED.load() != 0 && is_loopback(&ip) {
             PROXY_COOKIES.insert(&cookie, &1, 0)?;
         }
-        return Ok(());
+        return Ok(true);
     }
     if cfg.role != role::WORKLOAD {
-        return Ok(());
+        return Ok(true);
     }
     count(Counter::ConnectSeen, 1);
     if port == cfg.proxy_port && is_loopback(&ip) {
         // Already aimed at the proxy: nothing to rewrite.
-        return Ok(());
+        return Ok(true);
+    }
+    let addr = bytes_of(&ip);
+    // Policy before exclusions: a denied destination stays denied even if it bypasses the
+    // proxy.
+    if policy_denies(cfg.scope, addr, port) {
+        count(Counter::ConnectPolicyDenied, 1);
+        // SAFETY: helper call without pointer arguments.
+        let pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+        let event = PolicyDenyEvent {
+            ip,
+            port,
+            _pad: 0,
+            pid,
+        };
+        // A full ring drops the event; the counter above still has it.
+        let _ = POLICY_EVENTS.output::<PolicyDenyEvent>(&event, 0);
+        debug!(ctx, "connect to port {} refused by policy", port);
+        return Ok(false);
     }
     if cfg.excludes_port(port) {
         count(Counter::ConnectExcludedPort, 1);
-        return Ok(());
-    }
-    let mut addr = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = ip[i].to_ne_bytes();
-        addr[4 * i] = b[0];
-        addr[4 * i + 1] = b[1];
-        addr[4 * i + 2] = b[2];
-        addr[4 * i + 3] = b[3];
-        i += 1;
+        return Ok(true);
     }
     let key = Key::new(lpm_prefix_len(false, 128), ScopedAddr::new(cfg.scope, addr));
     if EXCLUDED_CIDRS.get(&key).is_some() {
         count(Counter::ConnectExcludedCidr, 1);
-        return Ok(());
+        return Ok(true);
     }
     if V6 && cfg.flags & flags::IPV6_LISTENER == 0 {
         count(Counter::ConnectNoV6Listener, 1);
-        return Ok(());
+        return Ok(true);
     }
 
     COOKIE_ORIG_DST.insert(&cookie, &OrigDst { ip, port, _pad: 0 }, 0)?;
@@ -168,7 +213,23 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), i64> {
         "redirected connect to port {} via proxy port {}", port, cfg.proxy_port
     );
     broken_for_tests(sa);
-    Ok(())
+    Ok(true)
+}
+
+/// The address words as bytes (network order), for LPM keys.
+#[inline(always)]
+fn bytes_of(ip: &[u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = ip[i].to_ne_bytes();
+        addr[4 * i] = b[0];
+        addr[4 * i + 1] = b[1];
+        addr[4 * i + 2] = b[2];
+        addr[4 * i + 3] = b[3];
+        i += 1;
+    }
+    addr
 }
 
 /// `PROXY_IPV6` as four network-order words.

@@ -7,6 +7,8 @@
 //!   socket's 4-tuple and insert both ends into the `SOCKETS` sockhash.
 //! * `sk_msg` (attached to `SOCKETS`): hand each message straight to the peer socket's receive
 //!   queue, skipping the TCP/IP stack on that hop.
+//! * `strict_in` (cgroup_skb/ingress on the app cgroup, strict inbound mode only): drop
+//!   connection attempts to the workload that do not come from loopback.
 //!
 //! Each entry point is a thin wrapper that calls a `try_*` function and maps its result to
 //! the verdict in one place; every verdict lets traffic through unchanged when in doubt.
@@ -18,6 +20,7 @@ mod ctx;
 mod maps;
 mod skmsg;
 mod sockops;
+mod strict;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,9 +3,11 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
-use sidecar_common::{Counter, OrigDst, ScopedAddr, SockKey, WorkloadConfig, limits};
+use sidecar_common::{
+    Counter, OrigDst, PolicyState, PortBitmap, ScopedAddr, SockKey, WorkloadConfig, limits,
+};
 
 #[map(name = "WORKLOADS")]
 pub static WORKLOADS: HashMap<u64, WorkloadConfig> =
@@ -38,6 +40,17 @@ pub static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(limits::SOCKE
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "POLICY_STATE")]
+pub static POLICY_STATE: HashMap<u32, PolicyState> =
+    HashMap::with_max_entries(limits::POLICY_STATE, 0);
+
+#[map(name = "POLICY_OUT")]
+pub static POLICY_OUT: LpmTrie<ScopedAddr, PortBitmap> =
+    LpmTrie::with_max_entries(limits::POLICY_OUT, 0);
+
+#[map(name = "POLICY_EVENTS")]
+pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::POLICY_EVENTS_BYTES, 0);
 
 /// Set by the loader: 0 turns the sockmap fast path off (connect redirect still works).
 #[unsafe(no_mangle)]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod cidr;
 pub mod cleanup;
 pub mod host;
+pub mod policy;
 pub mod probe;
 pub mod proxy;
 pub mod redirect;

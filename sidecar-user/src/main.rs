@@ -45,6 +45,9 @@ enum Command {
     /// SPIFFE IDs, so a demo or test mesh needs nothing outside this binary.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Check a policy file; optionally evaluate connections against it (one JSON line each).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Remove what a crashed `sidecar run` left behind (pins, attachments, cgroups, state).
     Cleanup {
         /// bpffs mount point the runs used.
@@ -86,6 +89,31 @@ enum CertCommand {
         #[arg(long, default_value_t = 0)]
         backdate_hours: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate FILE (exit 1 with the line and problem if it is invalid), then print the
+    /// verdict for each --outbound / --inbound connection, as the proxy and the kernel see it.
+    Check {
+        file: PathBuf,
+        /// An outbound destination IP:PORT.
+        #[arg(long)]
+        outbound: Vec<std::net::SocketAddr>,
+        /// An inbound connection SPIFFE_ID=IP:PORT (peer identity, destination).
+        #[arg(long)]
+        inbound: Vec<String>,
+    },
+}
+
+/// `--inbound-mode`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InboundMode {
+    /// Plaintext connections from outside reach the workload's ports as before.
+    Permissive,
+    /// Only tunnels (delivered by the sidecar from loopback) reach the workload; plaintext
+    /// connection attempts from outside are dropped in the kernel.
+    Strict,
 }
 
 #[derive(clap::Args)]
@@ -154,6 +182,14 @@ struct RunArgs {
     preamble_timeout_ms: u64,
     #[command(flatten)]
     observe: ObserveArgs,
+    /// Authorization policy (TOML, see README); re-read when it changes, an invalid file is
+    /// refused and the old policy stays.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// strict: only the sidecar's tunnels reach the workload (needs --tls-dir); permissive:
+    /// plaintext from outside is accepted too.
+    #[arg(long, value_enum, default_value = "permissive")]
+    inbound_mode: InboundMode,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -201,6 +237,66 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+/// `sidecar policy check`.
+fn policy_check(
+    file: &std::path::Path,
+    outbound: &[std::net::SocketAddr],
+    inbound: &[String],
+) -> anyhow::Result<i32> {
+    use sidecar::policy::rules::{Request, Way};
+    let loaded = sidecar::policy::load(file)?;
+    let policy = &loaded.policy;
+    eprintln!(
+        "{}: {} rule(s), {} kernel prefix(es){}",
+        file.display(),
+        policy.rules.len(),
+        loaded.compiled.entries.len(),
+        if policy.dry_run { ", dry run" } else { "" }
+    );
+    let print = |req: Request<'_>, kernel: Option<bool>| {
+        let d = policy.evaluate(&req);
+        let line = serde_json::json!({
+            "direction": req.way.as_str(),
+            "source": req.source.map(|s| s.to_string()),
+            "dst": req.dst.to_string(),
+            "action": d.action.as_str(),
+            "rule": policy.rule_label(&d, req.way),
+            "refused": d.refuse,
+            "kernel_refuses": kernel,
+        });
+        println!("{line}");
+    };
+    for dst in outbound {
+        let kernel = loaded.compiled.denies(dst.ip(), dst.port());
+        print(
+            Request {
+                way: Way::Outbound,
+                source: None,
+                dst: *dst,
+            },
+            Some(kernel),
+        );
+    }
+    for spec in inbound {
+        let (id, dst) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--inbound {spec:?}: write SPIFFE_ID=IP:PORT"))?;
+        let id: SpiffeId = id.parse()?;
+        let dst: std::net::SocketAddr = dst
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--inbound {spec:?}: {e}"))?;
+        print(
+            Request {
+                way: Way::Inbound,
+                source: Some(&id),
+                dst,
+            },
+            None,
+        );
+    }
+    Ok(0)
+}
+
 fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Run(args) => {
@@ -236,10 +332,17 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                     permissive: args.permissive,
                     preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
                 }),
+                policy: args.policy,
+                strict_inbound: args.inbound_mode == InboundMode::Strict,
                 command: args.command,
                 observe: args.observe.into(),
             })
         }
+        Command::Policy(PolicyCommand::Check {
+            file,
+            outbound,
+            inbound,
+        }) => policy_check(&file, &outbound, &inbound),
         Command::Cert(CertCommand::Ca {
             dir,
             trust_domain,

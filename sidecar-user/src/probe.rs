@@ -157,7 +157,7 @@ fn kernel_release() -> Check {
     Check::pass("kernel", format!("Linux {release}"))
 }
 
-/// Loads the object, attaches connect4/connect6/sockops to a scratch cgroup and sk_msg to the
+/// Loads the object, attaches connect4/connect6/sockops/strict-inbound to a scratch cgroup and sk_msg to the
 /// sockhash, pins everything, then tears it all down.
 fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     const NAME: &str = "eBPF programs";
@@ -172,6 +172,7 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
                 pin_dir: bpffs.path().join(format!("sidecar/probe-{pid}")),
                 sockmap: true,
                 bpf_log: false,
+                strict_inbound_cgroup: Some(scratch.path().into()),
             },
             &[],
             &[],
@@ -189,7 +190,7 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     match result {
         Ok(()) => Check::pass(
             NAME,
-            "connect4, connect6, sockops, sk_msg load, attach and pin (sockmap fast path available)",
+            "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin (sockmap fast path available)",
         ),
         Err(e) => Check::fail(
             NAME,

@@ -22,6 +22,9 @@ pub struct Report {
     pub counters: BTreeMap<&'static str, u64>,
     /// Tunnels the inbound side refused, by reason.
     pub inbound_rejections: BTreeMap<&'static str, u64>,
+    /// Policy decisions by rule and outcome (with `--policy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyReport>,
 }
 
 impl Report {
@@ -85,6 +88,34 @@ impl Report {
                 out,
                 "sidecar: refused {refused} inbound tunnel(s): {}",
                 reasons.join(", ")
+            );
+        }
+        if let Some(p) = &self.policy {
+            let denied_in_kernel = c("connect_policy_denied");
+            let decisions: Vec<String> = p
+                .decisions
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} {} {} {}",
+                        d.direction.as_str(),
+                        d.rule,
+                        d.outcome.as_str(),
+                        d.count
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "sidecar: policy (generation {}{}): {denied_in_kernel} connect(s) refused in the \
+                 kernel; proxy decisions: {}",
+                p.generation,
+                if p.dry_run { ", dry run" } else { "" },
+                if decisions.is_empty() {
+                    "none".to_string()
+                } else {
+                    decisions.join(", ")
+                }
             );
         }
         if total > 0 {

@@ -38,6 +38,7 @@ use crate::{
     admin::{self, AdminState, config::ObserveOptions},
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
+    policy::{self, Enforcer},
     proxy::{
         Proxy, ProxySettings,
         mesh::Mesh,
@@ -74,6 +75,11 @@ pub struct RunOptions {
     pub report: Option<PathBuf>,
     /// mTLS between sidecars; `None` keeps every connection plaintext.
     pub mtls: Option<MtlsOptions>,
+    /// Authorization policy file (watched for changes); `None` allows everything.
+    pub policy: Option<PathBuf>,
+    /// Strict inbound mode: refuse plaintext connection attempts from outside to the
+    /// workload (only tunnels, delivered from loopback, get in).
+    pub strict_inbound: bool,
     pub command: Vec<OsString>,
     pub observe: ObserveOptions,
 }
@@ -119,6 +125,24 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         );
     }
     let program = resolve_command(&opts.command)?;
+    if opts.strict_inbound && opts.mtls.as_ref().and_then(|m| m.inbound).is_none() {
+        bail!(
+            "--inbound-mode strict refuses every connection that does not come through the \
+             sidecar's tunnel, so it needs --tls-dir with an inbound listener (not --no-inbound)"
+        );
+    }
+    if opts.mode == Mode::Iptables && (opts.policy.is_some() || opts.strict_inbound) {
+        bail!(
+            "--policy and --inbound-mode strict are enforced with eBPF (connect hooks, cgroup \
+             ingress) and are not available with --mode iptables yet: use --mode ebpf"
+        );
+    }
+    // The policy is validated and compiled before anything is attached: a bad file is a
+    // clean error naming its line.
+    let policy = match &opts.policy {
+        Some(path) => Some(policy::load(path)?),
+        None => None,
+    };
     privileges::require("sidecar run")?;
     let cg_root = cgroup::root()?;
     // Credentials are checked before anything is attached: a bad set is a clean error.
@@ -266,12 +290,20 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    // In force (kernel maps filled) before CMD starts, so no connect escapes it.
+    let enforcer = match (policy, &opts.policy, interception.pin_dir()) {
+        (Some(loaded), Some(path), Some(pin_dir)) => {
+            Some(Enforcer::start(path, loaded, pin_dir, WORKLOAD_SCOPE)?)
+        }
+        _ => None,
+    };
     let proxy = Proxy::new(
         opts.proxy,
         lookups.clone(),
         mesh,
         journal.clone(),
         telemetry.clone(),
+        enforcer.clone(),
     );
     for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
         let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
@@ -300,6 +332,9 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if cut > 0 {
         warn!("{cut} connection(s) were still open after the drain deadline and were closed");
     }
+    if let Some(e) = &enforcer {
+        e.drain_kernel_events();
+    }
     telemetry.detaching();
     drop(lookups);
     let (counters, failures) = interception.remove();
@@ -318,6 +353,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         dropped_records: dropped,
         counters,
         inbound_rejections: proxy.rejections(),
+        policy: enforcer.map(|e| e.report()),
     };
     eprint!("{}", report.summary());
     if let Some(path) = &opts.report {
@@ -348,6 +384,14 @@ impl Interception {
         match self {
             Interception::Ebpf(e) => e.lookups(),
             Interception::Iptables(_) => Arc::new(iptables::OriginalDst),
+        }
+    }
+
+    /// The eBPF pin directory (policy maps live there); none in iptables mode.
+    fn pin_dir(&self) -> Option<&Path> {
+        match self {
+            Interception::Ebpf(e) => Some(e.pin_dir()),
+            Interception::Iptables(_) => None,
         }
     }
 
@@ -399,6 +443,7 @@ fn attach_ebpf(
             pin_dir,
             sockmap: opts.sockmap,
             bpf_log: opts.bpf_log,
+            strict_inbound_cgroup: opts.strict_inbound.then(|| app_cg.path().into()),
         },
         &[
             Workload {

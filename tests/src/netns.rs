@@ -17,6 +17,8 @@ const IP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PodPair {
     pub a: Netns,
     pub b: Netns,
+    /// Prefix of the namespace and veth names.
+    prefix: &'static str,
 }
 
 pub struct Netns {
@@ -58,21 +60,31 @@ fn ip(args: &[&str]) {
 impl PodPair {
     /// `tag` (0–255) keeps concurrent pairs apart in names and addresses.
     pub fn create(tag: u8) -> Self {
+        Self::create_in("sct", 203, tag)
+    }
+
+    /// Like [`PodPair::create`], with names starting `<prefix>-` (3 letters) and addresses
+    /// 10.`octet`.`tag`.1/2, for suites that own another name prefix and address block.
+    pub fn create_in(prefix: &'static str, octet: u8, tag: u8) -> Self {
         let id = std::process::id() % 100_000;
-        let (na, nb) = (format!("sct-a{tag}-{id}"), format!("sct-b{tag}-{id}"));
+        let (na, nb) = (
+            format!("{prefix}-a{tag}-{id}"),
+            format!("{prefix}-b{tag}-{id}"),
+        );
         let (va, vb) = (
-            format!("sctA{tag}x{}", id % 1000),
-            format!("sctB{tag}x{}", id % 1000),
+            format!("{prefix}A{tag}x{}", id % 1000),
+            format!("{prefix}B{tag}x{}", id % 1000),
         );
         let pair = Self {
             a: Netns {
                 name: na.clone(),
-                addr: IpAddr::V4(Ipv4Addr::new(10, 203, tag, 1)),
+                addr: IpAddr::V4(Ipv4Addr::new(10, octet, tag, 1)),
             },
             b: Netns {
                 name: nb.clone(),
-                addr: IpAddr::V4(Ipv4Addr::new(10, 203, tag, 2)),
+                addr: IpAddr::V4(Ipv4Addr::new(10, octet, tag, 2)),
             },
+            prefix,
         };
         // From here on, Drop removes whatever was created.
         ip(&["netns", "add", &na]);
@@ -95,7 +107,7 @@ impl PodPair {
             IpAddr::V4(v4) => v4.octets()[2],
             IpAddr::V6(_) => 0,
         };
-        format!("sctA{tag}x{}", id % 1000)
+        format!("{}A{tag}x{}", self.prefix, id % 1000)
     }
 }
 

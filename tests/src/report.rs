@@ -15,6 +15,37 @@ pub struct Report {
     /// Tunnels the inbound side refused, by reason.
     #[serde(default)]
     pub inbound_rejections: BTreeMap<String, u64>,
+    /// With `--policy`: decisions by rule and outcome, generation, reload errors.
+    #[serde(default)]
+    pub policy: Option<PolicyReport>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PolicyReport {
+    pub generation: u64,
+    pub reload_errors: u64,
+    pub dry_run: bool,
+    pub decisions: Vec<PolicyDecisions>,
+}
+
+/// One counter row: decisions of `rule` with `outcome` (allow, deny, audit, would_deny).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PolicyDecisions {
+    pub direction: String,
+    pub rule: String,
+    pub outcome: String,
+    pub count: u64,
+}
+
+impl PolicyReport {
+    /// How many decisions `rule` made with `outcome`.
+    pub fn count(&self, rule: &str, outcome: &str) -> u64 {
+        self.decisions
+            .iter()
+            .filter(|d| d.rule == rule && d.outcome == outcome)
+            .map(|d| d.count)
+            .sum()
+    }
 }
 
 /// One connection the proxy accepted from the application.

@@ -9,7 +9,10 @@ use anyhow::{Context, Result};
 use crate::{build_ebpf::workspace_root, output, run, step, toolchain::NIGHTLY};
 
 /// Fuzz crates (relative to the workspace root) and their targets.
-const TARGETS: &[(&str, &str)] = &[("sidecar-user/fuzz", "preamble")];
+const TARGETS: &[(&str, &str)] = &[
+    ("sidecar-user/fuzz", "preamble"),
+    ("sidecar-user/fuzz", "policy"),
+];
 
 #[derive(clap::Args)]
 pub struct Options {

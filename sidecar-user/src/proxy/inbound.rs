@@ -1,5 +1,6 @@
 //! Inbound: a peer sidecar's mTLS tunnel. Nothing reaches the local app until the peer has
-//! proved an identity in our trust domain, agreed on our ALPN and sent a valid preamble.
+//! proved an identity in our trust domain, agreed on our ALPN, sent a valid preamble, and the
+//! policy admits that identity to the port it asked for.
 //!
 //! The preamble only chooses the local *port*: the connection always goes to loopback, so a
 //! peer can never use this sidecar to reach another host (no open relay).
@@ -20,6 +21,7 @@ use super::{
     record::{ConnRecord, Mode, Outcome},
 };
 use crate::{
+    policy::rules::Way,
     telemetry::{Conn, tcp_info},
     tls::{ALPN, identity::SpiffeId},
     tunnel::preamble,
@@ -73,8 +75,6 @@ impl Proxy {
             rec.dst_identity.clone(),
         );
 
-        // (Policy on the verified identity goes here.)
-
         // Preamble: where the peer's app was going.
         let dst = match preamble::read(&mut tls, mesh.preamble_timeout).await {
             Ok(p) => p.original_dst,
@@ -82,6 +82,14 @@ impl Proxy {
         };
         rec.original_dst = Some(dst);
         conn.destination(dst);
+
+        // Policy on the verified identity and the destination port the peer asked for,
+        // before anything local is connected. Dropping `tls` closes the tunnel. (The
+        // enforcer logs the decision with the identity and destination.)
+        if !self.permitted(rec, Way::Inbound, Some(&peer), dst) {
+            self.rejections.count("policy_denied");
+            return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
+        }
 
         // The local app, always on loopback.
         let local_app = SocketAddr::new(

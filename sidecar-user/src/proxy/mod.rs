@@ -1,8 +1,8 @@
 //! The proxy. Two data paths, each reading top to bottom in its own module:
 //!
-//! * [`outbound`]: accept (kernel-redirected) → original destination → mesh route →
+//! * [`outbound`]: accept (kernel-redirected) → original destination → policy → mesh route →
 //!   upstream (plain, or mTLS tunnel to the destination's sidecar) → copy → record
-//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble →
+//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble → policy →
 //!   connect the local app → copy → record
 //!
 //! Both share one accept loop and one drain mechanism.
@@ -31,7 +31,15 @@ use self::{
     mesh::Mesh,
     record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
-use crate::{redirect::Redirect, telemetry::Telemetry};
+use crate::{
+    policy::{
+        Enforcer,
+        rules::{Request, Way},
+    },
+    redirect::Redirect,
+    telemetry::Telemetry,
+    tls::identity::SpiffeId,
+};
 
 /// Timeouts of the data path.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +58,8 @@ pub struct Proxy {
     mesh: Option<Mesh>,
     journal: Arc<Journal>,
     telemetry: Arc<Telemetry>,
+    /// Authorization policy; `None` allows everything.
+    policy: Option<Arc<Enforcer>>,
     rejections: Rejections,
     next_id: AtomicU64,
     stop_accepting: CancellationToken,
@@ -64,6 +74,7 @@ impl Proxy {
         mesh: Option<Mesh>,
         journal: Arc<Journal>,
         telemetry: Arc<Telemetry>,
+        policy: Option<Arc<Enforcer>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             settings,
@@ -71,6 +82,7 @@ impl Proxy {
             mesh,
             journal,
             telemetry,
+            policy,
             rejections: Rejections::default(),
             next_id: AtomicU64::new(1),
             stop_accepting: CancellationToken::new(),
@@ -125,6 +137,26 @@ impl Proxy {
                 .instrument(span),
             );
         }
+    }
+
+    /// Whether the policy lets this connection proceed (counted, logged, and recorded in
+    /// the connection's record and metrics either way).
+    fn permitted(
+        &self,
+        rec: &mut ConnRecord,
+        way: Way,
+        source: Option<&SpiffeId>,
+        dst: SocketAddr,
+    ) -> bool {
+        let Some(policy) = &self.policy else {
+            return true;
+        };
+        let verdict = policy.check(&Request { way, source, dst });
+        self.telemetry
+            .policy_decision(rec.direction, verdict.outcome.as_str());
+        rec.policy_decision = Some(verdict.outcome.as_str());
+        rec.policy_rule = Some(verdict.rule);
+        verdict.allowed
     }
 
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {

@@ -10,8 +10,11 @@ use super::{
     mesh::Route,
     record::{ConnRecord, Mode, Outcome},
 };
-use crate::telemetry::{Conn, tcp_info};
-use crate::tunnel;
+use crate::{
+    policy::rules::Way,
+    telemetry::{Conn, tcp_info},
+    tunnel,
+};
 
 impl Proxy {
     pub(super) async fn outbound(&self, mut client: TcpStream, rec: &mut ConnRecord, conn: &Conn) {
@@ -36,7 +39,12 @@ impl Proxy {
         rec.app_leg_spliced = self.redirect.is_spliced(local, rec.client);
         let _ = client.set_nodelay(true);
 
-        // (Policy goes here.)
+        // Policy: normally the kernel already refused a denied destination at connect();
+        // this catches the rest (e.g. dry-run logging) from the same compiled policy.
+        if !self.permitted(rec, Way::Outbound, None, dst) {
+            let _ = client.set_zero_linger();
+            return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
+        }
 
         // Route: through an mTLS tunnel to the destination's sidecar, or plaintext.
         let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));

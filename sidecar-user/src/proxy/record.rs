@@ -66,6 +66,8 @@ pub enum Outcome {
     Shutdown,
     /// The inbound side refused the peer (TLS, identity or preamble); see `error`.
     Refused,
+    /// The authorization policy denied the connection.
+    PolicyDenied,
 }
 
 impl Outcome {
@@ -101,6 +103,7 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Shutdown => "shutdown",
             Self::Refused => "refused",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -132,7 +135,9 @@ pub struct ConnRecord {
     /// outbound, ours and the verified server's; for inbound, the verified client's and ours.
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
-    /// The policy rule that allowed or denied the connection; `None` until policy lands.
+    /// The policy's decision (`allow`, `deny`, `audit`, `would_deny`) and the rule that
+    /// made it; `None` without `--policy`.
+    pub policy_decision: Option<&'static str>,
     pub policy_rule: Option<String>,
     /// The kernel's TCP view of each leg (TCP_INFO), read just before the sockets closed.
     pub tcp_app: Option<TcpStats>,
@@ -160,6 +165,7 @@ impl ConnRecord {
             upstream_connect_us: None,
             src_identity: None,
             dst_identity: None,
+            policy_decision: None,
             policy_rule: None,
             tcp_app: None,
             tcp_upstream: None,

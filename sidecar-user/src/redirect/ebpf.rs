@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -100,6 +100,9 @@ pub struct Settings {
     pub sockmap: bool,
     /// Turns on aya-log output from the programs (off by default: it costs cycles).
     pub bpf_log: bool,
+    /// Strict inbound mode: the app cgroup, where the cgroup_skb ingress program that drops
+    /// connection attempts from outside is attached. `None`: permissive (nothing attached).
+    pub strict_inbound_cgroup: Option<PathBuf>,
 }
 
 /// A cgroup to enter into `WORKLOADS`.
@@ -187,6 +190,18 @@ impl EbpfInterception {
                 .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
             pins.pin_link(name, fd_link(name, link)?)?;
         }
+        if let Some(path) = &settings.strict_inbound_cgroup {
+            let name = programs::STRICT_INBOUND;
+            let app = open_cgroup(path)?;
+            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
+            let id = prog
+                .attach(&app, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .map_err(|source| attach_error(name, path, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| attach_error(name, path, source))?;
+            pins.pin_link(name, fd_link(name, link)?)?;
+        }
 
         let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir)?);
         Ok(Self {
@@ -263,7 +278,7 @@ macro_rules! loadable {
         }
     )*};
 }
-loadable!(CgroupSockAddr, SockOps, SkMsg);
+loadable!(CgroupSockAddr, SockOps, SkMsg, CgroupSkb);
 
 fn attach_error(
     name: &'static str,

@@ -117,7 +117,7 @@ impl<'a> AccessRecord<'a> {
             upstream_connect_ms: rec.upstream_connect_us.map(|us| us as f64 / 1e3),
             close_reason: rec.outcome.as_str(),
             error: rec.error.as_deref(),
-            policy_decision: "none",
+            policy_decision: rec.policy_decision.unwrap_or("none"),
             policy_rule: rec.policy_rule.as_deref(),
             tcp_app: rec.tcp_app,
             tcp_upstream: rec.tcp_upstream,

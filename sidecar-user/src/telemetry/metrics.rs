@@ -28,7 +28,7 @@ pub const OTHER_DESTINATION: &str = "other";
 /// Which socket of a proxied connection a TCP statistic is about.
 pub const LEGS: [&str; 2] = ["app", "upstream"];
 /// Values of the `decision` label of policy decisions.
-pub const DECISIONS: [&str; 2] = ["allow", "deny"];
+pub const DECISIONS: [&str; 4] = ["allow", "deny", "audit", "would_deny"];
 
 pub struct Metrics {
     registry: Registry,

@@ -343,6 +343,14 @@ impl Telemetry {
         drop(conn);
     }
 
+    /// One policy decision (`allow`, `deny`, `audit`, `would_deny`) on a connection.
+    pub fn policy_decision(&self, direction: Direction, decision: &str) {
+        self.metrics
+            .policy_decisions
+            .with_label_values(&[direction.as_str(), decision])
+            .inc();
+    }
+
     /// A set of workload credentials is in force (at start and after each rotation).
     pub fn certificates(&self, not_after: SystemTime) {
         let m = &self.metrics;

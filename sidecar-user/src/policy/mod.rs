@@ -1,0 +1,297 @@
+//! Authorization policy: which connections may be made (outbound) and accepted (inbound).
+//!
+//! * [`schema`]: the TOML file, parsed strictly and validated; errors name the line.
+//! * [`rules`]: the validated policy and its pure evaluation (first match wins).
+//! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`).
+//! * [`stats`]: decisions counted by direction, rule and outcome.
+//! * [`reload`]: the file watched and swapped atomically, kernel maps first.
+//!
+//! [`Enforcer`] ties them together for the proxy: one live policy behind an `Arc` swapped
+//! whole, so each connection is decided by one consistent policy.
+
+pub mod kernel;
+pub mod reload;
+pub mod rules;
+pub mod schema;
+pub mod stats;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use self::schema::PolicyError;
+use self::{
+    kernel::{DenyEvents, KernelPolicy, KernelPolicyError},
+    rules::{Action, Policy, Request},
+    stats::{DecisionCount, Outcome, PolicyStats},
+};
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("policy file {path} {error}")]
+    Invalid { path: PathBuf, error: PolicyError },
+    #[error("policy file {path}: {error}")]
+    Kernel {
+        path: PathBuf,
+        error: KernelPolicyError,
+    },
+}
+
+/// A policy file read, validated and compiled for the kernel: everything that can fail
+/// before it is put in force.
+pub struct Loaded {
+    pub policy: Policy,
+    pub compiled: kernel::Compiled,
+}
+
+/// Reads, validates and compiles `path`.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let policy = schema::parse(&text).map_err(|error| LoadError::Invalid {
+        path: path.into(),
+        error,
+    })?;
+    let compiled = kernel::compile(&policy).map_err(|error| LoadError::Kernel {
+        path: path.into(),
+        error,
+    })?;
+    Ok(Loaded { policy, compiled })
+}
+
+/// How often the policy file is checked for changes.
+const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the kernel's deny events are read (and logged).
+const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The live policy, its kernel maps and its counters.
+pub struct Enforcer {
+    path: PathBuf,
+    live: RwLock<Arc<Policy>>,
+    kernel: Mutex<Option<KernelPolicy>>,
+    /// Connects the kernel refused, read by [`Enforcer::drain_kernel_events`].
+    kernel_events: Mutex<Option<DenyEvents>>,
+    stats: PolicyStats,
+    generation: AtomicU64,
+    reload_errors: AtomicU64,
+}
+
+/// What the report shows under `policy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReport {
+    pub file: PathBuf,
+    /// 1 for the policy loaded at start, +1 per successful reload.
+    pub generation: u64,
+    pub reload_errors: u64,
+    pub dry_run: bool,
+    pub rules: usize,
+    pub decisions: Vec<DecisionCount>,
+}
+
+/// What the policy decided for one connection.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// The rule that matched (or the default), as counted and logged.
+    pub rule: String,
+    pub outcome: Outcome,
+}
+
+impl Enforcer {
+    /// Puts `loaded` in force, in the kernel (if `kernel` is given) first.
+    pub fn new(
+        path: PathBuf,
+        loaded: Loaded,
+        mut kernel: Option<KernelPolicy>,
+        kernel_events: Option<DenyEvents>,
+    ) -> Result<Arc<Self>, LoadError> {
+        if let Some(k) = kernel.as_mut() {
+            k.install(&loaded.compiled)
+                .map_err(|error| LoadError::Kernel {
+                    path: path.clone(),
+                    error,
+                })?;
+        }
+        Ok(Arc::new(Self {
+            path,
+            live: RwLock::new(Arc::new(loaded.policy)),
+            kernel: Mutex::new(kernel),
+            kernel_events: Mutex::new(kernel_events),
+            stats: PolicyStats::default(),
+            generation: AtomicU64::new(1),
+            reload_errors: AtomicU64::new(0),
+        }))
+    }
+
+    /// For a run whose maps are pinned in `pin_dir`: puts `loaded` in force in the kernel
+    /// (for the workload `scope`) and the proxy, then starts watching the file and reading
+    /// the kernel's deny events. Needs a tokio runtime.
+    pub fn start(
+        path: &Path,
+        loaded: Loaded,
+        pin_dir: &Path,
+        scope: u32,
+    ) -> Result<Arc<Self>, LoadError> {
+        let kernel_error = |error| LoadError::Kernel {
+            path: path.into(),
+            error,
+        };
+        let kernel = KernelPolicy::open(pin_dir, scope).map_err(kernel_error)?;
+        let events = DenyEvents::open(pin_dir).map_err(kernel_error)?;
+        let enforcer = Self::new(path.into(), loaded, Some(kernel), Some(events))?;
+        info!(
+            file = %path.display(),
+            rules = enforcer.current().rules.len(),
+            "policy in force"
+        );
+        reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
+        reload::spawn_kernel_event_reader(enforcer.clone(), EVENT_POLL);
+        Ok(enforcer)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn current(&self) -> Arc<Policy> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the file; a valid policy replaces the live one (kernel maps first, so a
+    /// kernel failure leaves the old policy whole in both halves).
+    pub fn reload(&self) -> Result<(), LoadError> {
+        let result = load(&self.path).and_then(|loaded| {
+            if let Some(k) = self
+                .kernel
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                k.install(&loaded.compiled)
+                    .map_err(|error| LoadError::Kernel {
+                        path: self.path.clone(),
+                        error,
+                    })?;
+            }
+            *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded.policy);
+            Ok(())
+        });
+        match &result {
+            Ok(()) => {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.reload_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Decides on one connection, counts it and logs it. Returns the verdict: whether it
+    /// may proceed, the rule that decided, and the outcome.
+    pub fn check(&self, req: &Request<'_>) -> Verdict {
+        let policy = self.current();
+        let decision = policy.evaluate(req);
+        let rule = policy.rule_label(&decision, req.way);
+        let outcome = match (decision.action, decision.refuse) {
+            (Action::Deny, true) => Outcome::Deny,
+            (Action::Deny, false) => Outcome::WouldDeny,
+            (Action::Audit, _) => Outcome::Audit,
+            (Action::Allow, _) => Outcome::Allow,
+        };
+        self.stats.count(req.way, &rule, outcome);
+        let identity = req.source.map(|s| s.to_string());
+        let identity = identity.as_deref().unwrap_or("-");
+        let (direction, dst) = (req.way.as_str(), req.dst);
+        match outcome {
+            Outcome::Deny => {
+                warn!(direction, %rule, identity, %dst, "policy denied the connection")
+            }
+            Outcome::WouldDeny => {
+                warn!(direction, %rule, identity, %dst, "policy would deny the connection (dry run)")
+            }
+            Outcome::Audit => warn!(direction, %rule, identity, %dst, "policy audit"),
+            Outcome::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
+        }
+        Verdict {
+            allowed: !decision.refuse,
+            rule: rule.to_string(),
+            outcome,
+        }
+    }
+
+    /// Logs and counts (by rule, outcome `deny`) every connect the kernel refused since the
+    /// last call. The rule is found by evaluating the destination against the policy in
+    /// force now — the one the kernel used, unless a reload happened in between.
+    pub fn drain_kernel_events(&self) {
+        let events = match self
+            .kernel_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(ring) => ring.drain(),
+            None => return,
+        };
+        if events.is_empty() {
+            return;
+        }
+        let policy = self.current();
+        // One log line per (rule, destination, pid) per batch, with a count: an app retrying
+        // a denied connect in a loop must not flood the log.
+        let mut batch: std::collections::BTreeMap<(String, std::net::SocketAddr, u32), u64> =
+            Default::default();
+        for e in events {
+            let req = Request {
+                way: rules::Way::Outbound,
+                source: None,
+                dst: e.dst,
+            };
+            let decision = policy.evaluate(&req);
+            let rule = policy.rule_label(&decision, req.way);
+            self.stats.count(req.way, &rule, Outcome::Deny);
+            *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
+        }
+        for ((rule, dst, pid), times) in batch {
+            warn!(
+                direction = "outbound",
+                %rule,
+                identity = "-",
+                %dst,
+                pid,
+                times,
+                "policy refused connect() in the kernel (EPERM)"
+            );
+        }
+    }
+
+    pub fn report(&self) -> PolicyReport {
+        let policy = self.current();
+        PolicyReport {
+            file: self.path.clone(),
+            generation: self.generation.load(Ordering::Relaxed),
+            reload_errors: self.reload_errors.load(Ordering::Relaxed),
+            dry_run: policy.dry_run,
+            rules: policy.rules.len(),
+            decisions: self.stats.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,281 @@
+//! The policy as the data path uses it: ordered rules, first match wins, a default action
+//! per direction. [`Policy::evaluate`] is a pure function of the policy and one connection.
+
+use std::{fmt, net::SocketAddr};
+
+use serde::Serialize;
+
+use crate::{cidr::Cidr, tls::identity::SpiffeId};
+
+/// What a matching rule (or a default) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Let the connection through and log it at warn level.
+    Audit,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+        }
+    }
+
+    /// Whether the connection may proceed (audit does).
+    pub fn lets_through(self) -> bool {
+        self != Self::Deny
+    }
+}
+
+/// Which way a connection crosses the sidecar, as the policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Way {
+    /// From the local workload to anywhere (intercepted by the kernel).
+    Outbound,
+    /// From a peer sidecar, through the mTLS tunnel, to the local workload.
+    Inbound,
+}
+
+impl Way {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// A pattern on the verified SPIFFE ID of an inbound peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdPattern {
+    /// `spiffe://td/ns/a/sa/b`: exactly this ID.
+    Exact { trust_domain: String, path: String },
+    /// `spiffe://td/ns/a/*`: every ID of trust domain `td` whose path starts with `/ns/a/`.
+    Prefix { trust_domain: String, path: String },
+    /// `spiffe://td`: every ID of the trust domain.
+    TrustDomain(String),
+}
+
+impl IdPattern {
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Self::Exact { trust_domain, path } => {
+                id.trust_domain() == trust_domain && id.path() == path
+            }
+            Self::Prefix { trust_domain, path } => {
+                id.trust_domain() == trust_domain && id.path().starts_with(path.as_str())
+            }
+            Self::TrustDomain(td) => id.trust_domain() == td,
+        }
+    }
+
+    /// Whether every ID this pattern matches is also matched by `outer`.
+    pub fn within(&self, outer: &IdPattern) -> bool {
+        let (td, path) = match self {
+            Self::Exact { trust_domain, path } | Self::Prefix { trust_domain, path } => {
+                (trust_domain.as_str(), path.as_str())
+            }
+            Self::TrustDomain(td) => (td.as_str(), ""),
+        };
+        match outer {
+            Self::Exact { .. } => self == outer,
+            Self::Prefix {
+                trust_domain,
+                path: p,
+            } => {
+                td == trust_domain
+                    && !matches!(self, Self::TrustDomain(_))
+                    && path.starts_with(p.as_str())
+            }
+            Self::TrustDomain(o) => td == o,
+        }
+    }
+}
+
+impl fmt::Display for IdPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact { trust_domain, path } => write!(f, "spiffe://{trust_domain}{path}"),
+            Self::Prefix { trust_domain, path } => write!(f, "spiffe://{trust_domain}{path}*"),
+            Self::TrustDomain(td) => write!(f, "spiffe://{td}"),
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+
+    pub fn within(&self, outer: &PortRange) -> bool {
+        outer.first <= self.first && self.last <= outer.last
+    }
+}
+
+/// One rule. Empty match lists match everything.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// The rule's `name`, or `rule-<n>` (1-based position) when it has none.
+    pub name: String,
+    /// Line of the rule's `[[rule]]` header in the file (for messages).
+    pub line: usize,
+    pub action: Action,
+    /// `None`: both directions.
+    pub direction: Option<Way>,
+    /// Inbound only: the peer's verified identity.
+    pub sources: Vec<IdPattern>,
+    /// Outbound: the original destination; inbound: the destination the peer's app dialled
+    /// (the tunnel preamble's address).
+    pub destinations: Vec<Cidr>,
+    pub ports: Vec<PortRange>,
+}
+
+impl Rule {
+    /// Whether this rule applies to `req` (first match wins, so order matters elsewhere).
+    pub fn matches(&self, req: &Request<'_>) -> bool {
+        if self.direction.is_some_and(|d| d != req.way) {
+            return false;
+        }
+        if !self.ports.is_empty() && !self.ports.iter().any(|r| r.contains(req.dst.port())) {
+            return false;
+        }
+        if !self.destinations.is_empty()
+            && !self.destinations.iter().any(|c| c.contains(req.dst.ip()))
+        {
+            return false;
+        }
+        if !self.sources.is_empty() {
+            let Some(id) = req.source else {
+                return false;
+            };
+            if !self.sources.iter().any(|p| p.matches(id)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether every connection `self` matches is also matched by `outer`.
+    pub fn within(&self, outer: &Rule) -> bool {
+        let direction = match (outer.direction, self.direction) {
+            (None, _) => true,
+            (Some(o), Some(s)) => o == s,
+            (Some(_), None) => false,
+        };
+        let all = |outer_empty: bool, self_empty: bool, each: &dyn Fn() -> bool| {
+            outer_empty || (!self_empty && each())
+        };
+        direction
+            && all(outer.sources.is_empty(), self.sources.is_empty(), &|| {
+                self.sources
+                    .iter()
+                    .all(|s| outer.sources.iter().any(|o| s.within(o)))
+            })
+            && all(
+                outer.destinations.is_empty(),
+                self.destinations.is_empty(),
+                &|| {
+                    self.destinations
+                        .iter()
+                        .all(|s| outer.destinations.iter().any(|o| cidr_within(s, o)))
+                },
+            )
+            && all(outer.ports.is_empty(), self.ports.is_empty(), &|| {
+                self.ports
+                    .iter()
+                    .all(|s| outer.ports.iter().any(|o| s.within(o)))
+            })
+    }
+}
+
+/// Whether CIDR `inner` lies inside `outer` (same family only).
+pub fn cidr_within(inner: &Cidr, outer: &Cidr) -> bool {
+    inner.addr.is_ipv4() == outer.addr.is_ipv4()
+        && outer.prefix <= inner.prefix
+        && outer.contains(inner.addr)
+}
+
+/// One connection to decide on.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub way: Way,
+    /// The verified peer identity (inbound); `None` outbound.
+    pub source: Option<&'a SpiffeId>,
+    pub dst: SocketAddr,
+}
+
+/// The outcome of [`Policy::evaluate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The matching rule's action, or the direction's default.
+    pub action: Action,
+    /// Index of the matching rule; `None` for the default.
+    pub rule: Option<usize>,
+    /// Whether the connection is refused: a deny outside dry-run mode.
+    pub refuse: bool,
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+    pub default_outbound: Action,
+    pub default_inbound: Action,
+    /// Log (and count) what would be denied, refuse nothing (also not in the kernel).
+    pub dry_run: bool,
+}
+
+impl Default for Policy {
+    /// Allows everything (what a sidecar without `--policy` does).
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            default_outbound: Action::Allow,
+            default_inbound: Action::Allow,
+            dry_run: false,
+        }
+    }
+}
+
+impl Policy {
+    pub fn default_for(&self, way: Way) -> Action {
+        match way {
+            Way::Outbound => self.default_outbound,
+            Way::Inbound => self.default_inbound,
+        }
+    }
+
+    /// First matching rule wins; none matching → the direction's default.
+    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+        let (action, rule) = match self.rules.iter().position(|r| r.matches(req)) {
+            Some(i) => (self.rules[i].action, Some(i)),
+            None => (self.default_for(req.way), None),
+        };
+        Decision {
+            action,
+            rule,
+            refuse: action == Action::Deny && !self.dry_run,
+        }
+    }
+
+    /// The label counters and logs use for a decision's rule.
+    pub fn rule_label(&self, decision: &Decision, way: Way) -> String {
+        match decision.rule {
+            Some(i) => self.rules[i].name.clone(),
+            None => format!("default-{}", way.as_str()),
+        }
+    }
+}

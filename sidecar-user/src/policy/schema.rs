@@ -1,0 +1,348 @@
+//! The policy file: TOML, parsed strictly (unknown fields are errors) and validated whole.
+//! Every error names the line and the problem, in one line, so a reload that is refused
+//! says exactly what to fix.
+//!
+//! ```toml
+//! dry_run = false                 # optional: log what would be denied, refuse nothing
+//!
+//! [defaults]                      # optional; both default to "allow"
+//! outbound = "allow"
+//! inbound = "deny"
+//!
+//! [[rule]]
+//! name = "no-metadata"            # optional; counters and logs use it (else rule-<n>)
+//! action = "deny"                 # allow | deny | audit
+//! direction = "outbound"          # outbound | inbound; omitted: both
+//! destinations = ["169.254.169.254/32", "fd00:ec2::254/128"]
+//! ports = [80, "8000-8100"]       # single ports or "first-last"; omitted: all
+//!
+//! [[rule]]
+//! action = "allow"
+//! direction = "inbound"
+//! sources = ["spiffe://example.org/ns/shop/*"]   # exact ID, path prefix /*, or spiffe://<td>
+//! ports = [8080]
+//! ```
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use super::rules::{Action, IdPattern, Policy, PortRange, Rule, Way};
+use crate::{cidr::Cidr, tls::identity::SpiffeId};
+
+/// A policy file that cannot be used, and where.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("line {line}: {message}")]
+pub struct PolicyError {
+    /// 1-based; 0 when the problem has no position (e.g. an empty file is fine, so rarely).
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    defaults: Option<DefaultsDoc>,
+    #[serde(default)]
+    rule: Vec<Spanned<RuleDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefaultsDoc {
+    outbound: Option<Spanned<String>>,
+    inbound: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    name: Option<Spanned<String>>,
+    action: Spanned<String>,
+    direction: Option<Spanned<String>>,
+    sources: Option<Vec<Spanned<String>>>,
+    destinations: Option<Vec<Spanned<String>>>,
+    ports: Option<Vec<Spanned<toml::Value>>>,
+}
+
+/// An omitted list matches everything; an empty one would too, which is never what its
+/// author meant (an emptied list usually means "nothing"), so it is an error.
+fn non_empty<'a, T>(
+    list: &'a Option<Vec<T>>,
+    field: &str,
+    at: usize,
+    err: &dyn Fn(usize, String) -> PolicyError,
+) -> Result<&'a [T], PolicyError> {
+    match list {
+        None => Ok(&[]),
+        Some(v) if v.is_empty() => Err(err(
+            at,
+            format!("`{field} = []` is empty: omit the field to match any {field}"),
+        )),
+        Some(v) => Ok(v),
+    }
+}
+
+/// Parses and validates a policy file's text.
+pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    let line_of = |offset: usize| line_at(text, offset);
+    let doc: FileDoc = toml::from_str(text).map_err(|e| PolicyError {
+        line: e.span().map(|s| line_of(s.start)).unwrap_or(0),
+        message: e.message().trim().replace('\n', " "),
+    })?;
+    let err = |offset: usize, message: String| PolicyError {
+        line: line_of(offset),
+        message,
+    };
+
+    let default = |value: &Option<Spanned<String>>| -> Result<Action, PolicyError> {
+        match value {
+            None => Ok(Action::Allow),
+            Some(v) => match parse_action(v.get_ref()) {
+                Some(Action::Audit) => Err(err(
+                    v.span().start,
+                    "a default must be \"allow\" or \"deny\" (audit is for rules)".into(),
+                )),
+                Some(a) => Ok(a),
+                None => Err(err(
+                    v.span().start,
+                    format!(
+                        "{:?} is not an action: use \"allow\" or \"deny\"",
+                        v.get_ref()
+                    ),
+                )),
+            },
+        }
+    };
+    let (default_outbound, default_inbound) = match &doc.defaults {
+        Some(d) => (default(&d.outbound)?, default(&d.inbound)?),
+        None => (Action::Allow, Action::Allow),
+    };
+
+    let mut rules: Vec<Rule> = Vec::with_capacity(doc.rule.len());
+    for (index, spanned) in doc.rule.iter().enumerate() {
+        let at = spanned.span().start;
+        let r = spanned.get_ref();
+        let name = match &r.name {
+            Some(n) if n.get_ref().trim().is_empty() => {
+                return Err(err(n.span().start, "a rule name may not be empty".into()));
+            }
+            Some(n) => {
+                if let Some(other) = rules.iter().find(|o| o.name == *n.get_ref()) {
+                    return Err(err(
+                        n.span().start,
+                        format!(
+                            "rule name {:?} is already used on line {}: names must be unique",
+                            n.get_ref(),
+                            other.line
+                        ),
+                    ));
+                }
+                n.get_ref().clone()
+            }
+            None => format!("rule-{}", index + 1),
+        };
+        let action = parse_action(r.action.get_ref()).ok_or_else(|| {
+            err(
+                r.action.span().start,
+                format!(
+                    "{:?} is not an action: use \"allow\", \"deny\" or \"audit\"",
+                    r.action.get_ref()
+                ),
+            )
+        })?;
+        let direction = match &r.direction {
+            None => None,
+            Some(d) => Some(match d.get_ref().as_str() {
+                "outbound" => Way::Outbound,
+                "inbound" => Way::Inbound,
+                other => {
+                    return Err(err(
+                        d.span().start,
+                        format!("{other:?} is not a direction: use \"outbound\" or \"inbound\""),
+                    ));
+                }
+            }),
+        };
+        let (sources, destinations, ports) = (
+            non_empty(&r.sources, "sources", at, &err)?,
+            non_empty(&r.destinations, "destinations", at, &err)?,
+            non_empty(&r.ports, "ports", at, &err)?,
+        );
+        if !sources.is_empty() && direction != Some(Way::Inbound) {
+            return Err(err(
+                sources[0].span().start,
+                "`sources` matches the verified identity of an inbound peer; outbound \
+                 connections have none: add direction = \"inbound\""
+                    .into(),
+            ));
+        }
+        let sources = sources
+            .iter()
+            .map(|s| parse_pattern(s.get_ref()).map_err(|m| err(s.span().start, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let destinations = destinations
+            .iter()
+            .map(|s| parse_cidr(s.get_ref()).map_err(|m| err(s.span().start, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = ports
+            .iter()
+            .map(|s| parse_ports(s.get_ref()).map_err(|m| err(s.span().start, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rule = Rule {
+            name,
+            line: line_of(at),
+            action,
+            direction,
+            sources,
+            destinations,
+            ports,
+        };
+        // A rule that can never match because an earlier rule takes all its connections
+        // with the opposite verdict is a contradiction: the author expected it to apply.
+        if let Some(earlier) = rules
+            .iter()
+            .find(|e| rule.within(e) && e.action.lets_through() != rule.action.lets_through())
+        {
+            return Err(err(
+                at,
+                format!(
+                    "rule {:?} can never match: rule {:?} (line {}) comes first, matches every \
+                     connection it does and says {}: reorder or narrow them",
+                    rule.name,
+                    earlier.name,
+                    earlier.line,
+                    earlier.action.as_str()
+                ),
+            ));
+        }
+        rules.push(rule);
+    }
+    Ok(Policy {
+        rules,
+        default_outbound,
+        default_inbound,
+        dry_run: doc.dry_run,
+    })
+}
+
+/// 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn parse_action(s: &str) -> Option<Action> {
+    match s {
+        "allow" => Some(Action::Allow),
+        "deny" => Some(Action::Deny),
+        "audit" => Some(Action::Audit),
+        _ => None,
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let cidr: Cidr = s.parse()?;
+    if let std::net::IpAddr::V6(v6) = cidr.addr
+        && v6.to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "{s:?} is an IPv4-mapped IPv6 block: write it as IPv4 (it matches IPv4 \
+             connections either way)"
+        ));
+    }
+    let host_bits = (if cidr.addr.is_ipv4() { 32 } else { 128 }) - u32::from(cidr.prefix);
+    let canonical = match cidr.addr {
+        std::net::IpAddr::V4(a) => {
+            u32::from(a) & u32::MAX.checked_shl(host_bits).unwrap_or(0) == u32::from(a)
+        }
+        std::net::IpAddr::V6(a) => {
+            u128::from(a) & u128::MAX.checked_shl(host_bits).unwrap_or(0) == u128::from(a)
+        }
+    };
+    if !canonical {
+        return Err(format!(
+            "{s:?} has bits set after the prefix length: did you mean a different prefix, or \
+             the network address?"
+        ));
+    }
+    Ok(cidr)
+}
+
+fn parse_ports(v: &toml::Value) -> Result<PortRange, String> {
+    let port = |n: i64| {
+        u16::try_from(n).map_err(|_| format!("port {n} is out of range: ports are 0-65535"))
+    };
+    match v {
+        toml::Value::Integer(n) => {
+            let p = port(*n)?;
+            Ok(PortRange { first: p, last: p })
+        }
+        toml::Value::String(s) => {
+            let bad = || format!("{s:?} is not a port or range: write 443 or \"8000-8100\"");
+            let (a, b) = s.split_once('-').unwrap_or((s, s));
+            let first = port(a.trim().parse::<i64>().map_err(|_| bad())?)?;
+            let last = port(b.trim().parse::<i64>().map_err(|_| bad())?)?;
+            if first > last {
+                return Err(format!(
+                    "port range {s:?} is empty: the first port is above the last"
+                ));
+            }
+            Ok(PortRange { first, last })
+        }
+        other => Err(format!(
+            "a port must be a number or a \"first-last\" string, not {}",
+            other.type_str()
+        )),
+    }
+}
+
+fn parse_pattern(s: &str) -> Result<IdPattern, String> {
+    let rest = s
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| format!("{s:?} is not an identity pattern: it must start with spiffe://"))?;
+    // Validate the trust domain with the SPIFFE ID rules by giving it a trivial path.
+    let td_of = |td: &str| -> Result<String, String> {
+        format!("spiffe://{td}/x")
+            .parse::<SpiffeId>()
+            .map(|id| id.trust_domain().to_string())
+            .map_err(|e| e.to_string())
+    };
+    if let Some(base) = s.strip_suffix("/*") {
+        let base_rest = &base["spiffe://".len().min(base.len())..];
+        return match base_rest.find('/') {
+            None => Ok(IdPattern::TrustDomain(td_of(base_rest)?)),
+            Some(_) => {
+                let id: SpiffeId = base
+                    .parse()
+                    .map_err(|e: crate::tls::identity::IdentityError| format!("{s:?}: {e}"))?;
+                Ok(IdPattern::Prefix {
+                    trust_domain: id.trust_domain().to_string(),
+                    path: format!("{}/", id.path()),
+                })
+            }
+        };
+    }
+    if !rest.contains('/') {
+        return Ok(IdPattern::TrustDomain(td_of(rest)?));
+    }
+    if s.contains('*') {
+        return Err(format!(
+            "{s:?}: a wildcard is only allowed as a whole last segment, e.g. spiffe://td/ns/a/*"
+        ));
+    }
+    let id: SpiffeId = s
+        .parse()
+        .map_err(|e: crate::tls::identity::IdentityError| e.to_string())?;
+    Ok(IdPattern::Exact {
+        trust_domain: id.trust_domain().to_string(),
+        path: id.path().to_string(),
+    })
+}

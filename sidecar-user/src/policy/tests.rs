@@ -1,0 +1,374 @@
+//! Table-driven tests of parsing, validation and evaluation.
+
+use std::net::SocketAddr;
+
+use super::{
+    rules::{Action, Request, Way},
+    schema::parse,
+};
+use crate::tls::identity::SpiffeId;
+
+const POLICY: &str = r#"
+[defaults]
+outbound = "allow"
+inbound = "deny"
+
+[[rule]]
+name = "metadata"
+action = "deny"
+direction = "outbound"
+destinations = ["169.254.169.254/32", "fd00:ec2::254/128"]
+
+[[rule]]
+name = "db-range"
+action = "deny"
+direction = "outbound"
+destinations = ["10.0.0.0/8"]
+ports = ["5432-5440", 6379]
+
+[[rule]]
+name = "db-admin"
+action = "allow"
+direction = "outbound"
+destinations = ["10.0.5.0/24"]
+ports = [5432, 8080]
+
+[[rule]]
+name = "v6-audit"
+action = "audit"
+direction = "outbound"
+destinations = ["2001:db8::/32"]
+ports = ["0-1023"]
+
+[[rule]]
+name = "shop"
+action = "allow"
+direction = "inbound"
+sources = ["spiffe://example.org/ns/shop/*"]
+ports = [8080]
+
+[[rule]]
+name = "admin"
+action = "allow"
+direction = "inbound"
+sources = ["spiffe://example.org/ns/ops/sa/admin"]
+
+[[rule]]
+name = "partner"
+action = "audit"
+direction = "inbound"
+sources = ["spiffe://partner.example"]
+"#;
+
+/// A connection to decide on: direction, peer identity, destination.
+type Conn = (Way, Option<&'static str>, &'static str);
+
+fn out(dst: &'static str) -> Conn {
+    (Way::Outbound, None, dst)
+}
+
+fn inb(id: &'static str, dst: &'static str) -> Conn {
+    (Way::Inbound, Some(id), dst)
+}
+
+#[test]
+fn evaluation_table() {
+    let policy = parse(POLICY).unwrap();
+    let cases: &[(Conn, &str, Action)] = &[
+        // Exact host, both families.
+        (out("169.254.169.254:80"), "metadata", Action::Deny),
+        (out("169.254.169.253:80"), "default-outbound", Action::Allow),
+        (out("[fd00:ec2::254]:80"), "metadata", Action::Deny),
+        (out("[fd00:ec2::255]:80"), "default-outbound", Action::Allow),
+        // Port range edges.
+        (out("10.1.2.3:5431"), "default-outbound", Action::Allow),
+        (out("10.1.2.3:5432"), "db-range", Action::Deny),
+        (out("10.1.2.3:5440"), "db-range", Action::Deny),
+        (out("10.1.2.3:5441"), "default-outbound", Action::Allow),
+        (out("10.1.2.3:6379"), "db-range", Action::Deny),
+        // Overlap: the broader deny comes first, so the narrower allow never wins on 5432…
+        (out("10.0.5.7:5432"), "db-range", Action::Deny),
+        (out("10.0.5.7:8080"), "db-admin", Action::Allow),
+        (out("11.0.5.7:5432"), "default-outbound", Action::Allow),
+        // v4-mapped IPv6 is the IPv4 address.
+        (out("[::ffff:10.1.2.3]:5432"), "db-range", Action::Deny),
+        // IPv6 prefix and range.
+        (out("[2001:db8:1::1]:443"), "v6-audit", Action::Audit),
+        (
+            out("[2001:db8:1::1]:1024"),
+            "default-outbound",
+            Action::Allow,
+        ),
+        (out("[2001:db9::1]:443"), "default-outbound", Action::Allow),
+        // Inbound: prefix, exact, trust domain, and the deny default.
+        (
+            inb("spiffe://example.org/ns/shop/sa/web", "10.0.0.2:8080"),
+            "shop",
+            Action::Allow,
+        ),
+        (
+            inb("spiffe://example.org/ns/shop/sa/web", "10.0.0.2:9090"),
+            "default-inbound",
+            Action::Deny,
+        ),
+        // Prefix is by whole segment: /ns/shopping is not /ns/shop/*.
+        (
+            inb("spiffe://example.org/ns/shopping/sa/web", "10.0.0.2:8080"),
+            "default-inbound",
+            Action::Deny,
+        ),
+        (
+            inb("spiffe://example.org/ns/ops/sa/admin", "10.0.0.2:22"),
+            "admin",
+            Action::Allow,
+        ),
+        (
+            inb("spiffe://example.org/ns/ops/sa/admin2", "10.0.0.2:22"),
+            "default-inbound",
+            Action::Deny,
+        ),
+        (
+            inb("spiffe://partner.example/anything", "[fd00::2]:1"),
+            "partner",
+            Action::Audit,
+        ),
+        (
+            inb("spiffe://other.example/ns/shop/sa/web", "10.0.0.2:8080"),
+            "default-inbound",
+            Action::Deny,
+        ),
+    ];
+    for ((way, id, dst), rule, action) in cases {
+        let id: Option<SpiffeId> = id.map(|s| s.parse().unwrap());
+        let dst: SocketAddr = dst.parse().unwrap();
+        let d = policy.evaluate(&Request {
+            way: *way,
+            source: id.as_ref(),
+            dst,
+        });
+        assert_eq!(
+            (policy.rule_label(&d, *way).as_str(), d.action),
+            (*rule, *action),
+            "{way:?} {id:?} {dst}"
+        );
+        assert_eq!(d.refuse, *action == Action::Deny);
+    }
+}
+
+#[test]
+fn outbound_rules_do_not_apply_inbound_and_vice_versa() {
+    let policy = parse(
+        r#"
+        [[rule]]
+        action = "deny"
+        direction = "inbound"
+        ports = [80]
+        [[rule]]
+        action = "deny"
+        ports = [81]
+        "#,
+    )
+    .unwrap();
+    let id: SpiffeId = "spiffe://td/a".parse().unwrap();
+    let check = |way, port, refused| {
+        let d = policy.evaluate(&Request {
+            way,
+            source: (way == Way::Inbound).then_some(&id),
+            dst: SocketAddr::from(([10, 0, 0, 1], port)),
+        });
+        assert_eq!(d.refuse, refused, "{way:?} {port}");
+    };
+    check(Way::Outbound, 80, false);
+    check(Way::Inbound, 80, true);
+    check(Way::Outbound, 81, true);
+    check(Way::Inbound, 81, true);
+}
+
+#[test]
+fn empty_policy_and_defaults() {
+    let any = |text: &str, way: Way| {
+        let id: SpiffeId = "spiffe://td/a".parse().unwrap();
+        parse(text)
+            .unwrap()
+            .evaluate(&Request {
+                way,
+                source: Some(&id),
+                dst: "[::1]:1".parse().unwrap(),
+            })
+            .refuse
+    };
+    assert!(!any("", Way::Outbound) && !any("", Way::Inbound));
+    let deny_in = "[defaults]\ninbound = \"deny\"\n";
+    assert!(!any(deny_in, Way::Outbound) && any(deny_in, Way::Inbound));
+    let dry = "dry_run = true\n[defaults]\noutbound = \"deny\"\n";
+    let p = parse(dry).unwrap();
+    let d = p.evaluate(&Request {
+        way: Way::Outbound,
+        source: None,
+        dst: "[::1]:1".parse().unwrap(),
+    });
+    assert_eq!((d.action, d.refuse), (Action::Deny, false), "dry run");
+}
+
+/// Each bad file: the line the error names and a fragment of the problem.
+#[test]
+fn invalid_files_name_line_and_problem() {
+    let cases: &[(&str, usize, &str)] = &[
+        ("[[rule]\naction = \"deny\"\n", 1, "unclosed"),
+        ("dry_run = 1\n", 1, "invalid type"),
+        ("\n\nbogus = true\n", 3, "unknown field `bogus`"),
+        (
+            "[[rule]]\naction = \"deny\"\nport = [1]\n",
+            3,
+            "unknown field `port`",
+        ),
+        ("[[rule]]\nports = [1]\n", 1, "missing field `action`"),
+        ("[[rule]]\naction = \"block\"\n", 2, "not an action"),
+        (
+            "[[rule]]\naction = \"deny\"\ndirection = \"out\"\n",
+            3,
+            "not a direction",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\nports = [\"9-8\"]\n",
+            3,
+            "is empty",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\nports = [70000]\n",
+            3,
+            "out of range",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\nports = [\"http\"]\n",
+            3,
+            "not a port",
+        ),
+        ("[[rule]]\naction = \"deny\"\nports = [1.5]\n", 3, "number"),
+        (
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/33\"]\n",
+            3,
+            "prefix length",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.1/8\"]\n",
+            3,
+            "bits set after the prefix",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"::ffff:10.0.0.0/104\"]\n",
+            3,
+            "IPv4-mapped",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"example.com\"]\n",
+            3,
+            "not a CIDR",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"outbound\"\nsources = [\"spiffe://td/a\"]\n",
+            4,
+            "outbound connections have none",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\nsources = [\"spiffe://td/a\"]\n",
+            3,
+            "direction = \"inbound\"",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nsources = [\"td/a\"]\n",
+            4,
+            "spiffe://",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nsources = [\"spiffe://td/a*\"]\n",
+            4,
+            "wildcard",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nsources = [\"spiffe://TD\"]\n",
+            4,
+            "trust domain",
+        ),
+        (
+            "[defaults]\noutbound = \"audit\"\n",
+            2,
+            "audit is for rules",
+        ),
+        ("[defaults]\ninbound = \"maybe\"\n", 2, "not an action"),
+        (
+            "[[rule]]\nname = \"a\"\naction = \"deny\"\nports = [1]\n[[rule]]\nname = \"a\"\naction = \"deny\"\nports = [2]\n",
+            6,
+            "already used on line 1",
+        ),
+        // Contradictions: a later rule entirely inside an earlier one, opposite action.
+        (
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/8\"]\n\n[[rule]]\naction = \"allow\"\ndestinations = [\"10.1.0.0/16\"]\nports = [443]\n",
+            5,
+            "can never match",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nsources = [\"spiffe://td/ns/a/*\"]\n[[rule]]\naction = \"deny\"\ndirection = \"inbound\"\nsources = [\"spiffe://td/ns/a/sa/b\"]\n",
+            5,
+            "can never match",
+        ),
+        (
+            "[[rule]]\naction = \"deny\"\nports = [\"1-100\"]\n[[rule]]\naction = \"audit\"\ndirection = \"outbound\"\nports = [\"5-6\"]\n",
+            4,
+            "can never match",
+        ),
+    ];
+    for (text, line, fragment) in cases {
+        let err = parse(text).expect_err(text);
+        assert_eq!(err.line, *line, "{text:?}: {err}");
+        assert!(
+            err.message.contains(fragment),
+            "{text:?}: {err} should mention {fragment:?}"
+        );
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+/// Not contradictions: a narrower rule first, the same action, or a partial overlap.
+#[test]
+fn legitimate_overlaps_are_accepted() {
+    for text in [
+        "[[rule]]\naction = \"allow\"\ndestinations = [\"10.1.0.0/16\"]\n[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/8\"]\n",
+        "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/8\"]\n[[rule]]\naction = \"deny\"\ndestinations = [\"10.1.0.0/16\"]\n",
+        "[[rule]]\naction = \"deny\"\nports = [\"1-100\"]\n[[rule]]\naction = \"allow\"\nports = [\"50-150\"]\n",
+        "[[rule]]\naction = \"deny\"\ndirection = \"outbound\"\n[[rule]]\naction = \"allow\"\nports = [1]\n",
+        "[[rule]]\naction = \"deny\"\ndestinations = [\"::/0\"]\n[[rule]]\naction = \"allow\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    ] {
+        parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    }
+}
+
+/// Arbitrary bytes and mutations of a valid file never panic the parser.
+#[test]
+fn parser_never_panics_on_mutations() {
+    let base = POLICY.as_bytes();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let alphabet = b"[]=\"'-/*:.,0123456789abcdefz#\n \\{}";
+    for _ in 0..3000 {
+        let mut text = base.to_vec();
+        for _ in 0..(next() % 8 + 1) {
+            let at = (next() as usize) % text.len();
+            match next() % 3 {
+                0 => text[at] = alphabet[(next() as usize) % alphabet.len()],
+                1 => {
+                    text.remove(at);
+                }
+                _ => text.insert(at, alphabet[(next() as usize) % alphabet.len()]),
+            }
+        }
+        if let Ok(s) = std::str::from_utf8(&text) {
+            let _ = parse(s);
+        }
+    }
+}
