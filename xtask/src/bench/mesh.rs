@@ -60,6 +60,7 @@ impl<'a> Mesh<'a> {
     /// on 127.0.0.1 (same ports) as its command. Its log and report go next to `stem`.
     pub fn start_server(&self, load: &Path, mode: Mode, stem: &Path) -> Result<PeerSidecar> {
         let report = stem.with_extension("server.json");
+        let log = stem.with_extension("server.log");
         let mut loopback = self.server;
         loopback.set_ip([127, 0, 0, 1].into());
         let mut cmd = Command::new(self.sidecar);
@@ -75,8 +76,13 @@ impl<'a> Mesh<'a> {
             .arg("--")
             .arg(load)
             .args(server_args(loopback))
-            .stderr(fs::File::create(stem.with_extension("server.log"))?);
-        let server = Server::start(cmd, self.server_ns)?;
+            .stderr(fs::File::create(&log)?);
+        let server = Server::start(cmd, self.server_ns).with_context(|| {
+            format!(
+                "the server pod's sidecar did not start (log: {})",
+                log.display()
+            )
+        })?;
         Ok(PeerSidecar { server, report })
     }
 }

@@ -163,7 +163,14 @@ pub struct ScenarioResults {
     pub name: &'static str,
     pub description: &'static str,
     pub runs: Vec<(Mode, Vec<ClientResult>)>,
+    /// Attempts that failed and were repeated, with why (the report lists them).
+    pub failures: Vec<String>,
 }
+
+/// Attempts per run: a failed run is repeated, and listed in the report, rather than
+/// throwing away the whole bench. (It exists for the mTLS modes, where a bulk stream's last
+/// bytes sometimes stall in the tunnel; see README "Performance".)
+const ATTEMPTS: usize = 3;
 
 pub fn bench(opts: &Options) -> Result<()> {
     let started = Instant::now();
@@ -276,6 +283,12 @@ pub fn bench(opts: &Options) -> Result<()> {
         out_dir.join("report.md").display(),
         started.elapsed().as_secs_f64()
     ));
+    let failures: usize = summary.iter().map(|s| s.failures.len()).sum();
+    if failures > 0 {
+        step(&format!(
+            "{failures} run(s) failed and were repeated: listed in report.md"
+        ));
+    }
     println!("{}", report::headline(&summary));
     Ok(())
 }
@@ -304,18 +317,33 @@ fn run_scenario(
     progress: &mut Progress,
 ) -> Result<ScenarioResults> {
     let mut runs: Vec<(Mode, Vec<ClientResult>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
+    let mut failures = Vec::new();
     for round in 0..params.rounds {
         for (mode, results) in runs.iter_mut() {
-            progress.say(&format!(
-                "{name}: round {}/{} {}",
+            let what = format!(
+                "{name}, round {}/{}, {}",
                 round + 1,
                 params.rounds,
                 mode.label()
-            ));
-            let stem = raw.join(format!("{name}-{}-{round}", mode.file_key()));
-            let result = run_client(bins, client, *mode, params, &stem)
-                .with_context(|| format!("{name}, round {}, {}", round + 1, mode.label()))?;
-            results.push(result);
+            );
+            for attempt in 1..=ATTEMPTS {
+                progress.say(&what);
+                let mut stem = format!("{name}-{}-{round}", mode.file_key());
+                if attempt > 1 {
+                    stem += &format!("-retry{attempt}");
+                }
+                match run_client(bins, client, *mode, params, &raw.join(stem)) {
+                    Ok(result) => {
+                        results.push(result);
+                        break;
+                    }
+                    Err(e) if attempt < ATTEMPTS => {
+                        failures.push(format!("{what}, attempt {attempt}: {e:#}"));
+                        progress.say(&format!("{what}: failed, repeating: {e:#}"));
+                    }
+                    Err(e) => return Err(e.context(format!("{what}, attempt {attempt}"))),
+                }
+            }
             progress.tick();
         }
     }
@@ -323,6 +351,7 @@ fn run_scenario(
         name,
         description,
         runs,
+        failures,
     })
 }
 
@@ -343,10 +372,9 @@ fn run_client(
         (true, Some(mesh)) => Some(mesh),
         (true, None) => bail!("{} needs a server pod", mode.label()),
     };
-    let peer = match mesh {
-        Some(mesh) => Some(mesh.start_server(&bins.load, mode, stem)?),
-        None => None,
-    };
+    let peer = mesh
+        .map(|m| m.start_server(&bins.load, mode, stem))
+        .transpose()?;
     let mut cmd = match mode.sidecar_args() {
         None => Command::new(&bins.load),
         Some(args) => {
@@ -382,12 +410,16 @@ fn run_client(
     let status = wait_bounded(&mut cmd.spawn().context("starting the client")?, limit)?;
     let peer_report = peer.map(|p| p.stop()).transpose()?;
     if !status.success() {
+        // The client's anyhow error and its causes, on one line.
         let text = fs::read_to_string(&log).unwrap_or_default();
         let last = text
             .lines()
-            .rev()
-            .find(|l| l.contains("error"))
-            .unwrap_or("");
+            .skip_while(|l| !l.starts_with("Error: "))
+            .take_while(|l| !l.starts_with("Stack backtrace"))
+            .map(|l| l.trim().trim_start_matches("Error: "))
+            .filter(|l| !l.is_empty() && *l != "Caused by:")
+            .collect::<Vec<_>>()
+            .join(": ");
         bail!(
             "the client failed ({status}): {last} (log: {})",
             log.display()
@@ -503,7 +535,7 @@ impl Server {
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(line) if line.trim() == "ready" => Ok(server),
-            _ => bail!("the bench server in {} did not start: {cmd:?}", ns.name()),
+            _ => bail!("the bench server in {} did not start", ns.name()),
         }
     }
 

@@ -83,6 +83,8 @@ pub struct Scenario {
     pub name: &'static str,
     pub description: &'static str,
     pub modes: Vec<Figures>,
+    /// Attempts that failed and were repeated.
+    pub failures: Vec<String>,
 }
 
 impl Scenario {
@@ -182,6 +184,7 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
             name: s.name,
             description: s.description,
             modes,
+            failures: s.failures.clone(),
         });
     }
     Ok(out)
@@ -391,6 +394,19 @@ pub fn markdown(
         }
         md.push('\n');
         peer_table(&mut md, s);
+        if !s.failures.is_empty() {
+            let _ = writeln!(
+                md,
+                "### failed attempts ({}), repeated\n\n\
+                 These runs failed and were run again; the figures above are from the repeats. \
+                 Their logs are in `target/bench/raw/`.\n",
+                s.failures.len()
+            );
+            for f in &s.failures {
+                let _ = writeln!(md, "- {}", f.replace('\n', " "));
+            }
+            md.push('\n');
+        }
         if s.modes.iter().any(|f| f.enomem_retries > 0) {
             let _ = writeln!(
                 md,
