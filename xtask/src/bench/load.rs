@@ -109,6 +109,9 @@ pub struct ClientArgs {
     /// Read the parent's (the sidecar's) CPU time and memory from /proc.
     #[arg(long)]
     pub sidecar_stats: bool,
+    /// With mTLS: the server pod's sidecar, measured the same way.
+    #[arg(long)]
+    pub peer_sidecar: Option<u32>,
     /// Where to write the results (JSON).
     #[arg(long)]
     pub out: PathBuf,
@@ -132,6 +135,9 @@ pub struct ClientResult {
     pub bulk_secs: Vec<f64>,
     /// The sidecar's figures (proxied modes only).
     pub sidecar: Option<SidecarStats>,
+    /// The server pod's sidecar's (mTLS modes only).
+    #[serde(default)]
+    pub peer_sidecar: Option<SidecarStats>,
     /// Writes the kernel refused with ENOMEM and that were retried (sockmap's ingress
     /// redirect has no backpressure: a full receiver fails the sender's write). An app would
     /// see these as errors; the bench retries so it can still measure, and reports them.
@@ -187,12 +193,13 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     } else {
         None
     };
-    let cpu = |p: Option<u32>| p.map(cpu_secs).transpose();
+    // The sidecars measured: ours (the parent), then the peer's.
+    let mut watched: Vec<Watched> = parent
+        .into_iter()
+        .chain(args.peer_sidecar)
+        .map(Watched::new)
+        .collect::<Result<_>>()?;
     let mut result = ClientResult::default();
-    let mut stats = SidecarStats::default();
-    if let Some(p) = parent {
-        stats.idle_rss_kib = status_kib(p, "VmRSS")?;
-    }
 
     for size in SIZES {
         let mut conn = connect(args.server)?;
@@ -201,19 +208,20 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         for _ in 0..WARMUP {
             exchange(&mut conn, &mut buf)?;
         }
-        let before = cpu(parent)?;
+        Watched::mark_all(&mut watched)?;
         for _ in 0..args.exchanges {
             let t = Instant::now();
             exchange(&mut conn, &mut buf)?;
             samples.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
-        if let (Some(b), Some(a)) = (before, cpu(parent)?) {
-            stats.rr_cpu_secs.push(a - b);
+        for w in &mut watched {
+            let cpu = w.since_mark()?;
+            w.stats.rr_cpu_secs.push(cpu);
         }
         result.rr_ns.push(samples);
     }
 
-    let before = cpu(parent)?;
+    Watched::mark_all(&mut watched)?;
     let started = Instant::now();
     let mut buf = vec![0u8; 64];
     for _ in 0..args.connections {
@@ -222,8 +230,8 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     }
     result.crr_secs = started.elapsed().as_secs_f64();
     result.crr_count = args.connections;
-    if let (Some(b), Some(a)) = (before, cpu(parent)?) {
-        stats.crr_cpu_secs = a - b;
+    for w in &mut watched {
+        w.stats.crr_cpu_secs = w.since_mark()?;
     }
 
     let mut sink = args.server;
@@ -236,13 +244,52 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         result.bulk_secs.push(secs);
     }
 
-    if let Some(p) = parent {
-        stats.peak_rss_kib = status_kib(p, "VmHWM")?;
-        result.sidecar = Some(stats);
+    let mut stats = watched.into_iter().map(Watched::finish);
+    if parent.is_some() {
+        result.sidecar = stats.next().transpose()?;
     }
+    result.peer_sidecar = stats.next().transpose()?;
     fs::write(&args.out, serde_json::to_vec(&result)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     Ok(())
+}
+
+/// A sidecar process whose CPU time and memory a client run measures.
+struct Watched {
+    pid: u32,
+    stats: SidecarStats,
+    /// CPU seconds at the start of the current test.
+    mark: f64,
+}
+
+impl Watched {
+    fn new(pid: u32) -> Result<Self> {
+        let stats = SidecarStats {
+            idle_rss_kib: status_kib(pid, "VmRSS")?,
+            ..Default::default()
+        };
+        Ok(Self {
+            pid,
+            stats,
+            mark: 0.0,
+        })
+    }
+
+    fn mark_all(all: &mut [Watched]) -> Result<()> {
+        for w in all {
+            w.mark = cpu_secs(w.pid)?;
+        }
+        Ok(())
+    }
+
+    fn since_mark(&self) -> Result<f64> {
+        Ok(cpu_secs(self.pid)? - self.mark)
+    }
+
+    fn finish(mut self) -> Result<SidecarStats> {
+        self.stats.peak_rss_kib = status_kib(self.pid, "VmHWM")?;
+        Ok(self.stats)
+    }
 }
 
 fn connect(addr: SocketAddr) -> Result<TcpStream> {

@@ -1,12 +1,14 @@
 //! `cargo xtask bench [--quick]`: what each interception mode costs over a direct
 //! connection, measured side by side on this host in one run.
 //!
-//! Scenarios (each in its own `scb-*` network namespaces, torn down afterwards):
+//! Scenarios (each in its own `scbm-*` network namespaces, torn down afterwards):
 //! - **loopback**: client and server on 127.0.0.1 in one namespace (same host, same pod);
 //! - **pods**: client and server in two namespaces joined by a veth pair.
 //!
-//! Modes: direct (no sidecar), iptables, ebpf, ebpf --no-sockmap. Each round runs every
-//! mode once, A B C D A B C D…, so drift hits all alike. One client run measures, in order:
+//! Modes: direct (no sidecar), iptables, ebpf, ebpf --no-sockmap, and in the pods scenario
+//! two sidecars with mTLS between them, both in iptables or both in eBPF mode (see
+//! `mesh.rs`). Each round runs every mode once, A B C D A B C D…, so drift hits all alike.
+//! One client run measures, in order:
 //! request/response latency (64 B and 4 KiB on a persistent connection), connect-exchange-
 //! close rate, bulk throughput (1 and 16 streams), and for the proxied modes the sidecar's
 //! CPU time and RSS from /proc. The load generator is this binary (release build) re-invoked
@@ -16,6 +18,7 @@
 //! the sidecar logs in `target/bench/raw/`.
 
 pub mod load;
+mod mesh;
 mod netns;
 mod report;
 mod sockperf;
@@ -35,6 +38,7 @@ use anyhow::{Context, Result, bail};
 
 use self::{
     load::ClientResult,
+    mesh::Mesh,
     netns::{Netns, POD_SERVER_IP, Pods},
 };
 use crate::{build_ebpf, cargo, run, step};
@@ -88,15 +92,29 @@ pub enum Mode {
     Iptables,
     Ebpf,
     EbpfNoSockmap,
+    /// Two sidecars (client pod and server pod), an mTLS tunnel between them.
+    IptablesMtls,
+    EbpfMtls,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [
+    pub const ALL: [Mode; 6] = [
+        Mode::Direct,
+        Mode::Iptables,
+        Mode::Ebpf,
+        Mode::EbpfNoSockmap,
+        Mode::IptablesMtls,
+        Mode::EbpfMtls,
+    ];
+    /// The modes with at most one sidecar: every scenario runs them.
+    pub const SINGLE: [Mode; 4] = [
         Mode::Direct,
         Mode::Iptables,
         Mode::Ebpf,
         Mode::EbpfNoSockmap,
     ];
+    /// The modes that need a server pod with a sidecar of its own.
+    pub const MTLS: [Mode; 2] = [Mode::IptablesMtls, Mode::EbpfMtls];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -104,40 +122,55 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ebpf => "ebpf",
             Mode::EbpfNoSockmap => "ebpf --no-sockmap",
+            Mode::IptablesMtls => "iptables + mTLS",
+            Mode::EbpfMtls => "ebpf + mTLS",
         }
     }
 
     fn file_key(self) -> &'static str {
         match self {
             Mode::EbpfNoSockmap => "ebpf-nosockmap",
+            Mode::IptablesMtls => "iptables-mtls",
+            Mode::EbpfMtls => "ebpf-mtls",
             m => m.label(),
         }
+    }
+
+    pub fn mtls(self) -> bool {
+        Self::MTLS.contains(&self)
     }
 
     /// `sidecar run` options, or None for a direct connection.
     fn sidecar_args(self) -> Option<&'static [&'static str]> {
         match self {
             Mode::Direct => None,
-            Mode::Iptables => Some(&["--mode", "iptables"]),
-            Mode::Ebpf => Some(&["--mode", "ebpf"]),
+            Mode::Iptables | Mode::IptablesMtls => Some(&["--mode", "iptables"]),
+            Mode::Ebpf | Mode::EbpfMtls => Some(&["--mode", "ebpf"]),
             Mode::EbpfNoSockmap => Some(&["--mode", "ebpf", "--no-sockmap"]),
         }
     }
 }
 
 /// The proxy port of the bench's runs (inside its own namespaces; in the assigned range).
-const PROXY_PORT: u16 = 16200;
+const PROXY_PORT: u16 = 20100;
 /// The echo server's port (the sink takes the next one).
-const SERVER_PORT: u16 = 16210;
+const SERVER_PORT: u16 = 20110;
 /// The sockperf server's port for the cross-check.
-const SOCKPERF_PORT: u16 = 16220;
+const SOCKPERF_PORT: u16 = 20120;
 
 /// One scenario's results: per mode, every round's client result.
 pub struct ScenarioResults {
     pub name: &'static str,
     pub description: &'static str,
     pub runs: Vec<(Mode, Vec<ClientResult>)>,
+    /// Attempts that failed and were repeated, with why (the report lists them).
+    pub failures: Vec<String>,
 }
+
+/// Attempts per run: a failed run is repeated, and listed in the report, rather than
+/// throwing away the whole bench. (It exists for the mTLS modes, where a bulk stream's last
+/// bytes sometimes stall in the tunnel; see README "Performance".)
+const ATTEMPTS: usize = 3;
 
 pub fn bench(opts: &Options) -> Result<()> {
     let started = Instant::now();
@@ -170,28 +203,34 @@ pub fn bench(opts: &Options) -> Result<()> {
 
     let params = Params::for_run(opts.quick);
     step(&format!(
-        "bench ({}): {} round(s) × 4 modes × 2 scenarios; {} exchanges per size per round",
+        "bench ({}): {} round(s) × {} modes (loopback) and {} modes (pods); {} exchanges per size per round",
         if opts.quick { "quick" } else { "full" },
         params.rounds,
+        Mode::SINGLE.len(),
+        Mode::ALL.len(),
         params.exchanges
     ));
 
     let load_at_start = report::load_average();
-    let mut progress = Progress::new(params.rounds * Mode::ALL.len() * 2);
+    let mut progress = Progress::new(params.rounds * (Mode::SINGLE.len() + Mode::ALL.len()));
     let mut results = Vec::new();
     let crosscheck;
     {
-        let lo = Netns::create("scb-lo")?;
+        let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
-        let _server = Server::start(&bins.load, &lo, server_addr)?;
+        let _server = Server::start(plain_server(&bins.load, server_addr), &lo)?;
         results.push(run_scenario(
             (
                 "loopback",
                 "same host: client and server on 127.0.0.1 in one namespace",
             ),
+            &Mode::SINGLE,
             &bins,
-            &lo,
-            server_addr,
+            &Client {
+                ns: &lo,
+                server: server_addr,
+                mesh: None,
+            },
             &params,
             &raw,
             &mut progress,
@@ -202,12 +241,17 @@ pub fn bench(opts: &Options) -> Result<()> {
     {
         let pods = Pods::create()?;
         let server_addr = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);
-        let _server = Server::start(&bins.load, &pods.server, server_addr)?;
+        let _server = Server::start(plain_server(&bins.load, server_addr), &pods.server)?;
+        let mesh = Mesh::new(&bins.sidecar, &pods.server, server_addr)?;
         results.push(run_scenario(
             ("pods", "two namespaces (pods) joined by a veth pair"),
+            &Mode::ALL,
             &bins,
-            &pods.client,
-            server_addr,
+            &Client {
+                ns: &pods.client,
+                server: server_addr,
+                mesh: Some(&mesh),
+            },
             &params,
             &raw,
             &mut progress,
@@ -239,6 +283,12 @@ pub fn bench(opts: &Options) -> Result<()> {
         out_dir.join("report.md").display(),
         started.elapsed().as_secs_f64()
     ));
+    let failures: usize = summary.iter().map(|s| s.failures.len()).sum();
+    if failures > 0 {
+        step(&format!(
+            "{failures} run(s) failed and were repeated: listed in report.md"
+        ));
+    }
     println!("{}", report::headline(&summary));
     Ok(())
 }
@@ -248,29 +298,52 @@ struct Bins {
     load: PathBuf,
 }
 
+/// Where a scenario's client runs and what it reaches.
+struct Client<'a> {
+    ns: &'a Netns,
+    server: SocketAddr,
+    /// The server pod's side of the mTLS modes.
+    mesh: Option<&'a Mesh<'a>>,
+}
+
+/// Every round runs each of `modes` once; the mTLS modes need the client's `mesh`.
 fn run_scenario(
     (name, description): (&'static str, &'static str),
+    modes: &[Mode],
     bins: &Bins,
-    client_ns: &Netns,
-    server: SocketAddr,
+    client: &Client,
     params: &Params,
     raw: &Path,
     progress: &mut Progress,
 ) -> Result<ScenarioResults> {
-    let mut runs: Vec<(Mode, Vec<ClientResult>)> =
-        Mode::ALL.iter().map(|m| (*m, Vec::new())).collect();
+    let mut runs: Vec<(Mode, Vec<ClientResult>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
+    let mut failures = Vec::new();
     for round in 0..params.rounds {
         for (mode, results) in runs.iter_mut() {
-            progress.say(&format!(
-                "{name}: round {}/{} {}",
+            let what = format!(
+                "{name}, round {}/{}, {}",
                 round + 1,
                 params.rounds,
                 mode.label()
-            ));
-            let stem = raw.join(format!("{name}-{}-{round}", mode.file_key()));
-            let result = run_client(bins, client_ns, server, *mode, params, &stem)
-                .with_context(|| format!("{name}, round {}, {}", round + 1, mode.label()))?;
-            results.push(result);
+            );
+            for attempt in 1..=ATTEMPTS {
+                progress.say(&what);
+                let mut stem = format!("{name}-{}-{round}", mode.file_key());
+                if attempt > 1 {
+                    stem += &format!("-retry{attempt}");
+                }
+                match run_client(bins, client, *mode, params, &raw.join(stem)) {
+                    Ok(result) => {
+                        results.push(result);
+                        break;
+                    }
+                    Err(e) if attempt < ATTEMPTS => {
+                        failures.push(format!("{what}, attempt {attempt}: {e:#}"));
+                        progress.say(&format!("{what}: failed, repeating: {e:#}"));
+                    }
+                    Err(e) => return Err(e.context(format!("{what}, attempt {attempt}"))),
+                }
+            }
             progress.tick();
         }
     }
@@ -278,14 +351,15 @@ fn run_scenario(
         name,
         description,
         runs,
+        failures,
     })
 }
 
-/// One client run in the client namespace, under `sidecar run` unless direct.
+/// One client run in the client namespace, under `sidecar run` unless direct; with mTLS,
+/// the server pod's sidecar runs for just as long.
 fn run_client(
     bins: &Bins,
-    ns: &Netns,
-    server: SocketAddr,
+    Client { ns, server, mesh }: &Client,
     mode: Mode,
     params: &Params,
     stem: &Path,
@@ -293,12 +367,21 @@ fn run_client(
     let out = stem.with_extension("json");
     let log = stem.with_extension("log");
     let sidecar_report = stem.with_extension("sidecar.json");
+    let mesh = match (mode.mtls(), *mesh) {
+        (false, _) => None,
+        (true, Some(mesh)) => Some(mesh),
+        (true, None) => bail!("{} needs a server pod", mode.label()),
+    };
+    let peer = mesh
+        .map(|m| m.start_server(&bins.load, mode, stem))
+        .transpose()?;
     let mut cmd = match mode.sidecar_args() {
         None => Command::new(&bins.load),
         Some(args) => {
             let mut c = Command::new(&bins.sidecar);
             c.arg("run")
                 .args(args)
+                .args(mesh.map(Mesh::client_args).unwrap_or_default())
                 .args(["--proxy-port", &PROXY_PORT.to_string()])
                 .arg("--report")
                 .arg(&sidecar_report)
@@ -316,26 +399,44 @@ fn run_client(
     if mode != Mode::Direct {
         cmd.arg("--sidecar-stats");
     }
+    if let Some(peer) = &peer {
+        cmd.args(["--peer-sidecar", &peer.pid().to_string()]);
+    }
     ns.enter(&mut cmd)?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?);
     let limit = Duration::from_secs(60) + Duration::from_secs_f64(params.bulk_secs * 4.0);
-    let status = wait_bounded(cmd.spawn().context("starting the client")?, limit)?;
+    let status = wait_bounded(&mut cmd.spawn().context("starting the client")?, limit)?;
+    let peer_report = peer.map(|p| p.stop()).transpose()?;
     if !status.success() {
+        // The client's anyhow error and its causes, on one line.
         let text = fs::read_to_string(&log).unwrap_or_default();
         let last = text
             .lines()
-            .rev()
-            .find(|l| l.contains("error"))
-            .unwrap_or("");
+            .skip_while(|l| !l.starts_with("Error: "))
+            .take_while(|l| !l.starts_with("Stack backtrace"))
+            .map(|l| l.trim().trim_start_matches("Error: "))
+            .filter(|l| !l.is_empty() && *l != "Caused by:")
+            .collect::<Vec<_>>()
+            .join(": ");
         bail!(
             "the client failed ({status}): {last} (log: {})",
             log.display()
         );
     }
+    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
     if mode != Mode::Direct {
-        check_intercepted(&sidecar_report, params)?;
+        let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
+        check_carried(&sidecar_report, "outbound", expected, tunnel)?;
+    }
+    if let Some(report) = peer_report {
+        check_carried(
+            &report,
+            "inbound",
+            expected,
+            Some(("src_identity", mesh::CLIENT_ID)),
+        )?;
     }
     let json = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
     Ok(serde_json::from_slice(&json)?)
@@ -343,19 +444,37 @@ fn run_client(
 
 /// The figures of a proxied mode mean something only if the sidecar really carried every
 /// connection: its report must list each one (2 request/response, the connect-exchange-close
-/// ones, 1 + 16 bulk), all `ok`.
-fn check_intercepted(report: &Path, params: &Params) -> Result<()> {
+/// ones, 1 + 16 bulk) in `direction`, all `ok`. With a `tunnel` (identity field, SPIFFE ID),
+/// each one must also have crossed mTLS with that verified peer.
+fn check_carried(
+    report: &Path,
+    direction: &str,
+    expected: usize,
+    tunnel: Option<(&str, &str)>,
+) -> Result<()> {
     let json: serde_json::Value = serde_json::from_slice(
         &fs::read(report).with_context(|| format!("reading {}", report.display()))?,
     )?;
-    let conns = json["connections"].as_array().cloned().unwrap_or_default();
-    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
+    let conns: Vec<_> = json["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["direction"] == direction)
+        .collect();
     let ok = conns.iter().filter(|c| c["outcome"] == "ok").count();
     if conns.len() != expected || ok != expected {
         bail!(
-            "the sidecar carried {} connection(s), {ok} ok, where the client made {expected}: \
-             interception did not happen as it should ({})",
+            "the sidecar carried {} {direction} connection(s), {ok} ok, where the client made \
+             {expected}: interception did not happen as it should ({})",
             conns.len(),
+            report.display()
+        );
+    }
+    if let Some((field, id)) = tunnel
+        && let Some(c) = conns.iter().find(|c| c["mode"] != "mtls" || c[field] != id)
+    {
+        bail!(
+            "a connection did not cross the mTLS tunnel with {field} {id}: {c} ({})",
             report.display()
         );
     }
@@ -364,7 +483,7 @@ fn check_intercepted(report: &Path, params: &Params) -> Result<()> {
 
 /// Waits for a child; past `limit` it gets SIGTERM (the sidecar then stops its command and
 /// cleans up), and SIGKILL 10 s later.
-fn wait_bounded(mut child: Child, limit: Duration) -> Result<std::process::ExitStatus> {
+fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait()? {
@@ -385,16 +504,25 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Result<std::process::ExitS
     }
 }
 
-/// The bench server in a namespace; killed on drop.
+/// The load generator's echo/sink server command line, after the binary.
+fn server_args(listen: SocketAddr) -> [String; 3] {
+    ["bench-server".into(), "--listen".into(), listen.to_string()]
+}
+
+/// The echo/sink server with no sidecar.
+fn plain_server(load: &Path, listen: SocketAddr) -> Command {
+    let mut cmd = Command::new(load);
+    cmd.args(server_args(listen)).stderr(Stdio::inherit());
+    cmd
+}
+
+/// A server (the bench server, or a sidecar running it) in a namespace, ready once it
+/// printed `ready`; stopped on drop.
 struct Server(Child);
 
 impl Server {
-    fn start(bin: &Path, ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["bench-server", "--listen", &addr.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+    fn start(mut cmd: Command, ns: &Netns) -> Result<Self> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
         ns.enter(&mut cmd)?;
         let mut child = cmd.spawn().context("starting the bench server")?;
         let stdout = child.stdout.take().context("server stdout")?;
@@ -407,15 +535,29 @@ impl Server {
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(line) if line.trim() == "ready" => Ok(server),
-            _ => bail!("the bench server in {} did not start on {addr}", ns.name()),
+            _ => bail!("the bench server in {} did not start", ns.name()),
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, so that a sidecar stops its command and cleans up; SIGKILL if that takes
+    /// too long.
+    fn stop(&mut self) -> Result<()> {
+        if self.0.try_wait()?.is_none() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            wait_bounded(&mut self.0, Duration::from_secs(15))?;
+        }
+        Ok(())
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.stop();
     }
 }
 
@@ -460,5 +602,57 @@ impl Progress {
         if self.tty {
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report with `n` outbound connections, `edit` applied to the last one.
+    fn report(n: usize, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+        let mut conns: Vec<_> = (0..n)
+            .map(|_| {
+                serde_json::json!({"direction": "outbound", "outcome": "ok", "mode": "mtls",
+                                   "dst_identity": mesh::SERVER_ID})
+            })
+            .collect();
+        edit(conns.last_mut().unwrap());
+        let path = std::env::temp_dir().join(format!(
+            "sidecar-bench-check-{}-{n}-{}.json",
+            std::process::id(),
+            thread::current().name().unwrap_or("t").replace(':', "_")
+        ));
+        fs::write(
+            &path,
+            serde_json::json!({ "connections": conns }).to_string(),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn a_run_counts_only_if_every_connection_crossed_the_tunnel() {
+        let tunnel = Some(("dst_identity", mesh::SERVER_ID));
+        let check = |path: PathBuf, tunnel| {
+            let r = check_carried(&path, "outbound", 3, tunnel);
+            let _ = fs::remove_file(&path);
+            r
+        };
+        assert!(check(report(3, |_| {}), tunnel).is_ok());
+        assert!(check(report(2, |_| {}), tunnel).is_err(), "one missing");
+        assert!(check(report(3, |c| c["outcome"] = "io_error".into()), tunnel).is_err());
+        assert!(check(report(3, |c| c["mode"] = "plain".into()), tunnel).is_err());
+        assert!(
+            check(
+                report(3, |c| c["dst_identity"] = "spiffe://x/y".into()),
+                tunnel
+            )
+            .is_err()
+        );
+        assert!(
+            check(report(3, |c| c["mode"] = "plain".into()), None).is_ok(),
+            "plain modes"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The bench's network namespaces (`scb-*`): one for the same-host loopback case, two
+//! The bench's network namespaces (`scbm-*`): one for the same-host loopback case, two
 //! "pods" joined by a veth pair for the cross-pod case. Addresses exist only inside them and
 //! there is no route out. Each [`Netns`] is deleted on drop (which also destroys its end of
 //! the veth), so a failing bench tears down too.
@@ -20,9 +20,9 @@ pub struct Netns {
 
 impl Netns {
     /// Creates it with loopback up. A leftover of the same name (a killed bench of ours:
-    /// the `scb-` prefix is the bench's) is deleted first.
+    /// the `scbm-` prefix is the bench's) is deleted first.
     pub fn create(name: &str) -> Result<Self> {
-        assert!(name.starts_with("scb-"), "bench namespaces are scb-*");
+        assert!(name.starts_with("scbm-"), "bench namespaces are scbm-*");
         let listed = output(Command::new("ip").args(["netns", "list"]))?;
         if listed
             .lines()
@@ -80,39 +80,39 @@ impl Drop for Netns {
     }
 }
 
-/// Two namespaces joined by a veth pair, `client` 10.251.0.1/30 and `server` 10.251.0.2/30:
+/// Two namespaces joined by a veth pair, `client` 10.252.0.1/30 and `server` 10.252.0.2/30:
 /// a connected /30 route only, nothing to the outside.
 pub struct Pods {
     pub client: Netns,
     pub server: Netns,
 }
 
-pub const POD_CLIENT_IP: &str = "10.251.0.1";
-pub const POD_SERVER_IP: &str = "10.251.0.2";
+pub const POD_CLIENT_IP: &str = "10.252.0.1";
+pub const POD_SERVER_IP: &str = "10.252.0.2";
 
 impl Pods {
     pub fn create() -> Result<Self> {
-        let client = Netns::create("scb-cli")?;
-        let server = Netns::create("scb-srv")?;
+        let client = Netns::create("scbm-cli")?;
+        let server = Netns::create("scbm-srv")?;
         client.ip(&[
-            "link", "add", "scb-c", "type", "veth", "peer", "name", "scb-s", "netns", "scb-srv",
+            "link", "add", "scbm-c", "type", "veth", "peer", "name", "scbm-s", "netns", "scbm-srv",
         ])?;
         client.ip(&[
             "addr",
             "add",
             &format!("{POD_CLIENT_IP}/30"),
             "dev",
-            "scb-c",
+            "scbm-c",
         ])?;
         server.ip(&[
             "addr",
             "add",
             &format!("{POD_SERVER_IP}/30"),
             "dev",
-            "scb-s",
+            "scbm-s",
         ])?;
-        client.ip(&["link", "set", "scb-c", "up"])?;
-        server.ip(&["link", "set", "scb-s", "up"])?;
+        client.ip(&["link", "set", "scbm-c", "up"])?;
+        server.ip(&["link", "set", "scbm-s", "up"])?;
         Ok(Self { client, server })
     }
 }

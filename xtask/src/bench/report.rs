@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 use super::{
     Mode, Params, ScenarioResults,
-    load::{SIZES, STREAMS},
+    load::{SIZES, STREAMS, SidecarStats},
     sockperf::SockperfFigures,
 };
 
@@ -32,22 +32,61 @@ pub struct Figures {
     pub conn_per_sec: f64,
     /// Per stream count in [`STREAMS`], Gbit/s.
     pub bulk_gbps: Vec<f64>,
-    /// The sidecar's CPU µs per exchange (per size) and per new connection.
-    pub cpu_us_per_exchange: Option<Vec<f64>>,
-    pub cpu_us_per_conn: Option<f64>,
-    /// MiB.
-    pub idle_rss: Option<f64>,
-    pub peak_rss: Option<f64>,
+    /// The (client pod's) sidecar's cost; None when direct.
+    pub sidecar: Option<Cost>,
+    /// The server pod's sidecar's cost (mTLS modes).
+    pub peer: Option<Cost>,
     /// Bulk writes refused with ENOMEM (and retried), summed over rounds.
     pub enomem_retries: u64,
     /// Blocking reads that returned EAGAIN early (and were retried), summed over rounds.
     pub eagain_retries: u64,
 }
 
+/// What a sidecar process cost, over all rounds.
+#[derive(Debug, Clone)]
+pub struct Cost {
+    /// CPU µs per exchange (per size in [`SIZES`]) and per new connection.
+    pub us_per_exchange: Vec<f64>,
+    pub us_per_conn: f64,
+    /// MiB: the largest over rounds.
+    pub idle_rss: f64,
+    pub peak_rss: f64,
+}
+
+impl Cost {
+    /// From every round's stats; None unless every round has them.
+    fn of(stats: &[Option<&SidecarStats>], rr_n: &[usize], crr_count: usize) -> Option<Self> {
+        let stats: Vec<&SidecarStats> = stats.iter().copied().collect::<Option<_>>()?;
+        let mib = |k: u64| k as f64 / 1024.0;
+        Some(Self {
+            us_per_exchange: (0..SIZES.len())
+                .map(|i| {
+                    let cpu: f64 = stats
+                        .iter()
+                        .map(|s| s.rr_cpu_secs.get(i).copied().unwrap_or(0.0))
+                        .sum();
+                    cpu * 1e6 / rr_n[i] as f64
+                })
+                .collect(),
+            us_per_conn: stats.iter().map(|s| s.crr_cpu_secs).sum::<f64>() * 1e6 / crr_count as f64,
+            idle_rss: stats
+                .iter()
+                .map(|s| mib(s.idle_rss_kib))
+                .fold(0.0, f64::max),
+            peak_rss: stats
+                .iter()
+                .map(|s| mib(s.peak_rss_kib))
+                .fold(0.0, f64::max),
+        })
+    }
+}
+
 pub struct Scenario {
     pub name: &'static str,
     pub description: &'static str,
     pub modes: Vec<Figures>,
+    /// Attempts that failed and were repeated.
+    pub failures: Vec<String>,
 }
 
 impl Scenario {
@@ -122,33 +161,15 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
             if bulk_gbps.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
                 bail!("{what}: no bulk throughput");
             }
-            let stats: Vec<_> = runs.iter().filter_map(|r| r.sidecar.as_ref()).collect();
-            let (cpu_us_per_exchange, cpu_us_per_conn, idle_rss, peak_rss) =
-                if *mode == Mode::Direct {
-                    (None, None, None, None)
-                } else {
-                    if stats.len() != runs.len() {
-                        bail!("{what}: the sidecar's CPU and memory were not measured");
-                    }
-                    let per_exchange = (0..SIZES.len())
-                        .map(|i| {
-                            let cpu: f64 = stats
-                                .iter()
-                                .map(|s| s.rr_cpu_secs.get(i).copied().unwrap_or(0.0))
-                                .sum();
-                            cpu * 1e6 / rr_n[i] as f64
-                        })
-                        .collect();
-                    let cpu_conn: f64 =
-                        stats.iter().map(|s| s.crr_cpu_secs).sum::<f64>() * 1e6 / crr_count as f64;
-                    let mib = |k: u64| k as f64 / 1024.0;
-                    (
-                        Some(per_exchange),
-                        Some(cpu_conn),
-                        stats.iter().map(|s| mib(s.idle_rss_kib)).reduce(f64::max),
-                        stats.iter().map(|s| mib(s.peak_rss_kib)).reduce(f64::max),
-                    )
-                };
+            let cost = |stats: Vec<Option<&SidecarStats>>| Cost::of(&stats, &rr_n, crr_count);
+            let sidecar = cost(runs.iter().map(|r| r.sidecar.as_ref()).collect());
+            let peer = cost(runs.iter().map(|r| r.peer_sidecar.as_ref()).collect());
+            if *mode != Mode::Direct && sidecar.is_none() {
+                bail!("{what}: the sidecar's CPU and memory were not measured");
+            }
+            if mode.mtls() && peer.is_none() {
+                bail!("{what}: the server pod's sidecar's CPU and memory were not measured");
+            }
             modes.push(Figures {
                 mode: *mode,
                 rr_us,
@@ -156,10 +177,8 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 round_p50_us,
                 conn_per_sec,
                 bulk_gbps,
-                cpu_us_per_exchange,
-                cpu_us_per_conn,
-                idle_rss,
-                peak_rss,
+                sidecar,
+                peer,
                 enomem_retries: runs.iter().map(|r| r.enomem_retries).sum(),
                 eagain_retries: runs.iter().map(|r| r.eagain_retries).sum(),
             });
@@ -168,6 +187,7 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
             name: s.name,
             description: s.description,
             modes,
+            failures: s.failures.clone(),
         });
     }
     Ok(out)
@@ -258,14 +278,21 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "{date} · {kernel} · {machine} · commit {commit}\n\n\
-         {} round(s), modes interleaved per round (direct, iptables, ebpf, ebpf --no-sockmap); \
-         per round and mode: {} timed request/response exchanges per size on one persistent \
+         {} round(s), modes interleaved per round (direct, iptables, ebpf, ebpf --no-sockmap, \
+         and in the pods scenario iptables + mTLS, ebpf + mTLS); per round and mode: {} timed request/response exchanges per size on one persistent \
          connection (after 200 untimed), {} connect-exchange-close connections, {:.2} s of \
          bulk per stream count. Latency is the client's round trip, µs. The sidecar's CPU time \
          is utime+stime from /proc/PID/stat (10 ms ticks, summed over rounds); RSS from \
          /proc/PID/status (idle: VmRSS before the first connection; peak: VmHWM). \
          Load average (1 min) at start {load_at_start}, at end {}: other work on the host \
-         shows up as noise, mostly in the tails.\n",
+         shows up as noise, mostly in the tails.\n\n\
+         The mTLS modes run two sidecars, both in the same interception mode: the client \
+         pod's (`--tls-dir`, `--no-inbound`, `--mesh-cidrs <server pod>/32`) tunnels every \
+         connection over TLS 1.3 to the server pod's, which verifies the client's SPIFFE ID \
+         and connects to the echo server on 127.0.0.1 there; certificates are minted for the \
+         run with `sidecar cert`. Both sidecars' reports must list every connection as \
+         `mtls` with the peer's SPIFFE ID, or the run fails. The cost columns are the client \
+         pod's sidecar; the server pod's follows in its own table.\n",
         params.rounds,
         params.exchanges,
         params.connections,
@@ -346,7 +373,7 @@ pub fn markdown(
         );
         for f in &s.modes {
             let opt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
-            let cpu = |i: usize| opt(f.cpu_us_per_exchange.as_ref().map(|c| c[i]));
+            let cost = |g: fn(&Cost) -> f64| opt(f.sidecar.as_ref().map(g));
             let _ = writeln!(
                 md,
                 "| {} | {:.0} | {} | {} | {:.2} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -360,15 +387,29 @@ pub fn markdown(
                 f.bulk_gbps[1],
                 ratio(f.bulk_gbps[1], direct.bulk_gbps[1]),
                 ratio(f.bulk_gbps[1], ipt.bulk_gbps[1]),
-                cpu(0),
-                cpu(1),
-                opt(f.cpu_us_per_conn),
-                opt(f.idle_rss),
-                opt(f.peak_rss),
+                cost(|c| c.us_per_exchange[0]),
+                cost(|c| c.us_per_exchange[1]),
+                cost(|c| c.us_per_conn),
+                cost(|c| c.idle_rss),
+                cost(|c| c.peak_rss),
                 f.enomem_retries,
             );
         }
         md.push('\n');
+        peer_table(&mut md, s);
+        if !s.failures.is_empty() {
+            let _ = writeln!(
+                md,
+                "### failed attempts ({}), repeated\n\n\
+                 These runs failed and were run again; the figures above are from the repeats. \
+                 Their logs are in `target/bench/raw/`.\n",
+                s.failures.len()
+            );
+            for f in &s.failures {
+                let _ = writeln!(md, "- {}", f.replace('\n', " "));
+            }
+            md.push('\n');
+        }
         if s.modes.iter().any(|f| f.enomem_retries > 0) {
             let _ = writeln!(
                 md,
@@ -447,6 +488,39 @@ pub fn markdown(
     md
 }
 
+/// The server pod's sidecar in the mTLS modes, and both sidecars together.
+fn peer_table(md: &mut String, s: &Scenario) {
+    let rows: Vec<(&Figures, &Cost, &Cost)> = s
+        .modes
+        .iter()
+        .filter_map(|f| Some((f, f.sidecar.as_ref()?, f.peer.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### the server pod's sidecar (mTLS modes)\n\n\
+         | mode | CPU µs/exchange 64 B | CPU µs/exchange 4 KiB | CPU µs/conn | idle RSS MiB | peak RSS MiB | both sidecars CPU µs/exchange 64 B | both sidecars CPU µs/conn |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for (f, ours, peer) in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            f.mode.label(),
+            peer.us_per_exchange[0],
+            peer.us_per_exchange[1],
+            peer.us_per_conn,
+            peer.idle_rss,
+            peer.peak_rss,
+            ours.us_per_exchange[0] + peer.us_per_exchange[0],
+            ours.us_per_conn + peer.us_per_conn,
+        );
+    }
+    md.push('\n');
+}
+
 /// The issue's targets, each met or missed and by how much.
 fn targets(scenarios: &[Scenario]) -> String {
     let mut md = String::from(
@@ -507,7 +581,8 @@ fn targets(scenarios: &[Scenario]) -> String {
     }
     let idle = scenarios
         .iter()
-        .filter_map(|s| s.get(Mode::Ebpf).idle_rss)
+        .filter_map(|s| s.get(Mode::Ebpf).sidecar.as_ref())
+        .map(|c| c.idle_rss)
         .fold(0.0, f64::max);
     let _ = writeln!(
         md,
@@ -562,21 +637,38 @@ pub fn check(md: &str) -> Result<()> {
             rows_per_table.push(rows);
         }
     }
-    // Per scenario: one latency table per size, the per-round table and the cost table.
+    // Per scenario: one latency table per size, the per-round table and the cost table, with
+    // the single-sidecar modes (loopback) or all of them (pods); and the server pod's sidecar
+    // in the mTLS modes.
     let per_scenario = SIZES.len() + 2;
-    let mode_tables: Vec<_> = rows_per_table
-        .iter()
-        .filter(|r| r.len() == Mode::ALL.len())
-        .collect();
-    if mode_tables.len() < 2 * per_scenario {
-        bail!(
-            "expected {} tables with a row for each of the {} modes, found {} ({tables} tables in all)",
-            2 * per_scenario,
-            Mode::ALL.len(),
-            mode_tables.len()
-        );
+    for (modes, wanted) in [
+        (&Mode::SINGLE[..], per_scenario),
+        (&Mode::ALL[..], per_scenario),
+        (&Mode::MTLS[..], 1),
+    ] {
+        let labels: Vec<&str> = modes.iter().map(|m| m.label()).collect();
+        let found = rows_per_table.iter().filter(|r| **r == labels).count();
+        if found < wanted {
+            bail!(
+                "expected {wanted} tables with a row for each of {labels:?}, found {found} \
+                 ({tables} tables in all)"
+            );
+        }
     }
     Ok(())
+}
+
+/// A mode's line in the plot: its colour, and dashed for mTLS (the colour of the plain mode
+/// with the same interception).
+fn style(mode: Mode) -> (&'static str, &'static str) {
+    match mode {
+        Mode::Direct => ("#444444", "none"),
+        Mode::Iptables => ("#d62728", "none"),
+        Mode::Ebpf => ("#1f77b4", "none"),
+        Mode::EbpfNoSockmap => ("#2ca02c", "none"),
+        Mode::IptablesMtls => ("#d62728", "6 3"),
+        Mode::EbpfMtls => ("#1f77b4", "6 3"),
+    }
 }
 
 /// Latency percentiles per mode: one panel per scenario and size, log-scale y axis.
@@ -587,14 +679,13 @@ pub fn svg(scenarios: &[Scenario]) -> String {
     const MR: f64 = 15.0;
     const MT: f64 = 30.0;
     const MB: f64 = 35.0;
-    const COLORS: [&str; 4] = ["#444444", "#d62728", "#1f77b4", "#2ca02c"];
     let panels: Vec<(&Scenario, usize)> = scenarios
         .iter()
         .flat_map(|s| (0..SIZES.len()).map(move |i| (s, i)))
         .collect();
     let cols = SIZES.len();
     let rows = panels.len().div_ceil(cols);
-    let (w, h) = (PW * cols as f64, PH * rows as f64 + 60.0);
+    let (w, h) = (PW * cols as f64, PH * rows as f64 + 70.0);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
@@ -644,7 +735,8 @@ pub fn svg(scenarios: &[Scenario]) -> String {
                 y0 + PH - MB + 16.0
             );
         }
-        for (f, color) in s.modes.iter().zip(COLORS) {
+        for f in &s.modes {
+            let (color, dash) = style(f.mode);
             let points: Vec<String> = f.rr_us[*i]
                 .iter()
                 .enumerate()
@@ -652,7 +744,7 @@ pub fn svg(scenarios: &[Scenario]) -> String {
                 .collect();
             let _ = writeln!(
                 svg,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>",
                 points.join(" ")
             );
             for p in &points {
@@ -664,13 +756,16 @@ pub fn svg(scenarios: &[Scenario]) -> String {
             }
         }
     }
-    // Legend.
-    let ly = h - 25.0;
-    for (k, (m, color)) in Mode::ALL.iter().zip(COLORS).enumerate() {
-        let lx = 20.0 + k as f64 * 170.0;
+    // Legend: the single-sidecar modes on the first line, the mTLS ones below.
+    for (k, m) in Mode::ALL.iter().enumerate() {
+        let (color, dash) = style(*m);
+        let (lx, ly) = (
+            20.0 + (k % 4) as f64 * 170.0,
+            h - 38.0 + (k / 4) as f64 * 18.0,
+        );
         let _ = writeln!(
             svg,
-            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\" stroke-dasharray=\"{dash}\"/><text x=\"{}\" y=\"{}\">{}</text>",
             lx + 25.0,
             lx + 30.0,
             ly + 4.0,
@@ -697,21 +792,30 @@ mod tests {
     #[test]
     fn check_rejects_a_missing_number() {
         let row = |m: &str, v: &str| format!("| {m} | {v} | 1.00× |\n");
-        let table = |bad: bool| {
+        let table = |modes: &[Mode], bad: Option<Mode>| {
             let mut t = String::from("| mode | x | y |\n|---|---:|---:|\n");
-            for m in Mode::ALL {
-                t += &row(
-                    m.label(),
-                    if bad && m == Mode::Ebpf { "NaN" } else { "1.5" },
-                );
+            for m in modes {
+                t += &row(m.label(), if bad == Some(*m) { "NaN" } else { "1.5" });
             }
             t + "\n"
         };
-        let good: String = (0..8).map(|_| table(false)).collect();
+        let scenario = |modes: &[Mode]| -> String { (0..4).map(|_| table(modes, None)).collect() };
+        let good = scenario(&Mode::SINGLE) + &scenario(&Mode::ALL) + &table(&Mode::MTLS, None);
         assert!(check(&good).is_ok());
-        let mut bad = good.clone();
-        bad += &table(true);
-        assert!(check(&bad).is_err());
-        assert!(check(&table(false)).is_err(), "too few tables");
+        for bad in [Mode::Ebpf, Mode::EbpfMtls] {
+            let bad = good.clone() + &table(&Mode::ALL, Some(bad));
+            assert!(check(&bad).is_err());
+        }
+        assert!(
+            check(&(scenario(&Mode::SINGLE) + &scenario(&Mode::ALL))).is_err(),
+            "no server-side table"
+        );
+        assert!(
+            check(
+                &(scenario(&Mode::SINGLE) + &scenario(&Mode::SINGLE) + &table(&Mode::MTLS, None))
+            )
+            .is_err(),
+            "no mTLS rows in the pods tables"
+        );
     }
 }
