@@ -126,6 +126,10 @@ where
             };
         }
         write_all_retrying(writer, &buf[..n]).await?;
+        // A TLS writer may hold encrypted records back when the socket would block; without
+        // a flush they would wait for the next write, and a peer waiting for them would stall.
+        // (A no-op on plain TCP halves.)
+        writer.flush().await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
         meter(n as u64);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
