@@ -21,6 +21,7 @@ pub mod netns;
 pub mod protocol;
 pub mod report;
 pub mod run;
+pub mod scratch;
 pub mod sockets;
 
 use std::{

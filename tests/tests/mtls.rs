@@ -17,7 +17,8 @@ use sidecar_tests::{
     protocol::{EchoLine, pattern},
     report::Report,
     run::{Finished, SidecarRun},
-    serial, sidecar_bin, skip,
+    scratch::Scratch,
+    serial, skip,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -28,61 +29,11 @@ const TD: &str = "example.org";
 const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
 
-/// Certificates for one test, minted with `sidecar cert`, in a directory removed on drop.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("sidecar-mtls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the certificate directory");
-        let certs = Self { dir };
-        certs.sidecar(&[
-            "cert",
-            "ca",
-            "--dir",
-            &certs.path("ca"),
-            "--trust-domain",
-            TD,
-        ]);
-        certs
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
-    fn sidecar(&self, args: &[&str]) {
-        let out = output_with_timeout(
-            Command::new(sidecar_bin()).args(args),
-            Duration::from_secs(20),
-        );
-        assert!(
-            out.status.success(),
-            "sidecar {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Issues `id` from the CA in `ca` into directory `out`.
-    fn issue(&self, ca: &str, id: &str, out: &str, extra: &[&str]) -> String {
-        let ca_path = self.path(ca);
-        let mut args = vec!["cert", "issue", "--ca-dir", &ca_path, "--spiffe-id", id];
-        let out_path = self.path(out);
-        args.extend(["--out", &out_path]);
-        args.extend(extra);
-        self.sidecar(&args);
-        out_path
-    }
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A scratch directory with a CA (`ca`) of our trust domain, for one test.
+fn certs(name: &str) -> Scratch {
+    let certs = Scratch::new(&format!("mtls-{name}"));
+    certs.ca("ca", TD);
+    certs
 }
 
 fn require(tool: &str) -> bool {
@@ -161,7 +112,7 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
         return;
     }
     let _serial = serial();
-    let certs = Certs::new("roundtrip");
+    let certs = certs("roundtrip");
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(11);
@@ -260,7 +211,7 @@ fn tunnel_traffic_shows_no_plaintext_on_the_wire() {
         return;
     }
     let _serial = serial();
-    let certs = Certs::new("capture");
+    let certs = certs("capture");
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(12);
@@ -429,7 +380,7 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
         return;
     }
     let _serial = serial();
-    let certs = Certs::new("refusals");
+    let certs = certs("refusals");
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let good = certs.issue("ca", CLIENT_ID, "client", &[]);
     let other_td = certs.issue(
@@ -444,14 +395,7 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
         "expired",
         &["--hours=1", "--backdate-hours=48"],
     );
-    certs.sidecar(&[
-        "cert",
-        "ca",
-        "--dir",
-        &certs.path("rogue-ca"),
-        "--trust-domain",
-        TD,
-    ]);
+    certs.ca("rogue-ca", TD);
     let untrusted = certs.issue("rogue-ca", CLIENT_ID, "untrusted", &[]);
     let pods = PodPair::create(13);
     let server = start_server(&pods, &server_tls, 18106);
@@ -554,7 +498,7 @@ fn certificates_rotate_without_dropping_streams() {
         return;
     }
     let _serial = serial();
-    let certs = Certs::new("rotation");
+    let certs = certs("rotation");
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(14);
@@ -621,7 +565,7 @@ fn permissive_mode_uses_mtls_where_a_sidecar_answers_and_plaintext_elsewhere() {
         return;
     }
     let _serial = serial();
-    let certs = Certs::new("permissive");
+    let certs = certs("permissive");
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(15);

@@ -5,18 +5,19 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use sidecar_tests::{
     EchoServer, assert_no_leftovers,
-    host::{self, output_with_timeout, wait_until},
+    host::{self, wait_until},
     netns::PodPair,
     protocol::{ConnectFailLine, EchoLine},
     run::{Finished, SidecarRun},
-    serial, sidecar_bin, skip,
+    scratch::Scratch,
+    serial, skip,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -28,51 +29,6 @@ const EPERM: &str = "connect: Operation not permitted";
 /// Whether `connect()` itself failed with EPERM (the connect hook refused it).
 fn refused_by_kernel(line: &ConnectFailLine) -> bool {
     !line.connected && line.error.as_deref().is_some_and(|e| e.starts_with(EPERM))
-}
-
-/// A scratch directory for one test (policy files, markers, certificates), removed on drop.
-struct Scratch {
-    dir: PathBuf,
-}
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("scp-policy-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the scratch directory");
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Writes a file atomically (rename), so the sidecar's poll never sees half of it.
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let tmp = self.path(&format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).expect("writing a scratch file");
-        let path = self.path(name);
-        std::fs::rename(&tmp, &path).expect("renaming a scratch file");
-        path
-    }
-
-    /// `sidecar <args>`, which must succeed.
-    fn sidecar(&self, args: &[&str]) -> String {
-        let out = output_with_timeout(Command::new(sidecar_bin()).args(args), STEP_TIMEOUT);
-        assert!(
-            out.status.success(),
-            "sidecar {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// The proxy's verdict for each outbound destination, from `sidecar policy check`.
@@ -143,7 +99,7 @@ fn kernel_refuses_exactly_what_the_policy_denies() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("kernel");
+    let scratch = Scratch::new("policy-kernel");
     let open = EchoServer::start_v4();
     let closed = EchoServer::start_v4();
     let v6 = EchoServer::start_v6().ok();
@@ -262,7 +218,7 @@ fn deny_holds_for_destinations_that_bypass_the_proxy() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("exclude");
+    let scratch = Scratch::new("policy-exclude");
     let echo = EchoServer::start_v4();
     let p = echo.port();
     let file = scratch.write(
@@ -309,7 +265,7 @@ fn dry_run_and_audit_let_through_and_log() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("dryrun");
+    let scratch = Scratch::new("policy-dryrun");
     let echo = EchoServer::start_v4();
     let cases = [
         (
@@ -373,7 +329,7 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("reload");
+    let scratch = Scratch::new("policy-reload");
     let (stream, b, c) = (
         EchoServer::start_v4(),
         EchoServer::start_v4(),
@@ -481,7 +437,7 @@ fn invalid_policy_at_startup_is_a_clean_error() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("startup");
+    let scratch = Scratch::new("policy-startup");
     let file = scratch.write(
         "policy.toml",
         "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/40\"]\n",
@@ -519,25 +475,14 @@ fn require(tool: &str) -> bool {
 
 /// A CA and workload certificates from `sidecar cert` (as in the mTLS tests).
 fn mint(scratch: &Scratch, ids: &[(&str, &str)]) {
-    let ca = scratch.path("ca").display().to_string();
-    scratch.sidecar(&["cert", "ca", "--dir", &ca, "--trust-domain", TD]);
+    scratch.ca("ca", TD);
     for (id, out) in ids {
-        let out = scratch.path(out).display().to_string();
-        scratch.sidecar(&[
-            "cert",
-            "issue",
-            "--ca-dir",
-            &ca,
-            "--spiffe-id",
-            id,
-            "--out",
-            &out,
-        ]);
+        scratch.issue("ca", id, out, &[]);
     }
 }
 
 fn dir(scratch: &Scratch, name: &str) -> String {
-    scratch.path(name).display().to_string()
+    scratch.arg(name)
 }
 
 fn echo_from_a(pods: &PodPair, scratch: &Scratch, tls: &str, port: u16) -> Finished {
@@ -575,7 +520,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("inbound");
+    let scratch = Scratch::new("policy-inbound");
     mint(
         &scratch,
         &[
@@ -690,7 +635,7 @@ fn strict_inbound_refuses_plaintext_but_not_tunnels_or_other_processes() {
         return;
     }
     let _serial = serial();
-    let scratch = Scratch::new("strict");
+    let scratch = Scratch::new("policy-strict");
     mint(&scratch, &[(CLIENT_ID, "client"), (SERVER_ID, "server")]);
     let pods = PodPair::create_in("scp", 204, 2);
     let mut server = SidecarRun::builder(19130)
