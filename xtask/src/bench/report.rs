@@ -737,21 +737,24 @@ pub fn svg(scenarios: &[Scenario]) -> String {
         }
         for f in &s.modes {
             let (color, dash) = style(f.mode);
-            let points: Vec<String> = f.rr_us[*i]
+            let coords: Vec<(f64, f64)> = f.rr_us[*i]
                 .iter()
                 .enumerate()
-                .map(|(k, v)| format!("{:.1},{:.1}", x(k), y(*v)))
+                .map(|(k, v)| (x(k), y(*v)))
+                .collect();
+            let points: Vec<String> = coords
+                .iter()
+                .map(|(px, py)| format!("{px:.1},{py:.1}"))
                 .collect();
             let _ = writeln!(
                 svg,
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" stroke-dasharray=\"{dash}\" points=\"{}\"/>",
                 points.join(" ")
             );
-            for p in &points {
-                let (px, py) = p.split_once(',').unwrap();
+            for (px, py) in &coords {
                 let _ = writeln!(
                     svg,
-                    "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{color}\"/>"
+                    "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"{color}\"/>"
                 );
             }
         }
