@@ -125,7 +125,7 @@ pub struct EbpfInterception {
     pins: Pins,
     ebpf: Ebpf,
     lookups: std::sync::Arc<KernelLookups>,
-    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    _log_pump: Option<LogPump>,
 }
 
 impl EbpfInterception {
@@ -208,7 +208,7 @@ impl EbpfInterception {
             pins,
             ebpf,
             lookups,
-            _logger: logger,
+            _log_pump: logger.map(LogPump::start),
         })
     }
 
@@ -542,5 +542,39 @@ pub fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
         Ok(cookie)
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Reads the programs' aya-log ring buffer into the `log` facade (and so into `tracing`)
+/// every 100 ms, on its own thread, until dropped.
+struct LogPump {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogPump {
+    fn start(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("bpf-log".into())
+            .spawn(move || {
+                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    logger.flush();
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                logger.flush();
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for LogPump {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
