@@ -93,9 +93,16 @@ pub struct RunBuilder {
     command: Vec<OsString>,
     report: bool,
     binary: Option<PathBuf>,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl RunBuilder {
+    /// An environment variable for the sidecar (e.g. `SIDECAR_LOG`).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env.push((key.as_ref().into(), value.as_ref().into()));
+        self
+    }
+
     /// Run this `sidecar` binary instead of the workspace's (e.g. a copy other users can
     /// execute).
     pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
@@ -140,6 +147,7 @@ impl RunBuilder {
             }
             None => Command::new(&binary),
         };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("--proxy-port")
             .arg(self.proxy_port.to_string())
@@ -220,6 +228,7 @@ impl SidecarRun {
             command: Vec::new(),
             report: true,
             binary: None,
+            env: Vec::new(),
         }
     }
 

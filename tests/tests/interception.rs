@@ -1142,3 +1142,27 @@ impl Drop for PublicCopy {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// `--bpf-log` brings the programs' own log lines out (they are off by default).
+#[test]
+fn bpf_log_shows_the_programs_decisions() {
+    if !sidecar_tests::privileged() {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let mut run = SidecarRun::builder(15124)
+        .arg("--bpf-log")
+        .env("SIDECAR_LOG", "sidecar_ebpf=debug")
+        .command(echo(server.addr(), 64, 1, 1))
+        .start();
+    let done = run.finish(EXIT_TIMEOUT);
+    done.assert_exit_code(0);
+    let wanted = format!("redirected connect to port {}", server.port());
+    assert!(
+        done.stderr.iter().any(|l| l.contains(&wanted)),
+        "no eBPF log line {wanted:?} in stderr:\n{}",
+        done.stderr_text()
+    );
+    assert_no_leftovers(done.pid);
+}
