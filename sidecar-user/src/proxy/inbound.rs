@@ -129,6 +129,10 @@ impl Proxy {
         .await;
         rec.tcp_app = tunnel_socket.as_ref().and_then(tcp_info::read);
         rec.tcp_upstream = tcp_info::read(&app);
+        if copied.end.is_error() {
+            // The tunnel broke: the local app sees a reset, not a clean end of stream.
+            let _ = app.set_zero_linger();
+        }
         finish_copy(rec, copied);
     }
 

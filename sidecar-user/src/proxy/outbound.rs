@@ -78,6 +78,9 @@ impl Proxy {
                     .await;
                     rec.tcp_app = tcp_info::read(&client);
                     rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
+                    if copied.end.is_error() {
+                        let _ = client.set_zero_linger();
+                    }
                     return finish_copy(rec, copied);
                 }
                 Err(e) if route == Route::Tunnel => {
@@ -124,6 +127,12 @@ impl Proxy {
         // The kernel's view of both legs, while the sockets are still open.
         rec.tcp_app = tcp_info::read(&client);
         rec.tcp_upstream = tcp_info::read(&upstream);
+        if copied.end.is_error() {
+            // A stream that broke stays broken for both ends: each gets a reset, never the
+            // clean EOF that would make a truncated response look complete.
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+        }
         finish_copy(rec, copied);
     }
 }
