@@ -290,6 +290,14 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    // Tunnels may not ask for the sidecar's own ports (see `Mesh::own_ports`).
+    let mesh = mesh.map(|m| {
+        let own = [opts.proxy_port, m.tunnel_port];
+        m.with_own_ports(
+            own.into_iter()
+                .chain(admin.as_ref().map(|a| a.addr().port())),
+        )
+    });
     // In force (kernel maps filled) before CMD starts, so no connect escapes it.
     let enforcer = match (policy, &opts.policy, interception.pin_dir()) {
         (Some(loaded), Some(path), Some(pin_dir)) => {

@@ -641,3 +641,103 @@ fn wait_connect_fail(file: &Path) -> ConnectFailLine {
         )
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Security edges
+
+/// A mesh peer can never reach the sidecar itself through an inbound tunnel: a tunnel whose
+/// preamble names the sidecar's admin (or proxy, or tunnel) port is refused and counted
+/// (`own_port`), while the app's port in the same pod works. The admin port binds loopback
+/// by default, so it is not reachable from the other pod in plaintext either. Two network
+/// namespaces joined by a veth, with no route out.
+#[test]
+fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
+    if !privileged() || host::which("nsenter").is_none() && !sidecar_tests::skip("no nsenter") {
+        return;
+    }
+    let _serial = serial();
+    const APP_PORT: u16 = 8080;
+    const ADMIN_PORT: u16 = 21121;
+    let certs = sidecar_tests::scratch::Scratch::new("scr-own-ports");
+    certs.ca("ca", "example.org");
+    let client_tls = certs.issue("ca", "spiffe://example.org/ns/a/sa/client", "client", &[]);
+    let server_tls = certs.issue("ca", "spiffe://example.org/ns/b/sa/server", "server", &[]);
+    let pods = sidecar_tests::netns::PodPair::create_in("scr", 205, 1);
+
+    // Pod B: a sidecar with its admin endpoint on the default interface (loopback) and a
+    // fixed port, serving an echo app on all addresses.
+    let mut server = SidecarRun::builder(21120)
+        .wrapped_in(pods.b.enter())
+        .arg("--tls-dir")
+        .arg(&server_tls)
+        .arg(format!("--admin-addr=127.0.0.1:{ADMIN_PORT}"))
+        .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+        .start();
+    server.wait_ready(Duration::from_secs(20));
+
+    // Pod A, no sidecar: B's admin port is not reachable in plaintext (loopback only).
+    let direct = pods.a.run(&[
+        CLIENT,
+        "connect-fail",
+        &arg("--addr", SocketAddr::new(pods.b.addr, ADMIN_PORT)),
+    ]);
+    let direct: ConnectFailLine = serde_json::from_slice(direct.stdout.trim_ascii())
+        .unwrap_or_else(|e| panic!("connect-fail output: {e}: {direct:?}"));
+    assert!(
+        direct
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("connect:")),
+        "B's admin port answered from pod A: {direct:?}"
+    );
+
+    // Pod A, meshed: the app port works, the admin port is refused by B's inbound side.
+    let script = format!(
+        "{CLIENT} connect-fail {}; {CLIENT} connect-fail {}",
+        arg("--addr", SocketAddr::new(pods.b.addr, APP_PORT)),
+        arg("--addr", SocketAddr::new(pods.b.addr, ADMIN_PORT)),
+    );
+    let mut client = SidecarRun::builder(21122)
+        .wrapped_in(pods.a.enter())
+        .arg("--admin-addr=off")
+        .arg("--tls-dir")
+        .arg(&client_tls)
+        .arg("--no-inbound")
+        .arg("--mesh-cidrs")
+        .arg(format!("{}/32", pods.b.addr))
+        .command(["sh", "-c", &script])
+        .start();
+    let client = client.finish(Duration::from_secs(60));
+    client.assert_exit_code(0);
+    let results: Vec<ConnectFailLine> = client.parse_stdout();
+    let [app, admin] = results.as_slice() else {
+        panic!(
+            "expected two connect-fail results: {results:?}\n{}",
+            client.stderr_text()
+        );
+    };
+    assert_eq!(app.error, None, "the app port through the tunnel: {app:?}");
+    assert!(
+        admin.error.is_some(),
+        "B's admin port was reached through the tunnel: {admin:?}"
+    );
+    server.release();
+    let server = server.finish(Duration::from_secs(60));
+    let refused = server.report().inbound_rejections.get("own_port").copied();
+    assert_eq!(
+        refused,
+        Some(1),
+        "B should count one tunnel refused for its own port: {:?}\n{}",
+        server.report().inbound_rejections,
+        server.stderr_text()
+    );
+    assert!(
+        server
+            .report()
+            .connections
+            .iter()
+            .all(|c| c.original_dst.map(|d| d.port()) != Some(ADMIN_PORT) || c.outcome == "refused"),
+        "{:#?}",
+        server.report().connections
+    );
+}
