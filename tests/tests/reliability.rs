@@ -741,3 +741,69 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
         server.report().connections
     );
 }
+
+/// The proxy refuses the cloud metadata address by default. The sidecar and its app run in a
+/// network namespace with no route out (a veth to a second empty namespace, nothing else),
+/// so nothing could leave even if the check failed: with `--allow-metadata` the same connect
+/// gets as far as the upstream connect, which fails for lack of a route — proving it is the
+/// guard, not the network, that refuses by default.
+#[test]
+fn cloud_metadata_address_is_refused_unless_allowed() {
+    if !privileged() || host::which("nsenter").is_none() && !sidecar_tests::skip("no nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let pods = sidecar_tests::netns::PodPair::create_in("scr", 205, 2);
+    let metadata = SocketAddr::from((Ipv4Addr::new(169, 254, 169, 254), 80));
+    let run = |port: u16, allow: bool| {
+        let mut builder = SidecarRun::builder(port)
+            .wrapped_in(pods.a.enter())
+            .arg("--admin-addr=off");
+        if allow {
+            builder = builder.arg("--allow-metadata");
+        }
+        let mut run = builder
+            .command([
+                CLIENT.to_string(),
+                "connect-fail".into(),
+                arg("--addr", metadata),
+            ])
+            .start();
+        let done = run.finish(Duration::from_secs(30));
+        done.assert_exit_code(0);
+        let lines: Vec<ConnectFailLine> = done.parse_stdout();
+        let [line] = lines.as_slice() else {
+            panic!(
+                "expected one connect-fail result: {lines:?}\n{}",
+                done.stderr_text()
+            );
+        };
+        assert!(
+            line.error.is_some(),
+            "the metadata address answered: {line:?}"
+        );
+        assert!(line.elapsed_ms < 2000, "failing took too long: {line:?}");
+        let conn = done.report().single_connection_to(metadata).clone();
+        (line.clone(), conn, done)
+    };
+
+    let (line, conn, done) = run(21130, false);
+    assert_eq!(conn.outcome, "policy_denied", "{conn:#?}\n{line:?}");
+    assert_eq!(
+        conn.upstream_local, None,
+        "no upstream connect was tried: {conn:#?}"
+    );
+    assert!(
+        done.stderr_text().contains("cloud metadata") || conn.error.is_some(),
+        "{}",
+        done.stderr_text()
+    );
+    assert_no_leftovers(done.pid);
+
+    let (line, conn, done) = run(21131, true);
+    assert_eq!(
+        conn.outcome, "upstream_connect_failed",
+        "with --allow-metadata the proxy tries (and, with no route out, fails): {conn:#?}\n{line:?}"
+    );
+    assert_no_leftovers(done.pid);
+}

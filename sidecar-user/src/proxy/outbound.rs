@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::{
-    Proxy, copy, fail, finish_copy,
+    Proxy, copy, fail, finish_copy, guard,
     mesh::Route,
     record::{ConnRecord, Mode, Outcome},
 };
@@ -38,6 +38,18 @@ impl Proxy {
         conn.destination(dst);
         rec.app_leg_spliced = self.redirect.is_spliced(local, rec.client);
         let _ = client.set_nodelay(true);
+
+        // The cloud metadata address, unless explicitly allowed: before the policy, which
+        // may well allow everything.
+        if !self.settings.allow_metadata && guard::is_cloud_metadata(dst.ip()) {
+            warn!(%dst, "refused: the cloud metadata address (allow with --allow-metadata)");
+            let _ = client.set_zero_linger();
+            return fail(
+                rec,
+                Outcome::PolicyDenied,
+                "the cloud metadata address is refused",
+            );
+        }
 
         // Policy: normally the kernel already refused a denied destination at connect();
         // this catches the rest (e.g. dry-run logging) from the same compiled policy.
