@@ -20,6 +20,7 @@ use sidecar_common::maps;
 use sidecar_tests::{
     EchoServer, SidecarRun, assert_no_leftovers, bpf, host, privileged,
     protocol::{ConnectFailLine, EchoLine},
+    scratch::Scratch,
     serial,
 };
 
@@ -172,8 +173,9 @@ fn ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing() {
     );
     eprintln!("RLIMIT_NOFILE {limit}: {connections} concurrent connections");
     let server = EchoServer::start_v4();
-    let dir = std::env::temp_dir().join(format!("scr-load-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    // Removed on drop, also when the test fails.
+    let scratch = Scratch::new("scr-load");
+    let dir = &scratch.dir;
     let go: Vec<_> = (1..=LOAD_ROUNDS)
         .map(|r| dir.join(format!("go{r}")))
         .collect();
@@ -282,7 +284,6 @@ fn ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing() {
     let done = run.finish(LOAD_TIMEOUT);
     done.assert_exit_code(0);
     assert_no_leftovers(pid);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Waits (bounded) until the sidecar's fds and map entries stop changing — and, with a
@@ -531,8 +532,8 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let dir = std::env::temp_dir().join(format!("scr-kill-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let scratch = Scratch::new("scr-kill");
+    let dir = &scratch.dir;
     let (go1, go2) = (dir.join("go1"), dir.join("go2"));
     let (out0, out1, out2) = (dir.join("out0"), dir.join("out1"), dir.join("out2"));
     for f in [&go1, &go2, &out0, &out1, &out2] {
@@ -621,7 +622,6 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
         host::kill_if_still(*p, "sidecar-testclient");
     }
     assert_no_leftovers(pid);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// Waits for the `connect-fail` line a script wrote to `file`.
