@@ -150,6 +150,10 @@ struct RunArgs {
     /// Close a connection after this many seconds without a byte in either direction.
     #[arg(long, default_value_t = 300)]
     idle_timeout_secs: u64,
+    /// Let the workload reach the cloud metadata address (169.254.169.254, fd00:ec2::254)
+    /// through the proxy; refused by default, since it hands out the node's credentials.
+    #[arg(long)]
+    allow_metadata: bool,
     /// On exit or SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
@@ -316,6 +320,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 proxy: ProxySettings {
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                     idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+                    allow_metadata: args.allow_metadata,
                 },
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
                 report: args.report,

@@ -290,6 +290,14 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    // Tunnels may not ask for the sidecar's own ports (see `Mesh::own_ports`).
+    let mesh = mesh.map(|m| {
+        let own = [opts.proxy_port, m.tunnel_port];
+        m.with_own_ports(
+            own.into_iter()
+                .chain(admin.as_ref().map(|a| a.addr().port())),
+        )
+    });
     // In force (kernel maps filled) before CMD starts, so no connect escapes it.
     let enforcer = match (policy, &opts.policy, interception.pin_dir()) {
         (Some(loaded), Some(path), Some(pin_dir)) => {
@@ -523,10 +531,12 @@ fn bind_listeners(port: u16) -> Result<(StdListener, Option<StdListener>)> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listen_v4 = StdListener::bind(v4).map_err(|e| in_use(v4, e))?;
     listen_v4.set_nonblocking(true)?;
+    widen_accept_queue(&listen_v4)?;
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
     let listen_v6 = match StdListener::bind(v6) {
         Ok(l) => {
             l.set_nonblocking(true)?;
+            widen_accept_queue(&l)?;
             Some(l)
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(in_use(v6, e)),
@@ -536,6 +546,20 @@ fn bind_listeners(port: u16) -> Result<(StdListener, Option<StdListener>)> {
         }
     };
     Ok((listen_v4, listen_v6))
+}
+
+/// std listens with a backlog of 128: thousands of intercepted connects arriving at once
+/// overflow it, and the overflowed clients see resets before the proxy ever accepts them.
+/// `listen()` again on a listening socket only changes its backlog; the kernel caps it at
+/// `net.core.somaxconn`.
+fn widen_accept_queue(listener: &StdListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() on a socket we own; no memory is passed.
+    if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Spawns the command inside the app cgroup and waits for it. SIGINT/SIGTERM to the sidecar

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::AsRawFd;
+
 use crate::host::wait_until;
 
 /// A per-connection read/write timeout: an echo thread never outlives a test by much.
@@ -44,6 +46,13 @@ impl EchoServer {
 
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
+        // std listens with a backlog of 128; a burst of thousands of connects (the load
+        // tests) would overflow it and see resets. listen() again only widens the queue (the
+        // kernel caps it at net.core.somaxconn).
+        // SAFETY: listen() on a socket we own; no memory is passed.
+        if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         // Non-blocking accept lets the loop notice `stop` without a wake-up connection.
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;

@@ -76,6 +76,9 @@ pub struct Connection {
     pub upstream_leg_spliced: bool,
     /// `ok`, `upstream_connect_failed`, `no_original_destination`, `io_error`, `idle_timeout`.
     pub outcome: String,
+    /// What went wrong, when the outcome is not `ok`.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Counter name → value, as in the report (and as read live from the pinned map).

@@ -47,6 +47,14 @@ pub enum CopyEnd {
     Error(io::Error),
 }
 
+impl CopyEnd {
+    /// A read or write failed (e.g. a peer reset): the stream was cut short. The caller
+    /// resets the other end too, so the failure reaches it as a failure, not as EOF.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Self::Error(_))
+    }
+}
+
 /// Copies between the two halves of each side. Plain sockets pass `TcpStream::split` halves
 /// (no locking); TLS streams pass `tokio::io::split` halves.
 pub async fn bidirectional<CR, CW, UR, UW>(

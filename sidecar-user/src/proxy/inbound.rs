@@ -91,6 +91,18 @@ impl Proxy {
             return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
         }
 
+        // Never the sidecar itself: its admin endpoint, its proxy or its tunnel listener
+        // are not the app's, whatever the policy says.
+        if mesh.own_ports.contains(&dst.port()) {
+            warn!(peer = %peer, %dst, "inbound connection refused: the sidecar's own port");
+            self.rejections.count("own_port");
+            return fail(
+                rec,
+                Outcome::Refused,
+                "a tunnel may not reach the sidecar's own ports",
+            );
+        }
+
         // The local app, always on loopback.
         let local_app = SocketAddr::new(
             match dst.ip() {
@@ -129,6 +141,10 @@ impl Proxy {
         .await;
         rec.tcp_app = tunnel_socket.as_ref().and_then(tcp_info::read);
         rec.tcp_upstream = tcp_info::read(&app);
+        if copied.end.is_error() {
+            // The tunnel broke: the local app sees a reset, not a clean end of stream.
+            let _ = app.set_zero_linger();
+        }
         finish_copy(rec, copied);
     }
 

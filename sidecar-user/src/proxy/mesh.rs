@@ -28,6 +28,9 @@ pub struct Mesh {
     pub handshake_timeout: Duration,
     /// How long the inbound side waits for the preamble after the handshake.
     pub preamble_timeout: Duration,
+    /// The sidecar's own local ports (proxy, tunnel, admin): a tunnel asking for one of
+    /// them is refused, so a peer can never reach the sidecar itself through it.
+    pub own_ports: Vec<u16>,
     cache: VerdictCache,
 }
 
@@ -88,8 +91,15 @@ impl Mesh {
             permissive,
             handshake_timeout,
             preamble_timeout,
+            own_ports: Vec::new(),
             cache: VerdictCache::new(CACHE_TTL),
         }
+    }
+
+    /// The sidecar's own ports, which inbound tunnels may not ask for.
+    pub fn with_own_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.own_ports = ports.into_iter().collect();
+        self
     }
 
     pub fn route(&self, dst: SocketAddr) -> Route {

@@ -8,6 +8,7 @@
 //! Both share one accept loop and one drain mechanism.
 
 pub mod copy;
+pub mod guard;
 pub mod inbound;
 pub mod mesh;
 pub mod outbound;
@@ -48,6 +49,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// A connection with no byte moving in either direction for this long is closed.
     pub idle_timeout: Duration,
+    /// Let connections to the cloud metadata address through (refused by default).
+    pub allow_metadata: bool,
 }
 
 /// The proxy and its one drain mechanism: `stop_accepting` ends the accept loops,

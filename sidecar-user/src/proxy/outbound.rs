@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::{
-    Proxy, copy, fail, finish_copy,
+    Proxy, copy, fail, finish_copy, guard,
     mesh::Route,
     record::{ConnRecord, Mode, Outcome},
 };
@@ -38,6 +38,18 @@ impl Proxy {
         conn.destination(dst);
         rec.app_leg_spliced = self.redirect.is_spliced(local, rec.client);
         let _ = client.set_nodelay(true);
+
+        // The cloud metadata address, unless explicitly allowed: before the policy, which
+        // may well allow everything.
+        if !self.settings.allow_metadata && guard::is_cloud_metadata(dst.ip()) {
+            warn!(%dst, "refused: the cloud metadata address (allow with --allow-metadata)");
+            let _ = client.set_zero_linger();
+            return fail(
+                rec,
+                Outcome::PolicyDenied,
+                "the cloud metadata address is refused",
+            );
+        }
 
         // Policy: normally the kernel already refused a denied destination at connect();
         // this catches the rest (e.g. dry-run logging) from the same compiled policy.
@@ -78,6 +90,9 @@ impl Proxy {
                     .await;
                     rec.tcp_app = tcp_info::read(&client);
                     rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
+                    if copied.end.is_error() {
+                        let _ = client.set_zero_linger();
+                    }
                     return finish_copy(rec, copied);
                 }
                 Err(e) if route == Route::Tunnel => {
@@ -124,6 +139,12 @@ impl Proxy {
         // The kernel's view of both legs, while the sockets are still open.
         rec.tcp_app = tcp_info::read(&client);
         rec.tcp_upstream = tcp_info::read(&upstream);
+        if copied.end.is_error() {
+            // A stream that broke stays broken for both ends: each gets a reset, never the
+            // clean EOF that would make a truncated response look complete.
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+        }
         finish_copy(rec, copied);
     }
 }
