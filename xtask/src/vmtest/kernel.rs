@@ -1,0 +1,140 @@
+//! The guest kernels: pinned Debian `cloud` flavour packages, fetched through apt with a
+//! private configuration (its own sources list, lists and cache under `target/vm/apt`), so
+//! the host's sources and installed packages are never touched. Cached under `target/vm/`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::step;
+
+/// One kernel of the matrix.
+pub struct Kernel {
+    /// What `--kernel` accepts.
+    pub version: &'static str,
+    /// The pinned Debian package (the `cloud` flavour: small, boots in seconds under TCG).
+    pub package: &'static str,
+}
+
+/// The matrix. Bump a pin when the archive drops it (`apt-cache search` in the private
+/// configuration lists what is there).
+pub const KERNELS: &[Kernel] = &[
+    Kernel {
+        version: "5.10",
+        package: "linux-image-5.10.0-46-cloud-amd64",
+    },
+    Kernel {
+        version: "6.1",
+        package: "linux-image-6.1.0-56-cloud-amd64",
+    },
+    Kernel {
+        version: "6.12",
+        package: "linux-image-6.12.117+deb12-cloud-amd64",
+    },
+];
+
+pub fn find(version: &str) -> Result<&'static Kernel> {
+    KERNELS.iter().find(|k| k.version == version).with_context(|| {
+        let known: Vec<_> = KERNELS.iter().map(|k| k.version).collect();
+        format!(
+            "unknown kernel {version:?}: pass --kernel with one of {}",
+            known.join(", ")
+        )
+    })
+}
+
+/// Where the suites live (Debian's archive signing keys, as installed on Debian hosts).
+const SOURCES: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main
+";
+
+/// The extracted kernel: its image and module tree.
+pub struct Extracted {
+    pub vmlinuz: PathBuf,
+    pub modules: PathBuf,
+}
+
+/// Fetches (once) and extracts the package into `vm_dir/kernels/<package>/`.
+pub fn fetch(kernel: &Kernel, vm_dir: &Path) -> Result<Extracted> {
+    let root = vm_dir.join("kernels").join(kernel.package);
+    let done = root.join(".extracted");
+    if !done.exists() {
+        let deb = download(kernel.package, &vm_dir.join("apt"))?;
+        step(&format!("extracting {}", deb.display()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root)?;
+        crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        fs::write(&done, "")?;
+    }
+    let vmlinuz = glob_one(&root.join("boot"), "vmlinuz-")?;
+    let modules = glob_one(&root.join("lib/modules"), "")?;
+    Ok(Extracted { vmlinuz, modules })
+}
+
+/// `apt-get download` with every state and cache directory private to `apt_dir`.
+fn download(package: &str, apt_dir: &Path) -> Result<PathBuf> {
+    let debs = apt_dir.join("debs");
+    if let Some(deb) = find_deb(&debs, package)? {
+        return Ok(deb);
+    }
+    for dir in ["etc", "lists/partial", "cache/archives/partial", "debs"] {
+        fs::create_dir_all(apt_dir.join(dir))?;
+    }
+    let sources = apt_dir.join("etc/sources.list");
+    fs::write(&sources, SOURCES)?;
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.arg("-q")
+            .arg(format!("-oDir::Etc::sourcelist={}", sources.display()))
+            // An empty parts directory: none of the host's sources.list.d.
+            .arg(format!("-oDir::Etc::sourceparts={}", apt_dir.join("etc").display()))
+            .arg(format!("-oDir::State::Lists={}", apt_dir.join("lists").display()))
+            .arg(format!("-oDir::Cache={}", apt_dir.join("cache").display()))
+            .arg("-oAPT::Get::List-Cleanup=0")
+            .args(args)
+            .current_dir(&debs);
+        cmd
+    };
+    step(&format!("fetching {package} through apt (private configuration)"));
+    crate::run(&mut apt(&["update"]))?;
+    crate::run(&mut apt(&["download", package]))?;
+    find_deb(&debs, package)?
+        .with_context(|| format!("apt-get download {package} left no .deb in {}", debs.display()))
+}
+
+fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    // apt names the file <package>_<version>_<arch>.deb, escaping '+' as %2b.
+    let prefix = format!("{}_", package.replace('+', "%2b"));
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if (name.starts_with(&prefix) || name.starts_with(&format!("{package}_")))
+            && name.ends_with(".deb")
+        {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+fn glob_one(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        {
+            return Ok(path);
+        }
+    }
+    bail!("no {prefix}* in {}", dir.display())
+}
