@@ -59,8 +59,10 @@ pub fn init() -> ! {
             ["module", path] => load_module(path),
             ["probe", sidecar] => {
                 println!("vm-init: {sidecar} probe");
+                // The verifier's log, when a program is rejected, is the useful part.
                 let ok = Command::new(sidecar)
                     .arg("probe")
+                    .env("SIDECAR_LOG", "debug")
                     .status()
                     .is_ok_and(|s| s.success());
                 probe = if ok { "ok" } else { "failed" };
@@ -113,15 +115,7 @@ fn mount(source: &str, target: &str, fstype: &str) {
     let c = |s: &str| CString::new(s).expect("no NUL");
     let (src, tgt, ty) = (c(source), c(target), c(fstype));
     // SAFETY: valid NUL-terminated strings, no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            ty.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), ty.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         println!(
             "vm-init: mount {fstype} on {target} failed: {}",
@@ -165,7 +159,7 @@ fn load_module(path: &str) {
         }
     });
     match result {
-        Ok(()) => println!("vm-init: loaded {path}"),
+        Ok(()) => {}
         Err(e) => println!("vm-init: loading {path} failed: {e}"),
     }
 }
@@ -176,7 +170,10 @@ fn run_test(binary: &str, args: &[&str], counts: &mut Counts) -> bool {
         .args(args)
         .env("CI", "1")
         .env("RUST_BACKTRACE", "1")
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .stdout(Stdio::piped())
         .spawn();
     let mut child = match child {
@@ -203,11 +200,18 @@ mod tests {
     fn summaries_add_up() {
         let mut c = Counts::default();
         c.add_summary("test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out; finished in 0.1s");
-        c.add_summary("test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        c.add_summary(
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
         c.add_summary("running 3 tests");
         assert_eq!(
             c,
-            Counts { passed: 4, failed: 2, ignored: 1, binaries_failed: 0 }
+            Counts {
+                passed: 4,
+                failed: 2,
+                ignored: 1,
+                binaries_failed: 0
+            }
         );
     }
 }

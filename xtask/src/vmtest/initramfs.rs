@@ -34,7 +34,9 @@ impl Contents {
 
     /// Adds a host file under the same path, or `guest` when given.
     pub fn add_file(&mut self, host: &Path, guest: Option<&str>) -> Result<()> {
-        let guest = guest.map(str::to_owned).unwrap_or_else(|| host.display().to_string());
+        let guest = guest
+            .map(str::to_owned)
+            .unwrap_or_else(|| host.display().to_string());
         let mode = {
             use std::os::unix::fs::PermissionsExt;
             fs::metadata(host)
@@ -44,18 +46,21 @@ impl Contents {
                 & 0o7777
         };
         self.add_parents(&guest);
-        self.files.push((guest, Source::Host(host.to_path_buf(), mode)));
+        self.files
+            .push((guest, Source::Host(host.to_path_buf(), mode)));
         Ok(())
     }
 
     pub fn add_bytes(&mut self, guest: &str, bytes: Vec<u8>, mode: u32) {
         self.add_parents(guest);
-        self.files.push((guest.to_owned(), Source::Bytes(bytes, mode)));
+        self.files
+            .push((guest.to_owned(), Source::Bytes(bytes, mode)));
     }
 
     pub fn add_symlink(&mut self, guest: &str, target: &str) {
         self.add_parents(guest);
-        self.files.push((guest.to_owned(), Source::Symlink(target.to_owned())));
+        self.files
+            .push((guest.to_owned(), Source::Symlink(target.to_owned())));
     }
 
     pub fn plan(&mut self, line: &str) {
@@ -110,6 +115,7 @@ impl Contents {
 pub fn contents(bins: &Binaries, modules: &[PathBuf]) -> Result<Contents> {
     let mut c = Contents::new();
     c.add_file(&bins.init, Some("/init"))?;
+    super::userland::add_tools(&mut c)?;
     for entry in fs::read_dir(&bins.profile_dir)? {
         let path = entry?.path();
         let is_exe = path.is_file()
@@ -119,12 +125,16 @@ pub fn contents(bins: &Binaries, modules: &[PathBuf]) -> Result<Contents> {
             c.add_file(&path, None)?;
         }
     }
-    for (i, module) in modules.iter().enumerate() {
-        let guest = format!("/vm/modules/{i}.ko");
+    for module in modules {
+        let name = module.file_name().context("module name")?.to_string_lossy();
+        let guest = format!("/vm/modules/{name}");
         c.add_file(module, Some(&guest))?;
         c.plan(&format!("module {guest}"));
     }
-    c.plan(&format!("probe {}", bins.profile_dir.join("sidecar").display()));
+    c.plan(&format!(
+        "probe {}",
+        bins.profile_dir.join("sidecar").display()
+    ));
     for test in &bins.tests {
         c.add_file(test, None)?;
         c.plan(&format!("test {} --test-threads=1", test.display()));

@@ -35,16 +35,24 @@ pub const KERNELS: &[Kernel] = &[
         version: "6.12",
         package: "linux-image-6.12.117+deb12-cloud-amd64",
     },
+    // The CI host's kernel line (trixie-backports).
+    Kernel {
+        version: "6.18",
+        package: "linux-image-6.18.15+deb13-cloud-amd64",
+    },
 ];
 
 pub fn find(version: &str) -> Result<&'static Kernel> {
-    KERNELS.iter().find(|k| k.version == version).with_context(|| {
-        let known: Vec<_> = KERNELS.iter().map(|k| k.version).collect();
-        format!(
-            "unknown kernel {version:?}: pass --kernel with one of {}",
-            known.join(", ")
-        )
-    })
+    KERNELS
+        .iter()
+        .find(|k| k.version == version)
+        .with_context(|| {
+            let known: Vec<_> = KERNELS.iter().map(|k| k.version).collect();
+            format!(
+                "unknown kernel {version:?}: pass --kernel with one of {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// Where the suites live (Debian's archive signing keys, as installed on Debian hosts).
@@ -52,6 +60,7 @@ const SOURCES: &str = "\
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
 ";
 
 /// The extracted kernel: its image and module tree.
@@ -93,19 +102,31 @@ fn download(package: &str, apt_dir: &Path) -> Result<PathBuf> {
         cmd.arg("-q")
             .arg(format!("-oDir::Etc::sourcelist={}", sources.display()))
             // An empty parts directory: none of the host's sources.list.d.
-            .arg(format!("-oDir::Etc::sourceparts={}", apt_dir.join("etc").display()))
-            .arg(format!("-oDir::State::Lists={}", apt_dir.join("lists").display()))
+            .arg(format!(
+                "-oDir::Etc::sourceparts={}",
+                apt_dir.join("etc").display()
+            ))
+            .arg(format!(
+                "-oDir::State::Lists={}",
+                apt_dir.join("lists").display()
+            ))
             .arg(format!("-oDir::Cache={}", apt_dir.join("cache").display()))
             .arg("-oAPT::Get::List-Cleanup=0")
             .args(args)
             .current_dir(&debs);
         cmd
     };
-    step(&format!("fetching {package} through apt (private configuration)"));
+    step(&format!(
+        "fetching {package} through apt (private configuration)"
+    ));
     crate::run(&mut apt(&["update"]))?;
     crate::run(&mut apt(&["download", package]))?;
-    find_deb(&debs, package)?
-        .with_context(|| format!("apt-get download {package} left no .deb in {}", debs.display()))
+    find_deb(&debs, package)?.with_context(|| {
+        format!(
+            "apt-get download {package} left no .deb in {}",
+            debs.display()
+        )
+    })
 }
 
 fn find_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {

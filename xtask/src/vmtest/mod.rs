@@ -11,20 +11,17 @@ pub mod guest;
 mod initramfs;
 mod kernel;
 mod qemu;
+mod userland;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::step;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernels to boot (repeatable): 5.10, 6.1, 6.12. Default: all of them.
+    /// Kernels to boot (repeatable): 5.10, 6.1, 6.12, 6.18. Default: all of them.
     #[arg(long = "kernel", value_name = "VERSION")]
     pub kernels: Vec<String>,
     /// Use KVM instead of TCG (only where /dev/kvm runs ordinary guests).
@@ -64,7 +61,7 @@ pub fn vm_test(opts: &Options) -> Result<()> {
         let extracted = kernel::fetch(k, &vm_dir)?;
         let run_dir = vm_dir.join(k.version);
         std::fs::create_dir_all(&run_dir)?;
-        let modules = vec![module(&extracted.modules, "kernel/drivers/net/veth.ko", &run_dir)?];
+        let modules = userland::modules(&extracted.modules, &run_dir.join("modules"))?;
         let initramfs = run_dir.join("initramfs.cpio");
         step(&format!("packing {}", initramfs.display()));
         initramfs::contents(&bins, &modules)?.write(&initramfs)?;
@@ -94,7 +91,11 @@ pub fn vm_test(opts: &Options) -> Result<()> {
             o.summary
         );
     }
-    let failed: Vec<_> = outcomes.iter().filter(|o| !o.pass).map(|o| &o.version).collect();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !o.pass)
+        .map(|o| &o.version)
+        .collect();
     if !failed.is_empty() {
         bail!("vm-test failed on kernel(s) {failed:?}: see target/vm/<kernel>/console.log");
     }
@@ -104,8 +105,14 @@ pub fn vm_test(opts: &Options) -> Result<()> {
 /// Reads the marker: pass only when the probe passed, tests ran and none failed.
 fn judge(version: &str, boot: &qemu::Boot, log: &Path) -> Outcome {
     let (pass, summary) = match &boot.marker {
-        None if boot.timed_out => (false, format!("no marker: killed at the timeout ({})", log.display())),
-        None => (false, format!("no marker: the guest stopped early ({})", log.display())),
+        None if boot.timed_out => (
+            false,
+            format!("no marker: killed at the timeout ({})", log.display()),
+        ),
+        None => (
+            false,
+            format!("no marker: the guest stopped early ({})", log.display()),
+        ),
         Some(line) => {
             let field = |name: &str| {
                 line.split_whitespace()
@@ -128,35 +135,4 @@ fn judge(version: &str, boot: &qemu::Boot, log: &Path) -> Outcome {
         boot: boot.boot_time,
         total: boot.total,
     }
-}
-
-/// A module of the guest kernel as a plain `.ko` (Debian compresses them on newer kernels;
-/// `/init` loads with finit_module and no decompression flags).
-fn module(tree: &Path, rel: &str, run_dir: &Path) -> Result<PathBuf> {
-    let plain = tree.join(rel);
-    if plain.is_file() {
-        return Ok(plain);
-    }
-    let name = Path::new(rel).file_name().context("module name")?;
-    let out = run_dir.join(name);
-    for (ext, tool) in [("xz", "xz"), ("zst", "zstd")] {
-        let packed = tree.join(format!("{rel}.{ext}"));
-        if packed.is_file() {
-            let bytes = output_bytes(Command::new(tool).arg("-dc").arg(&packed))?;
-            std::fs::write(&out, bytes)?;
-            return Ok(out);
-        }
-    }
-    bail!("module {rel} not found under {}", tree.display())
-}
-
-/// Runs a command and returns its raw stdout; a failure names the command.
-fn output_bytes(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("could not start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({})", out.status);
-    }
-    Ok(out.stdout)
 }

@@ -57,7 +57,9 @@ pub fn boot(vm: &Vm) -> Result<Boot> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("could not start {cmd:?}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("could not start {cmd:?}"))?;
     let (tx, rx) = mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
