@@ -46,7 +46,7 @@ enum Cmd {
     /// (internal) The bench's load generator.
     #[command(hide = true)]
     BenchClient(bench::load::ClientArgs),
-    /// Run the integration tests on Debian's 5.10, 6.1, 6.12 and 6.18 kernels under qemu (TCG):
+    /// Run the integration tests on Debian's 5.10, 6.1, 6.12, 6.18 and 7.3 kernels under qemu (TCG):
     /// fetches the kernels through a private apt configuration, boots each with a static
     /// initramfs, reports pass/fail, test counts and boot time per kernel.
     VmTest(vmtest::Options),

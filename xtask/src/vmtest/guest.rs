@@ -15,6 +15,9 @@ pub const PLAN: &str = "/vm/plan";
 /// The marker's prefix; the host looks for it on the serial console.
 pub const MARKER: &str = "SIDECAR-VM-RESULT";
 
+/// The kernel starts `/init` without a PATH.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The counts the marker reports.
 #[derive(Default, Debug, PartialEq)]
 pub struct Counts {
@@ -63,6 +66,7 @@ pub fn init() -> ! {
                 let ok = Command::new(sidecar)
                     .arg("probe")
                     .env("SIDECAR_LOG", "debug")
+                    .env("PATH", PATH)
                     .status()
                     .is_ok_and(|s| s.success());
                 probe = if ok { "ok" } else { "failed" };

@@ -40,6 +40,11 @@ pub const KERNELS: &[Kernel] = &[
         version: "6.18",
         package: "linux-image-6.18.15+deb13-cloud-amd64",
     },
+    // The newest Debian kernel (trixie-backports): what a verifier fix reaches first.
+    Kernel {
+        version: "7.3",
+        package: "linux-image-7.3.4+deb13-cloud-amd64",
+    },
 ];
 
 pub fn find(version: &str) -> Result<&'static Kernel> {
@@ -82,7 +87,13 @@ pub fn fetch(kernel: &Kernel, vm_dir: &Path) -> Result<Extracted> {
         fs::write(&done, "")?;
     }
     let vmlinuz = glob_one(&root.join("boot"), "vmlinuz-")?;
-    let modules = glob_one(&root.join("lib/modules"), "")?;
+    // bookworm and older ship /lib/modules, trixie (merged /usr) /usr/lib/modules.
+    let modules_root = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.is_dir())
+        .with_context(|| format!("no lib/modules in {}", root.display()))?;
+    let modules = glob_one(&modules_root, "")?;
     Ok(Extracted { vmlinuz, modules })
 }
 

@@ -21,7 +21,7 @@ use crate::step;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Kernels to boot (repeatable): 5.10, 6.1, 6.12, 6.18. Default: all of them.
+    /// Kernels to boot (repeatable): 5.10, 6.1, 6.12, 6.18, 7.3. Default: all of them.
     #[arg(long = "kernel", value_name = "VERSION")]
     pub kernels: Vec<String>,
     /// Use KVM instead of TCG (only where /dev/kvm runs ordinary guests).

@@ -40,6 +40,8 @@ const TOOLS: &[&str] = &[
     "iptables-nft-save",
     "ip6tables-nft-save",
     "curl",
+    "openssl",
+    "tcpdump",
 ];
 
 /// iptables loads its matches and targets from here at run time.
@@ -75,15 +77,21 @@ pub fn add_tools(c: &mut Contents) -> Result<()> {
     // Usernames some tools resolve (setpriv --reuid nobody).
     c.add_bytes(
         "/etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+        b"root:x:0:0:root:/root:/bin/sh\ntcpdump:x:101:101::/nonexistent:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
             .to_vec(),
         0o644,
     );
     c.add_bytes(
         "/etc/group",
-        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+        b"root:x:0:\ntcpdump:x:101:\nnogroup:x:65534:\n".to_vec(),
         0o644,
     );
+    // openssl reads its configuration from OPENSSLDIR (/usr/lib/ssl -> /etc/ssl on Debian).
+    let cnf = Path::new("/etc/ssl/openssl.cnf");
+    if cnf.is_file() {
+        c.add_file(cnf, None)?;
+        c.add_file(cnf, Some("/usr/lib/ssl/openssl.cnf"))?;
+    }
     // Merged /usr: executables name their loader /lib64/ld-linux-x86-64.so.2.
     let loader = fs::canonicalize("/usr/lib64/ld-linux-x86-64.so.2")
         .context("the host's dynamic loader /usr/lib64/ld-linux-x86-64.so.2 is missing")?;
