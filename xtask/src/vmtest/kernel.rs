@@ -16,8 +16,10 @@ use crate::step;
 pub struct Kernel {
     /// What `--kernel` accepts.
     pub version: &'static str,
-    /// The pinned Debian package (the `cloud` flavour: small, boots in seconds under TCG).
-    pub package: &'static str,
+    /// The pinned Debian packages (the `cloud` flavour: small, boots in seconds under TCG).
+    /// Up to 6.18 one `linux-image-*` holds image and modules; newer kernels split them into
+    /// `linux-binary-*` and `linux-modules-*`.
+    pub packages: &'static [&'static str],
 }
 
 /// The matrix. Bump a pin when the archive drops it (`apt-cache search` in the private
@@ -25,25 +27,28 @@ pub struct Kernel {
 pub const KERNELS: &[Kernel] = &[
     Kernel {
         version: "5.10",
-        package: "linux-image-5.10.0-46-cloud-amd64",
+        packages: &["linux-image-5.10.0-46-cloud-amd64"],
     },
     Kernel {
         version: "6.1",
-        package: "linux-image-6.1.0-56-cloud-amd64",
+        packages: &["linux-image-6.1.0-56-cloud-amd64"],
     },
     Kernel {
         version: "6.12",
-        package: "linux-image-6.12.117+deb12-cloud-amd64",
+        packages: &["linux-image-6.12.117+deb12-cloud-amd64"],
     },
     // The CI host's kernel line (trixie-backports).
     Kernel {
         version: "6.18",
-        package: "linux-image-6.18.15+deb13-cloud-amd64",
+        packages: &["linux-image-6.18.15+deb13-cloud-amd64"],
     },
     // The newest Debian kernel (trixie-backports): what a verifier fix reaches first.
     Kernel {
         version: "7.3",
-        package: "linux-image-7.3.4+deb13-cloud-amd64",
+        packages: &[
+            "linux-binary-7.3.4+deb13-cloud-amd64",
+            "linux-modules-7.3.4+deb13-cloud-amd64",
+        ],
     },
 ];
 
@@ -76,17 +81,18 @@ pub struct Extracted {
 
 /// Fetches (once) and extracts the package into `vm_dir/kernels/<package>/`.
 pub fn fetch(kernel: &Kernel, vm_dir: &Path) -> Result<Extracted> {
-    let root = vm_dir.join("kernels").join(kernel.package);
+    let root = vm_dir.join("kernels").join(kernel.packages[0]);
     let done = root.join(".extracted");
     if !done.exists() {
-        let deb = download(kernel.package, &vm_dir.join("apt"))?;
-        step(&format!("extracting {}", deb.display()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
-        crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        for package in kernel.packages {
+            let deb = download(package, &vm_dir.join("apt"))?;
+            step(&format!("extracting {}", deb.display()));
+            crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        }
         fs::write(&done, "")?;
     }
-    let vmlinuz = glob_one(&root.join("boot"), "vmlinuz-")?;
     // bookworm and older ship /lib/modules, trixie (merged /usr) /usr/lib/modules.
     let modules_root = ["lib/modules", "usr/lib/modules"]
         .iter()
@@ -94,6 +100,11 @@ pub fn fetch(kernel: &Kernel, vm_dir: &Path) -> Result<Extracted> {
         .find(|d| d.is_dir())
         .with_context(|| format!("no lib/modules in {}", root.display()))?;
     let modules = glob_one(&modules_root, "")?;
+    let vmlinuz = match glob_one(&root.join("boot"), "vmlinuz-") {
+        Ok(path) => path,
+        // Split packages keep the image next to its modules.
+        Err(_) => modules.join("vmlinuz"),
+    };
     Ok(Extracted { vmlinuz, modules })
 }
 

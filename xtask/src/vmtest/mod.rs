@@ -65,7 +65,7 @@ pub fn vm_test(opts: &Options) -> Result<()> {
         let initramfs = run_dir.join("initramfs.cpio");
         step(&format!("packing {}", initramfs.display()));
         initramfs::contents(&bins, &modules)?.write(&initramfs)?;
-        step(&format!("booting {} ({})", k.version, k.package));
+        step(&format!("booting {} ({})", k.version, k.packages[0]));
         let log = run_dir.join("console.log");
         let boot = qemu::boot(&qemu::Vm {
             label: k.version,
