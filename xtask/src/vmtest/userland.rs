@@ -22,6 +22,8 @@ const TOOLS: &[&str] = &[
     "touch",
     "cat",
     "sleep",
+    "env",
+    "kill",
     "ip",
     "nsenter",
     "setpriv",
