@@ -6,6 +6,7 @@ mod build_ebpf;
 mod demo;
 mod fuzz;
 mod toolchain;
+mod vmtest;
 
 use std::process::Command;
 
@@ -45,9 +46,17 @@ enum Cmd {
     /// (internal) The bench's load generator.
     #[command(hide = true)]
     BenchClient(bench::load::ClientArgs),
+    /// Run the integration tests on Debian's 5.10, 6.1, 6.12, 6.18 and 7.3 kernels under qemu (TCG):
+    /// fetches the kernels through a private apt configuration, boots each with a static
+    /// initramfs, reports pass/fail, test counts and boot time per kernel.
+    VmTest(vmtest::Options),
 }
 
 fn main() -> Result<()> {
+    // Inside a vm-test guest this binary is `/init`.
+    if std::process::id() == 1 {
+        vmtest::guest::init();
+    }
     match Cli::parse().command {
         Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
         Cmd::Demo => demo::demo(),
@@ -56,6 +65,7 @@ fn main() -> Result<()> {
         Cmd::Bench(opts) => bench::bench(&opts),
         Cmd::BenchServer(args) => bench::load::server(&args),
         Cmd::BenchClient(args) => bench::load::client(&args),
+        Cmd::VmTest(opts) => vmtest::vm_test(&opts),
     }
 }
 
