@@ -204,7 +204,13 @@ impl PortBitmap {
 
     #[inline(always)]
     pub fn denies(&self, port: u16) -> bool {
-        match self.bits.get((port >> 3) as usize) {
+        // The index goes through a volatile read so LLVM cannot prove it in bounds and drop
+        // the check in `get`: verifiers before ~6.18.44 lose the range of a byte-swapped port
+        // (the connect hooks read it big-endian) and reject the map access without that check.
+        let index = (port >> 3) as usize;
+        // SAFETY: a read of a local we own.
+        let index = unsafe { core::ptr::read_volatile(&index) };
+        match self.bits.get(index) {
             Some(byte) => byte & (1u8 << (port & 7)) != 0,
             None => false,
         }
