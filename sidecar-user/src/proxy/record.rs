@@ -1,6 +1,6 @@
 //! What the proxy remembers about each connection, for the exit summary and the report.
 
-use std::{net::SocketAddr, sync::Mutex, time::Duration};
+use std::{net::SocketAddr, sync::Mutex};
 
 use serde::Serialize;
 
@@ -178,10 +178,6 @@ impl ConnRecord {
             Direction::Outbound => self.dst_identity.as_deref(),
             Direction::Inbound => self.src_identity.as_deref(),
         }
-    }
-
-    pub fn duration(&self) -> Duration {
-        Duration::from_millis(self.duration_ms)
     }
 }
 

@@ -123,7 +123,9 @@ pub struct ExcludedCidr {
 /// Everything one run loaded, attached and pinned.
 pub struct EbpfInterception {
     pins: Pins,
-    ebpf: Ebpf,
+    /// Held, not read: it owns the loaded programs and the sk_msg attachment to the
+    /// sockhash, which are released when it drops.
+    _ebpf: Ebpf,
     lookups: std::sync::Arc<KernelLookups>,
     _log_pump: Option<LogPump>,
 }
@@ -206,7 +208,7 @@ impl EbpfInterception {
         let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir)?);
         Ok(Self {
             pins,
-            ebpf,
+            _ebpf: ebpf,
             lookups,
             _log_pump: logger.map(LogPump::start),
         })
@@ -219,11 +221,6 @@ impl EbpfInterception {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pins.dir
-    }
-
-    /// Loaded program ids, for diagnostics.
-    pub fn program_names(&self) -> Vec<String> {
-        self.ebpf.programs().map(|(n, _)| n.to_string()).collect()
     }
 
     /// Detaches and unpins everything now, reporting what could not be removed.
