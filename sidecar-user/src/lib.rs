@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod cidr;
 pub mod cleanup;
+pub mod defaults;
 pub mod host;
 pub mod policy;
 pub mod probe;

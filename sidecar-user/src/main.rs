@@ -38,7 +38,7 @@ enum Command {
     /// Check that this kernel and host support eBPF interception; prints each check and a fix.
     Probe {
         /// bpffs mount point to check.
-        #[arg(long, default_value = "/sys/fs/bpf")]
+        #[arg(long, default_value = sidecar::defaults::BPFFS)]
         bpffs: PathBuf,
     },
     /// Mint development certificates: a CA per trust domain, and workload certificates with
@@ -51,7 +51,7 @@ enum Command {
     /// Remove what a crashed `sidecar run` left behind (pins, attachments, cgroups, state).
     Cleanup {
         /// bpffs mount point the runs used.
-        #[arg(long, default_value = "/sys/fs/bpf")]
+        #[arg(long, default_value = sidecar::defaults::BPFFS)]
         bpffs: PathBuf,
     },
     /// Is a running sidecar intercepting and accelerating? Asks its admin endpoint.
@@ -123,7 +123,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
     mode: ModeArg,
     /// Port of the proxy's outbound listener on 127.0.0.1 and [::1].
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = sidecar::defaults::PROXY_PORT)]
     proxy_port: u16,
     /// Destination ports that bypass the proxy (comma-separated, at most 16).
     #[arg(long, value_delimiter = ',')]
@@ -136,7 +136,7 @@ struct RunArgs {
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// bpffs mount point for pins (mounted there if needed).
-    #[arg(long, default_value = "/sys/fs/bpf")]
+    #[arg(long, default_value = sidecar::defaults::BPFFS)]
     bpffs: PathBuf,
     /// Turn the sockmap fast path off (connects are still redirected); for comparisons.
     #[arg(long)]
@@ -165,7 +165,7 @@ struct RunArgs {
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
-    #[arg(long, default_value_t = 15008)]
+    #[arg(long, default_value_t = sidecar::defaults::INBOUND_PORT)]
     inbound_port: u16,
     /// With --tls-dir: accept no tunnels (a client-only sidecar).
     #[arg(long)]

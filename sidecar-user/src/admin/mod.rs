@@ -25,7 +25,7 @@ use self::http::{Request, Response};
 use crate::telemetry::Telemetry;
 
 /// Default admin address: localhost only.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_ADDR: &str = crate::defaults::ADMIN_ADDR;
 /// Requests served at the same time (each holds at most an 8 KiB head); beyond that a
 /// connection is answered 503 at once rather than queued, so silent clients cannot make
 /// later scrapes wait for their head timeout.

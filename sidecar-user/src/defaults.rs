@@ -1,0 +1,13 @@
+//! Default ports and paths, in one place: the command line, the Kubernetes manifests in
+//! `deploy/` and the checks that compare the two all read them from here.
+
+/// The proxy's outbound listener on 127.0.0.1 and [::1].
+pub const PROXY_PORT: u16 = 15001;
+/// The mTLS tunnel listener, here and on every peer sidecar.
+pub const INBOUND_PORT: u16 = 15008;
+/// The admin endpoint (metrics, health, connection table); localhost only by default.
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// The node agent's registration socket (a hostPath shared with pods in Kubernetes).
+pub const AGENT_SOCKET: &str = "/var/run/sidecar/agent.sock";
+/// Where bpffs is mounted (and mounted by us if it is not).
+pub const BPFFS: &str = "/sys/fs/bpf";
