@@ -19,8 +19,18 @@ pub mod programs {
     pub const SK_MSG: &str = "sidecar_sk_msg";
     /// cgroup_skb/ingress on the app cgroup: strict inbound mode (see the program's docs).
     pub const STRICT_INBOUND: &str = "sidecar_strict_in";
+    /// cgroup/getsockopt at the pods' cgroup root (`sidecar agent`): answers the proxy's
+    /// `SO_ORIGINAL_DST` from `ORIG_DST`, so the proxy needs no privileges.
+    pub const GETSOCKOPT: &str = "sidecar_getsockopt";
     /// All programs, in the order the loader loads them.
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCKOPS, SK_MSG, STRICT_INBOUND];
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        SOCKOPS,
+        SK_MSG,
+        STRICT_INBOUND,
+        GETSOCKOPT,
+    ];
 }
 
 /// Names of the maps inside the object. Each is pinned under the run's bpffs directory.
@@ -410,11 +420,16 @@ pub enum Counter {
     ConnectPolicyDenied,
     /// Plaintext connection attempts (SYN) from outside refused by strict inbound mode.
     StrictInboundDropped,
+    /// Connects under the agent's cgroup root from a cgroup with no registration (a pod
+    /// whose sidecar has not registered): passed through, not intercepted.
+    ConnectNotMeshed,
+    /// `SO_ORIGINAL_DST` answers the getsockopt program gave the proxy from `ORIG_DST`.
+    OrigDstSockopt,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 17] = [
+    pub const ALL: [(Counter, &'static str); 19] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -432,6 +447,8 @@ impl Counter {
         (Counter::CloseCleanup, "close_cleanup"),
         (Counter::ConnectPolicyDenied, "connect_policy_denied"),
         (Counter::StrictInboundDropped, "strict_inbound_dropped"),
+        (Counter::ConnectNotMeshed, "connect_not_meshed"),
+        (Counter::OrigDstSockopt, "orig_dst_sockopt"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;

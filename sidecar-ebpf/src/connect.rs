@@ -134,6 +134,8 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         return Ok(true);
     }
     let Some(cfg) = find_workload() else {
+        // Under the agent's pods root: a pod whose sidecar has not registered passes through.
+        count(Counter::ConnectNotMeshed, 1);
         return Ok(true);
     };
     // SAFETY: the helper takes the context pointer.

@@ -7,6 +7,8 @@
 //!   socket's 4-tuple and insert both ends into the `SOCKETS` sockhash.
 //! * `sk_msg` (attached to `SOCKETS`): hand each message straight to the peer socket's receive
 //!   queue, skipping the TCP/IP stack on that hop.
+//! * `getsockopt` (cgroup/getsockopt, at the pods' cgroup root, agent mode): answer the proxy's
+//!   `SO_ORIGINAL_DST` from `ORIG_DST`, so an unprivileged proxy needs no map access.
 //! * `strict_in` (cgroup_skb/ingress on the app cgroup, strict inbound mode only): drop
 //!   connection attempts to the workload that do not come from loopback.
 //!
@@ -20,6 +22,7 @@ mod ctx;
 mod maps;
 mod skmsg;
 mod sockops;
+mod sockopt;
 mod strict;
 
 #[cfg(not(test))]

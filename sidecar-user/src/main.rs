@@ -56,6 +56,12 @@ enum Command {
     },
     /// Is a running sidecar intercepting and accelerating? Asks its admin endpoint.
     Status(StatusArgs),
+    /// Kubernetes node agent (DaemonSet): loads and pins the eBPF programs at the pods'
+    /// cgroup root and registers pod sidecars over a Unix socket. Needs privileges.
+    Agent(Box<sidecar::agent::cli::AgentArgs>),
+    /// Kubernetes pod sidecar: the proxy only, no privileges; registers its pod with the
+    /// node agent and serves until SIGTERM (then drains).
+    Proxy(Box<sidecar::pod_proxy::cli::ProxyArgs>),
     /// The connections a running sidecar has open now (`--watch` refreshes like top).
     Conns(ConnsArgs),
 }
@@ -209,6 +215,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let access = match &cli.command {
         Command::Run(args) => args.observe.access_log.clone(),
+        Command::Proxy(args) => args.observe.access_log.clone(),
         _ => AccessLogTarget::Off,
     };
     if let Err(e) = access_log::init_logging(&access) {
@@ -383,6 +390,8 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             print!("{}", admin_cli::status(&args)?);
             Ok(0)
         }
+        Command::Agent(args) => sidecar::agent::cli::dispatch(&args),
+        Command::Proxy(args) => sidecar::pod_proxy::run((*args).into()),
         Command::Conns(args) => {
             admin_cli::conns(&args)?;
             Ok(0)

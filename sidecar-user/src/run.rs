@@ -19,7 +19,7 @@
 use std::{
     ffi::{CString, OsString},
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener},
+    net::SocketAddr,
     os::unix::{ffi::OsStrExt, process::ExitStatusExt},
     path::{Path, PathBuf},
     sync::Arc,
@@ -28,10 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use sidecar_common::{WorkloadConfig, flags, limits, role};
-use tokio::{
-    net::TcpListener,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
@@ -39,22 +36,19 @@ use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     policy::{self, Enforcer},
-    proxy::{
-        Proxy, ProxySettings,
-        mesh::Mesh,
-        record::{Direction, Journal},
-    },
+    proxy::{Proxy, ProxySettings, record::Journal},
     redirect::{
         Mode, Redirect,
         ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
         iptables::{self, IptablesInterception},
     },
     report::Report,
+    serve::{self, Listeners},
     state::{RunState, StateFile},
     telemetry::{
         CounterSource, InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget,
     },
-    tls::{self, TlsFiles, TlsState},
+    tls::{TlsFiles, TlsState},
 };
 
 /// Everything `sidecar run` is told on the command line.
@@ -100,9 +94,6 @@ pub struct MtlsOptions {
     /// How long a peer has, after the handshake, to send its preamble.
     pub preamble_timeout: Duration,
 }
-
-/// How often certificate files are checked for rotation.
-const ROTATION_POLL: Duration = Duration::from_secs(1);
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
@@ -152,16 +143,8 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         None => None,
     };
-    let (listen_v4, listen_v6) = bind_listeners(opts.proxy_port)?;
-    let inbound = match opts.mtls.as_ref().and_then(|m| m.inbound) {
-        Some(addr) => Some(StdListener::bind(addr).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen for tunnels on {addr}: {e}: pick another with --inbound-port, \
-                 or --no-inbound for a client-only sidecar"
-            )
-        })?),
-        None => None,
-    };
+    let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
+    let ipv6 = listeners.outbound_v6.is_some();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -218,7 +201,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         proxy_port: opts.proxy_port,
         exclude_ports: opts.exclude_ports.clone(),
         exclude_cidrs: opts.exclude_cidrs.clone(),
-        ipv6: listen_v6.is_some(),
+        ipv6,
         chain: iptables::chain_for(pid),
     };
     let iptables_rules = iptables_tool
@@ -246,7 +229,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             &cg_root,
             pin_dir,
             [&run_cg, &proxy_cg, &app_cg],
-            listen_v6.is_some(),
+            ipv6,
         )?)),
         Some(tool) => {
             let rules = IptablesInterception::install(tool, &iptables_settings)?;
@@ -272,32 +255,19 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let mesh = match (&opts.mtls, tls) {
         (Some(m), Some(tls)) => {
-            info!(identity = %tls.current().identity, inbound = ?m.inbound, "mTLS on");
-            let creds = tls.current();
-            telemetry.certificates(creds.not_after);
-            let watched = telemetry.clone();
-            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, move |c| {
-                watched.certificates(c.not_after)
-            });
-            Some(Mesh::new(
+            let own = [opts.proxy_port, m.tunnel_port];
+            let admin_port = admin.as_ref().map(|a| a.addr().port());
+            let own = own.into_iter().chain(admin_port);
+            Some(serve::mesh(
+                m,
                 tls,
-                m.mesh_cidrs.clone(),
-                m.tunnel_port,
-                m.permissive,
+                &telemetry,
                 opts.proxy.connect_timeout,
-                m.preamble_timeout,
+                own,
             ))
         }
         _ => None,
     };
-    // Tunnels may not ask for the sidecar's own ports (see `Mesh::own_ports`).
-    let mesh = mesh.map(|m| {
-        let own = [opts.proxy_port, m.tunnel_port];
-        m.with_own_ports(
-            own.into_iter()
-                .chain(admin.as_ref().map(|a| a.addr().port())),
-        )
-    });
     // In force (kernel maps filled) before CMD starts, so no connect escapes it.
     let enforcer = match (policy, &opts.policy, interception.pin_dir()) {
         (Some(loaded), Some(path), Some(pin_dir)) => {
@@ -313,17 +283,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         telemetry.clone(),
         enforcer.clone(),
     );
-    for listener in [Some(listen_v4), listen_v6].into_iter().flatten() {
-        let listener = TcpListener::from_std(listener).context("registering the proxy listener")?;
-        rt.spawn(proxy.clone().serve(listener, Direction::Outbound));
-    }
-    if let Some(listener) = inbound {
-        listener.set_nonblocking(true)?;
-        let listener =
-            TcpListener::from_std(listener).context("registering the inbound listener")?;
-        rt.spawn(proxy.clone().serve(listener, Direction::Inbound));
-    }
-    telemetry.listeners_serving();
+    serve::start(&proxy, listeners, &telemetry)?;
 
     let status = rt.block_on(run_command(
         &program,
@@ -514,52 +474,6 @@ fn is_executable(path: &Path) -> bool {
     };
     // SAFETY: valid NUL-terminated path.
     path.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
-}
-
-/// Binds the proxy's outbound listeners before anything is attached, so a busy port fails
-/// cleanly. IPv6 is optional: without `::1`, IPv6 connects are simply not intercepted.
-fn bind_listeners(port: u16) -> Result<(StdListener, Option<StdListener>)> {
-    let in_use = |addr: SocketAddr, e: io::Error| {
-        if e.kind() == io::ErrorKind::AddrInUse {
-            anyhow::anyhow!(
-                "proxy port {port} is already in use on {addr}: pick another with --proxy-port"
-            )
-        } else {
-            anyhow::anyhow!("cannot listen on {addr}: {e}")
-        }
-    };
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let listen_v4 = StdListener::bind(v4).map_err(|e| in_use(v4, e))?;
-    listen_v4.set_nonblocking(true)?;
-    widen_accept_queue(&listen_v4)?;
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    let listen_v6 = match StdListener::bind(v6) {
-        Ok(l) => {
-            l.set_nonblocking(true)?;
-            widen_accept_queue(&l)?;
-            Some(l)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(in_use(v6, e)),
-        Err(e) => {
-            warn!("no IPv6 listener on {v6} ({e}): IPv6 connects will not be intercepted");
-            None
-        }
-    };
-    Ok((listen_v4, listen_v6))
-}
-
-/// std listens with a backlog of 128: thousands of intercepted connects arriving at once
-/// overflow it, and the overflowed clients see resets before the proxy ever accepts them.
-/// `listen()` again on a listening socket only changes its backlog; the kernel caps it at
-/// `net.core.somaxconn`.
-fn widen_accept_queue(listener: &StdListener) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: listen() on a socket we own; no memory is passed.
-    if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Spawns the command inside the app cgroup and waits for it. SIGINT/SIGTERM to the sidecar

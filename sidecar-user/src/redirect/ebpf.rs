@@ -17,7 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
+        SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -31,7 +32,7 @@ use super::{OrigDstError, Redirect};
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time so the
 /// binary is self-contained.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_EBPF_OBJECT"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_EBPF_OBJECT"));
 
 const PROBE_HINT: &str = "run `sidecar probe` to see which kernel feature is missing";
 
@@ -230,7 +231,7 @@ impl EbpfInterception {
 }
 
 /// Loads (verifies) a program of the object and returns it typed.
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
 where
     T: 'a + Loadable,
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -275,9 +276,9 @@ macro_rules! loadable {
         }
     )*};
 }
-loadable!(CgroupSockAddr, SockOps, SkMsg, CgroupSkb);
+loadable!(CgroupSockAddr, SockOps, SkMsg, CgroupSkb, CgroupSockopt);
 
-fn attach_error(
+pub(crate) fn attach_error(
     name: &'static str,
     target: &Path,
     source: aya::programs::ProgramError,
@@ -290,14 +291,14 @@ fn attach_error(
 }
 
 /// A cgroup attachment as a pinnable BPF link (kernels ≥ 5.7 attach with links).
-fn fd_link<L>(name: &'static str, link: L) -> Result<FdLink, EbpfError>
+pub(crate) fn fd_link<L>(name: &'static str, link: L) -> Result<FdLink, EbpfError>
 where
     FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
 {
     FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })
 }
 
-fn open_cgroup(path: &Path) -> Result<fs::File, EbpfError> {
+pub(crate) fn open_cgroup(path: &Path) -> Result<fs::File, EbpfError> {
     fs::File::open(path).map_err(|source| EbpfError::Cgroup {
         path: path.into(),
         source,

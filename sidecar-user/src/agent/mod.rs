@@ -1,0 +1,381 @@
+//! `sidecar agent`: the privileged node half of the Kubernetes deployment (a DaemonSet).
+//!
+//! It loads the eBPF object once per node and attaches connect4/6, sockops and getsockopt at
+//! the pods' cgroup root ([`pins`]), then serves a Unix socket on which each pod's unprivileged
+//! `sidecar proxy` registers ([`server`], [`protocol`]). The caller's pod comes from its
+//! SO_PEERCRED pid and `/proc/<pid>/cgroup` ([`pod`]), and interception is turned on for that
+//! pod only: `WORKLOADS[pod cgroup] = WORKLOAD`, `WORKLOADS[proxy container] = PROXY`
+//! ([`registry`]). A pod without a registration passes through (counted as
+//! `connect_not_meshed`).
+//!
+//! Lifecycle: pins and registrations outlive the agent process. SIGTERM leaves everything
+//! attached; the next agent adopts the pins and reconciles the registrations (pods that are
+//! gone are dropped). `sidecar agent --uninstall` removes every pin, link, state file and the
+//! socket.
+
+pub mod cli;
+pub mod pins;
+pub mod pod;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use self::{pins::AgentPins, protocol::Reply, registry::Registry};
+use crate::host::{bpffs::Bpffs, cgroup, privileges};
+
+/// Default state directory: the persisted registrations and the agent's record.
+pub const STATE_DIR: &str = "/run/sidecar/agent";
+/// The agent's record in the state directory.
+const AGENT_FILE: &str = "agent.json";
+
+/// Everything `sidecar agent` is told.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The pods' cgroup root; discovered (`kubepods.slice`, `kubepods`) when `None`.
+    pub cgroup_root: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    /// Default `<bpffs>/sidecar/agent`.
+    pub pin_dir: Option<PathBuf>,
+    pub sockmap: bool,
+    /// How often pods that went away are looked for (and the socket file checked).
+    pub sweep_interval: Duration,
+}
+
+impl AgentOptions {
+    fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| self.bpffs.join("sidecar/agent"))
+    }
+}
+
+/// What the agent writes about itself in the state directory.
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentRecord {
+    pid: u32,
+    cgroup_root: PathBuf,
+    pin_dir: PathBuf,
+    socket: PathBuf,
+    /// Fingerprint of the eBPF object that installed the pins.
+    object: String,
+    version: String,
+}
+
+/// The agent's shared state, behind one lock (requests and the sweep are short).
+pub struct Agent {
+    pub cgroup2: PathBuf,
+    pub root: PathBuf,
+    pub pins: AgentPins,
+    pub registry: Registry,
+}
+
+impl Agent {
+    /// Counts and logs a refused request, and builds its answer.
+    pub fn refuse(&mut self, reason: &'static str, error: impl ToString) -> Reply {
+        let error = error.to_string();
+        self.registry.refused(reason);
+        warn!(reason, "registration refused: {error}");
+        Reply::refused(reason, error)
+    }
+
+    pub fn refused(&mut self, reason: &'static str) {
+        self.registry.refused(reason);
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": std::process::id(),
+            "cgroup_root": self.root,
+            "pin_dir": self.pins.dir,
+            "adopted": self.pins.adopted,
+            "pods": self.registry.pods().collect::<Vec<_>>(),
+            "refusals": self.registry.refusals(),
+            "counters": self.pins.counters(),
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT; returns the exit code.
+pub fn run(opts: AgentOptions) -> Result<i32> {
+    privileges::require("sidecar agent")?;
+    // Before any thread exists: setns affects only the calling thread, and every thread the
+    // runtime starts later inherits it.
+    enter_host_cgroup_namespace()?;
+    let cgroup2 = cgroup::root()?;
+    let root = pods_root(&cgroup2, opts.cgroup_root.as_deref())?;
+    let _bpffs = Bpffs::ensure(&opts.bpffs)?;
+    let pin_dir = opts.pin_dir();
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating the state directory {}", opts.state_dir.display()))?;
+    let previous = read_record(&opts.state_dir);
+    if let Some(p) = previous
+        .as_ref()
+        .filter(|p| p.pid != std::process::id() && pid_alive(p.pid))
+    {
+        bail!(
+            "another agent (pid {}) uses the state directory {}: stop it first, or pick another --state-dir",
+            p.pid,
+            opts.state_dir.display()
+        );
+    }
+
+    let mut pins = AgentPins::open_or_install(&pin_dir, &root, opts.sockmap)?;
+    let object = object_fingerprint();
+    if pins.adopted {
+        match previous.as_ref().map(|p| p.object.as_str()) {
+            Some(o) if o == object => {}
+            other => warn!(
+                pinned = other.unwrap_or("unknown"),
+                binary = %object,
+                "the pinned programs come from another build: they stay attached (and keep \
+                 intercepting) until `sidecar agent --uninstall`; reinstall to run this build's"
+            ),
+        }
+    }
+    let pinned_object = if pins.adopted {
+        previous
+            .map(|p| p.object)
+            .unwrap_or_else(|| "unknown".into())
+    } else {
+        object
+    };
+    write_record(
+        &opts.state_dir,
+        &AgentRecord {
+            pid: std::process::id(),
+            cgroup_root: root.clone(),
+            pin_dir: pin_dir.clone(),
+            socket: opts.socket.clone(),
+            object: pinned_object,
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+    )?;
+
+    let mut registry = Registry::load(&opts.state_dir)
+        .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;
+    let gone = registry.reconcile(&mut pins)?;
+    info!(
+        kept = registry.pods().count(),
+        dropped = gone.len(),
+        adopted = pins.adopted,
+        cgroup_root = %root.display(),
+        "registrations reconciled"
+    );
+    let agent = Arc::new(Mutex::new(Agent {
+        cgroup2,
+        root,
+        pins,
+        registry,
+    }));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(agent, &opts))?;
+    info!(
+        "agent stopping: programs stay attached and pinned (`sidecar agent --uninstall` removes them)"
+    );
+    Ok(0)
+}
+
+async fn serve(agent: Arc<Mutex<Agent>>, opts: &AgentOptions) -> Result<()> {
+    let mut bound = server::bind(&opts.socket, agent.clone()).with_context(|| {
+        format!(
+            "cannot listen on {}: pick another with --socket",
+            opts.socket.display()
+        )
+    })?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sweep = tokio::time::interval(opts.sweep_interval);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sweep.tick() => {}
+        }
+        {
+            let mut a = agent.lock().unwrap_or_else(|p| p.into_inner());
+            let Agent { pins, registry, .. } = &mut *a;
+            if let Err(e) = registry.reconcile(pins) {
+                warn!("sweep: {e}");
+            }
+        }
+        if !bound.intact() {
+            warn!(socket = %opts.socket.display(), "registration socket file gone or replaced: binding it again");
+            match server::bind(&opts.socket, agent.clone()) {
+                Ok(new) => std::mem::replace(&mut bound, new).close(),
+                Err(e) => warn!("re-binding {}: {e}", opts.socket.display()),
+            }
+        }
+    }
+    bound.close();
+    Ok(())
+}
+
+/// The pods' cgroup root: the one given, or the first of kubelet's that exists.
+fn pods_root(cgroup2: &Path, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        let p = if p.is_absolute() {
+            p.into()
+        } else {
+            cgroup2.join(p)
+        };
+        if !p.is_dir() {
+            bail!(
+                "--cgroup-root {} does not exist: give the cgroup that holds the pods (kubelet's \
+                 kubepods.slice or kubepods under {})",
+                p.display(),
+                cgroup2.display()
+            );
+        }
+        return Ok(p);
+    }
+    pod::DEFAULT_ROOTS
+        .iter()
+        .map(|r| cgroup2.join(r))
+        .find(|p| p.is_dir())
+        .with_context(|| {
+            format!(
+                "no pods' cgroup root found ({} under {}): is this a Kubernetes node? Give it with --cgroup-root",
+                pod::DEFAULT_ROOTS.join(" or "),
+                cgroup2.display()
+            )
+        })
+}
+
+/// In a container with its own cgroup namespace, `/proc/<pid>/cgroup` of other processes
+/// is relative to ours; joining PID 1's cgroup namespace (hostPID) makes them host paths.
+fn enter_host_cgroup_namespace() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/ns/cgroup").map(|m| m.ino());
+    let init = std::fs::metadata("/proc/1/ns/cgroup").map(|m| m.ino());
+    match (ours, init) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Ok(_), Ok(_)) => {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open("/proc/1/ns/cgroup")?;
+            // SAFETY: setns on an fd we own; affects only this (still single) thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+                bail!(
+                    "cannot join the host's cgroup namespace ({}): the agent needs CAP_SYS_ADMIN \
+                     and hostPID",
+                    std::io::Error::last_os_error()
+                );
+            }
+            info!("joined PID 1's cgroup namespace");
+            Ok(())
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("cannot compare cgroup namespaces ({e}): assuming the host's");
+            Ok(())
+        }
+    }
+}
+
+fn read_record(state_dir: &Path) -> Option<AgentRecord> {
+    let bytes = std::fs::read(state_dir.join(AGENT_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_record(state_dir: &Path, record: &AgentRecord) -> Result<()> {
+    let path = state_dir.join(AGENT_FILE);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// FNV-1a of the embedded eBPF object: tells an upgrade (other programs) from a restart.
+fn object_fingerprint() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in crate::redirect::ebpf::OBJECT {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// `sidecar agent --uninstall`: every pin (which detaches the programs), the state files and
+/// the socket. Refused while an agent runs. Returns the lines to print.
+pub fn uninstall(opts: &AgentOptions) -> Result<Vec<String>> {
+    privileges::require("sidecar agent --uninstall")?;
+    if let Some(p) = read_record(&opts.state_dir).filter(|p| pid_alive(p.pid)) {
+        bail!(
+            "the agent (pid {}) is running: stop it first (SIGTERM), then uninstall",
+            p.pid
+        );
+    }
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    let pin_dir = opts.pin_dir();
+    let (d, f) = pins::uninstall(&pin_dir);
+    done.extend(d);
+    failed.extend(f);
+    if opts.pin_dir.is_none() && std::fs::remove_dir(opts.bpffs.join("sidecar")).is_ok() {
+        done.push(format!("removed {}", opts.bpffs.join("sidecar").display()));
+    }
+    for file in [registry::FILE, AGENT_FILE] {
+        let path = opts.state_dir.join(file);
+        if std::fs::remove_file(&path).is_ok() {
+            done.push(format!("removed {}", path.display()));
+        }
+    }
+    if std::fs::remove_dir(&opts.state_dir).is_ok() {
+        done.push(format!("removed {}", opts.state_dir.display()));
+    }
+    if std::fs::remove_file(&opts.socket).is_ok() {
+        done.push(format!("removed {}", opts.socket.display()));
+    }
+    if let Some(dir) = opts.socket.parent()
+        && std::fs::remove_dir(dir).is_ok()
+    {
+        done.push(format!("removed {}", dir.display()));
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
+    }
+    if done.is_empty() {
+        done.push("nothing to uninstall".into());
+    }
+    Ok(done)
+}
+
+/// `sidecar agent --status`: asks the running agent over its socket.
+pub fn status(socket: &Path) -> Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "no agent answers on {}: is `sidecar agent` running? (--socket)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"{\"op\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let reply: Reply = serde_json::from_str(&line).context("the agent's answer")?;
+    match (reply.ok, reply.status) {
+        (true, Some(s)) => Ok(s),
+        _ => bail!("the agent refused: {}", reply.error.unwrap_or_default()),
+    }
+}

@@ -1,0 +1,310 @@
+//! The agent's kernel objects: one load of the eBPF object per node, attached at the pods'
+//! cgroup root and pinned under `<bpffs>/sidecar/agent/` (or `--pin-dir`).
+//!
+//! Pins are what make an agent restart or upgrade invisible to pods: the programs stay
+//! attached through their pinned links while no agent runs, and the next agent *adopts* the
+//! pins (opens the maps, checks the links) instead of loading again. Only
+//! `sidecar agent --uninstall` removes them.
+
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
+};
+use sidecar_common::{Counter, SockKey, WorkloadConfig, maps, programs};
+
+use crate::redirect::ebpf::{
+    EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, program,
+};
+
+/// The pinned links, in attach order (sockops and the original-destination answer before
+/// the connect hooks, so the first redirected connection finds everything in place).
+pub const LINKS: [&str; 4] = [
+    programs::SOCKOPS,
+    programs::GETSOCKOPT,
+    programs::CONNECT4,
+    programs::CONNECT6,
+];
+/// Maps the agent needs to find pinned to adopt an installation.
+const REQUIRED_MAPS: [&str; 4] = [
+    maps::WORKLOADS,
+    maps::COUNTERS,
+    maps::ORIG_DST,
+    maps::SOCKETS,
+];
+
+/// The installation this agent works with: fresh, or adopted from the pins.
+pub struct AgentPins {
+    pub dir: PathBuf,
+    /// Whether the pins were already there (restart/upgrade) rather than created now.
+    pub adopted: bool,
+    pub workloads: HashMap<MapData, u64, WorkloadConfig>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl AgentPins {
+    /// Adopts a complete installation in `dir`, or installs one at `cgroup_root`. A partial
+    /// one (an agent killed halfway through installing) is removed first.
+    pub fn open_or_install(
+        dir: &Path,
+        cgroup_root: &Path,
+        sockmap: bool,
+    ) -> Result<Self, EbpfError> {
+        let adopted = if is_complete(dir) {
+            tracing::info!(pins = %dir.display(), "adopting the pinned programs and maps: no reload");
+            true
+        } else {
+            if dir.exists() {
+                tracing::warn!(pins = %dir.display(), "incomplete installation found: removing it and installing again");
+                for failure in uninstall(dir).1 {
+                    tracing::warn!("{failure}");
+                }
+            }
+            install(dir, cgroup_root, sockmap)?;
+            false
+        };
+        Ok(Self {
+            dir: dir.into(),
+            adopted,
+            workloads: open_pinned(dir, maps::WORKLOADS)?,
+            counters: open_pinned(dir, maps::COUNTERS)?,
+        })
+    }
+
+    /// Sum over CPUs of every eBPF counter, by name.
+    pub fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        Counter::ALL
+            .iter()
+            .map(|(c, name)| {
+                let total = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*name, total)
+            })
+            .collect()
+    }
+}
+
+/// Every link and required map is pinned.
+fn is_complete(dir: &Path) -> bool {
+    LINKS
+        .iter()
+        .map(|l| dir.join(link_pin_name(l)))
+        .chain(REQUIRED_MAPS.iter().map(|m| dir.join(m)))
+        .all(|p| p.exists())
+}
+
+fn open_pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    let data =
+        MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
+    let map =
+        aya::maps::Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Loads the object, pins its maps, attaches and pins the links. On failure everything
+/// created so far is removed again.
+fn install(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
+    fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
+        path: dir.into(),
+        source,
+    })?;
+    let result = install_into(dir, root, sockmap);
+    if result.is_err() {
+        for failure in uninstall(dir).1 {
+            tracing::warn!("{failure}");
+        }
+    }
+    result
+}
+
+fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global("SOCKMAP_ENABLED", &u8::from(sockmap), true)
+        .override_global(aya_log::LEVEL, &0u8, true)
+        .load(OBJECT)
+        .map_err(EbpfError::Load)?;
+    for (name, map) in ebpf.maps() {
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = dir.join(name);
+        map.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+    }
+
+    // sk_msg is attached to the sockhash with BPF_PROG_ATTACH: the map holds the program
+    // from then on. aya would detach it when this `Ebpf` drops, so the link handle is taken
+    // and forgotten; the attachment lives as long as the pinned map.
+    let sockets = ebpf
+        .map(maps::SOCKETS)
+        .ok_or(EbpfError::Missing(maps::SOCKETS))?;
+    let map_error = |source| EbpfError::Map {
+        name: maps::SOCKETS,
+        source,
+    };
+    let fd = SockHash::<_, SockKey>::try_from(sockets)
+        .map_err(map_error)?
+        .fd()
+        .try_clone()
+        .map_err(|e| map_error(aya::maps::MapError::from(e)))?;
+    let prog: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
+    let id = prog.attach(&fd).map_err(|source| EbpfError::Attach {
+        name: programs::SK_MSG,
+        target: maps::SOCKETS.into(),
+        source,
+    })?;
+    let link = prog.take_link(id).map_err(|source| EbpfError::Attach {
+        name: programs::SK_MSG,
+        target: maps::SOCKETS.into(),
+        source,
+    })?;
+    std::mem::forget(link);
+
+    let cgroup = open_cgroup(root)?;
+    for name in LINKS {
+        let link = match name {
+            programs::SOCKOPS => {
+                let prog: &mut SockOps = program(&mut ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| attach_error(name, root, source))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| attach_error(name, root, source))?;
+                fd_link(name, link)?
+            }
+            programs::GETSOCKOPT => {
+                // aya 0.14 cannot turn a sockopt link into a pinnable `FdLink`: create the
+                // BPF link ourselves (same syscall aya uses for the others) and pin it.
+                let prog: &mut CgroupSockopt = program(&mut ebpf, name)?;
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|source| attach_error(name, root, source))?;
+                let link =
+                    raw::link_create(prog_fd.as_fd(), cgroup.as_fd(), raw::BPF_CGROUP_GETSOCKOPT)
+                        .map_err(|e| attach_error(name, root, io_program_error(e)))?;
+                let path = dir.join(link_pin_name(name));
+                raw::obj_pin(link.as_fd(), &path)
+                    .map_err(|e| attach_error(name, root, io_program_error(e)))?;
+                continue;
+            }
+            _ => {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| attach_error(name, root, source))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| attach_error(name, root, source))?;
+                fd_link(name, link)?
+            }
+        };
+        let path = dir.join(link_pin_name(name));
+        link.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+    }
+    tracing::info!(cgroup = %root.display(), pins = %dir.display(), "eBPF programs loaded, attached and pinned");
+    Ok(())
+}
+
+/// Removes every pin in `dir` (links first, which detaches their programs once no process
+/// holds them, then maps) and the directory. Returns what was removed and what failed.
+pub fn uninstall(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut done, mut failed) = (Vec::new(), Vec::new());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return (done, failed);
+    };
+    let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    // Links before maps: detach first, so no program runs against a half-removed set.
+    files.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+    });
+    for file in files {
+        match fs::remove_file(&file) {
+            Ok(()) => done.push(format!("unpinned {}", file.display())),
+            Err(e) => failed.push(format!("removing {}: {e}", file.display())),
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => done.push(format!("removed {}", dir.display())),
+        Err(e) => failed.push(format!("removing {}: {e}", dir.display())),
+    }
+    (done, failed)
+}
+
+fn io_program_error(e: std::io::Error) -> aya::programs::ProgramError {
+    aya::programs::ProgramError::IOError(e)
+}
+
+/// The two BPF syscalls aya 0.14 does not offer for cgroup sockopt programs.
+mod raw {
+    use std::{
+        ffi::CString,
+        io,
+        os::{
+            fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+            unix::ffi::OsStrExt,
+        },
+        path::Path,
+    };
+
+    /// `enum bpf_attach_type` value (uapi/linux/bpf.h).
+    pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a zero-filled buffer larger than the fields each command reads.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(attr) as libc::c_uint,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    /// `BPF_LINK_CREATE` of a program on a cgroup (links are multi-attach).
+    pub fn link_create(
+        prog: BorrowedFd<'_>,
+        cgroup: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<OwnedFd> {
+        let mut attr = [0u64; 8];
+        // prog_fd, target_fd | attach_type, flags
+        attr[0] = u64::from(prog.as_raw_fd() as u32) | (u64::from(cgroup.as_raw_fd() as u32) << 32);
+        attr[1] = u64::from(attach_type);
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: the kernel returned a new fd that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `BPF_OBJ_PIN` of a link (or any BPF object) at `path` on bpffs.
+    pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        let mut attr = [0u64; 8];
+        attr[0] = c.as_ptr() as u64;
+        attr[1] = u64::from(fd.as_raw_fd() as u32);
+        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+    }
+}

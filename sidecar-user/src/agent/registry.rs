@@ -1,0 +1,265 @@
+//! The agent's registrations: which pods have a registered sidecar, mirrored into the
+//! `WORKLOADS` map (pod cgroup → WORKLOAD, the proxy's container cgroup → PROXY) and
+//! persisted in the state directory so a restarted agent knows what it had.
+//!
+//! The map is always made to match the registrations exactly: entries of pods that are gone,
+//! or that no registration explains, are removed (at start and by the periodic sweep).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use sidecar_common::{WorkloadConfig, flags, limits, role};
+
+use super::pins::AgentPins;
+use crate::host::cgroup;
+
+/// File name of the persisted registrations in the state directory.
+pub const FILE: &str = "registrations.json";
+
+/// One pod's registration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Registration {
+    pub pod_uid: String,
+    pub pod_cgroup: PathBuf,
+    /// Cgroup id (inode) of the pod cgroup when it registered: a recreated directory with
+    /// the same path is another pod.
+    pub pod_cgroup_id: u64,
+    pub proxy_cgroup: PathBuf,
+    pub proxy_cgroup_id: u64,
+    pub proxy_port: u16,
+    pub inbound_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub ipv6: bool,
+    /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
+    pub scope: u32,
+    /// The proxy process that registered last (informational).
+    pub pid: u32,
+    /// How many times this pod's proxy registered (re-registrations after agent restarts
+    /// or broken connections included).
+    #[serde(default)]
+    pub registrations: u64,
+}
+
+/// What a register request asks for, after the caller's pod was derived from its cgroup.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub pod: super::pod::PodCgroup,
+    pub pid: u32,
+    pub proxy_port: u16,
+    pub inbound_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub ipv6: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("exclude_ports takes at most {max} ports ({0} given)", max = limits::EXCLUDED_PORTS)]
+    TooManyPorts(usize),
+    #[error("proxy_port must not be 0")]
+    NoPort,
+    #[error("{0}")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("updating WORKLOADS: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("writing {path}: {source}")]
+    Persist { path: PathBuf, source: io::Error },
+    #[error("the node has {max} registered pods already", max = limits::WORKLOADS / 2)]
+    Full,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    next_scope: u32,
+    pods: BTreeMap<String, Registration>,
+}
+
+pub struct Registry {
+    file: PathBuf,
+    next_scope: u32,
+    pods: BTreeMap<String, Registration>,
+    /// Refused registrations by reason, since this agent started.
+    refusals: BTreeMap<&'static str, u64>,
+}
+
+impl Registry {
+    /// Loads the persisted registrations (none if the file does not exist).
+    pub fn load(state_dir: &Path) -> io::Result<Self> {
+        let file = state_dir.join(FILE);
+        let persisted: Persisted = match fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{}: unreadable ({e}); starting with no registrations",
+                    file.display()
+                );
+                Persisted::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Persisted::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            file,
+            next_scope: persisted.next_scope.max(1),
+            pods: persisted.pods,
+            refusals: BTreeMap::new(),
+        })
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Registration> {
+        self.pods.values()
+    }
+
+    pub fn refusals(&self) -> &BTreeMap<&'static str, u64> {
+        &self.refusals
+    }
+
+    pub fn refused(&mut self, reason: &'static str) {
+        *self.refusals.entry(reason).or_default() += 1;
+    }
+
+    /// Enters (or updates) a pod: PROXY on the caller's container first, so the proxy is
+    /// never intercepted, then WORKLOAD on the pod.
+    pub fn register(
+        &mut self,
+        pins: &mut AgentPins,
+        req: Request,
+    ) -> Result<Registration, RegistryError> {
+        if req.exclude_ports.len() > limits::EXCLUDED_PORTS {
+            return Err(RegistryError::TooManyPorts(req.exclude_ports.len()));
+        }
+        if req.proxy_port == 0 {
+            return Err(RegistryError::NoPort);
+        }
+        let pod_cgroup_id = cgroup::id(&req.pod.pod)?;
+        let proxy_cgroup_id = cgroup::id(&req.pod.container)?;
+        let previous = self.pods.get(&req.pod.uid).cloned();
+        let same_pod = previous
+            .as_ref()
+            .filter(|p| p.pod_cgroup_id == pod_cgroup_id);
+        if previous.is_none() && self.pods.len() as u32 >= limits::WORKLOADS / 2 {
+            return Err(RegistryError::Full);
+        }
+        let scope = match same_pod {
+            Some(p) => p.scope,
+            None => {
+                let s = self.next_scope;
+                self.next_scope = self.next_scope.wrapping_add(1).max(1);
+                s
+            }
+        };
+        let reg = Registration {
+            pod_uid: req.pod.uid.clone(),
+            pod_cgroup: req.pod.pod.clone(),
+            pod_cgroup_id,
+            proxy_cgroup: req.pod.container.clone(),
+            proxy_cgroup_id,
+            proxy_port: req.proxy_port,
+            inbound_port: req.inbound_port,
+            exclude_ports: req.exclude_ports,
+            ipv6: req.ipv6,
+            scope,
+            pid: req.pid,
+            registrations: same_pod.map_or(0, |p| p.registrations) + 1,
+        };
+        let (workload, proxy) = entries(&reg);
+        pins.workloads.insert(reg.proxy_cgroup_id, proxy, 0)?;
+        pins.workloads.insert(reg.pod_cgroup_id, workload, 0)?;
+        // A restarted sidecar container has a new cgroup: its predecessor's entry goes.
+        if let Some(prev) = &previous {
+            for id in [prev.proxy_cgroup_id, prev.pod_cgroup_id] {
+                if id != reg.proxy_cgroup_id && id != reg.pod_cgroup_id {
+                    let _ = pins.workloads.remove(&id);
+                }
+            }
+        }
+        self.pods.insert(reg.pod_uid.clone(), reg.clone());
+        self.persist()?;
+        Ok(reg)
+    }
+
+    /// Removes a pod's interception (its sidecar deregistered, or the pod is gone).
+    pub fn remove(&mut self, pins: &mut AgentPins, uid: &str) -> Result<bool, RegistryError> {
+        let Some(reg) = self.pods.remove(uid) else {
+            return Ok(false);
+        };
+        // WORKLOAD first: from here on the pod's connects pass through, never to a proxy
+        // that is going away.
+        for id in [reg.pod_cgroup_id, reg.proxy_cgroup_id] {
+            match pins.workloads.remove(&id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.persist()?;
+        Ok(true)
+    }
+
+    /// Drops registrations whose pod cgroup is gone (or was recreated: other inode), then
+    /// makes `WORKLOADS` match the registrations exactly. Returns the pods removed.
+    pub fn reconcile(&mut self, pins: &mut AgentPins) -> Result<Vec<String>, RegistryError> {
+        let gone: Vec<String> = self
+            .pods
+            .values()
+            .filter(|r| cgroup::id(&r.pod_cgroup).ok() != Some(r.pod_cgroup_id))
+            .map(|r| r.pod_uid.clone())
+            .collect();
+        for uid in &gone {
+            self.remove(pins, uid)?;
+            tracing::info!(pod_uid = %uid, "pod gone: interception removed");
+        }
+        let wanted: BTreeMap<u64, WorkloadConfig> = self
+            .pods
+            .values()
+            .flat_map(|r| {
+                let (w, p) = entries(r);
+                [(r.pod_cgroup_id, w), (r.proxy_cgroup_id, p)]
+            })
+            .collect();
+        let present: BTreeSet<u64> = pins.workloads.keys().filter_map(Result::ok).collect();
+        for id in present.iter().filter(|id| !wanted.contains_key(id)) {
+            let _ = pins.workloads.remove(id);
+        }
+        for (id, cfg) in &wanted {
+            if pins.workloads.get(id, 0).ok().as_ref() != Some(cfg) {
+                pins.workloads.insert(*id, *cfg, 0)?;
+            }
+        }
+        Ok(gone)
+    }
+
+    fn persist(&self) -> Result<(), RegistryError> {
+        let persisted = Persisted {
+            next_scope: self.next_scope,
+            pods: self.pods.clone(),
+        };
+        let tmp = self.file.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(&persisted).expect("registrations serialize");
+        fs::write(&tmp, text)
+            .and_then(|()| fs::rename(&tmp, &self.file))
+            .map_err(|source| RegistryError::Persist {
+                path: self.file.clone(),
+                source,
+            })
+    }
+}
+
+/// The two `WORKLOADS` values of a registration: the pod's and its proxy container's.
+fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
+    let mut workload = WorkloadConfig {
+        role: role::WORKLOAD,
+        scope: r.scope,
+        proxy_port: r.proxy_port,
+        flags: if r.ipv6 { flags::IPV6_LISTENER } else { 0 },
+        excluded_ports_len: r.exclude_ports.len() as u32,
+        excluded_ports: [0; limits::EXCLUDED_PORTS],
+    };
+    workload.excluded_ports[..r.exclude_ports.len()].copy_from_slice(&r.exclude_ports);
+    let proxy = WorkloadConfig {
+        role: role::PROXY,
+        ..workload
+    };
+    (workload, proxy)
+}

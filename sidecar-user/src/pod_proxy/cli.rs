@@ -1,0 +1,103 @@
+//! `sidecar proxy`'s command line.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use super::PodProxyOptions;
+use crate::{
+    admin::cli::ObserveArgs,
+    cidr::Cidr,
+    proxy::ProxySettings,
+    run::MtlsOptions,
+    tls::{TlsFiles, certs},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The node agent's registration socket.
+    #[arg(long, default_value = crate::defaults::AGENT_SOCKET)]
+    pub agent_socket: PathBuf,
+    /// The pod's UID (downward API `metadata.uid`); the agent checks it against this
+    /// process's cgroup.
+    #[arg(long, env = "POD_UID", default_value = "")]
+    pub pod_uid: String,
+    /// The pod's namespace (downward API `metadata.namespace`): with --tls-dir the
+    /// certificate must be spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// The pod's service account (downward API `spec.serviceAccountName`).
+    #[arg(long, env = "POD_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// Port of the proxy's outbound listener on 127.0.0.1 and [::1].
+    #[arg(long, default_value_t = crate::defaults::PROXY_PORT)]
+    pub proxy_port: u16,
+    /// Destination ports that bypass the proxy (comma-separated, at most 16).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+    /// How long connecting to an original destination may take, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    /// Close a connection after this many seconds without a byte in either direction.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Let the workload reach the cloud metadata address through the proxy.
+    #[arg(long)]
+    pub allow_metadata: bool,
+    /// On SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+    /// Turn on mTLS with DIR/cert.pem, DIR/key.pem, DIR/bundle.pem (rotated by replacing files).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
+    #[arg(long, default_value_t = crate::defaults::INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// With --tls-dir: accept no tunnels (a client-only sidecar).
+    #[arg(long)]
+    pub no_inbound: bool,
+    /// With --tls-dir: address the tunnel listener binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub inbound_addr: std::net::IpAddr,
+    /// With --tls-dir: destinations that have sidecars; their traffic must be mTLS.
+    #[arg(long, value_delimiter = ',')]
+    pub mesh_cidrs: Vec<Cidr>,
+    /// With --tls-dir: try mTLS to every other destination too, falling back to plaintext.
+    #[arg(long)]
+    pub permissive: bool,
+    /// With --tls-dir: how long a peer has, after the handshake, to send the preamble (ms).
+    #[arg(long, default_value_t = 5000)]
+    pub preamble_timeout_ms: u64,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+}
+
+impl From<ProxyArgs> for PodProxyOptions {
+    fn from(a: ProxyArgs) -> Self {
+        Self {
+            agent_socket: a.agent_socket,
+            pod_uid: a.pod_uid,
+            pod_namespace: a.pod_namespace.filter(|s| !s.is_empty()),
+            service_account: a.service_account.filter(|s| !s.is_empty()),
+            proxy_port: a.proxy_port,
+            exclude_ports: a.exclude_ports,
+            proxy: ProxySettings {
+                connect_timeout: Duration::from_millis(a.connect_timeout_ms),
+                idle_timeout: Duration::from_secs(a.idle_timeout_secs),
+                allow_metadata: a.allow_metadata,
+            },
+            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+            mtls: a.tls_dir.map(|dir| MtlsOptions {
+                files: TlsFiles {
+                    cert: dir.join(certs::CERT),
+                    key: dir.join(certs::KEY),
+                    bundle: dir.join(certs::BUNDLE),
+                },
+                inbound: (!a.no_inbound).then(|| SocketAddr::new(a.inbound_addr, a.inbound_port)),
+                tunnel_port: a.inbound_port,
+                mesh_cidrs: a.mesh_cidrs,
+                permissive: a.permissive,
+                preamble_timeout: Duration::from_millis(a.preamble_timeout_ms),
+            }),
+            observe: a.observe.into(),
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `sidecar proxy`: the pod sidecar of the Kubernetes deployment. No capabilities, no
+//! cgroups, no eBPF: the node agent intercepts; this process binds the proxy's listeners,
+//! registers the pod with the agent over its Unix socket, and serves.
+//!
+//! The original destination of a redirected connection comes from
+//! `getsockopt(SO_ORIGINAL_DST)` on the accepted socket — the same call as iptables mode —
+//! answered by the agent's `cgroup/getsockopt` program from the `ORIG_DST` map, so reading
+//! it needs no privilege.
+//!
+//! Order: listeners bound → serving → registered (interception on, `/readyz` 200). SIGTERM:
+//! listeners closed at once (new redirected connects are refused promptly), open connections
+//! get `--drain-timeout-secs`, then deregister (interception off) and exit 0.
+
+pub mod cli;
+pub mod register;
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use self::register::Registrar;
+use crate::{
+    admin::{self, AdminState, config::ObserveOptions},
+    agent::protocol::Request,
+    proxy::{Proxy, ProxySettings, record::Journal},
+    redirect::iptables::OriginalDst,
+    run::MtlsOptions,
+    serve::{self, Listeners},
+    telemetry::{
+        CounterSource, InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget,
+    },
+    tls::{TlsState, identity::SpiffeId},
+};
+
+/// Records kept for the exit summary.
+const JOURNAL_CAPACITY: usize = 10_000;
+/// How long deregistering may take at shutdown.
+const DEREGISTER_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Everything `sidecar proxy` is told.
+#[derive(Debug, Clone)]
+pub struct PodProxyOptions {
+    pub agent_socket: PathBuf,
+    /// The pod this sidecar claims to be in (downward API `metadata.uid`); the agent checks
+    /// the claim against this process's cgroup.
+    pub pod_uid: String,
+    /// With mTLS: the certificate's SPIFFE ID must be `…/ns/<namespace>/sa/<service account>`.
+    pub pod_namespace: Option<String>,
+    pub service_account: Option<String>,
+    pub proxy_port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub proxy: ProxySettings,
+    pub drain_timeout: Duration,
+    pub mtls: Option<MtlsOptions>,
+    pub observe: ObserveOptions,
+}
+
+struct NoKernelCounters;
+
+impl CounterSource for NoKernelCounters {
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
+}
+
+pub fn run(opts: PodProxyOptions) -> Result<i32> {
+    if opts.pod_uid.trim().is_empty() {
+        bail!(
+            "no pod UID: set POD_UID from the downward API (fieldRef metadata.uid) or pass --pod-uid"
+        );
+    }
+    if opts.exclude_ports.len() > sidecar_common::limits::EXCLUDED_PORTS {
+        bail!(
+            "--exclude-ports takes at most {} ports ({} given)",
+            sidecar_common::limits::EXCLUDED_PORTS,
+            opts.exclude_ports.len()
+        );
+    }
+    let tls = match &opts.mtls {
+        Some(m) => {
+            let tls =
+                TlsState::load(m.files.clone()).context("loading the workload certificates")?;
+            check_identity(&tls.current().identity, &opts)?;
+            Some(tls)
+        }
+        None => None,
+    };
+    let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
+    let ipv6 = listeners.outbound_v6.is_some();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let _guard = rt.enter();
+    let telemetry = Telemetry::new(TelemetrySettings {
+        access_log: opts.observe.access_log != AccessLogTarget::Off,
+        destination_labels: opts.observe.destination_labels,
+    });
+    let admin = admin::start_for_run(
+        opts.observe.admin,
+        AdminState {
+            telemetry: telemetry.clone(),
+            config: effective_config(&opts),
+        },
+    )?;
+    if let Some(a) = &admin {
+        info!(addr = %a.addr(), "admin endpoints serving");
+    }
+    let mesh = match (&opts.mtls, tls) {
+        (Some(m), Some(tls)) => {
+            let own = [opts.proxy_port, m.tunnel_port];
+            let own = own
+                .into_iter()
+                .chain(admin.as_ref().map(|a| a.addr().port()));
+            Some(serve::mesh(
+                m,
+                tls,
+                &telemetry,
+                opts.proxy.connect_timeout,
+                own,
+            ))
+        }
+        _ => None,
+    };
+    let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
+    let proxy = Proxy::new(
+        opts.proxy,
+        Arc::new(OriginalDst),
+        mesh,
+        journal.clone(),
+        telemetry.clone(),
+        None,
+    );
+    serve::start(&proxy, listeners, &telemetry)?;
+
+    // Interception is turned on only now that the listeners accept.
+    let request = Request::Register {
+        pod_uid: opts.pod_uid.clone(),
+        proxy_port: opts.proxy_port,
+        inbound_port: opts.mtls.as_ref().map_or(0, |m| m.tunnel_port),
+        exclude_ports: opts.exclude_ports.clone(),
+        ipv6,
+    };
+    let registered = telemetry.clone();
+    let proxy_port = opts.proxy_port;
+    let (registrar, fatal) = Registrar::start(opts.agent_socket.clone(), request, move |reply| {
+        if registered.interception().is_none() {
+            info!(
+                pod_cgroup = reply.pod_cgroup.as_deref().unwrap_or("?"),
+                "registered with the agent: interception on"
+            );
+        }
+        registered.attached(
+            InterceptionInfo {
+                mode: "agent".into(),
+                sockmap: true,
+                proxy_port,
+                cgroup: reply.pod_cgroup.clone().unwrap_or_default(),
+            },
+            Arc::new(NoKernelCounters),
+        );
+    });
+
+    let refused = rt.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: draining"),
+            _ = sigint.recv() => info!("SIGINT: draining"),
+            Ok(error) = fatal => return Ok::<_, anyhow::Error>(Some(error)),
+        }
+        Ok(None)
+    })?;
+    if let Some(error) = refused {
+        bail!(
+            "the agent refused to register pod {}: {error}",
+            opts.pod_uid
+        );
+    }
+    telemetry.draining();
+    let cut = rt.block_on(proxy.drain(opts.drain_timeout));
+    if cut > 0 {
+        warn!("{cut} connection(s) were still open after the drain deadline and were closed");
+    }
+    rt.block_on(registrar.deregister(DEREGISTER_DEADLINE));
+    telemetry.detaching();
+    let (records, _) = journal.snapshot();
+    info!(connections = records.len(), cut, "sidecar proxy stopped");
+    drop(admin);
+    Ok(0)
+}
+
+/// In Kubernetes the certificate must name this pod's service account: a sidecar started
+/// with another workload's credentials would let it impersonate that workload.
+fn check_identity(id: &SpiffeId, opts: &PodProxyOptions) -> Result<()> {
+    match (&opts.pod_namespace, &opts.service_account) {
+        (Some(ns), Some(sa)) => {
+            let expected = format!("spiffe://{}/ns/{ns}/sa/{sa}", id.trust_domain());
+            if id.to_string() != expected {
+                bail!(
+                    "the certificate's SPIFFE ID is {id}, but this pod runs as {expected} \
+                     (POD_NAMESPACE/POD_SERVICE_ACCOUNT): mount this service account's certificate"
+                );
+            }
+            Ok(())
+        }
+        _ => {
+            warn!(
+                identity = %id,
+                "POD_NAMESPACE or POD_SERVICE_ACCOUNT not set: the certificate's identity is not checked against the pod"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
+    use crate::admin::config::AdminListen;
+    admin::config::redact(serde_json::json!({
+        "command": "proxy",
+        "agent_socket": opts.agent_socket.display().to_string(),
+        "pod_uid": opts.pod_uid,
+        "pod_namespace": opts.pod_namespace,
+        "service_account": opts.service_account,
+        "proxy_port": opts.proxy_port,
+        "exclude_ports": opts.exclude_ports,
+        "connect_timeout_ms": opts.proxy.connect_timeout.as_millis() as u64,
+        "idle_timeout_secs": opts.proxy.idle_timeout.as_secs(),
+        "drain_timeout_secs": opts.drain_timeout.as_secs(),
+        "admin_addr": match opts.observe.admin {
+            AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
+            AdminListen::Addr(a) => a.to_string(),
+            AdminListen::Off => "off".into(),
+        },
+        "access_log": opts.observe.access_log.to_string(),
+        "mode": if opts.mtls.is_some() { "mtls" } else { "plain" },
+        "inbound": opts.mtls.as_ref().and_then(|m| m.inbound).map(|a: SocketAddr| a.to_string()),
+        "mesh_cidrs": opts.mtls.as_ref().map(|m| m.mesh_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
+    }))
+}
