@@ -1,0 +1,1032 @@
+//! Kubernetes mode on a simulated node: `sidecar agent` and unprivileged `sidecar proxy`
+//! processes against the real kernel, without Kubernetes.
+//!
+//! The node is laid out like kubelet's cgroupfs driver, under a test-owned cgroup:
+//!
+//! ```text
+//! <cgroup2>/sck8s-<testpid>/kubepods/burstable/pod<uid>/{proxy,app}   (--cgroup-root = …/kubepods)
+//! netns sck8s-a (10.253.0.1/30) ── veth ── netns sck8s-b (10.253.0.2/30), no route out
+//! /sys/fs/bpf/sck8s-<testpid>/                                       (--pin-dir)
+//! ```
+//!
+//! Processes enter a pod's container cgroup (their pid written to `cgroup.procs` before
+//! exec) and its network namespace (`nsenter --net`); the proxies then drop to `nobody` with
+//! no capabilities at all (`setpriv`), so everything they do is what an unprivileged sidecar
+//! container can do. Every cgroup, netns, pin and process is removed on drop, also when a
+//! test fails. Ports: 22100–22199.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fs,
+    io::Write,
+    os::unix::{ffi::OsStrExt, fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use serde_json::Value;
+use sidecar_common::{WorkloadConfig, role};
+use sidecar_tests::{
+    host::{self, output_with_timeout, wait_child, wait_until},
+    protocol::{ConnectFailLine, EchoLine, parse_lines},
+    scratch::Scratch,
+    serial, sidecar_bin, skip,
+};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
+const TD: &str = "cluster.local";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const NS_A: &str = "sck8s-a";
+const NS_B: &str = "sck8s-b";
+const ADDR_A: &str = "10.253.0.1";
+const ADDR_B: &str = "10.253.0.2";
+const PROXY_PORT: u16 = 22101;
+const ADMIN_PORT: u16 = 22102;
+const TUNNEL_PORT: u16 = 22108;
+const APP_PORT: u16 = 22120;
+const STEP: Duration = Duration::from_secs(15);
+
+fn ready() -> bool {
+    if !sidecar_tests::privileged() {
+        return false;
+    }
+    for tool in ["nsenter", "setpriv", "curl", "ip"] {
+        if host::which(tool).is_none() {
+            return skip(&format!("{tool} is not installed (.ci/run installs it)"));
+        }
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// A process in a pod (or the agent), its output in files; killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn stdout(&self) -> String {
+        fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: i32) {
+        host::signal(self.pid(), sig);
+    }
+
+    /// Closes stdin (ends `serve` and `hold`).
+    fn release(&mut self) {
+        drop(self.child.stdin.take());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        match wait_child(&mut self.child, timeout) {
+            Some(s) => s,
+            None => panic!(
+                "{} did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                self.name,
+                self.stdout(),
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits for a clean exit and returns stdout.
+    fn success(&mut self, timeout: Duration) -> String {
+        let status = self.wait(timeout);
+        assert!(
+            status.success(),
+            "{} failed ({status})\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.stdout(),
+            self.stderr()
+        );
+        self.stdout()
+    }
+
+    fn wait_for_stdout(&self, needle: &str, timeout: Duration) {
+        assert!(
+            wait_until(timeout, || self.stdout().contains(needle)),
+            "{} never printed {needle:?}\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.stdout(),
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `argv` with its pid in `cgroup` (if any) before exec, inside netns `ns` (if any).
+fn spawn(
+    scratch: &Scratch,
+    name: &str,
+    cgroup: Option<&Path>,
+    ns: Option<&str>,
+    argv: &[String],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut full: Vec<String> = Vec::new();
+    if let Some(ns) = ns {
+        full.extend(["nsenter".into(), format!("--net=/run/netns/{ns}")]);
+    }
+    full.extend(argv.iter().cloned());
+    let out = scratch.path(&format!("{name}.out"));
+    let err = scratch.path(&format!("{name}.err"));
+    let mut cmd = Command::new(&full[0]);
+    cmd.args(&full[1..])
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(&out).expect("stdout file"))
+        .stderr(fs::File::create(&err).expect("stderr file"));
+    if let Some(cg) = cgroup {
+        let procs = CString::new(cg.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        // SAFETY: only async-signal-safe calls on memory prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let e = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n == 1 { Ok(()) } else { Err(e) }
+            });
+        }
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {full:?}: {e}"));
+    Proc {
+        name: name.into(),
+        child,
+        out,
+        err,
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The simulated node
+
+struct Pod {
+    uid: String,
+    ns: &'static str,
+    addr: &'static str,
+    cgroup: PathBuf,
+}
+
+impl Pod {
+    fn container(&self, name: &str) -> PathBuf {
+        let p = self.cgroup.join(name);
+        fs::create_dir_all(&p).expect("container cgroup");
+        p
+    }
+}
+
+/// Two network namespaces joined by a veth pair, deleted on drop.
+struct Net;
+
+impl Net {
+    fn create() -> Self {
+        for ns in [NS_A, NS_B] {
+            if Path::new(&format!("/run/netns/{ns}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+        let net = Net;
+        let ip = |args: &[&str]| {
+            let out = output_with_timeout(Command::new("ip").args(args), STEP);
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", NS_A]);
+        ip(&["netns", "add", NS_B]);
+        ip(&["-n", NS_A, "link", "add", "sck8sA", "type", "veth", "peer", "name", "sck8sB", "netns", NS_B]);
+        for (ns, dev, addr) in [(NS_A, "sck8sA", ADDR_A), (NS_B, "sck8sB", ADDR_B)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [NS_A, NS_B] {
+            if Path::new(&format!("/run/netns/{ns}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+}
+
+struct Node {
+    scratch: Scratch,
+    /// `<cgroup2>/sck8s-<pid>`: everything of this node's cgroups.
+    base: PathBuf,
+    /// The pods' root (`--cgroup-root`).
+    root: PathBuf,
+    pin_dir: PathBuf,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    _net: Net,
+}
+
+impl Node {
+    fn new(name: &str) -> Self {
+        let cg2 = sidecar_tests::cgroup2_root().expect("cgroup2");
+        let base = cg2.join(format!("sck8s-{}", std::process::id()));
+        let scratch = Scratch::new(&format!("k8s-{name}"));
+        // Sidecars run as nobody: they must reach the socket, certificates and log files.
+        fs::set_permissions(&scratch.dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let node = Node {
+            socket: scratch.path("run/agent.sock"),
+            state_dir: scratch.path("state"),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/sck8s-{}", std::process::id())),
+            root: base.join("kubepods"),
+            base,
+            scratch,
+            _net: Net::create(),
+        };
+        node.teardown_kernel_state();
+        fs::create_dir_all(node.root.join("burstable")).expect("kubepods cgroups");
+        node
+    }
+
+    fn pod(&self, tag: &str, ns: &'static str, addr: &'static str) -> Pod {
+        let uid = format!("{tag}0c0ffee-5ca1-4e00-8000-{:012x}", std::process::id());
+        let cgroup = self.root.join(format!("burstable/pod{uid}"));
+        fs::create_dir_all(&cgroup).expect("pod cgroup");
+        Pod {
+            uid,
+            ns,
+            addr,
+            cgroup,
+        }
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--cgroup-root".into(),
+            self.root.display().to_string(),
+            "--socket".into(),
+            self.socket.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+            "--pin-dir".into(),
+            self.pin_dir.display().to_string(),
+        ]
+    }
+
+    /// Starts the agent and waits until its socket answers.
+    fn start_agent(&self, name: &str) -> Proc {
+        let mut argv = vec![sidecar_bin().display().to_string(), "agent".into()];
+        argv.extend(self.agent_args());
+        let agent = spawn(&self.scratch, name, None, None, &argv, &[("SIDECAR_LOG", "info")]);
+        assert!(
+            wait_until(STEP, || self.try_status().is_some()),
+            "the agent never answered on {}\n{}",
+            self.socket.display(),
+            agent.stderr()
+        );
+        agent
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        let out = output_with_timeout(
+            Command::new(sidecar_bin()).args(["agent", "--status", "--socket"]).arg(&self.socket),
+            STEP,
+        );
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    fn status(&self) -> Value {
+        self.try_status().expect("agent status")
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.status()["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name}"))
+    }
+
+    /// The pinned `WORKLOADS` map: cgroup id → configuration.
+    fn workloads(&self) -> BTreeMap<u64, WorkloadConfig> {
+        let data = MapData::from_pin(self.pin_dir.join("WORKLOADS")).expect("pinned WORKLOADS");
+        let map: BpfHashMap<MapData, u64, WorkloadConfig> =
+            aya::maps::Map::HashMap(data).try_into().expect("WORKLOADS is a hash map");
+        map.iter().map(|r| r.expect("WORKLOADS entry")).collect()
+    }
+
+    /// mTLS credentials for `id`, readable by the unprivileged sidecar.
+    fn certs(&self, id: &str, dir: &str) -> String {
+        if !self.scratch.path("ca/ca.pem").exists() {
+            self.scratch.ca("ca", TD);
+        }
+        let out = self.scratch.issue("ca", id, dir, &[]);
+        for f in fs::read_dir(&out).unwrap().flatten() {
+            fs::set_permissions(f.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        out
+    }
+
+    /// An access log file the unprivileged sidecar may append to.
+    fn log_file(&self, name: &str) -> PathBuf {
+        let path = self.scratch.path(name);
+        fs::write(&path, "").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        path
+    }
+
+    /// `sidecar proxy` in the pod's `proxy` container, as nobody with no capabilities.
+    fn start_proxy(&self, pod: &Pod, name: &str, sa: &str, extra: &[String]) -> Proc {
+        let mut argv = strings(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ]);
+        argv.push(sidecar_bin().display().to_string());
+        argv.extend(strings(&["proxy", "--agent-socket"]));
+        argv.push(self.socket.display().to_string());
+        argv.extend([
+            format!("--proxy-port={PROXY_PORT}"),
+            format!("--admin-addr=127.0.0.1:{ADMIN_PORT}"),
+            format!("--inbound-port={TUNNEL_PORT}"),
+        ]);
+        argv.extend(extra.iter().cloned());
+        spawn(
+            &self.scratch,
+            name,
+            Some(&pod.container("proxy")),
+            Some(pod.ns),
+            &argv,
+            &[
+                ("SIDECAR_LOG", "info"),
+                ("POD_UID", &pod.uid),
+                ("POD_NAMESPACE", "demo"),
+                ("POD_SERVICE_ACCOUNT", sa),
+            ],
+        )
+    }
+
+    /// `/readyz` of the sidecar in `pod` (HTTP status, 0 if nothing answers).
+    fn readyz(&self, pod: &Pod) -> u16 {
+        self.admin(pod, "/readyz").0
+    }
+
+    fn admin(&self, pod: &Pod, path: &str) -> (u16, String) {
+        let out = output_with_timeout(
+            Command::new("nsenter").arg(format!("--net=/run/netns/{}", pod.ns)).args([
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{ADMIN_PORT}{path}"),
+            ]),
+            STEP,
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    fn wait_ready(&self, pod: &Pod, proxy: &Proc) {
+        assert!(
+            wait_until(STEP, || self.readyz(pod) == 200),
+            "{} never became ready\n{}",
+            proxy.name,
+            proxy.stderr()
+        );
+    }
+
+    /// The test client in the pod's `app` container.
+    fn app(&self, pod: &Pod, name: &str, args: &[String]) -> Proc {
+        let mut argv = vec![CLIENT.to_string()];
+        argv.extend(args.iter().cloned());
+        spawn(&self.scratch, name, Some(&pod.container("app")), Some(pod.ns), &argv, &[])
+    }
+
+    /// Pod B's echo server on APP_PORT; returns once it listens.
+    fn server(&self, pod: &Pod) -> Proc {
+        let server = self.app(pod, "server", &["serve".into(), format!("--addr=0.0.0.0:{APP_PORT}")]);
+        server.wait_for_stdout("READY", STEP);
+        server
+    }
+
+    /// Kills every process in this node's cgroups and waits until they are empty.
+    fn kill_all(&self, cgroup: &Path) {
+        let mut dirs = Vec::new();
+        collect_dirs(cgroup, &mut dirs);
+        wait_until(Duration::from_secs(5), || {
+            let mut any = false;
+            for d in &dirs {
+                for pid in host::cgroup_procs(d) {
+                    any = true;
+                    host::signal(pid, libc::SIGKILL);
+                }
+            }
+            !any
+        });
+    }
+
+    /// Removes whatever an earlier (crashed) run of this test process id left, and what this
+    /// one created: processes, pins, cgroups.
+    fn teardown_kernel_state(&self) {
+        if self.base.exists() {
+            self.kill_all(&self.base);
+        }
+        if let Ok(entries) = fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+            let _ = fs::remove_dir(&self.pin_dir);
+        }
+        let mut dirs = Vec::new();
+        collect_dirs(&self.base, &mut dirs);
+        for d in dirs.iter().rev() {
+            let _ = sidecar_tests_rmdir(d);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.teardown_kernel_state();
+    }
+}
+
+/// Directories of a cgroup tree, parents before children.
+fn collect_dirs(path: &Path, out: &mut Vec<PathBuf>) {
+    if !path.is_dir() {
+        return;
+    }
+    out.push(path.into());
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// rmdir with a short retry (a cgroup stays busy for a moment after its last process).
+fn sidecar_tests_rmdir(path: &Path) -> bool {
+    wait_until(Duration::from_secs(2), || {
+        fs::remove_dir(path).is_ok() || !path.exists()
+    })
+}
+
+fn access_lines(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn pod_status<'a>(status: &'a Value, uid: &str) -> Option<&'a Value> {
+    status["pods"].as_array()?.iter().find(|p| p["pod_uid"] == uid)
+}
+
+/// Two pods with mTLS sidecars: A (client, meshing B) and B (server). Returns them running
+/// and ready.
+struct TwoPods {
+    a: Pod,
+    b: Pod,
+    log_a: PathBuf,
+    log_b: PathBuf,
+}
+
+fn two_pods(node: &Node) -> (TwoPods, Proc, Proc) {
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let tls_a = node.certs(CLIENT_ID, "tls-a");
+    let tls_b = node.certs(SERVER_ID, "tls-b");
+    let (log_a, log_b) = (node.log_file("access-a.log"), node.log_file("access-b.log"));
+    let proxy_b = node.start_proxy(
+        &b,
+        "proxy-b",
+        "server",
+        &[format!("--tls-dir={tls_b}"), format!("--access-log={}", log_b.display())],
+    );
+    let proxy_a = node.start_proxy(
+        &a,
+        "proxy-a",
+        "client",
+        &[
+            format!("--tls-dir={tls_a}"),
+            "--no-inbound".into(),
+            format!("--mesh-cidrs={}/32", b.addr),
+            format!("--access-log={}", log_a.display()),
+        ],
+    );
+    node.wait_ready(&a, &proxy_a);
+    node.wait_ready(&b, &proxy_b);
+    (TwoPods { a, b, log_a, log_b }, proxy_a, proxy_b)
+}
+
+fn echo_args(size: usize, count: usize) -> Vec<String> {
+    vec![
+        "echo".into(),
+        format!("--addr={ADDR_B}:{APP_PORT}"),
+        format!("--size={size}"),
+        format!("--count={count}"),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+/// (a) Two pods register; an app in A reaches a server in B, intercepted and mTLS'd, with
+/// the original destination served to the unprivileged proxy by the getsockopt program.
+#[test]
+fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("mtls");
+    let _agent = node.start_agent("agent");
+    let (pods, proxy_a, proxy_b) = two_pods(&node);
+    let mut server = node.server(&pods.b);
+
+    // The proxies really run unprivileged: uid nobody, no capability at all.
+    for p in [&proxy_a, &proxy_b] {
+        let status = fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")), "{status}");
+        assert!(status.lines().any(|l| l == "CapEff:\t0000000000000000"), "{status}");
+    }
+
+    let status = node.status();
+    for pod in [&pods.a, &pods.b] {
+        let reg = pod_status(&status, &pod.uid).unwrap_or_else(|| panic!("{pod_uid} not registered: {status:#}", pod_uid = pod.uid));
+        assert_eq!(reg["proxy_port"], PROXY_PORT);
+        assert_eq!(reg["pod_cgroup"], pod.cgroup.display().to_string());
+    }
+    let workloads = node.workloads();
+    let id = |p: &Path| host_cgroup_id(p);
+    assert_eq!(workloads[&id(&pods.a.cgroup)].role, role::WORKLOAD);
+    assert_eq!(workloads[&id(&pods.a.cgroup.join("proxy"))].role, role::PROXY);
+    assert_eq!(workloads.len(), 4, "{workloads:?}");
+
+    let sockopt_before = node.counter("orig_dst_sockopt");
+    let mut client = node.app(&pods.a, "client", &echo_args(100_000, 3));
+    let out = client.success(STEP);
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines.iter().all(|l| l.ok && l.sent == 100_000 && l.received == 100_000), "{lines:?}");
+    assert!(node.counter("orig_dst_sockopt") >= sockopt_before + 3, "the getsockopt program did not serve the proxy");
+
+    // Pod A's sidecar tunnelled each connection to B's, both identities verified.
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 3 && access_lines(&pods.log_b).len() == 3));
+    for l in access_lines(&pods.log_a) {
+        assert_eq!(l["direction"], "outbound", "{l}");
+        assert_eq!(l["mode"], "mtls", "{l}");
+        assert_eq!(l["original_dst"], format!("{ADDR_B}:{APP_PORT}"), "{l}");
+        assert_eq!(l["dst_identity"], SERVER_ID, "{l}");
+        assert_eq!(l["close_reason"], "ok", "{l}");
+    }
+    for l in access_lines(&pods.log_b) {
+        assert_eq!(l["direction"], "inbound", "{l}");
+        assert_eq!(l["mode"], "mtls", "{l}");
+        assert_eq!(l["src_identity"], CLIENT_ID, "{l}");
+    }
+    // The server's peer is its own sidecar, on loopback.
+    server.release();
+    let served = server.success(STEP);
+    let peers: Vec<Value> = served.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert_eq!(peers.len(), 3, "{served}");
+    for p in &peers {
+        let text = p.to_string();
+        assert!(text.contains("127.0.0.1"), "server peer not its sidecar's loopback socket: {text}");
+    }
+}
+
+fn host_cgroup_id(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("cgroup").ino()
+}
+
+/// (b) The agent is stopped and restarted while a connection streams and new connections
+/// are made continuously: the stream continues byte-exact, every connection goes through the
+/// proxy, none passes through un-intercepted.
+#[test]
+fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("restart");
+    let mut agent = node.start_agent("agent-1");
+    let (pods, _proxy_a, _proxy_b) = two_pods(&node);
+    let _server = node.server(&pods.b);
+    let before = node.status()["counters"].clone();
+
+    let mut stream = node.app(
+        &pods.a,
+        "stream",
+        &strings(&["pingpong", &format!("--addr={ADDR_B}:{APP_PORT}"), "--size=4096", "--count=1", "--seconds=4"]),
+    );
+    const CONNECTS: usize = 400;
+    let mut connects = node.app(&pods.a, "connects", &echo_args(64, CONNECTS));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let stopping = Instant::now();
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(STEP).success(), "{}", agent.stderr());
+    let stopped = stopping.elapsed();
+    let down = Instant::now();
+    let agent2 = node.start_agent("agent-2");
+    let gap = down.elapsed();
+    assert!(agent2_log_adopted(&agent2), "{}", agent2.stderr());
+    // Both proxies registered again with the new agent.
+    assert!(wait_until(STEP, || {
+        let s = node.status();
+        [&pods.a, &pods.b].iter().all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
+    }));
+    let reregistered = down.elapsed();
+    // The client was still making connects when the new agent took over: they were
+    // continuous across the restart.
+    assert!(
+        connects.child.try_wait().unwrap().is_none(),
+        "the connect loop ended before the restart was over: make it longer"
+    );
+
+    let out = connects.success(Duration::from_secs(60));
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert_eq!(lines.len(), CONNECTS);
+    assert!(lines.iter().all(|l| l.ok), "a connection failed during the restart: {:?}", lines.iter().find(|l| !l.ok));
+    let out = stream.success(STEP);
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert!(lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received && lines[0].sent > 0, "{out}");
+
+    // Every connect of the app went through pod A's proxy (over mTLS), none around it.
+    let after = node.status()["counters"].clone();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("connect_not_meshed"), 0, "connects passed through un-intercepted");
+    assert_eq!(delta("connect_redirected"), CONNECTS as u64 + 1);
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == CONNECTS + 1));
+    assert!(access_lines(&pods.log_a).iter().all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok"));
+    eprintln!(
+        "agent restart: stop took {stopped:?}, agent down→socket answering {gap:?}, both proxies re-registered after {reregistered:?}; {CONNECTS} connects + 1 stream during it, all intercepted"
+    );
+}
+
+fn agent2_log_adopted(agent: &Proc) -> bool {
+    wait_until(STEP, || agent.stderr().contains("adopting the pinned programs"))
+}
+
+/// (c) A registration from a process not in the claimed pod is refused and counted: a
+/// proxy claiming another pod's UID, a process outside kubepods, one in a pod cgroup itself.
+#[test]
+fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("refuse");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+
+    // A sidecar in pod A claiming pod B: refused, and it exits with a one-line error.
+    let mut impostor = spawn(
+        &node.scratch,
+        "impostor",
+        Some(&a.container("proxy")),
+        Some(a.ns),
+        &[
+            sidecar_bin().display().to_string(),
+            "proxy".into(),
+            format!("--agent-socket={}", node.socket.display()),
+            format!("--proxy-port={PROXY_PORT}"),
+            "--admin-addr=off".into(),
+        ],
+        &[("POD_UID", &b.uid)],
+    );
+    let status = impostor.wait(STEP);
+    assert_eq!(status.code(), Some(1), "{}", impostor.stderr());
+    let err = impostor.stderr();
+    assert!(err.contains("error: the agent refused to register pod") && err.contains(&a.uid), "{err}");
+
+    // This test process is outside kubepods.
+    let reply = raw_register(&node.socket, &a.uid);
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert_eq!(reply["reason"], "outside_pods", "{reply}");
+
+    // A process in the pod cgroup itself, not in a container.
+    let mut in_pod = spawn(
+        &node.scratch,
+        "in-pod",
+        Some(&a.cgroup),
+        None,
+        &[
+            sidecar_bin().display().to_string(),
+            "proxy".into(),
+            format!("--agent-socket={}", node.socket.display()),
+            "--proxy-port=22131".into(),
+            "--admin-addr=off".into(),
+        ],
+        &[("POD_UID", &a.uid)],
+    );
+    assert_eq!(in_pod.wait(STEP).code(), Some(1), "{}", in_pod.stderr());
+    assert!(in_pod.stderr().contains("not in one of its containers"), "{}", in_pod.stderr());
+
+    let status = node.status();
+    assert_eq!(status["refusals"]["uid_mismatch"], 1, "{status:#}");
+    assert_eq!(status["refusals"]["outside_pods"], 1, "{status:#}");
+    assert_eq!(status["refusals"]["not_in_container"], 1, "{status:#}");
+    assert_eq!(status["pods"].as_array().map(Vec::len), Some(0), "{status:#}");
+    assert!(node.workloads().is_empty(), "refused callers got WORKLOADS entries");
+}
+
+/// One register request from this process, straight on the socket.
+fn raw_register(socket: &Path, uid: &str) -> Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("agent socket");
+    s.set_read_timeout(Some(STEP)).unwrap();
+    writeln!(s, r#"{{"op":"register","pod_uid":"{uid}","proxy_port":{PROXY_PORT}}}"#).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).expect("a JSON reply")
+}
+
+/// (d) Removing a pod (processes killed, cgroup removed) removes its WORKLOADS entries within
+/// a bounded time, without any deregistration.
+#[test]
+fn removing_a_pod_removes_its_interception() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("podgone");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let ids = [host_cgroup_id(&a.cgroup), host_cgroup_id(&a.cgroup.join("proxy"))];
+    let workloads = node.workloads();
+    assert!(ids.iter().all(|id| workloads.contains_key(id)), "{workloads:?}");
+
+    // The pod goes: SIGKILL (no deregistration), then kubelet removes its cgroups.
+    drop(proxy);
+    node.kill_all(&a.cgroup);
+    let removed = Instant::now();
+    for d in [a.cgroup.join("proxy"), a.cgroup.join("app"), a.cgroup.clone()] {
+        assert!(sidecar_tests_rmdir(&d), "cannot remove {}", d.display());
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || node.workloads().is_empty()),
+        "WORKLOADS still has the removed pod: {:?}",
+        node.workloads()
+    );
+    let took = removed.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert_eq!(node.status()["pods"].as_array().map(Vec::len), Some(0));
+    eprintln!("pod removed → WORKLOADS entries gone after {took:?}");
+}
+
+/// (e) SIGTERM to `sidecar proxy` with open connections: they finish within the deadline,
+/// new connects are refused promptly and cleanly, then the pod is deregistered (its connects
+/// pass through, counted) and the proxy exits 0.
+#[test]
+fn sigterm_drains_open_connections_and_refuses_new_ones() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("drain");
+    let _agent = node.start_agent("agent");
+    let (pods, mut proxy_a, _proxy_b) = two_pods(&node);
+    let _server = node.server(&pods.b);
+    let _ = fs::remove_file(&pods.log_a); // drain test reads the stderr summary instead
+
+    let mut held = node.app(
+        &pods.a,
+        "hold",
+        &strings(&["hold", &format!("--addr={ADDR_B}:{APP_PORT}"), "--count=2"]),
+    );
+    held.wait_for_stdout("READY", STEP);
+
+    let term = Instant::now();
+    proxy_a.signal(libc::SIGTERM);
+    assert!(wait_until(STEP, || node.readyz(&pods.a) == 503), "/readyz stayed ready while draining");
+    // A new connect now: refused at once (the listener is closed), not hung.
+    let mut probe = node.app(&pods.a, "refused", &strings(&["connect-fail", &format!("--addr={ADDR_B}:{APP_PORT}")]));
+    let out = probe.success(STEP);
+    let line: ConnectFailLine = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>()).pop().expect("connect-fail line");
+    assert!(!line.connected, "{line:?}");
+    assert!(line.error.as_deref().is_some_and(|e| e.contains("refused")), "{line:?}");
+    assert!(line.elapsed_ms < 500, "{line:?}");
+
+    // The held connections finish (the app closes them) well within the 5 s deadline.
+    std::thread::sleep(Duration::from_millis(300));
+    held.release();
+    held.success(STEP);
+    let status = proxy_a.wait(STEP);
+    let drained = term.elapsed();
+    assert!(status.success(), "{}", proxy_a.stderr());
+    assert!(drained < Duration::from_secs(4), "drain took {drained:?}");
+    let err = proxy_a.stderr();
+    assert!(err.contains("deregistered from the agent"), "{err}");
+    assert!(err.contains("cut=0"), "connections were cut: {err}");
+    assert!(!err.contains("were still open after the drain deadline"), "{err}");
+
+    // Deregistered: pod A is not intercepted any more; its connects pass through, counted.
+    assert!(pod_status(&node.status(), &pods.a.uid).is_none());
+    let not_meshed = node.counter("connect_not_meshed");
+    let mut direct = node.app(&pods.a, "direct", &echo_args(64, 1));
+    direct.success(STEP);
+    assert_eq!(node.counter("connect_not_meshed"), not_meshed + 1);
+    eprintln!("drain: SIGTERM → refused connect in {} ms; exit 0 after {drained:?} (held connections closed at +300 ms)", line.elapsed_ms);
+}
+
+/// (f) The agent's socket file is deleted: the agent binds it again and the proxy
+/// re-registers through it.
+#[test]
+fn deleted_agent_socket_is_recreated_and_proxies_reregister() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("socket");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    assert_eq!(pod_status(&node.status(), &a.uid).unwrap()["registrations"], 1);
+
+    fs::remove_file(&node.socket).unwrap();
+    let deleted = Instant::now();
+    assert!(wait_until(Duration::from_secs(5), || node.socket.exists()), "socket never recreated");
+    let recreated = deleted.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(5), || pod_status(&node.status(), &a.uid)
+            .is_some_and(|r| r["registrations"] == 2)),
+        "the proxy did not re-register: {}",
+        proxy.stderr()
+    );
+    let reregistered = deleted.elapsed();
+    assert_eq!(node.readyz(&a), 200);
+    eprintln!("socket deleted → recreated after {recreated:?}, proxy re-registered after {reregistered:?}");
+}
+
+/// (g) `sidecar agent --uninstall` leaves no pin, link, cgroup attachment, map or file; the
+/// agent's SIGTERM before it left the programs attached.
+#[test]
+fn uninstall_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("uninstall");
+    let mut agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    drop(proxy);
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(STEP).success());
+
+    // Stopped, the agent left everything attached (that is the point).
+    let attached = attached_programs(&node.root);
+    assert_eq!(attached.len(), 4, "connect4, connect6, sockops, getsockopt: {attached:?}");
+    let map_ids: Vec<u32> = fs::read_dir(&node.pin_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("link-"))
+        .map(|e| MapData::from_pin(e.path()).unwrap().info().unwrap().id())
+        .collect();
+    assert!(!map_ids.is_empty());
+
+    // Uninstall refuses while an agent runs.
+    let mut agent2 = node.start_agent("agent-2");
+    let mut args = vec!["agent".to_string(), "--uninstall".into()];
+    args.extend(node.agent_args());
+    let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is running: stop it first"));
+    agent2.signal(libc::SIGTERM);
+    assert!(agent2.wait(STEP).success());
+
+    let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!node.pin_dir.exists(), "pin directory left");
+    assert!(!node.state_dir.exists(), "state directory left");
+    assert!(!node.socket.exists(), "socket left");
+    assert!(!node.socket.parent().unwrap().exists(), "socket directory left");
+    assert!(attached_programs(&node.root).is_empty(), "programs still attached to {}", node.root.display());
+    // The maps (and with SOCKETS, the sk_msg program) are freed.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let live: Vec<u32> = aya::maps::loaded_maps().filter_map(Result::ok).map(|m| m.id()).collect();
+            map_ids.iter().all(|id| !live.contains(id))
+        }),
+        "maps of the agent still loaded"
+    );
+    // A second uninstall has nothing to do.
+    let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to uninstall"));
+}
+
+/// Program ids attached to a cgroup, for the four attach types the agent uses.
+fn attached_programs(cgroup: &Path) -> Vec<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    // connect4, connect6, sock_ops, getsockopt (enum bpf_attach_type).
+    const TYPES: [u32; 4] = [10, 11, 3, 21];
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let dir = fs::File::open(cgroup).expect("cgroup");
+    let mut found = Vec::new();
+    for t in TYPES {
+        let mut ids = [0u32; 64];
+        let mut attr = [0u64; 8];
+        attr[0] = u64::from(dir.as_raw_fd() as u32) | (u64::from(t) << 32);
+        attr[2] = ids.as_mut_ptr() as u64;
+        attr[3] = ids.len() as u64;
+        // SAFETY: attr is larger than the query's fields; ids has room for prog_cnt ids.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), 64u32) };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+        let count = (attr[3] & 0xffff_ffff) as usize;
+        found.extend(ids[..count].iter().map(|id| (t, *id)));
+    }
+    found
+}
+
+/// Bad input: no pods' cgroup root → one line naming --cgroup-root, nothing created.
+#[test]
+fn agent_without_a_pods_cgroup_root_fails_cleanly() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new("k8s-badroot");
+    let pin_dir = format!("/sys/fs/bpf/sck8s-bad-{}", std::process::id());
+    let out = output_with_timeout(
+        Command::new(sidecar_bin()).args([
+            "agent",
+            "--cgroup-root",
+            "/sys/fs/cgroup/unified/sck8s-does-not-exist",
+            "--socket",
+            &scratch.arg("agent.sock"),
+            "--state-dir",
+            &scratch.arg("state"),
+            "--pin-dir",
+            &pin_dir,
+        ]),
+        STEP,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert!(err.contains("--cgroup-root") && err.contains("does not exist"), "{err}");
+    assert!(!Path::new(&pin_dir).exists());
+    assert!(!scratch.path("state").exists() && !scratch.path("agent.sock").exists());
+}
+
+/// A sidecar whose certificate names another service account refuses to start.
+#[test]
+fn proxy_refuses_a_certificate_of_another_service_account() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("identity");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let tls = node.certs(SERVER_ID, "tls-other");
+    let mut proxy = node.start_proxy(&a, "proxy-a", "client", &[format!("--tls-dir={tls}")]);
+    assert_eq!(proxy.wait(STEP).code(), Some(1));
+    let err = proxy.stderr();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains(SERVER_ID) && errors[0].contains(CLIENT_ID), "{err}");
+}
