@@ -222,11 +222,18 @@ impl Net {
         let net = Net;
         let ip = |args: &[&str]| {
             let out = output_with_timeout(Command::new("ip").args(args), STEP);
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         ip(&["netns", "add", NS_A]);
         ip(&["netns", "add", NS_B]);
-        ip(&["-n", NS_A, "link", "add", "sck8sA", "type", "veth", "peer", "name", "sck8sB", "netns", NS_B]);
+        ip(&[
+            "-n", NS_A, "link", "add", "sck8sA", "type", "veth", "peer", "name", "sck8sB", "netns",
+            NS_B,
+        ]);
         for (ns, dev, addr) in [(NS_A, "sck8sA", ADDR_A), (NS_B, "sck8sB", ADDR_B)] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", dev]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
@@ -308,7 +315,14 @@ impl Node {
     fn start_agent(&self, name: &str) -> Proc {
         let mut argv = vec![sidecar_bin().display().to_string(), "agent".into()];
         argv.extend(self.agent_args());
-        let agent = spawn(&self.scratch, name, None, None, &argv, &[("SIDECAR_LOG", "info")]);
+        let agent = spawn(
+            &self.scratch,
+            name,
+            None,
+            None,
+            &argv,
+            &[("SIDECAR_LOG", "info")],
+        );
         assert!(
             wait_until(STEP, || self.try_status().is_some()),
             "the agent never answered on {}\n{}",
@@ -320,10 +334,15 @@ impl Node {
 
     fn try_status(&self) -> Option<Value> {
         let out = output_with_timeout(
-            Command::new(sidecar_bin()).args(["agent", "--status", "--socket"]).arg(&self.socket),
+            Command::new(sidecar_bin())
+                .args(["agent", "--status", "--socket"])
+                .arg(&self.socket),
             STEP,
         );
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     fn status(&self) -> Value {
@@ -331,14 +350,17 @@ impl Node {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.status()["counters"][name].as_u64().unwrap_or_else(|| panic!("counter {name}"))
+        self.status()["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("counter {name}"))
     }
 
     /// The pinned `WORKLOADS` map: cgroup id → configuration.
     fn workloads(&self) -> BTreeMap<u64, WorkloadConfig> {
         let data = MapData::from_pin(self.pin_dir.join("WORKLOADS")).expect("pinned WORKLOADS");
-        let map: BpfHashMap<MapData, u64, WorkloadConfig> =
-            aya::maps::Map::HashMap(data).try_into().expect("WORKLOADS is a hash map");
+        let map: BpfHashMap<MapData, u64, WorkloadConfig> = aya::maps::Map::HashMap(data)
+            .try_into()
+            .expect("WORKLOADS is a hash map");
         map.iter().map(|r| r.expect("WORKLOADS entry")).collect()
     }
 
@@ -403,15 +425,17 @@ impl Node {
 
     fn admin(&self, pod: &Pod, path: &str) -> (u16, String) {
         let out = output_with_timeout(
-            Command::new("nsenter").arg(format!("--net=/run/netns/{}", pod.ns)).args([
-                "curl",
-                "-s",
-                "-m",
-                "2",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://127.0.0.1:{ADMIN_PORT}{path}"),
-            ]),
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", pod.ns))
+                .args([
+                    "curl",
+                    "-s",
+                    "-m",
+                    "2",
+                    "-w",
+                    "\n%{http_code}",
+                    &format!("http://127.0.0.1:{ADMIN_PORT}{path}"),
+                ]),
             STEP,
         );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -432,12 +456,23 @@ impl Node {
     fn app(&self, pod: &Pod, name: &str, args: &[String]) -> Proc {
         let mut argv = vec![CLIENT.to_string()];
         argv.extend(args.iter().cloned());
-        spawn(&self.scratch, name, Some(&pod.container("app")), Some(pod.ns), &argv, &[])
+        spawn(
+            &self.scratch,
+            name,
+            Some(&pod.container("app")),
+            Some(pod.ns),
+            &argv,
+            &[],
+        )
     }
 
     /// Pod B's echo server on APP_PORT; returns once it listens.
     fn server(&self, pod: &Pod) -> Proc {
-        let server = self.app(pod, "server", &["serve".into(), format!("--addr=0.0.0.0:{APP_PORT}")]);
+        let server = self.app(
+            pod,
+            "server",
+            &["serve".into(), format!("--addr=0.0.0.0:{APP_PORT}")],
+        );
         server.wait_for_stdout("READY", STEP);
         server
     }
@@ -515,7 +550,10 @@ fn access_lines(path: &Path) -> Vec<Value> {
 }
 
 fn pod_status<'a>(status: &'a Value, uid: &str) -> Option<&'a Value> {
-    status["pods"].as_array()?.iter().find(|p| p["pod_uid"] == uid)
+    status["pods"]
+        .as_array()?
+        .iter()
+        .find(|p| p["pod_uid"] == uid)
 }
 
 /// Two pods with mTLS sidecars: A (client, meshing B) and B (server). Returns them running
@@ -537,7 +575,10 @@ fn two_pods(node: &Node) -> (TwoPods, Proc, Proc) {
         &b,
         "proxy-b",
         "server",
-        &[format!("--tls-dir={tls_b}"), format!("--access-log={}", log_b.display())],
+        &[
+            format!("--tls-dir={tls_b}"),
+            format!("--access-log={}", log_b.display()),
+        ],
     );
     let proxy_a = node.start_proxy(
         &a,
@@ -583,20 +624,32 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
     // The proxies really run unprivileged: uid nobody, no capability at all.
     for p in [&proxy_a, &proxy_b] {
         let status = fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
-        assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")), "{status}");
-        assert!(status.lines().any(|l| l == "CapEff:\t0000000000000000"), "{status}");
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+            "{status}"
+        );
+        assert!(
+            status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+            "{status}"
+        );
     }
 
     let status = node.status();
     for pod in [&pods.a, &pods.b] {
-        let reg = pod_status(&status, &pod.uid).unwrap_or_else(|| panic!("{pod_uid} not registered: {status:#}", pod_uid = pod.uid));
+        let reg = pod_status(&status, &pod.uid)
+            .unwrap_or_else(|| panic!("{pod_uid} not registered: {status:#}", pod_uid = pod.uid));
         assert_eq!(reg["proxy_port"], PROXY_PORT);
         assert_eq!(reg["pod_cgroup"], pod.cgroup.display().to_string());
     }
     let workloads = node.workloads();
     let id = |p: &Path| host_cgroup_id(p);
     assert_eq!(workloads[&id(&pods.a.cgroup)].role, role::WORKLOAD);
-    assert_eq!(workloads[&id(&pods.a.cgroup.join("proxy"))].role, role::PROXY);
+    assert_eq!(
+        workloads[&id(&pods.a.cgroup.join("proxy"))].role,
+        role::PROXY
+    );
     assert_eq!(workloads.len(), 4, "{workloads:?}");
 
     let sockopt_before = node.counter("orig_dst_sockopt");
@@ -604,11 +657,20 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
     let out = client.success(STEP);
     let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
     assert_eq!(lines.len(), 3, "{out}");
-    assert!(lines.iter().all(|l| l.ok && l.sent == 100_000 && l.received == 100_000), "{lines:?}");
-    assert!(node.counter("orig_dst_sockopt") >= sockopt_before + 3, "the getsockopt program did not serve the proxy");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ok && l.sent == 100_000 && l.received == 100_000),
+        "{lines:?}"
+    );
+    assert!(
+        node.counter("orig_dst_sockopt") >= sockopt_before + 3,
+        "the getsockopt program did not serve the proxy"
+    );
 
     // Pod A's sidecar tunnelled each connection to B's, both identities verified.
-    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 3 && access_lines(&pods.log_b).len() == 3));
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 3
+        && access_lines(&pods.log_b).len() == 3));
     for l in access_lines(&pods.log_a) {
         assert_eq!(l["direction"], "outbound", "{l}");
         assert_eq!(l["mode"], "mtls", "{l}");
@@ -624,11 +686,17 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
     // The server's peer is its own sidecar, on loopback.
     server.release();
     let served = server.success(STEP);
-    let peers: Vec<Value> = served.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let peers: Vec<Value> = served
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     assert_eq!(peers.len(), 3, "{served}");
     for p in &peers {
         let text = p.to_string();
-        assert!(text.contains("127.0.0.1"), "server peer not its sidecar's loopback socket: {text}");
+        assert!(
+            text.contains("127.0.0.1"),
+            "server peer not its sidecar's loopback socket: {text}"
+        );
     }
 }
 
@@ -655,7 +723,13 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     let mut stream = node.app(
         &pods.a,
         "stream",
-        &strings(&["pingpong", &format!("--addr={ADDR_B}:{APP_PORT}"), "--size=4096", "--count=1", "--seconds=4"]),
+        &strings(&[
+            "pingpong",
+            &format!("--addr={ADDR_B}:{APP_PORT}"),
+            "--size=4096",
+            "--count=1",
+            "--seconds=4",
+        ]),
     );
     const CONNECTS: usize = 400;
     let mut connects = node.app(&pods.a, "connects", &echo_args(64, CONNECTS));
@@ -672,7 +746,9 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     // Both proxies registered again with the new agent.
     assert!(wait_until(STEP, || {
         let s = node.status();
-        [&pods.a, &pods.b].iter().all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
+        [&pods.a, &pods.b]
+            .iter()
+            .all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
     }));
     let reregistered = down.elapsed();
     // The client was still making connects when the new agent took over: they were
@@ -685,25 +761,132 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     let out = connects.success(Duration::from_secs(60));
     let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
     assert_eq!(lines.len(), CONNECTS);
-    assert!(lines.iter().all(|l| l.ok), "a connection failed during the restart: {:?}", lines.iter().find(|l| !l.ok));
+    assert!(
+        lines.iter().all(|l| l.ok),
+        "a connection failed during the restart: {:?}",
+        lines.iter().find(|l| !l.ok)
+    );
     let out = stream.success(STEP);
     let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
-    assert!(lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received && lines[0].sent > 0, "{out}");
+    assert!(
+        lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received && lines[0].sent > 0,
+        "{out}"
+    );
 
     // Every connect of the app went through pod A's proxy (over mTLS), none around it.
     let after = node.status()["counters"].clone();
     let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-    assert_eq!(delta("connect_not_meshed"), 0, "connects passed through un-intercepted");
+    assert_eq!(
+        delta("connect_not_meshed"),
+        0,
+        "connects passed through un-intercepted"
+    );
     assert_eq!(delta("connect_redirected"), CONNECTS as u64 + 1);
     assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == CONNECTS + 1));
-    assert!(access_lines(&pods.log_a).iter().all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok"));
+    assert!(
+        access_lines(&pods.log_a)
+            .iter()
+            .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
+    );
     eprintln!(
         "agent restart: stop took {stopped:?}, agent down→socket answering {gap:?}, both proxies re-registered after {reregistered:?}; {CONNECTS} connects + 1 stream during it, all intercepted"
     );
 }
 
 fn agent2_log_adopted(agent: &Proc) -> bool {
-    wait_until(STEP, || agent.stderr().contains("adopting the pinned programs"))
+    wait_until(STEP, || {
+        agent.stderr().contains("adopting the pinned programs")
+    })
+}
+
+/// Upgrade: an agent whose binary carries other programs than the pinned ones swaps them into
+/// the pinned links (BPF_LINK_UPDATE) and keeps the maps: registrations, counters and a
+/// streaming connection survive, new connects are intercepted by the new programs.
+#[test]
+fn agent_upgrade_replaces_the_programs_in_place_and_keeps_the_maps() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("upgrade");
+    let mut agent = node.start_agent("agent-1");
+    let (pods, _proxy_a, _proxy_b) = two_pods(&node);
+    let _server = node.server(&pods.b);
+    let mut stream = node.app(
+        &pods.a,
+        "stream",
+        &strings(&[
+            "pingpong",
+            &format!("--addr={ADDR_B}:{APP_PORT}"),
+            "--size=4096",
+            "--count=1",
+            "--seconds=3",
+        ]),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let old_programs = attached_programs(&node.root);
+    let workloads = node.workloads();
+    let before = node.status()["counters"].clone();
+
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(STEP).success());
+    // What a different build looks like to the agent: another object fingerprint.
+    let record = node.state_dir.join("agent.json");
+    let mut json: Value = serde_json::from_str(&fs::read_to_string(&record).unwrap()).unwrap();
+    json["object"] = "0000000000000000".into();
+    fs::write(&record, json.to_string()).unwrap();
+    let agent2 = node.start_agent("agent-2");
+    assert!(
+        wait_until(STEP, || agent2.stderr().contains("upgraded in place")),
+        "{}",
+        agent2.stderr()
+    );
+
+    let new_programs = attached_programs(&node.root);
+    assert_eq!(new_programs.len(), 4, "{new_programs:?}");
+    for (t, id) in &new_programs {
+        assert!(
+            !old_programs.contains(&(*t, *id)),
+            "attach type {t} still runs program {id}"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let live: Vec<u32> = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .map(|p| p.id())
+                .collect();
+            old_programs.iter().all(|(_, id)| !live.contains(id))
+        }),
+        "old programs still loaded after the upgrade"
+    );
+    assert_eq!(
+        node.workloads(),
+        workloads,
+        "WORKLOADS changed across the upgrade"
+    );
+    let after = node.status()["counters"].clone();
+    assert!(
+        after["connect_redirected"].as_u64() >= before["connect_redirected"].as_u64(),
+        "counters were reset"
+    );
+
+    let not_meshed = node.counter("connect_not_meshed");
+    let mut client = node.app(&pods.a, "client", &echo_args(10_000, 3));
+    client.success(STEP);
+    let out = stream.success(STEP);
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert!(
+        lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received,
+        "{out}"
+    );
+    assert_eq!(node.counter("connect_not_meshed"), not_meshed);
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 4));
+    assert!(
+        access_lines(&pods.log_a)
+            .iter()
+            .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
+    );
 }
 
 /// (c) A registration from a process not in the claimed pod is refused and counted: a
@@ -737,7 +920,10 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
     let status = impostor.wait(STEP);
     assert_eq!(status.code(), Some(1), "{}", impostor.stderr());
     let err = impostor.stderr();
-    assert!(err.contains("error: the agent refused to register pod") && err.contains(&a.uid), "{err}");
+    assert!(
+        err.contains("error: the agent refused to register pod") && err.contains(&a.uid),
+        "{err}"
+    );
 
     // This test process is outside kubepods.
     let reply = raw_register(&node.socket, &a.uid);
@@ -760,14 +946,25 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
         &[("POD_UID", &a.uid)],
     );
     assert_eq!(in_pod.wait(STEP).code(), Some(1), "{}", in_pod.stderr());
-    assert!(in_pod.stderr().contains("not in one of its containers"), "{}", in_pod.stderr());
+    assert!(
+        in_pod.stderr().contains("not in one of its containers"),
+        "{}",
+        in_pod.stderr()
+    );
 
     let status = node.status();
     assert_eq!(status["refusals"]["uid_mismatch"], 1, "{status:#}");
     assert_eq!(status["refusals"]["outside_pods"], 1, "{status:#}");
     assert_eq!(status["refusals"]["not_in_container"], 1, "{status:#}");
-    assert_eq!(status["pods"].as_array().map(Vec::len), Some(0), "{status:#}");
-    assert!(node.workloads().is_empty(), "refused callers got WORKLOADS entries");
+    assert_eq!(
+        status["pods"].as_array().map(Vec::len),
+        Some(0),
+        "{status:#}"
+    );
+    assert!(
+        node.workloads().is_empty(),
+        "refused callers got WORKLOADS entries"
+    );
 }
 
 /// One register request from this process, straight on the socket.
@@ -775,7 +972,11 @@ fn raw_register(socket: &Path, uid: &str) -> Value {
     use std::io::{BufRead, BufReader};
     let mut s = std::os::unix::net::UnixStream::connect(socket).expect("agent socket");
     s.set_read_timeout(Some(STEP)).unwrap();
-    writeln!(s, r#"{{"op":"register","pod_uid":"{uid}","proxy_port":{PROXY_PORT}}}"#).unwrap();
+    writeln!(
+        s,
+        r#"{{"op":"register","pod_uid":"{uid}","proxy_port":{PROXY_PORT}}}"#
+    )
+    .unwrap();
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).unwrap();
     serde_json::from_str(&line).expect("a JSON reply")
@@ -794,15 +995,25 @@ fn removing_a_pod_removes_its_interception() {
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
     node.wait_ready(&a, &proxy);
-    let ids = [host_cgroup_id(&a.cgroup), host_cgroup_id(&a.cgroup.join("proxy"))];
+    let ids = [
+        host_cgroup_id(&a.cgroup),
+        host_cgroup_id(&a.cgroup.join("proxy")),
+    ];
     let workloads = node.workloads();
-    assert!(ids.iter().all(|id| workloads.contains_key(id)), "{workloads:?}");
+    assert!(
+        ids.iter().all(|id| workloads.contains_key(id)),
+        "{workloads:?}"
+    );
 
     // The pod goes: SIGKILL (no deregistration), then kubelet removes its cgroups.
     drop(proxy);
     node.kill_all(&a.cgroup);
     let removed = Instant::now();
-    for d in [a.cgroup.join("proxy"), a.cgroup.join("app"), a.cgroup.clone()] {
+    for d in [
+        a.cgroup.join("proxy"),
+        a.cgroup.join("app"),
+        a.cgroup.clone(),
+    ] {
         assert!(sidecar_tests_rmdir(&d), "cannot remove {}", d.display());
     }
     assert!(
@@ -840,13 +1051,25 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
 
     let term = Instant::now();
     proxy_a.signal(libc::SIGTERM);
-    assert!(wait_until(STEP, || node.readyz(&pods.a) == 503), "/readyz stayed ready while draining");
+    assert!(
+        wait_until(STEP, || node.readyz(&pods.a) == 503),
+        "/readyz stayed ready while draining"
+    );
     // A new connect now: refused at once (the listener is closed), not hung.
-    let mut probe = node.app(&pods.a, "refused", &strings(&["connect-fail", &format!("--addr={ADDR_B}:{APP_PORT}")]));
+    let mut probe = node.app(
+        &pods.a,
+        "refused",
+        &strings(&["connect-fail", &format!("--addr={ADDR_B}:{APP_PORT}")]),
+    );
     let out = probe.success(STEP);
-    let line: ConnectFailLine = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>()).pop().expect("connect-fail line");
+    let line: ConnectFailLine = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>())
+        .pop()
+        .expect("connect-fail line");
     assert!(!line.connected, "{line:?}");
-    assert!(line.error.as_deref().is_some_and(|e| e.contains("refused")), "{line:?}");
+    assert!(
+        line.error.as_deref().is_some_and(|e| e.contains("refused")),
+        "{line:?}"
+    );
     assert!(line.elapsed_ms < 500, "{line:?}");
 
     // The held connections finish (the app closes them) well within the 5 s deadline.
@@ -860,7 +1083,10 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let err = proxy_a.stderr();
     assert!(err.contains("deregistered from the agent"), "{err}");
     assert!(err.contains("cut=0"), "connections were cut: {err}");
-    assert!(!err.contains("were still open after the drain deadline"), "{err}");
+    assert!(
+        !err.contains("were still open after the drain deadline"),
+        "{err}"
+    );
 
     // Deregistered: pod A is not intercepted any more; its connects pass through, counted.
     assert!(pod_status(&node.status(), &pods.a.uid).is_none());
@@ -868,7 +1094,10 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let mut direct = node.app(&pods.a, "direct", &echo_args(64, 1));
     direct.success(STEP);
     assert_eq!(node.counter("connect_not_meshed"), not_meshed + 1);
-    eprintln!("drain: SIGTERM → refused connect in {} ms; exit 0 after {drained:?} (held connections closed at +300 ms)", line.elapsed_ms);
+    eprintln!(
+        "drain: SIGTERM → refused connect in {} ms; exit 0 after {drained:?} (held connections closed at +300 ms)",
+        line.elapsed_ms
+    );
 }
 
 /// (f) The agent's socket file is deleted: the agent binds it again and the proxy
@@ -884,21 +1113,32 @@ fn deleted_agent_socket_is_recreated_and_proxies_reregister() {
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
     node.wait_ready(&a, &proxy);
-    assert_eq!(pod_status(&node.status(), &a.uid).unwrap()["registrations"], 1);
+    assert_eq!(
+        pod_status(&node.status(), &a.uid).unwrap()["registrations"],
+        1
+    );
 
     fs::remove_file(&node.socket).unwrap();
     let deleted = Instant::now();
-    assert!(wait_until(Duration::from_secs(5), || node.socket.exists()), "socket never recreated");
+    assert!(
+        wait_until(Duration::from_secs(5), || node.socket.exists()),
+        "socket never recreated"
+    );
     let recreated = deleted.elapsed();
     assert!(
-        wait_until(Duration::from_secs(5), || pod_status(&node.status(), &a.uid)
-            .is_some_and(|r| r["registrations"] == 2)),
+        wait_until(Duration::from_secs(5), || pod_status(
+            &node.status(),
+            &a.uid
+        )
+        .is_some_and(|r| r["registrations"] == 2)),
         "the proxy did not re-register: {}",
         proxy.stderr()
     );
     let reregistered = deleted.elapsed();
     assert_eq!(node.readyz(&a), 200);
-    eprintln!("socket deleted → recreated after {recreated:?}, proxy re-registered after {reregistered:?}");
+    eprintln!(
+        "socket deleted → recreated after {recreated:?}, proxy re-registered after {reregistered:?}"
+    );
 }
 
 /// (g) `sidecar agent --uninstall` leaves no pin, link, cgroup attachment, map or file; the
@@ -920,7 +1160,11 @@ fn uninstall_leaves_nothing() {
 
     // Stopped, the agent left everything attached (that is the point).
     let attached = attached_programs(&node.root);
-    assert_eq!(attached.len(), 4, "connect4, connect6, sockops, getsockopt: {attached:?}");
+    assert_eq!(
+        attached.len(),
+        4,
+        "connect4, connect6, sockops, getsockopt: {attached:?}"
+    );
     let map_ids: Vec<u32> = fs::read_dir(&node.pin_dir)
         .unwrap()
         .flatten()
@@ -940,16 +1184,30 @@ fn uninstall_leaves_nothing() {
     assert!(agent2.wait(STEP).success());
 
     let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!node.pin_dir.exists(), "pin directory left");
     assert!(!node.state_dir.exists(), "state directory left");
     assert!(!node.socket.exists(), "socket left");
-    assert!(!node.socket.parent().unwrap().exists(), "socket directory left");
-    assert!(attached_programs(&node.root).is_empty(), "programs still attached to {}", node.root.display());
+    assert!(
+        !node.socket.parent().unwrap().exists(),
+        "socket directory left"
+    );
+    assert!(
+        attached_programs(&node.root).is_empty(),
+        "programs still attached to {}",
+        node.root.display()
+    );
     // The maps (and with SOCKETS, the sk_msg program) are freed.
     assert!(
         wait_until(Duration::from_secs(5), || {
-            let live: Vec<u32> = aya::maps::loaded_maps().filter_map(Result::ok).map(|m| m.id()).collect();
+            let live: Vec<u32> = aya::maps::loaded_maps()
+                .filter_map(Result::ok)
+                .map(|m| m.id())
+                .collect();
             map_ids.iter().all(|id| !live.contains(id))
         }),
         "maps of the agent still loaded"
@@ -1007,8 +1265,15 @@ fn agent_without_a_pods_cgroup_root_fails_cleanly() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
-    assert!(err.contains("--cgroup-root") && err.contains("does not exist"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains("--cgroup-root") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(!Path::new(&pin_dir).exists());
     assert!(!scratch.path("state").exists() && !scratch.path("agent.sock").exists());
 }
@@ -1028,5 +1293,8 @@ fn proxy_refuses_a_certificate_of_another_service_account() {
     let err = proxy.stderr();
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{err}");
-    assert!(errors[0].contains(SERVER_ID) && errors[0].contains(CLIENT_ID), "{err}");
+    assert!(
+        errors[0].contains(SERVER_ID) && errors[0].contains(CLIENT_ID),
+        "{err}"
+    );
 }

@@ -136,23 +136,24 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
 
     let mut pins = AgentPins::open_or_install(&pin_dir, &root, opts.sockmap)?;
     let object = object_fingerprint();
-    if pins.adopted {
-        match previous.as_ref().map(|p| p.object.as_str()) {
-            Some(o) if o == object => {}
-            other => warn!(
-                pinned = other.unwrap_or("unknown"),
-                binary = %object,
-                "the pinned programs come from another build: they stay attached (and keep \
-                 intercepting) until `sidecar agent --uninstall`; reinstall to run this build's"
-            ),
-        }
-    }
-    let pinned_object = if pins.adopted {
-        previous
-            .map(|p| p.object)
-            .unwrap_or_else(|| "unknown".into())
-    } else {
-        object
+    // A restart adopts as is; an upgrade (the pins come from another build) swaps the programs
+    // in the pinned links for this build's and keeps every map.
+    let pinned_object = match previous.as_ref().map(|p| p.object.clone()) {
+        _ if !pins.adopted => object,
+        Some(o) if o == object => o,
+        other => match pins::upgrade(&pin_dir, opts.sockmap) {
+            Ok(()) => {
+                info!(from = other.as_deref().unwrap_or("unknown"), to = %object, "eBPF programs upgraded in place");
+                object
+            }
+            Err(e) => {
+                warn!(
+                    "cannot upgrade the pinned programs ({e}): the old ones stay attached (and keep \
+                     intercepting) until `sidecar agent --uninstall`"
+                );
+                other.unwrap_or_else(|| "unknown".into())
+            }
+        },
     };
     write_record(
         &opts.state_dir,

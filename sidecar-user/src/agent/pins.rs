@@ -144,33 +144,7 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError>
             .map_err(|source| EbpfError::Pin { path, source })?;
     }
 
-    // sk_msg is attached to the sockhash with BPF_PROG_ATTACH: the map holds the program
-    // from then on. aya would detach it when this `Ebpf` drops, so the link handle is taken
-    // and forgotten; the attachment lives as long as the pinned map.
-    let sockets = ebpf
-        .map(maps::SOCKETS)
-        .ok_or(EbpfError::Missing(maps::SOCKETS))?;
-    let map_error = |source| EbpfError::Map {
-        name: maps::SOCKETS,
-        source,
-    };
-    let fd = SockHash::<_, SockKey>::try_from(sockets)
-        .map_err(map_error)?
-        .fd()
-        .try_clone()
-        .map_err(|e| map_error(aya::maps::MapError::from(e)))?;
-    let prog: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
-    let id = prog.attach(&fd).map_err(|source| EbpfError::Attach {
-        name: programs::SK_MSG,
-        target: maps::SOCKETS.into(),
-        source,
-    })?;
-    let link = prog.take_link(id).map_err(|source| EbpfError::Attach {
-        name: programs::SK_MSG,
-        target: maps::SOCKETS.into(),
-        source,
-    })?;
-    std::mem::forget(link);
+    attach_sk_msg(&mut ebpf)?;
 
     let cgroup = open_cgroup(root)?;
     for name in LINKS {
@@ -188,10 +162,7 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError>
             programs::GETSOCKOPT => {
                 // aya 0.14 cannot turn a sockopt link into a pinnable `FdLink`: create the
                 // BPF link ourselves (same syscall aya uses for the others) and pin it.
-                let prog: &mut CgroupSockopt = program(&mut ebpf, name)?;
-                let prog_fd = prog
-                    .fd()
-                    .map_err(|source| attach_error(name, root, source))?;
+                let prog_fd = program_fd(&mut ebpf, name)?;
                 let link =
                     raw::link_create(prog_fd.as_fd(), cgroup.as_fd(), raw::BPF_CGROUP_GETSOCKOPT)
                         .map_err(|e| attach_error(name, root, io_program_error(e)))?;
@@ -219,6 +190,112 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError>
     Ok(())
 }
 
+/// sk_msg is attached to the sockhash with BPF_PROG_ATTACH (which replaces a program
+/// attached before: the upgrade path): the map holds the program from then on. aya would
+/// detach it when the `Ebpf` drops, so the link handle is taken and forgotten; the
+/// attachment lives as long as the pinned map.
+fn attach_sk_msg(ebpf: &mut aya::Ebpf) -> Result<(), EbpfError> {
+    let sockets = ebpf
+        .map(maps::SOCKETS)
+        .ok_or(EbpfError::Missing(maps::SOCKETS))?;
+    let map_error = |source| EbpfError::Map {
+        name: maps::SOCKETS,
+        source,
+    };
+    let fd = SockHash::<_, SockKey>::try_from(sockets)
+        .map_err(map_error)?
+        .fd()
+        .try_clone()
+        .map_err(|e| map_error(aya::maps::MapError::from(e)))?;
+    let prog: &mut SkMsg = program(ebpf, programs::SK_MSG)?;
+    let id = prog.attach(&fd).map_err(|source| EbpfError::Attach {
+        name: programs::SK_MSG,
+        target: maps::SOCKETS.into(),
+        source,
+    })?;
+    let link = prog.take_link(id).map_err(|source| EbpfError::Attach {
+        name: programs::SK_MSG,
+        target: maps::SOCKETS.into(),
+        source,
+    })?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// A loaded program's fd, whatever its type (the getsockopt program and the upgrade path
+/// need only the fd).
+fn program_fd(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+) -> Result<aya::programs::ProgramFd, EbpfError> {
+    let fd = match name {
+        programs::SOCKOPS => program::<SockOps>(ebpf, name)?.fd(),
+        programs::GETSOCKOPT => program::<CgroupSockopt>(ebpf, name)?.fd(),
+        _ => program::<CgroupSockAddr>(ebpf, name)?.fd(),
+    };
+    fd.and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| EbpfError::Attach {
+            name,
+            target: "(program fd)".into(),
+            source,
+        })
+}
+
+/// Upgrade in place: load this binary's programs against the *pinned* maps (so every
+/// registration, original destination and splice entry survives), swap each pinned link to
+/// its new program with `BPF_LINK_UPDATE` (atomic: no connect sees no program), and attach the
+/// new sk_msg to the sockhash (replacing the old one). Maps the new object adds are created
+/// and pinned. On any failure nothing attached has changed, or the links that were updated
+/// run new programs against the same maps; the error says which.
+pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
+    let pinned: Vec<String> = fs::read_dir(dir)
+        .map_err(|source| EbpfError::PinDir {
+            path: dir.into(),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("link-"))
+        .collect();
+    let sockmap = u8::from(sockmap);
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("SOCKMAP_ENABLED", &sockmap, true)
+        .override_global(aya_log::LEVEL, &0u8, true);
+    for name in &pinned {
+        loader.map_pin_path(name.as_str(), dir.join(name));
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+    for (name, map) in ebpf.maps() {
+        let path = dir.join(name);
+        if name.starts_with('.') || path.exists() {
+            continue;
+        }
+        map.pin(&path)
+            .map_err(|source| EbpfError::Pin { path, source })?;
+    }
+    // Load (verify) every program before touching any link.
+    let mut fds = Vec::new();
+    for name in LINKS {
+        fds.push((name, program_fd(&mut ebpf, name)?));
+    }
+    attach_sk_msg(&mut ebpf)?;
+    for (name, fd) in fds {
+        let path = dir.join(link_pin_name(name));
+        let link = raw::obj_get(&path).map_err(|e| EbpfError::Attach {
+            name,
+            target: path.display().to_string(),
+            source: io_program_error(e),
+        })?;
+        raw::link_update(link.as_fd(), fd.as_fd()).map_err(|e| EbpfError::Attach {
+            name,
+            target: path.display().to_string(),
+            source: io_program_error(e),
+        })?;
+    }
+    tracing::info!(pins = %dir.display(), "upgraded: the pinned links run this build's programs, maps kept");
+    Ok(())
+}
 /// Removes every pin in `dir` (links first, which detaches their programs once no process
 /// holds them, then maps) and the directory. Returns what was removed and what failed.
 pub fn uninstall(dir: &Path) -> (Vec<String>, Vec<String>) {
@@ -264,7 +341,9 @@ mod raw {
     /// `enum bpf_attach_type` value (uapi/linux/bpf.h).
     pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
     const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
 
     fn bpf(cmd: libc::c_long, attr: &mut [u64; 8]) -> io::Result<libc::c_long> {
         // SAFETY: `attr` is a zero-filled buffer larger than the fields each command reads.
@@ -294,6 +373,24 @@ mod raw {
         attr[0] = u64::from(prog.as_raw_fd() as u32) | (u64::from(cgroup.as_raw_fd() as u32) << 32);
         attr[1] = u64::from(attach_type);
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: the kernel returned a new fd that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// `BPF_LINK_UPDATE`: the link runs `prog` from now on (atomically).
+    pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+        let mut attr = [0u64; 8];
+        attr[0] = u64::from(link.as_raw_fd() as u32) | (u64::from(prog.as_raw_fd() as u32) << 32);
+        bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+    }
+
+    /// `BPF_OBJ_GET`: opens a pinned object.
+    pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        let mut attr = [0u64; 8];
+        attr[0] = c.as_ptr() as u64;
+        let fd = bpf(BPF_OBJ_GET, &mut attr)?;
         // SAFETY: the kernel returned a new fd that nobody else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
