@@ -889,6 +889,39 @@ fn agent_upgrade_replaces_the_programs_in_place_and_keeps_the_maps() {
     );
 }
 
+/// Readiness gating: a sidecar started before the agent serves, keeps trying to register, and
+/// answers /readyz 503 (its pod is not intercepted, the app's connects pass through, counted)
+/// until the agent comes up; then it registers by itself and turns ready.
+#[test]
+fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("readiness");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    assert!(
+        wait_until(STEP, || node.readyz(&a) == 503),
+        "{}",
+        proxy.stderr()
+    );
+    let (code, body) = node.admin(&a, "/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("not attached"), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node.readyz(&a), 503);
+
+    let _agent = node.start_agent("agent");
+    let up = Instant::now();
+    node.wait_ready(&a, &proxy);
+    eprintln!(
+        "agent up → sidecar registered and ready after {:?}",
+        up.elapsed()
+    );
+    assert!(pod_status(&node.status(), &a.uid).is_some());
+}
+
 /// (c) A registration from a process not in the claimed pod is refused and counted: a
 /// proxy claiming another pod's UID, a process outside kubepods, one in a pod cgroup itself.
 #[test]
