@@ -1000,6 +1000,49 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
     );
 }
 
+/// Another container of a registered pod cannot take over the pod's registration (and so
+/// make itself the exempt PROXY) while the registered sidecar runs.
+#[test]
+fn another_container_cannot_take_over_a_registered_pod() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("takeover");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let before = node.workloads();
+
+    let mut app = spawn(
+        &node.scratch,
+        "app-claims",
+        Some(&a.container("app")),
+        Some(a.ns),
+        &[
+            sidecar_bin().display().to_string(),
+            "proxy".into(),
+            format!("--agent-socket={}", node.socket.display()),
+            "--proxy-port=22132".into(),
+            "--admin-addr=off".into(),
+        ],
+        &[("POD_UID", &a.uid)],
+    );
+    assert_eq!(app.wait(STEP).code(), Some(1), "{}", app.stderr());
+    assert!(
+        app.stderr().contains("may not take over"),
+        "{}",
+        app.stderr()
+    );
+    assert_eq!(node.status()["refusals"]["proxy_taken"], 1);
+    assert_eq!(
+        node.workloads(),
+        before,
+        "the refused container changed WORKLOADS"
+    );
+}
+
 /// One register request from this process, straight on the socket.
 fn raw_register(socket: &Path, uid: &str) -> Value {
     use std::io::{BufRead, BufReader};

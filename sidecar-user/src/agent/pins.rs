@@ -296,6 +296,7 @@ pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
     tracing::info!(pins = %dir.display(), "upgraded: the pinned links run this build's programs, maps kept");
     Ok(())
 }
+
 /// Removes every pin in `dir` (links first, which detaches their programs once no process
 /// holds them, then maps) and the directory. Returns what was removed and what failed.
 pub fn uninstall(dir: &Path) -> (Vec<String>, Vec<String>) {

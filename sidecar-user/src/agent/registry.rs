@@ -69,6 +69,21 @@ pub enum RegistryError {
     Persist { path: PathBuf, source: io::Error },
     #[error("the node has {max} registered pods already", max = limits::WORKLOADS / 2)]
     Full,
+    #[error(
+        "pod {uid} is registered by the sidecar in {taken} (still running): another container of \
+         the pod may not take over its interception"
+    )]
+    Taken { uid: String, taken: PathBuf },
+}
+
+impl RegistryError {
+    /// The refusal counter this error is counted under.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RegistryError::Taken { .. } => "proxy_taken",
+            _ => "invalid",
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -139,6 +154,19 @@ impl Registry {
         let same_pod = previous
             .as_ref()
             .filter(|p| p.pod_cgroup_id == pod_cgroup_id);
+        // One sidecar per pod: while the registered proxy container lives, no other container
+        // of the pod (an app that can reach the socket) may make itself the exempt PROXY. A
+        // restarted sidecar gets a new container cgroup once the old one is empty or gone.
+        if let Some(p) = same_pod
+            && p.proxy_cgroup_id != proxy_cgroup_id
+            && cgroup::id(&p.proxy_cgroup).ok() == Some(p.proxy_cgroup_id)
+            && !cgroup::pids(&p.proxy_cgroup).unwrap_or_default().is_empty()
+        {
+            return Err(RegistryError::Taken {
+                uid: p.pod_uid.clone(),
+                taken: p.proxy_cgroup.clone(),
+            });
+        }
         if previous.is_none() && self.pods.len() as u32 >= limits::WORKLOADS / 2 {
             return Err(RegistryError::Full);
         }

@@ -260,7 +260,7 @@ fn handle(
                         ..Reply::default()
                     }
                 }
-                Err(e) => agent.refuse("invalid", e),
+                Err(e) => agent.refuse(e.reason(), e),
             }
         }
         Request::Deregister => {
