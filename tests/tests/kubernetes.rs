@@ -313,12 +313,18 @@ impl Node {
 
     /// Starts the agent and waits until its socket answers.
     fn start_agent(&self, name: &str) -> Proc {
-        let mut argv = vec![sidecar_bin().display().to_string(), "agent".into()];
+        self.start_agent_in(name, None, &[])
+    }
+
+    /// The agent in `cgroup`, behind `wrapper` (e.g. `unshare --cgroup`).
+    fn start_agent_in(&self, name: &str, cgroup: Option<&Path>, wrapper: &[&str]) -> Proc {
+        let mut argv = strings(wrapper);
+        argv.extend([sidecar_bin().display().to_string(), "agent".into()]);
         argv.extend(self.agent_args());
         let agent = spawn(
             &self.scratch,
             name,
-            None,
+            cgroup,
             None,
             &argv,
             &[("SIDECAR_LOG", "info")],
@@ -1041,6 +1047,62 @@ fn another_container_cannot_take_over_a_registered_pod() {
         before,
         "the refused container changed WORKLOADS"
     );
+}
+
+/// An agent in a cgroup namespace of its own (a container's) still identifies callers: their
+/// `/proc/<pid>/cgroup` reads relative to its namespace (`/../kubepods/…`) and is resolved
+/// from the namespace's root.
+#[test]
+fn agent_in_its_own_cgroup_namespace_identifies_callers() {
+    if !ready() {
+        return;
+    }
+    if host::which("unshare").is_none() {
+        skip("unshare is not installed (util-linux)");
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("cgroupns");
+    let agent_cg = node.base.join("agent");
+    fs::create_dir_all(&agent_cg).unwrap();
+    let agent = node.start_agent_in("agent", Some(&agent_cg), &["unshare", "--cgroup"]);
+    let err = agent.stderr();
+    assert!(
+        err.contains("in a cgroup namespace of our own")
+            || err.contains("joined PID 1's cgroup namespace"),
+        "{err}"
+    );
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let reg = pod_status(&node.status(), &a.uid)
+        .cloned()
+        .expect("registered");
+    assert_eq!(reg["pod_cgroup"], a.cgroup.display().to_string());
+    assert_eq!(
+        reg["proxy_cgroup"],
+        a.cgroup.join("proxy").display().to_string()
+    );
+    assert!(node.workloads().contains_key(&host_cgroup_id(&a.cgroup)));
+
+    // And a claim for another pod is still seen through.
+    let mut impostor = spawn(
+        &node.scratch,
+        "impostor",
+        Some(&b.container("proxy")),
+        Some(b.ns),
+        &[
+            sidecar_bin().display().to_string(),
+            "proxy".into(),
+            format!("--agent-socket={}", node.socket.display()),
+            format!("--proxy-port={PROXY_PORT}"),
+            "--admin-addr=off".into(),
+        ],
+        &[("POD_UID", &a.uid)],
+    );
+    assert_eq!(impostor.wait(STEP).code(), Some(1), "{}", impostor.stderr());
+    assert_eq!(node.status()["refusals"]["uid_mismatch"], 1);
 }
 
 /// One register request from this process, straight on the socket.

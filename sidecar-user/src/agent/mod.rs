@@ -79,6 +79,9 @@ struct AgentRecord {
 /// The agent's shared state, behind one lock (requests and the sweep are short).
 pub struct Agent {
     pub cgroup2: PathBuf,
+    /// Our cgroup namespace's root under `cgroup2`, when we are in a namespace of our own
+    /// (see [`pod::own_namespace_root`]).
+    pub ns_root: Option<PathBuf>,
     pub root: PathBuf,
     pub pins: AgentPins,
     pub registry: Registry,
@@ -115,8 +118,12 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     privileges::require("sidecar agent")?;
     // Before any thread exists: setns affects only the calling thread, and every thread the
     // runtime starts later inherits it.
-    enter_host_cgroup_namespace()?;
+    enter_host_cgroup_namespace();
     let cgroup2 = cgroup::root()?;
+    let ns_root = pod::own_namespace_root(&cgroup2).context("reading our cgroup namespace")?;
+    if let Some(r) = &ns_root {
+        info!(root = %r.display(), "in a cgroup namespace of our own: callers' cgroups are read relative to its root");
+    }
     let root = pods_root(&cgroup2, opts.cgroup_root.as_deref())?;
     let _bpffs = Bpffs::ensure(&opts.bpffs)?;
     let pin_dir = opts.pin_dir();
@@ -179,6 +186,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     );
     let agent = Arc::new(Mutex::new(Agent {
         cgroup2,
+        ns_root,
         root,
         pins,
         registry,
@@ -261,32 +269,29 @@ fn pods_root(cgroup2: &Path, given: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
-/// In a container with its own cgroup namespace, `/proc/<pid>/cgroup` of other processes
-/// is relative to ours; joining PID 1's cgroup namespace (hostPID) makes them host paths.
-fn enter_host_cgroup_namespace() -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+/// In a container with its own cgroup namespace, joining PID 1's (hostPID) makes callers'
+/// `/proc/<pid>/cgroup` host paths. It needs CAP_SYS_ADMIN and access to PID 1's namespace
+/// file; when either is missing the agent reads callers' cgroups relative to its own
+/// namespace instead ([`pod::own_namespace_root`]), so this is an optimisation, not a need.
+fn enter_host_cgroup_namespace() {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
     let ours = std::fs::metadata("/proc/self/ns/cgroup").map(|m| m.ino());
-    let init = std::fs::metadata("/proc/1/ns/cgroup").map(|m| m.ino());
-    match (ours, init) {
-        (Ok(a), Ok(b)) if a == b => Ok(()),
-        (Ok(_), Ok(_)) => {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open("/proc/1/ns/cgroup")?;
-            // SAFETY: setns on an fd we own; affects only this (still single) thread.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
-                bail!(
-                    "cannot join the host's cgroup namespace ({}): the agent needs CAP_SYS_ADMIN \
-                     and hostPID",
-                    std::io::Error::last_os_error()
-                );
-            }
-            info!("joined PID 1's cgroup namespace");
-            Ok(())
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            warn!("cannot compare cgroup namespaces ({e}): assuming the host's");
-            Ok(())
-        }
+    let init = std::fs::File::open("/proc/1/ns/cgroup");
+    let (Ok(ours), Ok(init)) = (ours, init) else {
+        tracing::debug!("PID 1's cgroup namespace is not readable: staying in ours");
+        return;
+    };
+    if init.metadata().map(|m| m.ino()).ok() == Some(ours) {
+        return;
+    }
+    // SAFETY: setns on an fd we own; affects only this (still single) thread.
+    if unsafe { libc::setns(init.as_raw_fd(), libc::CLONE_NEWCGROUP) } == 0 {
+        info!("joined PID 1's cgroup namespace");
+    } else {
+        tracing::debug!(
+            "cannot join PID 1's cgroup namespace ({}): staying in ours",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

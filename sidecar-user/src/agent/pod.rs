@@ -8,7 +8,10 @@
 //!
 //! where `<root>` is `kubepods` or `kubepods.slice` under the cgroup v2 mount.
 
-use std::path::{Component, Path, PathBuf};
+use std::{
+    fs, io,
+    path::{Component, Path, PathBuf},
+};
 
 use thiserror::Error;
 
@@ -104,6 +107,90 @@ pub fn canonical_uid(raw: &str) -> String {
     raw.trim().to_ascii_lowercase().replace('_', "-")
 }
 
+/// Where this process's cgroup namespace is rooted under the cgroup2 mount, if it has one
+/// of its own (a container's, when joining PID 1's was not possible); `None` in the host's.
+///
+/// `/proc/<pid>/cgroup` is relative to the *reader's* cgroup namespace: in a namespace of our
+/// own our cgroup reads `/` while we are not in the hierarchy's root, and every caller's path
+/// (`/x`, or `/../../x` outside our subtree) is relative to our namespace root, the directory
+/// whose `cgroup.procs` lists us.
+pub fn own_namespace_root(cgroup2: &Path) -> io::Result<Option<PathBuf>> {
+    let me = std::process::id().to_string();
+    let own = fs::read_to_string("/proc/self/cgroup")?;
+    let reads_root = own.lines().any(|l| l.trim() == "0::/");
+    let at_root = fs::read_to_string(cgroup2.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim() == me));
+    if !reads_root || at_root {
+        return Ok(None);
+    }
+    find_own_cgroup(cgroup2).map(Some)
+}
+
+/// The cgroup of process `pid` as a path under the cgroup2 mount, given our namespace root
+/// (see [`own_namespace_root`]).
+pub fn cgroup_of(cgroup2: &Path, pid: u32, ns_root: Option<&Path>) -> io::Result<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| io::Error::other(format!("pid {pid} has no cgroup v2 entry")))?;
+    resolve_relative(cgroup2, ns_root.unwrap_or(cgroup2), rel)
+        .ok_or_else(|| io::Error::other(format!("pid {pid}: cgroup {rel} leaves the hierarchy")))
+}
+
+/// `base` joined with a path of `..` and names, kept under `cgroup2`.
+fn resolve_relative(cgroup2: &Path, base: &Path, rel: &str) -> Option<PathBuf> {
+    let mut parts: Vec<&str> = base
+        .strip_prefix(cgroup2)
+        .ok()?
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => s.to_str(),
+            _ => None,
+        })
+        .collect();
+    for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            parts.pop()?;
+        } else {
+            parts.push(part);
+        }
+    }
+    Some(parts.iter().fold(cgroup2.to_path_buf(), |p, s| p.join(s)))
+}
+
+/// The directory of the hierarchy this process is in (bounded search).
+fn find_own_cgroup(cgroup2: &Path) -> io::Result<PathBuf> {
+    const MAX_DIRS: usize = 200_000;
+    let me = std::process::id().to_string();
+    let mut queue = std::collections::VecDeque::from([cgroup2.to_path_buf()]);
+    let mut seen = 0;
+    while let Some(dir) = queue.pop_front() {
+        seen += 1;
+        if seen > MAX_DIRS {
+            break;
+        }
+        if fs::read_to_string(dir.join("cgroup.procs"))
+            .is_ok_and(|procs| procs.lines().any(|l| l.trim() == me))
+        {
+            return Ok(dir);
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            queue.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    Err(io::Error::other(format!(
+        "cannot find this process's own cgroup under {} (needed to read callers' cgroups from \
+         inside a cgroup namespace): mount the host's cgroup2 hierarchy into the agent",
+        cgroup2.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +284,18 @@ mod tests {
                 .reason(),
             "not_in_pod"
         );
+    }
+
+    #[test]
+    fn paths_relative_to_a_cgroup_namespace() {
+        let cg2 = p("/cg");
+        let base = p("/cg/kubepods/besteffort/podX/agent");
+        assert_eq!(
+            resolve_relative(&cg2, &base, "/../../../burstable/podY/c"),
+            Some(p("/cg/kubepods/burstable/podY/c"))
+        );
+        assert_eq!(resolve_relative(&cg2, &base, "/../../../../.."), None);
+        assert_eq!(resolve_relative(&cg2, &cg2, "/.."), None);
     }
 
     #[test]

@@ -23,7 +23,6 @@ use super::{
     protocol::{MAX_LINE, Reply, Request},
     registry,
 };
-use crate::host::cgroup;
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
@@ -210,9 +209,9 @@ fn handle(
                     "the caller's pid is not visible to the agent (the agent needs hostPID)",
                 );
             };
-            let cgroup = match cgroup::of_process(&agent.cgroup2, &pid.to_string()) {
+            let cgroup = match pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()) {
                 Ok(c) => c,
-                Err(e) => return agent.refuse("process_gone", e),
+                Err(e) => return agent.refuse("process_gone", format!("pid {pid}: {e}")),
             };
             let pod = match pod::derive(&agent.root, &cgroup) {
                 Ok(p) => p,
