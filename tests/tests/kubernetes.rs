@@ -689,6 +689,27 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
         assert_eq!(l["mode"], "mtls", "{l}");
         assert_eq!(l["src_identity"], CLIENT_ID, "{l}");
     }
+    // `sidecar status` against the pod sidecar's admin endpoint.
+    let out = output_with_timeout(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", pods.a.ns))
+            .arg(sidecar_bin())
+            .args(["status", "--admin", &format!("127.0.0.1:{ADMIN_PORT}")]),
+        STEP,
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("interception   on (agent"), "{text}");
+    assert!(
+        text.contains("intercepted    yes: 3 connection(s)"),
+        "{text}"
+    );
+    assert!(text.contains("ready          yes"), "{text}");
+
     // The server's peer is its own sidecar, on loopback.
     server.release();
     let served = server.success(STEP);

@@ -84,6 +84,14 @@ impl Status {
         };
         let intercepted = match &info {
             None => verdict("no", "no interception is attached".into()),
+            // `sidecar proxy`: the kernel counters are the node agent's, not this process's.
+            Some(i) if i.mode == "agent" && c.opened > 0 => verdict(
+                "yes",
+                format!(
+                    "{} connection(s) reached the proxy through the node agent's interception",
+                    c.opened
+                ),
+            ),
             Some(_) if k("connect_redirected") > 0 => verdict(
                 "yes",
                 format!(
@@ -102,6 +110,10 @@ impl Status {
         };
         let accelerated = match &info {
             None => verdict("no", "no interception is attached".into()),
+            Some(i) if i.mode == "agent" => verdict(
+                "unknown",
+                "the splice counters are the node agent's: `sidecar agent --status`".into(),
+            ),
             Some(i) if !i.sockmap => verdict("no", "the sockmap fast path is off".into()),
             Some(_) if k("sk_msg_redirected") > 0 => verdict(
                 "yes",
