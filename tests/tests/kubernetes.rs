@@ -727,6 +727,60 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
     }
 }
 
+/// IPv6: a connect to [::1] in the pod is redirected to the proxy's [::1] listener, and the
+/// getsockopt program answers `IP6T_SO_ORIGINAL_DST` with a `sockaddr_in6`.
+#[test]
+fn ipv6_original_destination_is_served_by_getsockopt() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("ipv6");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let log = node.log_file("access-a.log");
+    let proxy = node.start_proxy(
+        &a,
+        "proxy-a",
+        "client",
+        &[format!("--access-log={}", log.display())],
+    );
+    node.wait_ready(&a, &proxy);
+    assert_eq!(
+        pod_status(&node.status(), &a.uid).unwrap()["ipv6"],
+        true,
+        "no [::1] listener"
+    );
+    let mut server = node.app(
+        &a,
+        "server6",
+        &["serve".into(), "--addr=[::1]:22121".into()],
+    );
+    server.wait_for_stdout("READY", STEP);
+    let served_before = node.counter("orig_dst_sockopt");
+
+    let mut client = node.app(
+        &a,
+        "client6",
+        &strings(&["echo", "--addr=[::1]:22121", "--size=5000", "--count=2"]),
+    );
+    let out = client.success(STEP);
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert!(
+        lines.len() == 2 && lines.iter().all(|l| l.ok && l.received == 5000),
+        "{out}"
+    );
+    assert_eq!(node.counter("orig_dst_sockopt"), served_before + 2);
+    assert!(wait_until(STEP, || access_lines(&log).len() == 2));
+    for l in access_lines(&log) {
+        assert_eq!(l["original_dst"], "[::1]:22121", "{l}");
+        assert_eq!(l["proxy"], format!("[::1]:{PROXY_PORT}"), "{l}");
+        assert_eq!(l["close_reason"], "ok", "{l}");
+    }
+    server.release();
+    server.success(STEP);
+}
+
 fn host_cgroup_id(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).expect("cgroup").ino()
