@@ -781,6 +781,67 @@ fn ipv6_original_destination_is_served_by_getsockopt() {
     server.success(STEP);
 }
 
+/// `--exclude-cidrs`: connects to an excluded destination bypass the proxy (counted); the
+/// pod's entries in the kernel trie go when it deregisters.
+#[test]
+fn excluded_cidrs_bypass_the_proxy_and_go_with_the_registration() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("cidrs");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let log = node.log_file("access-a.log");
+    let mut proxy = node.start_proxy(
+        &a,
+        "proxy-a",
+        "client",
+        &[
+            format!("--exclude-cidrs={ADDR_B}/32,fd00:5ca1::/64"),
+            format!("--access-log={}", log.display()),
+        ],
+    );
+    node.wait_ready(&a, &proxy);
+    let reg = pod_status(&node.status(), &a.uid).cloned().unwrap();
+    assert_eq!(
+        reg["exclude_cidrs"],
+        serde_json::json!([format!("{ADDR_B}/32"), "fd00:5ca1::/64"])
+    );
+    assert_eq!(excluded_cidrs(&node), 2);
+    let _server = node.server(&b);
+
+    let excluded = node.counter("connect_excluded_cidr");
+    let redirected = node.counter("connect_redirected");
+    let mut client = node.app(&a, "client", &echo_args(64, 2));
+    client.success(STEP);
+    assert_eq!(node.counter("connect_excluded_cidr"), excluded + 2);
+    assert_eq!(node.counter("connect_redirected"), redirected);
+    assert!(
+        access_lines(&log).is_empty(),
+        "excluded connections reached the proxy"
+    );
+
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait(STEP).success(), "{}", proxy.stderr());
+    assert_eq!(
+        excluded_cidrs(&node),
+        0,
+        "the pod's exclusions stayed in the kernel"
+    );
+}
+
+/// Entries in the pinned `EXCLUDED_CIDRS` trie.
+fn excluded_cidrs(node: &Node) -> usize {
+    let data = MapData::from_pin(node.pin_dir.join("EXCLUDED_CIDRS")).expect("pinned trie");
+    let trie: aya::maps::LpmTrie<MapData, sidecar_common::ScopedAddr, u8> =
+        aya::maps::Map::LpmTrie(data)
+            .try_into()
+            .expect("an LPM trie");
+    trie.keys().filter_map(Result::ok).count()
+}
+
 fn host_cgroup_id(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).expect("cgroup").ino()

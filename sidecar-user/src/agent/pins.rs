@@ -14,10 +14,10 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
-use sidecar_common::{Counter, SockKey, WorkloadConfig, maps, programs};
+use sidecar_common::{Counter, ScopedAddr, SockKey, WorkloadConfig, maps, programs};
 
 use crate::redirect::ebpf::{
     EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, program,
@@ -45,6 +45,8 @@ pub struct AgentPins {
     /// Whether the pins were already there (restart/upgrade) rather than created now.
     pub adopted: bool,
     pub workloads: HashMap<MapData, u64, WorkloadConfig>,
+    /// Destination CIDRs that bypass the proxy, per pod scope.
+    pub excluded: LpmTrie<MapData, ScopedAddr, u8>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -73,6 +75,7 @@ impl AgentPins {
             dir: dir.into(),
             adopted,
             workloads: open_pinned(dir, maps::WORKLOADS)?,
+            excluded: open_pinned(dir, maps::EXCLUDED_CIDRS)?,
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }

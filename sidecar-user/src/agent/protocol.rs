@@ -2,7 +2,7 @@
 //! per line, one answer line per request, on a connection the pod's sidecar keeps open.
 //!
 //! ```text
-//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"ipv6":true}
+//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true}
 //! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
 //! → {"op":"deregister"}            (this connection's registration)
@@ -27,6 +27,9 @@ pub enum Request {
         inbound_port: u16,
         #[serde(default)]
         exclude_ports: Vec<u16>,
+        /// Destination CIDRs that bypass the proxy, e.g. `10.96.0.1/32`.
+        #[serde(default)]
+        exclude_cidrs: Vec<String>,
         /// The proxy listens on `[::1]` too: IPv6 connects may be redirected.
         #[serde(default)]
         ipv6: bool,
@@ -84,6 +87,7 @@ mod tests {
                 proxy_port: 15001,
                 inbound_port: 15008,
                 exclude_ports: vec![22],
+                exclude_cidrs: vec![],
                 ipv6: false
             }
         );

@@ -11,11 +11,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::maps::lpm_trie::Key;
 use serde::{Deserialize, Serialize};
-use sidecar_common::{WorkloadConfig, flags, limits, role};
+use sidecar_common::{
+    ScopedAddr, WorkloadConfig, flags, limits, lpm_prefix_len, mapped_octets, role,
+};
 
 use super::pins::AgentPins;
-use crate::host::cgroup;
+use crate::{cidr::Cidr, host::cgroup};
+
+/// Destination CIDRs one pod may exclude (the kernel trie holds 1,024 for the node).
+pub const MAX_CIDRS: usize = 64;
 
 /// File name of the persisted registrations in the state directory.
 pub const FILE: &str = "registrations.json";
@@ -33,6 +39,9 @@ pub struct Registration {
     pub proxy_port: u16,
     pub inbound_port: u16,
     pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs that bypass the proxy, in their canonical text form.
+    #[serde(default)]
+    pub exclude_cidrs: Vec<String>,
     pub ipv6: bool,
     /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
     pub scope: u32,
@@ -52,6 +61,7 @@ pub struct Request {
     pub proxy_port: u16,
     pub inbound_port: u16,
     pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<Cidr>,
     pub ipv6: bool,
 }
 
@@ -59,6 +69,8 @@ pub struct Request {
 pub enum RegistryError {
     #[error("exclude_ports takes at most {max} ports ({0} given)", max = limits::EXCLUDED_PORTS)]
     TooManyPorts(usize),
+    #[error("exclude_cidrs takes at most {MAX_CIDRS} CIDRs ({0} given)")]
+    TooManyCidrs(usize),
     #[error("proxy_port must not be 0")]
     NoPort,
     #[error("{0}")]
@@ -145,6 +157,9 @@ impl Registry {
         if req.exclude_ports.len() > limits::EXCLUDED_PORTS {
             return Err(RegistryError::TooManyPorts(req.exclude_ports.len()));
         }
+        if req.exclude_cidrs.len() > MAX_CIDRS {
+            return Err(RegistryError::TooManyCidrs(req.exclude_cidrs.len()));
+        }
         if req.proxy_port == 0 {
             return Err(RegistryError::NoPort);
         }
@@ -187,11 +202,25 @@ impl Registry {
             proxy_port: req.proxy_port,
             inbound_port: req.inbound_port,
             exclude_ports: req.exclude_ports,
+            exclude_cidrs: req.exclude_cidrs.iter().map(Cidr::to_string).collect(),
             ipv6: req.ipv6,
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
         };
+        // Exclusions before the WORKLOAD entry, so the first redirected connect honours them;
+        // a previous registration's that are no longer asked for go.
+        let keys = cidr_keys(&reg);
+        for key in &keys {
+            pins.excluded.insert(key, 1, 0)?;
+        }
+        if let Some(prev) = same_pod {
+            for old in cidr_keys(prev) {
+                if !keys.iter().any(|k| same_key(k, &old)) {
+                    let _ = pins.excluded.remove(&old);
+                }
+            }
+        }
         let (workload, proxy) = entries(&reg);
         pins.workloads.insert(reg.proxy_cgroup_id, proxy, 0)?;
         pins.workloads.insert(reg.pod_cgroup_id, workload, 0)?;
@@ -220,6 +249,9 @@ impl Registry {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        for key in cidr_keys(&reg) {
+            let _ = pins.excluded.remove(&key);
         }
         self.persist()?;
         Ok(true)
@@ -254,6 +286,20 @@ impl Registry {
             if pins.workloads.get(id, 0).ok().as_ref() != Some(cfg) {
                 pins.workloads.insert(*id, *cfg, 0)?;
             }
+        }
+        let wanted: Vec<Key<ScopedAddr>> = self.pods.values().flat_map(cidr_keys).collect();
+        let present: Vec<Key<ScopedAddr>> = pins.excluded.keys().filter_map(Result::ok).collect();
+        for key in present
+            .iter()
+            .filter(|p| !wanted.iter().any(|w| same_key(w, p)))
+        {
+            let _ = pins.excluded.remove(key);
+        }
+        for key in wanted
+            .iter()
+            .filter(|w| !present.iter().any(|p| same_key(w, p)))
+        {
+            pins.excluded.insert(key, 1, 0)?;
         }
         Ok(gone)
     }
@@ -290,4 +336,23 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
         ..workload
     };
     (workload, proxy)
+}
+
+/// The `EXCLUDED_CIDRS` keys of a registration (unparsable text cannot occur: it was written
+/// from a parsed `Cidr`).
+fn cidr_keys(r: &Registration) -> Vec<Key<ScopedAddr>> {
+    r.exclude_cidrs
+        .iter()
+        .filter_map(|c| c.parse::<Cidr>().ok())
+        .map(|c| {
+            Key::new(
+                lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
+                ScopedAddr::new(r.scope, mapped_octets(c.addr)),
+            )
+        })
+        .collect()
+}
+
+fn same_key(a: &Key<ScopedAddr>, b: &Key<ScopedAddr>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }

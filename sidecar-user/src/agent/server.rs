@@ -201,6 +201,7 @@ fn handle(
             proxy_port,
             inbound_port,
             exclude_ports,
+            exclude_cidrs,
             ipv6,
         } => {
             let Some(pid) = pid else {
@@ -237,12 +238,19 @@ fn handle(
                     format!("this connection registered pod {other} already"),
                 );
             }
+            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
+                exclude_cidrs.iter().map(|c| c.parse()).collect();
+            let exclude_cidrs = match cidrs {
+                Ok(c) => c,
+                Err(e) => return agent.refuse("bad_request", format!("exclude_cidrs: {e}")),
+            };
             let req = registry::Request {
                 pod,
                 pid,
                 proxy_port,
                 inbound_port,
                 exclude_ports,
+                exclude_cidrs,
                 ipv6,
             };
             let Agent { pins, registry, .. } = &mut *agent;

@@ -33,6 +33,9 @@ pub struct ProxyArgs {
     /// Destination ports that bypass the proxy (comma-separated, at most 16).
     #[arg(long, value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
+    /// Destination CIDRs that bypass the proxy (comma-separated, at most 64).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_cidrs: Vec<Cidr>,
     /// How long connecting to an original destination may take, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub connect_timeout_ms: u64,
@@ -79,6 +82,7 @@ impl From<ProxyArgs> for PodProxyOptions {
             service_account: a.service_account.filter(|s| !s.is_empty()),
             proxy_port: a.proxy_port,
             exclude_ports: a.exclude_ports,
+            exclude_cidrs: a.exclude_cidrs,
             proxy: ProxySettings {
                 connect_timeout: Duration::from_millis(a.connect_timeout_ms),
                 idle_timeout: Duration::from_secs(a.idle_timeout_secs),

@@ -51,6 +51,7 @@ pub struct PodProxyOptions {
     pub service_account: Option<String>,
     pub proxy_port: u16,
     pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<crate::cidr::Cidr>,
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
     pub mtls: Option<MtlsOptions>,
@@ -69,6 +70,13 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     if opts.pod_uid.trim().is_empty() {
         bail!(
             "no pod UID: set POD_UID from the downward API (fieldRef metadata.uid) or pass --pod-uid"
+        );
+    }
+    if opts.exclude_cidrs.len() > crate::agent::registry::MAX_CIDRS {
+        bail!(
+            "--exclude-cidrs takes at most {} CIDRs ({} given)",
+            crate::agent::registry::MAX_CIDRS,
+            opts.exclude_cidrs.len()
         );
     }
     if opts.exclude_ports.len() > sidecar_common::limits::EXCLUDED_PORTS {
@@ -142,6 +150,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         proxy_port: opts.proxy_port,
         inbound_port: opts.mtls.as_ref().map_or(0, |m| m.tunnel_port),
         exclude_ports: opts.exclude_ports.clone(),
+        exclude_cidrs: opts.exclude_cidrs.iter().map(ToString::to_string).collect(),
         ipv6,
     };
     let registered = telemetry.clone();
@@ -227,6 +236,7 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         "service_account": opts.service_account,
         "proxy_port": opts.proxy_port,
         "exclude_ports": opts.exclude_ports,
+        "exclude_cidrs": opts.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connect_timeout_ms": opts.proxy.connect_timeout.as_millis() as u64,
         "idle_timeout_secs": opts.proxy.idle_timeout.as_secs(),
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
