@@ -873,17 +873,19 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
             "--seconds=4",
         ]),
     );
-    const CONNECTS: usize = 400;
+    const CONNECTS: usize = 600;
     let mut connects = node.app(&pods.a, "connects", &echo_args(64, CONNECTS));
     std::thread::sleep(Duration::from_millis(500));
 
     let stopping = Instant::now();
+    let window_start = std::time::SystemTime::now();
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(STEP).success(), "{}", agent.stderr());
     let stopped = stopping.elapsed();
     let down = Instant::now();
     let agent2 = node.start_agent("agent-2");
     let gap = down.elapsed();
+    let window_end = std::time::SystemTime::now();
     assert!(agent2_log_adopted(&agent2), "{}", agent2.stderr());
     // Both proxies registered again with the new agent.
     assert!(wait_until(STEP, || {
@@ -930,9 +932,46 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
             .iter()
             .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
     );
-    eprintln!(
-        "agent restart: stop took {stopped:?}, agent down→socket answering {gap:?}, both proxies re-registered after {reregistered:?}; {CONNECTS} connects + 1 stream during it, all intercepted"
+    // Connects the app made while no agent (or only the starting one) ran: all intercepted.
+    let in_window = access_lines(&pods.log_a)
+        .iter()
+        .filter_map(|l| l["start"].as_str().and_then(unix_time))
+        .filter(|t| (secs(window_start)..=secs(window_end)).contains(t))
+        .count();
+    assert!(
+        in_window > 0,
+        "no connect fell into the restart window: make the loop denser"
     );
+    eprintln!(
+        "agent restart: stop took {stopped:?}, agent down→socket answering {gap:?}, both proxies re-registered after {reregistered:?}; {in_window} of {CONNECTS} connects made between SIGTERM and the new agent answering, all intercepted; 1 stream byte-exact"
+    );
+}
+
+fn secs(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Seconds since the epoch of an access-log timestamp (`2026-11-25T13:44:01.915922Z`).
+fn unix_time(ts: &str) -> Option<f64> {
+    let (date, time) = ts.strip_suffix('Z')?.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':');
+    let (h, mi, s) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + s)
 }
 
 fn agent2_log_adopted(agent: &Proc) -> bool {
