@@ -1413,6 +1413,47 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     );
 }
 
+/// The drain deadline: a connection still open when `--drain-timeout-secs` expires is cut,
+/// and the sidecar exits 0 right after the deadline (not before, not much later).
+#[test]
+fn drain_deadline_cuts_connections_that_stay_open() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("deadline");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let mut proxy = node.start_proxy(&a, "proxy-a", "client", &["--drain-timeout-secs=1".into()]);
+    node.wait_ready(&a, &proxy);
+    let _server = node.server(&b);
+    let mut held = node.app(
+        &a,
+        "hold",
+        &strings(&["hold", &format!("--addr={ADDR_B}:{APP_PORT}"), "--count=1"]),
+    );
+    held.wait_for_stdout("READY", STEP);
+
+    let term = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait(STEP);
+    let took = term.elapsed();
+    assert!(status.success(), "{}", proxy.stderr());
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+        "exit {took:?} after SIGTERM with a 1 s deadline"
+    );
+    let err = proxy.stderr();
+    assert!(
+        err.contains("1 connection(s) were still open after the drain deadline"),
+        "{err}"
+    );
+    assert!(err.contains("deregistered from the agent"), "{err}");
+    held.release();
+    eprintln!("drain deadline 1 s: sidecar exited 0 after {took:?}, 1 connection cut");
+}
+
 /// (f) The agent's socket file is deleted: the agent binds it again and the proxy
 /// re-registers through it.
 #[test]
