@@ -101,6 +101,7 @@ pub fn probe(bpffs_path: &Path) -> Vec<Check> {
 
     if let (true, Ok(root)) = (privileged, &cg_root) {
         checks.push(programs(root, bpffs_path));
+        checks.push(agent_programs(root, bpffs_path));
         checks.push(iptables_mode(root));
     } else {
         checks.push(Check::fail(
@@ -146,6 +147,34 @@ fn iptables_mode(cg_root: &Path) -> Check {
             NAME,
             e.to_string(),
             "a kernel with netfilter nat, xt_cgroup and xt_REDIRECT (or nft_compat), or use --mode ebpf",
+        ),
+    }
+}
+
+/// `sidecar agent`'s set (with the getsockopt program that serves unprivileged proxies),
+/// installed at a scratch cgroup the way the agent installs it, then removed.
+fn agent_programs(cg_root: &Path, bpffs_path: &Path) -> Check {
+    const NAME: &str = "agent programs";
+    let pid = std::process::id();
+    let result = (|| -> anyhow::Result<()> {
+        let bpffs = Bpffs::ensure(bpffs_path)?;
+        let scratch = cgroup::Cgroup::create(cg_root.join(format!("sidecar/probe-agent-{pid}")))?;
+        let dir = bpffs.path().join(format!("sidecar/probe-agent-{pid}"));
+        let result = crate::agent::pins::probe(scratch.path(), &dir);
+        let _ = std::fs::remove_dir(bpffs.path().join("sidecar"));
+        drop(scratch);
+        let _ = std::fs::remove_dir(cg_root.join("sidecar"));
+        Ok(result?)
+    })();
+    match result {
+        Ok(()) => Check::pass(
+            NAME,
+            "connect4, connect6, sockops, getsockopt, sk_msg load, attach and pin (`sidecar agent` works)",
+        ),
+        Err(e) => Check::fail(
+            NAME,
+            format!("{e:#}"),
+            "`sidecar agent` needs a kernel ≥ 5.15 with cgroup getsockopt programs (CONFIG_CGROUP_BPF)",
         ),
     }
 }

@@ -300,6 +300,19 @@ pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
     Ok(())
 }
 
+/// For `sidecar probe`: installs at a scratch cgroup and pin directory, then removes it all.
+pub fn probe(cgroup: &Path, dir: &Path) -> Result<(), EbpfError> {
+    install(dir, cgroup, true)?;
+    let (_, failed) = uninstall(dir);
+    match failed.into_iter().next() {
+        None => Ok(()),
+        Some(f) => Err(EbpfError::PinDir {
+            path: dir.into(),
+            source: std::io::Error::other(f),
+        }),
+    }
+}
+
 /// Removes every pin in `dir` (links first, which detaches their programs once no process
 /// holds them, then maps) and the directory. Returns what was removed and what failed.
 pub fn uninstall(dir: &Path) -> (Vec<String>, Vec<String>) {
