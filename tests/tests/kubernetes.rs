@@ -390,6 +390,28 @@ impl Node {
         path
     }
 
+    /// The sidecar binary as `nobody` can execute it: in place if every directory above it
+    /// lets others through (a checkout under `/root` does not), else a copy in the scratch
+    /// directory.
+    fn unprivileged_bin(&self) -> PathBuf {
+        let bin = sidecar_bin();
+        let reachable = bin.ancestors().all(|p| {
+            p.as_os_str().is_empty()
+                || fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+        });
+        if reachable {
+            return bin;
+        }
+        let copy = self.scratch.path("bin/sidecar");
+        if !copy.exists() {
+            fs::create_dir_all(copy.parent().unwrap()).unwrap();
+            fs::copy(&bin, &copy).expect("copying the sidecar binary for nobody");
+            fs::set_permissions(copy.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    }
+
     /// `sidecar proxy` in the pod's `proxy` container, as nobody with no capabilities.
     fn start_proxy(&self, pod: &Pod, name: &str, sa: &str, extra: &[String]) -> Proc {
         let mut argv = strings(&[
@@ -400,7 +422,7 @@ impl Node {
             "--inh-caps=-all",
             "--bounding-set=-all",
         ]);
-        argv.push(sidecar_bin().display().to_string());
+        argv.push(self.unprivileged_bin().display().to_string());
         argv.extend(strings(&["proxy", "--agent-socket"]));
         argv.push(self.socket.display().to_string());
         argv.extend([
