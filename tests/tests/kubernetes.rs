@@ -341,7 +341,7 @@ impl Node {
     fn try_status(&self) -> Option<Value> {
         let out = output_with_timeout(
             Command::new(sidecar_bin())
-                .args(["agent", "--status", "--socket"])
+                .args(["agent", "--status", "--json", "--socket"])
                 .arg(&self.socket),
             STEP,
         );
@@ -1201,6 +1201,20 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
         node.workloads().is_empty(),
         "refused callers got WORKLOADS entries"
     );
+    // The same, as the table `sidecar agent --status` prints.
+    let out = output_with_timeout(
+        Command::new(sidecar_bin())
+            .args(["agent", "--status", "--socket"])
+            .arg(&node.socket),
+        STEP,
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("refusals       not_in_container 1, outside_pods 1, uid_mismatch 1"),
+        "{table}"
+    );
+    assert!(table.contains("pods           0 registered"), "{table}");
+    assert!(table.contains("connect_not_meshed"), "{table}");
 }
 
 /// Another container of a registered pod cannot take over the pod's registration (and so

@@ -31,9 +31,12 @@ pub struct AgentArgs {
     /// Remove every pin, link, state file and the socket (the agent must be stopped), then exit.
     #[arg(long, conflicts_with = "status")]
     pub uninstall: bool,
-    /// Ask the running agent for its registrations, refusals and counters (JSON), then exit.
+    /// Ask the running agent for its registrations, refusals and eBPF counters, then exit.
     #[arg(long)]
     pub status: bool,
+    /// With --status: print the agent's JSON document instead of the table.
+    #[arg(long, requires = "status")]
+    pub json: bool,
 }
 
 impl From<&AgentArgs> for AgentOptions {
@@ -60,11 +63,75 @@ pub fn dispatch(args: &AgentArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     if args.status {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&super::status(&opts.socket)?)?
-        );
+        let status = super::status(&opts.socket)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        } else {
+            print!("{}", render_status(&status));
+        }
         return Ok(0);
     }
     super::run(opts)
+}
+
+/// The table `sidecar agent --status` prints.
+pub fn render_status(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "agent          pid {}, {} programs",
+        text(&s["pid"]),
+        if s["adopted"] == true {
+            "adopted pinned"
+        } else {
+            "installed"
+        }
+    );
+    let _ = writeln!(out, "cgroup root    {}", text(&s["cgroup_root"]));
+    let _ = writeln!(out, "pins           {}", text(&s["pin_dir"]));
+    let pods = s["pods"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(out, "pods           {} registered", pods.len());
+    let refusals: Vec<String> = s["refusals"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "refusals       {}",
+        if refusals.is_empty() {
+            "none".to_string()
+        } else {
+            refusals.join(", ")
+        }
+    );
+    if !pods.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<38} {:>6} {:>5} {:>8}  PROXY CGROUP",
+            "POD UID", "PORT", "REGS", "PID"
+        );
+        for p in &pods {
+            let _ = writeln!(
+                out,
+                "{:<38} {:>6} {:>5} {:>8}  {}",
+                text(&p["pod_uid"]),
+                text(&p["proxy_port"]),
+                text(&p["registrations"]),
+                text(&p["pid"]),
+                text(&p["proxy_cgroup"])
+            );
+        }
+    }
+    if let Some(counters) = s["counters"].as_object() {
+        let _ = writeln!(out, "\n{:<28} {:>12}", "EBPF COUNTER", "VALUE");
+        for (k, v) in counters {
+            let _ = writeln!(out, "{k:<28} {:>12}", text(v));
+        }
+    }
+    out
 }
