@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent,
-    pod::{self, NotAPod},
+    Agent, pod,
     protocol::{MAX_LINE, Reply, Request},
     registry,
 };
@@ -59,7 +58,7 @@ pub fn bind(path: &Path, agent: Arc<Mutex<Agent>>) -> io::Result<Bound> {
         std::fs::create_dir_all(dir)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket_like() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -83,17 +82,6 @@ pub fn bind(path: &Path, agent: Arc<Mutex<Agent>>) -> io::Result<Bound> {
         ino: (meta.dev(), meta.ino()),
         generation,
     })
-}
-
-trait SocketLike {
-    fn is_socket_like(&self) -> bool;
-}
-
-impl SocketLike for std::fs::FileType {
-    fn is_socket_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_socket()
-    }
 }
 
 async fn accept_loop(
@@ -216,11 +204,7 @@ fn handle(
             };
             let pod = match pod::derive(&agent.root, &cgroup) {
                 Ok(p) => p,
-                Err(
-                    e @ (NotAPod::OutsideRoot(_) | NotAPod::NoPod(_) | NotAPod::NotInContainer(_)),
-                ) => {
-                    return agent.refuse(e.reason(), format!("pid {pid}: {e}"));
-                }
+                Err(e) => return agent.refuse(e.reason(), format!("pid {pid}: {e}")),
             };
             let claimed = pod::canonical_uid(&pod_uid);
             if claimed != pod.uid {
