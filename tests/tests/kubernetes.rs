@@ -1114,6 +1114,20 @@ fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
     assert!(body.contains("not attached"), "{body}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(node.readyz(&a), 503);
+    // The exec-probe form says the same with its exit code.
+    let probe = |pod: &Pod| {
+        output_with_timeout(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", pod.ns))
+                .arg(sidecar_bin())
+                .args(["status", "--require-ready", "--admin"])
+                .arg(format!("127.0.0.1:{ADMIN_PORT}")),
+            STEP,
+        )
+    };
+    let out = probe(&a);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not ready"));
 
     let _agent = node.start_agent("agent");
     let up = Instant::now();
@@ -1123,6 +1137,7 @@ fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
         up.elapsed()
     );
     assert!(pod_status(&node.status(), &a.uid).is_some());
+    assert!(probe(&a).status.success());
 }
 
 /// (c) A registration from a process not in the claimed pod is refused and counted: a

@@ -60,6 +60,10 @@ pub struct StatusArgs {
     /// Print the raw JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Exit 1 unless the sidecar is ready (/readyz): an exec probe for a pod sidecar whose
+    /// admin endpoint listens on localhost only.
+    #[arg(long)]
+    pub require_ready: bool,
 }
 
 /// `sidecar conns`.
@@ -97,12 +101,18 @@ fn fetch(admin: SocketAddr, path: &str) -> Result<String> {
 
 pub fn status(args: &StatusArgs) -> Result<String> {
     let body = fetch(args.admin, "/status")?;
-    if args.json {
+    if args.json && !args.require_ready {
         return Ok(body);
     }
     let status: Status = serde_json::from_str(&body)
         .with_context(|| format!("{} sent a /status this version cannot read", args.admin))?;
-    Ok(status.render())
+    if args.require_ready && !status.ready {
+        anyhow::bail!(
+            "the sidecar at {} is not ready (its /readyz lists the checks)",
+            args.admin
+        );
+    }
+    Ok(if args.json { body } else { status.render() })
 }
 
 #[derive(Deserialize)]
