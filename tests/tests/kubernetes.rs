@@ -1331,6 +1331,85 @@ fn agent_in_its_own_cgroup_namespace_identifies_callers() {
     assert_eq!(node.status()["refusals"]["uid_mismatch"], 1);
 }
 
+/// The agent is SIGKILLed (no cleanup at all): interception continues on the pinned
+/// programs, and the next agent replaces the stale socket file, adopts the pins and the
+/// proxies re-register.
+#[test]
+fn agent_sigkill_keeps_interception_and_the_next_agent_takes_over() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("sigkill");
+    let agent = node.start_agent("agent-1");
+    let (pods, _proxy_a, _proxy_b) = two_pods(&node);
+    let _server = node.server(&pods.b);
+    drop(agent); // SIGKILL
+    assert!(
+        node.socket.exists(),
+        "a killed agent cannot remove its socket"
+    );
+
+    // No agent: the pods are still intercepted (and tunnelled).
+    let mut client = node.app(&pods.a, "client-1", &echo_args(1000, 2));
+    client.success(STEP);
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 2));
+
+    let agent2 = node.start_agent("agent-2");
+    assert!(agent2_log_adopted(&agent2), "{}", agent2.stderr());
+    assert!(wait_until(STEP, || {
+        let s = node.status();
+        [&pods.a, &pods.b]
+            .iter()
+            .all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
+    }));
+    let mut client = node.app(&pods.a, "client-2", &echo_args(1000, 2));
+    client.success(STEP);
+    assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 4));
+    assert!(
+        access_lines(&pods.log_a)
+            .iter()
+            .all(|l| l["mode"] == "mtls")
+    );
+}
+
+/// Garbage on the registration socket is refused line by line (an oversized line closes the
+/// connection) and counted; the agent keeps serving.
+#[test]
+fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
+    use std::io::{BufRead, BufReader, Read};
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("garbage");
+    let _agent = node.start_agent("agent");
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    for line in [
+        "not json",
+        r#"{"op":"sudo"}"#,
+        r#"{"op":"register"}"#,
+        r#"{"op":"register","pod_uid":"x","proxy_port":70000}"#,
+        r#"{"op":"deregister"}"#,
+    ] {
+        writeln!(s, "{line}").unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        let reply: Value = serde_json::from_str(&reply).expect("a JSON answer");
+        assert_eq!(reply["ok"], false, "{line}: {reply}");
+    }
+    // 8 KiB without a newline: refused, and the connection closed.
+    s.write_all(&vec![b'x'; 8192]).unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("\"reason\":\"bad_request\""), "{rest}");
+    let status = node.status();
+    assert_eq!(status["refusals"]["bad_request"], 5, "{status:#}");
+    assert_eq!(status["refusals"]["not_registered"], 1, "{status:#}");
+}
+
 /// One register request from this process, straight on the socket.
 fn raw_register(socket: &Path, uid: &str) -> Value {
     use std::io::{BufRead, BufReader};
