@@ -1410,6 +1410,88 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
     assert_eq!(status["refusals"]["not_registered"], 1, "{status:#}");
 }
 
+/// The agent's admin endpoint: /healthz, and /metrics in valid Prometheus text with the
+/// registered pods, refusals by reason (every reason from zero) and the node-wide eBPF
+/// counters moved by real traffic.
+#[test]
+fn agent_admin_endpoint_serves_health_and_metrics() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("agentadmin");
+    let mut argv = vec![sidecar_bin().display().to_string(), "agent".into()];
+    argv.extend(node.agent_args());
+    argv.push("--admin-addr=127.0.0.1:22190".into());
+    let agent = spawn(
+        &node.scratch,
+        "agent",
+        None,
+        None,
+        &argv,
+        &[("SIDECAR_LOG", "info")],
+    );
+    assert!(
+        wait_until(STEP, || node.try_status().is_some()),
+        "{}",
+        agent.stderr()
+    );
+    let get = |path: &str| {
+        let out = output_with_timeout(
+            Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:22190{path}")]),
+            STEP,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(get("/healthz"), "ok\n");
+
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let _ = raw_register(&node.socket, &a.uid); // from outside the pods: refused
+    let mut client = node.app(
+        &a,
+        "client",
+        &strings(&["connect-fail", "--addr=10.253.0.2:22120"]),
+    );
+    client.success(STEP);
+
+    let text = get("/metrics");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("not Prometheus text ({e}):\n{text}"));
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} {label:?} missing:\n{text}"))
+    };
+    assert_eq!(value("sidecar_agent_registered_pods", None), 1.0);
+    assert_eq!(
+        value(
+            "sidecar_agent_registration_refusals_total",
+            Some(("reason", "outside_pods"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "sidecar_agent_registration_refusals_total",
+            Some(("reason", "uid_mismatch"))
+        ),
+        0.0
+    );
+    assert!(
+        value("sidecar_ebpf_connect_redirected_total", None) >= 1.0,
+        "{text}"
+    );
+    assert!(get("/status").contains(&a.uid));
+}
+
 /// One register request from this process, straight on the socket.
 fn raw_register(socket: &Path, uid: &str) -> Value {
     use std::io::{BufRead, BufReader};

@@ -28,6 +28,10 @@ pub struct AgentArgs {
     /// How often pods that went away are removed, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub sweep_interval_ms: u64,
+    /// Admin endpoint (/healthz, /metrics with the node-wide eBPF counters, /status): IP:PORT,
+    /// or off.
+    #[arg(long, value_name = "ADDR|off", default_value = "off", value_parser = parse_admin)]
+    pub admin_addr: MaybeAddr,
     /// Remove every pin, link, state file and the socket (the agent must be stopped), then exit.
     #[arg(long, conflicts_with = "status")]
     pub uninstall: bool,
@@ -49,8 +53,22 @@ impl From<&AgentArgs> for AgentOptions {
             pin_dir: a.pin_dir.clone(),
             sockmap: !a.no_sockmap,
             sweep_interval: Duration::from_millis(a.sweep_interval_ms.max(100)),
+            admin_addr: a.admin_addr,
         }
     }
+}
+
+/// An alias, so clap takes the parser's `Option` as the value (`off` → `None`) instead of
+/// making the flag optional.
+pub type MaybeAddr = Option<std::net::SocketAddr>;
+
+fn parse_admin(s: &str) -> Result<MaybeAddr, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{e}: give IP:PORT or off"))
 }
 
 /// Runs the command the flags ask for; returns the exit code.

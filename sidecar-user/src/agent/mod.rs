@@ -13,6 +13,7 @@
 //! gone are dropped). `sidecar agent --uninstall` removes every pin, link, state file and the
 //! socket.
 
+pub mod admin;
 pub mod cli;
 pub mod pins;
 pub mod pod;
@@ -54,6 +55,8 @@ pub struct AgentOptions {
     pub sockmap: bool,
     /// How often pods that went away are looked for (and the socket file checked).
     pub sweep_interval: Duration,
+    /// The admin endpoint (`/healthz`, `/metrics`, `/status`); `None`: off.
+    pub admin_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentOptions {
@@ -192,10 +195,27 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         registry,
     }));
 
+    // Bound before serving anything, so a busy address is a clean error.
+    let admin = match opts.admin_addr {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve the admin endpoint on {addr}: {e}: pick another --admin-addr"
+            )
+        })?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let Some(listener) = admin {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        rt.spawn(admin::serve(listener, agent.clone()));
+        info!(%addr, "agent admin endpoint serving");
+    }
     rt.block_on(serve(agent, &opts))?;
     info!(
         "agent stopping: programs stay attached and pinned (`sidecar agent --uninstall` removes them)"
