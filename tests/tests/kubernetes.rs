@@ -1844,6 +1844,44 @@ fn agent_without_a_pods_cgroup_root_fails_cleanly() {
     assert!(!scratch.path("state").exists() && !scratch.path("agent.sock").exists());
 }
 
+/// Bad input: restarting the agent with another --cgroup-root while its pins are attached at
+/// the first one is refused in one line, and the pins stay as they were.
+#[test]
+fn agent_refuses_to_adopt_pins_attached_at_another_root() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("otherroot");
+    let mut agent = node.start_agent("agent-1");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(STEP).success());
+    let other = node.base.join("kubepods2");
+    fs::create_dir_all(&other).unwrap();
+    let mut args = vec!["agent".to_string()];
+    args.extend(node.agent_args());
+    let i = args.iter().position(|a| a == "--cgroup-root").unwrap();
+    args[i + 1] = other.display().to_string();
+    let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains("are attached at") && err.contains("--uninstall"),
+        "{err}"
+    );
+    assert_eq!(
+        attached_programs(&node.root).len(),
+        4,
+        "the pins were touched"
+    );
+    assert!(attached_programs(&other).is_empty());
+}
+
 /// A sidecar whose certificate names another service account refuses to start.
 #[test]
 fn proxy_refuses_a_certificate_of_another_service_account() {

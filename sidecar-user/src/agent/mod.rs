@@ -144,6 +144,19 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         );
     }
 
+    // Pins attached elsewhere cannot be adopted for this root: the programs would keep
+    // intercepting the old one and never see these pods.
+    if let Some(p) = previous.as_ref().filter(|p| p.cgroup_root != root)
+        && pin_dir.exists()
+    {
+        bail!(
+            "the pins in {} are attached at {}, not at --cgroup-root {}: run `sidecar agent \
+             --uninstall` first, or keep the same --cgroup-root",
+            pin_dir.display(),
+            p.cgroup_root.display(),
+            root.display()
+        );
+    }
     let mut pins = AgentPins::open_or_install(&pin_dir, &root, opts.sockmap)?;
     let object = object_fingerprint();
     // A restart adopts as is; an upgrade (the pins come from another build) swaps the programs
