@@ -1653,7 +1653,7 @@ fn drain_deadline_cuts_connections_that_stay_open() {
     let took = term.elapsed();
     assert!(status.success(), "{}", proxy.stderr());
     assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
         "exit {took:?} after SIGTERM with a 1 s deadline"
     );
     let err = proxy.stderr();
