@@ -969,6 +969,62 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     );
 }
 
+/// The agent restarts without its state directory (not on the host): the adopted pins keep
+/// intercepting while the sidecars re-register, so no connect passes through un-intercepted.
+#[test]
+fn agent_restart_with_lost_state_keeps_interception_while_sidecars_reregister() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("loststate");
+    let mut agent = node.start_agent("agent-1");
+    let (pods, _proxy_a, _proxy_b) = two_pods(&node);
+    let _server = node.server(&pods.b);
+    let before = node.status()["counters"].clone();
+    const CONNECTS: usize = 400;
+    let mut connects = node.app(&pods.a, "connects", &echo_args(64, CONNECTS));
+    std::thread::sleep(Duration::from_millis(300));
+
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(STEP).success());
+    fs::remove_dir_all(&node.state_dir).unwrap();
+    let agent2 = node.start_agent("agent-2");
+    assert!(
+        wait_until(STEP, || agent2.stderr().contains("has no registrations")),
+        "{}",
+        agent2.stderr()
+    );
+    assert!(wait_until(STEP, || {
+        let s = node.status();
+        [&pods.a, &pods.b]
+            .iter()
+            .all(|p| pod_status(&s, &p.uid).is_some())
+    }));
+    let out = connects.success(Duration::from_secs(60));
+    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    assert!(
+        lines.len() == CONNECTS && lines.iter().all(|l| l.ok),
+        "{out}"
+    );
+    let after = node.status()["counters"].clone();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(
+        delta("connect_not_meshed"),
+        0,
+        "connects passed through un-intercepted"
+    );
+    assert_eq!(delta("connect_redirected"), CONNECTS as u64);
+    // Re-registered pods got scopes the kept entries did not use.
+    let scopes: Vec<u64> = node.status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["scope"].as_u64().unwrap())
+        .collect();
+    assert!(scopes.iter().all(|s| *s > 2), "{scopes:?}");
+}
+
 fn secs(t: std::time::SystemTime) -> f64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .unwrap()

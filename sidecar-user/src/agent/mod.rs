@@ -41,6 +41,9 @@ use crate::host::{bpffs::Bpffs, cgroup, privileges};
 pub const STATE_DIR: &str = "/run/sidecar/agent";
 /// The agent's record in the state directory.
 const AGENT_FILE: &str = "agent.json";
+/// How long adopted kernel entries without registrations are kept for their sidecars to
+/// re-register (they retry within 2 s of losing the agent).
+const LOST_STATE_GRACE: Duration = Duration::from_secs(10);
 
 /// Everything `sidecar agent` is told.
 #[derive(Debug, Clone)]
@@ -190,8 +193,18 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         },
     )?;
 
+    let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)
         .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;
+    if pins.adopted && !registrations_kept {
+        warn!(
+            "the pins are adopted but {} has no registrations: keeping the pinned interception \
+             for {LOST_STATE_GRACE:?} while the sidecars re-register (keep the state directory on \
+             the host, e.g. a hostPath)",
+            opts.state_dir.display()
+        );
+        registry.hold(&pins, LOST_STATE_GRACE);
+    }
     let gone = registry.reconcile(&mut pins)?;
     info!(
         kept = registry.pods().count(),

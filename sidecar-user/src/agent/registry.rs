@@ -110,6 +110,8 @@ pub struct Registry {
     pods: BTreeMap<String, Registration>,
     /// Refused registrations by reason, since this agent started.
     refusals: BTreeMap<&'static str, u64>,
+    /// Until then, kernel entries no registration explains are kept (see [`Registry::hold`]).
+    hold_until: Option<std::time::Instant>,
 }
 
 impl Registry {
@@ -132,7 +134,24 @@ impl Registry {
             next_scope: persisted.next_scope.max(1),
             pods: persisted.pods,
             refusals: BTreeMap::new(),
+            hold_until: None,
         })
+    }
+
+    /// Adopted pins without the registrations that explain them (the state directory was
+    /// lost): keep every `WORKLOADS`/`EXCLUDED_CIDRS` entry for `grace` while the sidecars
+    /// re-register, instead of dropping their pods' interception at once; and never hand out
+    /// a scope the kernel entries still use.
+    pub fn hold(&mut self, pins: &AgentPins, grace: std::time::Duration) {
+        self.hold_until = Some(std::time::Instant::now() + grace);
+        let max_scope = pins
+            .workloads
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, cfg)| cfg.scope)
+            .max()
+            .unwrap_or(0);
+        self.next_scope = self.next_scope.max(max_scope.saturating_add(1));
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Registration> {
@@ -278,8 +297,14 @@ impl Registry {
                 [(r.pod_cgroup_id, w), (r.proxy_cgroup_id, p)]
             })
             .collect();
+        let prune = self
+            .hold_until
+            .is_none_or(|t| std::time::Instant::now() >= t);
         let present: BTreeSet<u64> = pins.workloads.keys().filter_map(Result::ok).collect();
-        for id in present.iter().filter(|id| !wanted.contains_key(id)) {
+        for id in present
+            .iter()
+            .filter(|id| prune && !wanted.contains_key(id))
+        {
             let _ = pins.workloads.remove(id);
         }
         for (id, cfg) in &wanted {
@@ -291,7 +316,7 @@ impl Registry {
         let present: Vec<Key<ScopedAddr>> = pins.excluded.keys().filter_map(Result::ok).collect();
         for key in present
             .iter()
-            .filter(|p| !wanted.iter().any(|w| same_key(w, p)))
+            .filter(|p| prune && !wanted.iter().any(|w| same_key(w, p)))
         {
             let _ = pins.excluded.remove(key);
         }
