@@ -185,12 +185,22 @@ impl Container<'_> {
         })
     }
 
-    /// The sidecar subcommand this container runs, if its command is our binary.
+    /// The sidecar subcommand this container runs, if its command is our binary; the
+    /// agent's `--uninstall` run counts as `uninstall`.
     fn mode(&self) -> Option<String> {
         let cmd = self.strings("command");
-        (cmd.first().map(String::as_str) == Some(BINARY))
+        let mode = (cmd.first().map(String::as_str) == Some(BINARY))
             .then(|| cmd.get(1).cloned())
-            .flatten()
+            .flatten()?;
+        let uninstall = [cmd, self.strings("args")]
+            .concat()
+            .iter()
+            .any(|a| a == "--uninstall");
+        Some(if mode == "agent" && uninstall {
+            "uninstall".into()
+        } else {
+            mode
+        })
     }
 
     fn security(&self) -> &Value {
@@ -388,51 +398,97 @@ fn check_proxy(docs: &[Doc]) -> Vec<String> {
 /// would refuse ruled out here already.
 fn check_agent(docs: &[Doc]) -> Vec<String> {
     let mut p = Vec::new();
-    let n = each_sidecar(docs, "agent", |c| {
-        let l = c.label();
-        if c.pod.doc.kind() != "DaemonSet" {
-            p.push(format!("{l}: the agent must run as a DaemonSet"));
-        }
-        let s = c.security();
-        let privileged = s["privileged"].as_bool() == Some(true);
-        if privileged {
-            p.push(format!("{l}: privileged: true"));
-        }
-        let added: BTreeSet<String> = c.capabilities("add").into_iter().collect();
-        let expected: BTreeSet<String> = AGENT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
-        if added != expected || c.capabilities("add").len() != added.len() {
-            p.push(format!(
-                "{l}: adds capabilities {:?}, the documented list is {AGENT_CAPABILITIES:?}",
-                c.capabilities("add")
-            ));
-        }
-        if c.capabilities("drop") != ["ALL"] {
-            p.push(format!("{l}: capabilities.drop is not [ALL]"));
-        }
-        if c.pod.spec["hostPID"].as_bool() != Some(true) {
-            p.push(format!(
-                "{l}: hostPID is not true (SO_PEERCRED pids must be the host's)"
-            ));
-        }
-        if s["allowPrivilegeEscalation"].as_bool() == Some(false) && added.contains("SYS_ADMIN") {
-            p.push(format!(
+    let mut counts = [0; 2];
+    for (i, mode) in ["agent", "uninstall"].into_iter().enumerate() {
+        counts[i] = each_sidecar(docs, mode, |c| {
+            let l = c.label();
+            if c.pod.doc.kind() != "DaemonSet" {
+                p.push(format!("{l}: the {mode} must run as a DaemonSet"));
+            }
+            if mode == "uninstall" && !c.init {
+                p.push(format!(
+                    "{l}: the uninstall must be an init container (it runs once)"
+                ));
+            }
+            let s = c.security();
+            let privileged = s["privileged"].as_bool() == Some(true);
+            if privileged {
+                p.push(format!("{l}: privileged: true"));
+            }
+            let added: BTreeSet<String> = c.capabilities("add").into_iter().collect();
+            let expected: BTreeSet<String> =
+                AGENT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
+            if added != expected || c.capabilities("add").len() != added.len() {
+                p.push(format!(
+                    "{l}: adds capabilities {:?}, the documented list is {AGENT_CAPABILITIES:?}",
+                    c.capabilities("add")
+                ));
+            }
+            if c.capabilities("drop") != ["ALL"] {
+                p.push(format!("{l}: capabilities.drop is not [ALL]"));
+            }
+            if mode == "agent" {
+                for probe in ["readinessProbe", "livenessProbe"] {
+                    let cmd: Vec<&str> = seq(&c.c[probe]["exec"]["command"])
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let socket = c.flag("--socket").map(|s| format!("--socket={s}"));
+                    if cmd.get(..3) != Some(&[BINARY, "agent", "--status"][..])
+                        || !cmd.iter().any(|a| Some(*a) == socket.as_deref())
+                    {
+                        p.push(format!(
+                            "{l}: {probe} is not `{BINARY} agent --status` on the agent's socket"
+                        ));
+                    }
+                }
+            }
+            if c.pod.spec["hostPID"].as_bool() != Some(true) {
+                p.push(format!(
+                    "{l}: hostPID is not true (SO_PEERCRED pids must be the host's)"
+                ));
+            }
+            if s["allowPrivilegeEscalation"].as_bool() == Some(false) && added.contains("SYS_ADMIN")
+            {
+                p.push(format!(
                 "{l}: allowPrivilegeEscalation: false with SYS_ADMIN is refused by the API server"
             ));
-        }
-        for m in seq(&c.c["volumeMounts"]) {
-            if m["mountPropagation"].as_str() == Some("Bidirectional") && !privileged {
-                p.push(format!(
-                    "{l}: mount {} is Bidirectional, which the API server allows only for \
+            }
+            for m in seq(&c.c["volumeMounts"]) {
+                if m["mountPropagation"].as_str() == Some("Bidirectional") && !privileged {
+                    p.push(format!(
+                        "{l}: mount {} is Bidirectional, which the API server allows only for \
                      privileged containers",
-                    m["mountPath"].as_str().unwrap_or("?")
+                        m["mountPath"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        });
+    }
+    if counts != [1, 1] {
+        p.push(format!(
+            "expected one container running [{BINARY}, agent] and one with --uninstall, found \
+             {counts:?}"
+        ));
+    }
+    // `kubectl apply -k deploy/` must never uninstall.
+    for doc in docs
+        .iter()
+        .filter(|d| d.file == "deploy/kustomization.yaml")
+    {
+        for r in seq(&doc.value["resources"])
+            .iter()
+            .filter_map(Value::as_str)
+        {
+            let file = format!("deploy/{r}");
+            let listed: Vec<Doc> = docs.iter().filter(|d| d.file == file).cloned().collect();
+            if each_sidecar(&listed, "uninstall", |_| {}) > 0 {
+                p.push(format!(
+                    "{}: lists {r}, which uninstalls the agent",
+                    doc.file
                 ));
             }
         }
-    });
-    if n != 1 {
-        p.push(format!(
-            "expected one container running [{BINARY}, agent], found {n}"
-        ));
     }
     p
 }
@@ -524,6 +580,38 @@ fn check_defaults(docs: &[Doc]) -> Vec<String> {
             agent_state.push((l, state.clone(), c.host_path(&state)));
         }
     });
+    // The uninstall finds what the agent made: the same flags, the same host paths.
+    let mut agent_paths = Vec::new();
+    each_sidecar(docs, "agent", |c| {
+        for flag in ["--socket", "--bpffs", "--state-dir"] {
+            agent_paths.push((flag, c.flag(flag)));
+        }
+        for m in seq(&c.c["volumeMounts"]) {
+            let path = m["mountPath"].as_str().unwrap_or("");
+            agent_paths.push(("mount", Some(format!("{path} <- {:?}", c.host_path(path)))));
+        }
+    });
+    each_sidecar(docs, "uninstall", |c| {
+        for (flag, value) in &agent_paths {
+            let got = if *flag == "mount" {
+                let path = value
+                    .as_deref()
+                    .unwrap_or("")
+                    .split(" <- ")
+                    .next()
+                    .unwrap_or("");
+                Some(format!("{path} <- {:?}", c.host_path(path)))
+            } else {
+                c.flag(flag)
+            };
+            if got != *value {
+                p.push(format!(
+                    "{}: {flag} is {got:?}, the agent's is {value:?}",
+                    c.label()
+                ));
+            }
+        }
+    });
     // Every side mounts the socket's directory from the same host directory.
     let agent_host = socket_hosts.last().and_then(|(_, h)| h.clone());
     for (l, host) in &socket_hosts {
@@ -568,7 +656,11 @@ fn image_name_tag(image: &str) -> (String, Option<String>) {
 fn check_images(docs: &[Doc]) -> Vec<String> {
     let mut p = Vec::new();
     let version = env!("CARGO_PKG_VERSION");
-    for (mode, (image, _)) in [("agent", AGENT_IMAGE), ("proxy", PROXY_IMAGE)] {
+    for (mode, (image, _)) in [
+        ("agent", AGENT_IMAGE),
+        ("uninstall", AGENT_IMAGE),
+        ("proxy", PROXY_IMAGE),
+    ] {
         each_sidecar(docs, mode, |c| {
             let got = c.c["image"].as_str().unwrap_or("");
             let (name, tag) = image_name_tag(got);
@@ -580,28 +672,22 @@ fn check_images(docs: &[Doc]) -> Vec<String> {
             }
         });
     }
+    let ours = [AGENT_IMAGE.0, PROXY_IMAGE.0];
     for doc in docs.iter().filter(|d| d.kind() == "Kustomization") {
-        let listed: BTreeSet<(String, Option<String>)> = seq(&doc.value["images"])
-            .iter()
-            .map(|i| {
-                (
-                    i["name"].as_str().unwrap_or("").to_string(),
-                    i["newTag"].as_str().map(str::to_owned),
-                )
-            })
-            .collect();
-        if listed.is_empty() {
-            continue;
+        let mut names = BTreeSet::new();
+        for i in seq(&doc.value["images"]) {
+            let name = i["name"].as_str().unwrap_or("");
+            names.insert(name);
+            if !ours.contains(&name) || i["newTag"].as_str() != Some(version) {
+                p.push(format!(
+                    "{}: images entry {name}:{:?} is not one of ours ({ours:?}) at {version}",
+                    doc.file,
+                    i["newTag"].as_str()
+                ));
+            }
         }
-        let expected: BTreeSet<(String, Option<String>)> = [AGENT_IMAGE.0, PROXY_IMAGE.0]
-            .iter()
-            .map(|n| (n.to_string(), Some(version.to_string())))
-            .collect();
-        if listed != expected {
-            p.push(format!(
-                "{}: images {listed:?}, expected {expected:?}",
-                doc.file
-            ));
+        if doc.file == "deploy/kustomization.yaml" && names != ours.into_iter().collect() {
+            p.push(format!("{}: images {names:?}, expected {ours:?}", doc.file));
         }
     }
     p
@@ -1412,9 +1498,66 @@ fn each_rule_catches_its_fault() {
             "expected sidecar-agent:",
         ),
         (
+            "agent probe on another socket",
+            |d, _| {
+                *at(
+                    doc_mut(d, "DaemonSet"),
+                    &format!("{AGENT}/livenessProbe/exec/command/3"),
+                ) = yaml("--socket=/tmp/x.sock")
+            },
+            "livenessProbe is not",
+        ),
+        (
+            "uninstall with another state dir",
+            |d, _| {
+                set_arg(
+                    at(
+                        named_mut(d, "DaemonSet", "sidecar-uninstall"),
+                        "spec/template/spec/initContainers/0/args",
+                    ),
+                    "--state-dir",
+                    "--state-dir=/run/other",
+                )
+            },
+            "--state-dir is Some(\"/run/other\"), the agent's is",
+        ),
+        (
+            "uninstall from another bpffs",
+            |d, _| {
+                *at(
+                    named_mut(d, "DaemonSet", "sidecar-uninstall"),
+                    "spec/template/spec/volumes/0/hostPath/path",
+                ) = yaml("/run/bpf")
+            },
+            "mount is Some(\"/sys/fs/bpf <- Some(\\\"/run/bpf\\\")\")",
+        ),
+        (
+            "uninstall in the main kustomization",
+            |d, _| {
+                at(file_mut(d, "deploy/kustomization.yaml"), "resources")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push(yaml("uninstall/uninstall.yaml"))
+            },
+            "which uninstalls the agent",
+        ),
+        (
+            "uninstall as a long-running container",
+            |d, _| {
+                let spec = at(
+                    named_mut(d, "DaemonSet", "sidecar-uninstall"),
+                    "spec/template/spec",
+                );
+                let init = at(spec, "initContainers").clone();
+                *at(spec, "containers") = init;
+                *at(spec, "initContainers") = Value::Null;
+            },
+            "must be an init container",
+        ),
+        (
             "kustomize retags something else",
             |d, _| *at(file_mut(d, "deploy/kustomization.yaml"), "images/0/name") = yaml("sidecar"),
-            "images {",
+            "is not one of ours",
         ),
         (
             "grace shorter than the drain",
@@ -1447,7 +1590,7 @@ fn each_rule_catches_its_fault() {
         (
             "command not our binary",
             |d, _| *at(doc_mut(d, "DaemonSet"), &format!("{AGENT}/command/0")) = yaml("/sidecar"),
-            "expected one container running",
+            "expected one container running [/usr/local/bin/sidecar, agent] and one with --uninstall",
         ),
         (
             "Dockerfile proxy as root",
