@@ -929,6 +929,34 @@ fn check_dockerfile(text: &str, dockerignore: &str, docs: &[Doc]) -> Vec<String>
             }
         });
     }
+    // The builder is a developer machine: the workspace's toolchain, xtask's eBPF build.
+    if let Some(lines) = stage("builder") {
+        let runs = lines
+            .iter()
+            .filter(|l| l.to_ascii_uppercase().starts_with("RUN "))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n");
+        for needed in ["cargo xtask build-ebpf", "--locked"] {
+            if !runs.contains(needed) {
+                p.push(format!("Dockerfile stage builder: no RUN uses {needed:?}"));
+            }
+        }
+    }
+    let cargo_toml = std::fs::read_to_string(root.join("Cargo.toml")).unwrap_or_default();
+    let rust_version = cargo_toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_string());
+    let arg = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ARG RUST_VERSION="))
+        .map(str::to_owned);
+    if arg.is_none() || arg != rust_version {
+        p.push(format!(
+            "Dockerfile: ARG RUST_VERSION={arg:?}, the workspace's rust-version is {rust_version:?}"
+        ));
+    }
     if !ignored.iter().any(|i| i.trim_end_matches('/') == "target") {
         p.push(".dockerignore: target/ is not excluded (gigabytes of build context)".into());
     }
@@ -1591,6 +1619,16 @@ fn each_rule_catches_its_fault() {
             "command not our binary",
             |d, _| *at(doc_mut(d, "DaemonSet"), &format!("{AGENT}/command/0")) = yaml("/sidecar"),
             "expected one container running [/usr/local/bin/sidecar, agent] and one with --uninstall",
+        ),
+        (
+            "Dockerfile on another toolchain",
+            |_, f| *f = f.replace("ARG RUST_VERSION=1.95", "ARG RUST_VERSION=1.90"),
+            "the workspace's rust-version is",
+        ),
+        (
+            "Dockerfile without xtask's eBPF build",
+            |_, f| *f = f.replace(" && cargo xtask build-ebpf", ""),
+            "no RUN uses \"cargo xtask build-ebpf\"",
         ),
         (
             "Dockerfile proxy as root",
