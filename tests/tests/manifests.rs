@@ -30,6 +30,9 @@ use sidecar_tests::{host::output_with_timeout, scratch::Scratch, sidecar_bin, sk
 /// The Kubernetes release whose schemas the manifests must satisfy (kubernetes-validate
 /// 1.37.0 bundles 1.25–1.37; `.ci/run` pins that version).
 const KUBERNETES_VERSION: &str = "1.37.0";
+/// The oldest release the manifests are for, validated too: native sidecars came in 1.29,
+/// `appArmorProfile` and the `sleep` preStop action in 1.30 (1.29's schema refuses the first).
+const OLDEST_KUBERNETES_VERSION: &str = "1.30.0";
 /// The capabilities the node agent adds, and no others. deploy/agent.yaml says why each is
 /// needed (and README, Kubernetes, repeats it): change all three together.
 const AGENT_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
@@ -1008,10 +1011,10 @@ const INSTALL_HINT: &str = "kubernetes-validate is not installed: `python3 -m ve
 
 /// Runs the validator on `files`; returns the problems (errors, and warnings other than a
 /// missing schema for one of [`CRD_KINDS`]).
-fn validate(bin: &Path, files: &[PathBuf]) -> Vec<String> {
+fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> Vec<String> {
     let out = output_with_timeout(
         Command::new(bin)
-            .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
+            .args(["--strict", "--kubernetes-version", version])
             .args(files),
         Duration::from_secs(120),
     );
@@ -1054,12 +1057,19 @@ fn deploy_passes_the_schema_validator_in_strict_mode() {
         "validator {} against Kubernetes {KUBERNETES_VERSION}",
         String::from_utf8_lossy(&version.stdout).trim()
     );
-    let problems = validate(&bin, &yaml_files());
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    for version in [KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION] {
+        let problems = validate(&bin, version, &yaml_files());
+        assert!(
+            problems.is_empty(),
+            "Kubernetes {version}:\n{}",
+            problems.join("\n")
+        );
+    }
 }
 
 /// The validator is really strict and our filter lets through only the listed CRDs: an
-/// unknown field, a wrong type and an unknown apiVersion are each reported.
+/// unknown field, a wrong type and an unknown apiVersion are each reported; and the release
+/// before the oldest we claim does refuse the agent's manifest.
 #[test]
 fn the_validator_refuses_bad_manifests() {
     let Some(bin) = validator() else {
@@ -1085,12 +1095,19 @@ fn the_validator_refuses_bad_manifests() {
         ),
     ] {
         let path = scratch.write(&format!("{name}.yaml"), text);
-        let problems = validate(&bin, &[path]);
+        let problems = validate(&bin, KUBERNETES_VERSION, &[path]);
         assert!(
             problems.iter().any(|p| p.contains(expect)),
             "{name}: expected a problem mentioning {expect:?}, got {problems:?}"
         );
     }
+    let problems = validate(&bin, "1.29.0", &[workspace().join("deploy/agent.yaml")]);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("'appArmorProfile' was unexpected")),
+        "1.29 should refuse appArmorProfile: {problems:?}"
+    );
 }
 
 // ---- the flags exist ------------------------------------------------------------------------
