@@ -259,6 +259,62 @@ fn a_mixed_or_empty_tls_dir_is_a_one_line_error() {
     }
 }
 
+/// `sidecar proxy --tls-dir` (the pod sidecar, deploy/example-app.yaml) takes every layout
+/// too: started against a Secret volume of each, it gets past loading its certificates (it is
+/// still running after a moment, waiting for an agent that is not there, or stopped for
+/// another reason). A build without `sidecar proxy` (it comes from another branch) is
+/// reported and not checked.
+#[test]
+fn sidecar_proxy_takes_every_layout() {
+    let help = output_with_timeout(
+        Command::new(sidecar_bin()).args(["proxy", "--help"]),
+        Duration::from_secs(10),
+    );
+    if !help.status.success() {
+        eprintln!("not checked: this build has no `sidecar proxy`");
+        return;
+    }
+    let scratch = Scratch::new("pkg-proxy-layouts");
+    let ca = Ca::new();
+    for (n, layout) in Layout::ALL.into_iter().enumerate() {
+        let dir = scratch.path(&format!("vol{n}"));
+        write_secret(
+            &dir,
+            layout,
+            &ca.issue(&format!("spiffe://{TD}/ns/demo/sa/app")),
+        );
+        let mut child = Command::new(sidecar_bin())
+            .arg("proxy")
+            .arg("--tls-dir")
+            .arg(&dir)
+            .arg("--agent-socket")
+            .arg(scratch.path("no-agent.sock"))
+            .args(["--pod-uid", "00000000-0000-0000-0000-000000000000"])
+            .args(["--admin-addr", "off", "--no-inbound"])
+            .args(["--proxy-port", &(23150 + n as u16).to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting sidecar proxy");
+        let exited = host::wait_child(&mut child, Duration::from_secs(2));
+        if exited.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut stderr = String::new();
+        use std::io::Read as _;
+        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let names = layout.names();
+        assert!(
+            !stderr.contains("workload certificates") && !stderr.contains("--tls-dir"),
+            "`sidecar proxy` cannot load the {layout:?} layout ({}): build its TlsFiles with \
+             TlsFiles::discover(&dir), as `sidecar run` does:\n{stderr}",
+            names.join(", ")
+        );
+    }
+}
+
 /// Two pods: the server's credentials are a cert-manager Secret (SEC1 key), the client's the
 /// SPIFFE helper's files. Streams run while kubelet rotates the server's Secret to a new
 /// identity: new tunnels present it, the open streams finish byte-exact, nothing is refused.
