@@ -33,9 +33,10 @@ const KUBERNETES_VERSION: &str = "1.37.0";
 /// The oldest release the manifests are for, validated too: native sidecars came in 1.29,
 /// `appArmorProfile` and the `sleep` preStop action in 1.30 (1.29's schema refuses the first).
 const OLDEST_KUBERNETES_VERSION: &str = "1.30.0";
-/// The capabilities the node agent adds, and no others. deploy/agent.yaml says why each is
-/// needed (and README, Kubernetes, repeats it): change all three together.
-const AGENT_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+/// The capabilities the node agent (and its uninstall) adds, and no others. deploy/agent.yaml
+/// says why each is needed and why SYS_ADMIN and SYS_RESOURCE are not (README, Kubernetes,
+/// repeats it): change them together.
+const AGENT_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 /// (apiVersion, kind) the validator has no schema for and lets through with a warning:
 /// cert-manager's CRDs and kustomize's own file. Any other unknown kind (a typo'd apiVersion,
 /// say) is an error. Their fields are checked by [`check_certificates`] and
@@ -450,6 +451,11 @@ fn check_agent(docs: &[Doc]) -> Vec<String> {
                 p.push(format!(
                     "{l}: hostPID is not true (SO_PEERCRED pids must be the host's)"
                 ));
+            }
+            if !added.contains("SYS_ADMIN")
+                && s["allowPrivilegeEscalation"].as_bool() != Some(false)
+            {
+                p.push(format!("{l}: allowPrivilegeEscalation is not false"));
             }
             if s["allowPrivilegeEscalation"].as_bool() == Some(false) && added.contains("SYS_ADMIN")
             {
@@ -1443,7 +1449,7 @@ fn each_rule_catches_its_fault() {
                 *at(
                     doc_mut(d, "DaemonSet"),
                     &format!("{AGENT}/securityContext/capabilities/add"),
-                ) = yaml("[BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_RESOURCE, SYS_PTRACE]")
+                ) = yaml("[BPF, NET_ADMIN, PERFMON, SYS_ADMIN]")
             },
             "the documented list is",
         ),
@@ -1477,10 +1483,20 @@ fn each_rule_catches_its_fault() {
             |d, _| {
                 *at(
                     doc_mut(d, "DaemonSet"),
-                    &format!("{AGENT}/securityContext/allowPrivilegeEscalation"),
-                ) = Value::Bool(false)
+                    &format!("{AGENT}/securityContext/capabilities/add"),
+                ) = yaml("[BPF, NET_ADMIN, PERFMON, SYS_ADMIN]")
             },
             "refused by the API server",
+        ),
+        (
+            "agent may escalate",
+            |d, _| {
+                *at(
+                    doc_mut(d, "DaemonSet"),
+                    &format!("{AGENT}/securityContext/allowPrivilegeEscalation"),
+                ) = Value::Null
+            },
+            "allowPrivilegeEscalation is not false",
         ),
         (
             "agent Bidirectional unprivileged",
