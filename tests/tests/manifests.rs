@@ -560,6 +560,19 @@ fn check_defaults(docs: &[Doc]) -> Vec<String> {
             defaults::INBOUND_PORT.to_string(),
         );
         socket_hosts.push((l.clone(), c.host_path(&socket_dir())));
+        let annotations = match c.pod.doc.kind() {
+            "Pod" => &c.pod.doc.value["metadata"]["annotations"],
+            _ => &c.pod.doc.value["spec"]["template"]["metadata"]["annotations"],
+        };
+        if let Some(port) = annotations["prometheus.io/port"].as_str() {
+            want(
+                &mut p,
+                &l,
+                "the prometheus.io/port annotation",
+                Some(port.to_string()),
+                admin_port().to_string(),
+            );
+        }
     });
     each_sidecar(docs, "agent", |c| {
         let l = c.label();
@@ -1228,9 +1241,11 @@ fn the_example_policy_passes_sidecar_policy_check() {
 
 // ---- each rule can fail ------------------------------------------------------------------------
 
-/// The value at `path` (map keys and sequence indices, `/`-separated), created if missing.
+/// The value at `path` (map keys and sequence indices, `/`-separated, `~1` for a `/` in a
+/// key as in JSON pointers), created if missing.
 fn at<'a>(v: &'a mut Value, path: &str) -> &'a mut Value {
     path.split('/').filter(|s| !s.is_empty()).fold(v, |v, seg| {
+        let seg = seg.replace("~1", "/");
         if let Ok(i) = seg.parse::<usize>() {
             &mut v.as_sequence_mut().expect("a sequence")[i]
         } else {
@@ -1238,7 +1253,7 @@ fn at<'a>(v: &'a mut Value, path: &str) -> &'a mut Value {
                 *v = Value::Mapping(Default::default());
             }
             let map = v.as_mapping_mut().expect("a mapping");
-            map.entry(Value::String(seg.into())).or_insert(Value::Null)
+            map.entry(Value::String(seg)).or_insert(Value::Null)
         }
     })
 }
@@ -1545,6 +1560,16 @@ fn each_rule_catches_its_fault() {
                 )
             },
             "the --admin-addr port is",
+        ),
+        (
+            "scrape annotation",
+            |d, _| {
+                *at(
+                    doc_mut(d, "Deployment"),
+                    "spec/template/metadata/annotations/prometheus.io~1port",
+                ) = yaml("'9090'")
+            },
+            "the prometheus.io/port annotation is",
         ),
         (
             "container port",
