@@ -167,7 +167,9 @@ struct RunArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Turn on mTLS with the credentials in DIR: cert.pem (workload certificate with a SPIFFE
-    /// ID, then intermediates), key.pem, bundle.pem (trust bundle). Rotated by replacing files.
+    /// ID, then intermediates), key.pem, bundle.pem (trust bundle); or a cert-manager Secret's
+    /// tls.crt, tls.key, ca.crt; or the SPIFFE helper's svid.pem, svid_key.pem,
+    /// svid_bundle.pem. Rotated by replacing files (kubelet's Secret updates included).
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
     /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
@@ -331,12 +333,12 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 },
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
                 report: args.report,
-                mtls: args.tls_dir.map(|dir| MtlsOptions {
-                    files: TlsFiles {
-                        cert: dir.join(certs::CERT),
-                        key: dir.join(certs::KEY),
-                        bundle: dir.join(certs::BUNDLE),
-                    },
+                mtls: match args.tls_dir {
+                    Some(dir) => Some(TlsFiles::discover(&dir)?),
+                    None => None,
+                }
+                .map(|files| MtlsOptions {
+                    files,
                     inbound: (!args.no_inbound)
                         .then(|| std::net::SocketAddr::new(args.inbound_addr, args.inbound_port)),
                     tunnel_port: args.inbound_port,

@@ -11,12 +11,14 @@
 //! - [`sockets`]: which process owns a socket ([`socket_owner_pid`]);
 //! - [`bpf`]: the run's pinned maps and the host's loaded programs;
 //! - [`host`]: cgroups, pins, state file, processes;
+//! - [`kubelet`]: Secret/ConfigMap volumes written the way kubelet writes them;
 //! - [`report`]: the `--report` JSON;
 //! - [`protocol`]: what `sidecar-testclient` prints.
 
 pub mod bpf;
 pub mod echo;
 pub mod host;
+pub mod kubelet;
 pub mod netns;
 pub mod protocol;
 pub mod report;

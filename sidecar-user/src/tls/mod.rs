@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod identity;
+pub mod layout;
 pub mod reload;
 pub mod verify;
 
@@ -73,6 +74,61 @@ pub struct TlsFiles {
     pub bundle: PathBuf,
 }
 
+/// The three files' contents, read as one set (see [`TlsFiles::read_set`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileSet {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub bundle: Vec<u8>,
+}
+
+/// How often [`TlsFiles::read_set`] re-reads a set that moved while it was being read.
+const READ_SET_TRIES: usize = 5;
+
+impl TlsFiles {
+    /// The files of whichever layout `dir` holds: ours, a cert-manager Secret's or the SPIFFE
+    /// helper's (see [`layout`]).
+    pub fn discover(dir: &std::path::Path) -> Result<Self, layout::LayoutError> {
+        layout::discover(dir).map(|(_, files)| files)
+    }
+
+    fn paths(&self) -> [&PathBuf; 3] {
+        [&self.cert, &self.key, &self.bundle]
+    }
+
+    /// Reads the three files as one set. kubelet updates a mounted Secret atomically: it
+    /// writes the new files into a fresh `..<timestamp>` directory and renames a `..data`
+    /// symlink onto it; the names we open are symlinks through `..data`. Opening them one by
+    /// one could straddle that rename (old certificate, new key), so where the names resolve
+    /// to is compared before and after reading, and the set is read again if it moved.
+    pub fn read_set(&self) -> Result<FileSet, TlsError> {
+        let resolve = || self.paths().map(|p| std::fs::canonicalize(p).ok());
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let before = resolve();
+            let set = (|| {
+                Ok(FileSet {
+                    cert: read(&self.cert)?,
+                    key: read(&self.key)?,
+                    bundle: read(&self.bundle)?,
+                })
+            })();
+            // A read that failed because the old directory was removed mid-swap is retried
+            // like one that succeeded across the swap.
+            if resolve() == before || tries == READ_SET_TRIES {
+                return set;
+            }
+        }
+    }
+}
+
 /// One loaded, validated set of credentials and the configurations built from it.
 #[derive(Debug)]
 pub struct Credentials {
@@ -90,12 +146,11 @@ impl Credentials {
     /// Reads and validates the three files. Every check that a peer would make is made here,
     /// so a bad set is refused at load time (and a rotation keeps the old set).
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                path: path.clone(),
-                source,
-            })
-        };
+        Self::from_set(files, &files.read_set()?)
+    }
+
+    /// Validates a set already read (`files` names its origin in errors).
+    pub fn from_set(files: &TlsFiles, set: &FileSet) -> Result<Self, TlsError> {
         let pem_err = |path: &PathBuf| {
             let path = path.clone();
             move |e: rustls::pki_types::pem::Error| TlsError::Pem {
@@ -103,21 +158,19 @@ impl Credentials {
                 reason: pem_reason(&e),
             }
         };
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read(&files.cert)?)
-                .collect::<Result<_, _>>()
-                .map_err(pem_err(&files.cert))?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&set.cert)
+            .collect::<Result<_, _>>()
+            .map_err(pem_err(&files.cert))?;
         if chain.is_empty() {
             return Err(TlsError::Empty {
                 path: files.cert.clone(),
                 what: "certificate",
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(pem_err(&files.key))?;
-        let bundle: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read(&files.bundle)?)
-                .collect::<Result<_, _>>()
-                .map_err(pem_err(&files.bundle))?;
+        let key = PrivateKeyDer::from_pem_slice(&set.key).map_err(pem_err(&files.key))?;
+        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&set.bundle)
+            .collect::<Result<_, _>>()
+            .map_err(pem_err(&files.bundle))?;
         if bundle.is_empty() {
             return Err(TlsError::Empty {
                 path: files.bundle.clone(),

@@ -2,6 +2,10 @@
 //! their content changes, the new set is validated as a whole and swapped in atomically. An
 //! invalid or half-written set is refused with an error and the old one stays in force; it is
 //! tried again as soon as the files change again.
+//!
+//! Content, not modification times, is compared, and each poll reads the three files as one
+//! set ([`TlsFiles::read_set`](super::TlsFiles::read_set)), so kubelet's atomic Secret updates
+//! (a `..data` symlink renamed onto a new directory) are picked up whole, never half-swapped.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -12,16 +16,14 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Credentials, TlsState};
+use super::{Credentials, FileSet, TlsState};
 
-/// Hash of the three files' contents (missing files hash as empty).
-fn fingerprint(state: &TlsState) -> u64 {
-    let files = state.files();
+/// The set as it is now, and its hash (an unreadable set hashes alike until it is readable).
+fn poll(state: &TlsState) -> (u64, Option<FileSet>) {
+    let set = state.files().read_set().ok();
     let mut h = DefaultHasher::new();
-    for path in [&files.cert, &files.key, &files.bundle] {
-        std::fs::read(path).unwrap_or_default().hash(&mut h);
-    }
-    h.finish()
+    set.hash(&mut h);
+    (h.finish(), set)
 }
 
 /// Watches the files until the runtime shuts down; `on_rotate` hears of each new set.
@@ -31,15 +33,20 @@ pub fn spawn_watcher(
     on_rotate: impl Fn(&Credentials) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut seen = fingerprint(&state);
+        let mut seen = poll(&state).0;
         loop {
             tokio::time::sleep(interval).await;
-            let now = fingerprint(&state);
+            let (now, set) = poll(&state);
             if now == seen {
                 continue;
             }
             seen = now;
-            match Credentials::load(state.files()) {
+            let loaded = match &set {
+                Some(set) => Credentials::from_set(state.files(), set),
+                // Read again for the error that names the missing file.
+                None => Credentials::load(state.files()),
+            };
+            match loaded {
                 Ok(creds) => {
                     info!(identity = %creds.identity, "rotated to new certificates");
                     on_rotate(&creds);
