@@ -11,3 +11,6 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const AGENT_SOCKET: &str = "/var/run/sidecar/agent.sock";
 /// Where bpffs is mounted (and mounted by us if it is not).
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// The node agent's state (registrations). Not under /run/sidecar: on a host /var/run is
+/// /run, so that would put it inside the socket directory every meshed pod mounts.
+pub const AGENT_STATE_DIR: &str = "/run/sidecar-agent";

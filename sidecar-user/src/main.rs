@@ -393,7 +393,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Agent(args) => sidecar::agent::cli::dispatch(&args),
-        Command::Proxy(args) => sidecar::pod_proxy::run((*args).into()),
+        Command::Proxy(args) => sidecar::pod_proxy::run((*args).try_into()?),
         Command::Conns(args) => {
             admin_cli::conns(&args)?;
             Ok(0)

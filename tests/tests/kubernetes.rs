@@ -854,6 +854,86 @@ fn excluded_cidrs_bypass_the_proxy_and_go_with_the_registration() {
     );
 }
 
+/// `sidecar proxy --policy`: the proxy enforces the policy itself (the kernel half needs the
+/// agent's maps), refuses a denied destination with the verdict in the access log, and picks
+/// up an edited file without a restart.
+#[test]
+fn proxy_enforces_its_policy_file_and_reloads_it() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("policy");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let policy = node.scratch.path("policy.toml");
+    let write_policy = |action: &str| {
+        let text = format!(
+            "[[rule]]\nname = \"pod-b-app\"\naction = \"{action}\"\ndirection = \"outbound\"\n\
+             destinations = [\"{ADDR_B}/32\"]\nports = [{APP_PORT}]\n"
+        );
+        // Written aside and renamed in, as kubelet swaps a ConfigMap volume.
+        let tmp = policy.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &policy).unwrap();
+    };
+    write_policy("deny");
+    let log = node.log_file("access-a.log");
+    let mut proxy = node.start_proxy(
+        &a,
+        "proxy-a",
+        "client",
+        &[
+            format!("--policy={}", policy.display()),
+            format!("--access-log={}", log.display()),
+        ],
+    );
+    node.wait_ready(&a, &proxy);
+    let _server = node.server(&b);
+
+    let mut denied = node.app(&a, "client-denied", &echo_args(64, 1));
+    assert!(
+        !denied.wait(STEP).success(),
+        "a denied destination was reached: {}",
+        denied.stdout()
+    );
+    assert!(wait_until(STEP, || access_lines(&log).len() == 1));
+    let line = &access_lines(&log)[0];
+    assert_eq!(line["policy_decision"], "deny", "{line}");
+    assert_eq!(line["policy_rule"], "pod-b-app", "{line}");
+
+    write_policy("allow");
+    assert!(
+        wait_until(STEP, || proxy.stderr().contains("policy reloaded")),
+        "{}",
+        proxy.stderr()
+    );
+    let mut allowed = node.app(&a, "client-allowed", &echo_args(64, 2));
+    allowed.success(STEP);
+    assert!(wait_until(STEP, || access_lines(&log).len() == 3));
+    assert!(
+        access_lines(&log)[1..]
+            .iter()
+            .all(|l| l["policy_decision"] == "allow"),
+        "{:?}",
+        access_lines(&log)
+    );
+
+    // An invalid file is refused before anything is bound or registered.
+    fs::write(&policy, "[[rule]]\naction = \"maybe\"\n").unwrap();
+    let mut bad = node.start_proxy(
+        &b,
+        "proxy-bad",
+        "server",
+        &[format!("--policy={}", policy.display())],
+    );
+    assert!(!bad.wait(STEP).success());
+    assert!(bad.stderr().contains("policy.toml"), "{}", bad.stderr());
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait(STEP).success(), "{}", proxy.stderr());
+}
+
 /// Entries in the pinned `EXCLUDED_CIDRS` trie.
 fn excluded_cidrs(node: &Node) -> usize {
     let data = MapData::from_pin(node.pin_dir.join("EXCLUDED_CIDRS")).expect("pinned trie");

@@ -38,7 +38,7 @@ use self::{pins::AgentPins, protocol::Reply, registry::Registry};
 use crate::host::{bpffs::Bpffs, cgroup, privileges};
 
 /// Default state directory: the persisted registrations and the agent's record.
-pub const STATE_DIR: &str = "/run/sidecar/agent";
+pub const STATE_DIR: &str = crate::defaults::AGENT_STATE_DIR;
 /// The agent's record in the state directory.
 const AGENT_FILE: &str = "agent.json";
 /// How long adopted kernel entries without registrations are kept for their sidecars to

@@ -4,11 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use super::PodProxyOptions;
 use crate::{
-    admin::cli::ObserveArgs,
-    cidr::Cidr,
-    proxy::ProxySettings,
-    run::MtlsOptions,
-    tls::{TlsFiles, certs},
+    admin::cli::ObserveArgs, cidr::Cidr, proxy::ProxySettings, run::MtlsOptions, tls::TlsFiles,
 };
 
 #[derive(Debug, clap::Args)]
@@ -48,7 +44,8 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
-    /// Turn on mTLS with DIR/cert.pem, DIR/key.pem, DIR/bundle.pem (rotated by replacing files).
+    /// Turn on mTLS with the credentials in DIR, in any layout `sidecar run --tls-dir` takes
+    /// (ours, a cert-manager Secret, the SPIFFE helper's); rotated when the files change.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
     /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
@@ -69,13 +66,22 @@ pub struct ProxyArgs {
     /// With --tls-dir: how long a peer has, after the handshake, to send the preamble (ms).
     #[arg(long, default_value_t = 5000)]
     pub preamble_timeout_ms: u64,
+    /// Authorization policy (TOML, the same schema as `sidecar run --policy`), enforced in
+    /// the proxy: outbound rules when it connects upstream, inbound rules on the verified
+    /// peer identity. Re-read when it changes; an invalid file is refused, the old one stays.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub observe: ObserveArgs,
 }
 
-impl From<ProxyArgs> for PodProxyOptions {
-    fn from(a: ProxyArgs) -> Self {
-        Self {
+impl TryFrom<ProxyArgs> for PodProxyOptions {
+    type Error = crate::tls::layout::LayoutError;
+
+    /// Fails only when `--tls-dir` holds none of the certificate layouts we read.
+    fn try_from(a: ProxyArgs) -> Result<Self, Self::Error> {
+        let files = a.tls_dir.as_deref().map(TlsFiles::discover).transpose()?;
+        Ok(Self {
             agent_socket: a.agent_socket,
             pod_uid: a.pod_uid,
             pod_namespace: a.pod_namespace.filter(|s| !s.is_empty()),
@@ -89,19 +95,16 @@ impl From<ProxyArgs> for PodProxyOptions {
                 allow_metadata: a.allow_metadata,
             },
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
-            mtls: a.tls_dir.map(|dir| MtlsOptions {
-                files: TlsFiles {
-                    cert: dir.join(certs::CERT),
-                    key: dir.join(certs::KEY),
-                    bundle: dir.join(certs::BUNDLE),
-                },
+            mtls: files.map(|files| MtlsOptions {
+                files,
                 inbound: (!a.no_inbound).then(|| SocketAddr::new(a.inbound_addr, a.inbound_port)),
                 tunnel_port: a.inbound_port,
                 mesh_cidrs: a.mesh_cidrs,
                 permissive: a.permissive,
                 preamble_timeout: Duration::from_millis(a.preamble_timeout_ms),
             }),
+            policy: a.policy,
             observe: a.observe.into(),
-        }
+        })
     }
 }

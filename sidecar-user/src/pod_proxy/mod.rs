@@ -55,6 +55,8 @@ pub struct PodProxyOptions {
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
     pub mtls: Option<MtlsOptions>,
+    /// Authorization policy file, enforced in the proxy (watched for changes).
+    pub policy: Option<PathBuf>,
     pub observe: ObserveOptions,
 }
 
@@ -95,6 +97,11 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         }
         None => None,
     };
+    // A bad policy file is refused before anything is bound or registered.
+    let policy = match &opts.policy {
+        Some(path) => Some(crate::policy::load(path)?),
+        None => None,
+    };
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
 
@@ -133,6 +140,10 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         }
         _ => None,
     };
+    let enforcer = match (policy, &opts.policy) {
+        (Some(loaded), Some(path)) => Some(crate::policy::Enforcer::start_in_proxy(path, loaded)?),
+        _ => None,
+    };
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let proxy = Proxy::new(
         opts.proxy,
@@ -140,7 +151,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         mesh,
         journal.clone(),
         telemetry.clone(),
-        None,
+        enforcer,
     );
     serve::start(&proxy, listeners, &telemetry)?;
 
@@ -247,6 +258,7 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         },
         "access_log": opts.observe.access_log.to_string(),
         "mode": if opts.mtls.is_some() { "mtls" } else { "plain" },
+        "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
         "inbound": opts.mtls.as_ref().and_then(|m| m.inbound).map(|a: SocketAddr| a.to_string()),
         "mesh_cidrs": opts.mtls.as_ref().map(|m| m.mesh_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
     }))

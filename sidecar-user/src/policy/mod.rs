@@ -164,6 +164,20 @@ impl Enforcer {
         Ok(enforcer)
     }
 
+    /// For `sidecar proxy`, which has no access to the kernel maps: puts `loaded` in force in
+    /// the proxy only (outbound rules are applied when the proxy connects upstream, inbound
+    /// ones after the preamble) and starts watching the file. Needs a tokio runtime.
+    pub fn start_in_proxy(path: &Path, loaded: Loaded) -> Result<Arc<Self>, LoadError> {
+        let enforcer = Self::new(path.into(), loaded, None, None)?;
+        info!(
+            file = %path.display(),
+            rules = enforcer.current().rules.len(),
+            "policy in force in the proxy (the node agent compiles none into the kernel)"
+        );
+        reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
+        Ok(enforcer)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
