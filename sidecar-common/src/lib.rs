@@ -108,6 +108,9 @@ pub mod owner {
 pub mod flags {
     /// The proxy listens on `[::1]`: connect6 may redirect.
     pub const IPV6_LISTENER: u16 = 1;
+    /// Refuse (EPERM) connects to the cloud metadata address ([`is_cloud_metadata`]); set
+    /// by the loader unless `--allow-metadata`.
+    pub const DENY_METADATA: u16 = 2;
 }
 
 /// Per-cgroup configuration, keyed by cgroup id in [`maps::WORKLOADS`]. The connect hooks
@@ -328,6 +331,35 @@ pub const fn is_loopback(ip: &[u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && w3[0] == 127
 }
 
+/// Whether a 16-byte address is a cloud metadata address: v4-mapped `169.254.169.254`
+/// (AWS, GCP, Azure, OpenStack, …) or AWS's IPv6 `fd00:ec2::254`.
+#[inline(always)]
+pub const fn is_cloud_metadata(ip: &[u32; 4]) -> bool {
+    let (w2, w3) = (ip[2].to_ne_bytes(), ip[3].to_ne_bytes());
+    let w0 = ip[0].to_ne_bytes();
+    let v4 = ip[0] == 0
+        && ip[1] == 0
+        && w2[0] == 0
+        && w2[1] == 0
+        && w2[2] == 0xff
+        && w2[3] == 0xff
+        && w3[0] == 169
+        && w3[1] == 254
+        && w3[2] == 169
+        && w3[3] == 254;
+    let v6 = w0[0] == 0xfd
+        && w0[1] == 0
+        && w0[2] == 0x0e
+        && w0[3] == 0xc2
+        && ip[1] == 0
+        && ip[2] == 0
+        && w3[0] == 0
+        && w3[1] == 0
+        && w3[2] == 0x02
+        && w3[3] == 0x54;
+    v4 || v6
+}
+
 /// 16-byte form of an address (IPv4 becomes v4-mapped).
 pub fn words_from_ip(ip: IpAddr) -> [u32; 4] {
     let octets = match ip {
@@ -410,11 +442,13 @@ pub enum Counter {
     ConnectPolicyDenied,
     /// Plaintext connection attempts (SYN) from outside refused by strict inbound mode.
     StrictInboundDropped,
+    /// Connects to the cloud metadata address refused (EPERM): [`flags::DENY_METADATA`].
+    ConnectMetadataDenied,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 17] = [
+    pub const ALL: [(Counter, &'static str); 18] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -432,6 +466,7 @@ impl Counter {
         (Counter::CloseCleanup, "close_cleanup"),
         (Counter::ConnectPolicyDenied, "connect_policy_denied"),
         (Counter::StrictInboundDropped, "strict_inbound_dropped"),
+        (Counter::ConnectMetadataDenied, "connect_metadata_denied"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -498,6 +533,30 @@ mod tests {
         let any6 = words_from_ip("::".parse().unwrap());
         assert!(is_loopback(&lo4) && is_loopback(&lo4b) && is_loopback(&lo6));
         assert!(!is_loopback(&other4) && !is_loopback(&other6) && !is_loopback(&any6));
+    }
+
+    #[test]
+    fn cloud_metadata_detection() {
+        for yes in ["169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254"] {
+            assert!(
+                is_cloud_metadata(&words_from_ip(yes.parse().unwrap())),
+                "{yes}"
+            );
+        }
+        for no in [
+            "169.254.169.253",
+            "127.0.0.1",
+            "fd00:ec2::253",
+            "fd00:ec2:0:1::254",
+            "::1",
+            "169.254.0.1",
+            "::a9fe:a9fe",
+        ] {
+            assert!(
+                !is_cloud_metadata(&words_from_ip(no.parse().unwrap())),
+                "{no}"
+            );
+        }
     }
 
     #[test]

@@ -435,7 +435,12 @@ fn attach_ebpf(
         role: role::WORKLOAD,
         scope: WORKLOAD_SCOPE,
         proxy_port: opts.proxy_port,
-        flags: if ipv6 { flags::IPV6_LISTENER } else { 0 },
+        flags: if ipv6 { flags::IPV6_LISTENER } else { 0 }
+            | if opts.proxy.allow_metadata {
+                0
+            } else {
+                flags::DENY_METADATA
+            },
         excluded_ports_len: opts.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };
