@@ -74,6 +74,49 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
     Ok(done)
 }
 
+/// What `sidecar run` does before it creates anything: remove the state of runs that were
+/// killed (SIGKILL, crash, OOM) so their links stop steering connects to a dead port and
+/// their cgroups and pins go away, without waiting for someone to run `sidecar cleanup`.
+///
+/// Stricter than [`cleanup`] about what counts as dead, because it runs unasked while other
+/// runs may be starting: the pid must be gone AND the run's `proxy` cgroup empty (the sidecar
+/// is the only process there, so a live run in another pid namespace is never taken for
+/// dead). Unreadable state files are left to `sidecar cleanup`, which reports them.
+pub fn clean_dead_runs(bpffs_path: &Path, cg_root: &Path) -> Vec<(u32, Cleaned)> {
+    let dead = |pid: u32, run_cgroup: &Path| {
+        !pid_alive(pid) && cgroup::pids(&run_cgroup.join("proxy")).map_or(true, |p| p.is_empty())
+    };
+    let mut runs: std::collections::BTreeMap<u32, Cleaned> = Default::default();
+    for (file, parsed) in state::list() {
+        let Ok(state) = parsed else { continue };
+        if !dead(state.pid, &state.run_cgroup) {
+            continue;
+        }
+        let done = runs.entry(state.pid).or_default();
+        clean_run(&state, cg_root, done);
+        if fs::remove_file(&file).is_ok() {
+            done.actions
+                .push(format!("removed state file {}", file.display()));
+        }
+    }
+    // Pins and cgroups of dead runs that had no state file (killed before writing it).
+    for dir in run_dirs(&bpffs_path.join("sidecar")) {
+        let Some(pid) = pid_of(&dir) else { continue };
+        if dead(pid, &cg_root.join(format!("sidecar/run-{pid}"))) {
+            remove_pins(&dir, runs.entry(pid).or_default());
+        }
+    }
+    for dir in run_dirs(&cg_root.join("sidecar")) {
+        let Some(pid) = pid_of(&dir) else { continue };
+        if dead(pid, &dir) {
+            remove_cgroup(&dir, cg_root, cg_root, runs.entry(pid).or_default());
+        }
+    }
+    runs.into_iter()
+        .filter(|(_, c)| !c.actions.is_empty() || !c.skipped.is_empty())
+        .collect()
+}
+
 fn clean_run(state: &RunState, cg_root: &Path, done: &mut Cleaned) {
     if let Some(rules) = &state.iptables {
         remove_chains(rules, done);

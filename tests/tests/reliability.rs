@@ -805,7 +805,8 @@ fn cloud_metadata_address_is_refused_unless_allowed() {
         done.report().connections
     );
     assert_eq!(
-        done.report().counter(sidecar_common::Counter::ConnectMetadataDenied),
+        done.report()
+            .counter(sidecar_common::Counter::ConnectMetadataDenied),
         2,
         "{:?}",
         done.report().counters
@@ -819,7 +820,8 @@ fn cloud_metadata_address_is_refused_unless_allowed() {
         "with --allow-metadata the proxy tries (and, with no route out, fails): {conn:#?}\n{lines:?}"
     );
     assert_eq!(
-        done.report().counter(sidecar_common::Counter::ConnectMetadataDenied),
+        done.report()
+            .counter(sidecar_common::Counter::ConnectMetadataDenied),
         0
     );
     assert_no_leftovers(done.pid);
