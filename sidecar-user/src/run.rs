@@ -197,8 +197,18 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         .map_or(opts.bpffs.clone(), |b| b.path().into());
     // A run that was killed left its links attached (connects to its dead port fail) and
     // its cgroups and pins behind: remove them now, each with one log line.
-    for (dead_pid, cleaned) in crate::cleanup::clean_dead_runs(&bpffs_path, &cg_root) {
-        let (unpinned, other): (Vec<_>, Vec<_>) = cleaned
+    for (dead_pid, dead) in crate::cleanup::clean_dead_runs(&bpffs_path, &cg_root) {
+        if !dead.workload.is_empty() {
+            warn!(
+                pid = dead_pid,
+                workload = ?dead.workload,
+                "found a run that was killed while its command still runs: left as it is \
+                 (fail-closed: its connects are refused); `sidecar cleanup` releases it"
+            );
+            continue;
+        }
+        let (unpinned, other): (Vec<_>, Vec<_>) = dead
+            .cleaned
             .actions
             .iter()
             .partition(|a| a.starts_with("unpinned "));
@@ -212,7 +222,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
-        for problem in cleaned.skipped {
+        for problem in dead.cleaned.skipped {
             warn!(
                 pid = dead_pid,
                 "could not clean up after a killed run: {problem}"
@@ -300,9 +310,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             let creds = tls.current();
             telemetry.certificates(creds.not_after);
             let watched = telemetry.clone();
-            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, move |c| {
-                watched.certificates(c.not_after)
-            });
+            let on_change = move |change: tls::reload::Rotation<'_>| match change {
+                tls::reload::Rotation::Loaded(c) => watched.certificates(c.not_after),
+                tls::reload::Rotation::Refused(_) => watched.certificates_refused(),
+            };
+            let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, on_change);
             Some(Mesh::new(
                 tls,
                 m.mesh_cidrs.clone(),

@@ -2,6 +2,10 @@
 //! their content changes, the new set is validated as a whole and swapped in atomically. An
 //! invalid or half-written set is refused with an error and the old one stays in force; it is
 //! tried again as soon as the files change again.
+//!
+//! An outage (files deleted, or a bad set) is logged once at warn level, when it starts;
+//! further refused changes during it are logged at debug level and counted; the first valid
+//! set afterwards is logged as a recovery.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -10,9 +14,9 @@ use std::{
     time::Duration,
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Credentials, TlsState};
+use super::{Credentials, TlsError, TlsState};
 
 /// Hash of the three files' contents (missing files hash as empty).
 fn fingerprint(state: &TlsState) -> u64 {
@@ -24,14 +28,24 @@ fn fingerprint(state: &TlsState) -> u64 {
     h.finish()
 }
 
-/// Watches the files until the runtime shuts down; `on_rotate` hears of each new set.
+/// What the watcher tells its caller (telemetry).
+pub enum Rotation<'a> {
+    /// A new valid set is in force.
+    Loaded(&'a Credentials),
+    /// The files changed but were refused; the current set stays.
+    Refused(&'a TlsError),
+}
+
+/// Watches the files until the runtime shuts down; `on_change` hears of each new set and of
+/// each refused change.
 pub fn spawn_watcher(
     state: Arc<TlsState>,
     interval: Duration,
-    on_rotate: impl Fn(&Credentials) + Send + 'static,
+    on_change: impl Fn(Rotation<'_>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = fingerprint(&state);
+        let mut refusing = false;
         loop {
             tokio::time::sleep(interval).await;
             let now = fingerprint(&state);
@@ -41,11 +55,24 @@ pub fn spawn_watcher(
             seen = now;
             match Credentials::load(state.files()) {
                 Ok(creds) => {
-                    info!(identity = %creds.identity, "rotated to new certificates");
-                    on_rotate(&creds);
+                    if refusing {
+                        info!(identity = %creds.identity, "certificates valid again: rotated to them");
+                    } else {
+                        info!(identity = %creds.identity, "rotated to new certificates");
+                    }
+                    refusing = false;
+                    on_change(Rotation::Loaded(&creds));
                     state.replace(creds);
                 }
-                Err(e) => warn!("new certificates refused, keeping the current ones: {e}"),
+                Err(e) => {
+                    if refusing {
+                        debug!("new certificates refused again, keeping the current ones: {e}");
+                    } else {
+                        warn!("new certificates refused, keeping the current ones: {e}");
+                    }
+                    refusing = true;
+                    on_change(Rotation::Refused(&e));
+                }
             }
         }
     })
