@@ -48,12 +48,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!(r.line >= 1 && r.line <= lines);
             }
             let id: tls::identity::SpiffeId = "spiffe://example.org/ns/a/sa/b".parse().unwrap();
-            for dst in [
-                "10.0.0.1:80",
-                "[2001:db8::1]:443",
-                "[::ffff:10.0.0.1]:0",
-                "0.0.0.0:65535",
-            ] {
+            for dst in ["10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:0", "0.0.0.0:65535"] {
                 let dst: SocketAddr = dst.parse().unwrap();
                 for (way, source) in [(Way::Outbound, None), (Way::Inbound, Some(&id))] {
                     let d = p.evaluate(&Request { way, source, dst });
