@@ -621,6 +621,53 @@ mod tests {
         assert_eq!(policy_scope(1, 3), 3);
     }
 
+    /// Every byte of each type shared with the kernel (the `aya::Pod` ones) is initialized:
+    /// aya copies map keys and values as raw bytes, and reading a padding byte is undefined
+    /// behaviour. Under Miri (`cargo xtask miri`) such a read is an error.
+    #[test]
+    fn shared_types_are_made_of_initialized_bytes() {
+        fn byte_sum<T: Copy>(v: &T) -> u64 {
+            // SAFETY: size_of::<T>() bytes of a live value; undefined only if T has padding,
+            // which is what this test (under Miri) checks.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>())
+            };
+            bytes.iter().map(|b| u64::from(*b)).sum()
+        }
+        let addr: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let key = SockKey::from_addrs(7, addr, "[::1]:15001".parse().unwrap());
+        let cfg = WorkloadConfig {
+            role: role::WORKLOAD,
+            scope: 1,
+            proxy_port: 15001,
+            flags: flags::IPV6_LISTENER | flags::DENY_METADATA,
+            excluded_ports_len: 1,
+            excluded_ports: [22; limits::EXCLUDED_PORTS],
+        };
+        let mut bitmap = PortBitmap::EMPTY;
+        bitmap.set(443);
+        let sums = [
+            byte_sum(&key),
+            byte_sum(&OrigDst::from_socket_addr(addr)),
+            byte_sum(&cfg),
+            byte_sum(&ScopedAddr::new(3, mapped_octets(addr.ip()))),
+            byte_sum(&PolicyState { slot: 1, flags: 1 }),
+            byte_sum(&bitmap),
+            byte_sum(&PolicyDenyEvent {
+                ip: words_from_ip(addr.ip()),
+                port: 443,
+                _pad: 0,
+                pid: 1,
+            }),
+        ];
+        assert!(sums.iter().all(|s| *s > 0), "{sums:?}");
+        // The kernel-side reads of the same code paths.
+        assert!(bitmap.denies(443) && !bitmap.denies(444));
+        assert!(is_cloud_metadata(&words_from_ip(
+            "169.254.169.254".parse().unwrap()
+        )));
+    }
+
     #[test]
     fn counter_table_matches_discriminants() {
         for (i, (c, _)) in Counter::ALL.iter().enumerate() {
