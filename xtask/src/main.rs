@@ -5,6 +5,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
+mod sanitize;
 mod soak;
 mod toolchain;
 mod vmtest;
@@ -31,6 +32,8 @@ enum Cmd {
     Demo,
     /// Fuzz the parsers of network bytes for a bounded time (installs cargo-fuzz if missing).
     Fuzz(fuzz::Options),
+    /// Run the unsafe code of the user half under Miri and AddressSanitizer (nightly).
+    Sanitize(sanitize::Options),
     /// Run the soak test (mixed traffic through one sidecar, leak and counter checks) for a
     /// bounded time (needs root).
     Soak(soak::Options),
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::demo(),
         Cmd::Fuzz(opts) => fuzz::fuzz(&opts),
         Cmd::Soak(opts) => soak::soak(&opts),
+        Cmd::Sanitize(opts) => sanitize::sanitize(&opts),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(opts) => bench::bench(&opts),
         Cmd::BenchServer(args) => bench::load::server(&args),
@@ -88,6 +92,7 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut cmd)?;
     // With a test filter, only the tests were asked for.
     if args.is_empty() {
+        sanitize::sanitize(&sanitize::Options::default())?;
         soak::soak(&soak::Options {
             secs: soak::SECONDS_IN_TEST,
             no_build: true,
