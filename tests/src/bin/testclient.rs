@@ -729,7 +729,7 @@ mod soak {
                     echo_one(targets[t], 100 + (i % 900) as usize, seed, None),
                 ),
                 Kind::Fault => {
-                    let (what, addr) = if i % 2 == 0 {
+                    let (what, addr) = if i.is_multiple_of(2) {
                         ("refused", faults[0])
                     } else {
                         ("reset", faults[1])
