@@ -88,6 +88,16 @@ pub fn sanitize(opts: &Options) -> Result<()> {
         .args(["-p", "sidecar-user", "--lib"])
         .env("RUSTFLAGS", "-Zsanitizer=address")
         .env("RUSTDOCFLAGS", "-Zsanitizer=address")
+        // Deliberate leaks only (a test that simulates a crash with `mem::forget`).
+        .env(
+            "LSAN_OPTIONS",
+            format!(
+                "suppressions={}",
+                build_ebpf::workspace_root()
+                    .join("xtask/lsan-suppressions.txt")
+                    .display()
+            ),
+        )
         .env("CARGO_TARGET_DIR", target_dir)
         .env("SIDECAR_EBPF_OBJECT", &object))
 }
