@@ -52,8 +52,8 @@ pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
     verdict(try_connect::<true>(&ctx))
 }
 
-/// Only an explicit policy (or metadata) deny refuses; a map error lets the connect through (the proxy
-/// evaluates the same policy again).
+/// Only an explicit policy (or metadata) deny refuses; a map error lets the connect through
+/// (the proxy evaluates the same policy again).
 #[inline(always)]
 fn verdict(result: Result<bool, i64>) -> i32 {
     match result {

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
+use tracing::warn;
 
 use crate::{
     host::{bpffs, cgroup, privileges},
@@ -145,6 +146,36 @@ pub fn clean_dead_runs(bpffs_path: &Path, cg_root: &Path) -> Vec<(u32, DeadRun)>
             !r.workload.is_empty() || !r.cleaned.actions.is_empty() || !r.cleaned.skipped.is_empty()
         })
         .collect()
+}
+
+/// [`clean_dead_runs`], each run reported in one warning (the default log level shows it).
+pub fn clean_dead_runs_logged(bpffs_path: &Path, cg_root: &Path) {
+    for (pid, dead) in clean_dead_runs(bpffs_path, cg_root) {
+        if !dead.workload.is_empty() {
+            warn!(
+                pid,
+                workload = ?dead.workload,
+                "found a run that was killed while its command still runs: left as it is \
+                 (fail-closed: its connects are refused); `sidecar cleanup` releases it"
+            );
+            continue;
+        }
+        let (unpinned, other): (Vec<&String>, Vec<&String>) = dead
+            .cleaned
+            .actions
+            .iter()
+            .partition(|a| a.starts_with("unpinned "));
+        let other: Vec<&str> = other.iter().map(|s| s.as_str()).collect();
+        warn!(
+            pid,
+            "cleaned up after a run that was killed: unpinned {} link(s) and map(s); {}",
+            unpinned.len(),
+            other.join("; ")
+        );
+        for problem in dead.cleaned.skipped {
+            warn!(pid, "could not clean up after a killed run: {problem}");
+        }
+    }
 }
 
 /// Processes in `dir` and its descendant cgroups (bounded depth; a missing dir has none).

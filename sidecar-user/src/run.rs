@@ -195,40 +195,8 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let bpffs_path = bpffs
         .as_ref()
         .map_or(opts.bpffs.clone(), |b| b.path().into());
-    // A run that was killed left its links attached (connects to its dead port fail) and
-    // its cgroups and pins behind: remove them now, each with one log line.
-    for (dead_pid, dead) in crate::cleanup::clean_dead_runs(&bpffs_path, &cg_root) {
-        if !dead.workload.is_empty() {
-            warn!(
-                pid = dead_pid,
-                workload = ?dead.workload,
-                "found a run that was killed while its command still runs: left as it is \
-                 (fail-closed: its connects are refused); `sidecar cleanup` releases it"
-            );
-            continue;
-        }
-        let (unpinned, other): (Vec<_>, Vec<_>) = dead
-            .cleaned
-            .actions
-            .iter()
-            .partition(|a| a.starts_with("unpinned "));
-        warn!(
-            pid = dead_pid,
-            "cleaned up after a run that was killed: unpinned {} link(s) and map(s); {}",
-            unpinned.len(),
-            other
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        for problem in dead.cleaned.skipped {
-            warn!(
-                pid = dead_pid,
-                "could not clean up after a killed run: {problem}"
-            );
-        }
-    }
+    // Killed runs whose command is gone: their state is removed now, one log line each.
+    crate::cleanup::clean_dead_runs_logged(&bpffs_path, &cg_root);
     // `<bpffs>/sidecar` and `<cgroup2>/sidecar` are shared by concurrent runs: whoever
     // finishes last (finding them empty) removes them.
     let _bpffs_parent = bpffs
