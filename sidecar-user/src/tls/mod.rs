@@ -231,14 +231,14 @@ fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
         E::MissingSectionEnd { end_marker } => {
             // A well-formed label (`PRIVATE KEY`, `CERTIFICATE` …) is safe to name.
             let label = String::from_utf8_lossy(end_marker);
-            let label = if label.len() <= 32
+            let section = if label.len() <= 32
                 && label.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
             {
-                format!("\"-----END {label}-----\"")
+                format!("the {label} section")
             } else {
-                "end".into()
+                "a section".into()
             };
-            format!("a section has no {label} line (file cut short or half-written?)")
+            format!("{section} has no END line (file cut short or half-written?)")
         }
         E::IllegalSectionStart { .. } => "a malformed \"-----BEGIN …-----\" line (content not \
              shown: it may hold key material); is the line break after it missing?"
