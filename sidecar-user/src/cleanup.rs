@@ -95,6 +95,10 @@ pub struct DeadRun {
 /// workload fail-closed (outbound connects refused, strict inbound still dropping) until an
 /// operator decides with `sidecar cleanup`; another run starting must not silently turn it
 /// into an unmeshed process. Unreadable state files are left to `sidecar cleanup`.
+///
+/// Limit: a run starting in ANOTHER pid namespace is recognised as alive only once it sits in
+/// its proxy cgroup (a few milliseconds after it writes its state file); standalone runs share
+/// one pid namespace, where the pid check covers that window.
 pub fn clean_dead_runs(bpffs_path: &Path, cg_root: &Path) -> Vec<(u32, DeadRun)> {
     // None: not dead. Some(pids): dead, with these processes of its command still inside.
     let dead = |pid: u32, run_cgroup: &Path| {
