@@ -431,6 +431,11 @@ fn corrupted_policy_keeps_the_old_one_until_a_valid_file_returns() {
     done.assert_exit_code(0);
     let report = done.report().policy.clone().expect("a policy report");
     assert_eq!(report.reload_errors, 2, "{report:?}");
+    assert!(
+        done.stderr_text().contains("2 reload(s) refused"),
+        "the exit summary counts the refused reloads:\n{}",
+        done.stderr_text()
+    );
     assert_eq!(report.generation, 2, "{report:?}");
     assert_no_leftovers(done.pid);
 }
