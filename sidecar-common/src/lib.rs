@@ -118,6 +118,9 @@ pub mod owner {
 pub mod flags {
     /// The proxy listens on `[::1]`: connect6 may redirect.
     pub const IPV6_LISTENER: u16 = 1;
+    /// Refuse (EPERM) connects to the cloud metadata address ([`is_cloud_metadata`]); set
+    /// by the loader unless `--allow-metadata`.
+    pub const DENY_METADATA: u16 = 2;
 }
 
 /// Per-cgroup configuration, keyed by cgroup id in [`maps::WORKLOADS`]. The connect hooks
@@ -338,6 +341,35 @@ pub const fn is_loopback(ip: &[u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && w3[0] == 127
 }
 
+/// Whether a 16-byte address is a cloud metadata address: v4-mapped `169.254.169.254`
+/// (AWS, GCP, Azure, OpenStack, …) or AWS's IPv6 `fd00:ec2::254`.
+#[inline(always)]
+pub const fn is_cloud_metadata(ip: &[u32; 4]) -> bool {
+    let (w2, w3) = (ip[2].to_ne_bytes(), ip[3].to_ne_bytes());
+    let w0 = ip[0].to_ne_bytes();
+    let v4 = ip[0] == 0
+        && ip[1] == 0
+        && w2[0] == 0
+        && w2[1] == 0
+        && w2[2] == 0xff
+        && w2[3] == 0xff
+        && w3[0] == 169
+        && w3[1] == 254
+        && w3[2] == 169
+        && w3[3] == 254;
+    let v6 = w0[0] == 0xfd
+        && w0[1] == 0
+        && w0[2] == 0x0e
+        && w0[3] == 0xc2
+        && ip[1] == 0
+        && ip[2] == 0
+        && w3[0] == 0
+        && w3[1] == 0
+        && w3[2] == 0x02
+        && w3[3] == 0x54;
+    v4 || v6
+}
+
 /// 16-byte form of an address (IPv4 becomes v4-mapped).
 pub fn words_from_ip(ip: IpAddr) -> [u32; 4] {
     let octets = match ip {
@@ -425,11 +457,13 @@ pub enum Counter {
     ConnectNotMeshed,
     /// `SO_ORIGINAL_DST` answers the getsockopt program gave the proxy from `ORIG_DST`.
     OrigDstSockopt,
+    /// Connects to the cloud metadata address refused (EPERM): [`flags::DENY_METADATA`].
+    ConnectMetadataDenied,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 19] = [
+    pub const ALL: [(Counter, &'static str); 20] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -449,6 +483,7 @@ impl Counter {
         (Counter::StrictInboundDropped, "strict_inbound_dropped"),
         (Counter::ConnectNotMeshed, "connect_not_meshed"),
         (Counter::OrigDstSockopt, "orig_dst_sockopt"),
+        (Counter::ConnectMetadataDenied, "connect_metadata_denied"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -518,6 +553,30 @@ mod tests {
     }
 
     #[test]
+    fn cloud_metadata_detection() {
+        for yes in ["169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254"] {
+            assert!(
+                is_cloud_metadata(&words_from_ip(yes.parse().unwrap())),
+                "{yes}"
+            );
+        }
+        for no in [
+            "169.254.169.253",
+            "127.0.0.1",
+            "fd00:ec2::253",
+            "fd00:ec2:0:1::254",
+            "::1",
+            "169.254.0.1",
+            "::a9fe:a9fe",
+        ] {
+            assert!(
+                !is_cloud_metadata(&words_from_ip(no.parse().unwrap())),
+                "{no}"
+            );
+        }
+    }
+
+    #[test]
     fn peer_key_reverses_the_tuple() {
         let a: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:15001".parse().unwrap();
@@ -577,6 +636,53 @@ mod tests {
         assert_eq!(policy_scope(1, 0), 2);
         assert_eq!(policy_scope(1, 1), 3);
         assert_eq!(policy_scope(1, 3), 3);
+    }
+
+    /// Every byte of each type shared with the kernel (the `aya::Pod` ones) is initialized:
+    /// aya copies map keys and values as raw bytes, and reading a padding byte is undefined
+    /// behaviour. Under Miri (`cargo xtask miri`) such a read is an error.
+    #[test]
+    fn shared_types_are_made_of_initialized_bytes() {
+        fn byte_sum<T: Copy>(v: &T) -> u64 {
+            // SAFETY: size_of::<T>() bytes of a live value; undefined only if T has padding,
+            // which is what this test (under Miri) checks.
+            let bytes = unsafe {
+                core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>())
+            };
+            bytes.iter().map(|b| u64::from(*b)).sum()
+        }
+        let addr: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let key = SockKey::from_addrs(7, addr, "[::1]:15001".parse().unwrap());
+        let cfg = WorkloadConfig {
+            role: role::WORKLOAD,
+            scope: 1,
+            proxy_port: 15001,
+            flags: flags::IPV6_LISTENER | flags::DENY_METADATA,
+            excluded_ports_len: 1,
+            excluded_ports: [22; limits::EXCLUDED_PORTS],
+        };
+        let mut bitmap = PortBitmap::EMPTY;
+        bitmap.set(443);
+        let sums = [
+            byte_sum(&key),
+            byte_sum(&OrigDst::from_socket_addr(addr)),
+            byte_sum(&cfg),
+            byte_sum(&ScopedAddr::new(3, mapped_octets(addr.ip()))),
+            byte_sum(&PolicyState { slot: 1, flags: 1 }),
+            byte_sum(&bitmap),
+            byte_sum(&PolicyDenyEvent {
+                ip: words_from_ip(addr.ip()),
+                port: 443,
+                _pad: 0,
+                pid: 1,
+            }),
+        ];
+        assert!(sums.iter().all(|s| *s > 0), "{sums:?}");
+        // The kernel-side reads of the same code paths.
+        assert!(bitmap.denies(443) && !bitmap.denies(444));
+        assert!(is_cloud_metadata(&words_from_ip(
+            "169.254.169.254".parse().unwrap()
+        )));
     }
 
     #[test]

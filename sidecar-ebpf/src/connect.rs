@@ -23,7 +23,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use sidecar_common::{
     Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr, WorkloadConfig, flags,
-    is_loopback, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
+    is_cloud_metadata, is_loopback, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope,
+    role,
 };
 
 use crate::{
@@ -51,8 +52,8 @@ pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
     verdict(try_connect::<true>(&ctx))
 }
 
-/// Only an explicit policy deny refuses; a map error lets the connect through (the proxy
-/// evaluates the same policy again).
+/// Only an explicit policy (or metadata) deny refuses; a map error lets the connect through
+/// (the proxy evaluates the same policy again).
 #[inline(always)]
 fn verdict(result: Result<bool, i64>) -> i32 {
     match result {
@@ -172,6 +173,13 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         // A full ring drops the event; the counter above still has it.
         let _ = POLICY_EVENTS.output::<PolicyDenyEvent>(&event, 0);
         debug!(ctx, "connect to port {} refused by policy", port);
+        return Ok(false);
+    }
+    // The metadata address hands out the node's credentials: refused unless the loader was
+    // told `--allow-metadata`, before the exclusions so excluding it does not bypass this.
+    if cfg.flags & flags::DENY_METADATA != 0 && is_cloud_metadata(&ip) {
+        count(Counter::ConnectMetadataDenied, 1);
+        debug!(ctx, "connect to the cloud metadata address refused");
         return Ok(false);
     }
     if cfg.excludes_port(port) {

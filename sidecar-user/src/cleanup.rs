@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
+use tracing::warn;
 
 use crate::{
     host::{bpffs, cgroup, privileges},
@@ -72,6 +73,128 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
         }
     }
     Ok(done)
+}
+
+/// A run found dead by [`clean_dead_runs`].
+#[derive(Debug, Default)]
+pub struct DeadRun {
+    /// What was removed (nothing if `workload` is not empty).
+    pub cleaned: Cleaned,
+    /// Processes of the run's command still in its cgroup: the run is left as it is.
+    pub workload: Vec<u32>,
+}
+
+/// What `sidecar run` does before it creates anything: remove the state of runs that were
+/// killed (SIGKILL, crash, OOM) — links, pins, cgroups, state file — without waiting for
+/// someone to run `sidecar cleanup`.
+///
+/// Stricter than [`cleanup`] about what counts as dead, because it runs unasked while other
+/// runs may be starting: the pid must be gone AND the run's `proxy` cgroup empty (the sidecar
+/// is the only process there, so a live run in another pid namespace is never taken for
+/// dead). And a dead run whose command still runs is **left alone**: its links keep that
+/// workload fail-closed (outbound connects refused, strict inbound still dropping) until an
+/// operator decides with `sidecar cleanup`; another run starting must not silently turn it
+/// into an unmeshed process. Unreadable state files are left to `sidecar cleanup`.
+///
+/// Limit: a run starting in ANOTHER pid namespace is recognised as alive only once it sits in
+/// its proxy cgroup (a few milliseconds after it writes its state file); standalone runs share
+/// one pid namespace, where the pid check covers that window.
+pub fn clean_dead_runs(bpffs_path: &Path, cg_root: &Path) -> Vec<(u32, DeadRun)> {
+    // None: not dead. Some(pids): dead, with these processes of its command still inside.
+    let dead = |pid: u32, run_cgroup: &Path| {
+        (!pid_alive(pid) && procs_under(&run_cgroup.join("proxy"), 0).is_empty())
+            .then(|| procs_under(run_cgroup, 0))
+    };
+    let mut runs: std::collections::BTreeMap<u32, DeadRun> = Default::default();
+    for (file, parsed) in state::list() {
+        let Ok(state) = parsed else { continue };
+        let Some(workload) = dead(state.pid, &state.run_cgroup) else {
+            continue;
+        };
+        let run = runs.entry(state.pid).or_default();
+        if !workload.is_empty() {
+            run.workload = workload;
+            continue;
+        }
+        clean_run(&state, cg_root, &mut run.cleaned);
+        if fs::remove_file(&file).is_ok() {
+            run.cleaned
+                .actions
+                .push(format!("removed state file {}", file.display()));
+        }
+    }
+    // Pins and cgroups of dead runs that had no state file (killed before writing it).
+    for dir in run_dirs(&bpffs_path.join("sidecar")) {
+        let Some(pid) = pid_of(&dir) else { continue };
+        match dead(pid, &cg_root.join(format!("sidecar/run-{pid}"))) {
+            Some(w) if w.is_empty() => remove_pins(&dir, &mut runs.entry(pid).or_default().cleaned),
+            Some(w) => runs.entry(pid).or_default().workload = w,
+            None => {}
+        }
+    }
+    for dir in run_dirs(&cg_root.join("sidecar")) {
+        let Some(pid) = pid_of(&dir) else { continue };
+        match dead(pid, &dir) {
+            Some(w) if w.is_empty() => remove_cgroup(
+                &dir,
+                cg_root,
+                cg_root,
+                &mut runs.entry(pid).or_default().cleaned,
+            ),
+            Some(w) => runs.entry(pid).or_default().workload = w,
+            None => {}
+        }
+    }
+    runs.into_iter()
+        .filter(|(_, r)| {
+            !r.workload.is_empty() || !r.cleaned.actions.is_empty() || !r.cleaned.skipped.is_empty()
+        })
+        .collect()
+}
+
+/// [`clean_dead_runs`], each run reported in one warning (the default log level shows it).
+pub fn clean_dead_runs_logged(bpffs_path: &Path, cg_root: &Path) {
+    for (pid, dead) in clean_dead_runs(bpffs_path, cg_root) {
+        if !dead.workload.is_empty() {
+            warn!(
+                pid,
+                workload = ?dead.workload,
+                "found a run that was killed while its command still runs: left as it is \
+                 (fail-closed: its connects are refused); `sidecar cleanup` releases it"
+            );
+            continue;
+        }
+        let (unpinned, other): (Vec<&String>, Vec<&String>) = dead
+            .cleaned
+            .actions
+            .iter()
+            .partition(|a| a.starts_with("unpinned "));
+        let other: Vec<&str> = other.iter().map(|s| s.as_str()).collect();
+        warn!(
+            pid,
+            "cleaned up after a run that was killed: unpinned {} link(s) and map(s); {}",
+            unpinned.len(),
+            other.join("; ")
+        );
+        for problem in dead.cleaned.skipped {
+            warn!(pid, "could not clean up after a killed run: {problem}");
+        }
+    }
+}
+
+/// Processes in `dir` and its descendant cgroups (bounded depth; a missing dir has none).
+fn procs_under(dir: &Path, depth: u32) -> Vec<u32> {
+    let mut pids = cgroup::pids(dir).unwrap_or_default();
+    if depth < 8
+        && let Ok(entries) = fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pids.extend(procs_under(&e.path(), depth + 1));
+            }
+        }
+    }
+    pids
 }
 
 fn clean_run(state: &RunState, cg_root: &Path, done: &mut Cleaned) {

@@ -107,10 +107,15 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 out,
-                "sidecar: policy (generation {}{}): {denied_in_kernel} connect(s) refused in the \
-                 kernel; proxy decisions: {}",
+                "sidecar: policy (generation {}{}{}): {denied_in_kernel} connect(s) refused in \
+                 the kernel; proxy decisions: {}",
                 p.generation,
                 if p.dry_run { ", dry run" } else { "" },
+                if p.reload_errors > 0 {
+                    format!(", {} reload(s) refused", p.reload_errors)
+                } else {
+                    String::new()
+                },
                 if decisions.is_empty() {
                     "none".to_string()
                 } else {

@@ -178,6 +178,8 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let bpffs_path = bpffs
         .as_ref()
         .map_or(opts.bpffs.clone(), |b| b.path().into());
+    // Killed runs whose command is gone: their state is removed now, one log line each.
+    crate::cleanup::clean_dead_runs_logged(&bpffs_path, &cg_root);
     // `<bpffs>/sidecar` and `<cgroup2>/sidecar` are shared by concurrent runs: whoever
     // finishes last (finding them empty) removes them.
     let _bpffs_parent = bpffs
@@ -395,7 +397,12 @@ fn attach_ebpf(
         role: role::WORKLOAD,
         scope: WORKLOAD_SCOPE,
         proxy_port: opts.proxy_port,
-        flags: if ipv6 { flags::IPV6_LISTENER } else { 0 },
+        flags: if ipv6 { flags::IPV6_LISTENER } else { 0 }
+            | if opts.proxy.allow_metadata {
+                0
+            } else {
+                flags::DENY_METADATA
+            },
         excluded_ports_len: opts.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };

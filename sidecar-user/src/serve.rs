@@ -65,9 +65,11 @@ pub fn mesh(
     info!(identity = %tls.current().identity, inbound = ?m.inbound, "mTLS on");
     telemetry.certificates(tls.current().not_after);
     let watched = telemetry.clone();
-    let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, move |c| {
-        watched.certificates(c.not_after)
-    });
+    let on_change = move |change: tls::reload::Rotation<'_>| match change {
+        tls::reload::Rotation::Loaded(c) => watched.certificates(c.not_after),
+        tls::reload::Rotation::Refused(_) => watched.certificates_refused(),
+    };
+    let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, on_change);
     Mesh::new(
         tls,
         m.mesh_cidrs.clone(),

@@ -60,6 +60,34 @@ pub struct ConnectFailLine {
     pub spurious_wouldblock: u64,
 }
 
+/// What `soak` prints after each phase (cumulative) and at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoakLine {
+    /// Phases finished so far.
+    pub phase: usize,
+    /// Every connection attempted (all go through the proxy).
+    pub connections: u64,
+    /// Connections meant to work that did, byte for byte.
+    pub ok: u64,
+    /// Connections meant to work that failed (a soak must have none).
+    pub failed: u64,
+    /// Connections to a port where nothing listens: failed, as they should.
+    pub refused: u64,
+    /// Connections to an upstream that resets: failed, as they should.
+    pub reset: u64,
+    /// Connections meant to fail that did not.
+    pub unexpected_success: u64,
+    /// Payload bytes written and read back on the `ok` connections.
+    pub sent: u64,
+    pub received: u64,
+    /// `ok` connections per kind (`rr`, `churn`, `bulk`, `half_close`) and target.
+    pub by_kind: std::collections::BTreeMap<String, u64>,
+    /// The first few failures, for the test's message.
+    pub errors: Vec<String>,
+    /// As [`EchoLine::spurious_wouldblock`], summed.
+    pub spurious_wouldblock: u64,
+}
+
 /// A deterministic pseudo-random payload (xorshift64*), different for every `seed`, so an
 /// echo that mixes up, drops or reorders bytes — or two connections' bytes — is caught.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

@@ -934,6 +934,41 @@ fn proxy_enforces_its_policy_file_and_reloads_it() {
     assert!(proxy.wait(STEP).success(), "{}", proxy.stderr());
 }
 
+/// A registered pod cannot reach the cloud metadata address: the agent marks the pod so its
+/// connect hook refuses it (EPERM, counted) unless its sidecar says `--allow-metadata`. The
+/// pods' namespaces have no route out, so nothing could leave even if the check failed.
+#[test]
+fn pod_connects_to_the_metadata_address_are_refused_in_the_kernel() {
+    if !ready() {
+        return;
+    }
+    let _serial = serial();
+    let node = Node::new("metadata");
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let before = node.counter("connect_metadata_denied");
+    let mut client = node.app(
+        &a,
+        "client-metadata",
+        &[
+            "echo".into(),
+            "--addr=169.254.169.254:80".into(),
+            "--count=1".into(),
+        ],
+    );
+    assert!(!client.wait(STEP).success());
+    assert!(
+        client.stderr().contains("Operation not permitted")
+            || client.stdout().contains("Operation not permitted"),
+        "expected EPERM from the connect hook: {} {}",
+        client.stdout(),
+        client.stderr()
+    );
+    assert_eq!(node.counter("connect_metadata_denied"), before + 1);
+}
+
 /// Entries in the pinned `EXCLUDED_CIDRS` trie.
 fn excluded_cidrs(node: &Node) -> usize {
     let data = MapData::from_pin(node.pin_dir.join("EXCLUDED_CIDRS")).expect("pinned trie");

@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz`: runs every cargo-fuzz target for a bounded time (installing
+//! `cargo xtask fuzz`: runs every cargo-fuzz target (network bytes: preamble; configuration:
+//! policy file, credentials PEM, CLI values; admin request heads) for a bounded time (installing
 //! cargo-fuzz when missing). `cargo xtask test` runs it briefly so the targets cannot rot;
 //! crashes found become regression tests beside the parser.
 
@@ -12,6 +13,9 @@ use crate::{build_ebpf::workspace_root, output, run, step, toolchain::NIGHTLY};
 const TARGETS: &[(&str, &str)] = &[
     ("sidecar-user/fuzz", "preamble"),
     ("sidecar-user/fuzz", "policy"),
+    ("sidecar-user/fuzz", "tls_pem"),
+    ("sidecar-user/fuzz", "config"),
+    ("sidecar-user/fuzz", "admin_http"),
 ];
 
 #[derive(clap::Args)]

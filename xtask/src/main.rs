@@ -5,6 +5,8 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
+mod sanitize;
+mod soak;
 mod toolchain;
 mod vmtest;
 
@@ -30,6 +32,11 @@ enum Cmd {
     Demo,
     /// Fuzz the parsers of network bytes for a bounded time (installs cargo-fuzz if missing).
     Fuzz(fuzz::Options),
+    /// Run the unsafe code of the user half under Miri and AddressSanitizer (nightly).
+    Sanitize(sanitize::Options),
+    /// Run the soak test (mixed traffic through one sidecar, leak and counter checks) for a
+    /// bounded time (needs root).
+    Soak(soak::Options),
     /// Build the eBPF object, then run every test of the workspace (privileged ones included:
     /// run as root; with CI set they fail instead of skipping when they cannot run).
     Test {
@@ -61,6 +68,8 @@ fn main() -> Result<()> {
         Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
         Cmd::Demo => demo::demo(),
         Cmd::Fuzz(opts) => fuzz::fuzz(&opts),
+        Cmd::Soak(opts) => soak::soak(&opts),
+        Cmd::Sanitize(opts) => sanitize::sanitize(&opts),
         Cmd::Test { args } => test(&args),
         Cmd::Bench(opts) => bench::bench(&opts),
         Cmd::BenchServer(args) => bench::load::server(&args),
@@ -69,7 +78,7 @@ fn main() -> Result<()> {
     }
 }
 
-/// Seconds per fuzz target in `cargo xtask test`.
+/// Seconds per fuzz target in `cargo xtask test` (five targets: 100 s in all).
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(args: &[String]) -> Result<()> {
@@ -83,6 +92,11 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut cmd)?;
     // With a test filter, only the tests were asked for.
     if args.is_empty() {
+        sanitize::sanitize(&sanitize::Options::default())?;
+        soak::soak(&soak::Options {
+            secs: soak::SECONDS_IN_TEST,
+            no_build: true,
+        })?;
         // A short, bounded fuzz run so the targets keep building and finding nothing new.
         fuzz::fuzz(&fuzz::Options {
             seconds: FUZZ_SECONDS_IN_TEST,

@@ -2,7 +2,7 @@
 //! per line, one answer line per request, on a connection the pod's sidecar keeps open.
 //!
 //! ```text
-//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true}
+//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false}
 //! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
 //! → {"op":"deregister"}            (this connection's registration)
@@ -33,6 +33,10 @@ pub enum Request {
         /// The proxy listens on `[::1]` too: IPv6 connects may be redirected.
         #[serde(default)]
         ipv6: bool,
+        /// The pod may reach the cloud metadata address (`sidecar proxy --allow-metadata`);
+        /// otherwise its connects there are refused in the kernel.
+        #[serde(default)]
+        allow_metadata: bool,
     },
     Deregister,
     Status,
@@ -88,7 +92,8 @@ mod tests {
                 inbound_port: 15008,
                 exclude_ports: vec![22],
                 exclude_cidrs: vec![],
-                ipv6: false
+                ipv6: false,
+                allow_metadata: false,
             }
         );
         assert_eq!(

@@ -43,6 +43,9 @@ pub struct Registration {
     #[serde(default)]
     pub exclude_cidrs: Vec<String>,
     pub ipv6: bool,
+    /// Connects to the cloud metadata address are allowed (else refused in the kernel).
+    #[serde(default)]
+    pub allow_metadata: bool,
     /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
     pub scope: u32,
     /// The proxy process that registered last (informational).
@@ -63,6 +66,7 @@ pub struct Request {
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<Cidr>,
     pub ipv6: bool,
+    pub allow_metadata: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +227,7 @@ impl Registry {
             exclude_ports: req.exclude_ports,
             exclude_cidrs: req.exclude_cidrs.iter().map(Cidr::to_string).collect(),
             ipv6: req.ipv6,
+            allow_metadata: req.allow_metadata,
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
@@ -351,7 +356,12 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
         role: role::WORKLOAD,
         scope: r.scope,
         proxy_port: r.proxy_port,
-        flags: if r.ipv6 { flags::IPV6_LISTENER } else { 0 },
+        flags: if r.ipv6 { flags::IPV6_LISTENER } else { 0 }
+            | if r.allow_metadata {
+                0
+            } else {
+                flags::DENY_METADATA
+            },
         excluded_ports_len: r.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };

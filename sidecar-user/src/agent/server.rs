@@ -191,6 +191,7 @@ fn handle(
             exclude_ports,
             exclude_cidrs,
             ipv6,
+            allow_metadata,
         } => {
             let Some(pid) = pid else {
                 return agent.refuse(
@@ -236,6 +237,7 @@ fn handle(
                 exclude_ports,
                 exclude_cidrs,
                 ipv6,
+                allow_metadata,
             };
             let Agent { pins, registry, .. } = &mut *agent;
             match registry.register(pins, req) {

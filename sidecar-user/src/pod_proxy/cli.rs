@@ -38,7 +38,8 @@ pub struct ProxyArgs {
     /// Close a connection after this many seconds without a byte in either direction.
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_secs: u64,
-    /// Let the workload reach the cloud metadata address through the proxy.
+    /// Let the workload reach the cloud metadata address (169.254.169.254, fd00:ec2::254);
+    /// refused by default, in the kernel (the agent sets it per pod) and in the proxy.
     #[arg(long)]
     pub allow_metadata: bool,
     /// On SIGTERM, how long open connections may take to finish, in seconds.

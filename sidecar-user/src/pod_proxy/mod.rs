@@ -163,6 +163,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         exclude_ports: opts.exclude_ports.clone(),
         exclude_cidrs: opts.exclude_cidrs.iter().map(ToString::to_string).collect(),
         ipv6,
+        allow_metadata: opts.proxy.allow_metadata,
     };
     let registered = telemetry.clone();
     let proxy_port = opts.proxy_port;

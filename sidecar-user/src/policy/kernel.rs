@@ -310,25 +310,58 @@ impl DenyEvents {
     pub fn drain(&mut self) -> Vec<KernelDeny> {
         let mut out = Vec::new();
         while let Some(item) = self.ring.next() {
-            if item.len() < std::mem::size_of::<PolicyDenyEvent>() {
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole PolicyDenyEvent (plain integers) here; the
-            // read is unaligned-safe.
-            let e: PolicyDenyEvent =
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyDenyEvent>()) };
-            out.push(KernelDeny {
-                dst: std::net::SocketAddr::new(ip_from_words(e.ip), e.port),
-                pid: e.pid,
-            });
+            out.extend(decode_deny(&item));
         }
         out
     }
 }
 
+/// One ring item as the kernel wrote it (a `PolicyDenyEvent`, at any alignment); `None` if
+/// it is too short. Pure Rust around one unsafe read: checked by Miri (`cargo xtask miri`).
+fn decode_deny(item: &[u8]) -> Option<KernelDeny> {
+    if item.len() < std::mem::size_of::<PolicyDenyEvent>() {
+        return None;
+    }
+    // SAFETY: `item` holds at least size_of::<PolicyDenyEvent>() initialized bytes (checked
+    // above); the type is plain integers, valid for any bits; the read is unaligned-safe.
+    let e: PolicyDenyEvent =
+        unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyDenyEvent>()) };
+    Some(KernelDeny {
+        dst: std::net::SocketAddr::new(ip_from_words(e.ip), e.port),
+        pid: e.pid,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deny_events_decode_at_any_alignment() {
+        let event = PolicyDenyEvent {
+            ip: sidecar_common::words_from_ip("10.1.2.3".parse().unwrap()),
+            port: 5432,
+            _pad: 0,
+            pid: 4242,
+        };
+        let size = std::mem::size_of::<PolicyDenyEvent>();
+        let mut bytes = Vec::new();
+        for w in event.ip {
+            bytes.extend_from_slice(&w.to_ne_bytes());
+        }
+        bytes.extend_from_slice(&event.port.to_ne_bytes());
+        bytes.extend_from_slice(&0u16.to_ne_bytes());
+        bytes.extend_from_slice(&event.pid.to_ne_bytes());
+        assert_eq!(bytes.len(), size);
+        for offset in 0..4 {
+            let mut buf = vec![0xa5u8; offset];
+            buf.extend_from_slice(&bytes);
+            let got = decode_deny(&buf[offset..]).expect("a whole event");
+            assert_eq!(got.dst, "10.1.2.3:5432".parse().unwrap());
+            assert_eq!(got.pid, 4242);
+            assert!(decode_deny(&buf[offset..offset + size - 1]).is_none());
+        }
+    }
     use crate::policy::{
         rules::{Request, Way},
         schema::parse,

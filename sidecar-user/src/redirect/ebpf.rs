@@ -406,10 +406,22 @@ impl Pins {
     /// Unpins in reverse order of attachment; returns what failed.
     fn remove_all(&mut self) -> Vec<String> {
         let mut failures = Vec::new();
+        let mut gone = 0;
         while let Some(link) = self.links.pop() {
-            if let Err(e) = link.unpin() {
-                failures.push(format!("unpinning a link in {}: {e}", self.dir.display()));
+            match link.unpin() {
+                Ok(_) => {}
+                // The pin went away under us (bpffs unmounted, pins deleted by hand): the link
+                // was dropped all the same, and closing its last fd detached the program.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone += 1,
+                Err(e) => failures.push(format!("unpinning a link in {}: {e}", self.dir.display())),
             }
+        }
+        if gone > 0 {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "{gone} link pin(s) were already gone (bpffs unmounted or pins removed while \
+                 running): their programs were detached by closing the links"
+            );
         }
         for file in self.files.drain(..).rev() {
             if let Err(e) = fs::remove_file(&file)

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub policy_decisions: IntCounterVec,
     pub certificates_loaded: IntGauge,
     pub certificate_expiry: GaugeVec,
+    pub certificate_reload_errors: IntCounter,
+    pub certificates_stale: IntGauge,
     pub tcp_srtt: HistogramVec,
     pub tcp_retransmits: IntCounterVec,
     pub tcp_delivery_rate: HistogramVec,
@@ -191,6 +193,16 @@ impl Metrics {
                 ),
                 &["kind"]
             )),
+            certificate_reload_errors: reg!(IntCounter::with_opts(opts(
+                "certificate_reload_errors_total",
+                "Changes of the certificate files that were refused (missing, invalid, half \
+                 written): the last good set stays in force."
+            ))),
+            certificates_stale: reg!(IntGauge::with_opts(opts(
+                "certificates_stale",
+                "1 while the certificate files on disk are refused and the last good set is \
+                 served; 0 once a valid set is loaded again."
+            ))),
             tcp_srtt: reg!(HistogramVec::new(
                 hist(
                     "tcp_srtt_seconds",

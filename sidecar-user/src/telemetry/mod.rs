@@ -244,7 +244,10 @@ impl Telemetry {
             ReadyCheck {
                 name: "certificates",
                 ok: true,
-                detail: if self.metrics.certificates_loaded.get() > 0 {
+                detail: if self.metrics.certificates_stale.get() > 0 {
+                    "serving the last good certificates: the files on disk are missing or \
+                     invalid (see the log)"
+                } else if self.metrics.certificates_loaded.get() > 0 {
                     "workload certificates loaded"
                 } else {
                     "not required: mTLS off (--tls-dir not given)"
@@ -351,10 +354,17 @@ impl Telemetry {
             .inc();
     }
 
+    /// The certificate files changed and were refused: the last good set stays in force.
+    pub fn certificates_refused(&self) {
+        self.metrics.certificate_reload_errors.inc();
+        self.metrics.certificates_stale.set(1);
+    }
+
     /// A set of workload credentials is in force (at start and after each rotation).
     pub fn certificates(&self, not_after: SystemTime) {
         let m = &self.metrics;
         m.certificates_loaded.set(1);
+        m.certificates_stale.set(0);
         m.certificate_expiry.reset();
         let secs = not_after
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -151,6 +151,17 @@ impl Credentials {
 
     /// Validates a set already read (`files` names its origin in errors).
     pub fn from_set(files: &TlsFiles, set: &FileSet) -> Result<Self, TlsError> {
+        Self::from_pem(files, &set.cert, &set.key, &set.bundle)
+    }
+
+    /// [`Credentials::load`] on the files' contents (`files` names them in errors). Fuzzed
+    /// (`sidecar-user/fuzz`, target `tls_pem`): errors never quote key material.
+    pub fn from_pem(
+        files: &TlsFiles,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        bundle_pem: &[u8],
+    ) -> Result<Self, TlsError> {
         let pem_err = |path: &PathBuf| {
             let path = path.clone();
             move |e: rustls::pki_types::pem::Error| TlsError::Pem {
@@ -158,7 +169,7 @@ impl Credentials {
                 reason: pem_reason(&e),
             }
         };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&set.cert)
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<_, _>>()
             .map_err(pem_err(&files.cert))?;
         if chain.is_empty() {
@@ -167,8 +178,8 @@ impl Credentials {
                 what: "certificate",
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(&set.key).map_err(pem_err(&files.key))?;
-        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&set.bundle)
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(pem_err(&files.key))?;
+        let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem)
             .collect::<Result<_, _>>()
             .map_err(pem_err(&files.bundle))?;
         if bundle.is_empty() {
@@ -261,17 +272,27 @@ impl Credentials {
     }
 }
 
-/// PEM errors in words (the library's messages quote raw bytes).
+/// PEM errors in words (the library's messages quote raw bytes). Never quotes the file's
+/// content: a key file whose header lost its line break puts the key's first base64 line on
+/// the "section start" line (found by the `tls_pem` fuzz target), and errors are logged.
 fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error as E;
     match e {
-        E::MissingSectionEnd { end_marker } => format!(
-            "a section has no \"{}\" line (file cut short or half-written?)",
-            String::from_utf8_lossy(end_marker)
-        ),
-        E::IllegalSectionStart { line } => {
-            format!("bad section start line {:?}", String::from_utf8_lossy(line))
+        E::MissingSectionEnd { end_marker } => {
+            // A well-formed label (`PRIVATE KEY`, `CERTIFICATE` …) is safe to name.
+            let label = String::from_utf8_lossy(end_marker);
+            let section = if label.len() <= 32
+                && label.bytes().all(|b| b.is_ascii_uppercase() || b == b' ')
+            {
+                format!("the {label} section")
+            } else {
+                "a section".into()
+            };
+            format!("{section} has no END line (file cut short or half-written?)")
         }
+        E::IllegalSectionStart { .. } => "a malformed \"-----BEGIN …-----\" line (content not \
+             shown: it may hold key material); is the line break after it missing?"
+            .into(),
         E::NoItemsFound => "no item of the expected kind".into(),
         other => other.to_string(),
     }
@@ -314,5 +335,46 @@ impl TlsState {
 
     fn replace(&self, creds: Credentials) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(creds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> TlsFiles {
+        TlsFiles {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            bundle: "bundle.pem".into(),
+        }
+    }
+
+    /// Regression (fuzz target `tls_pem`): a key whose BEGIN line lost its line break was
+    /// quoted, first base64 line included, in the error — which the rotation watcher logs.
+    #[test]
+    fn pem_errors_never_quote_key_material() {
+        let ca = certs::mint_ca("example.org", std::time::Duration::from_secs(3600)).unwrap();
+        let body: Vec<&str> = ca
+            .key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let joined = ca.key_pem.replacen("-----\n", "-----", 1);
+        let truncated = &ca.key_pem[..ca.key_pem.len() / 2];
+        for bad in [joined.as_str(), truncated] {
+            let err = Credentials::from_pem(
+                &names(),
+                ca.cert_pem.as_bytes(),
+                bad.as_bytes(),
+                ca.cert_pem.as_bytes(),
+            )
+            .expect_err("a broken key is refused")
+            .to_string();
+            assert!(err.contains("key.pem"), "{err}");
+            for line in &body {
+                assert!(!err.contains(line), "the error quotes the key: {err}");
+            }
+        }
     }
 }

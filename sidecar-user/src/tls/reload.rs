@@ -6,6 +6,10 @@
 //! Content, not modification times, is compared, and each poll reads the three files as one
 //! set ([`TlsFiles::read_set`](super::TlsFiles::read_set)), so kubelet's atomic Secret updates
 //! (a `..data` symlink renamed onto a new directory) are picked up whole, never half-swapped.
+//!
+//! An outage (files deleted, or a bad set) is logged once at warn level, when it starts;
+//! further refused changes during it are logged at debug level and counted; the first valid
+//! set afterwards is logged as a recovery.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -14,9 +18,9 @@ use std::{
     time::Duration,
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{Credentials, FileSet, TlsState};
+use super::{Credentials, FileSet, TlsError, TlsState};
 
 /// The set as it is now, and its hash (an unreadable set hashes alike until it is readable).
 fn poll(state: &TlsState) -> (u64, Option<FileSet>) {
@@ -26,14 +30,24 @@ fn poll(state: &TlsState) -> (u64, Option<FileSet>) {
     (h.finish(), set)
 }
 
-/// Watches the files until the runtime shuts down; `on_rotate` hears of each new set.
+/// What the watcher tells its caller (telemetry).
+pub enum Rotation<'a> {
+    /// A new valid set is in force.
+    Loaded(&'a Credentials),
+    /// The files changed but were refused; the current set stays.
+    Refused(&'a TlsError),
+}
+
+/// Watches the files until the runtime shuts down; `on_change` hears of each new set and of
+/// each refused change.
 pub fn spawn_watcher(
     state: Arc<TlsState>,
     interval: Duration,
-    on_rotate: impl Fn(&Credentials) + Send + 'static,
+    on_change: impl Fn(Rotation<'_>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = poll(&state).0;
+        let mut refusing = false;
         loop {
             tokio::time::sleep(interval).await;
             let (now, set) = poll(&state);
@@ -48,11 +62,24 @@ pub fn spawn_watcher(
             };
             match loaded {
                 Ok(creds) => {
-                    info!(identity = %creds.identity, "rotated to new certificates");
-                    on_rotate(&creds);
+                    if refusing {
+                        info!(identity = %creds.identity, "certificates valid again: rotated to them");
+                    } else {
+                        info!(identity = %creds.identity, "rotated to new certificates");
+                    }
+                    refusing = false;
+                    on_change(Rotation::Loaded(&creds));
                     state.replace(creds);
                 }
-                Err(e) => warn!("new certificates refused, keeping the current ones: {e}"),
+                Err(e) => {
+                    if refusing {
+                        debug!("new certificates refused again, keeping the current ones: {e}");
+                    } else {
+                        warn!("new certificates refused, keeping the current ones: {e}");
+                    }
+                    refusing = true;
+                    on_change(Rotation::Refused(&e));
+                }
             }
         }
     })

@@ -1,0 +1,622 @@
+//! Faults around a running `sidecar run` (issue 9, second slice): a killed run's state found
+//! and removed by the next start, certificates deleted and restored, the policy file
+//! corrupted and repaired, bpffs unmounted under a live run, and what each direction does
+//! while the proxy is down (fail-open or fail-closed).
+//!
+//! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
+//! holds `serial()`. Traffic stays on 127.0.0.0/8 or inside network namespaces the test
+//! created (prefix `scrl-`, addresses 10.206.x.x, no route out). Proxy and other ports
+//! 24100–24199. Every loop is bounded in count and time, every wait has a timeout.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use sidecar_tests::{
+    EchoServer, SidecarRun, assert_no_leftovers, host, leftover_files, privileged,
+    protocol::{ConnectFailLine, EchoLine},
+    scratch::Scratch,
+    serial,
+};
+
+/// The workload binary, built by cargo for this test target.
+const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
+
+/// `--name=value`, one argv element.
+fn arg(name: &str, value: impl std::fmt::Display) -> String {
+    format!("{name}={value}")
+}
+
+/// Shell that waits (bounded, 2 minutes) for `file` to exist.
+fn wait_for_file(file: &Path) -> String {
+    format!(
+        "i=0; while [ ! -e {f} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done",
+        f = file.display()
+    )
+}
+
+/// Waits (bounded) until the run's stderr contains `needle`.
+fn wait_stderr(run: &SidecarRun, needle: &str, timeout: Duration) -> bool {
+    host::wait_until(timeout, || run.stderr_text().contains(needle))
+}
+
+// ---------------------------------------------------------------------------------------
+// A killed run's state, found by the next start
+
+/// `sidecar run` A is SIGKILLed: its links stay attached through their pins (its app is
+/// fail-closed), its cgroups, pins and state file remain.
+/// - While A's command still runs, starting run B leaves A alone (its workload stays
+///   fail-closed until an operator runs `sidecar cleanup`) and says so in one log line.
+/// - Once A's command is gone, starting run C — no `sidecar cleanup` — removes all of A's
+///   state with a log line naming A, and A's programs are unloaded.
+#[test]
+fn next_start_cleans_up_after_a_killed_run() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let mut a = SidecarRun::builder(24100)
+        .arg("--admin-addr=off")
+        .command(["sleep", "120"])
+        .start();
+    let a_pid = a.pid();
+    assert!(
+        host::wait_until(Duration::from_secs(20), || !a.app_pids().is_empty()),
+        "run A's command did not start:\n{}",
+        a.stderr_text()
+    );
+    let app = a.app_pids();
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(10))
+        .expect("a SIGKILLed sidecar exits");
+    let left = leftover_files(a_pid);
+    assert_eq!(
+        left.len(),
+        3,
+        "a killed run leaves its pins, cgroup and state file: {left:?}"
+    );
+    let start = |port: u16| {
+        let mut run = SidecarRun::builder(port)
+            .arg("--admin-addr=off")
+            .command(["true"])
+            .start();
+        let done = run.finish(Duration::from_secs(30));
+        done.assert_exit_code(0);
+        assert_no_leftovers(done.pid);
+        done
+    };
+
+    // A's command still runs: B leaves A's state (and so its fail-closed links) alone.
+    let b = start(24101);
+    assert!(
+        b.stderr
+            .iter()
+            .any(|l| l.contains("killed while its command still runs")
+                && l.contains(&format!("pid={a_pid}"))),
+        "run B should report A as left alone:\n{}",
+        b.stderr_text()
+    );
+    assert_eq!(
+        leftover_files(a_pid).len(),
+        3,
+        "B must not touch A while A's app runs"
+    );
+
+    // A's command ends: C cleans up after A.
+    for p in &app {
+        host::kill_if_still(*p, "sleep");
+    }
+    assert!(host::wait_until(Duration::from_secs(5), || app
+        .iter()
+        .all(|p| !host::is_alive(*p))));
+    let c = start(24102);
+    let log = c.stderr_text();
+    let line = c
+        .stderr
+        .iter()
+        .find(|l| l.contains("cleaned up after a run that was killed"))
+        .unwrap_or_else(|| panic!("run C logged no clean-up of run A:\n{log}"));
+    assert!(line.contains(&format!("pid={a_pid}")), "{line}");
+    assert!(
+        leftover_files(a_pid).is_empty(),
+        "run C's start left run A's state: {:?}",
+        leftover_files(a_pid)
+    );
+    // A's programs go with its pins (links unpinned → detached; maps unpinned → freed).
+    assert_no_leftovers(a_pid);
+    drop(a);
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for runs inside network namespaces
+
+/// `GET path` against an HTTP server at `addr` inside network namespace `ns` (the admin
+/// endpoint of a sidecar in a pod): a thread enters the namespace, so the test process
+/// itself stays where it is. Returns (status, body).
+fn get_in_netns(ns: &Path, addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let ns = fs::File::open(ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        // SAFETY: setns on an fd we own, for this thread only (it ends right after).
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let timeout = Duration::from_secs(5);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .unwrap_or_else(|e| panic!("admin {addr}: {e}"));
+        s.set_read_timeout(Some(timeout)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, body.to_string())
+    })
+    .join()
+    .expect("the admin request thread panicked")
+}
+
+/// The value of an unlabelled metric in a Prometheus text body.
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+const APP_PORT: u16 = 8080;
+const TD: &str = "example.org";
+const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn require(tool: &str) -> bool {
+    host::which(tool).is_some()
+        || sidecar_tests::skip(&format!("{tool} is not installed (.ci/run installs it)"))
+}
+
+/// One 64-byte echo from pod A through a client sidecar meshing pod B; returns the finished
+/// client run (its stdout has the echo line, its report the connection).
+fn probe_through_tunnel(
+    pods: &sidecar_tests::netns::PodPair,
+    tls_dir: &str,
+    port: u16,
+) -> sidecar_tests::Finished {
+    let mut run = SidecarRun::builder(port)
+        .wrapped_in(pods.a.enter())
+        .arg("--admin-addr=off")
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .arg("--no-inbound")
+        .arg("--mesh-cidrs")
+        .arg(format!("{}/32", pods.b.addr))
+        .command([
+            CLIENT.to_string(),
+            "echo".into(),
+            arg("--addr", SocketAddr::new(pods.b.addr, APP_PORT)),
+            "--size=64".into(),
+        ])
+        .start();
+    run.finish(RUN_TIMEOUT)
+}
+
+/// Asserts a probe's single connection was an ok mTLS tunnel to `peer`.
+fn assert_tunnelled(done: &sidecar_tests::Finished, peer: &str) {
+    let lines: Vec<EchoLine> = done.parse_stdout();
+    assert!(
+        lines.len() == 1 && lines[0].ok,
+        "the echo through the tunnel failed: {lines:?}\n{}",
+        done.stderr_text()
+    );
+    let conns = &done.report().connections;
+    assert!(
+        conns.len() == 1
+            && conns[0].mtls()
+            && conns[0].outcome == "ok"
+            && conns[0].peer_identity() == Some(peer),
+        "{conns:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates deleted while running
+
+/// The server sidecar's certificate files are deleted while it runs: it keeps serving
+/// tunnels with the last good credentials, logs the problem once, and says so in
+/// `/metrics` (`certificates_stale` 1, `certificate_reload_errors_total`) and `/readyz`
+/// (still ready: the credentials in force are valid). When the files come back it loads
+/// them, logs the recovery, and the gauge drops to 0.
+#[test]
+fn deleted_certificates_keep_the_last_good_set_and_recover() {
+    if !privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Scratch::new("scrl-certs-gone");
+    certs.ca("ca", TD);
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = sidecar_tests::netns::PodPair::create_in("scrl", 206, 1);
+    let admin = SocketAddr::from(([127, 0, 0, 1], 24111));
+    let mut server = SidecarRun::builder(24110)
+        .env("SIDECAR_LOG", "info")
+        .wrapped_in(pods.b.enter())
+        .arg("--tls-dir")
+        .arg(&server_tls)
+        .arg(arg("--admin-addr", admin))
+        .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+        .start();
+    server.wait_ready(Duration::from_secs(20));
+    let scrape = || get_in_netns(&pods.b.path(), admin, "/metrics").1;
+    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24112), SERVER_ID);
+    let before = scrape();
+    assert_eq!(metric(&before, "sidecar_certificates_stale"), Some(0.0));
+    assert_eq!(
+        metric(&before, "sidecar_certificate_reload_errors_total"),
+        Some(0.0)
+    );
+
+    // Delete all three files.
+    let dir = Path::new(&server_tls);
+    let files = ["cert.pem", "key.pem", "bundle.pem"];
+    let saved: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| fs::read(dir.join(f)).unwrap())
+        .collect();
+    for f in files {
+        fs::remove_file(dir.join(f)).unwrap();
+    }
+    let mut body = String::new();
+    assert!(
+        host::wait_until(Duration::from_secs(10), || {
+            body = scrape();
+            metric(&body, "sidecar_certificates_stale") == Some(1.0)
+        }),
+        "certificates_stale did not go to 1 after the files were deleted:\n{body}"
+    );
+    assert!(metric(&body, "sidecar_certificate_reload_errors_total") >= Some(1.0));
+    assert_eq!(metric(&body, "sidecar_certificates_loaded"), Some(1.0));
+    let (status, ready) = get_in_netns(&pods.b.path(), admin, "/readyz");
+    assert_eq!(status, 200, "still ready with the last good set: {ready}");
+    assert!(ready.contains("last good certificates"), "{ready}");
+    // New tunnels still work: the credentials in memory are the last good set.
+    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24113), SERVER_ID);
+    // A few more polls pass: still one warning.
+    std::thread::sleep(Duration::from_millis(2500));
+    let warnings = server
+        .stderr_text()
+        .matches("new certificates refused")
+        .count();
+    assert_eq!(
+        warnings,
+        1,
+        "the outage should be logged once:\n{}",
+        server.stderr_text()
+    );
+
+    // The files come back (each written whole, one after the other).
+    for (f, bytes) in files.iter().zip(&saved) {
+        let tmp = dir.join(format!(".{f}.tmp"));
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(&tmp, dir.join(f)).unwrap();
+    }
+    assert!(
+        host::wait_until(Duration::from_secs(10), || {
+            body = scrape();
+            metric(&body, "sidecar_certificates_stale") == Some(0.0)
+        }),
+        "certificates_stale did not return to 0:\n{body}"
+    );
+    assert!(
+        wait_stderr(&server, "certificates valid again", Duration::from_secs(5)),
+        "{}",
+        server.stderr_text()
+    );
+    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24114), SERVER_ID);
+    server.release();
+    let done = server.finish(RUN_TIMEOUT);
+    let inbound: Vec<_> = done
+        .report()
+        .connections
+        .iter()
+        .filter(|c| c.direction == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), 3, "{inbound:#?}");
+    assert!(inbound.iter().all(|c| c.outcome == "ok"), "{inbound:#?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The policy file corrupted
+
+/// The policy file is overwritten with garbage, then deleted, while the run enforces it: each
+/// change is refused (logged, counted in the report's `reload_errors`), and the old policy
+/// stays in force in the kernel (the denied connect still fails with EPERM). A valid file
+/// then replaces it and is put in force (the connect goes through).
+#[test]
+fn corrupted_policy_keeps_the_old_one_until_a_valid_file_returns() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let scratch = Scratch::new("scrl-policy-corrupt");
+    let policy = scratch.write(
+        "policy.toml",
+        &format!(
+            "[[rule]]\nname = \"no-echo\"\naction = \"deny\"\ndirection = \"outbound\"\n\
+             ports = [{}]\n",
+            server.port()
+        ),
+    );
+    let (go1, go2) = (scratch.path("go1"), scratch.path("go2"));
+    let try_connect = format!("{CLIENT} connect-fail {}", arg("--addr", server.addr()));
+    let script = format!(
+        "{try_connect}; {}; {try_connect}; {}; {try_connect}",
+        wait_for_file(&go1),
+        wait_for_file(&go2)
+    );
+    let mut run = SidecarRun::builder(24115)
+        .env("SIDECAR_LOG", "info")
+        .arg("--admin-addr=off")
+        .arg("--policy")
+        .arg(&policy)
+        .command(["sh", "-c", &script])
+        .start();
+    let results = |n: usize| {
+        let mut lines = Vec::new();
+        host::wait_until(Duration::from_secs(20), || {
+            lines = sidecar_tests::protocol::parse_lines::<ConnectFailLine>(&run.stdout_lines());
+            lines.len() >= n
+        });
+        assert!(lines.len() >= n, "{lines:?}\n{}", run.stderr_text());
+        lines
+    };
+    let eperm = |l: &ConnectFailLine| {
+        l.error
+            .as_deref()
+            .is_some_and(|e| e.contains("Operation not permitted"))
+    };
+    assert!(eperm(&results(1)[0]), "{:?}", results(1));
+
+    // Garbage (not UTF-8, half a rule), then no file at all: both refused.
+    fs::write(&policy, b"[[rule]\nname = \xff\xfe\naction = ").unwrap();
+    assert!(
+        wait_stderr(
+            &run,
+            "policy refused, keeping the current one",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        run.stderr_text()
+    );
+    fs::remove_file(&policy).unwrap();
+    assert!(
+        host::wait_until(Duration::from_secs(5), || {
+            run.stderr_text()
+                .matches("policy refused, keeping the current one")
+                .count()
+                >= 2
+        }),
+        "{}",
+        run.stderr_text()
+    );
+    fs::write(&go1, b"").unwrap();
+    let second = &results(2)[1];
+    assert!(
+        eperm(second),
+        "the old policy should still deny: {second:?}"
+    );
+
+    // A valid file (no rules: everything allowed) is put in force.
+    scratch.write("policy.toml", "[defaults]\noutbound = \"allow\"\n");
+    assert!(
+        wait_stderr(&run, "policy reloaded", Duration::from_secs(5)),
+        "{}",
+        run.stderr_text()
+    );
+    fs::write(&go2, b"").unwrap();
+    let third = &results(3)[2];
+    assert_eq!(third.error, None, "the new policy allows it: {third:?}");
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let report = done.report().policy.clone().expect("a policy report");
+    assert_eq!(report.reload_errors, 2, "{report:?}");
+    assert!(
+        done.stderr_text().contains("2 reload(s) refused"),
+        "the exit summary counts the refused reloads:\n{}",
+        done.stderr_text()
+    );
+    assert_eq!(report.generation, 2, "{report:?}");
+    assert_no_leftovers(done.pid);
+}
+
+// ---------------------------------------------------------------------------------------
+// bpffs unmounted under a running sidecar
+
+/// The run's bpffs (a private mount for this test: the host's `/sys/fs/bpf` is shared) is
+/// unmounted while the run is intercepting. The pins vanish with the mount, but the sidecar
+/// holds every link and map by fd, so interception goes on unchanged (new connects are still
+/// redirected and echo exactly). On exit the links are closed — which detaches them — with
+/// one clear warning that their pins were already gone, and nothing is left: no program, no
+/// cgroup, no state file, no mount.
+#[test]
+fn unmounting_bpffs_under_a_run_keeps_interception_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let scratch = Scratch::new("scrl-bpffs-gone");
+    let bpffs = scratch.path("bpf");
+    let go = scratch.path("go");
+    let echo = format!(
+        "{CLIENT} echo {} --size=65536 --count=5 --concurrency=5",
+        arg("--addr", server.addr())
+    );
+    let script = format!("{echo}; echo ROUND1; {}; {echo}", wait_for_file(&go));
+    let proxy_port = 24116;
+    let mut run = SidecarRun::builder(proxy_port)
+        .arg("--admin-addr=off")
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .command(["sh", "-c", &script])
+        .start();
+    assert!(
+        host::wait_until(Duration::from_secs(20), || run
+            .stdout_lines()
+            .iter()
+            .any(|l| l == "ROUND1")),
+        "{}",
+        run.stderr_text()
+    );
+    let pins = bpffs.join(format!("sidecar/run-{}", run.pid()));
+    assert!(
+        pins.join("link-sidecar_connect4").exists(),
+        "{}",
+        pins.display()
+    );
+    let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(target.as_ptr(), 0) };
+    assert_eq!(
+        rc,
+        0,
+        "umount {}: {}",
+        bpffs.display(),
+        std::io::Error::last_os_error()
+    );
+    assert!(!pins.exists(), "the pins went away with the mount");
+
+    fs::write(&go, b"").unwrap();
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let lines: Vec<EchoLine> = done.parse_stdout();
+    assert_eq!(lines.len(), 10, "{lines:?}");
+    let proxy = SocketAddr::from(([127, 0, 0, 1], proxy_port));
+    for l in &lines {
+        assert!(l.ok, "{l:?}");
+        assert_eq!(l.peer, Some(proxy), "still intercepted: {l:?}");
+    }
+    assert_eq!(done.report().connections.len(), 10);
+    let log = done.stderr_text();
+    assert!(
+        log.contains("link pin(s) were already gone"),
+        "the exit should say why nothing was unpinned:\n{log}"
+    );
+    for bad in ["ERROR", "error:", "cannot unpin", "unpinning a link"] {
+        assert!(
+            !log.contains(bad),
+            "a confusing error at exit ({bad}):\n{log}"
+        );
+    }
+    assert_no_leftovers(done.pid);
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(&*bpffs.to_string_lossy()),
+        "the private bpffs is still mounted"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Fail-open or fail-closed, per direction, while the proxy is down
+
+/// Pod B's sidecar is SIGKILLed while its app keeps serving on 0.0.0.0:8080. What reaches the
+/// app from pod A afterwards, per inbound mode:
+/// - a tunnel (pod A's meshed sidecar): refused — nothing listens on the tunnel port; pod A's
+///   app sees its connection fail (fail-closed: no plaintext fallback for a mesh CIDR);
+/// - plaintext, `--inbound-mode permissive`: reaches the app (fail-open, as without a
+///   sidecar);
+/// - plaintext, `--inbound-mode strict`: dropped by the ingress program, which stays attached
+///   through its pin until cleanup (fail-closed); the connect times out.
+///
+/// The outbound direction (redirected connects to the dead proxy port are refused:
+/// fail-closed) is `reliability.rs` `sigkill_mid_stream_fails_closed_until_cleanup`.
+#[test]
+fn inbound_with_the_proxy_down_is_fail_open_when_permissive_and_fail_closed_when_strict() {
+    if !privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Scratch::new("scrl-inbound-down");
+    certs.ca("ca", TD);
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = sidecar_tests::netns::PodPair::create_in("scrl", 206, 2);
+    let plaintext = || {
+        let out = pods.a.run(&[
+            CLIENT,
+            "connect-fail",
+            &arg("--addr", SocketAddr::new(pods.b.addr, APP_PORT)),
+        ]);
+        serde_json::from_slice::<ConnectFailLine>(out.stdout.trim_ascii())
+            .unwrap_or_else(|e| panic!("connect-fail output: {e}: {out:?}"))
+    };
+    for (mode, port) in [("permissive", 24120), ("strict", 24122)] {
+        let mut server = SidecarRun::builder(port)
+            .wrapped_in(pods.b.enter())
+            .arg("--admin-addr=off")
+            .arg("--tls-dir")
+            .arg(&server_tls)
+            .arg(arg("--inbound-mode", mode))
+            .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+            .start();
+        server.wait_ready(Duration::from_secs(20));
+        assert_tunnelled(
+            &probe_through_tunnel(&pods, &client_tls, port + 1),
+            SERVER_ID,
+        );
+        let app = server.app_pids();
+        server.signal(libc::SIGKILL);
+        server
+            .wait_exit(Duration::from_secs(10))
+            .expect("a SIGKILLed sidecar exits");
+        assert!(
+            app.iter().all(|p| host::is_alive(*p)),
+            "B's app keeps running after its sidecar is killed"
+        );
+
+        // Tunnels: refused, and the client's sidecar does not fall back to plaintext.
+        let started = Instant::now();
+        let tunnel = probe_through_tunnel(&pods, &client_tls, port + 1);
+        let lines: Vec<EchoLine> = tunnel.parse_stdout();
+        assert!(lines.len() == 1 && !lines[0].ok, "{mode}: {lines:?}");
+        assert!(started.elapsed() < Duration::from_secs(15), "{mode}: slow");
+        let conns = &tunnel.report().connections;
+        assert!(
+            conns.len() == 1 && conns[0].outcome == "tunnel_failed",
+            "{mode}: {conns:#?}"
+        );
+
+        // Plaintext straight to the app.
+        let direct = plaintext();
+        match mode {
+            "permissive" => assert_eq!(
+                direct.error, None,
+                "permissive: plaintext reaches the app with its sidecar dead: {direct:?}"
+            ),
+            _ => assert!(
+                direct
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("connect:")),
+                "strict: plaintext must stay dropped with the sidecar dead: {direct:?}"
+            ),
+        }
+        eprintln!("{mode}: tunnel {:?}, plaintext {direct:?}", lines[0].error);
+        // The harness's drop runs `sidecar cleanup` for the killed run; its app is ours to end.
+        drop(server);
+        for p in &app {
+            host::kill_if_still(*p, "sidecar-testclient");
+        }
+    }
+}
