@@ -1,0 +1,75 @@
+//! The one list of integration tests that do not run in a guest, each with its reason.
+//! Everything else runs on every kernel of the matrix; an entry here is passed to the test
+//! executables as `--skip NAME` and printed by vm-test, never dropped silently.
+
+/// A test that cannot run (or cannot pass, by design) on some kernels.
+pub struct Exclusion {
+    /// The test's full name, as libtest prints it.
+    pub test: &'static str,
+    /// Kernels (`--kernel` versions) it is excluded on; empty: all of them.
+    pub kernels: &'static [&'static str],
+    pub reason: &'static str,
+}
+
+/// Before 5.15, sockops and sk_msg programs cannot call `bpf_get_netns_cookie`, so the
+/// loader turns the sockmap fast path off there (`sidecar probe` says so; connects are still
+/// redirected): the tests that assert bytes were spliced cannot pass, by design.
+const NO_FAST_PATH: &str = "asserts the sockmap fast path, which is off before Linux 5.15 \
+     (no bpf_get_netns_cookie in sockops/sk_msg)";
+const BEFORE_5_15: &[&str] = &["5.10"];
+
+pub const EXCLUSIONS: &[Exclusion] = &[
+    Exclusion {
+        test: "sockmap_splices_both_legs",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "large_payload_round_trips_with_sockmap",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "concurrent_bulk_streams_never_fail_an_application_write",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "blocking_request_response_sees_no_spurious_eagain",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "metrics_and_access_log_count_known_traffic_exactly",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "mtls_round_trips_small_and_large_payloads_between_two_pods",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+];
+
+/// The names to skip on `version`, each announced with its reason.
+pub fn skipped(version: &str) -> Vec<&'static str> {
+    for e in EXCLUSIONS
+        .iter()
+        .filter(|e| e.kernels.is_empty() || e.kernels.contains(&version))
+    {
+        crate::step(&format!(
+            "vm-test {version}: excluding {}: {}",
+            e.test, e.reason
+        ));
+    }
+    skipped_quietly(version)
+}
+
+/// The names to skip on `version`, without announcing them.
+pub fn skipped_quietly(version: &str) -> Vec<&'static str> {
+    EXCLUSIONS
+        .iter()
+        .filter(|e| e.kernels.is_empty() || e.kernels.contains(&version))
+        .map(|e| e.test)
+        .collect()
+}
