@@ -19,6 +19,19 @@ const NO_FAST_PATH: &str = "asserts the sockmap fast path, which is off before L
 const BEFORE_5_15: &[&str] = &["5.10"];
 
 pub const EXCLUSIONS: &[Exclusion] = &[
+    // Diagnosed in the guest (6.1): threads-max and RAM first (fixed in `/init` and with
+    // `--memory 4096`), then speed. Under TCG the 10,000 connections do not finish within
+    // the client's 20 s I/O timeout; each timed-out client closes its socket, the close hook
+    // removes the ORIG_DST entry, and the proxy later accepts that connection from its
+    // backlog and finds "no original destination recorded" (2,317 of the 2,554 such
+    // connections matched a timed-out client line; the others' lines were not printed).
+    // No map entry was evicted. The test runs natively on the host kernel in `xtask test`.
+    Exclusion {
+        test: "ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing",
+        kernels: &[],
+        reason: "a native-speed load test: under TCG its 10,000 connections exceed the \
+                 client's 20 s I/O timeout (it runs on the host in `cargo xtask test`)",
+    },
     Exclusion {
         test: "sockmap_splices_both_legs",
         kernels: BEFORE_5_15,

@@ -37,8 +37,10 @@ pub struct Options {
     /// Seconds before a guest is killed and counted as failed.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
-    /// Guest memory (MiB); the initramfs lives in it.
-    #[arg(long, default_value_t = 2048)]
+    /// Guest memory (MiB); the initramfs lives in it. The 10,000-connection test needs
+    /// more than 2 GiB (20,000 threads with their kernel stacks, and the sockets): with 2 GiB
+    /// the guest's OOM killer ended its client.
+    #[arg(long, default_value_t = 4096)]
     pub memory: u32,
     /// vCPUs per guest.
     #[arg(long, default_value_t = 2)]
