@@ -169,3 +169,17 @@ fn target_name(exe: &Path) -> String {
         None => name.into_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_drop_the_hash() {
+        assert_eq!(
+            target_name(Path::new("/t/deps/interception-164f77418da80990")),
+            "interception"
+        );
+        assert_eq!(target_name(Path::new("/t/deps/iptables")), "iptables");
+    }
+}
