@@ -12,6 +12,8 @@ use aya_ebpf::{
 };
 use sidecar_common::{SockKey, mapped_v4};
 
+use crate::maps::NETNS_COOKIES;
+
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 
@@ -59,8 +61,12 @@ macro_rules! sock_key_from {
             return None;
         };
         Some(SockKey {
-            // SAFETY: the helper takes the context pointer.
-            netns: unsafe { bpf_get_netns_cookie(p as *mut c_void) },
+            netns: if NETNS_COOKIES.load() != 0 {
+                // SAFETY: the helper takes the context pointer.
+                unsafe { bpf_get_netns_cookie(p as *mut c_void) }
+            } else {
+                0
+            },
             local_ip,
             remote_ip,
             local_port: lport as u16,

@@ -56,6 +56,12 @@ pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::POLICY_EVENT
 #[unsafe(no_mangle)]
 pub static SOCKMAP_ENABLED: Global<u8> = Global::new(1);
 
+/// Set by the loader: 0 where sockops/sk_msg cannot call `bpf_get_netns_cookie` (Linux
+/// < 5.15). Keys then carry netns 0, and the loader turns the sockmap fast path off. A
+/// constant of the frozen `.rodata`, so the verifier drops the helper call it guards.
+#[unsafe(no_mangle)]
+pub static NETNS_COOKIES: Global<u8> = Global::new(1);
+
 /// Adds `n` to a per-CPU counter; per-CPU slots need no atomics.
 #[inline(always)]
 pub fn count(counter: Counter, n: u64) {

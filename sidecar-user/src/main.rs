@@ -124,8 +124,9 @@ enum InboundMode {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// How connections reach the proxy: ebpf (cgroup connect hooks + sockmap) or iptables
-    /// (nat REDIRECT in a chain of our own, SO_ORIGINAL_DST; the classic baseline).
+    /// How connections reach the proxy: ebpf (cgroup connect hooks + sockmap), iptables
+    /// (nat REDIRECT in a chain of our own, SO_ORIGINAL_DST; the classic baseline), or auto
+    /// (ebpf when `sidecar probe`'s eBPF checks pass, else iptables with a warning).
     #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
     mode: ModeArg,
     /// Port of the proxy's outbound listener on 127.0.0.1 and [::1].
@@ -211,6 +212,7 @@ struct RunArgs {
 enum ModeArg {
     Ebpf,
     Iptables,
+    Auto,
 }
 
 fn main() -> ExitCode {
@@ -318,6 +320,13 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 mode: match args.mode {
                     ModeArg::Ebpf => Mode::Ebpf,
                     ModeArg::Iptables => Mode::Iptables,
+                    ModeArg::Auto => probe::auto_mode(&args.bpffs).unwrap_or_else(|why| {
+                        eprintln!(
+                            "sidecar: warning: --mode auto: eBPF interception is unavailable \
+                             ({why}); using iptables mode"
+                        );
+                        Mode::Iptables
+                    }),
                 },
                 proxy_port: args.proxy_port,
                 exclude_ports: args.exclude_ports,
@@ -412,11 +421,20 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 }
             }
             let failed = checks.iter().filter(|c| !c.ok).count();
+            let iptables_ok = checks
+                .iter()
+                .any(|c| c.name == "iptables mode" && c.ok && !c.detail.starts_with("unavailable"));
             if failed == 0 {
                 println!("eBPF interception is supported on this host.");
                 Ok(0)
             } else {
                 println!("{failed} check(s) failed.");
+                if iptables_ok {
+                    println!(
+                        "iptables mode works here: `sidecar run --mode iptables`, or \
+                         `--mode auto` to fall back by itself"
+                    );
+                }
                 Ok(1)
             }
         }

@@ -42,7 +42,41 @@ impl Check {
     }
 }
 
+/// Every check: what eBPF mode needs, what `sidecar agent` adds, then iptables mode (the
+/// fallback).
 pub fn probe(bpffs_path: &Path) -> Vec<Check> {
+    let mut checks = ebpf_checks(bpffs_path);
+    let privileged = privileges::sufficient(privileges::effective_caps());
+    if let (true, Ok(root)) = (privileged, cgroup::root()) {
+        checks.push(agent_programs(&root, bpffs_path));
+        checks.push(iptables_mode(&root));
+    }
+    checks
+}
+
+/// The check that makes `--mode auto` fall back: the eBPF programs check, when
+/// `SIDECAR_TEST_FAIL_EBPF_PROBE` is set. Test-only: every kernel the suite runs on has the
+/// hooks, and the fallback must be exercised for real (it is the real probe failing, the
+/// real warning, the real iptables run).
+pub const TEST_FAIL_ENV: &str = "SIDECAR_TEST_FAIL_EBPF_PROBE";
+
+/// The interception mode `--mode auto` picks: eBPF when every eBPF check passes, else
+/// iptables, with the failed checks' one-line reason.
+pub fn auto_mode(bpffs_path: &Path) -> Result<crate::redirect::Mode, String> {
+    let failed: Vec<String> = ebpf_checks(bpffs_path)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if failed.is_empty() {
+        Ok(crate::redirect::Mode::Ebpf)
+    } else {
+        Err(failed.join("; "))
+    }
+}
+
+/// What eBPF mode needs, up to really loading and attaching the programs.
+pub fn ebpf_checks(bpffs_path: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
     checks.push(kernel_release());
 
@@ -99,10 +133,14 @@ pub fn probe(bpffs_path: &Path) -> Vec<Check> {
         )
     });
 
-    if let (true, Ok(root)) = (privileged, &cg_root) {
+    if std::env::var_os(TEST_FAIL_ENV).is_some() {
+        checks.push(Check::fail(
+            "eBPF programs",
+            format!("failed on purpose: {TEST_FAIL_ENV} is set (test-only)"),
+            format!("unset {TEST_FAIL_ENV}"),
+        ));
+    } else if let (true, Ok(root)) = (privileged, &cg_root) {
         checks.push(programs(root, bpffs_path));
-        checks.push(agent_programs(root, bpffs_path));
-        checks.push(iptables_mode(root));
     } else {
         checks.push(Check::fail(
             "eBPF programs",
@@ -171,6 +209,14 @@ fn agent_programs(cg_root: &Path, bpffs_path: &Path) -> Check {
             NAME,
             "connect4, connect6, sockops, getsockopt, sk_msg load, attach and pin (`sidecar agent` works)",
         ),
+        // Before 5.15 the getsockopt program cannot call bpf_get_netns_cookie: the agent is
+        // unavailable there by design (it refuses to start), while `sidecar run` works, so
+        // this is not a failure of the host.
+        Err(e) if format!("{e:#}").contains("bpf_get_netns_cookie") => Check::pass(
+            NAME,
+            "unavailable on this kernel: `sidecar agent` needs Linux ≥ 5.15 (its getsockopt \
+             program keys original destinations by netns cookie); `sidecar run` works",
+        ),
         Err(e) => Check::fail(
             NAME,
             format!("{e:#}"),
@@ -191,7 +237,7 @@ fn kernel_release() -> Check {
 fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     const NAME: &str = "eBPF programs";
     let pid = std::process::id();
-    let result = (|| -> anyhow::Result<()> {
+    let result = (|| -> anyhow::Result<Option<&'static str>> {
         let bpffs = Bpffs::ensure(bpffs_path)?;
         let scratch = cgroup::Cgroup::create(cg_root.join(format!("sidecar/probe-{pid}")))?;
         let interception = EbpfInterception::attach(
@@ -206,26 +252,35 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
             &[],
             &[],
         )?;
+        let degraded = interception.fast_path_unavailable();
         let failures = interception.detach();
         let _ = std::fs::remove_dir(bpffs.path().join("sidecar"));
         drop(scratch);
         let _ = std::fs::remove_dir(cg_root.join("sidecar"));
         if failures.is_empty() {
-            Ok(())
+            Ok(degraded)
         } else {
             anyhow::bail!(failures.join("; "))
         }
     })();
     match result {
-        Ok(()) => Check::pass(
+        Ok(None) => Check::pass(
             NAME,
             "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin (sockmap fast path available)",
+        ),
+        Ok(Some(why)) => Check::pass(
+            NAME,
+            format!(
+                "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin; sockmap \
+                 fast path unavailable: {why}"
+            ),
         ),
         Err(e) => Check::fail(
             NAME,
             format!("{e:#}"),
             "a kernel ≥ 5.10 built with CONFIG_CGROUP_BPF, CONFIG_BPF_SYSCALL and \
-             CONFIG_BPF_STREAM_PARSER (sockmap) is needed",
+             CONFIG_BPF_STREAM_PARSER (sockmap) is needed; without it, intercept with \
+             `--mode iptables` (or `--mode auto`, which falls back to it by itself)",
         ),
     }
 }

@@ -248,7 +248,9 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     telemetry.attached(
         InterceptionInfo {
             mode: opts.mode.as_str().into(),
-            sockmap: opts.sockmap && opts.mode == Mode::Ebpf,
+            // Off also where the kernel cannot key the sockhash by namespace (< 5.15).
+            sockmap: matches!(&interception,
+                Interception::Ebpf(e) if opts.sockmap && e.fast_path_unavailable().is_none()),
             proxy_port: opts.proxy_port,
             cgroup: run_cg.path().display().to_string(),
         },

@@ -173,22 +173,28 @@ impl Run {
 
 /// `sidecar run --mode iptables --proxy-port PORT EXTRA -- echoclient TARGETS`, bounded.
 fn run_client(port: u16, extra: &[&str], targets: &[SocketAddr]) -> Run {
+    run_client_mode("iptables", &[], port, extra, targets)
+}
+
+/// [`run_client`] with another `--mode` and extra environment.
+fn run_client_mode(
+    mode: &str,
+    env: &[(&str, &str)],
+    port: u16,
+    extra: &[&str],
+    targets: &[SocketAddr],
+) -> Run {
     let report = std::env::temp_dir().join(format!("sci-ipt-report-{port}.json"));
     let _ = std::fs::remove_file(&report);
     let mut cmd = Command::new(sidecar());
-    cmd.args([
-        "run",
-        "--mode",
-        "iptables",
-        "--proxy-port",
-        &port.to_string(),
-    ])
-    .args(extra)
-    .arg("--report")
-    .arg(&report)
-    .arg("--")
-    .arg(echoclient())
-    .args(targets.iter().map(|t| t.to_string()));
+    cmd.args(["run", "--mode", mode, "--proxy-port", &port.to_string()])
+        .envs(env.iter().copied())
+        .args(extra)
+        .arg("--report")
+        .arg(&report)
+        .arg("--")
+        .arg(echoclient())
+        .args(targets.iter().map(|t| t.to_string()));
     let output = output_within(&mut cmd, Duration::from_secs(30));
     let report = std::fs::read(&report)
         .ok()
@@ -493,6 +499,98 @@ fn cleanup_removes_an_orphan_chain_without_state_file() {
         before,
         "cleanup said: {}",
         String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `--mode auto` where the eBPF probe fails: one warning line says why and names iptables
+/// mode, and the run intercepts with iptables. Every kernel of the VM matrix has the eBPF
+/// hooks, so the failure is forced with the test-only `SIDECAR_TEST_FAIL_EBPF_PROBE`; the
+/// probe, the decision, the warning and the iptables run are the real ones.
+#[test]
+fn auto_mode_falls_back_to_iptables_when_the_ebpf_probe_fails() {
+    let Some(_lock) = setup() else { return };
+    let before = nat_snapshot();
+    let server = EchoServer::start("127.0.0.1");
+    let run = run_client_mode(
+        "auto",
+        &[("SIDECAR_TEST_FAIL_EBPF_PROBE", "1")],
+        16110,
+        &[],
+        &[server.addr],
+    );
+    assert_success(&run);
+    let stderr = String::from_utf8_lossy(&run.output.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("--mode auto"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning line: {stderr}");
+    assert!(
+        warnings[0].contains("eBPF programs")
+            && warnings[0].contains("SIDECAR_TEST_FAIL_EBPF_PROBE")
+            && warnings[0].contains("using iptables mode"),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(run.report["mode"], "iptables", "report: {}", run.report);
+    let conns = run.connections();
+    assert_eq!(conns.len(), 1, "report: {}", run.report);
+    assert_eq!(conns[0]["outcome"], "ok", "{}", conns[0]);
+    assert_eq!(conns[0]["original_dst"], server.addr.to_string());
+    let upstream: SocketAddr = conns[0]["upstream_local"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(server.peers(), vec![upstream], "the server sees the proxy");
+    // Whether the (empty) nat tables exist afterwards depends on what ran before (iptables-nft
+    // creates them on first use), so the check is on our chains.
+    let ours = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.contains("SIDECAR-"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        ours(&nat_snapshot()),
+        ours(&before),
+        "the run's iptables rules are gone"
+    );
+}
+
+/// `--mode auto` where the probe passes: eBPF mode, and no warning.
+#[test]
+fn auto_mode_uses_ebpf_when_the_probe_passes() {
+    let Some(_lock) = setup() else { return };
+    let server = EchoServer::start("127.0.0.1");
+    let run = run_client_mode("auto", &[], 16111, &[], &[server.addr]);
+    assert_success(&run);
+    let stderr = String::from_utf8_lossy(&run.output.stderr);
+    assert!(!stderr.contains("--mode auto"), "no fallback: {stderr}");
+    assert_eq!(run.report["mode"], "ebpf", "report: {}", run.report);
+    let conns = run.connections();
+    assert_eq!(conns.len(), 1, "report: {}", run.report);
+    assert_eq!(conns[0]["outcome"], "ok", "{}", conns[0]);
+    assert_eq!(conns[0]["original_dst"], server.addr.to_string());
+}
+
+/// `sidecar probe` with the eBPF check failing names iptables mode as the fallback.
+#[test]
+fn probe_names_iptables_mode_when_ebpf_fails() {
+    let Some(_lock) = setup() else { return };
+    let out = output_within(
+        Command::new(sidecar())
+            .arg("probe")
+            .env("SIDECAR_TEST_FAIL_EBPF_PROBE", "1"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL eBPF programs")
+            && stdout.contains("--mode iptables")
+            && stdout.contains("--mode auto"),
+        "{stdout}"
     );
 }
 

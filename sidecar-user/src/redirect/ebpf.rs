@@ -38,6 +38,11 @@ const PROBE_HINT: &str = "run `sidecar probe` to see which kernel feature is mis
 
 #[derive(Debug, Error)]
 pub enum EbpfError {
+    #[error(
+        "program {name} calls bpf_get_netns_cookie, which this kernel lacks for it (sockops and \
+         sk_msg have it from Linux 5.15)"
+    )]
+    NoNetnsCookie { name: &'static str },
     #[error("cannot load the eBPF object: {0}; {PROBE_HINT}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {0} (was it built from this source tree?)")]
@@ -129,17 +134,57 @@ pub struct EbpfInterception {
     _ebpf: Ebpf,
     lookups: std::sync::Arc<KernelLookups>,
     _log_pump: Option<LogPump>,
+    /// Why the sockmap fast path is off although it was asked for (an older kernel).
+    fast_path_unavailable: Option<&'static str>,
 }
 
+/// Why the fast path is off on kernels without `bpf_get_netns_cookie` in sockops/sk_msg.
+pub const NO_NETNS_COOKIE: &str = "this kernel's sockops/sk_msg programs cannot call \
+     bpf_get_netns_cookie (Linux < 5.15), so the sockhash keys could not tell network \
+     namespaces apart; connects are still redirected";
+
 impl EbpfInterception {
+    /// Loads, attaches and pins everything. On a kernel whose sockops and sk_msg programs
+    /// cannot call `bpf_get_netns_cookie` (before 5.15), the programs are loaded again
+    /// without it and with the sockmap fast path off: a 4-tuple alone is not unique across
+    /// network namespaces, and splicing bytes into another namespace's socket would be worse
+    /// than taking the TCP path. Connect redirection works the same.
     pub fn attach(
         settings: &Settings,
         workloads: &[Workload],
         excluded: &[ExcludedCidr],
     ) -> Result<Self, EbpfError> {
+        match Self::attach_as(settings, workloads, excluded, true) {
+            Err(EbpfError::NoNetnsCookie { name }) => {
+                if settings.sockmap {
+                    tracing::warn!(
+                        "sockmap fast path off: {NO_NETNS_COOKIE} (program {name} was rejected)"
+                    );
+                }
+                let mut done = Self::attach_as(settings, workloads, excluded, false)?;
+                done.fast_path_unavailable = settings.sockmap.then_some(NO_NETNS_COOKIE);
+                Ok(done)
+            }
+            other => other,
+        }
+    }
+
+    /// Why the fast path is off although it was asked for, if it is.
+    pub fn fast_path_unavailable(&self) -> Option<&'static str> {
+        self.fast_path_unavailable
+    }
+
+    fn attach_as(
+        settings: &Settings,
+        workloads: &[Workload],
+        excluded: &[ExcludedCidr],
+        netns_cookies: bool,
+    ) -> Result<Self, EbpfError> {
         let mut pins = Pins::create(&settings.pin_dir)?;
+        let sockmap = settings.sockmap && netns_cookies;
         let mut ebpf = EbpfLoader::new()
-            .override_global("SOCKMAP_ENABLED", &u8::from(settings.sockmap), true)
+            .override_global("SOCKMAP_ENABLED", &u8::from(sockmap), true)
+            .override_global("NETNS_COOKIES", &u8::from(netns_cookies), true)
             .override_global(
                 aya_log::LEVEL,
                 &if settings.bpf_log { 5u8 } else { 0u8 },
@@ -206,12 +251,13 @@ impl EbpfInterception {
             pins.pin_link(name, fd_link(name, link)?)?;
         }
 
-        let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir)?);
+        let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir, netns_cookies)?);
         Ok(Self {
             pins,
             _ebpf: ebpf,
             lookups,
             _log_pump: logger.map(LogPump::start),
+            fast_path_unavailable: None,
         })
     }
 
@@ -250,6 +296,9 @@ where
 fn program_error(name: &'static str, source: aya::programs::ProgramError) -> EbpfError {
     let full = source.to_string();
     tracing::debug!(program = name, "{full}");
+    if full.contains("unknown func bpf_get_netns_cookie") {
+        return EbpfError::NoNetnsCookie { name };
+    }
     let summary = full.lines().next().unwrap_or_default();
     let summary = summary
         .split(". Verifier output")
@@ -456,7 +505,7 @@ pub fn link_pin_name(program: &str) -> String {
 /// the same for a run's own process and for tools inspecting it.
 pub struct KernelLookups {
     /// This process's network namespace: keys are namespace-qualified, and the proxy's
-    /// sockets all live in its own.
+    /// sockets all live in its own (0 where the programs run without netns cookies).
     netns: u64,
     orig_dst: HashMap<MapData, SockKey, OrigDst>,
     spliced: HashMap<MapData, SockKey, u32>,
@@ -464,7 +513,9 @@ pub struct KernelLookups {
 }
 
 impl KernelLookups {
-    pub fn open(pin_dir: &Path) -> Result<Self, EbpfError> {
+    /// `netns_cookies`: whether the programs put the netns cookie in their keys (see
+    /// [`EbpfInterception::attach`]); without, the keys carry 0.
+    pub fn open(pin_dir: &Path, netns_cookies: bool) -> Result<Self, EbpfError> {
         fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
             dir: &Path,
             name: &'static str,
@@ -476,7 +527,11 @@ impl KernelLookups {
             T::try_from(map).map_err(|source| EbpfError::Map { name, source })
         }
         Ok(Self {
-            netns: own_netns_cookie().map_err(|source| EbpfError::Netns { source })?,
+            netns: if netns_cookies {
+                own_netns_cookie().map_err(|source| EbpfError::Netns { source })?
+            } else {
+                0
+            },
             orig_dst: open(pin_dir, maps::ORIG_DST)?,
             spliced: open(pin_dir, maps::SPLICED)?,
             counters: open(pin_dir, maps::COUNTERS)?,

@@ -307,11 +307,15 @@ impl Telemetry {
     /// The connection is over: close counters, histograms, TCP stats, the access log.
     pub fn close(&self, conn: Conn, rec: &ConnRecord) {
         let duration = conn.live.started.elapsed();
+        let started_wall = conn.live.started_wall;
         let m = &self.metrics;
         let d = rec.direction.as_str();
         let h = self.handles(rec.direction);
         // A connection that failed before its mode was known still counts as opened.
         conn.established(rec.mode);
+        // Out of the active gauge before it counts as closed, so no scrape sees a connection
+        // both closed and active (the VM matrix caught that window under TCG).
+        drop(conn);
         m.closed.with_label_values(&[d, rec.outcome.as_str()]).inc();
         if rec.outcome.is_setup_failure() {
             m.failed.with_label_values(&[d, rec.outcome.as_str()]).inc();
@@ -341,9 +345,8 @@ impl Telemetry {
             m.count_destination(dst, rec.bytes_from_client, rec.bytes_from_upstream);
         }
         if self.settings.access_log {
-            AccessRecord::new(rec, conn.live.started_wall, duration).emit();
+            AccessRecord::new(rec, started_wall, duration).emit();
         }
-        drop(conn);
     }
 
     /// One policy decision (`allow`, `deny`, `audit`, `would_deny`) on a connection.

@@ -1,7 +1,12 @@
 //! The guest's binaries: the workspace built static for musl (the `sidecar` with the eBPF
 //! object embedded, the test helpers, the test executables, and this xtask as `/init`).
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -66,6 +71,110 @@ pub fn build() -> Result<Binaries> {
         profile_dir,
         tests,
     })
+}
+
+/// The sidecar built against the test-only broken eBPF object (the verifier rejects it), in
+/// a target directory of its own so the normal build stays as it is. Returns its path.
+pub fn build_broken_sidecar(vm_dir: &Path) -> Result<PathBuf> {
+    let object = build_ebpf::build(&build_ebpf::Options {
+        broken_for_tests: true,
+    })?;
+    let cc = which("musl-gcc").context("musl-gcc is missing: apt-get install musl-tools")?;
+    let target_dir = vm_dir.join("broken-build");
+    step(&format!(
+        "building the sidecar with the broken eBPF object ({})",
+        target_dir.display()
+    ));
+    let mut cmd = cargo();
+    cmd.args(["build", "--locked", "--target", TARGET])
+        .args(["-p", "sidecar-user", "--bin", "sidecar"])
+        .current_dir(build_ebpf::workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("SIDECAR_EBPF_OBJECT", &object)
+        .env(format!("CC_{}", TARGET.replace('-', "_")), &cc);
+    crate::run(&mut cmd)?;
+    Ok(target_dir.join(TARGET).join("debug/sidecar"))
+}
+
+/// The guest's copies of the built binaries, without debug info (`strip --strip-debug`
+/// keeps the symbols, so backtraces still name functions): about a tenth of the size,
+/// which is what the initramfs, the guest's RAM and the boot time pay for.
+pub struct Prepared<'a> {
+    pub bins: &'a Binaries,
+    /// Host path of a built binary → its stripped copy.
+    stripped: BTreeMap<PathBuf, PathBuf>,
+}
+
+impl<'a> Prepared<'a> {
+    pub fn new(bins: &'a Binaries, cache: &Path) -> Result<Self> {
+        fs::create_dir_all(cache)?;
+        let mut all = vec![bins.init.clone()];
+        all.extend(bins.helpers()?);
+        all.extend(bins.tests.iter().cloned());
+        let mut stripped = BTreeMap::new();
+        for path in all {
+            let copy = strip_copy(&path, cache)?;
+            stripped.insert(path, copy);
+        }
+        Ok(Self { bins, stripped })
+    }
+
+    /// The file to pack for the built binary at `host` (its stripped copy).
+    pub fn file(&self, host: &Path) -> Result<PathBuf> {
+        self.stripped
+            .get(host)
+            .cloned()
+            .with_context(|| format!("{} was not prepared for the guest", host.display()))
+    }
+}
+
+impl Binaries {
+    /// The executables next to the sidecar (the sidecar itself and the test helpers the
+    /// tests find by path), but not the xtask (the guest's `/init`).
+    pub fn helpers(&self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.profile_dir)? {
+            let path = entry?.path();
+            let executable = {
+                use std::os::unix::fs::PermissionsExt;
+                fs::metadata(&path)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            };
+            let is_exe = executable
+                && path.extension().is_none()
+                && path
+                    .file_name()
+                    .is_some_and(|n| n != "xtask" && !n.to_string_lossy().starts_with('.'));
+            if is_exe {
+                out.push(path);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// `strip --strip-debug` into `cache/<name>`, redone only when the binary is newer.
+pub fn strip_copy(path: &Path, cache: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(cache)?;
+    let name = path.file_name().context("binary name")?;
+    // Test executables carry a hash in their name; helpers do not, but live in one directory.
+    let out = cache.join(name);
+    let fresh = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(src), Some(dst)) = (fresh(path), fresh(&out))
+        && dst >= src
+    {
+        return Ok(out);
+    }
+    let strip = which("strip").context("`strip` is missing: apt-get install binutils")?;
+    crate::run(
+        Command::new(strip)
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&out)
+            .arg(path),
+    )?;
+    Ok(out)
 }
 
 fn target_dir() -> PathBuf {

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{build::Binaries, cpio::Archive, guest::PLAN};
+use super::{build::Prepared, cpio::Archive, guest::PLAN};
 
 /// Files of the guest, by absolute path in the guest.
 #[derive(Default)]
@@ -79,8 +79,8 @@ impl Contents {
         }
     }
 
-    /// Writes the archive to `out`.
-    pub fn write(mut self, out: &Path) -> Result<()> {
+    /// Writes the archive to `out`; returns its size in bytes.
+    pub fn write(mut self, out: &Path) -> Result<u64> {
         let plan = std::mem::take(&mut self.plan);
         self.add_bytes(PLAN, plan.into_bytes(), 0o644);
         for d in ["/dev", "/proc", "/sys", "/tmp", "/run", "/root"] {
@@ -107,22 +107,36 @@ impl Contents {
         }
         use std::io::Write;
         a.finish()?.flush()?;
-        Ok(())
+        Ok(fs::metadata(out)?.len())
     }
 }
 
+/// What the guest runs besides the defaults.
+pub struct Plan<'a> {
+    /// Only these integration test targets (by crate name); empty: all.
+    pub tests: &'a [String],
+    /// libtest's name filter for every target.
+    pub filter: Option<&'a str>,
+    /// Tests excluded on this kernel (see `exclusions.rs`), by full name.
+    pub skip: Vec<&'static str>,
+    /// Whole test executables excluded on this kernel (see `exclusions.rs`), by target name.
+    pub skip_targets: Vec<&'static str>,
+    /// A sidecar to put in place of the built one (already stripped).
+    pub sidecar: Option<&'a Path>,
+}
+
 /// The guest for one kernel: the binaries, the plan and the modules to load.
-pub fn contents(bins: &Binaries, modules: &[PathBuf]) -> Result<Contents> {
+pub fn contents(prepared: &Prepared, modules: &[PathBuf], plan: &Plan) -> Result<Contents> {
+    let bins = prepared.bins;
     let mut c = Contents::new();
-    c.add_file(&bins.init, Some("/init"))?;
+    c.add_file(&prepared.file(&bins.init)?, Some("/init"))?;
     super::userland::add_tools(&mut c)?;
-    for entry in fs::read_dir(&bins.profile_dir)? {
-        let path = entry?.path();
-        let is_exe = path.is_file()
-            && path.extension().is_none()
-            && path.file_name().is_some_and(|n| n != "xtask");
-        if is_exe {
-            c.add_file(&path, None)?;
+    let sidecar = bins.profile_dir.join("sidecar");
+    for path in bins.helpers()? {
+        let guest = path.display().to_string();
+        match plan.sidecar {
+            Some(replacement) if path == sidecar => c.add_file(replacement, Some(&guest))?,
+            _ => c.add_file(&prepared.file(&path)?, Some(&guest))?,
         }
     }
     for module in modules {
@@ -131,13 +145,46 @@ pub fn contents(bins: &Binaries, modules: &[PathBuf]) -> Result<Contents> {
         c.add_file(module, Some(&guest))?;
         c.plan(&format!("module {guest}"));
     }
-    c.plan(&format!(
-        "probe {}",
-        bins.profile_dir.join("sidecar").display()
-    ));
+    c.plan(&format!("probe {}", sidecar.display()));
+    let mut args = vec!["--test-threads=1".to_owned()];
+    if let Some(f) = plan.filter {
+        args.push(f.to_owned());
+    }
+    for name in &plan.skip {
+        args.push(format!("--skip={name}"));
+    }
     for test in &bins.tests {
-        c.add_file(test, None)?;
-        c.plan(&format!("test {} --test-threads=1", test.display()));
+        if !plan.tests.is_empty() && !plan.tests.iter().any(|t| target_name(test) == *t) {
+            continue;
+        }
+        if plan.skip_targets.contains(&target_name(test).as_str()) {
+            continue;
+        }
+        c.add_file(&prepared.file(test)?, Some(&test.display().to_string()))?;
+        c.plan(&format!("test {} {}", test.display(), args.join(" ")));
     }
     Ok(c)
+}
+
+/// `interception` for `.../deps/interception-0123abcd`.
+fn target_name(exe: &Path) -> String {
+    let name = exe.file_name().unwrap_or_default().to_string_lossy();
+    match name.rsplit_once('-') {
+        Some((stem, _hash)) => stem.to_owned(),
+        None => name.into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_names_drop_the_hash() {
+        assert_eq!(
+            target_name(Path::new("/t/deps/interception-164f77418da80990")),
+            "interception"
+        );
+        assert_eq!(target_name(Path::new("/t/deps/iptables")), "iptables");
+    }
 }

@@ -4,16 +4,23 @@
 //! `target/vm/`), pack an initramfs with the static test binaries and an `/init` that runs
 //! them, boot it, and read the result marker from the serial console. The marker is the
 //! only pass signal: no marker (a panic, a hang killed at the timeout) is a failure.
+//!
+//! `--expect-fail-broken VERSION` also boots one kernel with the test-only broken eBPF
+//! program and requires that boot to fail, which shows the harness can fail.
 
 mod build;
 mod cpio;
+mod exclusions;
 pub mod guest;
 mod initramfs;
 mod kernel;
 mod qemu;
 mod userland;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Result, bail};
 
@@ -30,21 +37,54 @@ pub struct Options {
     /// Seconds before a guest is killed and counted as failed.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
-    /// Guest memory (MiB); the initramfs lives in it.
-    #[arg(long, default_value_t = 2048)]
+    /// Guest memory (MiB); the initramfs lives in it. The 10,000-connection test needs
+    /// more than 2 GiB (20,000 threads with their kernel stacks, and the sockets): with 2 GiB
+    /// the guest's OOM killer ended its client.
+    #[arg(long, default_value_t = 4096)]
     pub memory: u32,
+    /// vCPUs per guest.
+    #[arg(long, default_value_t = 2)]
+    pub smp: u32,
+    /// Guests booted at the same time (each uses `--smp` host threads under TCG).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Only these integration test targets (repeatable, e.g. `interception`). Default: all.
+    #[arg(long = "test", value_name = "TARGET")]
+    pub tests: Vec<String>,
+    /// Only the tests whose name contains this (libtest's filter, given to every target).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// After the matrix, boot VERSION once more with the test-only broken eBPF program
+    /// (`build-ebpf --broken-for-tests`): vm-test fails unless that boot fails with the
+    /// probe reporting the rejected program.
+    #[arg(long, value_name = "VERSION")]
+    pub expect_fail_broken: Option<String>,
 }
 
 /// One kernel's outcome.
 struct Outcome {
-    version: String,
+    label: String,
     pass: bool,
+    /// The guest printed a marker and its probe failed (what the broken run must show).
+    probe_failed: bool,
     summary: String,
     boot: Option<Duration>,
     total: Duration,
 }
 
+/// One guest to boot.
+struct Job<'a> {
+    kernel: &'static kernel::Kernel,
+    label: String,
+    extracted: kernel::Extracted,
+    /// A `sidecar` to put in place of the normal one (the broken run).
+    sidecar: Option<&'a Path>,
+    /// Only the `interception` target, to fail fast (the broken run).
+    tests: Vec<String>,
+}
+
 pub fn vm_test(opts: &Options) -> Result<()> {
+    let started = Instant::now();
     let kernels: Vec<&kernel::Kernel> = if opts.kernels.is_empty() {
         kernel::KERNELS.iter().collect()
     } else {
@@ -53,36 +93,45 @@ pub fn vm_test(opts: &Options) -> Result<()> {
             .map(|v| kernel::find(v))
             .collect::<Result<_>>()?
     };
+    let broken_kernel = opts
+        .expect_fail_broken
+        .as_deref()
+        .map(kernel::find)
+        .transpose()?;
     let vm_dir = crate::build_ebpf::workspace_root().join("target/vm");
     std::fs::create_dir_all(&vm_dir)?;
     let bins = build::build()?;
-    let mut outcomes = Vec::new();
-    for k in kernels {
-        let extracted = kernel::fetch(k, &vm_dir)?;
-        let run_dir = vm_dir.join(k.version);
-        std::fs::create_dir_all(&run_dir)?;
-        let modules = userland::modules(&extracted.modules, &run_dir.join("modules"))?;
-        let initramfs = run_dir.join("initramfs.cpio");
-        step(&format!("packing {}", initramfs.display()));
-        initramfs::contents(&bins, &modules)?.write(&initramfs)?;
-        step(&format!("booting {} ({})", k.version, k.packages[0]));
-        let log = run_dir.join("console.log");
-        let boot = qemu::boot(&qemu::Vm {
-            label: k.version,
-            vmlinuz: &extracted.vmlinuz,
-            initramfs: &initramfs,
-            log: &log,
-            kvm: opts.kvm,
-            timeout: Duration::from_secs(opts.timeout),
-            memory_mb: opts.memory,
-        })?;
-        outcomes.push(judge(k.version, &boot, &log));
+    let broken_sidecar = broken_kernel
+        .map(|_| build::build_broken_sidecar(&vm_dir))
+        .transpose()?;
+    // Fetching runs one at a time (one private apt state); packing and booting may overlap.
+    let mut jobs = Vec::new();
+    for k in &kernels {
+        jobs.push(Job {
+            kernel: k,
+            label: k.version.to_owned(),
+            extracted: kernel::fetch(k, &vm_dir)?,
+            sidecar: None,
+            tests: opts.tests.clone(),
+        });
     }
-    eprintln!("\nkernel  result  boot    total   details");
+    if let (Some(k), Some(sidecar)) = (broken_kernel, &broken_sidecar) {
+        jobs.push(Job {
+            kernel: k,
+            label: format!("{}-broken", k.version),
+            extracted: kernel::fetch(k, &vm_dir)?,
+            sidecar: Some(sidecar),
+            tests: vec!["interception".into()],
+        });
+    }
+    let prepared = build::Prepared::new(&bins, &vm_dir.join("stripped"))?;
+    let outcomes = run_jobs(opts, &jobs, &prepared, &vm_dir)?;
+
+    eprintln!("\nkernel       result  boot    total   details");
     for o in &outcomes {
         eprintln!(
-            "{:<7} {:<7} {:<7} {:<7} {}",
-            o.version,
+            "{:<12} {:<7} {:<7} {:<7} {}",
+            o.label,
             if o.pass { "PASS" } else { "FAIL" },
             o.boot
                 .map(|d| format!("{:.1}s", d.as_secs_f64()))
@@ -91,25 +140,142 @@ pub fn vm_test(opts: &Options) -> Result<()> {
             o.summary
         );
     }
-    let failed: Vec<_> = outcomes
-        .iter()
-        .filter(|o| !o.pass)
-        .map(|o| &o.version)
-        .collect();
-    if !failed.is_empty() {
-        bail!("vm-test failed on kernel(s) {failed:?}: see target/vm/<kernel>/console.log");
+    eprintln!(
+        "vm-test: {} guest(s) in {:.0}s wall time ({} at a time, -smp {})",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        opts.jobs.max(1),
+        opts.smp
+    );
+    let mut problems = Vec::new();
+    for o in &outcomes {
+        let broken = o.label.ends_with("-broken");
+        if broken && o.pass {
+            problems.push(format!(
+                "{}: the broken eBPF program PASSED: the harness cannot fail",
+                o.label
+            ));
+        } else if broken && !o.probe_failed {
+            problems.push(format!(
+                "{}: failed, but not because the probe rejected the broken program ({})",
+                o.label, o.summary
+            ));
+        } else if broken {
+            eprintln!(
+                "vm-test: {}: failed as it must (the probe rejected the broken program)",
+                o.label
+            );
+        } else if !o.pass {
+            problems.push(format!("{} failed", o.label));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "vm-test: {}; see target/vm/<kernel>/console.log",
+            problems.join("; ")
+        );
     }
     Ok(())
 }
 
+/// Packs and boots every job, `opts.jobs` at a time, in the order given.
+fn run_jobs(
+    opts: &Options,
+    jobs: &[Job],
+    prepared: &build::Prepared,
+    vm_dir: &Path,
+) -> Result<Vec<Outcome>> {
+    let width = opts.jobs.max(1);
+    let mut outcomes = Vec::new();
+    for chunk in jobs.chunks(width) {
+        let results: Vec<Result<Outcome>> = std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|job| s.spawn(move || run_job(opts, job, prepared, vm_dir)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| bail!("a guest thread panicked"))
+                })
+                .collect()
+        });
+        for r in results {
+            outcomes.push(r?);
+        }
+    }
+    Ok(outcomes)
+}
+
+fn run_job(
+    opts: &Options,
+    job: &Job,
+    prepared: &build::Prepared,
+    vm_dir: &Path,
+) -> Result<Outcome> {
+    let run_dir = vm_dir.join(&job.label);
+    std::fs::create_dir_all(&run_dir)?;
+    // Decompressed modules are per kernel, shared by its normal and broken runs.
+    let modules = userland::modules(
+        &job.extracted.modules,
+        &vm_dir.join(job.kernel.version).join("modules"),
+    )?;
+    let initramfs = run_dir.join("initramfs.cpio");
+    let sidecar = job
+        .sidecar
+        .map(|s| build::strip_copy(s, &run_dir.join("stripped")))
+        .transpose()?;
+    let plan = initramfs::Plan {
+        tests: &job.tests,
+        filter: opts.filter.as_deref(),
+        skip: exclusions::skipped(job.kernel.version),
+        skip_targets: exclusions::skipped_targets(job.kernel.version),
+        sidecar: sidecar.as_deref(),
+    };
+    let pack_start = Instant::now();
+    let size = initramfs::contents(prepared, &modules, &plan)?.write(&initramfs)?;
+    step(&format!(
+        "packed {} ({:.0} MiB in {:.1}s)",
+        initramfs.display(),
+        size as f64 / (1024.0 * 1024.0),
+        pack_start.elapsed().as_secs_f64()
+    ));
+    step(&format!(
+        "booting {} ({})",
+        job.label, job.kernel.packages[0]
+    ));
+    let log = run_dir.join("console.log");
+    let boot = qemu::boot(&qemu::Vm {
+        label: &job.label,
+        vmlinuz: &job.extracted.vmlinuz,
+        initramfs: &initramfs,
+        log: &log,
+        kvm: opts.kvm,
+        timeout: Duration::from_secs(opts.timeout),
+        memory_mb: opts.memory,
+        smp: opts.smp,
+    })?;
+    // The image is rebuilt every run: keep the disk free of a few hundred MiB per kernel.
+    let _ = std::fs::remove_file(&initramfs);
+    let mut outcome = judge(&job.label, &boot, &log);
+    let excluded = exclusions::skipped_quietly(job.kernel.version).len();
+    if excluded > 0 {
+        outcome.summary += &format!(" excluded={excluded} (exclusions.rs)");
+    }
+    Ok(outcome)
+}
+
 /// Reads the marker: pass only when the probe passed, tests ran and none failed.
-fn judge(version: &str, boot: &qemu::Boot, log: &Path) -> Outcome {
-    let (pass, summary) = match &boot.marker {
+fn judge(label: &str, boot: &qemu::Boot, log: &Path) -> Outcome {
+    let (pass, probe_failed, summary) = match &boot.marker {
         None if boot.timed_out => (
+            false,
             false,
             format!("no marker: killed at the timeout ({})", log.display()),
         ),
         None => (
+            false,
             false,
             format!("no marker: the guest stopped early ({})", log.display()),
         ),
@@ -125,12 +291,13 @@ fn judge(version: &str, boot: &qemu::Boot, log: &Path) -> Outcome {
                 && field("binaries_failed") == "0"
                 && field("passed").parse::<u32>().is_ok_and(|n| n > 0);
             let summary = line.trim_start_matches(guest::MARKER).trim().to_owned();
-            (pass, summary)
+            (pass, field("probe") == "failed", summary)
         }
     };
     Outcome {
-        version: version.into(),
+        label: label.into(),
         pass,
+        probe_failed,
         summary,
         boot: boot.boot_time,
         total: boot.total,

@@ -32,6 +32,7 @@ pub struct Vm<'a> {
     pub kvm: bool,
     pub timeout: Duration,
     pub memory_mb: u32,
+    pub smp: u32,
 }
 
 pub fn boot(vm: &Vm) -> Result<Boot> {
@@ -45,7 +46,8 @@ pub fn boot(vm: &Vm) -> Result<Boot> {
     }
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", if vm.kvm { "kvm" } else { "tcg" }])
-        .args(["-cpu", "max", "-smp", "2", "-m", &vm.memory_mb.to_string()])
+        .args(["-cpu", "max", "-smp", &vm.smp.to_string()])
+        .args(["-m", &vm.memory_mb.to_string()])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none"])
         .arg("-kernel")

@@ -44,6 +44,9 @@ const TOOLS: &[&str] = &[
     "curl",
     "openssl",
     "tcpdump",
+    "unshare",
+    "mount",
+    "umount",
 ];
 
 /// iptables loads its matches and targets from here at run time.

@@ -1,0 +1,155 @@
+//! The one list of integration tests that do not run in a guest, each with its reason.
+//! Everything else runs on every kernel of the matrix; an entry here is passed to the test
+//! executables as `--skip NAME` and printed by vm-test, never dropped silently.
+
+/// A test that cannot run (or cannot pass, by design) on some kernels.
+pub struct Exclusion {
+    /// The test's full name, as libtest prints it.
+    pub test: &'static str,
+    /// Kernels (`--kernel` versions) it is excluded on; empty: all of them.
+    pub kernels: &'static [&'static str],
+    pub reason: &'static str,
+}
+
+/// Before 5.15, sockops and sk_msg programs cannot call `bpf_get_netns_cookie`, so the
+/// loader turns the sockmap fast path off there (`sidecar probe` says so; connects are still
+/// redirected): the tests that assert bytes were spliced cannot pass, by design.
+const NO_FAST_PATH: &str = "asserts the sockmap fast path, which is off before Linux 5.15 \
+     (no bpf_get_netns_cookie in sockops/sk_msg)";
+const BEFORE_5_15: &[&str] = &["5.10"];
+
+pub const EXCLUSIONS: &[Exclusion] = &[
+    // Diagnosed in the guest (6.1): threads-max and RAM first (fixed in `/init` and with
+    // `--memory 4096`), then speed. Under TCG the 10,000 connections do not finish within
+    // the client's 20 s I/O timeout; each timed-out client closes its socket, the close hook
+    // removes the ORIG_DST entry, and the proxy later accepts that connection from its
+    // backlog and finds "no original destination recorded" (2,317 of the 2,554 such
+    // connections matched a timed-out client line; the others' lines were not printed).
+    // No map entry was evicted. The test runs natively on the host kernel in `xtask test`.
+    Exclusion {
+        test: "ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing",
+        kernels: &[],
+        reason: "a native-speed load test: under TCG its 10,000 connections exceed the \
+                 client's 20 s I/O timeout (it runs on the host in `cargo xtask test`)",
+    },
+    Exclusion {
+        test: "sockmap_splices_both_legs",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "large_payload_round_trips_with_sockmap",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "concurrent_bulk_streams_never_fail_an_application_write",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "blocking_request_response_sees_no_spurious_eagain",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "metrics_and_access_log_count_known_traffic_exactly",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+    Exclusion {
+        test: "mtls_round_trips_small_and_large_payloads_between_two_pods",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
+];
+
+/// A whole test executable (a file of `tests/tests/`) that does not run in a guest.
+pub struct TargetExclusion {
+    /// The target's name, e.g. `kubernetes` for `tests/tests/kubernetes.rs`.
+    pub target: &'static str,
+    /// Kernels it is excluded on; empty: all of them.
+    pub kernels: &'static [&'static str],
+    pub reason: &'static str,
+}
+
+pub const TARGET_EXCLUSIONS: &[TargetExclusion] = &[
+    TargetExclusion {
+        target: "manifests",
+        kernels: &[],
+        reason: "checks the files in deploy/ with a Python validator: nothing kernel-specific \
+                 (it runs on the host in `cargo xtask test`)",
+    },
+    TargetExclusion {
+        target: "kubernetes",
+        kernels: BEFORE_5_15,
+        reason: "`sidecar agent` needs Linux 5.15: its getsockopt program keys original \
+                 destinations by netns cookie (bpf_get_netns_cookie reaches cgroup sockopt \
+                 programs in 5.15), without which two pods' loopback 4-tuples could be confused; \
+                 it refuses to start there, with that reason",
+    },
+];
+
+/// The test executables to leave out on `version`, each announced with its reason.
+pub fn skipped_targets(version: &str) -> Vec<&'static str> {
+    TARGET_EXCLUSIONS
+        .iter()
+        .filter(|e| e.kernels.is_empty() || e.kernels.contains(&version))
+        .map(|e| {
+            crate::step(&format!(
+                "vm-test {version}: excluding tests/tests/{}.rs: {}",
+                e.target, e.reason
+            ));
+            e.target
+        })
+        .collect()
+}
+
+/// The names to skip on `version`, each announced with its reason.
+pub fn skipped(version: &str) -> Vec<&'static str> {
+    for e in EXCLUSIONS
+        .iter()
+        .filter(|e| e.kernels.is_empty() || e.kernels.contains(&version))
+    {
+        crate::step(&format!(
+            "vm-test {version}: excluding {}: {}",
+            e.test, e.reason
+        ));
+    }
+    skipped_quietly(version)
+}
+
+/// The names to skip on `version`, without announcing them.
+pub fn skipped_quietly(version: &str) -> Vec<&'static str> {
+    EXCLUSIONS
+        .iter()
+        .filter(|e| e.kernels.is_empty() || e.kernels.contains(&version))
+        .map(|e| e.test)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_path_tests_are_excluded_only_before_5_15() {
+        let old = skipped_quietly("5.10");
+        let new = skipped_quietly("6.1");
+        assert!(old.contains(&"sockmap_splices_both_legs"));
+        assert!(!new.contains(&"sockmap_splices_both_legs"));
+        assert_eq!(
+            new,
+            vec!["ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing"]
+        );
+        assert_eq!(skipped_quietly("6.12"), new);
+        assert_eq!(skipped_quietly("6.18"), new);
+    }
+
+    #[test]
+    fn every_exclusion_says_why() {
+        for e in EXCLUSIONS {
+            assert!(!e.reason.trim().is_empty(), "{}", e.test);
+        }
+    }
+}
