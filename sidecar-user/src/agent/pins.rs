@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
-use sidecar_common::{Counter, ScopedAddr, SockKey, WorkloadConfig, maps, programs};
+use sidecar_common::{ScopedAddr, SockKey, WorkloadConfig, maps, programs};
 
 use crate::redirect::ebpf::{
     EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, program,
@@ -82,17 +82,7 @@ impl AgentPins {
 
     /// Sum over CPUs of every eBPF counter, by name.
     pub fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        Counter::ALL
-            .iter()
-            .map(|(c, name)| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*name, total)
-            })
-            .collect()
+        crate::redirect::ebpf::sum_counters(&self.counters)
     }
 }
 

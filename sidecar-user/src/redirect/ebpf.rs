@@ -540,18 +540,22 @@ impl KernelLookups {
 
     /// Sum over CPUs of every counter, by name.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
-        Counter::ALL
-            .iter()
-            .map(|(c, name)| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*name, total)
-            })
-            .collect()
+        sum_counters(&self.counters)
     }
+}
+
+/// Sum over CPUs of every counter in a `COUNTERS` map, by name (an unreadable slot as 0).
+pub(crate) fn sum_counters(counters: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u64> {
+    Counter::ALL
+        .iter()
+        .map(|(c, name)| {
+            let total = counters
+                .get(&(*c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0);
+            (*name, total)
+        })
+        .collect()
 }
 
 impl Redirect for KernelLookups {
