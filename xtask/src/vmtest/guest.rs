@@ -106,8 +106,14 @@ fn setup() {
     mount("proc", "/proc", "proc");
     mount("sysfs", "/sys", "sysfs");
     mount("devtmpfs", "/dev", "devtmpfs");
-    mount("tmpfs", "/tmp", "tmpfs");
-    mount("tmpfs", "/run", "tmpfs");
+    // The initramfs is writable already; a tmpfs on top would hide what it holds there, and
+    // the test executables sit at their host paths (a checkout under /tmp is common).
+    for dir in ["/tmp", "/run"] {
+        let populated = fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if !populated {
+            mount("tmpfs", dir, "tmpfs");
+        }
+    }
     mount("bpf", "/sys/fs/bpf", "bpf");
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2");
     if let Err(e) = loopback_up() {
