@@ -277,14 +277,17 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
         fs::remove_file(dir.join(f)).unwrap();
     }
     let mut body = String::new();
+    // Both in one scrape: a scrape reads the series one after another, so it can fall between
+    // the watcher's two updates (seen once in a one-vCPU guest).
     assert!(
         host::wait_until(Duration::from_secs(10), || {
             body = scrape();
             metric(&body, "sidecar_certificates_stale") == Some(1.0)
+                && metric(&body, "sidecar_certificate_reload_errors_total") >= Some(1.0)
         }),
-        "certificates_stale did not go to 1 after the files were deleted:\n{body}"
+        "certificates_stale did not go to 1 (with a reload error counted) after the files \
+         were deleted:\n{body}"
     );
-    assert!(metric(&body, "sidecar_certificate_reload_errors_total") >= Some(1.0));
     assert_eq!(metric(&body, "sidecar_certificates_loaded"), Some(1.0));
     let (status, ready) = get_in_netns(&pods.b.path(), admin, "/readyz");
     assert_eq!(status, 200, "still ready with the last good set: {ready}");
