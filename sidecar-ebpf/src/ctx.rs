@@ -17,10 +17,12 @@ use crate::maps::NETNS_COOKIES;
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
 
+/// Reads a 16-byte address as four 4-byte loads (the widest the verifier allows on context
+/// and socket fields).
 #[inline(always)]
-unsafe fn words(p: *const [u32; 4]) -> [u32; 4] {
+pub unsafe fn words(p: *const [u32; 4]) -> [u32; 4] {
     let p = p.cast::<u32>();
-    // SAFETY: `p` points at a 4-word array inside the context.
+    // SAFETY: the caller passes a 4-word array inside the context or the socket.
     unsafe {
         [
             read_volatile(p),

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use sidecar_common::{Counter, OrigDst, SockKey, mapped_v4};
 
 use crate::{
-    ctx::{AF_INET, AF_INET6},
+    ctx::{AF_INET, AF_INET6, words},
     maps::{ORIG_DST, count},
 };
 
@@ -152,18 +152,4 @@ fn write_sockaddr_in6(ctx: &SockoptContext, orig: &OrigDst) -> Option<usize> {
         write_volatile(p.add(24).cast::<u32>(), 0);
     }
     Some(SOCKADDR_IN6_LEN)
-}
-
-#[inline(always)]
-unsafe fn words(p: *const [u32; 4]) -> [u32; 4] {
-    let p = p.cast::<u32>();
-    // SAFETY: `p` points at a 4-word array inside the socket.
-    unsafe {
-        [
-            read_volatile(p),
-            read_volatile(p.add(1)),
-            read_volatile(p.add(2)),
-            read_volatile(p.add(3)),
-        ]
-    }
 }
