@@ -45,7 +45,7 @@ use crate::{
     report::Report,
     serve::{Listeners, Serving},
     state::{RunState, StateFile},
-    telemetry::{CounterSource, InterceptionInfo},
+    telemetry::{CounterSource, InterceptionInfo, NoKernelCounters},
     tls::{TlsFiles, TlsState},
 };
 
@@ -302,15 +302,6 @@ pub fn run(opts: RunOptions) -> Result<i32> {
 }
 
 /// The two interception modes behind one owner: dropping it removes whichever was set up.
-/// iptables mode keeps no counters of its own in the kernel.
-struct NoKernelCounters;
-
-impl CounterSource for NoKernelCounters {
-    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        Default::default()
-    }
-}
-
 enum Interception {
     Ebpf(Box<EbpfInterception>),
     Iptables(IptablesInterception),

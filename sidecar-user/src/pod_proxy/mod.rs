@@ -14,7 +14,7 @@
 pub mod cli;
 pub mod register;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,7 +28,7 @@ use crate::{
     redirect::iptables::OriginalDst,
     run::MtlsOptions,
     serve::{Listeners, Serving},
-    telemetry::{CounterSource, InterceptionInfo},
+    telemetry::{InterceptionInfo, NoKernelCounters},
     tls::{TlsState, identity::SpiffeId},
 };
 
@@ -56,14 +56,6 @@ pub struct PodProxyOptions {
     /// Authorization policy file, enforced in the proxy (watched for changes).
     pub policy: Option<PathBuf>,
     pub observe: ObserveOptions,
-}
-
-struct NoKernelCounters;
-
-impl CounterSource for NoKernelCounters {
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        BTreeMap::new()
-    }
 }
 
 pub fn run(opts: PodProxyOptions) -> Result<i32> {
