@@ -32,22 +32,20 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, AdminState, config::ObserveOptions},
+    admin::{self, config::ObserveOptions},
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     policy::{self, Enforcer},
-    proxy::{Proxy, ProxySettings, record::Journal},
+    proxy::{ProxySettings, record::Journal},
     redirect::{
         Mode, Redirect,
         ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
         iptables::{self, IptablesInterception},
     },
     report::Report,
-    serve::{self, Listeners},
+    serve::{Listeners, Serving},
     state::{RunState, StateFile},
-    telemetry::{
-        CounterSource, InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget,
-    },
+    telemetry::{CounterSource, InterceptionInfo, NoKernelCounters},
     tls::{TlsFiles, TlsState},
 };
 
@@ -146,28 +144,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let _guard = rt.enter();
-
     // Telemetry and the admin server come up before anything is attached, so `/readyz`
     // answers "not ready" until interception and listeners really are in place.
-    let telemetry = Telemetry::new(TelemetrySettings {
-        access_log: opts.observe.access_log != AccessLogTarget::Off,
-        destination_labels: opts.observe.destination_labels,
-    });
-    let admin = admin::start_for_run(
-        opts.observe.admin,
-        AdminState {
-            telemetry: telemetry.clone(),
-            config: admin::config::effective(&opts),
-        },
-    )?;
-    if let Some(a) = &admin {
-        info!(addr = %a.addr(), "admin endpoints serving");
-    }
+    let serving = Serving::start(&opts.observe, admin::config::effective(&opts))?;
+    let _guard = serving.rt.enter();
 
     let pid = std::process::id();
     // iptables mode needs no bpffs; its binaries are found before anything is created.
@@ -245,7 +225,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
     };
     let lookups = interception.redirect();
-    telemetry.attached(
+    serving.telemetry.attached(
         InterceptionInfo {
             mode: opts.mode.as_str().into(),
             // Off also where the kernel cannot key the sockhash by namespace (< 5.15).
@@ -257,21 +237,12 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         interception.counter_source(),
     );
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
-    let mesh = match (&opts.mtls, tls) {
-        (Some(m), Some(tls)) => {
-            let own = [opts.proxy_port, m.tunnel_port];
-            let admin_port = admin.as_ref().map(|a| a.addr().port());
-            let own = own.into_iter().chain(admin_port);
-            Some(serve::mesh(
-                m,
-                tls,
-                &telemetry,
-                opts.proxy.connect_timeout,
-                own,
-            ))
-        }
-        _ => None,
-    };
+    let mesh = serving.mesh(
+        opts.mtls.as_ref(),
+        tls,
+        opts.proxy_port,
+        opts.proxy.connect_timeout,
+    );
     // In force (kernel maps filled) before CMD starts, so no connect escapes it.
     let enforcer = match (policy, &opts.policy, interception.pin_dir()) {
         (Some(loaded), Some(path), Some(pin_dir)) => {
@@ -279,17 +250,16 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
-    let proxy = Proxy::new(
+    let proxy = serving.serve(
         opts.proxy,
         lookups.clone(),
         mesh,
         journal.clone(),
-        telemetry.clone(),
         enforcer.clone(),
-    );
-    serve::start(&proxy, listeners, &telemetry)?;
+        listeners,
+    )?;
 
-    let status = rt.block_on(run_command(
+    let status = serving.rt.block_on(run_command(
         &program,
         &opts.command[1..],
         app_cg.path(),
@@ -299,15 +269,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if leftovers > 0 {
         info!("stopped {leftovers} process(es) the command left in its cgroup");
     }
-    telemetry.draining();
-    let cut = rt.block_on(proxy.drain(opts.drain_timeout));
-    if cut > 0 {
-        warn!("{cut} connection(s) were still open after the drain deadline and were closed");
-    }
+    serving.drain(&proxy, opts.drain_timeout);
     if let Some(e) = &enforcer {
         e.drain_kernel_events();
     }
-    telemetry.detaching();
+    serving.telemetry.detaching();
     drop(lookups);
     let (counters, failures) = interception.remove();
     for failure in failures {
@@ -331,20 +297,11 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     if let Some(path) = &opts.report {
         report.write(path)?;
     }
-    drop(admin);
+    drop(serving.admin);
     Ok(exit_code)
 }
 
 /// The two interception modes behind one owner: dropping it removes whichever was set up.
-/// iptables mode keeps no counters of its own in the kernel.
-struct NoKernelCounters;
-
-impl CounterSource for NoKernelCounters {
-    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        Default::default()
-    }
-}
-
 enum Interception {
     Ebpf(Box<EbpfInterception>),
     Iptables(IptablesInterception),

@@ -1,6 +1,7 @@
-//! What `sidecar run` and `sidecar proxy` share once interception is someone's business: bind
-//! the proxy's listeners, build the mTLS mesh, and start the accept loops. `run` adds cgroups,
-//! eBPF and a command around it; `proxy` adds the registration with the node agent.
+//! What `sidecar run` and `sidecar proxy` share once interception is someone's business: bring
+//! up the runtime, telemetry and admin server, bind the proxy's listeners, build the mTLS mesh,
+//! start the accept loops, and drain. `run` adds cgroups, eBPF and a command around it; `proxy`
+//! adds the registration with the node agent.
 
 use std::{
     io,
@@ -10,18 +11,118 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, runtime::Runtime};
 use tracing::{info, warn};
 
 use crate::{
-    proxy::{Proxy, mesh::Mesh, record::Direction},
+    admin::{self, AdminServer, AdminState, config::ObserveOptions},
+    policy::Enforcer,
+    proxy::{
+        Proxy, ProxySettings,
+        mesh::Mesh,
+        record::{Direction, Journal},
+    },
+    redirect::Redirect,
     run::MtlsOptions,
-    telemetry::Telemetry,
+    telemetry::{Telemetry, TelemetrySettings, access_log::AccessLogTarget},
     tls::{self, TlsState},
 };
 
 /// How often certificate files are checked for rotation.
 const ROTATION_POLL: Duration = Duration::from_secs(1);
+
+/// What both modes bring up before anything is attached or registered: the runtime the proxy
+/// serves on, telemetry, and the admin server, so `/readyz` answers "not ready" until
+/// interception and listeners really are in place.
+///
+/// Fields drop in declaration order: the admin server first, the runtime last.
+pub struct Serving {
+    /// `None`: `--admin-addr off`, or the default address was busy.
+    pub admin: Option<AdminServer>,
+    pub telemetry: Arc<Telemetry>,
+    /// Not entered: the caller enters it (`let _guard = serving.rt.enter();`) for as long as
+    /// it spawns tasks.
+    pub rt: Runtime,
+}
+
+impl Serving {
+    /// Starts the runtime, telemetry and the admin server; `config` is what `/config` shows
+    /// (already redacted). A busy chosen admin address is an error; a busy default one is not.
+    pub fn start(observe: &ObserveOptions, config: serde_json::Value) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let telemetry = Telemetry::new(TelemetrySettings {
+            access_log: observe.access_log != AccessLogTarget::Off,
+            destination_labels: observe.destination_labels,
+        });
+        let admin = admin::start_for_run(
+            observe.admin,
+            AdminState {
+                telemetry: telemetry.clone(),
+                config,
+            },
+        )?;
+        if let Some(a) = &admin {
+            info!(addr = %a.addr(), "admin endpoints serving");
+        }
+        Ok(Self {
+            admin,
+            telemetry,
+            rt,
+        })
+    }
+
+    /// The mesh of an mTLS sidecar (`None` without `--tls-dir`). Tunnels may not ask for the
+    /// sidecar's own ports: the proxy port, the tunnel port and the admin server's.
+    pub fn mesh(
+        &self,
+        mtls: Option<&MtlsOptions>,
+        tls: Option<Arc<TlsState>>,
+        proxy_port: u16,
+        connect_timeout: Duration,
+    ) -> Option<Mesh> {
+        let (m, tls) = mtls.zip(tls)?;
+        let admin_port = self.admin.as_ref().map(|a| a.addr().port());
+        let own = [proxy_port, m.tunnel_port].into_iter().chain(admin_port);
+        Some(mesh(m, tls, &self.telemetry, connect_timeout, own))
+    }
+
+    /// Builds the proxy on this telemetry and starts its accept loops on `listeners` (marking
+    /// them serving). Needs the runtime entered.
+    pub fn serve(
+        &self,
+        settings: ProxySettings,
+        redirect: Arc<dyn Redirect>,
+        mesh: Option<Mesh>,
+        journal: Arc<Journal>,
+        policy: Option<Arc<Enforcer>>,
+        listeners: Listeners,
+    ) -> Result<Arc<Proxy>> {
+        let proxy = Proxy::new(
+            settings,
+            redirect,
+            mesh,
+            journal,
+            self.telemetry.clone(),
+            policy,
+        );
+        start(&proxy, listeners, &self.telemetry)?;
+        Ok(proxy)
+    }
+
+    /// Reports draining (`/readyz` 503), stops accepting and gives open connections until
+    /// `deadline`; returns how many were still open and cut then.
+    pub fn drain(&self, proxy: &Proxy, deadline: Duration) -> usize {
+        self.telemetry.draining();
+        let cut = self.rt.block_on(proxy.drain(deadline));
+        if cut > 0 {
+            warn!("{cut} connection(s) were still open after the drain deadline and were closed");
+        }
+        cut
+    }
+}
 
 /// The proxy's sockets, bound before anything is attached or registered so a busy port is a
 /// clean error and a redirected connect never finds nobody listening.
@@ -55,7 +156,7 @@ impl Listeners {
 
 /// The mesh of an mTLS sidecar: credentials (rotated in the background), meshed CIDRs, and
 /// the sidecar's own ports, which tunnels may not ask for (see `Mesh::own_ports`).
-pub fn mesh(
+fn mesh(
     m: &MtlsOptions,
     tls: Arc<TlsState>,
     telemetry: &Arc<Telemetry>,
@@ -82,7 +183,7 @@ pub fn mesh(
 }
 
 /// Starts the accept loops on the current runtime and marks the listeners serving.
-pub fn start(proxy: &Arc<Proxy>, listeners: Listeners, telemetry: &Telemetry) -> Result<()> {
+fn start(proxy: &Arc<Proxy>, listeners: Listeners, telemetry: &Telemetry) -> Result<()> {
     let Listeners {
         outbound_v4,
         outbound_v6,

@@ -14,10 +14,10 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
-use sidecar_common::{ScopedAddr, SockKey, WorkloadConfig, maps, programs};
+use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
 
 use crate::redirect::ebpf::{
     EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, program,
@@ -188,24 +188,8 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError>
 /// detach it when the `Ebpf` drops, so the link handle is taken and forgotten; the
 /// attachment lives as long as the pinned map.
 fn attach_sk_msg(ebpf: &mut aya::Ebpf) -> Result<(), EbpfError> {
-    let sockets = ebpf
-        .map(maps::SOCKETS)
-        .ok_or(EbpfError::Missing(maps::SOCKETS))?;
-    let map_error = |source| EbpfError::Map {
-        name: maps::SOCKETS,
-        source,
-    };
-    let fd = SockHash::<_, SockKey>::try_from(sockets)
-        .map_err(map_error)?
-        .fd()
-        .try_clone()
-        .map_err(|e| map_error(aya::maps::MapError::from(e)))?;
+    let id = crate::redirect::ebpf::attach_sk_msg(ebpf)?;
     let prog: &mut SkMsg = program(ebpf, programs::SK_MSG)?;
-    let id = prog.attach(&fd).map_err(|source| EbpfError::Attach {
-        name: programs::SK_MSG,
-        target: maps::SOCKETS.into(),
-        source,
-    })?;
     let link = prog.take_link(id).map_err(|source| EbpfError::Attach {
         name: programs::SK_MSG,
         target: maps::SOCKETS.into(),

@@ -14,7 +14,7 @@
 pub mod cli;
 pub mod register;
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,15 +22,13 @@ use tracing::{info, warn};
 
 use self::register::Registrar;
 use crate::{
-    admin::{self, AdminState, config::ObserveOptions},
+    admin::{self, config::ObserveOptions},
     agent::protocol::Request,
-    proxy::{Proxy, ProxySettings, record::Journal},
+    proxy::{ProxySettings, record::Journal},
     redirect::iptables::OriginalDst,
     run::MtlsOptions,
-    serve::{self, Listeners},
-    telemetry::{
-        CounterSource, InterceptionInfo, Telemetry, TelemetrySettings, access_log::AccessLogTarget,
-    },
+    serve::{Listeners, Serving},
+    telemetry::{InterceptionInfo, NoKernelCounters},
     tls::{TlsState, identity::SpiffeId},
 };
 
@@ -58,14 +56,6 @@ pub struct PodProxyOptions {
     /// Authorization policy file, enforced in the proxy (watched for changes).
     pub policy: Option<PathBuf>,
     pub observe: ObserveOptions,
-}
-
-struct NoKernelCounters;
-
-impl CounterSource for NoKernelCounters {
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        BTreeMap::new()
-    }
 }
 
 pub fn run(opts: PodProxyOptions) -> Result<i32> {
@@ -105,55 +95,28 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let _guard = rt.enter();
-    let telemetry = Telemetry::new(TelemetrySettings {
-        access_log: opts.observe.access_log != AccessLogTarget::Off,
-        destination_labels: opts.observe.destination_labels,
-    });
-    let admin = admin::start_for_run(
-        opts.observe.admin,
-        AdminState {
-            telemetry: telemetry.clone(),
-            config: effective_config(&opts),
-        },
-    )?;
-    if let Some(a) = &admin {
-        info!(addr = %a.addr(), "admin endpoints serving");
-    }
-    let mesh = match (&opts.mtls, tls) {
-        (Some(m), Some(tls)) => {
-            let own = [opts.proxy_port, m.tunnel_port];
-            let own = own
-                .into_iter()
-                .chain(admin.as_ref().map(|a| a.addr().port()));
-            Some(serve::mesh(
-                m,
-                tls,
-                &telemetry,
-                opts.proxy.connect_timeout,
-                own,
-            ))
-        }
-        _ => None,
-    };
+    let serving = Serving::start(&opts.observe, effective_config(&opts))?;
+    let _guard = serving.rt.enter();
+    let mesh = serving.mesh(
+        opts.mtls.as_ref(),
+        tls,
+        opts.proxy_port,
+        opts.proxy.connect_timeout,
+    );
     let enforcer = match (policy, &opts.policy) {
         (Some(loaded), Some(path)) => Some(crate::policy::Enforcer::start_in_proxy(path, loaded)?),
         _ => None,
     };
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
-    let proxy = Proxy::new(
+    // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would.
+    let proxy = serving.serve(
         opts.proxy,
         Arc::new(OriginalDst),
         mesh,
         journal.clone(),
-        telemetry.clone(),
         enforcer,
-    );
-    serve::start(&proxy, listeners, &telemetry)?;
+        listeners,
+    )?;
 
     // Interception is turned on only now that the listeners accept.
     let request = Request::Register {
@@ -165,7 +128,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         ipv6,
         allow_metadata: opts.proxy.allow_metadata,
     };
-    let registered = telemetry.clone();
+    let registered = serving.telemetry.clone();
     let proxy_port = opts.proxy_port;
     let (registrar, fatal) = Registrar::start(opts.agent_socket.clone(), request, move |reply| {
         if registered.interception().is_none() {
@@ -185,7 +148,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         );
     });
 
-    let refused = rt.block_on(async {
+    let refused = serving.rt.block_on(async {
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         tokio::select! {
@@ -201,16 +164,14 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             opts.pod_uid
         );
     }
-    telemetry.draining();
-    let cut = rt.block_on(proxy.drain(opts.drain_timeout));
-    if cut > 0 {
-        warn!("{cut} connection(s) were still open after the drain deadline and were closed");
-    }
-    rt.block_on(registrar.deregister(DEREGISTER_DEADLINE));
-    telemetry.detaching();
+    let cut = serving.drain(&proxy, opts.drain_timeout);
+    serving
+        .rt
+        .block_on(registrar.deregister(DEREGISTER_DEADLINE));
+    serving.telemetry.detaching();
     let (records, _) = journal.snapshot();
     info!(connections = records.len(), cut, "sidecar proxy stopped");
-    drop(admin);
+    drop(serving.admin);
     Ok(0)
 }
 

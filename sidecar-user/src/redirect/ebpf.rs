@@ -20,6 +20,7 @@ use aya::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
         SockOps,
         links::{FdLink, PinnedLink},
+        sk_msg::SkMsgLinkId,
     },
 };
 use sidecar_common::{
@@ -354,7 +355,9 @@ pub(crate) fn open_cgroup(path: &Path) -> Result<fs::File, EbpfError> {
     })
 }
 
-fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+/// Attaches sk_msg to the sockhash; the returned link stays with `ebpf` (detached when it
+/// drops) unless the caller takes it, as the node agent does.
+pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<SkMsgLinkId, EbpfError> {
     let map_error = |source| EbpfError::Map {
         name: maps::SOCKETS,
         source,
@@ -374,8 +377,7 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
         name: programs::SK_MSG,
         target: maps::SOCKETS.into(),
         source,
-    })?;
-    Ok(())
+    })
 }
 
 fn fill_workloads(ebpf: &mut Ebpf, workloads: &[Workload]) -> Result<(), EbpfError> {

@@ -38,6 +38,16 @@ pub trait CounterSource: Send + Sync {
     fn counters(&self) -> BTreeMap<&'static str, u64>;
 }
 
+/// For interception that keeps no counters of its own in the kernel (iptables mode, and a
+/// pod sidecar, whose kernel counters are the node agent's).
+pub struct NoKernelCounters;
+
+impl CounterSource for NoKernelCounters {
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
+}
+
 /// How telemetry behaves (from `sidecar run`'s options).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TelemetrySettings {
