@@ -169,7 +169,8 @@ pub fn start_for_run(
         Ok(s) => Ok(Some(s)),
         Err(AdminError::InUse { addr }) => {
             tracing::warn!(
-                "admin address {addr} is busy (another sidecar?): running without admin                  endpoints; choose one with --admin-addr"
+                "admin address {addr} is busy (another sidecar?): running without admin \
+                 endpoints; choose one with --admin-addr"
             );
             Ok(None)
         }
