@@ -11,6 +11,7 @@
 //! - [`sockets`]: which process owns a socket ([`socket_owner_pid`]);
 //! - [`bpf`]: the run's pinned maps and the host's loaded programs;
 //! - [`host`]: cgroups, pins, state file, processes;
+//! - [`leaks`]: what a live sidecar holds (fds, memory, map entries), for leak checks;
 //! - [`kubelet`]: Secret/ConfigMap volumes written the way kubelet writes them;
 //! - [`report`]: the `--report` JSON;
 //! - [`protocol`]: what `sidecar-testclient` prints.
@@ -19,6 +20,7 @@ pub mod bpf;
 pub mod echo;
 pub mod host;
 pub mod kubelet;
+pub mod leaks;
 pub mod netns;
 pub mod protocol;
 pub mod report;
