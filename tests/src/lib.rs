@@ -14,6 +14,7 @@
 //! - [`leaks`]: what a live sidecar holds (fds, memory, map entries), for leak checks;
 //! - [`kubelet`]: Secret/ConfigMap volumes written the way kubelet writes them;
 //! - [`report`]: the `--report` JSON;
+//! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints.
 
 pub mod bpf;
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod report;
 pub mod run;
 pub mod scratch;
+pub mod script;
 pub mod sockets;
 
 use std::{
@@ -65,6 +67,11 @@ pub fn skip(reason: &str) -> bool {
     }
     eprintln!("skipping: {reason}");
     false
+}
+
+/// Whether `tool` is on `PATH`; if not, [`skip`] (which panics in CI) says so.
+pub fn require(tool: &str) -> bool {
+    host::which(tool).is_some() || skip(&format!("{tool} is not installed (.ci/run installs it)"))
 }
 
 fn check_privileges() -> Result<(), String> {

@@ -18,16 +18,12 @@ use sidecar_tests::{
     privileged,
     protocol::{ConnectFailLine, EchoLine},
     scratch::Scratch,
+    script::{arg, wait_for_file},
     serial,
 };
 
 /// The workload binary, built by cargo for this test target.
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
-
-/// `--name=value`, one argv element.
-fn arg(name: &str, value: impl std::fmt::Display) -> String {
-    format!("{name}={value}")
-}
 
 // ---------------------------------------------------------------------------------------
 // Load
@@ -75,14 +71,6 @@ fn wait_line(run: &SidecarRun, marker: &str, timeout: Duration) -> Vec<String> {
         run.stderr_text()
     );
     lines
-}
-
-/// Shell that waits (bounded) for `file` to exist.
-fn wait_for_file(file: &Path) -> String {
-    format!(
-        "i=0; while [ ! -e {f} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done",
-        f = file.display()
-    )
 }
 
 /// Connections open at once in the load test, and their payload size.
