@@ -8,6 +8,7 @@
 //! - [`run`]: start `sidecar run`, wait for the client, collect exit code, output and report,
 //!   and clean up whatever happens;
 //! - [`echo`]: the upstream server, which records who connected to it;
+//! - [`blocking`]: blocking socket calls that retry (and count) spurious `EAGAIN`;
 //! - [`sockets`]: which process owns a socket ([`socket_owner_pid`]);
 //! - [`bpf`]: the run's pinned maps and the host's loaded programs;
 //! - [`host`]: cgroups, pins, state file, processes;
@@ -17,6 +18,7 @@
 //! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints.
 
+pub mod blocking;
 pub mod bpf;
 pub mod echo;
 pub mod host;

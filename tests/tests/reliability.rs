@@ -284,21 +284,7 @@ impl FaultyUpstream {
             }
             if reset {
                 // SO_LINGER 0: close() sends RST instead of FIN.
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                use std::os::fd::AsRawFd;
-                // SAFETY: valid fd and option struct for the duration of the call.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
+                sidecar_tests::blocking::reset_on_close(&stream);
                 drop(stream);
             } else {
                 // Stall: read and discard, never answer, until the peer closes or time is up.
