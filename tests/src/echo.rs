@@ -11,12 +11,12 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use std::os::fd::AsRawFd;
 
-use crate::host::wait_until;
+use crate::{blocking::retrying, host::wait_until};
 
 /// A per-connection read/write timeout: an echo thread never outlives a test by much.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -160,12 +160,12 @@ fn echo(stream: TcpStream, spurious: &AtomicU64) {
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match retrying(spurious, || (&stream).read(&mut buf)) {
+        match retrying(spurious, IO_TIMEOUT, || (&stream).read(&mut buf)) {
             Ok(0) => break,
             Ok(n) => {
                 let mut rest = &buf[..n];
                 while !rest.is_empty() {
-                    match retrying(spurious, || (&stream).write(rest)) {
+                    match retrying(spurious, IO_TIMEOUT, || (&stream).write(rest)) {
                         Ok(0) | Err(_) => {
                             eprintln!("echo server: write failed");
                             return;
@@ -181,24 +181,4 @@ fn echo(stream: TcpStream, spurious: &AtomicU64) {
         }
     }
     let _ = stream.shutdown(Shutdown::Write);
-}
-
-/// One blocking call, retrying `EINTR` and `EAGAIN`s that return long before the socket
-/// timeout (counted in `spurious`); bounded by the timeout overall.
-fn retrying<T>(spurious: &AtomicU64, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        let started = Instant::now();
-        match op() {
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-                    && started.elapsed() < IO_TIMEOUT / 2
-                    && Instant::now() < deadline =>
-            {
-                spurious.fetch_add(1, Ordering::Relaxed);
-            }
-            other => return other,
-        }
-    }
 }

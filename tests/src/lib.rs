@@ -8,22 +8,28 @@
 //! - [`run`]: start `sidecar run`, wait for the client, collect exit code, output and report,
 //!   and clean up whatever happens;
 //! - [`echo`]: the upstream server, which records who connected to it;
+//! - [`blocking`]: blocking socket calls that retry (and count) spurious `EAGAIN`;
 //! - [`sockets`]: which process owns a socket ([`socket_owner_pid`]);
 //! - [`bpf`]: the run's pinned maps and the host's loaded programs;
 //! - [`host`]: cgroups, pins, state file, processes;
+//! - [`leaks`]: what a live sidecar holds (fds, memory, map entries), for leak checks;
 //! - [`kubelet`]: Secret/ConfigMap volumes written the way kubelet writes them;
 //! - [`report`]: the `--report` JSON;
+//! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints.
 
+pub mod blocking;
 pub mod bpf;
 pub mod echo;
 pub mod host;
 pub mod kubelet;
+pub mod leaks;
 pub mod netns;
 pub mod protocol;
 pub mod report;
 pub mod run;
 pub mod scratch;
+pub mod script;
 pub mod sockets;
 
 use std::{
@@ -63,6 +69,11 @@ pub fn skip(reason: &str) -> bool {
     }
     eprintln!("skipping: {reason}");
     false
+}
+
+/// Whether `tool` is on `PATH`; if not, [`skip`] (which panics in CI) says so.
+pub fn require(tool: &str) -> bool {
+    host::which(tool).is_some() || skip(&format!("{tool} is not installed (.ci/run installs it)"))
 }
 
 fn check_privileges() -> Result<(), String> {

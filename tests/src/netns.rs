@@ -3,7 +3,7 @@
 //! the test fails.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -35,6 +35,38 @@ impl Netns {
 
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `GET path` against an HTTP server at `addr` inside this namespace (the admin endpoint
+    /// of a sidecar in a pod): a thread enters the namespace, so the test process itself
+    /// stays where it is. Returns the whole response, head and body (5 s connect and read
+    /// timeouts; panics on failure).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> String {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let ns_path = self.path();
+        let ns =
+            std::fs::File::open(&ns_path).unwrap_or_else(|e| panic!("{}: {e}", ns_path.display()));
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            // SAFETY: setns on an fd we own, for this thread only (it ends right after).
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let timeout = Duration::from_secs(5);
+            let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+                .unwrap_or_else(|e| panic!("admin {addr}: {e}"));
+            s.set_read_timeout(Some(timeout)).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).unwrap();
+            raw
+        })
+        .join()
+        .expect("the admin request thread panicked")
     }
 
     /// Runs a command in the namespace and returns its output (bounded).

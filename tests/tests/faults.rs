@@ -16,27 +16,18 @@ use std::{
 };
 
 use sidecar_tests::{
-    EchoServer, SidecarRun, assert_no_leftovers, host, leftover_files, privileged,
+    EchoServer, SidecarRun, assert_no_leftovers, host, leftover_files,
+    netns::Netns,
+    privileged,
     protocol::{ConnectFailLine, EchoLine},
+    require,
     scratch::Scratch,
+    script::{arg, wait_for_file},
     serial,
 };
 
 /// The workload binary, built by cargo for this test target.
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
-
-/// `--name=value`, one argv element.
-fn arg(name: &str, value: impl std::fmt::Display) -> String {
-    format!("{name}={value}")
-}
-
-/// Shell that waits (bounded, 2 minutes) for `file` to exist.
-fn wait_for_file(file: &Path) -> String {
-    format!(
-        "i=0; while [ ! -e {f} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done",
-        f = file.display()
-    )
-}
 
 /// Waits (bounded) until the run's stderr contains `needle`.
 fn wait_stderr(run: &SidecarRun, needle: &str, timeout: Duration) -> bool {
@@ -134,38 +125,16 @@ fn next_start_cleans_up_after_a_killed_run() {
 // Helpers for runs inside network namespaces
 
 /// `GET path` against an HTTP server at `addr` inside network namespace `ns` (the admin
-/// endpoint of a sidecar in a pod): a thread enters the namespace, so the test process
-/// itself stays where it is. Returns (status, body).
-fn get_in_netns(ns: &Path, addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    let ns = fs::File::open(ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        // SAFETY: setns on an fd we own, for this thread only (it ends right after).
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        let timeout = Duration::from_secs(5);
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-            .unwrap_or_else(|e| panic!("admin {addr}: {e}"));
-        s.set_read_timeout(Some(timeout)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, body.to_string())
-    })
-    .join()
-    .expect("the admin request thread panicked")
+/// endpoint of a sidecar in a pod). Returns (status, body).
+fn get_in_netns(ns: &Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+    let raw = ns.http_get(addr, path);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
 }
 
 /// The value of an unlabelled metric in a Prometheus text body.
@@ -179,11 +148,6 @@ const TD: &str = "example.org";
 const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn require(tool: &str) -> bool {
-    host::which(tool).is_some()
-        || sidecar_tests::skip(&format!("{tool} is not installed (.ci/run installs it)"))
-}
 
 /// One 64-byte echo from pod A through a client sidecar meshing pod B; returns the finished
 /// client run (its stdout has the echo line, its report the connection).
@@ -257,7 +221,7 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
         .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
         .start();
     server.wait_ready(Duration::from_secs(20));
-    let scrape = || get_in_netns(&pods.b.path(), admin, "/metrics").1;
+    let scrape = || get_in_netns(&pods.b, admin, "/metrics").1;
     assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24112), SERVER_ID);
     let before = scrape();
     assert_eq!(metric(&before, "sidecar_certificates_stale"), Some(0.0));
@@ -289,7 +253,7 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
          were deleted:\n{body}"
     );
     assert_eq!(metric(&body, "sidecar_certificates_loaded"), Some(1.0));
-    let (status, ready) = get_in_netns(&pods.b.path(), admin, "/readyz");
+    let (status, ready) = get_in_netns(&pods.b, admin, "/readyz");
     assert_eq!(status, 200, "still ready with the last good set: {ready}");
     assert!(ready.contains("last good certificates"), "{ready}");
     // New tunnels still work: the credentials in memory are the last good set.

@@ -18,6 +18,7 @@ use sidecar_tests::{
     EchoServer, Finished, SidecarRun, assert_no_leftovers, bpf, host, leftover_files,
     protocol::{ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine},
     run::cleanup_output,
+    script::arg,
     serial, sidecar_bin, skip, socket_owner_pid,
     sockets::own_netns_cookie,
 };
@@ -72,11 +73,6 @@ fn pingpong(addr: SocketAddr, size: usize, rounds: usize, count: usize) -> Vec<S
 
 fn connect_fail(addr: SocketAddr) -> Vec<String> {
     vec![CLIENT.into(), "connect-fail".into(), arg("--addr", addr)]
-}
-
-/// `--name=value`, one argv element.
-fn arg(name: &str, value: impl std::fmt::Display) -> String {
-    format!("{name}={value}")
 }
 
 fn proxy_v4(port: u16) -> SocketAddr {

@@ -23,6 +23,7 @@ use std::{
     os::unix::{ffi::OsStrExt, fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::MutexGuard,
     time::{Duration, Instant},
 };
 
@@ -60,6 +61,16 @@ fn ready() -> bool {
         }
     }
     true
+}
+
+/// The start of a test: the tools ([`ready`]), this suite's lock, then a fresh node called
+/// `name` (dropped before the lock is released). `None`: the test is skipped.
+fn setup(name: &str) -> Option<(MutexGuard<'static, ()>, Node)> {
+    if !ready() {
+        return None;
+    }
+    let serial = serial();
+    Some((serial, Node::new(name)))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -185,6 +196,11 @@ fn spawn(
         out,
         err,
     }
+}
+
+/// The JSON lines (`sidecar_tests::protocol`) of a finished app's stdout.
+fn stdout_lines<T: serde::de::DeserializeOwned>(out: &str) -> Vec<T> {
+    parse_lines(&out.lines().map(String::from).collect::<Vec<_>>())
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -313,14 +329,22 @@ impl Node {
 
     /// Starts the agent and waits until its socket answers.
     fn start_agent(&self, name: &str) -> Proc {
-        self.start_agent_in(name, None, &[])
+        self.start_agent_in(name, None, &[], &[])
     }
 
-    /// The agent in `cgroup`, behind `wrapper` (e.g. `unshare --cgroup`).
-    fn start_agent_in(&self, name: &str, cgroup: Option<&Path>, wrapper: &[&str]) -> Proc {
+    /// The agent in `cgroup`, behind `wrapper` (e.g. `unshare --cgroup`), with `extra`
+    /// arguments after [`Node::agent_args`].
+    fn start_agent_in(
+        &self,
+        name: &str,
+        cgroup: Option<&Path>,
+        wrapper: &[&str],
+        extra: &[String],
+    ) -> Proc {
         let mut argv = strings(wrapper);
         argv.extend([sidecar_bin().display().to_string(), "agent".into()]);
         argv.extend(self.agent_args());
+        argv.extend(extra.iter().cloned());
         let agent = spawn(
             &self.scratch,
             name,
@@ -443,6 +467,33 @@ impl Node {
                 ("POD_NAMESPACE", "demo"),
                 ("POD_SERVICE_ACCOUNT", sa),
             ],
+        )
+    }
+
+    /// `sidecar proxy` (as root, no admin endpoint) started in `cgroup`, inside netns `ns`
+    /// if given, claiming to be pod `uid`'s sidecar: a registration the agent must judge
+    /// by where the caller really is.
+    fn claim(
+        &self,
+        name: &str,
+        cgroup: &Path,
+        ns: Option<&str>,
+        proxy_port: u16,
+        uid: &str,
+    ) -> Proc {
+        spawn(
+            &self.scratch,
+            name,
+            Some(cgroup),
+            ns,
+            &[
+                sidecar_bin().display().to_string(),
+                "proxy".into(),
+                format!("--agent-socket={}", self.socket.display()),
+                format!("--proxy-port={proxy_port}"),
+                "--admin-addr=off".into(),
+            ],
+            &[("POD_UID", uid)],
         )
     }
 
@@ -624,6 +675,36 @@ fn two_pods(node: &Node) -> (TwoPods, Proc, Proc) {
     (TwoPods { a, b, log_a, log_b }, proxy_a, proxy_b)
 }
 
+/// Whether both pods' proxies have registered at least twice (again, with a new agent).
+fn both_registered_again(node: &Node, pods: &TwoPods) -> bool {
+    let s = node.status();
+    [&pods.a, &pods.b]
+        .iter()
+        .all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
+}
+
+/// A `pingpong` stream of `secs` seconds from `pod` to the server in pod B.
+fn pingpong_stream(node: &Node, pod: &Pod, secs: u64) -> Proc {
+    node.app(
+        pod,
+        "stream",
+        &strings(&[
+            "pingpong",
+            &format!("--addr={ADDR_B}:{APP_PORT}"),
+            "--size=4096",
+            "--count=1",
+            &format!("--seconds={secs}"),
+        ]),
+    )
+}
+
+/// Whether every connection in access log `path` was mTLS and closed `ok`.
+fn all_mtls_ok(path: &Path) -> bool {
+    access_lines(path)
+        .iter()
+        .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
+}
+
 fn echo_args(size: usize, count: usize) -> Vec<String> {
     vec![
         "echo".into(),
@@ -640,11 +721,9 @@ fn echo_args(size: usize, count: usize) -> Vec<String> {
 /// the original destination served to the unprivileged proxy by the getsockopt program.
 #[test]
 fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
-    if !ready() {
+    let Some((_serial, node)) = setup("mtls") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("mtls");
+    };
     let _agent = node.start_agent("agent");
     let (pods, proxy_a, proxy_b) = two_pods(&node);
     let mut server = node.server(&pods.b);
@@ -683,7 +762,7 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
     let sockopt_before = node.counter("orig_dst_sockopt");
     let mut client = node.app(&pods.a, "client", &echo_args(100_000, 3));
     let out = client.success(STEP);
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert_eq!(lines.len(), 3, "{out}");
     assert!(
         lines
@@ -753,11 +832,9 @@ fn two_pods_register_and_talk_over_mtls_through_unprivileged_proxies() {
 /// getsockopt program answers `IP6T_SO_ORIGINAL_DST` with a `sockaddr_in6`.
 #[test]
 fn ipv6_original_destination_is_served_by_getsockopt() {
-    if !ready() {
+    let Some((_serial, node)) = setup("ipv6") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("ipv6");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let log = node.log_file("access-a.log");
@@ -787,7 +864,7 @@ fn ipv6_original_destination_is_served_by_getsockopt() {
         &strings(&["echo", "--addr=[::1]:22121", "--size=5000", "--count=2"]),
     );
     let out = client.success(STEP);
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert!(
         lines.len() == 2 && lines.iter().all(|l| l.ok && l.received == 5000),
         "{out}"
@@ -807,11 +884,9 @@ fn ipv6_original_destination_is_served_by_getsockopt() {
 /// pod's entries in the kernel trie go when it deregisters.
 #[test]
 fn excluded_cidrs_bypass_the_proxy_and_go_with_the_registration() {
-    if !ready() {
+    let Some((_serial, node)) = setup("cidrs") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("cidrs");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let b = node.pod("b", NS_B, ADDR_B);
@@ -859,11 +934,9 @@ fn excluded_cidrs_bypass_the_proxy_and_go_with_the_registration() {
 /// up an edited file without a restart.
 #[test]
 fn proxy_enforces_its_policy_file_and_reloads_it() {
-    if !ready() {
+    let Some((_serial, node)) = setup("policy") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("policy");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let b = node.pod("b", NS_B, ADDR_B);
@@ -939,11 +1012,9 @@ fn proxy_enforces_its_policy_file_and_reloads_it() {
 /// pods' namespaces have no route out, so nothing could leave even if the check failed.
 #[test]
 fn pod_connects_to_the_metadata_address_are_refused_in_the_kernel() {
-    if !ready() {
+    let Some((_serial, node)) = setup("metadata") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("metadata");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
@@ -989,27 +1060,15 @@ fn host_cgroup_id(path: &Path) -> u64 {
 /// proxy, none passes through un-intercepted.
 #[test]
 fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
-    if !ready() {
+    let Some((_serial, node)) = setup("restart") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("restart");
+    };
     let mut agent = node.start_agent("agent-1");
     let (pods, _proxy_a, _proxy_b) = two_pods(&node);
     let _server = node.server(&pods.b);
     let before = node.status()["counters"].clone();
 
-    let mut stream = node.app(
-        &pods.a,
-        "stream",
-        &strings(&[
-            "pingpong",
-            &format!("--addr={ADDR_B}:{APP_PORT}"),
-            "--size=4096",
-            "--count=1",
-            "--seconds=4",
-        ]),
-    );
+    let mut stream = pingpong_stream(&node, &pods.a, 4);
     const CONNECTS: usize = 600;
     let mut connects = node.app(&pods.a, "connects", &echo_args(64, CONNECTS));
     std::thread::sleep(Duration::from_millis(500));
@@ -1025,12 +1084,7 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     let window_end = std::time::SystemTime::now();
     assert!(agent2_log_adopted(&agent2), "{}", agent2.stderr());
     // Both proxies registered again with the new agent.
-    assert!(wait_until(STEP, || {
-        let s = node.status();
-        [&pods.a, &pods.b]
-            .iter()
-            .all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
-    }));
+    assert!(wait_until(STEP, || both_registered_again(&node, &pods)));
     let reregistered = down.elapsed();
     // The client was still making connects when the new agent took over: they were
     // continuous across the restart.
@@ -1042,7 +1096,7 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     // Bounded by its count; the generous deadline is for slow guests (qemu TCG, one vCPU,
     // where each mTLS connect takes tens of milliseconds).
     let out = connects.success(Duration::from_secs(180));
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert_eq!(lines.len(), CONNECTS);
     assert!(
         lines.iter().all(|l| l.ok),
@@ -1050,7 +1104,7 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
         lines.iter().find(|l| !l.ok)
     );
     let out = stream.success(STEP);
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert!(
         lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received && lines[0].sent > 0,
         "{out}"
@@ -1066,11 +1120,7 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
     );
     assert_eq!(delta("connect_redirected"), CONNECTS as u64 + 1);
     assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == CONNECTS + 1));
-    assert!(
-        access_lines(&pods.log_a)
-            .iter()
-            .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
-    );
+    assert!(all_mtls_ok(&pods.log_a));
     // Connects the app made while no agent (or only the starting one) ran: all intercepted.
     let in_window = access_lines(&pods.log_a)
         .iter()
@@ -1090,11 +1140,9 @@ fn agent_restart_mid_stream_loses_no_connection_and_no_interception() {
 /// intercepting while the sidecars re-register, so no connect passes through un-intercepted.
 #[test]
 fn agent_restart_with_lost_state_keeps_interception_while_sidecars_reregister() {
-    if !ready() {
+    let Some((_serial, node)) = setup("loststate") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("loststate");
+    };
     let mut agent = node.start_agent("agent-1");
     let (pods, _proxy_a, _proxy_b) = two_pods(&node);
     let _server = node.server(&pods.b);
@@ -1119,7 +1167,7 @@ fn agent_restart_with_lost_state_keeps_interception_while_sidecars_reregister() 
             .all(|p| pod_status(&s, &p.uid).is_some())
     }));
     let out = connects.success(Duration::from_secs(60));
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert!(
         lines.len() == CONNECTS && lines.iter().all(|l| l.ok),
         "{out}"
@@ -1180,25 +1228,13 @@ fn agent2_log_adopted(agent: &Proc) -> bool {
 /// streaming connection survive, new connects are intercepted by the new programs.
 #[test]
 fn agent_upgrade_replaces_the_programs_in_place_and_keeps_the_maps() {
-    if !ready() {
+    let Some((_serial, node)) = setup("upgrade") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("upgrade");
+    };
     let mut agent = node.start_agent("agent-1");
     let (pods, _proxy_a, _proxy_b) = two_pods(&node);
     let _server = node.server(&pods.b);
-    let mut stream = node.app(
-        &pods.a,
-        "stream",
-        &strings(&[
-            "pingpong",
-            &format!("--addr={ADDR_B}:{APP_PORT}"),
-            "--size=4096",
-            "--count=1",
-            "--seconds=3",
-        ]),
-    );
+    let mut stream = pingpong_stream(&node, &pods.a, 3);
     std::thread::sleep(Duration::from_millis(300));
     let old_programs = attached_programs(&node.root);
     let workloads = node.workloads();
@@ -1251,18 +1287,14 @@ fn agent_upgrade_replaces_the_programs_in_place_and_keeps_the_maps() {
     let mut client = node.app(&pods.a, "client", &echo_args(10_000, 3));
     client.success(STEP);
     let out = stream.success(STEP);
-    let lines: Vec<EchoLine> = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>());
+    let lines: Vec<EchoLine> = stdout_lines(&out);
     assert!(
         lines.len() == 1 && lines[0].ok && lines[0].sent == lines[0].received,
         "{out}"
     );
     assert_eq!(node.counter("connect_not_meshed"), not_meshed);
     assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 4));
-    assert!(
-        access_lines(&pods.log_a)
-            .iter()
-            .all(|l| l["mode"] == "mtls" && l["close_reason"] == "ok")
-    );
+    assert!(all_mtls_ok(&pods.log_a));
 }
 
 /// Readiness gating: a sidecar started before the agent serves, keeps trying to register, and
@@ -1270,11 +1302,9 @@ fn agent_upgrade_replaces_the_programs_in_place_and_keeps_the_maps() {
 /// until the agent comes up; then it registers by itself and turns ready.
 #[test]
 fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
-    if !ready() {
+    let Some((_serial, node)) = setup("readiness") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("readiness");
+    };
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
     assert!(
@@ -1317,29 +1347,20 @@ fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
 /// proxy claiming another pod's UID, a process outside kubepods, one in a pod cgroup itself.
 #[test]
 fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
-    if !ready() {
+    let Some((_serial, node)) = setup("refuse") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("refuse");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let b = node.pod("b", NS_B, ADDR_B);
 
     // A sidecar in pod A claiming pod B: refused, and it exits with a one-line error.
-    let mut impostor = spawn(
-        &node.scratch,
+    let mut impostor = node.claim(
         "impostor",
-        Some(&a.container("proxy")),
+        &a.container("proxy"),
         Some(a.ns),
-        &[
-            sidecar_bin().display().to_string(),
-            "proxy".into(),
-            format!("--agent-socket={}", node.socket.display()),
-            format!("--proxy-port={PROXY_PORT}"),
-            "--admin-addr=off".into(),
-        ],
-        &[("POD_UID", &b.uid)],
+        PROXY_PORT,
+        &b.uid,
     );
     let status = impostor.wait(STEP);
     assert_eq!(status.code(), Some(1), "{}", impostor.stderr());
@@ -1355,20 +1376,7 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
     assert_eq!(reply["reason"], "outside_pods", "{reply}");
 
     // A process in the pod cgroup itself, not in a container.
-    let mut in_pod = spawn(
-        &node.scratch,
-        "in-pod",
-        Some(&a.cgroup),
-        None,
-        &[
-            sidecar_bin().display().to_string(),
-            "proxy".into(),
-            format!("--agent-socket={}", node.socket.display()),
-            "--proxy-port=22131".into(),
-            "--admin-addr=off".into(),
-        ],
-        &[("POD_UID", &a.uid)],
-    );
+    let mut in_pod = node.claim("in-pod", &a.cgroup, None, 22131, &a.uid);
     assert_eq!(in_pod.wait(STEP).code(), Some(1), "{}", in_pod.stderr());
     assert!(
         in_pod.stderr().contains("not in one of its containers"),
@@ -1409,31 +1417,16 @@ fn registrations_not_from_the_claimed_pod_are_refused_and_counted() {
 /// make itself the exempt PROXY) while the registered sidecar runs.
 #[test]
 fn another_container_cannot_take_over_a_registered_pod() {
-    if !ready() {
+    let Some((_serial, node)) = setup("takeover") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("takeover");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
     node.wait_ready(&a, &proxy);
     let before = node.workloads();
 
-    let mut app = spawn(
-        &node.scratch,
-        "app-claims",
-        Some(&a.container("app")),
-        Some(a.ns),
-        &[
-            sidecar_bin().display().to_string(),
-            "proxy".into(),
-            format!("--agent-socket={}", node.socket.display()),
-            "--proxy-port=22132".into(),
-            "--admin-addr=off".into(),
-        ],
-        &[("POD_UID", &a.uid)],
-    );
+    let mut app = node.claim("app-claims", &a.container("app"), Some(a.ns), 22132, &a.uid);
     assert_eq!(app.wait(STEP).code(), Some(1), "{}", app.stderr());
     assert!(
         app.stderr().contains("may not take over"),
@@ -1464,7 +1457,7 @@ fn agent_in_its_own_cgroup_namespace_identifies_callers() {
     let node = Node::new("cgroupns");
     let agent_cg = node.base.join("agent");
     fs::create_dir_all(&agent_cg).unwrap();
-    let agent = node.start_agent_in("agent", Some(&agent_cg), &["unshare", "--cgroup"]);
+    let agent = node.start_agent_in("agent", Some(&agent_cg), &["unshare", "--cgroup"], &[]);
     let err = agent.stderr();
     assert!(
         err.contains("in a cgroup namespace of our own")
@@ -1486,19 +1479,12 @@ fn agent_in_its_own_cgroup_namespace_identifies_callers() {
     assert!(node.workloads().contains_key(&host_cgroup_id(&a.cgroup)));
 
     // And a claim for another pod is still seen through.
-    let mut impostor = spawn(
-        &node.scratch,
+    let mut impostor = node.claim(
         "impostor",
-        Some(&b.container("proxy")),
+        &b.container("proxy"),
         Some(b.ns),
-        &[
-            sidecar_bin().display().to_string(),
-            "proxy".into(),
-            format!("--agent-socket={}", node.socket.display()),
-            format!("--proxy-port={PROXY_PORT}"),
-            "--admin-addr=off".into(),
-        ],
-        &[("POD_UID", &a.uid)],
+        PROXY_PORT,
+        &a.uid,
     );
     assert_eq!(impostor.wait(STEP).code(), Some(1), "{}", impostor.stderr());
     assert_eq!(node.status()["refusals"]["uid_mismatch"], 1);
@@ -1509,11 +1495,9 @@ fn agent_in_its_own_cgroup_namespace_identifies_callers() {
 /// proxies re-register.
 #[test]
 fn agent_sigkill_keeps_interception_and_the_next_agent_takes_over() {
-    if !ready() {
+    let Some((_serial, node)) = setup("sigkill") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("sigkill");
+    };
     let agent = node.start_agent("agent-1");
     let (pods, _proxy_a, _proxy_b) = two_pods(&node);
     let _server = node.server(&pods.b);
@@ -1530,12 +1514,7 @@ fn agent_sigkill_keeps_interception_and_the_next_agent_takes_over() {
 
     let agent2 = node.start_agent("agent-2");
     assert!(agent2_log_adopted(&agent2), "{}", agent2.stderr());
-    assert!(wait_until(STEP, || {
-        let s = node.status();
-        [&pods.a, &pods.b]
-            .iter()
-            .all(|p| pod_status(&s, &p.uid).is_some_and(|r| r["registrations"].as_u64() >= Some(2)))
-    }));
+    assert!(wait_until(STEP, || both_registered_again(&node, &pods)));
     let mut client = node.app(&pods.a, "client-2", &echo_args(1000, 2));
     client.success(STEP);
     assert!(wait_until(STEP, || access_lines(&pods.log_a).len() == 4));
@@ -1551,11 +1530,9 @@ fn agent_sigkill_keeps_interception_and_the_next_agent_takes_over() {
 #[test]
 fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
     use std::io::{BufRead, BufReader, Read};
-    if !ready() {
+    let Some((_serial, node)) = setup("garbage") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("garbage");
+    };
     let _agent = node.start_agent("agent");
     let mut s = std::os::unix::net::UnixStream::connect(&node.socket).unwrap();
     s.set_read_timeout(Some(STEP)).unwrap();
@@ -1588,27 +1565,10 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
 /// counters moved by real traffic.
 #[test]
 fn agent_admin_endpoint_serves_health_and_metrics() {
-    if !ready() {
+    let Some((_serial, node)) = setup("agentadmin") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("agentadmin");
-    let mut argv = vec![sidecar_bin().display().to_string(), "agent".into()];
-    argv.extend(node.agent_args());
-    argv.push("--admin-addr=127.0.0.1:22190".into());
-    let agent = spawn(
-        &node.scratch,
-        "agent",
-        None,
-        None,
-        &argv,
-        &[("SIDECAR_LOG", "info")],
-    );
-    assert!(
-        wait_until(STEP, || node.try_status().is_some()),
-        "{}",
-        agent.stderr()
-    );
+    };
+    let _agent = node.start_agent_in("agent", None, &[], &["--admin-addr=127.0.0.1:22190".into()]);
     let get = |path: &str| {
         let out = output_with_timeout(
             Command::new("curl").args(["-s", "-m", "2", &format!("http://127.0.0.1:22190{path}")]),
@@ -1684,11 +1644,9 @@ fn raw_register(socket: &Path, uid: &str) -> Value {
 /// a bounded time, without any deregistration.
 #[test]
 fn removing_a_pod_removes_its_interception() {
-    if !ready() {
+    let Some((_serial, node)) = setup("podgone") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("podgone");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
@@ -1730,11 +1688,9 @@ fn removing_a_pod_removes_its_interception() {
 /// pass through, counted) and the proxy exits 0.
 #[test]
 fn sigterm_drains_open_connections_and_refuses_new_ones() {
-    if !ready() {
+    let Some((_serial, node)) = setup("drain") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("drain");
+    };
     let _agent = node.start_agent("agent");
     let (pods, mut proxy_a, _proxy_b) = two_pods(&node);
     let _server = node.server(&pods.b);
@@ -1760,9 +1716,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         &strings(&["connect-fail", &format!("--addr={ADDR_B}:{APP_PORT}")]),
     );
     let out = probe.success(STEP);
-    let line: ConnectFailLine = parse_lines(&out.lines().map(String::from).collect::<Vec<_>>())
-        .pop()
-        .expect("connect-fail line");
+    let line: ConnectFailLine = stdout_lines(&out).pop().expect("connect-fail line");
     assert!(!line.connected, "{line:?}");
     assert!(
         line.error.as_deref().is_some_and(|e| e.contains("refused")),
@@ -1802,11 +1756,9 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
 /// and the sidecar exits 0 right after the deadline (not before, not much later).
 #[test]
 fn drain_deadline_cuts_connections_that_stay_open() {
-    if !ready() {
+    let Some((_serial, node)) = setup("deadline") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("deadline");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let b = node.pod("b", NS_B, ADDR_B);
@@ -1843,11 +1795,9 @@ fn drain_deadline_cuts_connections_that_stay_open() {
 /// re-registers through it.
 #[test]
 fn deleted_agent_socket_is_recreated_and_proxies_reregister() {
-    if !ready() {
+    let Some((_serial, node)) = setup("socket") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("socket");
+    };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
@@ -1884,11 +1834,9 @@ fn deleted_agent_socket_is_recreated_and_proxies_reregister() {
 /// agent's SIGTERM before it left the programs attached.
 #[test]
 fn uninstall_leaves_nothing() {
-    if !ready() {
+    let Some((_serial, node)) = setup("uninstall") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("uninstall");
+    };
     let mut agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
     let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
@@ -1957,6 +1905,19 @@ fn uninstall_leaves_nothing() {
 }
 
 /// Program ids attached to a cgroup, for the four attach types the agent uses.
+/// Asserts that a command failed with exit code 1 and exactly one `error:` line; returns
+/// its stderr.
+fn assert_one_line_error(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    err
+}
+
 fn attached_programs(cgroup: &Path) -> Vec<(u32, u32)> {
     use std::os::fd::AsRawFd;
     // connect4, connect6, sock_ops, getsockopt (enum bpf_attach_type).
@@ -2002,13 +1963,7 @@ fn agent_without_a_pods_cgroup_root_fails_cleanly() {
         ]),
         STEP,
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error:")).count(),
-        1,
-        "{err}"
-    );
+    let err = assert_one_line_error(&out);
     assert!(
         err.contains("--cgroup-root") && err.contains("does not exist"),
         "{err}"
@@ -2021,11 +1976,9 @@ fn agent_without_a_pods_cgroup_root_fails_cleanly() {
 /// the first one is refused in one line, and the pins stay as they were.
 #[test]
 fn agent_refuses_to_adopt_pins_attached_at_another_root() {
-    if !ready() {
+    let Some((_serial, node)) = setup("otherroot") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("otherroot");
+    };
     let mut agent = node.start_agent("agent-1");
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(STEP).success());
@@ -2036,13 +1989,7 @@ fn agent_refuses_to_adopt_pins_attached_at_another_root() {
     let i = args.iter().position(|a| a == "--cgroup-root").unwrap();
     args[i + 1] = other.display().to_string();
     let out = output_with_timeout(Command::new(sidecar_bin()).args(&args), STEP);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(
-        err.lines().filter(|l| l.starts_with("error:")).count(),
-        1,
-        "{err}"
-    );
+    let err = assert_one_line_error(&out);
     assert!(
         err.contains("are attached at") && err.contains("--uninstall"),
         "{err}"
@@ -2058,11 +2005,9 @@ fn agent_refuses_to_adopt_pins_attached_at_another_root() {
 /// A sidecar whose certificate names another service account refuses to start.
 #[test]
 fn proxy_refuses_a_certificate_of_another_service_account() {
-    if !ready() {
+    let Some((_serial, node)) = setup("identity") else {
         return;
-    }
-    let _serial = serial();
-    let node = Node::new("identity");
+    };
     let a = node.pod("a", NS_A, ADDR_A);
     let tls = node.certs(SERVER_ID, "tls-other");
     let mut proxy = node.start_proxy(&a, "proxy-a", "client", &[format!("--tls-dir={tls}")]);

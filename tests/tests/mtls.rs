@@ -16,9 +16,10 @@ use sidecar_tests::{
     netns::PodPair,
     protocol::{EchoLine, pattern},
     report::Report,
+    require,
     run::{Finished, SidecarRun},
     scratch::Scratch,
-    serial, skip,
+    serial,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -34,10 +35,6 @@ fn certs(name: &str) -> Scratch {
     let certs = Scratch::new(&format!("mtls-{name}"));
     certs.ca("ca", TD);
     certs
-}
-
-fn require(tool: &str) -> bool {
-    host::which(tool).is_some() || skip(&format!("{tool} is not installed (.ci/run installs it)"))
 }
 
 /// Pod B's sidecar and echo server. `wait_ready` returns once the server listens.

@@ -12,12 +12,13 @@ use std::{
 
 use sidecar_tests::{
     EchoServer, assert_no_leftovers,
-    host::{self, wait_until},
+    host::wait_until,
     netns::PodPair,
     protocol::{ConnectFailLine, EchoLine},
+    require,
     run::{Finished, SidecarRun},
     scratch::Scratch,
-    serial, skip,
+    serial,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -468,10 +469,6 @@ const INTRUDER_ID: &str = "spiffe://example.org/ns/demo/sa/intruder";
 const AUDITED_ID: &str = "spiffe://example.org/ns/ops/sa/debug";
 const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
 const APP_PORT: u16 = 8080;
-
-fn require(tool: &str) -> bool {
-    host::which(tool).is_some() || skip(&format!("{tool} is not installed (.ci/run installs it)"))
-}
 
 /// A CA and workload certificates from `sidecar cert` (as in the mTLS tests).
 fn mint(scratch: &Scratch, ids: &[(&str, &str)]) {

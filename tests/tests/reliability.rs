@@ -12,77 +12,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Pod,
-    maps::{HashMap, MapData},
-};
-use sidecar_common::maps;
 use sidecar_tests::{
-    EchoServer, SidecarRun, assert_no_leftovers, bpf, host, privileged,
+    EchoServer, SidecarRun, assert_no_leftovers, host,
+    leaks::{self, Held, status_kib},
+    privileged,
     protocol::{ConnectFailLine, EchoLine},
     scratch::Scratch,
+    script::{arg, wait_for_file},
     serial,
 };
 
 /// The workload binary, built by cargo for this test target.
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
-
-/// `--name=value`, one argv element.
-fn arg(name: &str, value: impl std::fmt::Display) -> String {
-    format!("{name}={value}")
-}
-
-// ---------------------------------------------------------------------------------------
-// What a live sidecar holds: fds, memory, map entries
-
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
-        .count()
-}
-
-/// A `kB` field of `/proc/PID/status` (VmRSS, VmHWM), in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
-/// Entries of a pinned hash (or LRU hash) map of run `pid`.
-fn map_len<K: Pod, V: Pod>(pid: u32, name: &str) -> usize {
-    let map: HashMap<MapData, K, V> = bpf::pinned_map(pid, name)
-        .and_then(|m| Ok(m.try_into()?))
-        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    map.keys().take(300_000).filter(Result::is_ok).count()
-}
-
-/// The per-connection state the sidecar keeps, in the process and in the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
-    fds: usize,
-    spliced: usize,
-    orig_dst: usize,
-    passthru: usize,
-    cookie_orig_dst: usize,
-}
-
-impl Held {
-    fn of(pid: u32) -> Self {
-        use sidecar_common::{OrigDst, SockKey};
-        Self {
-            fds: fd_count(pid),
-            spliced: map_len::<SockKey, u32>(pid, maps::SPLICED),
-            orig_dst: map_len::<SockKey, OrigDst>(pid, maps::ORIG_DST),
-            passthru: map_len::<SockKey, u32>(pid, maps::PASSTHRU),
-            cookie_orig_dst: map_len::<u64, OrigDst>(pid, maps::COOKIE_ORIG_DST),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Load
@@ -130,14 +71,6 @@ fn wait_line(run: &SidecarRun, marker: &str, timeout: Duration) -> Vec<String> {
         run.stderr_text()
     );
     lines
-}
-
-/// Shell that waits (bounded) for `file` to exist.
-fn wait_for_file(file: &Path) -> String {
-    format!(
-        "i=0; while [ ! -e {f} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done",
-        f = file.display()
-    )
 }
 
 /// Connections open at once in the load test, and their payload size.
@@ -289,24 +222,7 @@ fn ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing() {
 /// Waits (bounded) until the sidecar's fds and map entries stop changing — and, with a
 /// `baseline`, until they are back at most at it — and returns them.
 fn settle(pid: u32, baseline: Option<Held>) -> Held {
-    let mut last = Held::of(pid);
-    let back = |h: &Held, b: &Held| {
-        h.fds <= b.fds
-            && h.spliced <= b.spliced
-            && h.orig_dst <= b.orig_dst
-            && h.passthru <= b.passthru
-            && h.cookie_orig_dst <= b.cookie_orig_dst
-    };
-    let ok = host::wait_until(SETTLE_TIMEOUT, || {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = Held::of(pid);
-        let stable = now == last;
-        last = now;
-        match &baseline {
-            None => stable,
-            Some(b) => back(&now, b),
-        }
-    });
+    let (last, ok) = leaks::settle(pid, baseline, SETTLE_TIMEOUT, Duration::from_millis(200));
     if let Some(b) = baseline {
         assert!(
             ok,
@@ -368,21 +284,7 @@ impl FaultyUpstream {
             }
             if reset {
                 // SO_LINGER 0: close() sends RST instead of FIN.
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                use std::os::fd::AsRawFd;
-                // SAFETY: valid fd and option struct for the duration of the call.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
+                sidecar_tests::blocking::reset_on_close(&stream);
                 drop(stream);
             } else {
                 // Stall: read and discard, never answer, until the peer closes or time is up.

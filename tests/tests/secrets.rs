@@ -26,33 +26,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 const SERVER_ADMIN: u16 = 24141;
 const CLIENT_ADMIN: u16 = 24143;
 
-/// `GET path` inside network namespace `ns` (a thread enters it); returns the whole response.
-fn get_in_netns(ns: &Path, addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    let ns = fs::File::open(ns).unwrap_or_else(|e| panic!("{}: {e}", ns.display()));
-    let path = path.to_string();
-    std::thread::spawn(move || {
-        // SAFETY: setns on an fd we own, for this thread only (it ends right after).
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        let timeout = Duration::from_secs(5);
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-            .unwrap_or_else(|e| panic!("admin {addr}: {e}"));
-        s.set_read_timeout(Some(timeout)).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        raw
-    })
-    .join()
-    .expect("the admin request thread panicked")
-}
-
 /// What must never appear: key headers, and each base64 line of each private key's body
 /// (lines shorter than 16 characters — the tail of a body — are too short to be a
 /// meaningful match and are skipped).
@@ -216,11 +189,9 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
         "/readyz",
         "/healthz",
     ] {
-        let body = get_in_netns(
-            &pods.b.path(),
-            SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN)),
-            path,
-        );
+        let body = pods
+            .b
+            .http_get(SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN)), path);
         assert!(body.starts_with("HTTP/1.1 200"), "{path}: {body}");
         outputs.push((format!("server {path}"), body));
     }
@@ -247,11 +218,9 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
     assert!(lines.len() == 2 && lines.iter().all(|l| l.ok), "{lines:?}");
     record(&mut outputs, "client after rotation", &after);
     for path in ["/config", "/status", "/readyz"] {
-        let body = get_in_netns(
-            &pods.b.path(),
-            SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN)),
-            path,
-        );
+        let body = pods
+            .b
+            .http_get(SocketAddr::from(([127, 0, 0, 1], SERVER_ADMIN)), path);
         outputs.push((format!("server {path} after rotation"), body));
     }
 

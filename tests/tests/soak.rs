@@ -20,13 +20,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Pod,
-    maps::{HashMap, MapData},
-};
-use sidecar_common::{Counter, maps};
+use sidecar_common::Counter;
 use sidecar_tests::{
-    SidecarRun, bpf, host, netns::PodPair, privileged, protocol::SoakLine, scratch::Scratch, serial,
+    SidecarRun, host,
+    leaks::{self, Held},
+    netns::PodPair,
+    privileged,
+    protocol::SoakLine,
+    scratch::Scratch,
+    serial,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -38,73 +40,10 @@ const PHASES: usize = 6;
 const MAX_PER_PHASE: u64 = 15_000;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
-        .count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
-fn map_len<K: Pod, V: Pod>(pid: u32, name: &str) -> usize {
-    let map: HashMap<MapData, K, V> = bpf::pinned_map(pid, name)
-        .and_then(|m| Ok(m.try_into()?))
-        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    map.keys().take(300_000).filter(Result::is_ok).count()
-}
-
-/// Per-connection state the sidecar holds, in the process and in the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Held {
-    fds: usize,
-    spliced: usize,
-    orig_dst: usize,
-    passthru: usize,
-    cookie_orig_dst: usize,
-}
-
-impl Held {
-    fn of(pid: u32) -> Self {
-        use sidecar_common::{OrigDst, SockKey};
-        Self {
-            fds: fd_count(pid),
-            spliced: map_len::<SockKey, u32>(pid, maps::SPLICED),
-            orig_dst: map_len::<SockKey, OrigDst>(pid, maps::ORIG_DST),
-            passthru: map_len::<SockKey, u32>(pid, maps::PASSTHRU),
-            cookie_orig_dst: map_len::<u64, OrigDst>(pid, maps::COOKIE_ORIG_DST),
-        }
-    }
-
-    fn at_most(&self, b: &Held) -> bool {
-        self.fds <= b.fds
-            && self.spliced <= b.spliced
-            && self.orig_dst <= b.orig_dst
-            && self.passthru <= b.passthru
-            && self.cookie_orig_dst <= b.cookie_orig_dst
-    }
-}
-
 /// Waits (bounded) until the idle sidecar's state stops changing — and, with a baseline,
 /// is back at most at it.
 fn settle(pid: u32, baseline: Option<Held>) -> Held {
-    let mut last = Held::of(pid);
-    let ok = host::wait_until(SETTLE_TIMEOUT, || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = Held::of(pid);
-        let done = match &baseline {
-            None => now == last,
-            Some(b) => now.at_most(b),
-        };
-        last = now;
-        done
-    });
+    let (last, ok) = leaks::settle(pid, baseline, SETTLE_TIMEOUT, Duration::from_millis(300));
     if let Some(b) = baseline {
         assert!(
             ok,
@@ -201,7 +140,7 @@ fn soak_mixed_traffic_through_one_sidecar() {
         if p == PHASES / 2 {
             lines_at_half = last.connections;
         }
-        rss.push(rss_kib(pid));
+        rss.push(leaks::status_kib(pid, "VmRSS"));
         held.push(now);
         eprintln!(
             "phase {p}/{PHASES} at {:?}: {} connections ({} ok, {} refused, {} reset), {} B \

@@ -27,8 +27,9 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use sidecar_tests::protocol::{
-    ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine, READY, pattern,
+use sidecar_tests::{
+    blocking::retrying,
+    protocol::{ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine, READY, pattern},
 };
 
 /// Longest a connect may take. Generous: the point is to never hang forever.
@@ -178,31 +179,6 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 
 // ---------------------------------------------------------------------------------------
 // Blocking I/O that tolerates (and counts) spurious EAGAIN
-
-/// Runs one blocking socket call on a socket whose timeout is `timeout`. An `EAGAIN` that
-/// returns in less than half of it cannot be that timeout: it is counted in `spurious` and
-/// the call retried, for at most `timeout` overall.
-fn retrying<T>(
-    spurious: &AtomicU64,
-    timeout: Duration,
-    mut op: impl FnMut() -> io::Result<T>,
-) -> io::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let started = Instant::now();
-        match op() {
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-                    && started.elapsed() < timeout / 2
-                    && Instant::now() < deadline =>
-            {
-                spurious.fetch_add(1, Ordering::Relaxed);
-            }
-            other => return other,
-        }
-    }
-}
 
 fn write_all(stream: &TcpStream, mut buf: &[u8], spurious: &AtomicU64) -> io::Result<()> {
     while !buf.is_empty() {
@@ -589,7 +565,6 @@ mod soak {
     use std::{
         io::{Read, Write},
         net::{Ipv4Addr, SocketAddr, TcpListener},
-        os::fd::AsRawFd,
         path::Path,
         process::ExitCode,
         sync::{Arc, Mutex, atomic::AtomicU64},
@@ -664,20 +639,7 @@ mod soak {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut buf = [0u8; 64];
                 let _ = stream.read(&mut buf);
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: a valid fd and option struct for the duration of the call.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
+                sidecar_tests::blocking::reset_on_close(&stream);
             }
         });
         addr
