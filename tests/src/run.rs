@@ -17,6 +17,7 @@ use std::{
 
 use crate::{
     host::{self, wait_child},
+    netns::PodPair,
     protocol::{self, HoldLine, READY},
     report::Report,
     sidecar_bin,
@@ -114,6 +115,17 @@ impl RunBuilder {
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.args.push(arg.as_ref().into());
         self
+    }
+
+    /// The client pod's mTLS sidecar of a [`PodPair`]: runs in pod A with `--tls-dir
+    /// <tls_dir> --no-inbound` and tunnels whatever goes to pod B (`--mesh-cidrs <B>/32`).
+    pub fn meshed_client_of(self, pods: &PodPair, tls_dir: impl AsRef<OsStr>) -> Self {
+        self.wrapped_in(pods.a.enter())
+            .arg("--tls-dir")
+            .arg(tls_dir)
+            .arg("--no-inbound")
+            .arg("--mesh-cidrs")
+            .arg(format!("{}/32", pods.b.addr))
     }
 
     /// Do not pass `--report` (bad-input tests: only the error path is under test).

@@ -157,13 +157,8 @@ fn probe_through_tunnel(
     port: u16,
 ) -> sidecar_tests::Finished {
     let mut run = SidecarRun::builder(port)
-        .wrapped_in(pods.a.enter())
+        .meshed_client_of(pods, tls_dir)
         .arg("--admin-addr=off")
-        .arg("--tls-dir")
-        .arg(tls_dir)
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
         .command([
             CLIENT.to_string(),
             "echo".into(),

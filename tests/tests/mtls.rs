@@ -54,12 +54,7 @@ fn start_server(pods: &PodPair, tls_dir: &str, port: u16) -> SidecarRun {
 /// Runs `argv` (a test-client command) in pod A under a sidecar meshing pod B.
 fn client_run(pods: &PodPair, tls_dir: &str, port: u16, argv: Vec<String>) -> SidecarRun {
     SidecarRun::builder(port)
-        .wrapped_in(pods.a.enter())
-        .arg("--tls-dir")
-        .arg(tls_dir)
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
+        .meshed_client_of(pods, tls_dir)
         .command(argv)
         .start()
 }
@@ -117,12 +112,7 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
 
     let access_log = certs.dir.join("client-access.log");
     let mut small = SidecarRun::builder(18102)
-        .wrapped_in(pods.a.enter())
-        .arg("--tls-dir")
-        .arg(&client_tls)
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
+        .meshed_client_of(&pods, &client_tls)
         .arg("--access-log")
         .arg(&access_log)
         .command(echo_args(&pods, 64, 5))

@@ -484,12 +484,7 @@ fn dir(scratch: &Scratch, name: &str) -> String {
 
 fn echo_from_a(pods: &PodPair, scratch: &Scratch, tls: &str, port: u16) -> Finished {
     let mut run = SidecarRun::builder(port)
-        .wrapped_in(pods.a.enter())
-        .arg("--tls-dir")
-        .arg(dir(scratch, tls))
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
+        .meshed_client_of(pods, dir(scratch, tls))
         .command([
             CLIENT,
             "echo",

@@ -600,13 +600,8 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
         arg("--addr", SocketAddr::new(pods.b.addr, ADMIN_PORT)),
     );
     let mut client = SidecarRun::builder(21122)
-        .wrapped_in(pods.a.enter())
+        .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
-        .arg("--tls-dir")
-        .arg(&client_tls)
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
         .command(["sh", "-c", &script])
         .start();
     let client = client.finish(Duration::from_secs(60));

@@ -142,14 +142,9 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
         let mut run = SidecarRun::builder(port)
             .env("SIDECAR_LOG", "trace")
             .env("RUST_LOG", "trace")
-            .wrapped_in(pods.a.enter())
-            .arg("--tls-dir")
-            .arg(tls)
+            .meshed_client_of(&pods, tls)
             .arg(format!("--admin-addr=127.0.0.1:{CLIENT_ADMIN}"))
             .arg("--access-log=stdout")
-            .arg("--no-inbound")
-            .arg("--mesh-cidrs")
-            .arg(format!("{}/32", pods.b.addr))
             .command([
                 CLIENT.to_string(),
                 "echo".into(),

@@ -95,13 +95,8 @@ fn soak_mixed_traffic_through_one_sidecar() {
     );
     let started = Instant::now();
     let mut run = SidecarRun::builder(24152)
-        .wrapped_in(pods.a.enter())
+        .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
-        .arg("--tls-dir")
-        .arg(&client_tls)
-        .arg("--no-inbound")
-        .arg("--mesh-cidrs")
-        .arg(format!("{}/32", pods.b.addr))
         .command(["sh", "-c", &script])
         .start();
     let pid = run.pid();

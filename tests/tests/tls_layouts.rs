@@ -354,12 +354,7 @@ fn mtls_across_a_kubelet_secret_rotation() {
     server.wait_ready(READY_TIMEOUT);
     let client = |port: u16, argv: Vec<String>| {
         SidecarRun::builder(port)
-            .wrapped_in(pods.a.enter())
-            .arg("--tls-dir")
-            .arg(&client_vol)
-            .arg("--no-inbound")
-            .arg("--mesh-cidrs")
-            .arg(format!("{}/32", pods.b.addr))
+            .meshed_client_of(&pods, &client_vol)
             .command(argv)
             .start()
     };
