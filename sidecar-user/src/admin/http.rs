@@ -10,12 +10,14 @@
 use std::{
     io::{self, Read, Write},
     net::{SocketAddr, TcpStream as StdStream},
+    sync::Arc,
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -80,6 +82,39 @@ pub fn parse_request(head: &[u8]) -> Option<Request> {
     }
     let path = target.split('?').next().unwrap_or(target).to_string();
     Some(Request { method, path })
+}
+
+/// Accepts on `listener` until the future is dropped, answering each request with `route` on
+/// a task of its own. With `max_concurrent` requests in flight a newcomer gets 503 at once
+/// ([`busy`]), so slow or silent clients cannot hold the probes and scrapes back. A failed
+/// accept (say, out of fds) is retried after 50 ms rather than spinning.
+pub async fn serve<R>(listener: TcpListener, max_concurrent: usize, route: R)
+where
+    R: Fn(&Request) -> Response + Clone + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_concurrent));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!("admin accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let route = route.clone();
+                tokio::spawn(async move {
+                    serve_one(stream, route).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(busy(stream));
+            }
+        }
+    }
 }
 
 /// Reads one request head from `stream`, answers it with `handle`, and closes.

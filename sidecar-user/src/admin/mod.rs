@@ -19,7 +19,7 @@ use std::{
 };
 
 use thiserror::Error;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 
 use self::http::{Request, Response};
 use crate::telemetry::Telemetry;
@@ -110,7 +110,7 @@ impl Drop for AdminServer {
     }
 }
 
-async fn serve(listener: StdListener, state: Arc<AdminState>, mut stop: oneshot::Receiver<()>) {
+async fn serve(listener: StdListener, state: Arc<AdminState>, stop: oneshot::Receiver<()>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -118,31 +118,9 @@ async fn serve(listener: StdListener, state: Arc<AdminState>, mut stop: oneshot:
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    loop {
-        let (stream, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!("admin accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => return,
-        };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    http::serve_one(stream, |req| route(&state, req)).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(http::busy(stream));
-            }
-        }
+    tokio::select! {
+        () = http::serve(listener, MAX_CONCURRENT, move |req| route(&state, req)) => {}
+        _ = stop => {}
     }
 }
 

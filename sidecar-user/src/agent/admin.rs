@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 
 use super::Agent;
 use crate::admin::http::{self, Request, Response};
@@ -33,25 +33,7 @@ pub const REASONS: [&str; 12] = [
 ];
 
 pub async fn serve(listener: TcpListener, agent: Arc<Mutex<Agent>>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    http::serve_one(stream, |req| route(&agent, req)).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(http::busy(stream));
-            }
-        }
-    }
+    http::serve(listener, MAX_CONCURRENT, move |req| route(&agent, req)).await;
 }
 
 fn route(agent: &Arc<Mutex<Agent>>, req: &Request) -> Response {
