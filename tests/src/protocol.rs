@@ -35,6 +35,19 @@ pub struct EchoLine {
     pub spurious_wouldblock: u64,
 }
 
+/// Asserts that `lines` are `streams` connections that each ran to the end byte-exact: every
+/// one connected, sent something, and got exactly that back (long streams across a
+/// certificate rotation must not break).
+pub fn assert_streams_intact(lines: &[EchoLine], streams: usize) {
+    assert_eq!(lines.len(), streams, "{lines:#?}");
+    for l in lines {
+        assert!(
+            l.ok && l.received > 0 && l.received == l.sent,
+            "stream broke: {l:?}"
+        );
+    }
+}
+
 /// One connection of `hold`, printed once its ping-pong succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldLine {

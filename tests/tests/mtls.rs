@@ -14,7 +14,7 @@ use sidecar_tests::{
     assert_no_leftovers,
     host::{self, output_with_timeout},
     netns::PodPair,
-    protocol::{EchoLine, pattern},
+    protocol::{EchoLine, assert_streams_intact, pattern},
     report::Report,
     require,
     run::{Finished, SidecarRun},
@@ -526,14 +526,7 @@ fn certificates_rotate_without_dropping_streams() {
     // The streams opened before the rotation ran to the end, byte-exact.
     let long = long.finish(RUN_TIMEOUT);
     long.assert_exit_code(0);
-    let lines: Vec<EchoLine> = long.parse_stdout();
-    assert_eq!(lines.len(), streams, "{lines:#?}");
-    for l in &lines {
-        assert!(
-            l.ok && l.received > 0 && l.received == l.sent,
-            "stream broke: {l:?}"
-        );
-    }
+    assert_streams_intact(&long.parse_stdout::<EchoLine>(), streams);
     assert_all_tunnelled(long.report(), "outbound", SERVER_ID, streams);
 
     let done = stop(server);

@@ -27,7 +27,7 @@ use sidecar_tests::{
     host::{self, output_with_timeout},
     kubelet,
     netns::PodPair,
-    protocol::EchoLine,
+    protocol::{EchoLine, assert_streams_intact},
     run::SidecarRun,
     scratch::Scratch,
     serial, sidecar_bin, skip,
@@ -400,14 +400,7 @@ fn mtls_across_a_kubelet_secret_rotation() {
 
     let long = long.finish(RUN_TIMEOUT);
     long.assert_exit_code(0);
-    let lines: Vec<EchoLine> = long.parse_stdout();
-    assert_eq!(lines.len(), streams, "{lines:#?}");
-    for l in &lines {
-        assert!(
-            l.ok && l.received > 0 && l.received == l.sent,
-            "stream broke: {l:?}"
-        );
-    }
+    assert_streams_intact(&long.parse_stdout::<EchoLine>(), streams);
     for c in &long.report().connections {
         assert_eq!(c.peer_identity(), Some(server_id.as_str()), "{c:?}");
         assert_eq!(c.outcome, "ok", "{c:?}");
