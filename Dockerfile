@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# Both images of the Kubernetes deployment (README, Kubernetes), from this repository:
+# Both images of the Kubernetes deployment (docs/kubernetes.md), from this repository:
 #
 #   docker build --target agent -t sidecar-agent:0.1.0 .   # the node agent (DaemonSet)
 #   docker build --target proxy -t sidecar-proxy:0.1.0 .   # the pod sidecar

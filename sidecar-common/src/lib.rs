@@ -65,12 +65,32 @@ pub mod maps {
     /// `RingBuf` of [`PolicyDenyEvent`](crate::PolicyDenyEvent): each connect the policy
     /// refused, so user space can log it and count it by rule.
     pub const POLICY_EVENTS: &str = "POLICY_EVENTS";
+    /// `LpmTrie<ScopedAddr, u8>`: destinations that have sidecars (`--mesh-cidrs`): their
+    /// connects always go to the proxy, which builds the mTLS tunnel.
+    pub const MESH_CIDRS: &str = "MESH_CIDRS";
+    /// `LruHashMap<u64 socket cookie, DirectConn>`: connects let through to their own
+    /// destination, from the connect hook until sockops sees the SYN go out.
+    pub const DIRECT_PENDING: &str = "DIRECT_PENDING";
+    /// `HashMap<u64 socket cookie, DirectConn>`: those connections from the SYN until close.
+    pub const DIRECT_LIVE: &str = "DIRECT_LIVE";
+    /// `RingBuf` of [`DirectEvent`](crate::DirectEvent): one per closed pass-through
+    /// connection, turned into the same record as a proxied one.
+    pub const DIRECT_EVENTS: &str = "DIRECT_EVENTS";
+    /// `HashMap<CircuitKey, u8>`: destinations whose circuit is open (they keep failing):
+    /// the connect hooks refuse a workload's connect to them at once. User space inserts an
+    /// entry when a circuit opens and removes it when the open period ends.
+    pub const OPEN_CIRCUITS: &str = "OPEN_CIRCUITS";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
 pub mod limits {
     pub const WORKLOADS: u32 = 1024;
-    pub const EXCLUDED_CIDRS: u32 = 1024;
+    /// Destination CIDRs one registered workload (pod) may exclude.
+    pub const EXCLUDED_CIDRS_PER_POD: u32 = 64;
+    /// Room for every pod's full quota (`WORKLOADS` holds two entries per pod), so one pod's
+    /// exclusions can never leave another pod without room. An LPM trie is never
+    /// preallocated: the size costs memory only as entries are added.
+    pub const EXCLUDED_CIDRS: u32 = WORKLOADS / 2 * EXCLUDED_CIDRS_PER_POD;
     pub const COOKIE_ORIG_DST: u32 = 65_536;
     pub const PROXY_COOKIES: u32 = 65_536;
     pub const ORIG_DST: u32 = 65_536;
@@ -90,6 +110,19 @@ pub mod limits {
     /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
     /// events are dropped (`connect_policy_denied` still counts them).
     pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
+    pub const MESH_CIDRS: u32 = 1024;
+    /// Connects between the connect hook and their SYN (normally microseconds); LRU, so a
+    /// connect that failed before sending a SYN cannot leak its entry.
+    pub const DIRECT_PENDING: u32 = 65_536;
+    /// Open pass-through connections the kernel can track; beyond that a connection still
+    /// goes direct and is counted in `direct_records_dropped`.
+    pub const DIRECT_LIVE: u32 = 262_144;
+    /// About 11,000 close records between two reads (user space reads as soon as the ring
+    /// signals); when it is full, records are dropped and counted.
+    pub const DIRECT_EVENTS_BYTES: u32 = 1024 * 1024;
+    /// Destinations with an open circuit, all workloads together (user space keeps at most
+    /// 4,096 failing destinations per proxy).
+    pub const OPEN_CIRCUITS: u32 = 16_384;
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].
@@ -121,6 +154,25 @@ pub mod flags {
     /// Refuse (EPERM) connects to the cloud metadata address ([`is_cloud_metadata`]); set
     /// by the loader unless `--allow-metadata`.
     pub const DENY_METADATA: u16 = 2;
+    /// Kernel pass-through: a connect the proxy would add nothing to (plaintext, allowed by
+    /// policy, to a destination outside `MESH_CIDRS`) goes straight to its destination and
+    /// is recorded by sockops. Set by the loader unless `--proxy-all`.
+    pub const PASSTHROUGH: u16 = 4;
+}
+
+/// The socket options the agent's `cgroup/getsockopt` program answers for the unprivileged
+/// proxy (any other call keeps the kernel's answer).
+pub mod sockopt {
+    /// `SOL_IP` and `SOL_IPV6`.
+    pub const SOL_IP: i32 = 0;
+    pub const SOL_IPV6: i32 = 41;
+    /// `SO_ORIGINAL_DST` (netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` (ip6_tables.h): the
+    /// original destination of an accepted redirected connection, as a `sockaddr`.
+    pub const SO_ORIGINAL_DST: i32 = 80;
+    /// Private (`SOL_IP`, either family): a `u32`, 1 if this socket is in the sockmap fast
+    /// path. No kernel option has this number, so without the program the call fails with
+    /// `ENOPROTOOPT` and nothing is claimed.
+    pub const SO_SPLICED: i32 = 0x5343;
 }
 
 /// Per-cgroup configuration, keyed by cgroup id in [`maps::WORKLOADS`]. The connect hooks
@@ -196,6 +248,9 @@ pub struct PolicyState {
 pub mod policy_flags {
     /// Refuse connects whose destination port bit is set (off in dry-run mode).
     pub const ENFORCE: u32 = 1;
+    /// The proxy must see every connection to log it (dry run, or `audit` rules): no
+    /// kernel pass-through while this policy is live.
+    pub const PROXY_SEES_ALL: u32 = 2;
 }
 
 /// Key scope of a workload's policy entries in slot `slot` (0 or 1) of [`maps::POLICY_OUT`].
@@ -247,6 +302,46 @@ pub struct PolicyDenyEvent {
     pub pid: u32,
 }
 
+/// A pass-through connection while the kernel tracks it ([`maps::DIRECT_PENDING`],
+/// [`maps::DIRECT_LIVE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectConn {
+    /// `bpf_ktime_get_ns` at the connect hook.
+    pub connect_ns: u64,
+    /// `bpf_ktime_get_ns` when the handshake completed; 0 until then.
+    pub established_ns: u64,
+    /// The workload's scope ([`WorkloadConfig::scope`]): whose record it is.
+    pub scope: u32,
+    /// The connecting process (thread group id).
+    pub pid: u32,
+}
+
+/// A pass-through connection that closed: what sockops read from the socket at its last
+/// state change ([`maps::DIRECT_EVENTS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectEvent {
+    /// The app's socket: local = the app, remote = the destination it asked for.
+    pub key: SockKey,
+    pub cookie: u64,
+    pub conn: DirectConn,
+    pub closed_ns: u64,
+    /// Bytes the destination acknowledged (sent by the app).
+    pub bytes_acked: u64,
+    /// Bytes the app's socket received.
+    pub bytes_received: u64,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub total_retrans: u32,
+    /// Smoothed RTT and minimum RTT, microseconds.
+    pub srtt_us: u32,
+    pub rtt_min_us: u32,
+    /// The TCP state the socket left for `TCP_CLOSE` (e.g. `SYN_SENT` = 2 for a refused
+    /// connect).
+    pub last_state: u32,
+}
+
 /// An original destination, as the app asked for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -256,6 +351,15 @@ pub struct OrigDst {
     /// Host order.
     pub port: u16,
     pub _pad: u16,
+}
+
+/// A destination of one workload whose circuit is open ([`maps::OPEN_CIRCUITS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CircuitKey {
+    pub dst: OrigDst,
+    /// The workload's scope (as in [`WorkloadConfig::scope`]).
+    pub scope: u32,
 }
 
 impl OrigDst {
@@ -329,6 +433,32 @@ impl SockKey {
 #[inline(always)]
 pub const fn mapped_v4(ip4_net: u32) -> [u32; 4] {
     [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_net]
+}
+
+/// Whether a 16-byte address is v4-mapped (`::ffff:a.b.c.d`): IPv4 through an IPv6 socket.
+#[inline(always)]
+pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// Return values of the cgroup connect hooks.
+pub mod verdict {
+    /// The connect proceeds (rewritten or not).
+    pub const ALLOW: i32 = 1;
+    /// The app's `connect()` fails with `EPERM`.
+    pub const REFUSE: i32 = 0;
+}
+
+/// What a connect hook answers for its decision: `Ok(true)` lets the connect proceed,
+/// `Ok(false)` refuses it (policy, metadata), and an error refuses it too. An error means a
+/// map update the redirect depends on failed; letting such a connect through unredirected
+/// would bypass mTLS and policy, so the hooks fail closed.
+#[inline(always)]
+pub const fn connect_verdict(decided: Result<bool, i64>) -> i32 {
+    match decided {
+        Ok(true) => verdict::ALLOW,
+        Ok(false) | Err(_) => verdict::REFUSE,
+    }
 }
 
 /// Whether a 16-byte address is loopback: `::1` or v4-mapped `127.0.0.0/8`.
@@ -459,11 +589,20 @@ pub enum Counter {
     OrigDstSockopt,
     /// Connects to the cloud metadata address refused (EPERM): [`flags::DENY_METADATA`].
     ConnectMetadataDenied,
+    /// Workload connects refused (EPERM) because a map update the redirect needs failed
+    /// (the original destination could not be noted): never let through unredirected.
+    ConnectRedirectFailed,
+    /// Workload connects let through to their own destination (kernel pass-through).
+    ConnectPassthrough,
+    /// Pass-through records lost: the event ring was full, or the live table was.
+    DirectRecordsDropped,
+    /// Connects refused (EPERM) because the destination's circuit is open.
+    ConnectCircuitOpen,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 20] = [
+    pub const ALL: [(Counter, &'static str); 24] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -484,6 +623,10 @@ impl Counter {
         (Counter::ConnectNotMeshed, "connect_not_meshed"),
         (Counter::OrigDstSockopt, "orig_dst_sockopt"),
         (Counter::ConnectMetadataDenied, "connect_metadata_denied"),
+        (Counter::ConnectRedirectFailed, "connect_redirect_failed"),
+        (Counter::ConnectPassthrough, "connect_passthrough"),
+        (Counter::DirectRecordsDropped, "direct_records_dropped"),
+        (Counter::ConnectCircuitOpen, "connect_circuit_open"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -500,6 +643,9 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PortBitmap {}
     unsafe impl aya::Pod for super::PolicyDenyEvent {}
+    unsafe impl aya::Pod for super::DirectConn {}
+    unsafe impl aya::Pod for super::DirectEvent {}
+    unsafe impl aya::Pod for super::CircuitKey {}
 }
 
 #[cfg(test)]
@@ -510,6 +656,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
+        assert_eq!(size_of::<CircuitKey>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(offset_of!(SockKey, local_port), 40);
         assert_eq!(size_of::<OrigDst>(), 20);
@@ -550,6 +697,26 @@ mod tests {
         let any6 = words_from_ip("::".parse().unwrap());
         assert!(is_loopback(&lo4) && is_loopback(&lo4b) && is_loopback(&lo6));
         assert!(!is_loopback(&other4) && !is_loopback(&other6) && !is_loopback(&any6));
+    }
+
+    #[test]
+    fn v4_mapped_detection() {
+        for yes in ["10.1.2.3", "::ffff:127.0.0.1", "::ffff:0.0.0.0"] {
+            assert!(is_v4_mapped(&words_from_ip(yes.parse().unwrap())), "{yes}");
+        }
+        for no in ["::1", "::", "2001:db8::1", "::a9fe:a9fe", "::fffe:a01:203"] {
+            assert!(!is_v4_mapped(&words_from_ip(no.parse().unwrap())), "{no}");
+        }
+    }
+
+    #[test]
+    fn connect_hooks_fail_closed_on_map_errors() {
+        assert_eq!(connect_verdict(Ok(true)), verdict::ALLOW);
+        assert_eq!(connect_verdict(Ok(false)), verdict::REFUSE);
+        // E2BIG, ENOMEM, EBUSY: whatever the map said, the connect is refused.
+        for errno in [-7, -12, -16] {
+            assert_eq!(connect_verdict(Err(errno)), verdict::REFUSE, "{errno}");
+        }
     }
 
     #[test]
@@ -633,6 +800,8 @@ mod tests {
         }
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<PolicyDenyEvent>(), 24);
+        assert_eq!(size_of::<DirectConn>(), 24);
+        assert_eq!(size_of::<DirectEvent>(), 48 + 8 + 24 + 8 + 16 + 24);
         assert_eq!(policy_scope(1, 0), 2);
         assert_eq!(policy_scope(1, 1), 3);
         assert_eq!(policy_scope(1, 3), 3);

@@ -2,7 +2,8 @@
 //!
 //! Which sockets are the proxy's own? The proxy runs in a cgroup whose [`WorkloadConfig`] has
 //! the `PROXY` role, so its connects are never rewritten (no loop); they are only noted by
-//! cookie when they go to loopback, so `sockops` can splice the proxy → local upstream leg.
+//! cookie, so `sockops` can splice the proxy → local upstream leg (to loopback, or to the
+//! workload's own address for inbound tunnels).
 
 use core::{
     ffi::c_void,
@@ -14,7 +15,7 @@ use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::{
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -22,25 +23,21 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
-    Counter, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr, WorkloadConfig, flags,
-    is_cloud_metadata, is_loopback, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope,
-    role,
+    CircuitKey, Counter, DirectConn, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr,
+    WorkloadConfig, connect_verdict, flags, is_cloud_metadata, is_loopback, is_v4_mapped, limits,
+    lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
 };
 
 use crate::{
     ctx::user_ip6,
     maps::{
-        COOKIE_ORIG_DST, EXCLUDED_CIDRS, POLICY_EVENTS, POLICY_OUT, POLICY_STATE, PROXY_COOKIES,
-        SOCKMAP_ENABLED, WORKLOADS, count,
+        COOKIE_ORIG_DST, DIRECT_PENDING, EXCLUDED_CIDRS, MESH_CIDRS, OPEN_CIRCUITS, POLICY_EVENTS,
+        POLICY_OUT, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED, WORKLOADS, count,
     },
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-/// Verdict that lets the connect proceed (rewritten or not).
-const ALLOW: i32 = 1;
-/// Verdict that fails the app's `connect()` with EPERM (outbound policy deny).
-const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn sidecar_connect4(ctx: SockAddrContext) -> i32 {
@@ -52,35 +49,49 @@ pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
     verdict(try_connect::<true>(&ctx))
 }
 
-/// Only an explicit policy (or metadata) deny refuses; a map error lets the connect through
-/// (the proxy evaluates the same policy again).
+/// A workload's connect that hit a map error is refused and counted: letting it through
+/// unredirected would bypass mTLS and policy (fail closed, see [`connect_verdict`]).
 #[inline(always)]
 fn verdict(result: Result<bool, i64>) -> i32 {
-    match result {
-        Ok(false) => REFUSE,
-        _ => ALLOW,
+    if result.is_err() {
+        count(Counter::ConnectRedirectFailed, 1);
     }
+    connect_verdict(result)
 }
 
-/// Whether the workload's compiled outbound policy denies `addr` (16 bytes, v4-mapped for
+/// What the workload's compiled outbound policy says about `addr` (16 bytes, v4-mapped for
 /// IPv4) on `port`. The live slot is read once, so a reload (fill the other slot, flip
 /// `POLICY_STATE`) is seen whole or not at all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PolicyVerdict {
+    /// Allowed, or no policy: the connection may go direct.
+    Allow,
+    /// Allowed here, but the proxy must see it (dry run, audit rules).
+    ToProxy,
+    Deny,
+}
+
 #[inline(always)]
-fn policy_denies(scope: u32, addr: [u8; 16], port: u16) -> bool {
+fn policy_verdict(scope: u32, addr: [u8; 16], port: u16) -> PolicyVerdict {
     // SAFETY: the map value is copied out immediately.
     let Some(state) = (unsafe { POLICY_STATE.get(&scope) }).copied() else {
-        return false;
+        return PolicyVerdict::Allow;
+    };
+    let allowed = if state.flags & policy_flags::PROXY_SEES_ALL != 0 {
+        PolicyVerdict::ToProxy
+    } else {
+        PolicyVerdict::Allow
     };
     if state.flags & policy_flags::ENFORCE == 0 {
-        return false;
+        return allowed;
     }
     let key = Key::new(
         lpm_prefix_len(false, 128),
         ScopedAddr::new(policy_scope(scope, state.slot), addr),
     );
     match POLICY_OUT.get(&key) {
-        Some(bitmap) => bitmap.denies(port),
-        None => false,
+        Some(bitmap) if bitmap.denies(port) => PolicyVerdict::Deny,
+        _ => allowed,
     }
 }
 
@@ -114,7 +125,8 @@ fn find_workload() -> Option<WorkloadConfig> {
 /// Inlined per hook with `V6` fixed: `user_ip6` may only be touched by the IPv6 hooks, so the
 /// IPv4 program must not even contain that access.
 #[inline(always)]
-/// `Ok(false)` refuses the connect; `Ok(true)` lets it proceed (rewritten or not).
+/// `Ok(false)` refuses the connect; `Ok(true)` lets it proceed (rewritten or not); an error
+/// (a map update failed) refuses it too, see [`verdict`].
 fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context pointer; every field is read with a 4-byte load.
@@ -144,8 +156,12 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
 
     if cfg.role == role::PROXY {
         count(Counter::ConnectFromProxy, 1);
-        if SOCKMAP_ENABLED.load() != 0 && is_loopback(&ip) {
-            PROXY_COOKIES.insert(&cookie, &1, 0)?;
+        // Noted whatever the address: a local one may be loopback or the host's (the pod's)
+        // own, which only sockops can tell apart (it forgets the rest at once). Only the
+        // splice of this leg depends on the note: without it the proxy's own connect still
+        // goes where it asked, over TCP, so a failure is not fatal.
+        if SOCKMAP_ENABLED.load() != 0 {
+            let _ = PROXY_COOKIES.insert(&cookie, &1, 0);
         }
         return Ok(true);
     }
@@ -160,7 +176,8 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     let addr = bytes_of(&ip);
     // Policy before exclusions: a denied destination stays denied even if it bypasses the
     // proxy.
-    if policy_denies(cfg.scope, addr, port) {
+    let verdict = policy_verdict(cfg.scope, addr, port);
+    if verdict == PolicyVerdict::Deny {
         count(Counter::ConnectPolicyDenied, 1);
         // SAFETY: helper call without pointer arguments.
         let pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
@@ -191,16 +208,44 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         count(Counter::ConnectExcludedCidr, 1);
         return Ok(true);
     }
-    if V6 && cfg.flags & flags::IPV6_LISTENER == 0 {
+    // A destination that keeps failing: refused here, at once, instead of a connect that
+    // would fail anyway (through the proxy, or straight to it).
+    let circuit = CircuitKey {
+        dst: OrigDst { ip, port, _pad: 0 },
+        scope: cfg.scope,
+    };
+    // SAFETY: the value is only tested for presence.
+    if unsafe { OPEN_CIRCUITS.get(&circuit) }.is_some() {
+        count(Counter::ConnectCircuitOpen, 1);
+        debug!(ctx, "connect to port {} refused: its circuit is open", port);
+        return Ok(false);
+    }
+    // IPv4 through an IPv6 socket (`::ffff:a.b.c.d`) goes to the IPv4 listener, which always
+    // exists; only native IPv6 needs `[::1]`.
+    let mapped = V6 && is_v4_mapped(&ip);
+    if V6 && !mapped && cfg.flags & flags::IPV6_LISTENER == 0 {
         count(Counter::ConnectNoV6Listener, 1);
         return Ok(true);
     }
+    if cfg.flags & flags::PASSTHROUGH != 0
+        && verdict == PolicyVerdict::Allow
+        && MESH_CIDRS.get(&key).is_none()
+        && go_direct(cookie, cfg.scope)
+    {
+        count(Counter::ConnectPassthrough, 1);
+        return Ok(true);
+    }
 
+    // No rewrite without the note: the proxy could not tell where the connection was going.
     COOKIE_ORIG_DST.insert(&cookie, &OrigDst { ip, port, _pad: 0 }, 0)?;
     // SAFETY: writes of 4-byte context fields the connect hooks may rewrite.
     unsafe {
         if V6 {
-            let lo = proxy_ipv6_words();
+            let lo = if mapped {
+                mapped_v4(u32::from_ne_bytes(PROXY_IPV4.octets()))
+            } else {
+                proxy_ipv6_words()
+            };
             let p = addr_of_mut!((*sa).user_ip6).cast::<u32>();
             write_volatile(p, lo[0]);
             write_volatile(p.add(1), lo[1]);
@@ -224,6 +269,26 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     );
     broken_for_tests(sa);
     Ok(true)
+}
+
+/// Notes a pass-through connect so sockops records it; `false` (the note could not be made)
+/// sends the connection through the proxy instead, which records it itself.
+#[inline(always)]
+fn go_direct(cookie: u64, scope: u32) -> bool {
+    // SAFETY: helper calls without pointer arguments.
+    let (now, pid) = unsafe {
+        (
+            bpf_ktime_get_ns(),
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+        )
+    };
+    let note = DirectConn {
+        connect_ns: now,
+        established_ns: 0,
+        scope,
+        pid,
+    };
+    DIRECT_PENDING.insert(&cookie, &note, 0).is_ok()
 }
 
 /// The address words as bytes (network order), for LPM keys.

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use sidecar_common::{
-    Counter, OrigDst, PolicyState, PortBitmap, ScopedAddr, SockKey, WorkloadConfig, limits,
+    CircuitKey, Counter, DirectConn, OrigDst, PolicyState, PortBitmap, ScopedAddr, SockKey,
+    WorkloadConfig, limits,
 };
 
 #[map(name = "WORKLOADS")]
@@ -51,6 +52,24 @@ pub static POLICY_OUT: LpmTrie<ScopedAddr, PortBitmap> =
 
 #[map(name = "POLICY_EVENTS")]
 pub static POLICY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::POLICY_EVENTS_BYTES, 0);
+
+#[map(name = "MESH_CIDRS")]
+pub static MESH_CIDRS: LpmTrie<ScopedAddr, u8> = LpmTrie::with_max_entries(limits::MESH_CIDRS, 0);
+
+#[map(name = "DIRECT_PENDING")]
+pub static DIRECT_PENDING: LruHashMap<u64, DirectConn> =
+    LruHashMap::with_max_entries(limits::DIRECT_PENDING, 0);
+
+#[map(name = "DIRECT_LIVE")]
+pub static DIRECT_LIVE: HashMap<u64, DirectConn> =
+    HashMap::with_max_entries(limits::DIRECT_LIVE, 0);
+
+#[map(name = "OPEN_CIRCUITS")]
+pub static OPEN_CIRCUITS: HashMap<CircuitKey, u8> =
+    HashMap::with_max_entries(limits::OPEN_CIRCUITS, 0);
+
+#[map(name = "DIRECT_EVENTS")]
+pub static DIRECT_EVENTS: RingBuf = RingBuf::with_byte_size(limits::DIRECT_EVENTS_BYTES, 0);
 
 /// Set by the loader: 0 turns the sockmap fast path off (connect redirect still works).
 #[unsafe(no_mangle)]

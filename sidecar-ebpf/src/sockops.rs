@@ -1,29 +1,35 @@
-//! sockops: splice bookkeeping for our loopback connections.
+//! sockops: splice bookkeeping for our loopback connections, and the records of pass-through
+//! connections (the connect hook let them go direct: their SYN moves them from
+//! `DIRECT_PENDING` to `DIRECT_LIVE`, and their close becomes a `DIRECT_EVENTS` record with
+//! the socket's own counters).
 //!
 //! Ordering on loopback makes this simple: the connecting side reaches ESTABLISHED (when it
 //! processes the SYN-ACK) before the accepting side does (when the final ACK arrives). So the
 //! active side decides whether a connection is ours (its cookie was noted by a connect hook),
 //! records its 4-tuple in `SPLICED`, and the passive side joins when it finds its peer there.
 
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
     },
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use sidecar_common::{Counter, SockKey, is_loopback, owner};
+use sidecar_common::{Counter, DirectEvent, SockKey, is_loopback, owner};
 
 use crate::{
     ctx::sock_ops_key,
     maps::{
-        COOKIE_ORIG_DST, ORIG_DST, PASSTHRU, PROXY_COOKIES, SOCKETS, SOCKMAP_ENABLED, SPLICED,
-        count,
+        COOKIE_ORIG_DST, DIRECT_EVENTS, DIRECT_LIVE, DIRECT_PENDING, ORIG_DST, PASSTHRU,
+        PROXY_COOKIES, SOCKETS, SOCKMAP_ENABLED, SPLICED, count,
     },
 };
 
@@ -38,19 +44,47 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
         _ => Ok(()),
     }
+}
+
+/// The SYN of a connection: a pass-through one is tracked from now until it closes (its
+/// close is watched, so a refused connect is recorded too).
+fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
+    // SAFETY: the helper takes the context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(note) = (unsafe { DIRECT_PENDING.get(&cookie) }).copied() else {
+        return Ok(());
+    };
+    let _ = DIRECT_PENDING.remove(&cookie);
+    if DIRECT_LIVE.insert(&cookie, &note, BPF_ANY as u64).is_err() {
+        // The table is full: the connection goes direct unrecorded, and says so.
+        count(Counter::DirectRecordsDropped, 1);
+        return Ok(());
+    }
+    watch_close(ctx);
+    Ok(())
 }
 
 fn on_active_established(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(key) = sock_ops_key(ctx.ops) else {
         return Ok(());
     };
-    if !is_loopback(&key.remote_ip) {
-        return Ok(());
-    }
     // SAFETY: the helper takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    if let Some(live) = DIRECT_LIVE.get_ptr_mut(&cookie) {
+        // SAFETY: the pointer is the map value, valid for the program's run.
+        unsafe { (*live).established_ns = bpf_ktime_get_ns() };
+        return Ok(());
+    }
+    if !is_local(&key) {
+        // The connect hook notes every proxy connect (it cannot tell a local address from a
+        // remote one); a connection that left the host is never spliced: forget it.
+        let _ = PROXY_COOKIES.remove(&cookie);
+        return Ok(());
+    }
     // SAFETY: the value is copied out before the entry is removed.
     if let Some(dst) = unsafe { COOKIE_ORIG_DST.get(&cookie) }.copied() {
         // An app socket the connect hook redirected: publish its original destination under
@@ -61,7 +95,7 @@ fn on_active_established(ctx: &SockOpsContext) -> Result<(), i64> {
         watch_close(ctx);
         splice(ctx, &key, owner::FOREIGN);
     } else if PROXY_COOKIES.get_ptr(&cookie).is_some() {
-        // The proxy's own connection to a loopback upstream.
+        // The proxy's own connection to a local upstream.
         let _ = PROXY_COOKIES.remove(&cookie);
         splice(ctx, &key, owner::PROXY);
     }
@@ -72,7 +106,7 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(key) = sock_ops_key(ctx.ops) else {
         return Ok(());
     };
-    if !is_loopback(&key.remote_ip) {
+    if !is_local(&key) {
         return Ok(());
     }
     // The accepting end of a connection whose connecting end we spliced: the proxy accepted
@@ -87,6 +121,14 @@ fn on_passive_established(ctx: &SockOpsContext) -> Result<(), i64> {
         splice(ctx, &key, ours);
     }
     Ok(())
+}
+
+/// A connection that stays inside this network namespace: to loopback, or to one of its own
+/// addresses (the kernel routes those over `lo` and picks that same address as the source).
+/// The inbound proxy's hop to the workload's own address is the second kind.
+#[inline(always)]
+fn is_local(key: &SockKey) -> bool {
+    is_loopback(&key.remote_ip) || key.remote_ip == key.local_ip
 }
 
 /// Inserts the socket into the sockhash so `sk_msg` can reach it, and records it in `SPLICED`.
@@ -125,5 +167,40 @@ fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
         + SPLICED.remove(&key).is_ok() as u64
         + PASSTHRU.remove(&key).is_ok() as u64;
     count(Counter::CloseCleanup, removed);
+    record_direct_close(ctx, key);
     Ok(())
+}
+
+/// A pass-through connection closed: its record, from the socket's own counters.
+#[inline(always)]
+fn record_direct_close(ctx: &SockOpsContext, key: SockKey) {
+    // SAFETY: the helper takes the context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(conn) = (unsafe { DIRECT_LIVE.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = DIRECT_LIVE.remove(&cookie);
+    let ops: *const bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer; each field is read with one load of its size.
+    let event = unsafe {
+        DirectEvent {
+            key,
+            cookie,
+            conn,
+            closed_ns: bpf_ktime_get_ns(),
+            bytes_acked: read_volatile(addr_of!((*ops).bytes_acked)),
+            bytes_received: read_volatile(addr_of!((*ops).bytes_received)),
+            segs_in: read_volatile(addr_of!((*ops).segs_in)),
+            segs_out: read_volatile(addr_of!((*ops).segs_out)),
+            total_retrans: read_volatile(addr_of!((*ops).total_retrans)),
+            // The kernel keeps srtt scaled by 8.
+            srtt_us: read_volatile(addr_of!((*ops).srtt_us)) >> 3,
+            rtt_min_us: read_volatile(addr_of!((*ops).rtt_min)),
+            last_state: ctx.arg(0),
+        }
+    };
+    if DIRECT_EVENTS.output::<DirectEvent>(&event, 0).is_err() {
+        count(Counter::DirectRecordsDropped, 1);
+    }
 }

@@ -8,6 +8,10 @@
 //! key is the *app* socket's 4-tuple, i.e. the accepted socket's tuple reversed, in the
 //! socket's network namespace. Any other call, or a connection we know nothing about, keeps
 //! the kernel's answer untouched. This is how Merbridge serves Envoy.
+//!
+//! It also answers the private `getsockopt(SOL_IP, SO_SPLICED)` (see `sidecar_common::sockopt`)
+//! with whether the caller's socket is in the sockmap fast path, which the proxy cannot read
+//! from the maps itself.
 
 use core::{
     ffi::c_void,
@@ -17,19 +21,19 @@ use core::{
 use aya_ebpf::{
     helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext,
 };
-use sidecar_common::{Counter, OrigDst, SockKey, mapped_v4};
+use sidecar_common::{
+    Counter, OrigDst, SockKey, mapped_v4,
+    sockopt::{SO_ORIGINAL_DST, SO_SPLICED, SOL_IP, SOL_IPV6},
+};
 
 use crate::{
     ctx::{AF_INET, AF_INET6, words},
-    maps::{ORIG_DST, count},
+    maps::{ORIG_DST, SPLICED, count},
 };
 
-const SOL_IP: i32 = 0;
-const SOL_IPV6: i32 = 41;
-/// `SO_ORIGINAL_DST` (netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` (ip6_tables.h).
-const SO_ORIGINAL_DST: i32 = 80;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
+const U32_LEN: usize = 4;
 /// The only verdict a getsockopt program may return without failing the call (0 = EPERM).
 const PROCEED: i32 = 1;
 
@@ -49,9 +53,48 @@ fn try_getsockopt(ctx: &SockoptContext) -> Option<()> {
             read_volatile(addr_of!((*so).optname)),
         )
     };
+    if optname == SO_SPLICED && level == SOL_IP {
+        return answer_spliced(ctx);
+    }
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         return None;
     }
+    let (family, own) = own_key(ctx)?;
+    if (family == AF_INET) != (level == SOL_IP) {
+        return None;
+    }
+    // The accepted socket is (local = proxy listener, remote = app); sockops published the
+    // original destination under the app socket's own tuple.
+    // SAFETY: the value is copied out immediately.
+    let orig = unsafe { ORIG_DST.get(&own.peer()) }.copied()?;
+    let written = if level == SOL_IP {
+        write_sockaddr_in(ctx, &orig)?
+    } else {
+        write_sockaddr_in6(ctx, &orig)?
+    };
+    succeed(ctx, written);
+    count(Counter::OrigDstSockopt, 1);
+    Some(())
+}
+
+/// [`SO_SPLICED`]: whether the caller's socket is in `SPLICED` (sockops inserted it into the
+/// sockhash), so the proxy's records show the fast path as it is.
+#[inline(always)]
+fn answer_spliced(ctx: &SockoptContext) -> Option<()> {
+    let (_, own) = own_key(ctx)?;
+    let spliced = SPLICED.get_ptr(&own).is_some();
+    let p = optval(ctx, U32_LEN)?;
+    // SAFETY: 4 bytes checked by `optval`.
+    unsafe { write_volatile(p.cast::<u32>(), u32::from(spliced)) };
+    succeed(ctx, U32_LEN);
+    Some(())
+}
+
+/// The socket's own key (local = source, remote = destination) in its network namespace,
+/// as sockops keys it, and its family.
+#[inline(always)]
+fn own_key(ctx: &SockoptContext) -> Option<(u32, SockKey)> {
+    let so = ctx.sockopt;
     // SAFETY: `sk` is a non-null PTR_TO_SOCKET in getsockopt programs; its fields are read
     // with the widths the verifier allows.
     let (family, src4, dst4, src6, dst6, src_port, dst_port) = unsafe {
@@ -66,38 +109,34 @@ fn try_getsockopt(ctx: &SockoptContext) -> Option<()> {
             read_volatile(addr_of!((*sk).dst_port)),
         )
     };
-    let (src, dst) = if family == AF_INET && level == SOL_IP {
+    let (src, dst) = if family == AF_INET {
         (mapped_v4(src4), mapped_v4(dst4))
-    } else if family == AF_INET6 && level == SOL_IPV6 {
+    } else if family == AF_INET6 {
         (src6, dst6)
     } else {
         return None;
     };
-    // The accepted socket is (src = proxy listener, dst = app); sockops published the
-    // original destination under the app socket's own tuple.
     let key = SockKey {
         // SAFETY: the helper takes the context pointer.
         netns: unsafe { bpf_get_netns_cookie(so as *mut c_void) },
-        local_ip: dst,
-        remote_ip: src,
-        local_port: u16::from_be(dst_port),
-        remote_port: src_port as u16,
+        local_ip: src,
+        remote_ip: dst,
+        local_port: src_port as u16,
+        remote_port: u16::from_be(dst_port),
         _pad: 0,
     };
-    // SAFETY: the value is copied out immediately.
-    let orig = unsafe { ORIG_DST.get(&key) }.copied()?;
-    let written = if level == SOL_IP {
-        write_sockaddr_in(ctx, &orig)?
-    } else {
-        write_sockaddr_in6(ctx, &orig)?
-    };
+    Some((family, key))
+}
+
+/// The call succeeds with `len` bytes of `optval`.
+#[inline(always)]
+fn succeed(ctx: &SockoptContext, len: usize) {
+    let so = ctx.sockopt;
     // SAFETY: getsockopt programs may write optlen and retval.
     unsafe {
-        write_volatile(addr_of_mut!((*so).optlen), written as i32);
+        write_volatile(addr_of_mut!((*so).optlen), len as i32);
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
-    count(Counter::OrigDstSockopt, 1);
-    Some(())
 }
 
 /// `optval`, bounds-checked for `len` bytes against `optval_end` (the caller's buffer).

@@ -2,7 +2,7 @@
 //!
 //! Goal: a plaintext connection from another host to one of the workload's listening ports
 //! is refused, while peers still reach the workload through the sidecar's mTLS tunnel, which
-//! the inbound proxy delivers from loopback. No iptables.
+//! the inbound proxy delivers over `lo` (to the workload's own address). No iptables.
 //!
 //! Why this hook, and not the alternatives:
 //! * `sk_lookup` is per network namespace: in standalone `sidecar run` the workload shares
@@ -15,7 +15,8 @@
 //!
 //! The check: a TCP segment with SYN set and ACK clear (a new connection attempt) that did
 //! not arrive on the loopback device is dropped. Local traffic — the inbound proxy's
-//! `127.0.0.1` connects, and any local process, whatever address it dials — arrives on `lo`.
+//! connects to the workload's address, and any local process, whatever address it dials —
+//! arrives on `lo`.
 //! Replies to the workload's own outbound connections (SYN+ACK, then ACKs) pass, so
 //! destinations excluded from interception keep working. A dropped SYN is retransmitted by
 //! the client until its connect times out: the port looks filtered, not closed.

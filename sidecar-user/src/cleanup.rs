@@ -31,6 +31,8 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
     privileges::require("sidecar cleanup")?;
     let cg_root = cgroup::root()?;
     let mut done = Cleaned::default();
+    // Every bpffs a run used: one the sidecar mounted is unmounted once nobody uses it.
+    let mut bpffs_paths = std::collections::BTreeSet::from([bpffs_path.to_path_buf()]);
 
     for (file, parsed) in state::list() {
         let state = match parsed {
@@ -43,6 +45,7 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
                 continue;
             }
         };
+        bpffs_paths.insert(state.bpffs.clone());
         if run_is_alive(&state, &cg_root) {
             done.live
                 .push(format!("run {} is still running: left alone", state.pid));
@@ -70,6 +73,12 @@ pub fn cleanup(bpffs_path: &Path) -> Result<Cleaned> {
     for parent in [bpffs_path.join("sidecar"), cg_root.join("sidecar")] {
         if fs::remove_dir(&parent).is_ok() {
             done.actions.push(format!("removed {}", parent.display()));
+        }
+    }
+    for path in bpffs_paths {
+        if bpffs::unmount_if_unused(&path) {
+            done.actions
+                .push(format!("unmounted bpffs at {}", path.display()));
         }
     }
     Ok(done)
@@ -204,10 +213,8 @@ fn clean_run(state: &RunState, cg_root: &Path, done: &mut Cleaned) {
     remove_pins(&state.pin_dir, done);
     let _ = fs::remove_dir(state.pin_dir.parent().unwrap_or(&state.pin_dir));
     remove_cgroup(&state.run_cgroup, &state.original_cgroup, cg_root, done);
-    if state.bpffs_mounted_by_us && bpffs::unmount_if_empty(&state.bpffs) {
-        done.actions
-            .push(format!("unmounted bpffs at {}", state.bpffs.display()));
-    }
+    // The bpffs mount is not the dead run's alone: the caller (a starting run) may be about
+    // to pin there. Only `sidecar cleanup` unmounts, and only when no live process uses it.
 }
 
 /// iptables mode: the jump in nat OUTPUT, then the chain, in each family.

@@ -7,6 +7,9 @@ pub const PROXY_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15008;
 /// The admin endpoint (metrics, health, connection table); localhost only by default.
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// The probe listener (`--probe-addr`: `/healthz` and `/readyz` only) in the Kubernetes
+/// manifests; off unless asked for, since a standalone run needs none.
+pub const PROBE_ADDR: &str = "0.0.0.0:15021";
 /// The node agent's registration socket (a hostPath shared with pods in Kubernetes).
 pub const AGENT_SOCKET: &str = "/var/run/sidecar/agent.sock";
 /// Where bpffs is mounted (and mounted by us if it is not).

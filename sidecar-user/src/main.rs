@@ -103,9 +103,10 @@ enum PolicyCommand {
     /// verdict for each --outbound / --inbound connection, as the proxy and the kernel see it.
     Check {
         file: PathBuf,
-        /// An outbound destination IP:PORT.
+        /// An outbound destination IP:PORT, or SPIFFE_ID=IP:PORT for a tunnel whose server
+        /// presented that identity.
         #[arg(long)]
-        outbound: Vec<std::net::SocketAddr>,
+        outbound: Vec<String>,
         /// An inbound connection SPIFFE_ID=IP:PORT (peer identity, destination).
         #[arg(long)]
         inbound: Vec<String>,
@@ -117,7 +118,7 @@ enum PolicyCommand {
 enum InboundMode {
     /// Plaintext connections from outside reach the workload's ports as before.
     Permissive,
-    /// Only tunnels (delivered by the sidecar from loopback) reach the workload; plaintext
+    /// Only tunnels (delivered by the sidecar over `lo`) reach the workload; plaintext
     /// connection attempts from outside are dropped in the kernel.
     Strict,
 }
@@ -148,6 +149,11 @@ struct RunArgs {
     /// Turn the sockmap fast path off (connects are still redirected); for comparisons.
     #[arg(long)]
     no_sockmap: bool,
+    /// Send every connection through the proxy. By default (eBPF mode) a connection the
+    /// proxy adds nothing to (plaintext, allowed by the policy, not to --mesh-cidrs) goes
+    /// straight to its destination and is recorded by the kernel.
+    #[arg(long)]
+    proxy_all: bool,
     /// Print the eBPF programs' aya-log output (debug aid; costs cycles in the kernel).
     #[arg(long)]
     bpf_log: bool,
@@ -164,6 +170,10 @@ struct RunArgs {
     /// On exit or SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
+    #[command(flatten)]
+    limits: sidecar::proxy::limits::LimitArgs,
+    #[command(flatten)]
+    resilience: sidecar::proxy::resilience::ResilienceArgs,
     /// Also write the summary as JSON to this file (every connection and eBPF counter).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -195,8 +205,8 @@ struct RunArgs {
     preamble_timeout_ms: u64,
     #[command(flatten)]
     observe: ObserveArgs,
-    /// Authorization policy (TOML, see README); re-read when it changes, an invalid file is
-    /// refused and the old policy stays.
+    /// Authorization policy (TOML, see docs/policy.md); re-read when it changes, an invalid
+    /// file is refused and the old policy stays.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
     /// strict: only the sidecar's tunnels reach the workload (needs --tls-dir); permissive:
@@ -226,7 +236,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }
-    match dispatch(cli.command) {
+    let result = dispatch(cli.command);
+    // The access log is written from its own thread: let it catch up before exiting.
+    access_log::flush(std::time::Duration::from_secs(2));
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -255,9 +268,11 @@ fn one_line(e: &anyhow::Error) -> String {
 /// `sidecar policy check`.
 fn policy_check(
     file: &std::path::Path,
-    outbound: &[std::net::SocketAddr],
+    outbound: &[String],
     inbound: &[String],
 ) -> anyhow::Result<i32> {
+    use std::net::SocketAddr;
+
     use sidecar::policy::rules::{Request, Way};
     let loaded = sidecar::policy::load(file)?;
     let policy = &loaded.policy;
@@ -272,7 +287,8 @@ fn policy_check(
         let d = policy.evaluate(&req);
         let line = serde_json::json!({
             "direction": req.way.as_str(),
-            "source": req.source.map(|s| s.to_string()),
+            "source": req.peer.filter(|_| req.way == Way::Inbound).map(|s| s.to_string()),
+            "server": req.peer.filter(|_| req.way == Way::Outbound).map(|s| s.to_string()),
             "dst": req.dst.to_string(),
             "action": d.action.as_str(),
             "rule": policy.rule_label(&d, req.way),
@@ -281,29 +297,36 @@ fn policy_check(
         });
         println!("{line}");
     };
-    for dst in outbound {
+    let connection = |flag: &str, spec: &str| -> anyhow::Result<(Option<SpiffeId>, SocketAddr)> {
+        let (id, dst) = match spec.split_once('=') {
+            Some((id, dst)) => (Some(id.parse::<SpiffeId>()?), dst),
+            None => (None, spec),
+        };
+        let dst = dst.parse().map_err(|e| {
+            anyhow::anyhow!("--{flag} {spec:?}: {e} (write IP:PORT or SPIFFE_ID=IP:PORT)")
+        })?;
+        Ok((id, dst))
+    };
+    for spec in outbound {
+        let (server, dst) = connection("outbound", spec)?;
         let kernel = loaded.compiled.denies(dst.ip(), dst.port());
         print(
             Request {
                 way: Way::Outbound,
-                source: None,
-                dst: *dst,
+                peer: server.as_ref(),
+                dst,
             },
             Some(kernel),
         );
     }
     for spec in inbound {
-        let (id, dst) = spec
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--inbound {spec:?}: write SPIFFE_ID=IP:PORT"))?;
-        let id: SpiffeId = id.parse()?;
-        let dst: std::net::SocketAddr = dst
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--inbound {spec:?}: {e}"))?;
+        let (id, dst) = connection("inbound", spec)?;
+        let id =
+            id.ok_or_else(|| anyhow::anyhow!("--inbound {spec:?}: write SPIFFE_ID=IP:PORT"))?;
         print(
             Request {
                 way: Way::Inbound,
-                source: Some(&id),
+                peer: Some(&id),
                 dst,
             },
             None,
@@ -334,11 +357,14 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 cgroup: args.cgroup,
                 bpffs: args.bpffs,
                 sockmap: !args.no_sockmap,
+                proxy_all: args.proxy_all,
                 bpf_log: args.bpf_log,
                 proxy: ProxySettings {
                     connect_timeout: Duration::from_millis(args.connect_timeout_ms),
                     idle_timeout: Duration::from_secs(args.idle_timeout_secs),
                     allow_metadata: args.allow_metadata,
+                    limits: sidecar::proxy::limits::Limits::resolve(args.limits)?,
+                    resilience: sidecar::proxy::resilience::Resilience::resolve(args.resilience)?,
                 },
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
                 report: args.report,

@@ -250,7 +250,7 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
                 strict_inbound_cgroup: Some(scratch.path().into()),
             },
             &[],
-            &[],
+            Default::default(),
         )?;
         let degraded = interception.fast_path_unavailable();
         let failures = interception.detach();

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::proxy::record::{ConnRecord, Direction, Outcome};
+use crate::proxy::record::{ConnRecord, Direction, Outcome, Path as ConnPath};
 
 /// Rows the human summary shows before it abbreviates.
 const SUMMARY_ROWS: usize = 20;
@@ -51,11 +51,18 @@ impl Report {
             .iter()
             .filter(|r| r.upstream_leg_spliced)
             .count();
+        let passed = self
+            .connections
+            .iter()
+            .filter(|r| r.path == ConnPath::Passthrough)
+            .count();
+        let proxied = total - passed;
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "sidecar: {total} connection(s) proxied, {ok} ok, {} failed; kernel fast path on \
-             {fast}/{total} app legs and {fast_up}/{total} upstream legs",
+            "sidecar: {total} connection(s): {passed} passed through in the kernel, {proxied} \
+             proxied; {ok} ok, {} failed; kernel fast path on {fast}/{proxied} proxied app legs \
+             and {fast_up}/{proxied} upstream legs",
             total - ok
         );
         if self.mode == crate::redirect::Mode::Iptables {
@@ -66,9 +73,10 @@ impl Report {
         } else {
             let _ = writeln!(
                 out,
-                "sidecar: eBPF saw {} connect(s): {} redirected, {} excluded by port, {} by CIDR; \
-             sk_msg redirected {} message(s) ({}), {} missed",
+                "sidecar: eBPF saw {} connect(s): {} passed through, {} redirected, {} excluded \
+                 by port, {} by CIDR; sk_msg redirected {} message(s) ({}), {} missed",
                 c("connect_seen"),
+                c("connect_passthrough"),
                 c("connect_redirected"),
                 c("connect_excluded_port"),
                 c("connect_excluded_cidr"),
@@ -126,8 +134,8 @@ impl Report {
         if total > 0 {
             let _ = writeln!(
                 out,
-                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {:<12} PEER",
-                "ID", "DIR", "CLIENT", "ORIGINAL DST", "SENT", "RECEIVED", "MS", "FAST", "OUTCOME"
+                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<10} {:<12} PEER",
+                "ID", "DIR", "CLIENT", "ORIGINAL DST", "SENT", "RECEIVED", "MS", "PATH", "OUTCOME"
             );
         }
         for r in self.connections.iter().take(SUMMARY_ROWS) {
@@ -135,11 +143,14 @@ impl Report {
                 .original_dst
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "-".into());
-            let fast = match (r.app_leg_spliced, r.upstream_leg_spliced) {
-                (true, true) => "both",
-                (true, false) => "app",
-                (false, true) => "up",
-                (false, false) => "no",
+            // How the bytes went: straight (kernel pass-through), or through the proxy with
+            // the legs the sockmap spliced.
+            let path = match (r.path, r.app_leg_spliced, r.upstream_leg_spliced) {
+                (ConnPath::Passthrough, ..) => "kernel",
+                (ConnPath::Proxy, true, true) => "proxy+both",
+                (ConnPath::Proxy, true, false) => "proxy+app",
+                (ConnPath::Proxy, false, true) => "proxy+up",
+                (ConnPath::Proxy, false, false) => "proxy",
             };
             let dir = match r.direction {
                 Direction::Outbound => "out",
@@ -151,7 +162,7 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<4} {:<12} {}",
+                "  {:>4}  {:<3} {:<22} {:<22} {:>9} {:>9} {:>7}  {:<10} {:<12} {}",
                 r.id,
                 dir,
                 r.client.to_string(),
@@ -159,7 +170,7 @@ impl Report {
                 human_bytes(r.bytes_from_client),
                 human_bytes(r.bytes_from_upstream),
                 r.duration_ms,
-                fast,
+                path,
                 r.outcome.as_str(),
                 peer
             );
@@ -169,6 +180,13 @@ impl Report {
                 out,
                 "  … {} more (use --report FILE for all)",
                 total - SUMMARY_ROWS
+            );
+        }
+        if c("direct_records_dropped") > 0 {
+            let _ = writeln!(
+                out,
+                "sidecar: {} pass-through record(s) lost in the kernel (ring or table full)",
+                c("direct_records_dropped")
             );
         }
         if self.dropped_records > 0 {

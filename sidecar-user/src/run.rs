@@ -39,8 +39,10 @@ use crate::{
     proxy::{ProxySettings, record::Journal},
     redirect::{
         Mode, Redirect,
-        ebpf::{EbpfInterception, ExcludedCidr, Settings, Workload},
+        circuits::KernelCircuits,
+        ebpf::{Destinations, EbpfInterception, ScopedCidr, Settings, Workload},
         iptables::{self, IptablesInterception},
+        passthrough::{Following, OpenDirect, Recorder},
     },
     report::Report,
     serve::{Listeners, Serving},
@@ -61,6 +63,8 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub sockmap: bool,
+    /// Every connection through the proxy (no kernel pass-through).
+    pub proxy_all: bool,
     pub bpf_log: bool,
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
@@ -70,7 +74,7 @@ pub struct RunOptions {
     /// Authorization policy file (watched for changes); `None` allows everything.
     pub policy: Option<PathBuf>,
     /// Strict inbound mode: refuse plaintext connection attempts from outside to the
-    /// workload (only tunnels, delivered from loopback, get in).
+    /// workload (only tunnels, delivered by the sidecar over `lo`, get in).
     pub strict_inbound: bool,
     pub command: Vec<OsString>,
     pub observe: ObserveOptions,
@@ -95,6 +99,8 @@ pub struct MtlsOptions {
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
 const WORKLOAD_SCOPE: u32 = 1;
+/// How long connections the command left closing get to finish, for their records.
+const PASSTHROUGH_SETTLE: Duration = Duration::from_secs(1);
 /// Records kept for the exit summary and report.
 const JOURNAL_CAPACITY: usize = 100_000;
 
@@ -148,6 +154,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     // answers "not ready" until interception and listeners really are in place.
     let serving = Serving::start(&opts.observe, admin::config::effective(&opts))?;
     let _guard = serving.rt.enter();
+    // Caught from here on, before `/readyz` can say ready: a SIGTERM that arrives between
+    // ready and the command's start would otherwise kill the sidecar outright (the default
+    // action) and leave the run fail-closed with its command running.
+    let mut stop = StopSignals::register()?;
 
     let pid = std::process::id();
     // iptables mode needs no bpffs; its binaries are found before anything is created.
@@ -239,7 +249,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     let mesh = serving.mesh(
         opts.mtls.as_ref(),
-        tls,
+        tls.clone(),
         opts.proxy_port,
         opts.proxy.connect_timeout,
     );
@@ -250,6 +260,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    serving.secured(opts.mtls.as_ref(), tls, enforcer.clone());
     let proxy = serving.serve(
         opts.proxy,
         lookups.clone(),
@@ -258,18 +269,55 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         enforcer.clone(),
         listeners,
     )?;
+    // Open circuits are refused at connect() as well, for proxied and pass-through
+    // connections alike.
+    if let Interception::Ebpf(e) = &interception {
+        proxy.refuse_open_circuits_in(Arc::new(KernelCircuits::open(e.pin_dir(), WORKLOAD_SCOPE)?));
+    }
+    // Connections that go straight to their destination are recorded from the kernel's
+    // reports, into the same telemetry and journal.
+    let passthrough = match (&interception, passes_through(&opts)) {
+        (Interception::Ebpf(e), true) => {
+            serving
+                .telemetry
+                .passing_through(Arc::new(OpenDirect::open(e.pin_dir(), WORKLOAD_SCOPE)?));
+            Some(Following::start(
+                &serving.rt,
+                Recorder {
+                    scope: WORKLOAD_SCOPE,
+                    telemetry: serving.telemetry.clone(),
+                    journal: journal.clone(),
+                    circuits: Some(proxy.clone()),
+                },
+                e.pin_dir(),
+            )?)
+        }
+        _ => None,
+    };
 
     let status = serving.rt.block_on(run_command(
         &program,
         &opts.command[1..],
         app_cg.path(),
         opts.drain_timeout,
+        &mut stop,
     ))?;
     let leftovers = cgroup::terminate_all(app_cg.path(), Duration::from_secs(2));
     if leftovers > 0 {
         info!("stopped {leftovers} process(es) the command left in its cgroup");
     }
     serving.drain(&proxy, opts.drain_timeout);
+    if let Some(following) = passthrough {
+        match following.finish(&serving.rt, PASSTHROUGH_SETTLE) {
+            Ok(0) => {}
+            Ok(open) => warn!(
+                "{open} pass-through connection(s) were still closing {}ms after the command \
+                 exited: they have no record",
+                PASSTHROUGH_SETTLE.as_millis()
+            ),
+            Err(e) => warn!("the last pass-through records could not be read: {e}"),
+        }
+    }
     if let Some(e) = &enforcer {
         e.drain_kernel_events();
     }
@@ -361,6 +409,11 @@ fn attach_ebpf(
                 0
             } else {
                 flags::DENY_METADATA
+            }
+            | if passes_through(opts) {
+                flags::PASSTHROUGH
+            } else {
+                0
             },
         excluded_ports_len: opts.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
@@ -389,15 +442,10 @@ fn attach_ebpf(
                 config: proxy_entry,
             },
         ],
-        &opts
-            .exclude_cidrs
-            .iter()
-            .map(|c| ExcludedCidr {
-                scope: WORKLOAD_SCOPE,
-                addr: c.addr,
-                prefix: c.prefix,
-            })
-            .collect::<Vec<_>>(),
+        Destinations {
+            excluded: &scoped(&opts.exclude_cidrs),
+            meshed: &scoped(opts.mtls.iter().flat_map(|m| &m.mesh_cidrs)),
+        },
     )?;
     info!(
         cgroup = %run_cg.path().display(),
@@ -408,6 +456,24 @@ fn attach_ebpf(
     );
 
     Ok(interception)
+}
+
+/// Whether connections the proxy adds nothing to go straight to their destination: unless
+/// `--proxy-all`, or `--permissive` (every destination may have a sidecar, which only the
+/// proxy's probe can tell).
+pub fn passes_through(opts: &RunOptions) -> bool {
+    opts.mode == Mode::Ebpf && !opts.proxy_all && !opts.mtls.as_ref().is_some_and(|m| m.permissive)
+}
+
+fn scoped<'a>(cidrs: impl IntoIterator<Item = &'a Cidr>) -> Vec<ScopedCidr> {
+    cidrs
+        .into_iter()
+        .map(|c| ScopedCidr {
+            scope: WORKLOAD_SCOPE,
+            addr: c.addr,
+            prefix: c.prefix,
+        })
+        .collect()
 }
 
 /// Finds the program in PATH now, so a typo fails before anything is attached.
@@ -442,6 +508,22 @@ fn is_executable(path: &Path) -> bool {
     path.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
 }
 
+/// SIGINT and SIGTERM, caught (a signal that came before anyone waits is kept).
+struct StopSignals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Needs the runtime entered.
+    fn register() -> io::Result<Self> {
+        Ok(Self {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
 /// Spawns the command inside the app cgroup and waits for it. SIGINT/SIGTERM to the sidecar
 /// are passed on; a command that ignores them is killed after the drain deadline.
 async fn run_command(
@@ -449,6 +531,7 @@ async fn run_command(
     args: &[OsString],
     app_cgroup: &Path,
     grace: Duration,
+    stop: &mut StopSignals,
 ) -> Result<std::process::ExitStatus> {
     let procs = CString::new(app_cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
     let mut cmd = tokio::process::Command::new(program);
@@ -473,12 +556,10 @@ async fn run_command(
     let pid = child.id().unwrap_or(0) as i32;
     info!(pid, command = %program.display(), "command started");
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     tokio::select! {
         status = child.wait() => return Ok(status?),
-        _ = sigint.recv() => info!("SIGINT: stopping the command"),
-        _ = sigterm.recv() => info!("SIGTERM: stopping the command"),
+        _ = stop.sigint.recv() => info!("SIGINT: stopping the command"),
+        _ = stop.sigterm.recv() => info!("SIGTERM: stopping the command"),
     }
     // SAFETY: kill(2) on the child's pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };

@@ -24,7 +24,10 @@ use crate::{
     },
     redirect::Redirect,
     run::MtlsOptions,
-    telemetry::{Telemetry, TelemetrySettings, access_log::AccessLogTarget},
+    telemetry::{
+        PolicyStatus, Security, SecuritySource, Telemetry, TelemetrySettings, TlsStatus,
+        access_log::AccessLogTarget, process, unix_secs,
+    },
     tls::{self, TlsState},
 };
 
@@ -39,6 +42,8 @@ const ROTATION_POLL: Duration = Duration::from_secs(1);
 pub struct Serving {
     /// `None`: `--admin-addr off`, or the default address was busy.
     pub admin: Option<AdminServer>,
+    /// `None`: no `--probe-addr`.
+    pub probes: Option<AdminServer>,
     pub telemetry: Arc<Telemetry>,
     /// Not entered: the caller enters it (`let _guard = serving.rt.enter();`) for as long as
     /// it spawns tasks.
@@ -57,18 +62,21 @@ impl Serving {
             access_log: observe.access_log != AccessLogTarget::Off,
             destination_labels: observe.destination_labels,
         });
-        let admin = admin::start_for_run(
-            observe.admin,
-            AdminState {
-                telemetry: telemetry.clone(),
-                config,
-            },
-        )?;
+        let state = AdminState {
+            telemetry: telemetry.clone(),
+            config,
+        };
+        let admin = admin::start_for_run(observe.admin, state.clone())?;
         if let Some(a) = &admin {
             info!(addr = %a.addr(), "admin endpoints serving");
         }
+        let probes = admin::start_probes(observe.probe, state)?;
+        if let Some(p) = &probes {
+            info!(addr = %p.addr(), "probe endpoints (/healthz, /readyz) serving");
+        }
         Ok(Self {
             admin,
+            probes,
             telemetry,
             rt,
         })
@@ -87,6 +95,20 @@ impl Serving {
         let admin_port = self.admin.as_ref().map(|a| a.addr().port());
         let own = [proxy_port, m.tunnel_port].into_iter().chain(admin_port);
         Some(mesh(m, tls, &self.telemetry, connect_timeout, own))
+    }
+
+    /// From now on `/status` reports the mode, credentials and policy in force (read when
+    /// asked: they rotate and reload).
+    pub fn secured(
+        &self,
+        mtls: Option<&MtlsOptions>,
+        tls: Option<Arc<TlsState>>,
+        policy: Option<Arc<Enforcer>>,
+    ) {
+        self.telemetry.secured(Arc::new(InForce {
+            mtls: mtls.cloned().zip(tls),
+            policy,
+        }));
     }
 
     /// Builds the proxy on this telemetry and starts its accept loops on `listeners` (marking
@@ -109,6 +131,7 @@ impl Serving {
             policy,
         );
         start(&proxy, listeners, &self.telemetry)?;
+        tokio::spawn(process::return_freed_memory());
         Ok(proxy)
     }
 
@@ -121,6 +144,38 @@ impl Serving {
             warn!("{cut} connection(s) were still open after the drain deadline and were closed");
         }
         cut
+    }
+}
+
+/// The security a sidecar was started with, as `/status` shows it.
+struct InForce {
+    mtls: Option<(MtlsOptions, Arc<TlsState>)>,
+    policy: Option<Arc<Enforcer>>,
+}
+
+impl SecuritySource for InForce {
+    fn security(&self) -> Security {
+        let mode = match &self.mtls {
+            None => "plain",
+            Some((m, _)) if m.permissive => "permissive",
+            Some(_) => "mtls",
+        };
+        let tls = self.mtls.as_ref().map(|(m, tls)| {
+            let creds = tls.current();
+            TlsStatus {
+                identity: creds.identity.to_string(),
+                certificate: tls.files().cert.display().to_string(),
+                bundle: tls.files().bundle.display().to_string(),
+                not_after_unix: unix_secs(creds.not_after),
+                mesh_cidrs: m.mesh_cidrs.iter().map(ToString::to_string).collect(),
+                inbound: m.inbound.map(|a| a.to_string()),
+            }
+        });
+        Security {
+            mode: mode.into(),
+            tls,
+            policy: self.policy.as_ref().map(|p| -> PolicyStatus { p.status() }),
+        }
     }
 }
 
@@ -203,8 +258,8 @@ fn start(proxy: &Arc<Proxy>, listeners: Listeners, telemetry: &Telemetry) -> Res
     Ok(())
 }
 
-/// Binds the proxy's outbound listeners. IPv6 is optional: without `::1`, IPv6 connects are
-/// simply not intercepted.
+/// Binds the proxy's outbound listeners. IPv6 is optional: without `::1`, native IPv6
+/// connects are not intercepted (v4-mapped ones go to the IPv4 listener).
 fn bind_outbound(port: u16) -> Result<(StdListener, Option<StdListener>)> {
     let in_use = |addr: SocketAddr, e: io::Error| {
         if e.kind() == io::ErrorKind::AddrInUse {
@@ -228,7 +283,10 @@ fn bind_outbound(port: u16) -> Result<(StdListener, Option<StdListener>)> {
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(in_use(v6, e)),
         Err(e) => {
-            warn!("no IPv6 listener on {v6} ({e}): IPv6 connects will not be intercepted");
+            warn!(
+                "no IPv6 listener on {v6} ({e}): native IPv6 connects will not be intercepted \
+                 (IPv4 through IPv6 sockets still is)"
+            );
             None
         }
     };

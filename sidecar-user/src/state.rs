@@ -20,8 +20,10 @@ pub struct RunState {
     pub original_cgroup: PathBuf,
     /// The run's pin directory on bpffs.
     pub pin_dir: PathBuf,
-    /// The bpffs mount point, and whether the run mounted it.
+    /// The bpffs mount point, and whether the run mounted it (for the record: the mount is
+    /// shared, see `host::bpffs`, and unmounted by whoever uses it last).
     pub bpffs: PathBuf,
+    #[serde(default)]
     pub bpffs_mounted_by_us: bool,
     /// iptables mode: the chains and jumps to remove (absent for eBPF runs).
     #[serde(default)]

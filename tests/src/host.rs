@@ -205,3 +205,66 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
+
+/// Moves the calling test thread (and every process it starts from now on) into a private
+/// mount namespace where no bpffs is mounted at [`BPFFS`]: the host a fresh machine is,
+/// whatever this machine has mounted. The host's own mounts are not touched (propagation is
+/// made private first), and the namespace goes away with the thread.
+///
+/// Returns false (after [`crate::skip`], which fails in CI) when the namespace cannot be made.
+pub fn private_mounts_without_bpffs() -> bool {
+    // SAFETY: plain syscalls with valid NUL-terminated strings or nulls. unshare(CLONE_NEWNS)
+    // applies to this thread only (it implies CLONE_FS), which is what the test wants.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return crate::skip(&format!(
+                "unshare(CLONE_NEWNS): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return crate::skip(&format!(
+                "making / private in the new mount namespace: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // Mounts can be stacked: take them all off (bounded).
+        for _ in 0..8 {
+            if !bpffs_mounted() {
+                break;
+            }
+            libc::umount2(c"/sys/fs/bpf".as_ptr(), libc::MNT_DETACH);
+        }
+    }
+    !bpffs_mounted() || crate::skip("bpffs is still mounted at /sys/fs/bpf after umount")
+}
+
+/// Whether a bpffs is mounted at [`BPFFS`] (in the calling thread's mount namespace).
+pub fn bpffs_mounted() -> bool {
+    // /proc/thread-self: the mount namespace is per thread after an unshare.
+    fs::read_to_string("/proc/thread-self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, target, fstype) = (f.next(), f.next(), f.next());
+            target == Some(BPFFS) && fstype == Some("bpf")
+        })
+}
+
+/// `N` ports of `range` that nothing on 127.0.0.1 holds now (a listener can bind them).
+pub fn free_ports<const N: usize>(range: std::ops::Range<u16>) -> [u16; N] {
+    let free: Vec<u16> = range
+        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .take(N)
+        .collect();
+    free.try_into()
+        .unwrap_or_else(|f| panic!("fewer than {N} free ports: {f:?}"))
+}

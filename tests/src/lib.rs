@@ -16,8 +16,10 @@
 //! - [`kubelet`]: Secret/ConfigMap volumes written the way kubelet writes them;
 //! - [`report`]: the `--report` JSON;
 //! - [`script`]: argv and shell pieces of a run's workload;
-//! - [`protocol`]: what `sidecar-testclient` prints.
+//! - [`protocol`]: what `sidecar-testclient` prints;
+//! - [`admin`]: requests to a sidecar's admin server.
 
+pub mod admin;
 pub mod blocking;
 pub mod bpf;
 pub mod echo;
@@ -131,12 +133,41 @@ fn is_writable(path: &std::path::Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
-/// Serializes the privileged tests of one test binary: they share the host's cgroup root,
-/// the root-attached sockops program and loopback ports. A test that panicked while holding
-/// it poisons it; the next test still runs (its own guard cleans up after the failure).
-pub fn serial() -> MutexGuard<'static, ()> {
+/// Serializes the privileged tests: they share the host's cgroup root, the root-attached
+/// sockops program, the loaded-program baseline and loopback ports. Within one test binary a
+/// mutex does it; across test binaries and checkouts on the same host (two worktrees testing
+/// at once) an exclusive `flock` on [`SERIAL_LOCK`] does. A test that panicked while holding
+/// it poisons the mutex; the next test still runs (its own guard cleans up after the failure).
+pub fn serial() -> Serial {
     static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+    let guard = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(SERIAL_LOCK)
+        .unwrap_or_else(|e| panic!("cannot open the test lock {SERIAL_LOCK}: {e}"));
+    // SAFETY: flock on a descriptor we own; it is released when `file` is closed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "flock {SERIAL_LOCK}: {}",
+        std::io::Error::last_os_error()
+    );
+    Serial {
+        _file: file,
+        _guard: guard,
+    }
+}
+
+/// The host-wide lock file of [`serial`] (on tmpfs: it never outlives a boot).
+pub const SERIAL_LOCK: &str = "/run/sidecar-tests.lock";
+
+/// Held by a privileged test for its whole body; see [`serial`].
+pub struct Serial {
+    _file: std::fs::File,
+    _guard: MutexGuard<'static, ()>,
 }
 
 /// The `sidecar` binary: `$SIDECAR_BIN`, or `target/<profile>/sidecar` next to the

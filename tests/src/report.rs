@@ -58,10 +58,16 @@ pub struct Connection {
     /// `plain` or `mtls`.
     #[serde(default)]
     pub mode: String,
+    /// `proxy`, or `passthrough` (went straight to its destination, recorded by the kernel).
+    #[serde(default)]
+    pub path: String,
     #[serde(default)]
     pub src_identity: Option<String>,
     #[serde(default)]
     pub dst_identity: Option<String>,
+    /// Whether the tunnel's handshake resumed an earlier session; `None` without a tunnel.
+    #[serde(default)]
+    pub tls_resumed: Option<bool>,
     /// The application socket's address.
     pub client: SocketAddr,
     /// Where the application wanted to go. Optional because a connection whose original
@@ -79,6 +85,9 @@ pub struct Connection {
     /// What went wrong, when the outcome is not `ok`.
     #[serde(default)]
     pub error: Option<String>,
+    /// Connect attempts after the first (`--connect-retries`).
+    #[serde(default)]
+    pub connect_retries: u32,
 }
 
 /// Counter name → value, as in the report (and as read live from the pinned map).

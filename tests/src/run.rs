@@ -95,9 +95,18 @@ pub struct RunBuilder {
     report: bool,
     binary: Option<PathBuf>,
     env: Vec<(OsString, OsString)>,
+    passthrough: bool,
 }
 
 impl RunBuilder {
+    /// Leave kernel pass-through on (the product's default). Without this the run gets
+    /// `--proxy-all`: most suites test the proxied path, which pass-through would skip for
+    /// their plaintext connections; `tests/tests/passthrough.rs` tests pass-through itself.
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
     /// An environment variable for the sidecar (e.g. `SIDECAR_LOG`).
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.env.push((key.as_ref().into(), value.as_ref().into()));
@@ -164,6 +173,9 @@ impl RunBuilder {
             .arg("--proxy-port")
             .arg(self.proxy_port.to_string())
             .args(&self.args);
+        if !self.passthrough {
+            cmd.arg("--proxy-all");
+        }
         if let Some(path) = &report_path {
             cmd.arg("--report").arg(path);
         }
@@ -241,6 +253,7 @@ impl SidecarRun {
             report: true,
             binary: None,
             env: Vec::new(),
+            passthrough: false,
         }
     }
 

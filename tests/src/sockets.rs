@@ -125,3 +125,41 @@ pub fn own_netns_cookie() -> std::io::Result<u64> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// A TCP connection to `dst` from source address `src` (port chosen by the kernel): on
+/// loopback, any 127.0.0.0/8 address stands for another peer.
+pub fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let SocketAddr::V4(dst) = dst else {
+        return Err(std::io::Error::other("connect_from: IPv4 only"));
+    };
+    // SAFETY: socket(2) with constant arguments; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let local = sockaddr(src, 0);
+    // SAFETY: bind(2) with a sockaddr_in of the length given.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stream = std::net::TcpStream::from(fd);
+    let remote = sockaddr(*dst.ip(), dst.port());
+    // A blocking connect on loopback completes or fails at once (SYN to a local listener).
+    // SAFETY: connect(2) with a sockaddr_in of the length given.
+    if unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}

@@ -43,12 +43,19 @@ fn wait_stderr(run: &SidecarRun, needle: &str, timeout: Duration) -> bool {
 ///   fail-closed until an operator runs `sidecar cleanup`) and says so in one log line.
 /// - Once A's command is gone, starting run C — no `sidecar cleanup` — removes all of A's
 ///   state with a log line naming A, and A's programs are unloaded.
+///
+/// It runs in a private mount namespace with no bpffs mounted, as on a fresh machine: A
+/// mounts one, C's clean-up of A must not unmount it under C, and C, the last user, unmounts
+/// it on exit.
 #[test]
 fn next_start_cleans_up_after_a_killed_run() {
     if !privileged() {
         return;
     }
     let _serial = serial();
+    if !host::private_mounts_without_bpffs() {
+        return;
+    }
     let mut a = SidecarRun::builder(24100)
         .arg("--admin-addr=off")
         .command(["sleep", "120"])
@@ -119,6 +126,10 @@ fn next_start_cleans_up_after_a_killed_run() {
     // A's programs go with its pins (links unpinned → detached; maps unpinned → freed).
     assert_no_leftovers(a_pid);
     drop(a);
+    assert!(
+        !host::bpffs_mounted(),
+        "the host had no bpffs: the last run must unmount the one the sidecar mounted"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -15,17 +15,16 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
-/// One test at a time: they all touch the nat table and compare whole dumps of it.
-static NAT_TABLE: Mutex<()> = Mutex::new(());
-
-/// Takes the lock, or returns None (skip) when the test cannot run here. With `CI` set it
-/// panics instead: privileged tests must not silently skip in CI.
-fn setup() -> Option<MutexGuard<'static, ()>> {
+/// Takes the privileged tests' lock ([`sidecar_tests::serial`]: one test at a time on the
+/// host, as they all touch the nat table and compare whole dumps of it), or returns None
+/// (skip) when the test cannot run here. With `CI` set it panics instead: privileged tests
+/// must not silently skip in CI.
+fn setup() -> Option<sidecar_tests::Serial> {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("needs root")
     } else if !in_path("iptables") {
@@ -42,7 +41,7 @@ fn setup() -> Option<MutexGuard<'static, ()>> {
         eprintln!("skipped: iptables test {why}");
         return None;
     }
-    Some(NAT_TABLE.lock().unwrap_or_else(|p| p.into_inner()))
+    Some(sidecar_tests::serial())
 }
 
 fn in_path(bin: &str) -> bool {
@@ -187,14 +186,22 @@ fn run_client_mode(
     let report = std::env::temp_dir().join(format!("sci-ipt-report-{port}.json"));
     let _ = std::fs::remove_file(&report);
     let mut cmd = Command::new(sidecar());
-    cmd.args(["run", "--mode", mode, "--proxy-port", &port.to_string()])
-        .envs(env.iter().copied())
-        .args(extra)
-        .arg("--report")
-        .arg(&report)
-        .arg("--")
-        .arg(echoclient())
-        .args(targets.iter().map(|t| t.to_string()));
+    // Both modes proxy every connection (the baseline has no pass-through).
+    cmd.args([
+        "run",
+        "--proxy-all",
+        "--mode",
+        mode,
+        "--proxy-port",
+        &port.to_string(),
+    ])
+    .envs(env.iter().copied())
+    .args(extra)
+    .arg("--report")
+    .arg(&report)
+    .arg("--")
+    .arg(echoclient())
+    .args(targets.iter().map(|t| t.to_string()));
     let output = output_within(&mut cmd, Duration::from_secs(30));
     let report = std::fs::read(&report)
         .ok()

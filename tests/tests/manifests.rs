@@ -12,8 +12,9 @@
 //! Each rule is shown to fail: `each_rule_catches_its_fault` breaks the real manifests one
 //! fault at a time and expects that rule's complaint.
 //!
-//! The validator is installed by `.ci/run` into `target/kubernetes-validate` (a venv); with
-//! `CI` set its absence fails the test, elsewhere it skips (the message says how to install).
+//! The validator is installed by `cargo xtask setup` (which `cargo xtask test` and `.ci/run`
+//! run) into `target/kubernetes-validate` (a venv); with `CI` set its absence fails the test,
+//! elsewhere it skips (the message says how to install).
 
 use std::{
     collections::BTreeSet,
@@ -34,8 +35,8 @@ const KUBERNETES_VERSION: &str = "1.37.0";
 /// `appArmorProfile` and the `sleep` preStop action in 1.30 (1.29's schema refuses the first).
 const OLDEST_KUBERNETES_VERSION: &str = "1.30.0";
 /// The capabilities the node agent (and its uninstall) adds, and no others. deploy/agent.yaml
-/// says why each is needed and why SYS_ADMIN and SYS_RESOURCE are not (README, Kubernetes,
-/// repeats it): change them together.
+/// says why each is needed and why SYS_ADMIN and SYS_RESOURCE are not (docs/kubernetes.md,
+/// "Capabilities of the agent", repeats it): change them together.
 const AGENT_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 /// (apiVersion, kind) the validator has no schema for and lets through with a warning:
 /// cert-manager's CRDs and kustomize's own file. Any other unknown kind (a typo'd apiVersion,
@@ -283,6 +284,13 @@ fn admin_port() -> i64 {
         .expect("ADMIN_ADDR has a port")
 }
 
+fn probe_port() -> i64 {
+    defaults::PROBE_ADDR
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("PROBE_ADDR has a port")
+}
+
 fn socket_dir() -> String {
     Path::new(defaults::AGENT_SOCKET)
         .parent()
@@ -369,19 +377,46 @@ fn check_proxy(docs: &[Doc]) -> Vec<String> {
             if c.c[probe]["httpGet"]["path"].as_str() != Some(path) {
                 p.push(format!("{l}: {probe} does not GET {path}"));
             }
-            if c.probe_port(probe) != Some(admin_port()) {
+            if c.probe_port(probe) != Some(probe_port()) {
                 p.push(format!(
-                    "{l}: {probe} is not on the admin port {}",
-                    admin_port()
+                    "{l}: {probe} is not on the probe port {} (the admin port's slots can be \
+                     held by any client in the pod network)",
+                    probe_port()
                 ));
             }
         }
-        // The probes come from the node: the admin endpoint must listen beyond loopback.
-        match c.flag("--admin-addr") {
+        // The probes come from the node: the probe listener must listen beyond loopback.
+        match c.flag("--probe-addr") {
             Some(a) if a.starts_with("0.0.0.0:") || a.starts_with("[::]:") => {}
             other => p.push(format!(
-                "{l}: --admin-addr {other:?} is not reachable by kubelet's probes (bind 0.0.0.0)"
+                "{l}: --probe-addr {other:?} is not reachable by kubelet's probes (bind 0.0.0.0)"
             )),
+        }
+        // The default --max-connections comes from RLIMIT_NOFILE, which container runtimes
+        // set to about a million: the manifest must set a cap its memory limit can hold.
+        // Worst case per open connection: both copy buffers in use (2 × 16 KiB,
+        // `proxy/copy.rs` BUF_SIZE) and about 8 KiB of task and socket state (the reliability
+        // test measures ~4.5 KiB per idle one), on top of a 32 MiB base (idle RSS ~10 MiB).
+        const PER_CONNECTION: u64 = 40 * 1024;
+        const BASE: u64 = 32 << 20;
+        let cap = c
+            .flag("--max-connections")
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = c.c["resources"]["limits"]["memory"]
+            .as_str()
+            .and_then(memory_bytes);
+        match (cap, limit) {
+            (Some(cap), Some(limit)) if BASE + cap * PER_CONNECTION <= limit => {}
+            (Some(cap), Some(limit)) => p.push(format!(
+                "{l}: --max-connections={cap} needs up to {} MiB, above the memory limit of {} MiB",
+                (BASE + cap * PER_CONNECTION) >> 20,
+                limit >> 20
+            )),
+            (None, _) => p.push(format!(
+                "{l}: no --max-connections: the default follows RLIMIT_NOFILE (about a million \
+                 in a container), far past any memory limit"
+            )),
+            (_, None) => p.push(format!("{l}: no memory limit")),
         }
         for m in seq(&c.c["volumeMounts"]) {
             if !m["subPath"].is_null() || !m["subPathExpr"].is_null() {
@@ -396,6 +431,24 @@ fn check_proxy(docs: &[Doc]) -> Vec<String> {
         p.push(format!("no container runs [{BINARY}, proxy]"));
     }
     p
+}
+
+/// A Kubernetes memory quantity (`256Mi`, `1Gi`, `512000`) in bytes.
+fn memory_bytes(q: &str) -> Option<u64> {
+    let (num, unit) = q
+        .find(|ch: char| !ch.is_ascii_digit())
+        .map_or((q, ""), |i| q.split_at(i));
+    let factor = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" => 1000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return None,
+    };
+    num.parse::<u64>().ok().map(|n| n * factor)
 }
 
 /// The node agent: exactly the listed capabilities, never privileged, what the API server
@@ -551,6 +604,20 @@ fn check_defaults(docs: &[Doc]) -> Vec<String> {
             "containerPort admin",
             c.port("admin").map(|n| n.to_string()),
             admin_port().to_string(),
+        );
+        want(
+            &mut p,
+            &l,
+            "the --probe-addr port",
+            flag("--probe-addr").and_then(|a| a.rsplit_once(':').map(|(_, port)| port.to_owned())),
+            probe_port().to_string(),
+        );
+        want(
+            &mut p,
+            &l,
+            "containerPort probe",
+            c.port("probe").map(|n| n.to_string()),
+            probe_port().to_string(),
         );
         want(
             &mut p,
@@ -1425,18 +1492,39 @@ fn each_rule_catches_its_fault() {
                     &format!("{SIDECAR}/startupProbe/httpGet/port"),
                 ) = yaml("15001")
             },
-            "startupProbe is not on the admin port",
+            "startupProbe is not on the probe port",
         ),
         (
-            "admin on loopback",
+            "probes on the admin port",
+            |d, _| {
+                *at(
+                    doc_mut(d, "Deployment"),
+                    &format!("{SIDECAR}/readinessProbe/httpGet/port"),
+                ) = yaml("admin")
+            },
+            "readinessProbe is not on the probe port",
+        ),
+        (
+            "probe listener on loopback",
             |d, _| {
                 set_arg(
                     at(doc_mut(d, "Deployment"), &format!("{SIDECAR}/args")),
-                    "--admin-addr",
-                    "--admin-addr=127.0.0.1:15000",
+                    "--probe-addr",
+                    "--probe-addr=127.0.0.1:15021",
                 )
             },
             "not reachable by kubelet's probes",
+        ),
+        (
+            "more connections than the memory limit holds",
+            |d, _| {
+                set_arg(
+                    at(doc_mut(d, "Deployment"), &format!("{SIDECAR}/args")),
+                    "--max-connections",
+                    "--max-connections=100000",
+                )
+            },
+            "above the memory limit",
         ),
         (
             "tls via subPath",
@@ -1576,7 +1664,7 @@ fn each_rule_catches_its_fault() {
             |d, _| {
                 *at(
                     doc_mut(d, "Deployment"),
-                    &format!("{SIDECAR}/ports/1/containerPort"),
+                    &format!("{SIDECAR}/ports/2/containerPort"),
                 ) = yaml("15018")
             },
             "containerPort tunnel",

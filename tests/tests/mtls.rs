@@ -19,6 +19,7 @@ use sidecar_tests::{
     require,
     run::{Finished, SidecarRun},
     scratch::Scratch,
+    script::{arg, wait_for_file},
     serial,
 };
 
@@ -158,7 +159,8 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
     done.assert_exit_code(0);
     let report = done.report();
     assert_all_tunnelled(report, "inbound", CLIENT_ID, 6);
-    // The server app's peers are its own sidecar's loopback sockets, never pod A.
+    // The server app's peers are its own sidecar's sockets on pod B's own address (where
+    // the tunnel delivers), never pod A.
     let app_peers: Vec<String> = done
         .stdout
         .iter()
@@ -173,8 +175,8 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
     assert_eq!(app_peers.len(), 6, "server app saw: {app_peers:?}");
     for peer in &app_peers {
         assert!(
-            peer.starts_with("127.0.0.1:"),
-            "server app peer {peer} is not loopback"
+            peer.starts_with(&format!("{}:", pods.b.addr)),
+            "server app peer {peer} is not on pod B's own address"
         );
         assert!(
             sidecar_sockets.contains(peer),
@@ -534,6 +536,154 @@ fn certificates_rotate_without_dropping_streams() {
     assert!(
         stderr.contains("new certificates refused"),
         "the invalid set was not reported:\n{stderr}"
+    );
+}
+
+/// Waits for a line of `run`'s output (stdout or stderr) containing `needle`.
+fn wait_output(run: &SidecarRun, needle: &str) {
+    let seen = host::wait_until(Duration::from_secs(15), || {
+        run.stdout_lines().iter().any(|l| l.contains(needle)) || run.stderr_text().contains(needle)
+    });
+    assert!(
+        seen,
+        "no {needle:?} within 15 s\nstdout: {:#?}\nstderr:\n{}",
+        run.stdout_lines(),
+        run.stderr_text()
+    );
+}
+
+/// (resumed, peer identity) of each of `report`'s connections in `direction`, by id.
+fn handshakes(report: &Report, direction: &str) -> Vec<(Option<bool>, Option<String>)> {
+    let mut conns: Vec<_> = report
+        .connections
+        .iter()
+        .filter(|c| c.direction == direction)
+        .collect();
+    conns.sort_by_key(|c| c.id);
+    for c in &conns {
+        assert!(c.mtls() && c.outcome == "ok", "{c:?}");
+        assert_eq!(
+            (c.bytes_from_client, c.bytes_from_upstream),
+            (64, 64),
+            "{c:?}"
+        );
+    }
+    conns
+        .iter()
+        .map(|c| (c.tls_resumed, c.peer_identity().map(String::from)))
+        .collect()
+}
+
+/// A second tunnel to a peer resumes the first one's TLS session (no certificate exchange)
+/// and still carries both verified identities. A rotation of either end's certificate ends
+/// that: the next tunnel is a full handshake presenting the new certificate, never a
+/// resumption of a session made under the old one.
+#[test]
+fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
+    if !sidecar_tests::privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = certs("resumption");
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let (client_v2, server_v2) = (
+        "spiffe://example.org/ns/demo/sa/client-v2",
+        "spiffe://example.org/ns/demo/sa/server-v2",
+    );
+    let pods = PodPair::create(16);
+    let mut server = SidecarRun::builder(33001)
+        .wrapped_in(pods.b.enter())
+        .env("SIDECAR_LOG", "info")
+        .arg("--tls-dir")
+        .arg(&server_tls)
+        .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+        .start();
+    server.wait_ready(READY_TIMEOUT);
+
+    // Two connections one after the other, per stage; a stage waits for its go file.
+    let (go_client, go_server) = (certs.path("go-client"), certs.path("go-server"));
+    let echo = |count: usize| {
+        format!(
+            "{CLIENT} echo {} {} {}",
+            arg("--addr", format!("{}:{APP_PORT}", pods.b.addr)),
+            arg("--size", 64),
+            arg("--count", count)
+        )
+    };
+    let script = format!(
+        "{e}; echo \"STAGE1 $?\"; {wait_client}; {e}; echo \"STAGE2 $?\"; {wait_server}; {e}; \
+         echo \"STAGE3 $?\"",
+        e = echo(2),
+        wait_client = wait_for_file(&go_client),
+        wait_server = wait_for_file(&go_server),
+    );
+    let access_log = certs.dir.join("client-access.log");
+    let mut client = SidecarRun::builder(33002)
+        .meshed_client_of(&pods, &client_tls)
+        .env("SIDECAR_LOG", "info")
+        .arg("--access-log")
+        .arg(&access_log)
+        .command(["sh", "-c", &script])
+        .start();
+
+    wait_output(&client, "STAGE1 0");
+    certs.issue("ca", client_v2, "client", &[]);
+    wait_output(&client, "rotated to new certificates");
+    std::fs::write(&go_client, b"").unwrap();
+    wait_output(&client, "STAGE2 0");
+    certs.issue("ca", server_v2, "server", &[]);
+    wait_output(&server, "rotated to new certificates");
+    std::fs::write(&go_server, b"").unwrap();
+
+    let client = client.finish(RUN_TIMEOUT);
+    client.assert_exit_code(0);
+    let lines: Vec<EchoLine> = client.parse_stdout();
+    assert!(
+        lines.len() == 6 && lines.iter().all(|l| l.ok),
+        "echoes: {lines:#?}"
+    );
+    let (full, resumed) = (Some(false), Some(true));
+    let id = |s: &str| Some(s.to_string());
+    assert_eq!(
+        handshakes(client.report(), "outbound"),
+        vec![
+            (full, id(SERVER_ID)),
+            (resumed, id(SERVER_ID)),
+            // The client rotated: its new session cache has nothing to offer.
+            (full, id(SERVER_ID)),
+            (resumed, id(SERVER_ID)),
+            // The server rotated: its new ticket key cannot open the client's ticket.
+            (full, id(server_v2)),
+            (resumed, id(server_v2)),
+        ],
+        "outbound handshakes (resumed, server identity)"
+    );
+    let log = std::fs::read_to_string(&access_log).expect("reading the access log");
+    let logged: Vec<Option<bool>> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|r| r["tls_resumed"].as_bool())
+        .collect();
+    assert_eq!(
+        logged,
+        [full, resumed, full, resumed, full, resumed],
+        "access log:\n{log}"
+    );
+
+    let done = stop(server);
+    done.assert_exit_code(0);
+    assert_eq!(
+        handshakes(done.report(), "inbound"),
+        vec![
+            (full, id(CLIENT_ID)),
+            (resumed, id(CLIENT_ID)),
+            (full, id(client_v2)),
+            (resumed, id(client_v2)),
+            (full, id(client_v2)),
+            (resumed, id(client_v2)),
+        ],
+        "inbound handshakes (resumed, client identity)"
     );
 }
 

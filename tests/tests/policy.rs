@@ -323,7 +323,7 @@ fn dry_run_and_audit_let_through_and_log() {
 
 /// While two connections stream, the policy is replaced (allowed streams keep going, the new
 /// rules apply to new connects in the kernel), then an invalid file is refused with its line
-/// and the policy in force does not change, then an empty policy lifts every deny.
+/// and the policy in force does not change, then a policy of no rules lifts every deny.
 #[test]
 fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     if !sidecar_tests::privileged() {
@@ -396,10 +396,13 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     );
     wait_for_log(&run, "policy refused, keeping the current one");
     std::fs::write(&go2, b"").unwrap();
-    // Back to the first kernel slot, with an empty policy: nothing of the first policy
-    // (deny b) may linger there.
+    // Back to the first kernel slot, with a policy of no rules: nothing of the first policy
+    // (deny b) may linger there. (An empty file is refused: allow-all is said explicitly.)
     wait_for_line(&run, "PHASE3");
-    scratch.write("policy.toml", "# allow everything\n");
+    scratch.write(
+        "policy.toml",
+        "# allow everything\n[defaults]\noutbound = \"allow\"\n",
+    );
     wait_for_logs(&run, "policy reloaded", 2);
     std::fs::write(&go3, b"").unwrap();
     let done = run.finish(RUN_TIMEOUT);
@@ -411,7 +414,7 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         refused,
         [true, false, true, false, true, false, false],
         "b; b and c after the reload; b and c after the invalid file; b and c after the \
-         empty policy: {fails:#?}"
+         rule-less policy: {fails:#?}"
     );
     for l in fails.iter().filter(|l| !refused_by_kernel(l)) {
         assert!(l.connected && l.error.is_none(), "allowed connect: {l:?}");

@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz`: runs every cargo-fuzz target (network bytes: preamble; configuration:
-//! policy file, credentials PEM, CLI values; admin request heads) for a bounded time (installing
-//! cargo-fuzz when missing). `cargo xtask test` runs it briefly so the targets cannot rot;
-//! crashes found become regression tests beside the parser.
+//! policy file, credentials PEM, CLI values; admin request heads; agent registration requests)
+//! for a bounded time (installing cargo-fuzz when missing). `cargo xtask test` runs it briefly
+//! so the targets cannot rot; crashes found become regression tests beside the parser.
 
 use std::process::Command;
 
@@ -16,6 +16,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("sidecar-user/fuzz", "tls_pem"),
     ("sidecar-user/fuzz", "config"),
     ("sidecar-user/fuzz", "admin_http"),
+    ("sidecar-user/fuzz", "agent_protocol"),
 ];
 
 #[derive(clap::Args)]

@@ -6,6 +6,7 @@ mod build_ebpf;
 mod demo;
 mod fuzz;
 mod sanitize;
+mod setup;
 mod soak;
 mod toolchain;
 mod vmtest;
@@ -34,11 +35,15 @@ enum Cmd {
     Fuzz(fuzz::Options),
     /// Run the unsafe code of the user half under Miri and AddressSanitizer (nightly).
     Sanitize(sanitize::Options),
+    /// Install what the tests, the demo and the bench need (Debian packages, the manifest
+    /// validator's venv), one line per thing installed; `test` and `demo` run it first.
+    Setup,
     /// Run the soak test (mixed traffic through one sidecar, leak and counter checks) for a
     /// bounded time (needs root).
     Soak(soak::Options),
-    /// Build the eBPF object, then run every test of the workspace (privileged ones included:
-    /// run as root; with CI set they fail instead of skipping when they cannot run).
+    /// Install what is missing (`setup`), build the eBPF object, then run every test of the
+    /// workspace (privileged ones included: run as root; with CI set they fail instead of
+    /// skipping when they cannot run).
     Test {
         /// Extra arguments passed to `cargo test` after `--` (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -66,7 +71,8 @@ fn main() -> Result<()> {
     }
     match Cli::parse().command {
         Cmd::BuildEbpf(opts) => build_ebpf::build(&opts).map(|_| ()),
-        Cmd::Demo => demo::demo(),
+        Cmd::Demo => setup::setup().and_then(|()| demo::demo()),
+        Cmd::Setup => setup::setup(),
         Cmd::Fuzz(opts) => fuzz::fuzz(&opts),
         Cmd::Soak(opts) => soak::soak(&opts),
         Cmd::Sanitize(opts) => sanitize::sanitize(&opts),
@@ -78,10 +84,12 @@ fn main() -> Result<()> {
     }
 }
 
-/// Seconds per fuzz target in `cargo xtask test` (five targets: 100 s in all).
+/// Seconds per fuzz target in `cargo xtask test` (six targets: 120 s in all).
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(args: &[String]) -> Result<()> {
+    step("checking what the tests need (cargo xtask setup)");
+    setup::setup()?;
     build_ebpf::build(&build_ebpf::Options::default())?;
     step("building the workspace");
     run(cargo().args(["build", "--locked"]))?;

@@ -1,6 +1,6 @@
 //! `cargo xtask sanitize`: the unsafe code of the user half under Miri and AddressSanitizer
-//! (`cargo xtask test` runs it). What each covers, and what neither can, is in the README
-//! ("Unsafe code, Miri and sanitizers").
+//! (`cargo xtask test` runs it). What each covers, and what neither can, is in
+//! docs/testing.md ("Unsafe code, Miri and sanitizers").
 //!
 //! - Miri interprets the tests whose unsafe is pure Rust: `sidecar-common` (byte views of
 //!   the types shared with the kernel, the verifier-friendly volatile read) and the user-half

@@ -22,10 +22,15 @@ mod tls {
     pub(crate) use super::identity;
 }
 
-// schema.rs names its sibling `super::rules`: both sit at the crate root here.
+// schema.rs names its siblings `super::rules` and `super::destinations`: all sit at the
+// crate root here.
 #[path = "../../src/policy/rules.rs"]
 #[allow(dead_code)]
 mod rules;
+
+#[path = "../../src/policy/destinations.rs"]
+#[allow(dead_code)]
+mod destinations;
 
 #[path = "../../src/policy/schema.rs"]
 #[allow(dead_code)]
@@ -47,11 +52,21 @@ fuzz_target!(|data: &[u8]| {
             for r in &p.rules {
                 assert!(r.line >= 1 && r.line <= lines);
             }
+            for d in &p.destinations {
+                assert!(d.line >= 1 && d.line <= lines);
+                let _ = p.destination(SocketAddr::new(d.destinations[0].addr, 0));
+            }
             let id: tls::identity::SpiffeId = "spiffe://example.org/ns/a/sa/b".parse().unwrap();
             for dst in ["10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:0", "0.0.0.0:65535"] {
                 let dst: SocketAddr = dst.parse().unwrap();
-                for (way, source) in [(Way::Outbound, None), (Way::Inbound, Some(&id))] {
-                    let d = p.evaluate(&Request { way, source, dst });
+                let peers = [
+                    (Way::Outbound, None),
+                    (Way::Outbound, Some(&id)),
+                    (Way::Inbound, Some(&id)),
+                ];
+                for (way, peer) in peers {
+                    let _ = p.depends_on_peer(&Request { way, peer, dst });
+                    let d = p.evaluate(&Request { way, peer, dst });
                     assert!(d.rule.is_none_or(|i| i < p.rules.len()));
                     let _ = p.rule_label(&d, way);
                 }

@@ -31,6 +31,11 @@ pub struct ObserveArgs {
     /// must be free.
     #[arg(long, value_name = "ADDR|off")]
     pub admin_addr: Option<AdminListen>,
+    /// A listener for kubelet's probes only (/healthz, /readyz), apart from the admin
+    /// endpoint: clients holding the admin endpoint's slots cannot fail the probes. In
+    /// Kubernetes, 0.0.0.0:15021 (deploy/). Default: none.
+    #[arg(long, value_name = "ADDR")]
+    pub probe_addr: Option<SocketAddr>,
     /// Access log, one JSON line per closed connection: `stdout`, a file (appended), or `off`.
     #[arg(long, value_name = "stdout|FILE|off", default_value = "off")]
     pub access_log: AccessLogTarget,
@@ -45,6 +50,7 @@ impl From<ObserveArgs> for ObserveOptions {
     fn from(a: ObserveArgs) -> Self {
         Self {
             admin: a.admin_addr.unwrap_or_default(),
+            probe: a.probe_addr,
             access_log: a.access_log,
             destination_labels: usize::from(a.metrics_destinations),
         }
@@ -127,12 +133,19 @@ struct ConnRow {
     age_ms: u64,
     state: String,
     mode: String,
+    /// `proxy` or `passthrough` (absent from older sidecars: proxy).
+    #[serde(default = "proxy_path")]
+    path: String,
     src: String,
     original_dst: Option<String>,
     bytes_sent: u64,
     bytes_received: u64,
     src_identity: Option<String>,
     dst_identity: Option<String>,
+}
+
+fn proxy_path() -> String {
+    "proxy".into()
 }
 
 /// One rendering of `sidecar conns`.
@@ -146,8 +159,8 @@ pub fn conns_once(admin: SocketAddr, json: bool) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6}  {:>8}  {:<10} {:<5}  {:<22} {:<22} {:>10} {:>10}  IDENTITIES",
-        "ID", "AGE", "STATE", "MODE", "SRC", "ORIGINAL DST", "SENT", "RECEIVED"
+        "{:>6}  {:>8}  {:<10} {:<5} {:<11}  {:<22} {:<22} {:>10} {:>10}  IDENTITIES",
+        "ID", "AGE", "STATE", "MODE", "PATH", "SRC", "ORIGINAL DST", "SENT", "RECEIVED"
     );
     for c in &list.connections {
         let ids = match (&c.src_identity, &c.dst_identity) {
@@ -160,11 +173,12 @@ pub fn conns_once(admin: SocketAddr, json: bool) -> Result<String> {
         };
         let _ = writeln!(
             out,
-            "{:>6}  {:>8}  {:<10} {:<5}  {:<22} {:<22} {:>10} {:>10}  {}",
+            "{:>6}  {:>8}  {:<10} {:<5} {:<11}  {:<22} {:<22} {:>10} {:>10}  {}",
             c.id,
             age(c.age_ms),
             c.state,
             c.mode,
+            c.path,
             c.src,
             c.original_dst.as_deref().unwrap_or("-"),
             c.bytes_sent,

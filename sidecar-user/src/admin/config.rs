@@ -4,7 +4,11 @@ use std::{net::SocketAddr, str::FromStr};
 
 use serde_json::{Value, json};
 
-use crate::{run::RunOptions, telemetry::access_log::AccessLogTarget};
+use crate::{
+    proxy::ProxySettings,
+    run::{MtlsOptions, RunOptions},
+    telemetry::access_log::AccessLogTarget,
+};
 
 /// Where the admin server listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,6 +38,8 @@ impl FromStr for AdminListen {
 #[derive(Debug, Clone, Default)]
 pub struct ObserveOptions {
     pub admin: AdminListen,
+    /// The probe listener (`/healthz`, `/readyz` only); none unless asked for.
+    pub probe: Option<SocketAddr>,
     pub access_log: AccessLogTarget,
     /// Distinct destinations that get their own metric series (0 = none).
     pub destination_labels: usize,
@@ -52,22 +58,80 @@ pub fn effective(opts: &RunOptions) -> Value {
         "bpffs": opts.bpffs.display().to_string(),
         "sockmap": opts.sockmap,
         "bpf_log": opts.bpf_log,
-        "connect_timeout_ms": opts.proxy.connect_timeout.as_millis() as u64,
-        "idle_timeout_secs": opts.proxy.idle_timeout.as_secs(),
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
         "report": opts.report.as_ref().map(|p| p.display().to_string()),
-        "command": opts.command.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        "command": command(&opts.command),
         "admin_addr": match opts.observe.admin {
             AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
             AdminListen::Addr(a) => a.to_string(),
             AdminListen::Off => "off".into(),
         },
+        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
         "access_log": opts.observe.access_log.to_string(),
         "metrics_destinations": opts.observe.destination_labels,
-        "mode": "plain",
-        "policy": "none",
+        "mode": mode(opts.mtls.as_ref()),
+        "tls": opts.mtls.as_ref().map(tls),
+        "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
+        "inbound_mode": if opts.strict_inbound { "strict" } else { "permissive" },
     });
-    redact(v)
+    redact(with_proxy(v, &opts.proxy))
+}
+
+/// `config` with the proxy's settings (timeouts, caps, retries, circuits) added: the same
+/// fields for `sidecar run` and `sidecar proxy`.
+pub fn with_proxy(mut config: Value, p: &ProxySettings) -> Value {
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    let (l, r) = (&p.limits, &p.resilience);
+    let fields = json!({
+        "connect_timeout_ms": ms(p.connect_timeout),
+        "idle_timeout_secs": p.idle_timeout.as_secs(),
+        "max_connections": l.max_connections,
+        "max_pending_handshakes": l.max_pending_handshakes,
+        "max_connections_per_destination": l.max_connections_per_destination,
+        "max_pending_connects": l.max_pending_connects,
+        "connect_retries": r.connect_retries,
+        "retry_backoff_ms": ms(r.retry_backoff),
+        "circuit_failures": r.circuit_failures,
+        "circuit_open_ms": ms(r.circuit_open),
+        "circuit_open_max_ms": ms(r.circuit_open_max),
+    });
+    if let (Some(map), Value::Object(add)) = (config.as_object_mut(), fields) {
+        map.extend(add);
+    }
+    config
+}
+
+/// The workload's program and how many arguments it got, never the arguments: they are
+/// where secrets are passed on command lines (`--password=…`, tokens, URLs with
+/// credentials), and `/config` may be reachable from other hosts.
+pub fn command(argv: &[std::ffi::OsString]) -> Value {
+    json!({
+        "program": argv.first().map(|p| p.to_string_lossy().into_owned()),
+        "arguments": argv.len().saturating_sub(1),
+    })
+}
+
+/// `plain` (no `--tls-dir`), `mtls`, or `permissive` (`--permissive`: destinations outside
+/// the mesh CIDRs try a tunnel and fall back to plaintext).
+pub fn mode(mtls: Option<&MtlsOptions>) -> &'static str {
+    match mtls {
+        None => "plain",
+        Some(m) if m.permissive => "permissive",
+        Some(_) => "mtls",
+    }
+}
+
+/// The mTLS settings (file paths, not contents).
+pub fn tls(m: &MtlsOptions) -> Value {
+    json!({
+        "certificate": m.files.cert.display().to_string(),
+        "bundle": m.files.bundle.display().to_string(),
+        "inbound": m.inbound.map(|a| a.to_string()),
+        "tunnel_port": m.tunnel_port,
+        "mesh_cidrs": m.mesh_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "permissive": m.permissive,
+        "preamble_timeout_ms": m.preamble_timeout.as_millis() as u64,
+    })
 }
 
 /// Replaces the value of every key that names a secret, at any depth.
@@ -109,6 +173,17 @@ mod tests {
             v["password"].is_null(),
             "absent secrets stay visibly absent"
         );
+    }
+
+    #[test]
+    fn the_command_line_shows_the_program_and_the_argument_count_only() {
+        let argv: Vec<std::ffi::OsString> = ["/usr/bin/app", "--db-password=hunter2", "serve"]
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        let v = command(&argv);
+        assert_eq!(v, json!({"program": "/usr/bin/app", "arguments": 2}));
+        assert!(!v.to_string().contains("hunter2"));
     }
 
     #[test]

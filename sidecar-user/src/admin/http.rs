@@ -8,9 +8,10 @@
 //! the admin thread: the head must arrive within [`HEAD_TIMEOUT`] and fit in [`MAX_HEAD`].
 
 use std::{
+    collections::HashMap,
     io::{self, Read, Write},
-    net::{SocketAddr, TcpStream as StdStream},
-    sync::Arc,
+    net::{IpAddr, SocketAddr, TcpStream as StdStream},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,6 +23,19 @@ use tokio::{
 
 pub const MAX_HEAD: usize = 8 * 1024;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How much of a server its clients may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests in flight at once; beyond that a newcomer is answered 503 at once.
+    pub total: usize,
+    /// Requests in flight at once from one IP address. Without it, silent clients on one
+    /// address could hold every slot for a head timeout each, renew them, and every other
+    /// client (kubelet's probes, Prometheus) would get 503s for as long as they kept on.
+    pub per_peer: usize,
+    /// How long a client has to send its request head.
+    pub head_timeout: Duration,
+}
 
 /// A parsed request line: method and path (query string removed).
 #[derive(Debug, PartialEq, Eq)]
@@ -85,42 +99,89 @@ pub fn parse_request(head: &[u8]) -> Option<Request> {
 }
 
 /// Accepts on `listener` until the future is dropped, answering each request with `route` on
-/// a task of its own. With `max_concurrent` requests in flight a newcomer gets 503 at once
-/// ([`busy`]), so slow or silent clients cannot hold the probes and scrapes back. A failed
-/// accept (say, out of fds) is retried after 50 ms rather than spinning.
-pub async fn serve<R>(listener: TcpListener, max_concurrent: usize, route: R)
+/// a task of its own. A newcomer beyond `limits` (in total, or from its address) gets 503 at
+/// once ([`busy`]), so slow or silent clients cannot hold the probes and scrapes back. A
+/// failed accept (say, out of fds) is retried after 50 ms rather than spinning.
+pub async fn serve<R>(listener: TcpListener, limits: Limits, route: R)
 where
     R: Fn(&Request) -> Response + Clone + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max_concurrent));
+    let slots = Arc::new(Semaphore::new(limits.total));
+    let peers = PeerSlots::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::debug!("admin accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        let held = peers
+            .take(peer.ip().to_canonical(), limits.per_peer)
+            .and_then(|p| Some((p, slots.clone().try_acquire_owned().ok()?)));
+        match held {
+            Some(held) => {
                 let route = route.clone();
                 tokio::spawn(async move {
-                    serve_one(stream, route).await;
-                    drop(permit);
+                    serve_one(stream, limits.head_timeout, route).await;
+                    drop(held);
                 });
             }
-            Err(_) => {
+            None => {
                 tokio::spawn(busy(stream));
             }
         }
     }
 }
 
-/// Reads one request head from `stream`, answers it with `handle`, and closes.
-pub async fn serve_one(mut stream: TcpStream, handle: impl FnOnce(&Request) -> Response) {
+/// Requests in flight per peer address. Entries exist only while a request is in flight,
+/// so the map never holds more than [`Limits::total`] + 1 addresses.
+#[derive(Clone, Default)]
+struct PeerSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One request's share of its peer's slots, given back on drop.
+struct PeerSlot {
+    slots: PeerSlots,
+    ip: IpAddr,
+}
+
+impl PeerSlots {
+    fn take(&self, ip: IpAddr, per_peer: usize) -> Option<PeerSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let held = map.entry(ip).or_default();
+        if *held >= per_peer {
+            return None;
+        }
+        *held += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = map.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Reads one request head from `stream` (within `head_timeout`), answers it with `handle`,
+/// and closes.
+pub async fn serve_one(
+    mut stream: TcpStream,
+    head_timeout: Duration,
+    handle: impl FnOnce(&Request) -> Response,
+) {
     let mut head = Vec::with_capacity(512);
-    let read = tokio::time::timeout(HEAD_TIMEOUT, async {
+    let read = tokio::time::timeout(head_timeout, async {
         let mut buf = [0u8; 1024];
         loop {
             if head.windows(4).any(|w| w == b"\r\n\r\n") {

@@ -3,8 +3,13 @@
 //!
 //! It runs on its own thread with its own single-threaded tokio runtime, so a scrape — even
 //! a slow or abusive one — competes with the data path only for a CPU, never for the proxy
-//! runtime's workers or its task queue. Concurrent admin requests are capped; excess ones
-//! are answered 503 at once.
+//! runtime's workers or its task queue. Concurrent admin requests are capped, in total and per
+//! peer address; excess ones are answered 503 at once.
+//!
+//! Kubelet's probes get a listener of their own (`--probe-addr`, like Istio's status port):
+//! `/healthz` and `/readyz` only, with their own slots and a short head timeout, so clients
+//! that hold the admin endpoint's slots (it is reachable from the pod network, for
+//! Prometheus) cannot get the pod restarted or taken out of its Service.
 
 pub mod cli;
 pub mod config;
@@ -16,6 +21,7 @@ use std::{
     net::{SocketAddr, TcpListener as StdListener},
     sync::Arc,
     thread::JoinHandle,
+    time::Duration,
 };
 
 use thiserror::Error;
@@ -28,8 +34,19 @@ use crate::telemetry::Telemetry;
 pub const DEFAULT_ADDR: &str = crate::defaults::ADMIN_ADDR;
 /// Requests served at the same time (each holds at most an 8 KiB head); beyond that a
 /// connection is answered 503 at once rather than queued, so silent clients cannot make
-/// later scrapes wait for their head timeout.
-const MAX_CONCURRENT: usize = 64;
+/// later scrapes wait for their head timeout. One address may hold a quarter of the slots.
+const ADMIN_LIMITS: http::Limits = http::Limits {
+    total: 64,
+    per_peer: 16,
+    head_timeout: http::HEAD_TIMEOUT,
+};
+/// The probe listener: kubelet sends its request as soon as it connects and probes a pod a
+/// few times at once at most, so a peer gets 8 slots and 2 s to send its head.
+const PROBE_LIMITS: http::Limits = http::Limits {
+    total: 128,
+    per_peer: 8,
+    head_timeout: Duration::from_secs(2),
+};
 /// Rows `/connections` returns at most.
 pub const MAX_CONNECTION_ROWS: usize = 10_000;
 
@@ -40,6 +57,11 @@ pub enum AdminError {
          admin server off with --admin-addr off"
     )]
     InUse { addr: SocketAddr },
+    #[error(
+        "probe address {addr} is already in use: pick another with --probe-addr, or turn the \
+         probe listener off with --probe-addr off"
+    )]
+    ProbeInUse { addr: SocketAddr },
     #[error("cannot serve the admin endpoints on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot start the admin thread: {0}")]
@@ -47,6 +69,7 @@ pub enum AdminError {
 }
 
 /// What the endpoints read.
+#[derive(Clone)]
 pub struct AdminState {
     pub telemetry: Arc<Telemetry>,
     /// The effective configuration, already redacted.
@@ -60,15 +83,37 @@ pub struct AdminServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Which endpoints a server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoints {
+    /// The admin server: all of them.
+    All,
+    /// The probe listener: `/healthz` and `/readyz`.
+    Probes,
+}
+
 impl AdminServer {
     /// Binds now (so a busy port is reported before anything else starts) and serves on a
     /// dedicated thread.
     pub fn start(addr: SocketAddr, state: AdminState) -> Result<Self, AdminError> {
+        Self::spawn(addr, state, Endpoints::All)
+    }
+
+    /// The probe listener: `/healthz` and `/readyz` only, on a thread of its own.
+    pub fn start_probes(addr: SocketAddr, state: AdminState) -> Result<Self, AdminError> {
+        Self::spawn(addr, state, Endpoints::Probes)
+    }
+
+    fn spawn(
+        addr: SocketAddr,
+        state: AdminState,
+        endpoints: Endpoints,
+    ) -> Result<Self, AdminError> {
         let listener = StdListener::bind(addr).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                AdminError::InUse { addr }
-            } else {
-                AdminError::Bind { addr, source }
+            match (source.kind() == io::ErrorKind::AddrInUse, endpoints) {
+                (true, Endpoints::All) => AdminError::InUse { addr },
+                (true, Endpoints::Probes) => AdminError::ProbeInUse { addr },
+                (false, _) => AdminError::Bind { addr, source },
             }
         })?;
         let bound = listener
@@ -83,9 +128,13 @@ impl AdminServer {
             .map_err(AdminError::Thread)?;
         let (stop, stopped) = oneshot::channel();
         let state = Arc::new(state);
+        let name = match endpoints {
+            Endpoints::All => "sidecar-admin",
+            Endpoints::Probes => "sidecar-probes",
+        };
         let thread = std::thread::Builder::new()
-            .name("sidecar-admin".into())
-            .spawn(move || rt.block_on(serve(listener, state, stopped)))
+            .name(name.into())
+            .spawn(move || rt.block_on(serve(listener, state, endpoints, stopped)))
             .map_err(AdminError::Thread)?;
         Ok(Self {
             addr: bound,
@@ -110,7 +159,12 @@ impl Drop for AdminServer {
     }
 }
 
-async fn serve(listener: StdListener, state: Arc<AdminState>, stop: oneshot::Receiver<()>) {
+async fn serve(
+    listener: StdListener,
+    state: Arc<AdminState>,
+    endpoints: Endpoints,
+    stop: oneshot::Receiver<()>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -118,8 +172,12 @@ async fn serve(listener: StdListener, state: Arc<AdminState>, stop: oneshot::Rec
             return;
         }
     };
+    let limits = match endpoints {
+        Endpoints::All => ADMIN_LIMITS,
+        Endpoints::Probes => PROBE_LIMITS,
+    };
     tokio::select! {
-        () = http::serve(listener, MAX_CONCURRENT, move |req| route(&state, req)) => {}
+        () = http::serve(listener, limits, move |req| route(&state, endpoints, req)) => {}
         _ = stop => {}
     }
 }
@@ -156,8 +214,42 @@ pub fn start_for_run(
     }
 }
 
-fn route(state: &AdminState, req: &Request) -> Response {
+/// The configuration the sidecar started with, and what of it changes while it runs: the
+/// policy in force (its rules, when it was loaded) and the credentials' identity and expiry.
+fn live_config(state: &AdminState) -> serde_json::Value {
+    let mut config = state.config.clone();
+    let security = state.telemetry.security();
+    let Some(map) = config.as_object_mut() else {
+        return config;
+    };
+    if let Some(policy) = security.policy {
+        map.insert("policy".into(), serde_json::json!(policy));
+    }
+    if let (Some(tls), Some(live)) = (
+        map.get_mut("tls").and_then(|t| t.as_object_mut()),
+        security.tls,
+    ) {
+        tls.insert("identity".into(), live.identity.into());
+        tls.insert("not_after_unix".into(), live.not_after_unix.into());
+    }
+    config
+}
+
+/// Starts the probe listener where asked (`None`: none).
+pub fn start_probes(
+    addr: Option<SocketAddr>,
+    state: AdminState,
+) -> Result<Option<AdminServer>, AdminError> {
+    addr.map(|a| AdminServer::start_probes(a, state))
+        .transpose()
+}
+
+fn route(state: &AdminState, endpoints: Endpoints, req: &Request) -> Response {
     let t = &state.telemetry;
+    let probe = matches!(req.path.as_str(), "/healthz" | "/readyz");
+    if endpoints == Endpoints::Probes && !probe {
+        return Response::text(404, "the probe listener serves /healthz and /readyz only\n");
+    }
     match req.path.as_str() {
         "/metrics" => Response::new(
             200,
@@ -186,7 +278,7 @@ fn route(state: &AdminState, req: &Request) -> Response {
                 }),
             )
         }
-        "/config" => Response::json(200, &state.config),
+        "/config" => Response::json(200, &live_config(state)),
         "/status" => Response::json(200, &status::Status::collect(t)),
         "/" => Response::text(
             200,

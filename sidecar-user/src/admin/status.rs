@@ -6,8 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    proxy::record::{Direction, Mode, Outcome},
-    telemetry::{InterceptionInfo, Telemetry, metrics::LEGS},
+    proxy::record::{Direction, Mode, Outcome, Path},
+    telemetry::{
+        InterceptionInfo, PolicyStatus, Telemetry, TlsStatus, metrics::LEGS, process::Usage,
+        unix_secs,
+    },
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -18,13 +21,30 @@ pub struct Status {
     pub intercepted: Verdict,
     pub accelerated: Verdict,
     pub connections: Connections,
-    /// `plain` until mTLS is built.
+    /// `plain`, `mtls` or `permissive` (see [`crate::telemetry::Security`]).
     pub mode: String,
-    /// `none` until policy is built.
-    pub policy: String,
+    /// The workload credentials in force (`None`: plain).
+    pub tls: Option<TlsStatus>,
+    /// The policy in force (`None`: no `--policy`, everything allowed).
+    pub policy: Option<PolicyStatus>,
     /// The eBPF counters, summed over CPUs (empty when not attached).
     pub ebpf: BTreeMap<String, u64>,
     pub uptime_secs: f64,
+    /// What the sidecar itself costs (absent from older sidecars, and where `/proc/self`
+    /// cannot be read).
+    #[serde(default)]
+    pub process: Option<ProcessStatus>,
+}
+
+/// The sidecar's own cost, as its `process_*` metrics and `sidecar_startup_seconds` say.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub cpu_seconds: f64,
+    pub resident_memory_bytes: u64,
+    pub open_fds: u64,
+    pub threads: u64,
+    /// Exec to the first time `/readyz` was ready (`None`: not ready yet).
+    pub startup_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +64,12 @@ pub struct Connections {
     pub bytes_received: u64,
     pub fast_path_app_legs: u64,
     pub fast_path_upstream_legs: u64,
+    /// Of `closed`: connections that went straight to their destination (kernel
+    /// pass-through, recorded at close) and connections the proxy carried.
+    #[serde(default)]
+    pub passed_through: u64,
+    #[serde(default)]
+    pub proxied: u64,
 }
 
 impl Status {
@@ -60,20 +86,31 @@ impl Status {
             bytes_received: 0,
             fast_path_app_legs: 0,
             fast_path_upstream_legs: 0,
+            passed_through: 0,
+            proxied: 0,
         };
-        for d in Direction::ALL.map(Direction::as_str) {
-            for mode in Mode::ALL.map(Mode::as_str) {
-                c.opened += m.opened.with_label_values(&[d, mode]).get();
-            }
-            for o in Outcome::ALL {
-                c.closed += m.closed.with_label_values(&[d, o.as_str()]).get();
-                if o.is_setup_failure() {
-                    c.failed += m.failed.with_label_values(&[d, o.as_str()]).get();
+        for direction in Direction::ALL {
+            let d = direction.as_str();
+            for path in Path::ALL.into_iter().filter(|p| p.applies_to(direction)) {
+                let p = path.as_str();
+                for mode in Mode::ALL.map(Mode::as_str) {
+                    c.opened += m.opened.with_label_values(&[d, mode, p]).get();
                 }
+                for o in Outcome::ALL {
+                    let closed = m.closed.with_label_values(&[d, o.as_str(), p]).get();
+                    c.closed += closed;
+                    match path {
+                        Path::Proxy => c.proxied += closed,
+                        Path::Passthrough => c.passed_through += closed,
+                    }
+                }
+                c.bytes_sent += m.sent_bytes.with_label_values(&[d, p]).get();
+                c.bytes_received += m.received_bytes.with_label_values(&[d, p]).get();
+            }
+            for o in Outcome::ALL.into_iter().filter(|o| o.is_setup_failure()) {
+                c.failed += m.failed.with_label_values(&[d, o.as_str()]).get();
             }
             c.active += m.active.with_label_values(&[d]).get();
-            c.bytes_sent += m.sent_bytes.with_label_values(&[d]).get();
-            c.bytes_received += m.received_bytes.with_label_values(&[d]).get();
             c.fast_path_app_legs += m.fast_path.with_label_values(&[d, LEGS[0]]).get();
             c.fast_path_upstream_legs += m.fast_path.with_label_values(&[d, LEGS[1]]).get();
         }
@@ -88,17 +125,20 @@ impl Status {
             Some(i) if i.mode == "agent" && c.opened > 0 => verdict(
                 "yes",
                 format!(
-                    "{} connection(s) reached the proxy through the node agent's interception",
-                    c.opened
+                    "{} connection(s) intercepted by the node agent: {} passed through in the \
+                     kernel, {} proxied (closed ones)",
+                    c.opened, c.passed_through, c.proxied
                 ),
             ),
-            Some(_) if k("connect_redirected") > 0 => verdict(
+            Some(_) if k("connect_redirected") + k("connect_passthrough") > 0 => verdict(
                 "yes",
                 format!(
-                    "{} of {} connect(s) from the workload were redirected to the proxy \
-                     ({} excluded by port, {} by CIDR)",
-                    k("connect_redirected"),
+                    "{} of {} connect(s) from the workload were intercepted: {} passed through \
+                     in the kernel, {} proxied ({} excluded by port, {} by CIDR)",
+                    k("connect_redirected") + k("connect_passthrough"),
                     k("connect_seen"),
+                    k("connect_passthrough"),
+                    k("connect_redirected"),
                     k("connect_excluded_port"),
                     k("connect_excluded_cidr")
                 ),
@@ -133,20 +173,29 @@ impl Status {
                 "fast path enabled, but no message has been spliced yet".into(),
             ),
         };
+        let security = t.security();
         Self {
             interception: info,
             ready: t.is_ready(),
             intercepted,
             accelerated,
             connections: c,
-            mode: Mode::Plain.as_str().into(),
-            policy: "none".into(),
+            mode: security.mode,
+            tls: security.tls,
+            policy: security.policy,
             ebpf: ebpf
                 .unwrap_or_default()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             uptime_secs: t.uptime().as_secs_f64(),
+            process: Usage::read().ok().map(|u| ProcessStatus {
+                cpu_seconds: u.cpu_seconds,
+                resident_memory_bytes: u.resident_memory_bytes,
+                open_fds: u.open_fds,
+                threads: u.threads,
+                startup_seconds: t.startup().map(|d| d.as_secs_f64()),
+            }),
         }
     }
 
@@ -186,8 +235,9 @@ impl Status {
             &mut out,
             "connections",
             &format!(
-                "{} opened, {} active, {} closed, {} failed",
-                c.opened, c.active, c.closed, c.failed
+                "{} opened, {} active, {} closed ({} passed through in the kernel, {} proxied), \
+                 {} failed",
+                c.opened, c.active, c.closed, c.passed_through, c.proxied, c.failed
             ),
         );
         row(
@@ -195,12 +245,19 @@ impl Status {
             "bytes",
             &format!("{} sent, {} received", c.bytes_sent, c.bytes_received),
         );
+        let now = unix_secs(std::time::SystemTime::now());
         row(
             &mut out,
             "security",
-            &format!("mode {}, policy {}", self.mode, self.policy),
+            &format!("mode {}, policy {}", self.mode, policy_summary(self, now)),
         );
+        if let Some(tls) = &self.tls {
+            row(&mut out, "tls", &tls_summary(tls, now));
+        }
         row(&mut out, "uptime", &format!("{:.1}s", self.uptime_secs));
+        if let Some(p) = &self.process {
+            row(&mut out, "process", &process_summary(p));
+        }
         if !self.ebpf.is_empty() {
             let _ = writeln!(out, "\n{:<26} {:>12}", "EBPF COUNTER", "VALUE");
             for (name, value) in &self.ebpf {
@@ -209,6 +266,49 @@ impl Status {
         }
         out
     }
+}
+
+fn policy_summary(status: &Status, now: u64) -> String {
+    let Some(p) = &status.policy else {
+        return "none (everything allowed)".into();
+    };
+    format!(
+        "{} ({} rule(s){}, loaded {}s ago, generation {}, {} refused reload(s))",
+        p.file,
+        p.rules,
+        if p.dry_run { ", dry run" } else { "" },
+        now.saturating_sub(p.loaded_unix),
+        p.generation,
+        p.reload_errors
+    )
+}
+
+fn tls_summary(tls: &TlsStatus, now: u64) -> String {
+    let validity = match tls.not_after_unix.checked_sub(now) {
+        Some(left) => format!("expires in {}s", left),
+        None => format!("EXPIRED {}s ago", now - tls.not_after_unix),
+    };
+    format!(
+        "{}, {validity} ({}), mesh [{}], inbound {}",
+        tls.identity,
+        tls.certificate,
+        tls.mesh_cidrs.join(", "),
+        tls.inbound.as_deref().unwrap_or("off")
+    )
+}
+
+fn process_summary(p: &ProcessStatus) -> String {
+    let startup = match p.startup_seconds {
+        Some(s) => format!("ready {s:.3}s after exec"),
+        None => "not ready yet".into(),
+    };
+    format!(
+        "cpu {:.2}s, {:.1} MiB resident, {} open fds, {} threads; {startup}",
+        p.cpu_seconds,
+        p.resident_memory_bytes as f64 / (1024.0 * 1024.0),
+        p.open_fds,
+        p.threads
+    )
 }
 
 fn verdict(answer: &str, why: String) -> Verdict {

@@ -15,11 +15,14 @@
 
 pub mod admin;
 pub mod cli;
+pub mod peer;
 pub mod pins;
 pub mod pod;
 pub mod protocol;
+pub mod records;
 pub mod registry;
 pub mod server;
+pub mod throttle;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -34,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use self::{pins::AgentPins, protocol::Reply, registry::Registry};
+use self::{pins::AgentPins, protocol::Reply, registry::Registry, throttle::LogThrottle};
 use crate::host::{bpffs::Bpffs, cgroup, privileges};
 
 /// Default state directory: the persisted registrations and the agent's record.
@@ -79,6 +82,10 @@ struct AgentRecord {
     socket: PathBuf,
     /// Fingerprint of the eBPF object that installed the pins.
     object: String,
+    /// Whether the pinned programs were loaded with the sockmap fast path on (absent in the
+    /// records of older agents).
+    #[serde(default)]
+    sockmap: Option<bool>,
     version: String,
 }
 
@@ -91,19 +98,38 @@ pub struct Agent {
     pub root: PathBuf,
     pub pins: AgentPins,
     pub registry: Registry,
+    /// Whether the attached programs run the sockmap fast path (what they were loaded with).
+    pub sockmap: bool,
+    /// Refusal log lines, rate-limited per caller and reason.
+    pub throttle: LogThrottle,
+    /// The pods' sidecars listening for their pass-through records.
+    pub records: Arc<records::Subscribers>,
 }
 
 impl Agent {
-    /// Counts and logs a refused request, and builds its answer.
-    pub fn refuse(&mut self, reason: &'static str, error: impl ToString) -> Reply {
+    /// Counts and logs a refused request of `caller`, and builds its answer.
+    pub fn refuse(&mut self, caller: &str, reason: &'static str, error: impl ToString) -> Reply {
         let error = error.to_string();
-        self.registry.refused(reason);
-        warn!(reason, "registration refused: {error}");
+        self.refused(caller, reason, &error);
         Reply::refused(reason, error)
     }
 
-    pub fn refused(&mut self, reason: &'static str) {
+    /// Counts a refusal, and logs it unless `caller` had too many of them lately.
+    pub fn refused(&mut self, caller: &str, reason: &'static str, error: &str) {
         self.registry.refused(reason);
+        match self
+            .throttle
+            .admit(caller, reason, std::time::Instant::now())
+        {
+            Some(0) => warn!(reason, caller, "registration refused: {error}"),
+            Some(left_out) => warn!(
+                reason,
+                caller,
+                left_out,
+                "registration refused: {error} ({left_out} more like it not logged)"
+            ),
+            None => {}
+        }
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -112,9 +138,33 @@ impl Agent {
             "cgroup_root": self.root,
             "pin_dir": self.pins.dir,
             "adopted": self.pins.adopted,
+            "sockmap": self.sockmap,
             "pods": self.registry.pods().collect::<Vec<_>>(),
             "refusals": self.registry.refusals(),
             "counters": self.pins.counters(),
+            "passthrough_records": self.records_summary(),
+        })
+    }
+
+    fn records_summary(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "capable": self.pins.passthrough_capable(),
+            "delivered": self.records.delivered.load(Relaxed),
+            "undelivered": self.records.undelivered.load(Relaxed),
+        })
+    }
+
+    /// What the unauthenticated admin endpoint may show: counts, never which pods (the
+    /// list of registrations is for root on the node, over the socket).
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": std::process::id(),
+            "adopted": self.pins.adopted,
+            "registered_pods": self.registry.pods().count(),
+            "refusals": self.registry.refusals(),
+            "counters": self.pins.counters(),
+            "passthrough_records": self.records_summary(),
         })
     }
 }
@@ -164,20 +214,28 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     let object = object_fingerprint();
     // A restart adopts as is; an upgrade (the pins come from another build) swaps the programs
     // in the pinned links for this build's and keeps every map.
-    let pinned_object = match previous.as_ref().map(|p| p.object.clone()) {
-        _ if !pins.adopted => object,
-        Some(o) if o == object => o,
+    // Adopted programs keep the sockmap setting they were loaded with, as agent.json
+    // recorded it (an older agent's record does not say: this agent's flag is the best guess).
+    let kept_sockmap = previous
+        .as_ref()
+        .and_then(|p| p.sockmap)
+        .unwrap_or(opts.sockmap);
+    let (pinned_object, sockmap) = match previous.as_ref().map(|p| p.object.clone()) {
+        _ if !pins.adopted => (object, opts.sockmap),
+        Some(o) if o == object => (o, kept_sockmap),
         other => match pins::upgrade(&pin_dir, opts.sockmap) {
             Ok(()) => {
                 info!(from = other.as_deref().unwrap_or("unknown"), to = %object, "eBPF programs upgraded in place");
-                object
+                // The upgrade pins the maps the new object adds.
+                pins.reopen_added();
+                (object, opts.sockmap)
             }
             Err(e) => {
                 warn!(
                     "cannot upgrade the pinned programs ({e}): the old ones stay attached (and keep \
                      intercepting) until `sidecar agent --uninstall`"
                 );
-                other.unwrap_or_else(|| "unknown".into())
+                (other.unwrap_or_else(|| "unknown".into()), kept_sockmap)
             }
         },
     };
@@ -189,10 +247,22 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
             pin_dir: pin_dir.clone(),
             socket: opts.socket.clone(),
             object: pinned_object,
+            sockmap: Some(sockmap),
             version: env!("CARGO_PKG_VERSION").into(),
         },
     )?;
 
+    if pins.excluded_capacity < sidecar_common::limits::EXCLUDED_CIDRS {
+        warn!(
+            "the pinned {} trie holds {} entries (installed by an older build; maps carry over \
+             an upgrade): each pod may exclude at most {} CIDRs until `sidecar agent --uninstall` \
+             and a restart create the {}-entry trie",
+            sidecar_common::maps::EXCLUDED_CIDRS,
+            pins.excluded_capacity,
+            registry::cidr_quota(pins.excluded_capacity),
+            sidecar_common::limits::EXCLUDED_CIDRS
+        );
+    }
     let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)
         .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;
@@ -213,12 +283,32 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         cgroup_root = %root.display(),
         "registrations reconciled"
     );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let records = Arc::new(records::Subscribers::default());
+    if pins.passthrough_capable() {
+        let _guard = rt.enter();
+        match crate::redirect::passthrough::DirectEvents::open(&pin_dir) {
+            Ok(events) => {
+                rt.spawn(records.clone().run(events));
+            }
+            Err(e) => warn!(
+                "cannot read the pass-through records ({e}): pods' pass-through connections go \
+                 unrecorded"
+            ),
+        }
+    }
     let agent = Arc::new(Mutex::new(Agent {
         cgroup2,
         ns_root,
         root,
         pins,
         registry,
+        sockmap,
+        throttle: LogThrottle::default(),
+        records,
     }));
 
     // Bound before serving anything, so a busy address is a clean error.
@@ -230,10 +320,6 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         })?),
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     if let Some(listener) = admin {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;

@@ -20,7 +20,7 @@ use aya::{
 use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
 
 use crate::redirect::ebpf::{
-    EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, program,
+    EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, open_pinned, program,
 };
 
 /// The pinned links, in attach order (sockops and the original-destination answer before
@@ -47,6 +47,12 @@ pub struct AgentPins {
     pub workloads: HashMap<MapData, u64, WorkloadConfig>,
     /// Destination CIDRs that bypass the proxy, per pod scope.
     pub excluded: LpmTrie<MapData, ScopedAddr, u8>,
+    /// Entries the pinned `EXCLUDED_CIDRS` trie holds: pins adopted from an older build may
+    /// hold fewer than this build creates, and the per-pod quota is cut to fit.
+    pub excluded_capacity: u32,
+    /// Destinations with sidecars, per pod scope (`None`: pins of a build without kernel
+    /// pass-through, whose pods are then always proxied).
+    pub meshed: Option<LpmTrie<MapData, ScopedAddr, u8>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -76,8 +82,30 @@ impl AgentPins {
             adopted,
             workloads: open_pinned(dir, maps::WORKLOADS)?,
             excluded: open_pinned(dir, maps::EXCLUDED_CIDRS)?,
+            excluded_capacity: MapData::from_pin(dir.join(maps::EXCLUDED_CIDRS))
+                .and_then(|m| m.info())
+                .map_err(|source| EbpfError::Map {
+                    name: maps::EXCLUDED_CIDRS,
+                    source,
+                })?
+                .max_entries(),
+            meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
+    }
+
+    /// Opens the maps an in-place upgrade added (they were not there when the pins were
+    /// adopted).
+    pub fn reopen_added(&mut self) {
+        if self.meshed.is_none() {
+            self.meshed = open_pinned(&self.dir, maps::MESH_CIDRS).ok();
+        }
+    }
+
+    /// Whether these pins can pass connections through: the maps the programs need for it
+    /// are there (a build without them never sets the flag).
+    pub fn passthrough_capable(&self) -> bool {
+        self.meshed.is_some() && self.dir.join(maps::DIRECT_EVENTS).exists()
     }
 
     /// Sum over CPUs of every eBPF counter, by name.
@@ -93,17 +121,6 @@ fn is_complete(dir: &Path) -> bool {
         .map(|l| dir.join(link_pin_name(l)))
         .chain(REQUIRED_MAPS.iter().map(|m| dir.join(m)))
         .all(|p| p.exists())
-}
-
-fn open_pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    dir: &Path,
-    name: &'static str,
-) -> Result<T, EbpfError> {
-    let data =
-        MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
-    let map =
-        aya::maps::Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })?;
-    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// Loads the object, pins its maps, attaches and pins the links. On failure everything

@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false}
-//! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3}
+//! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3,"sockmap":true}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
+//! ← {"ok":false,"error":"…","reason":"node_full","retry":true}   (try again later; not the pod's fault)
 //! → {"op":"deregister"}            (this connection's registration)
 //! → {"op":"status"}                (uid 0 callers only: registrations, refusals, counters)
+//! → {"op":"records"}               (the caller's own pod's pass-through records, streamed)
+//! ← {"ok":true}
+//! ← {"local":"10.0.0.5:41000","remote":"10.0.0.9:80","started_unix_us":…,…}   (one per close)
 //! ```
 //!
 //! The caller is identified by SO_PEERCRED (its pid) and that pid's cgroup, never by what it
@@ -16,6 +20,24 @@ use serde::{Deserialize, Serialize};
 
 /// Longest request line the agent reads; longer ones are refused and the connection closed.
 pub const MAX_LINE: usize = 4096;
+
+/// Why a request line is not a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("request longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("not a request: {0}")]
+    NotARequest(#[from] serde_json::Error),
+}
+
+/// Parses one request line (with or without its newline). Everything a caller sends goes
+/// through here, so this is what the fuzz target exercises.
+pub fn parse_request(line: &[u8]) -> Result<Request, ParseError> {
+    if line.len() > MAX_LINE {
+        return Err(ParseError::TooLong);
+    }
+    Ok(serde_json::from_slice(line)?)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -37,9 +59,42 @@ pub enum Request {
         /// otherwise its connects there are refused in the kernel.
         #[serde(default)]
         allow_metadata: bool,
+        /// Plaintext connects the proxy adds nothing to may go straight to their destination
+        /// (the sidecar has no policy, no `--permissive`, no `--proxy-all`); the agent
+        /// records them and streams the records back (`records`).
+        #[serde(default)]
+        passthrough: bool,
+        /// Destinations that have sidecars: always through the proxy (mTLS).
+        #[serde(default)]
+        mesh_cidrs: Vec<String>,
     },
     Deregister,
     Status,
+    /// Streams the pass-through records of the caller's pod (named by the caller's cgroup,
+    /// never by anything it sends) on this connection until it closes.
+    Records,
+}
+
+/// A pass-through connection that closed, as the agent streams it to its pod's sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassedThrough {
+    /// The app's socket, and the destination it asked for.
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    /// When the app called `connect()`, microseconds since the epoch.
+    pub started_unix_us: u64,
+    /// `connect()` to close.
+    pub duration_us: u64,
+    /// `connect()` to the end of the handshake; `None` if it never completed.
+    pub connect_us: Option<u64>,
+    /// The socket's sequence-space counters (see `redirect::passthrough`).
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub srtt_us: u32,
+    pub rtt_min_us: u32,
+    pub retransmits: u32,
+    /// The TCP state the socket closed from.
+    pub last_state: u32,
 }
 
 /// Every answer: `ok`, and on failure `error` (one line) and `reason` (a counter name).
@@ -58,18 +113,44 @@ pub struct Reply {
     pub proxy_cgroup: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<u32>,
+    /// `register` only: whether the node's programs run the sockmap fast path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sockmap: Option<bool>,
+    /// `register` only: whether the pod's plaintext connections may pass through in the
+    /// kernel (asked for, and this node's programs can).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passthrough: Option<bool>,
     /// `status` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// A refusal for a reason outside the pod's control (the node is full, too many
+    /// connections): the sidecar retries instead of exiting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 impl Reply {
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            ..Self::default()
+        }
+    }
+
     pub fn refused(reason: &str, error: impl ToString) -> Self {
         Self {
             ok: false,
             error: Some(error.to_string()),
             reason: Some(reason.into()),
             ..Self::default()
+        }
+    }
+
+    /// A refusal the sidecar should retry later (see [`Reply::retry`]).
+    pub fn retry_later(reason: &str, error: impl ToString) -> Self {
+        Self {
+            retry: true,
+            ..Self::refused(reason, error)
         }
     }
 }
@@ -94,7 +175,13 @@ mod tests {
                 exclude_cidrs: vec![],
                 ipv6: false,
                 allow_metadata: false,
+                passthrough: false,
+                mesh_cidrs: vec![],
             }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"records"}"#).unwrap(),
+            Request::Records
         );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"deregister"}"#).unwrap(),
@@ -103,5 +190,26 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"sudo"}"#).is_err());
         let line = serde_json::to_string(&Reply::refused("uid_mismatch", "no")).unwrap();
         assert_eq!(line, r#"{"ok":false,"error":"no","reason":"uid_mismatch"}"#);
+        let line = serde_json::to_string(&Reply::retry_later("node_full", "full")).unwrap();
+        assert_eq!(
+            line,
+            r#"{"ok":false,"error":"full","reason":"node_full","retry":true}"#
+        );
+    }
+
+    #[test]
+    fn parse_request_bounds_the_line() {
+        assert!(matches!(
+            parse_request(&vec![b' '; MAX_LINE + 1]),
+            Err(ParseError::TooLong)
+        ));
+        assert!(matches!(
+            parse_request(b"{\"op\":\"sudo\"}\n"),
+            Err(ParseError::NotARequest(_))
+        ));
+        assert_eq!(
+            parse_request(b"{\"op\":\"status\"}\n").unwrap(),
+            Request::Status
+        );
     }
 }

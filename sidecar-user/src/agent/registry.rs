@@ -20,8 +20,18 @@ use sidecar_common::{
 use super::pins::AgentPins;
 use crate::{cidr::Cidr, host::cgroup};
 
-/// Destination CIDRs one pod may exclude (the kernel trie holds 1,024 for the node).
-pub const MAX_CIDRS: usize = 64;
+/// Destination CIDRs one pod may exclude (the kernel trie holds this many for every pod).
+pub const MAX_CIDRS: usize = limits::EXCLUDED_CIDRS_PER_POD as usize;
+
+/// Pods the node can register: `WORKLOADS` holds two entries per pod.
+const MAX_PODS: u32 = limits::WORKLOADS / 2;
+
+/// One pod's share of an `EXCLUDED_CIDRS` trie of `capacity` entries: [`MAX_CIDRS`], or less
+/// on a smaller trie (adopted from an older build), so that every pod the node can register
+/// still has its full share and none can starve another.
+pub fn cidr_quota(capacity: u32) -> usize {
+    MAX_CIDRS.min((capacity / MAX_PODS) as usize)
+}
 
 /// File name of the persisted registrations in the state directory.
 pub const FILE: &str = "registrations.json";
@@ -46,6 +56,12 @@ pub struct Registration {
     /// Connects to the cloud metadata address are allowed (else refused in the kernel).
     #[serde(default)]
     pub allow_metadata: bool,
+    /// Kernel pass-through is on for the pod (asked for, and the pins support it).
+    #[serde(default)]
+    pub passthrough: bool,
+    /// Destinations with sidecars (never passed through), in their canonical text form.
+    #[serde(default)]
+    pub mesh_cidrs: Vec<String>,
     /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
     pub scope: u32,
     /// The proxy process that registered last (informational).
@@ -67,23 +83,28 @@ pub struct Request {
     pub exclude_cidrs: Vec<Cidr>,
     pub ipv6: bool,
     pub allow_metadata: bool,
+    pub passthrough: bool,
+    pub mesh_cidrs: Vec<Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("exclude_ports takes at most {max} ports ({0} given)", max = limits::EXCLUDED_PORTS)]
     TooManyPorts(usize),
-    #[error("exclude_cidrs takes at most {MAX_CIDRS} CIDRs ({0} given)")]
-    TooManyCidrs(usize),
+    #[error(
+        "exclude_cidrs takes at most {quota} CIDRs per pod on this node ({given} given): exclude \
+         wider prefixes instead"
+    )]
+    TooManyCidrs { given: usize, quota: usize },
     #[error("proxy_port must not be 0")]
     NoPort,
     #[error("{0}")]
     Cgroup(#[from] cgroup::CgroupError),
-    #[error("updating WORKLOADS: {0}")]
+    #[error("updating the kernel maps (WORKLOADS, EXCLUDED_CIDRS): {0}")]
     Map(#[from] aya::maps::MapError),
     #[error("writing {path}: {source}")]
     Persist { path: PathBuf, source: io::Error },
-    #[error("the node has {max} registered pods already", max = limits::WORKLOADS / 2)]
+    #[error("the node has {MAX_PODS} registered pods already")]
     Full,
     #[error(
         "pod {uid} is registered by the sidecar in {taken} (still running): another container of \
@@ -97,8 +118,23 @@ impl RegistryError {
     pub fn reason(&self) -> &'static str {
         match self {
             RegistryError::Taken { .. } => "proxy_taken",
-            _ => "invalid",
+            RegistryError::TooManyCidrs { .. } => "over_quota",
+            RegistryError::Full => "node_full",
+            RegistryError::Map(_) => "kernel_map",
+            RegistryError::Persist { .. } => "internal",
+            RegistryError::TooManyPorts(_) | RegistryError::NoPort | RegistryError::Cgroup(_) => {
+                "invalid"
+            }
         }
+    }
+
+    /// Whether the refusal is the node's condition rather than the pod's request, so the
+    /// sidecar should try again later instead of failing.
+    pub fn retry(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Full | RegistryError::Map(_) | RegistryError::Persist { .. }
+        )
     }
 }
 
@@ -180,8 +216,11 @@ impl Registry {
         if req.exclude_ports.len() > limits::EXCLUDED_PORTS {
             return Err(RegistryError::TooManyPorts(req.exclude_ports.len()));
         }
-        if req.exclude_cidrs.len() > MAX_CIDRS {
-            return Err(RegistryError::TooManyCidrs(req.exclude_cidrs.len()));
+        let quota = cidr_quota(pins.excluded_capacity);
+        for given in [req.exclude_cidrs.len(), req.mesh_cidrs.len()] {
+            if given > quota {
+                return Err(RegistryError::TooManyCidrs { given, quota });
+            }
         }
         if req.proxy_port == 0 {
             return Err(RegistryError::NoPort);
@@ -205,7 +244,7 @@ impl Registry {
                 taken: p.proxy_cgroup.clone(),
             });
         }
-        if previous.is_none() && self.pods.len() as u32 >= limits::WORKLOADS / 2 {
+        if previous.is_none() && self.pods.len() as u32 >= MAX_PODS {
             return Err(RegistryError::Full);
         }
         let scope = match same_pod {
@@ -228,20 +267,31 @@ impl Registry {
             exclude_cidrs: req.exclude_cidrs.iter().map(Cidr::to_string).collect(),
             ipv6: req.ipv6,
             allow_metadata: req.allow_metadata,
+            passthrough: req.passthrough && pins.passthrough_capable(),
+            mesh_cidrs: req.mesh_cidrs.iter().map(Cidr::to_string).collect(),
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
         };
-        // Exclusions before the WORKLOAD entry, so the first redirected connect honours them;
-        // a previous registration's that are no longer asked for go.
-        let keys = cidr_keys(&reg);
-        for key in &keys {
-            pins.excluded.insert(key, 1, 0)?;
+        // Exclusions and mesh CIDRs before the WORKLOAD entry, so the first connect honours
+        // them; a previous registration's that are no longer asked for go.
+        let keys = scoped_keys(reg.scope, &reg.exclude_cidrs);
+        insert_all(&mut pins.excluded, &keys)?;
+        let mesh_keys = scoped_keys(reg.scope, &reg.mesh_cidrs);
+        if let Some(meshed) = &mut pins.meshed {
+            insert_all(meshed, &mesh_keys)?;
         }
         if let Some(prev) = same_pod {
-            for old in cidr_keys(prev) {
+            for old in scoped_keys(prev.scope, &prev.exclude_cidrs) {
                 if !keys.iter().any(|k| same_key(k, &old)) {
                     let _ = pins.excluded.remove(&old);
+                }
+            }
+            if let Some(meshed) = &mut pins.meshed {
+                for old in scoped_keys(prev.scope, &prev.mesh_cidrs) {
+                    if !mesh_keys.iter().any(|k| same_key(k, &old)) {
+                        let _ = meshed.remove(&old);
+                    }
                 }
             }
         }
@@ -274,8 +324,13 @@ impl Registry {
                 Err(e) => return Err(e.into()),
             }
         }
-        for key in cidr_keys(&reg) {
+        for key in scoped_keys(reg.scope, &reg.exclude_cidrs) {
             let _ = pins.excluded.remove(&key);
+        }
+        if let Some(meshed) = &mut pins.meshed {
+            for key in scoped_keys(reg.scope, &reg.mesh_cidrs) {
+                let _ = meshed.remove(&key);
+            }
         }
         self.persist()?;
         Ok(true)
@@ -317,19 +372,19 @@ impl Registry {
                 pins.workloads.insert(*id, *cfg, 0)?;
             }
         }
-        let wanted: Vec<Key<ScopedAddr>> = self.pods.values().flat_map(cidr_keys).collect();
-        let present: Vec<Key<ScopedAddr>> = pins.excluded.keys().filter_map(Result::ok).collect();
-        for key in present
-            .iter()
-            .filter(|p| prune && !wanted.iter().any(|w| same_key(w, p)))
-        {
-            let _ = pins.excluded.remove(key);
-        }
-        for key in wanted
-            .iter()
-            .filter(|w| !present.iter().any(|p| same_key(w, p)))
-        {
-            pins.excluded.insert(key, 1, 0)?;
+        let wanted: Vec<Key<ScopedAddr>> = self
+            .pods
+            .values()
+            .flat_map(|r| scoped_keys(r.scope, &r.exclude_cidrs))
+            .collect();
+        sync_trie(&mut pins.excluded, &wanted, prune)?;
+        if let Some(meshed) = &mut pins.meshed {
+            let wanted: Vec<Key<ScopedAddr>> = self
+                .pods
+                .values()
+                .flat_map(|r| scoped_keys(r.scope, &r.mesh_cidrs))
+                .collect();
+            sync_trie(meshed, &wanted, prune)?;
         }
         Ok(gone)
     }
@@ -361,7 +416,8 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
                 0
             } else {
                 flags::DENY_METADATA
-            },
+            }
+            | if r.passthrough { flags::PASSTHROUGH } else { 0 },
         excluded_ports_len: r.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };
@@ -373,21 +429,81 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
     (workload, proxy)
 }
 
-/// The `EXCLUDED_CIDRS` keys of a registration (unparsable text cannot occur: it was written
-/// from a parsed `Cidr`).
-fn cidr_keys(r: &Registration) -> Vec<Key<ScopedAddr>> {
-    r.exclude_cidrs
+/// The trie keys of a registration's CIDRs under its scope (unparsable text cannot occur: it
+/// was written from a parsed `Cidr`).
+fn scoped_keys(scope: u32, cidrs: &[String]) -> Vec<Key<ScopedAddr>> {
+    cidrs
         .iter()
         .filter_map(|c| c.parse::<Cidr>().ok())
         .map(|c| {
             Key::new(
                 lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
-                ScopedAddr::new(r.scope, mapped_octets(c.addr)),
+                ScopedAddr::new(scope, mapped_octets(c.addr)),
             )
         })
         .collect()
 }
 
+/// Makes `trie` hold exactly `wanted` (entries nothing wants are kept unless `prune`).
+fn sync_trie(
+    trie: &mut aya::maps::LpmTrie<aya::maps::MapData, ScopedAddr, u8>,
+    wanted: &[Key<ScopedAddr>],
+    prune: bool,
+) -> Result<(), aya::maps::MapError> {
+    let present: Vec<Key<ScopedAddr>> = trie.keys().filter_map(Result::ok).collect();
+    for key in present
+        .iter()
+        .filter(|p| prune && !wanted.iter().any(|w| same_key(w, p)))
+    {
+        let _ = trie.remove(key);
+    }
+    for key in wanted
+        .iter()
+        .filter(|w| !present.iter().any(|p| same_key(w, p)))
+    {
+        trie.insert(key, 1, 0)?;
+    }
+    Ok(())
+}
+
+/// Inserts every key, or none: on a failure the keys this call added are removed again.
+fn insert_all(
+    trie: &mut aya::maps::LpmTrie<aya::maps::MapData, ScopedAddr, u8>,
+    keys: &[Key<ScopedAddr>],
+) -> Result<(), aya::maps::MapError> {
+    let mut added = Vec::new();
+    for key in keys {
+        if trie.get(key, 0).is_ok() {
+            continue;
+        }
+        if let Err(e) = trie.insert(key, 1, 0) {
+            for k in &added {
+                let _ = trie.remove(*k);
+            }
+            return Err(e);
+        }
+        added.push(key);
+    }
+    Ok(())
+}
+
 fn same_key(a: &Key<ScopedAddr>, b: &Key<ScopedAddr>) -> bool {
     a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pod_the_node_can_register_gets_its_full_cidr_quota() {
+        assert_eq!(cidr_quota(limits::EXCLUDED_CIDRS), MAX_CIDRS);
+        assert!(
+            cidr_quota(limits::EXCLUDED_CIDRS) * MAX_PODS as usize
+                <= limits::EXCLUDED_CIDRS as usize
+        );
+        // A trie of 1,024 entries (an older build's) leaves 2 per pod, not 64 for 16 pods.
+        assert_eq!(cidr_quota(1024), 2);
+        assert!(cidr_quota(1024) * MAX_PODS as usize <= 1024);
+    }
 }

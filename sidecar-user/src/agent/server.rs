@@ -1,30 +1,48 @@
-//! The registration socket: accept, identify the caller by SO_PEERCRED, answer requests
-//! (see [`protocol`](super::protocol)). The socket file is watched: if it is deleted or
-//! replaced, the agent binds a new one and closes the connections of the old one, so every
-//! sidecar re-registers through the path that exists.
+//! The registration socket: accept, pin the caller ([`Peer`]: SO_PEERCRED and a pidfd),
+//! answer requests (see [`protocol`](super::protocol)). The socket file is watched: if it is
+//! deleted or replaced, the agent binds a new one and closes the connections of the old one,
+//! so every sidecar re-registers through the path that exists.
+//!
+//! Any process on the node can connect, so no caller may hold the agent's resources for
+//! long: a request must arrive within [`REQUEST_TIMEOUT`] (a registered sidecar may stay
+//! idle, but once it starts a line it must finish it), answers are written under the same
+//! deadline, and one caller (a pod, or a user outside the pods) holds at most
+//! [`MAX_PER_CALLER`] connections.
 
 use std::{
+    collections::HashMap,
     io,
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent, pod,
-    protocol::{MAX_LINE, Reply, Request},
+    Agent,
+    peer::Peer,
+    pod,
+    protocol::{self, MAX_LINE, ParseError, Reply, Request},
     registry,
 };
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
+/// Connections one caller may hold open at once. A sidecar uses one (two for a moment while
+/// it reconnects); the rest of the node's [`MAX_CONNECTIONS`] stays for the other pods.
+pub const MAX_PER_CALLER: usize = 8;
+/// How long a request line may take to arrive: from the connect or the previous answer while
+/// the connection has not registered, from its first byte once it has. Also the deadline for
+/// writing an answer. The sidecar writes each request at once, so this is only ever reached
+/// by a caller that holds a connection without using it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The bound socket: its path, the identity of the file we created, and the token that
 /// ends its accept loop and connections.
@@ -90,6 +108,7 @@ async fn accept_loop(
     generation: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_caller = Arc::new(PerCaller::default());
     loop {
         let stream = tokio::select! {
             a = listener.accept() => match a {
@@ -103,18 +122,60 @@ async fn accept_loop(
             () = generation.cancelled() => return,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            warn!("{MAX_CONNECTIONS} registration connections open: closing a new one");
+            lock(&agent).refused(
+                "node",
+                "too_many_connections",
+                &format!("{MAX_CONNECTIONS} registration connections open: closing a new one"),
+            );
             continue;
         };
         let agent = agent.clone();
         let generation = generation.clone();
+        let per_caller = per_caller.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = serve_connection(stream, agent) => {}
+                () = serve_connection(stream, agent, per_caller) => {}
                 () = generation.cancelled() => debug!("registration connection closed: socket re-bound"),
             }
             drop(permit);
         });
+    }
+}
+
+/// Open connections per caller (named by [`identify`]).
+#[derive(Default)]
+struct PerCaller(Mutex<HashMap<String, usize>>);
+
+/// One of a caller's connections; gives its place back when dropped.
+struct CallerSlot {
+    counts: Arc<PerCaller>,
+    caller: String,
+}
+
+impl PerCaller {
+    fn take(self: &Arc<Self>, caller: &str) -> Option<CallerSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(caller.to_string()).or_default();
+        if *n >= MAX_PER_CALLER {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            counts: self.clone(),
+            caller: caller.to_string(),
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -124,35 +185,71 @@ struct Session {
     pod_uid: Option<String>,
 }
 
-async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
-    let cred = stream.peer_cred().ok();
+async fn serve_connection(
+    stream: UnixStream,
+    agent: Arc<Mutex<Agent>>,
+    per_caller: Arc<PerCaller>,
+) {
+    let (peer, caller) = match identify(&agent, &stream) {
+        Ok(p) => p,
+        Err(refusal) => {
+            let (_, mut write) = stream.into_split();
+            let _ = send(&mut write, &refusal).await;
+            return;
+        }
+    };
     let (read, mut write) = stream.into_split();
+    let Some(_slot) = per_caller.take(&caller) else {
+        let error = format!(
+            "{caller} has {MAX_PER_CALLER} registration connections open already: close one (a \
+             sidecar needs one)"
+        );
+        lock(&agent).refused(&caller, "too_many_connections", &error);
+        let _ = send(
+            &mut write,
+            &Reply::retry_later("too_many_connections", error),
+        )
+        .await;
+        return;
+    };
     let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(read), u64::MAX);
     let mut session = Session::default();
     let mut line = Vec::new();
     loop {
         line.clear();
         reader.set_limit(MAX_LINE as u64 + 1);
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let reply = if line.len() > MAX_LINE {
-            lock(&agent).refused("bad_request");
-            let r = Reply::refused(
-                "bad_request",
-                format!("request longer than {MAX_LINE} bytes"),
-            );
-            let _ = send(&mut write, &r).await;
-            break;
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(&agent, cred, req, &mut session),
-                Err(e) => {
-                    lock(&agent).refused("bad_request");
-                    Reply::refused("bad_request", format!("not a request: {e}"))
-                }
+        match next_line(&mut reader, &mut line, session.pod_uid.is_some()).await {
+            Ok(Some(0)) | Err(_) => break,
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let r = lock(&agent).refuse(
+                    &caller,
+                    "timeout",
+                    format!(
+                        "no complete request within {REQUEST_TIMEOUT:?}: closing the connection"
+                    ),
+                );
+                let _ = send(&mut write, &r).await;
+                break;
             }
+        }
+        let reply = match protocol::parse_request(&line) {
+            Ok(Request::Records) => match subscribe(&agent, &peer, &caller) {
+                Ok(records) => {
+                    if send(&mut write, &Reply::ok()).await.is_ok() {
+                        stream_records(&mut reader, &mut write, records).await;
+                    }
+                    break;
+                }
+                Err(refusal) => *refusal,
+            },
+            Ok(req) => handle(&agent, &peer, &caller, req, &mut session),
+            Err(e @ ParseError::TooLong) => {
+                let r = lock(&agent).refuse(&caller, "bad_request", e);
+                let _ = send(&mut write, &r).await;
+                break;
+            }
+            Err(e) => lock(&agent).refuse(&caller, "bad_request", e),
         };
         if send(&mut write, &reply).await.is_err() {
             break;
@@ -166,23 +263,121 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
     }
 }
 
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
+/// The pass-through records of the caller's pod, if it is a registered pod with pass-through
+/// on. The pod comes from the caller's cgroup, read now, as for a registration.
+fn subscribe(
+    agent: &Arc<Mutex<Agent>>,
+    peer: &Peer,
+    caller: &str,
+) -> Result<tokio::sync::mpsc::Receiver<protocol::PassedThrough>, Box<Reply>> {
+    let mut agent = lock(agent);
+    let cgroup =
+        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Box::new(agent.refuse(caller, "process_gone", e))),
+            Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
+        };
+    let pod = match pod::derive(&agent.root, &cgroup) {
+        Ok(p) => p,
+        Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
+    };
+    let scope = agent
+        .registry
+        .pods()
+        .find(|r| r.pod_uid == pod.uid && r.passthrough)
+        .map(|r| r.scope);
+    match scope {
+        Some(scope) => Ok(agent.records.subscribe(scope)),
+        None => Err(Box::new(agent.refuse(
+            caller,
+            "not_registered",
+            "records: this pod has no registration with kernel pass-through on",
+        ))),
+    }
+}
+
+/// Writes each record as a line until the sidecar closes the connection (or sends anything:
+/// a records connection carries no more requests).
+async fn stream_records(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    write: &mut OwnedWriteHalf,
+    mut records: tokio::sync::mpsc::Receiver<protocol::PassedThrough>,
+) {
+    loop {
+        tokio::select! {
+            record = records.recv() => {
+                let Some(record) = record else { return };
+                let mut line = serde_json::to_vec(&record).expect("records serialize");
+                line.push(b'\n');
+                let written = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&line)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            _ = reader.fill_buf() => return,
+        }
+    }
+}
+
+/// Pins the caller and names it for the per-caller limits and the log: `pod <uid>` for a
+/// process in a pod, else `uid <n>`. A caller that cannot be pinned gets its refusal.
+fn identify(agent: &Arc<Mutex<Agent>>, stream: &UnixStream) -> Result<(Peer, String), Box<Reply>> {
+    let mut agent = lock(agent);
+    let peer = match Peer::of(stream) {
+        Ok(p) => p,
+        Err(e) => return Err(Box::new(agent.refuse("unidentified", e.reason(), e))),
+    };
+    let caller =
+        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
+            Ok(Ok(cgroup)) => match pod::derive(&agent.root, &cgroup) {
+                Ok(pod) => format!("pod {}", pod.uid),
+                Err(_) => format!("uid {}", peer.uid),
+            },
+            Ok(Err(_)) => format!("uid {}", peer.uid),
+            Err(e) => {
+                return Err(Box::new(agent.refuse(
+                    &format!("pid {}", peer.pid),
+                    e.reason(),
+                    e,
+                )));
+            }
+        };
+    Ok((peer, caller))
+}
+
+/// Reads one line into `line`: `Some(0)` at EOF, `None` if it did not arrive in time. With
+/// `idle_ok` the wait for its first byte has no deadline.
+async fn next_line(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+    idle_ok: bool,
+) -> io::Result<Option<usize>> {
+    if idle_ok && reader.fill_buf().await?.is_empty() {
+        return Ok(Some(0));
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', line)).await {
+        Ok(read) => read.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
+async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
     let mut line = serde_json::to_vec(reply).expect("replies serialize");
     line.push(b'\n');
-    write.write_all(&line).await
+    tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&line))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 fn handle(
     agent: &Arc<Mutex<Agent>>,
-    cred: Option<tokio::net::unix::UCred>,
+    peer: &Peer,
+    caller: &str,
     req: Request,
     session: &mut Session,
 ) -> Reply {
     let mut agent = lock(agent);
-    let pid = cred
-        .and_then(|c| c.pid())
-        .filter(|p| *p > 0)
-        .map(|p| p as u32);
+    let pid = peer.pid;
     match req {
         Request::Register {
             pod_uid,
@@ -192,42 +387,58 @@ fn handle(
             exclude_cidrs,
             ipv6,
             allow_metadata,
+            passthrough,
+            mesh_cidrs,
         } => {
-            let Some(pid) = pid else {
-                return agent.refuse(
-                    "no_peer_pid",
-                    "the caller's pid is not visible to the agent (the agent needs hostPID)",
-                );
-            };
-            let cgroup = match pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()) {
-                Ok(c) => c,
-                Err(e) => return agent.refuse("process_gone", format!("pid {pid}: {e}")),
+            // Read afresh for every request, and believed only while the pin holds: the pid
+            // may name another process (in another pod) once the caller is gone.
+            let cgroup = match peer
+                .read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()))
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    return agent.refuse(caller, "process_gone", format!("pid {pid}: {e}"));
+                }
+                Err(e) => return agent.refuse(caller, e.reason(), e),
             };
             let pod = match pod::derive(&agent.root, &cgroup) {
                 Ok(p) => p,
-                Err(e) => return agent.refuse(e.reason(), format!("pid {pid}: {e}")),
+                Err(e) => return agent.refuse(caller, e.reason(), format!("pid {pid}: {e}")),
             };
             let claimed = pod::canonical_uid(&pod_uid);
+            // The answer never names the pod the caller is really in: only the claim it sent.
             if claimed != pod.uid {
                 return agent.refuse(
+                    caller,
                     "uid_mismatch",
                     format!(
-                        "pid {pid} claims pod {claimed} but its cgroup is pod {}'s",
-                        pod.uid
+                        "pid {pid} claims pod {claimed} but is not in that pod's cgroup: set \
+                         POD_UID from the downward API (metadata.uid)"
                     ),
                 );
             }
-            if let Some(other) = session.pod_uid.as_ref().filter(|u| **u != pod.uid) {
+            if session.pod_uid.as_ref().is_some_and(|u| *u != pod.uid) {
                 return agent.refuse(
+                    caller,
                     "uid_mismatch",
-                    format!("this connection registered pod {other} already"),
+                    "this connection registered another pod already",
                 );
             }
             let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
                 exclude_cidrs.iter().map(|c| c.parse()).collect();
             let exclude_cidrs = match cidrs {
                 Ok(c) => c,
-                Err(e) => return agent.refuse("bad_request", format!("exclude_cidrs: {e}")),
+                Err(e) => {
+                    return agent.refuse(caller, "bad_request", format!("exclude_cidrs: {e}"));
+                }
+            };
+            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
+                mesh_cidrs.iter().map(|c| c.parse()).collect();
+            let mesh_cidrs = match cidrs {
+                Ok(c) => c,
+                Err(e) => {
+                    return agent.refuse(caller, "bad_request", format!("mesh_cidrs: {e}"));
+                }
             };
             let req = registry::Request {
                 pod,
@@ -238,6 +449,8 @@ fn handle(
                 exclude_cidrs,
                 ipv6,
                 allow_metadata,
+                passthrough,
+                mesh_cidrs,
             };
             let Agent { pins, registry, .. } = &mut *agent;
             match registry.register(pins, req) {
@@ -250,15 +463,24 @@ fn handle(
                         pod_cgroup: Some(reg.pod_cgroup.display().to_string()),
                         proxy_cgroup: Some(reg.proxy_cgroup.display().to_string()),
                         scope: Some(reg.scope),
+                        sockmap: Some(agent.sockmap),
+                        passthrough: Some(reg.passthrough),
                         ..Reply::default()
                     }
                 }
-                Err(e) => agent.refuse(e.reason(), e),
+                Err(e) => Reply {
+                    retry: e.retry(),
+                    ..agent.refuse(caller, e.reason(), e)
+                },
             }
         }
         Request::Deregister => {
             let Some(uid) = session.pod_uid.take() else {
-                return agent.refuse("not_registered", "this connection has not registered a pod");
+                return agent.refuse(
+                    caller,
+                    "not_registered",
+                    "this connection has not registered a pod",
+                );
             };
             let Agent { pins, registry, .. } = &mut *agent;
             match registry.remove(pins, &uid) {
@@ -273,9 +495,11 @@ fn handle(
                 Err(e) => Reply::refused("internal", e),
             }
         }
+        // Streams: served by `serve_connection` itself.
+        Request::Records => Reply::refused("bad_request", "records is answered by a stream"),
         Request::Status => {
-            if cred.map(|c| c.uid()) != Some(0) {
-                return agent.refuse("not_root", "status is for root on the node (uid 0)");
+            if peer.uid != 0 {
+                return agent.refuse(caller, "not_root", "status is for root on the node (uid 0)");
             }
             Reply {
                 ok: true,

@@ -67,18 +67,23 @@ pub fn of_process(root: &Path, pid: &str) -> Result<PathBuf, CgroupError> {
     Ok(root.join(rel.trim_start_matches('/')))
 }
 
-/// Moves a process (all its threads) into the cgroup at `path`. `pid` 0 is the caller.
+/// Moves a process (all its threads) into the cgroup at `path`. `pid` 0 is the caller. A
+/// process that exited after it was listed (ESRCH) is not an error: there is nothing left to
+/// move (a clean-up emptying a cgroup races with its processes exiting).
 pub fn move_process(path: &Path, pid: u32) -> Result<(), CgroupError> {
     let procs = path.join("cgroup.procs");
-    fs::OpenOptions::new()
+    match fs::OpenOptions::new()
         .write(true)
         .open(&procs)
         .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
-        .map_err(|source| CgroupError::Move {
+    {
+        Err(e) if pid != 0 && e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        other => other.map_err(|source| CgroupError::Move {
             pid,
             path: path.into(),
             source,
-        })
+        }),
+    }
 }
 
 /// Pids currently in the cgroup (not its children).

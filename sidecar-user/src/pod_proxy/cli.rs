@@ -4,8 +4,27 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use super::PodProxyOptions;
 use crate::{
-    admin::cli::ObserveArgs, cidr::Cidr, proxy::ProxySettings, run::MtlsOptions, tls::TlsFiles,
+    admin::cli::ObserveArgs,
+    cidr::Cidr,
+    proxy::{
+        ProxySettings,
+        limits::{LimitArgs, LimitError, Limits},
+        resilience::{Resilience, ResilienceArgs, ResilienceError},
+    },
+    run::MtlsOptions,
+    tls::{TlsFiles, layout::LayoutError},
 };
+
+/// Why the command line cannot become [`PodProxyOptions`].
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Limits(#[from] LimitError),
+    #[error(transparent)]
+    Resilience(#[from] ResilienceError),
+}
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
@@ -45,6 +64,10 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
+    pub resilience: ResilienceArgs,
     /// Turn on mTLS with the credentials in DIR, in any layout `sidecar run --tls-dir` takes
     /// (ours, a cert-manager Secret, the SPIFFE helper's); rotated when the files change.
     #[arg(long, value_name = "DIR")]
@@ -72,14 +95,19 @@ pub struct ProxyArgs {
     /// peer identity. Re-read when it changes; an invalid file is refused, the old one stays.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// Send every connection through the proxy. By default a pod without --policy and
+    /// --permissive lets the agent pass plaintext connections to destinations outside
+    /// --mesh-cidrs straight through in the kernel (recorded, and streamed to this sidecar).
+    #[arg(long)]
+    pub proxy_all: bool,
     #[command(flatten)]
     pub observe: ObserveArgs,
 }
 
 impl TryFrom<ProxyArgs> for PodProxyOptions {
-    type Error = crate::tls::layout::LayoutError;
+    type Error = ArgsError;
 
-    /// Fails only when `--tls-dir` holds none of the certificate layouts we read.
+    /// Fails when `--tls-dir` holds none of the certificate layouts we read, or a cap is 0.
     fn try_from(a: ProxyArgs) -> Result<Self, Self::Error> {
         let files = a.tls_dir.as_deref().map(TlsFiles::discover).transpose()?;
         Ok(Self {
@@ -94,6 +122,8 @@ impl TryFrom<ProxyArgs> for PodProxyOptions {
                 connect_timeout: Duration::from_millis(a.connect_timeout_ms),
                 idle_timeout: Duration::from_secs(a.idle_timeout_secs),
                 allow_metadata: a.allow_metadata,
+                limits: Limits::resolve(a.limits)?,
+                resilience: Resilience::resolve(a.resilience)?,
             },
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
             mtls: files.map(|files| MtlsOptions {
@@ -105,6 +135,7 @@ impl TryFrom<ProxyArgs> for PodProxyOptions {
                 preamble_timeout: Duration::from_millis(a.preamble_timeout_ms),
             }),
             policy: a.policy,
+            proxy_all: a.proxy_all,
             observe: a.observe.into(),
         })
     }

@@ -9,12 +9,15 @@
 //!
 //! Order: listeners bound → serving → registered (interception on, `/readyz` 200). SIGTERM:
 //! listeners closed at once (new redirected connects are refused promptly), open connections
-//! get `--drain-timeout-secs`, then deregister (interception off) and exit 0.
+//! get `--drain-timeout-secs`, then exit 0 with the registration left in place: a SIGTERM may
+//! be a restart of this container alone, so the pod stays intercepted (fail-closed) until
+//! the restarted sidecar registers again or the pod's cgroup goes (see `register`).
 
 pub mod cli;
+pub mod records;
 pub mod register;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -25,7 +28,7 @@ use crate::{
     admin::{self, config::ObserveOptions},
     agent::protocol::Request,
     proxy::{ProxySettings, record::Journal},
-    redirect::iptables::OriginalDst,
+    redirect::{agent::AgentSockopts, passthrough::Recorder},
     run::MtlsOptions,
     serve::{Listeners, Serving},
     telemetry::{InterceptionInfo, NoKernelCounters},
@@ -34,8 +37,6 @@ use crate::{
 
 /// Records kept for the exit summary.
 const JOURNAL_CAPACITY: usize = 10_000;
-/// How long deregistering may take at shutdown.
-const DEREGISTER_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Everything `sidecar proxy` is told.
 #[derive(Debug, Clone)]
@@ -55,7 +56,20 @@ pub struct PodProxyOptions {
     pub mtls: Option<MtlsOptions>,
     /// Authorization policy file, enforced in the proxy (watched for changes).
     pub policy: Option<PathBuf>,
+    /// Every connection through the proxy (no kernel pass-through).
+    pub proxy_all: bool,
     pub observe: ObserveOptions,
+}
+
+impl PodProxyOptions {
+    /// Whether to ask the agent for kernel pass-through. Not with a policy: this sidecar
+    /// enforces it in the proxy only, so every connection must reach the proxy; not with
+    /// `--permissive`, whose probe of each destination needs the proxy.
+    pub fn passthrough(&self) -> bool {
+        !self.proxy_all
+            && self.policy.is_none()
+            && !self.mtls.as_ref().is_some_and(|m| m.permissive)
+    }
 }
 
 pub fn run(opts: PodProxyOptions) -> Result<i32> {
@@ -99,7 +113,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let _guard = serving.rt.enter();
     let mesh = serving.mesh(
         opts.mtls.as_ref(),
-        tls,
+        tls.clone(),
         opts.proxy_port,
         opts.proxy.connect_timeout,
     );
@@ -107,11 +121,13 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         (Some(loaded), Some(path)) => Some(crate::policy::Enforcer::start_in_proxy(path, loaded)?),
         _ => None,
     };
+    serving.secured(opts.mtls.as_ref(), tls, enforcer.clone());
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
-    // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would.
+    // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would,
+    // and whether a socket is spliced.
     let proxy = serving.serve(
         opts.proxy,
-        Arc::new(OriginalDst),
+        Arc::new(AgentSockopts),
         mesh,
         journal.clone(),
         enforcer,
@@ -127,6 +143,13 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         exclude_cidrs: opts.exclude_cidrs.iter().map(ToString::to_string).collect(),
         ipv6,
         allow_metadata: opts.proxy.allow_metadata,
+        passthrough: opts.passthrough(),
+        mesh_cidrs: opts
+            .mtls
+            .iter()
+            .flat_map(|m| &m.mesh_cidrs)
+            .map(ToString::to_string)
+            .collect(),
     };
     let registered = serving.telemetry.clone();
     let proxy_port = opts.proxy_port;
@@ -140,12 +163,28 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         registered.attached(
             InterceptionInfo {
                 mode: "agent".into(),
-                sockmap: true,
+                // What the agent's programs run with; an agent too old to say: not claimed.
+                sockmap: reply.sockmap.unwrap_or(false),
                 proxy_port,
                 cgroup: reply.pod_cgroup.clone().unwrap_or_default(),
             },
             Arc::new(NoKernelCounters),
         );
+    });
+
+    // The agent streams this pod's pass-through records on a connection of their own.
+    let records = opts.passthrough().then(|| {
+        records::Listener::start(
+            opts.agent_socket.clone(),
+            Recorder {
+                scope: 0,
+                telemetry: serving.telemetry.clone(),
+                journal: journal.clone(),
+                // Counted in this proxy's circuits; the agent owns the kernel, which does
+                // not refuse a pod's open circuits at connect().
+                circuits: Some(proxy.clone()),
+            },
+        )
     });
 
     let refused = serving.rt.block_on(async {
@@ -165,9 +204,10 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         );
     }
     let cut = serving.drain(&proxy, opts.drain_timeout);
-    serving
-        .rt
-        .block_on(registrar.deregister(DEREGISTER_DEADLINE));
+    serving.rt.block_on(registrar.stop());
+    if let Some(records) = records {
+        serving.rt.block_on(records.stop());
+    }
     serving.telemetry.detaching();
     let (records, _) = journal.snapshot();
     info!(connections = records.len(), cut, "sidecar proxy stopped");
@@ -201,7 +241,7 @@ fn check_identity(id: &SpiffeId, opts: &PodProxyOptions) -> Result<()> {
 
 fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
     use crate::admin::config::AdminListen;
-    admin::config::redact(serde_json::json!({
+    let config = serde_json::json!({
         "command": "proxy",
         "agent_socket": opts.agent_socket.display().to_string(),
         "pod_uid": opts.pod_uid,
@@ -210,18 +250,18 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         "proxy_port": opts.proxy_port,
         "exclude_ports": opts.exclude_ports,
         "exclude_cidrs": opts.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "connect_timeout_ms": opts.proxy.connect_timeout.as_millis() as u64,
-        "idle_timeout_secs": opts.proxy.idle_timeout.as_secs(),
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
         "admin_addr": match opts.observe.admin {
             AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
             AdminListen::Addr(a) => a.to_string(),
             AdminListen::Off => "off".into(),
         },
+        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
         "access_log": opts.observe.access_log.to_string(),
-        "mode": if opts.mtls.is_some() { "mtls" } else { "plain" },
+        "mode": admin::config::mode(opts.mtls.as_ref()),
+        "tls": opts.mtls.as_ref().map(admin::config::tls),
         "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
-        "inbound": opts.mtls.as_ref().and_then(|m| m.inbound).map(|a: SocketAddr| a.to_string()),
-        "mesh_cidrs": opts.mtls.as_ref().map(|m| m.mesh_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
-    }))
+        "passthrough": opts.passthrough(),
+    });
+    admin::config::redact(admin::config::with_proxy(config, &opts.proxy))
 }

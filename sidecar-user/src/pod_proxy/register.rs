@@ -1,6 +1,12 @@
 //! The sidecar's side of the registration: connect to the agent's socket, register, keep the
 //! connection open, and register again whenever it breaks (agent restart, socket re-bound),
-//! with bounded backoff. On stop, deregister on the live connection.
+//! with bounded backoff.
+//!
+//! Stopping never deregisters: the sidecar cannot tell a pod's deletion from a restart of
+//! its own container (liveness failure, OOM kill, image update), and a deregistration would
+//! let the app's connects go direct, without mTLS or policy, until the restarted sidecar
+//! registers. The pod stays intercepted (its connects are refused while no proxy listens)
+//! until the restarted sidecar takes the registration back or the pod's cgroup goes.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -20,6 +26,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long the agent may take to answer one request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Registrar::stop`] waits for the task (it only has to notice the cancel).
+const STOP_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The running registration task.
 pub struct Registrar {
@@ -34,7 +42,8 @@ impl Registrar {
     /// Starts registering `request` at `socket`. `on_registered` runs after each successful
     /// registration (the first one makes the sidecar ready). A refusal of the very first
     /// registration is fatal (a misconfigured pod must fail visibly) and reported on the
-    /// returned receiver; later refusals are retried.
+    /// returned receiver, unless the agent marks it `retry` (the node is full, not the pod
+    /// wrong): those, and later refusals, are retried with backoff, the sidecar not ready.
     pub fn start(
         socket: PathBuf,
         request: Request,
@@ -52,11 +61,15 @@ impl Registrar {
         (Self { stop, task }, fatal)
     }
 
-    /// Deregisters (if connected) and ends the task, within `deadline`.
-    pub async fn deregister(self, deadline: Duration) {
+    /// Ends the task and closes the registration connection, leaving the registration in
+    /// place (see the module's docs).
+    pub async fn stop(self) {
         self.stop.cancel();
-        if tokio::time::timeout(deadline, self.task).await.is_err() {
-            warn!("deregistering from the agent took longer than {deadline:?}: gave up");
+        if tokio::time::timeout(STOP_DEADLINE, self.task)
+            .await
+            .is_err()
+        {
+            warn!("the registration task did not stop within {STOP_DEADLINE:?}");
         }
     }
 }
@@ -80,7 +93,15 @@ async fn register_loop(
                 backoff = BACKOFF_MIN;
                 info!("agent connection lost ({why}): registering again");
             }
-            Session::Refused(error) => {
+            Session::Refused { error, retry: true } => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    warn!("the agent cannot register this pod now: {error}; retrying");
+                } else {
+                    debug!("the agent cannot register this pod now: {error}");
+                }
+            }
+            Session::Refused { error, .. } => {
                 if !registered_once && let Some(tx) = fatal.take() {
                     let _ = tx.send(error);
                     return;
@@ -111,7 +132,11 @@ async fn register_loop(
 enum Session {
     Stopped,
     Broken(String),
-    Refused(String),
+    /// `retry`: the agent says to try again later ([`Reply::retry`]).
+    Refused {
+        error: String,
+        retry: bool,
+    },
     Unreachable(String),
 }
 
@@ -132,7 +157,10 @@ async fn session(
         Err(e) => return Session::Unreachable(e),
     };
     if !reply.ok {
-        return Session::Refused(reply.error.unwrap_or_else(|| "no reason given".into()));
+        return Session::Refused {
+            error: reply.error.unwrap_or_else(|| "no reason given".into()),
+            retry: reply.retry,
+        };
     }
     on_registered(&reply);
     // Connected and registered: wait for the connection to break, or for the stop.
@@ -143,11 +171,7 @@ async fn session(
             Err(e) => e.to_string(),
         }),
         () = stop.cancelled() => {
-            match ask(&mut write, &mut lines, &Request::Deregister).await {
-                Ok(r) if r.ok => info!("deregistered from the agent: interception off"),
-                Ok(r) => warn!("the agent refused the deregistration: {}", r.error.unwrap_or_default()),
-                Err(e) => warn!("deregistering: {e}"),
-            }
+            info!("registration left in place: the pod stays intercepted until a restarted sidecar registers or the pod is gone");
             Session::Stopped
         }
     }
@@ -160,11 +184,19 @@ async fn ask(
 ) -> Result<Reply, String> {
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
-    write.write_all(&line).await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(ANSWER_TIMEOUT, lines.next_line()).await {
-        Err(_) => Err(format!("no answer within {ANSWER_TIMEOUT:?}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(None)) => Err("the agent closed the connection".into()),
-        Ok(Ok(Some(l))) => serde_json::from_str(&l).map_err(|e| format!("bad answer {l:?}: {e}")),
+    // The agent may answer and close before reading the request (a connection it refuses
+    // at once): the write then fails, but the answer is there to read.
+    let written = write.write_all(&line).await;
+    match (
+        tokio::time::timeout(ANSWER_TIMEOUT, lines.next_line()).await,
+        written,
+    ) {
+        (Ok(Ok(Some(l))), _) => {
+            serde_json::from_str(&l).map_err(|e| format!("bad answer {l:?}: {e}"))
+        }
+        (_, Err(e)) => Err(e.to_string()),
+        (Err(_), Ok(())) => Err(format!("no answer within {ANSWER_TIMEOUT:?}")),
+        (Ok(Err(e)), Ok(())) => Err(e.to_string()),
+        (Ok(Ok(None)), Ok(())) => Err("the agent closed the connection".into()),
     }
 }

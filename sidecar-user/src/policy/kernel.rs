@@ -2,9 +2,11 @@
 //! evaluates, into an LPM trie of destination prefixes whose values are port bitmaps, which
 //! the connect hooks consult (a set bit → the app's `connect()` fails with EPERM).
 //!
-//! Outbound rules can only match on destination address and port (`sources` needs
-//! `direction = "inbound"`), so the whole outbound policy is a function of the destination
-//! and the kernel can enforce all of it. Compilation: take every destination prefix any
+//! Outbound rules match on destination address and port, and optionally on the verified
+//! identity of the server (`servers`), which only exists after the proxy's handshake: the
+//! kernel lets those rules' connections through to the proxy (see [`at_connect`]), so
+//! everything else in the outbound policy is a function of the destination and the kernel
+//! enforces it. Compilation: take every destination prefix any
 //! outbound rule names, plus `::/0` and `::ffff:0:0/96` (the IPv4 space, so an IPv6 rule
 //! never reaches an IPv4 address — the proxy's `Cidr::contains` does the same). An address
 //! whose longest matching prefix is `P` is matched, by address, by exactly the rules whose
@@ -95,6 +97,11 @@ pub struct Compiled {
     pub entries: Vec<Entry>,
     /// False in dry-run mode: the maps are filled (so they can be inspected) but not obeyed.
     pub enforce: bool,
+    /// The kernel's verdict is not the whole story, so no connection may bypass the proxy:
+    /// dry run and `audit` rules are logged by the proxy, and a rule naming `servers` is
+    /// decided after the handshake (the kernel lets its connections through, see
+    /// [`at_connect`]).
+    pub proxy_sees_all: bool,
 }
 
 #[derive(Debug, Error)]
@@ -139,16 +146,34 @@ pub fn compile(policy: &Policy) -> Result<Compiled, KernelPolicyError> {
             Entry {
                 prefix: *p,
                 denied_ports: Box::new(port_bitmap(
-                    applies.map(|r| (r.ports.as_slice(), r.action)),
+                    applies.map(|r| (r.ports.as_slice(), at_connect(r))),
                     policy.default_outbound,
                 )),
             }
         })
         .collect();
+    let proxy_sees_all = policy.dry_run
+        || outbound
+            .iter()
+            .any(|r| r.action == Action::Audit || !r.peers.is_empty());
     Ok(Compiled {
         entries,
         enforce: !policy.dry_run,
+        proxy_sees_all,
     })
+}
+
+/// What a rule does at `connect()`, before any handshake. A rule that names `servers`
+/// depends on who answers the tunnel, which only the proxy learns: the kernel lets its
+/// connections through (an allow here), and the proxy decides after the handshake with
+/// the same first-match order. So the kernel refuses only what the proxy would refuse
+/// whoever answered.
+fn at_connect(rule: &super::rules::Rule) -> Action {
+    if rule.peers.is_empty() {
+        rule.action
+    } else {
+        Action::Allow
+    }
 }
 
 /// First match, port by port, over `rules` (their port ranges and actions), else `default`.
@@ -259,6 +284,10 @@ impl KernelPolicy {
             slot,
             flags: if compiled.enforce {
                 policy_flags::ENFORCE
+            } else {
+                0
+            } | if compiled.proxy_sees_all {
+                policy_flags::PROXY_SEES_ALL
             } else {
                 0
             },
@@ -443,7 +472,7 @@ mod tests {
                 for &port in &ports {
                     let d = policy.evaluate(&Request {
                         way: Way::Outbound,
-                        source: None,
+                        peer: None,
                         dst: (ip, port).into(),
                     });
                     assert_eq!(
@@ -529,7 +558,7 @@ mod tests {
                 for port in [0u16, 1, 25, 49, 50, 99, 100, 148, 149, 150, 65535] {
                     let d = policy.evaluate(&Request {
                         way: Way::Outbound,
-                        source: None,
+                        peer: None,
                         dst: (ip, port).into(),
                     });
                     assert_eq!(compiled.denies(ip, port), d.refuse, "{a}:{port} in\n{text}");
@@ -558,5 +587,76 @@ mod tests {
             compile(&policy),
             Err(KernelPolicyError::TooManyPrefixes(1102))
         ));
+    }
+
+    /// A rule naming `servers` is decided by the proxy after the handshake: the kernel lets
+    /// its connections through at connect() (it cannot know the server), even when a later
+    /// rule denies them, and never refuses what the proxy would admit for some server.
+    #[test]
+    fn rules_on_the_server_identity_are_left_to_the_proxy() {
+        use std::net::SocketAddr;
+
+        use crate::tls::identity::SpiffeId;
+
+        let policy = parse(
+            r#"
+            [[rule]]
+            action = "allow"
+            direction = "outbound"
+            destinations = ["10.0.5.0/24"]
+            ports = [5432]
+            servers = ["spiffe://td/ns/db/sa/postgres"]
+            [[rule]]
+            action = "deny"
+            destinations = ["10.0.0.0/8"]
+            [[rule]]
+            action = "deny"
+            direction = "outbound"
+            servers = ["spiffe://td/ns/evil/*"]
+            "#,
+        )
+        .unwrap();
+        let compiled = compile(&policy).unwrap();
+        let ids: Vec<SpiffeId> = ["spiffe://td/ns/db/sa/postgres", "spiffe://td/ns/other/sa/x"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        for (dst, kernel_refuses) in [
+            ("10.0.5.7:5432", false),
+            ("10.0.5.7:5433", true),
+            ("10.9.0.1:5432", true),
+            ("192.0.2.1:443", false),
+        ] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            assert_eq!(
+                compiled.denies(dst.ip(), dst.port()),
+                kernel_refuses,
+                "{dst}"
+            );
+            let proxy_refuses = |peer: Option<&SpiffeId>| {
+                policy
+                    .evaluate(&Request {
+                        way: Way::Outbound,
+                        peer,
+                        dst,
+                    })
+                    .refuse
+            };
+            if kernel_refuses {
+                assert!(proxy_refuses(None) && ids.iter().all(|id| proxy_refuses(Some(id))));
+            }
+        }
+        let postgres = Some(&ids[0]);
+        let db: SocketAddr = "10.0.5.7:5432".parse().unwrap();
+        let decide = |peer| {
+            policy
+                .evaluate(&Request {
+                    way: Way::Outbound,
+                    peer,
+                    dst: db,
+                })
+                .refuse
+        };
+        assert!(!decide(postgres) && decide(Some(&ids[1])) && decide(None));
     }
 }

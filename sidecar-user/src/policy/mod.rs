@@ -2,6 +2,7 @@
 //!
 //! * [`schema`]: the TOML file, parsed strictly and validated; errors name the line.
 //! * [`rules`]: the validated policy and its pure evaluation (first match wins).
+//! * [`destinations`]: per-destination retries, circuit breaking and connection caps.
 //! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`).
 //! * [`stats`]: decisions counted by direction, rule and outcome.
 //! * [`reload`]: the file watched and swapped atomically, kernel maps first.
@@ -9,6 +10,7 @@
 //! [`Enforcer`] ties them together for the proxy: one live policy behind an `Arc` swapped
 //! whole, so each connection is decided by one consistent policy.
 
+pub mod destinations;
 pub mod kernel;
 pub mod reload;
 pub mod rules;
@@ -41,6 +43,17 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "policy file {path} is empty (or only comments), which is what a file caught \
+         half-written looks like: to allow everything, say so with [defaults] outbound = \
+         \"allow\" and inbound = \"allow\""
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "policy file {path} does not end with a line break, so it looks cut short: write the \
+         new policy to a temporary file in the same directory and rename it over this one"
+    )]
+    Truncated { path: PathBuf },
     #[error("policy file {path} {error}")]
     Invalid { path: PathBuf, error: PolicyError },
     #[error("policy file {path}: {error}")]
@@ -63,6 +76,7 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         path: path.into(),
         source,
     })?;
+    check_whole(path, &text)?;
     let policy = schema::parse(&text).map_err(|error| LoadError::Invalid {
         path: path.into(),
         error,
@@ -72,6 +86,25 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         error,
     })?;
     Ok(Loaded { policy, compiled })
+}
+
+/// The file is polled, so a writer that truncates it and writes it in place can be read
+/// mid-way: empty (which would parse as allow-everything) or cut inside a line. Both are
+/// refused, and the old policy stays in force. A cut that falls exactly between two lines
+/// cannot be told from a complete file, which is why the only safe update is to write a
+/// temporary file and rename it over the policy (as kubelet does for a ConfigMap volume).
+fn check_whole(path: &Path, text: &str) -> Result<(), LoadError> {
+    let has_content = text.lines().any(|l| {
+        let l = l.trim();
+        !l.is_empty() && !l.starts_with('#')
+    });
+    if !has_content {
+        return Err(LoadError::Empty { path: path.into() });
+    }
+    if !text.ends_with('\n') {
+        return Err(LoadError::Truncated { path: path.into() });
+    }
+    Ok(())
 }
 
 /// How often the policy file is checked for changes.
@@ -89,6 +122,8 @@ pub struct Enforcer {
     stats: PolicyStats,
     generation: AtomicU64,
     reload_errors: AtomicU64,
+    /// When the policy in force was read (for `/status`).
+    loaded_at: Mutex<std::time::SystemTime>,
 }
 
 /// What the report shows under `policy`.
@@ -135,6 +170,7 @@ impl Enforcer {
             stats: PolicyStats::default(),
             generation: AtomicU64::new(1),
             reload_errors: AtomicU64::new(0),
+            loaded_at: Mutex::new(std::time::SystemTime::now()),
         }))
     }
 
@@ -208,6 +244,8 @@ impl Enforcer {
         match &result {
             Ok(()) => {
                 self.generation.fetch_add(1, Ordering::Relaxed);
+                *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                    std::time::SystemTime::now();
             }
             Err(_) => {
                 self.reload_errors.fetch_add(1, Ordering::Relaxed);
@@ -229,7 +267,7 @@ impl Enforcer {
             (Action::Allow, _) => Outcome::Allow,
         };
         self.stats.count(req.way, &rule, outcome);
-        let identity = req.source.map(|s| s.to_string());
+        let identity = req.peer.map(|s| s.to_string());
         let identity = identity.as_deref().unwrap_or("-");
         let (direction, dst) = (req.way.as_str(), req.dst);
         match outcome {
@@ -273,7 +311,7 @@ impl Enforcer {
         for e in events {
             let req = Request {
                 way: rules::Way::Outbound,
-                source: None,
+                peer: None,
                 dst: e.dst,
             };
             let decision = policy.evaluate(&req);
@@ -291,6 +329,25 @@ impl Enforcer {
                 times,
                 "policy refused connect() in the kernel (EPERM)"
             );
+        }
+    }
+
+    /// What `/status` shows: the file, its rules, and when it was last (re)loaded.
+    pub fn status(&self) -> crate::telemetry::PolicyStatus {
+        let policy = self.current();
+        let loaded_at = *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
+        crate::telemetry::PolicyStatus {
+            file: self.path.display().to_string(),
+            rules: policy.rules.len(),
+            dry_run: policy.dry_run,
+            destinations: policy
+                .destinations
+                .iter()
+                .filter_map(|d| serde_json::to_value(d).ok())
+                .collect(),
+            generation: self.generation.load(Ordering::Relaxed),
+            loaded_unix: crate::telemetry::unix_secs(loaded_at),
+            reload_errors: self.reload_errors.load(Ordering::Relaxed),
         }
     }
 

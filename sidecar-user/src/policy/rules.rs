@@ -5,6 +5,7 @@ use std::{fmt, net::SocketAddr};
 
 use serde::Serialize;
 
+use super::destinations::DestinationSettings;
 use crate::{cidr::Cidr, tls::identity::SpiffeId};
 
 /// What a matching rule (or a default) does.
@@ -51,7 +52,7 @@ impl Way {
     }
 }
 
-/// A pattern on the verified SPIFFE ID of an inbound peer.
+/// A pattern on the verified SPIFFE ID of the sidecar at the other end of a tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdPattern {
     /// `spiffe://td/ns/a/sa/b`: exactly this ID.
@@ -135,10 +136,12 @@ pub struct Rule {
     pub action: Action,
     /// `None`: both directions.
     pub direction: Option<Way>,
-    /// Inbound only: the peer's verified identity.
-    pub sources: Vec<IdPattern>,
-    /// Outbound: the original destination; inbound: the destination the peer's app dialled
-    /// (the tunnel preamble's address).
+    /// The verified identity of the sidecar at the other end of the tunnel: the client's
+    /// inbound (`sources` in the file), the server's outbound (`servers`). A rule with
+    /// identities never matches a connection without one (plaintext).
+    pub peers: Vec<IdPattern>,
+    /// Outbound: the original destination; inbound: the local address the tunnel delivers
+    /// to (the workload's own address, with the port the peer asked for).
     pub destinations: Vec<Cidr>,
     pub ports: Vec<PortRange>,
 }
@@ -146,6 +149,11 @@ pub struct Rule {
 impl Rule {
     /// Whether this rule applies to `req` (first match wins, so order matters elsewhere).
     pub fn matches(&self, req: &Request<'_>) -> bool {
+        self.matches_destination(req) && self.matches_peer(req)
+    }
+
+    /// Whether `req`'s direction and destination match, whoever the peer is.
+    fn matches_destination(&self, req: &Request<'_>) -> bool {
         if self.direction.is_some_and(|d| d != req.way) {
             return false;
         }
@@ -157,15 +165,17 @@ impl Rule {
         {
             return false;
         }
-        if !self.sources.is_empty() {
-            let Some(id) = req.source else {
-                return false;
-            };
-            if !self.sources.iter().any(|p| p.matches(id)) {
-                return false;
-            }
-        }
         true
+    }
+
+    /// Whether `req`'s peer identity matches (a rule without identities matches any, and
+    /// plaintext; one with identities never matches plaintext).
+    fn matches_peer(&self, req: &Request<'_>) -> bool {
+        if self.peers.is_empty() {
+            return true;
+        }
+        req.peer
+            .is_some_and(|id| self.peers.iter().any(|p| p.matches(id)))
     }
 
     /// Whether every connection `self` matches is also matched by `outer`.
@@ -179,10 +189,10 @@ impl Rule {
             outer_empty || (!self_empty && each())
         };
         direction
-            && all(outer.sources.is_empty(), self.sources.is_empty(), &|| {
-                self.sources
+            && all(outer.peers.is_empty(), self.peers.is_empty(), &|| {
+                self.peers
                     .iter()
-                    .all(|s| outer.sources.iter().any(|o| s.within(o)))
+                    .all(|s| outer.peers.iter().any(|o| s.within(o)))
             })
             && all(
                 outer.destinations.is_empty(),
@@ -212,8 +222,9 @@ pub fn cidr_within(inner: &Cidr, outer: &Cidr) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub way: Way,
-    /// The verified peer identity (inbound); `None` outbound.
-    pub source: Option<&'a SpiffeId>,
+    /// The verified identity at the other end of the tunnel (inbound: the client's;
+    /// outbound: the server's, known once the handshake is done); `None` in plaintext.
+    pub peer: Option<&'a SpiffeId>,
     pub dst: SocketAddr,
 }
 
@@ -236,6 +247,8 @@ pub struct Policy {
     pub default_inbound: Action,
     /// Log (and count) what would be denied, refuse nothing (also not in the kernel).
     pub dry_run: bool,
+    /// Resilience settings for named destinations (`[[destination]]`), first match wins.
+    pub destinations: Vec<DestinationSettings>,
 }
 
 impl Default for Policy {
@@ -246,11 +259,17 @@ impl Default for Policy {
             default_outbound: Action::Allow,
             default_inbound: Action::Allow,
             dry_run: false,
+            destinations: Vec::new(),
         }
     }
 }
 
 impl Policy {
+    /// The `[[destination]]` settings that apply to `dst`, if any.
+    pub fn destination(&self, dst: SocketAddr) -> Option<&DestinationSettings> {
+        self.destinations.iter().find(|d| d.matches(dst))
+    }
+
     pub fn default_for(&self, way: Way) -> Action {
         match way {
             Way::Outbound => self.default_outbound,
@@ -269,6 +288,16 @@ impl Policy {
             rule,
             refuse: action == Action::Deny && !self.dry_run,
         }
+    }
+
+    /// Whether the verdict on `req` depends on the peer's identity: the first rule that
+    /// matches its direction and destination names identities. Outbound, the server's
+    /// identity is only known after the handshake, so such a connection is decided then.
+    pub fn depends_on_peer(&self, req: &Request<'_>) -> bool {
+        self.rules
+            .iter()
+            .find(|r| r.matches_destination(req))
+            .is_some_and(|r| !r.peers.is_empty())
     }
 
     /// The label counters and logs use for a decision's rule.

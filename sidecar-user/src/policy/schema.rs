@@ -21,13 +21,22 @@
 //! direction = "inbound"
 //! sources = ["spiffe://example.org/ns/shop/*"]   # exact ID, path prefix /*, or spiffe://<td>
 //! ports = [8080]
+//!
+//! [[rule]]
+//! action = "allow"
+//! direction = "outbound"
+//! destinations = ["10.0.5.0/24"]
+//! servers = ["spiffe://example.org/ns/db/sa/postgres"]  # the server sidecar's verified ID
 //! ```
 
 use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use super::rules::{Action, IdPattern, Policy, PortRange, Rule, Way};
+use super::{
+    destinations::{self, DestinationSettings},
+    rules::{Action, IdPattern, Policy, PortRange, Rule, Way},
+};
 use crate::{cidr::Cidr, tls::identity::SpiffeId};
 
 /// A policy file that cannot be used, and where.
@@ -48,6 +57,22 @@ struct FileDoc {
     defaults: Option<DefaultsDoc>,
     #[serde(default)]
     rule: Vec<Spanned<RuleDoc>>,
+    #[serde(default)]
+    destination: Vec<Spanned<DestinationDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationDoc {
+    name: Option<Spanned<String>>,
+    destinations: Spanned<Vec<Spanned<String>>>,
+    ports: Option<Vec<Spanned<toml::Value>>>,
+    connect_retries: Option<u32>,
+    retry_backoff_ms: Option<u64>,
+    circuit_failures: Option<u32>,
+    circuit_open_ms: Option<u64>,
+    circuit_open_max_ms: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +89,7 @@ struct RuleDoc {
     action: Spanned<String>,
     direction: Option<Spanned<String>>,
     sources: Option<Vec<Spanned<String>>>,
+    servers: Option<Vec<Spanned<String>>>,
     destinations: Option<Vec<Spanned<String>>>,
     ports: Option<Vec<Spanned<toml::Value>>>,
 }
@@ -84,6 +110,34 @@ fn non_empty<'a, T>(
         )),
         Some(v) => Ok(v),
     }
+}
+
+/// The `name` of the `index`-th `[[kind]]` table, or `<kind>-<n>` without one; `taken` are
+/// the names (and lines) of the tables before it: names must be unique and not blank.
+fn table_name<'a>(
+    name: &Option<Spanned<String>>,
+    kind: &str,
+    index: usize,
+    mut taken: impl Iterator<Item = (&'a str, usize)>,
+    err: &dyn Fn(usize, String) -> PolicyError,
+) -> Result<String, PolicyError> {
+    let Some(n) = name else {
+        return Ok(format!("{kind}-{}", index + 1));
+    };
+    let at = n.span().start;
+    if n.get_ref().trim().is_empty() {
+        return Err(err(at, format!("a {kind} name may not be empty")));
+    }
+    if let Some((_, line)) = taken.find(|(other, _)| *other == n.get_ref()) {
+        return Err(err(
+            at,
+            format!(
+                "{kind} name {:?} is already used on line {line}: names must be unique",
+                n.get_ref()
+            ),
+        ));
+    }
+    Ok(n.get_ref().clone())
 }
 
 /// Parses and validates a policy file's text.
@@ -126,25 +180,8 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     for (index, spanned) in doc.rule.iter().enumerate() {
         let at = spanned.span().start;
         let r = spanned.get_ref();
-        let name = match &r.name {
-            Some(n) if n.get_ref().trim().is_empty() => {
-                return Err(err(n.span().start, "a rule name may not be empty".into()));
-            }
-            Some(n) => {
-                if let Some(other) = rules.iter().find(|o| o.name == *n.get_ref()) {
-                    return Err(err(
-                        n.span().start,
-                        format!(
-                            "rule name {:?} is already used on line {}: names must be unique",
-                            n.get_ref(),
-                            other.line
-                        ),
-                    ));
-                }
-                n.get_ref().clone()
-            }
-            None => format!("rule-{}", index + 1),
-        };
+        let taken = rules.iter().map(|o| (o.name.as_str(), o.line));
+        let name = table_name(&r.name, "rule", index, taken, &err)?;
         let action = parse_action(r.action.get_ref()).ok_or_else(|| {
             err(
                 r.action.span().start,
@@ -167,8 +204,9 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                 }
             }),
         };
-        let (sources, destinations, ports) = (
+        let (sources, servers, destinations, ports) = (
             non_empty(&r.sources, "sources", at, &err)?,
+            non_empty(&r.servers, "servers", at, &err)?,
             non_empty(&r.destinations, "destinations", at, &err)?,
             non_empty(&r.ports, "ports", at, &err)?,
         );
@@ -180,8 +218,18 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                     .into(),
             ));
         }
-        let sources = sources
+        if !servers.is_empty() && direction != Some(Way::Outbound) {
+            return Err(err(
+                servers[0].span().start,
+                "`servers` matches the verified identity of the server an outbound tunnel \
+                 reached; inbound connections have none: add direction = \"outbound\""
+                    .into(),
+            ));
+        }
+        // At most one of the two is set: each needs its own direction.
+        let peers = sources
             .iter()
+            .chain(servers)
             .map(|s| parse_pattern(s.get_ref()).map_err(|m| err(s.span().start, m)))
             .collect::<Result<Vec<_>, _>>()?;
         let destinations = destinations
@@ -197,7 +245,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
             line: line_of(at),
             action,
             direction,
-            sources,
+            peers,
             destinations,
             ports,
         };
@@ -221,11 +269,64 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
         }
         rules.push(rule);
     }
+    let mut destinations: Vec<DestinationSettings> = Vec::with_capacity(doc.destination.len());
+    for (index, spanned) in doc.destination.iter().enumerate() {
+        let at = spanned.span().start;
+        let d = spanned.get_ref();
+        let taken = destinations.iter().map(|o| (o.name.as_str(), o.line));
+        let name = table_name(&d.name, "destination", index, taken, &err)?;
+        if d.destinations.get_ref().is_empty() {
+            return Err(err(
+                d.destinations.span().start,
+                "`destinations = []` is empty: name the CIDRs these settings are for".into(),
+            ));
+        }
+        let cidrs = d
+            .destinations
+            .get_ref()
+            .iter()
+            .map(|s| parse_cidr(s.get_ref()).map_err(|m| err(s.span().start, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ports = non_empty(&d.ports, "ports", at, &err)?
+            .iter()
+            .map(|s| parse_ports(s.get_ref()).map_err(|m| err(s.span().start, m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table = DestinationSettings {
+            name,
+            line: line_of(at),
+            destinations: cidrs,
+            ports,
+            connect_retries: d.connect_retries,
+            retry_backoff_ms: d.retry_backoff_ms,
+            circuit_failures: d.circuit_failures,
+            circuit_open_ms: d.circuit_open_ms,
+            circuit_open_max_ms: d.circuit_open_max_ms,
+            max_connections: d.max_connections,
+        };
+        if let Err((field, message)) = destinations::check(&table) {
+            // The field's own line: the first one naming it after the table's header, before
+            // the next header.
+            let offset = text[at..]
+                .lines()
+                .scan(0, |pos, l| {
+                    let start = *pos;
+                    *pos += l.len() + 1;
+                    Some((start, l.trim_start()))
+                })
+                .skip(1)
+                .take_while(|(_, l)| !l.starts_with('['))
+                .find(|(_, l)| l.starts_with(field))
+                .map_or(at, |(start, _)| at + start);
+            return Err(err(offset, message));
+        }
+        destinations.push(table);
+    }
     Ok(Policy {
         rules,
         default_outbound,
         default_inbound,
         dry_run: doc.dry_run,
+        destinations,
     })
 }
 
@@ -249,15 +350,8 @@ fn parse_action(s: &str) -> Option<Action> {
 }
 
 fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    // IPv4-mapped blocks are refused by `Cidr`'s parser.
     let cidr: Cidr = s.parse()?;
-    if let std::net::IpAddr::V6(v6) = cidr.addr
-        && v6.to_ipv4_mapped().is_some()
-    {
-        return Err(format!(
-            "{s:?} is an IPv4-mapped IPv6 block: write it as IPv4 (it matches IPv4 \
-             connections either way)"
-        ));
-    }
     let host_bits = (if cidr.addr.is_ipv4() { 32 } else { 128 }) - u32::from(cidr.prefix);
     let canonical = match cidr.addr {
         std::net::IpAddr::V4(a) => {

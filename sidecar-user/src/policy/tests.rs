@@ -143,7 +143,7 @@ fn evaluation_table() {
         let dst: SocketAddr = dst.parse().unwrap();
         let d = policy.evaluate(&Request {
             way: *way,
-            source: id.as_ref(),
+            peer: id.as_ref(),
             dst,
         });
         assert_eq!(
@@ -173,7 +173,7 @@ fn outbound_rules_do_not_apply_inbound_and_vice_versa() {
     let check = |way, port, refused| {
         let d = policy.evaluate(&Request {
             way,
-            source: (way == Way::Inbound).then_some(&id),
+            peer: (way == Way::Inbound).then_some(&id),
             dst: SocketAddr::from(([10, 0, 0, 1], port)),
         });
         assert_eq!(d.refuse, refused, "{way:?} {port}");
@@ -192,7 +192,7 @@ fn empty_policy_and_defaults() {
             .unwrap()
             .evaluate(&Request {
                 way,
-                source: Some(&id),
+                peer: Some(&id),
                 dst: "[::1]:1".parse().unwrap(),
             })
             .refuse
@@ -204,7 +204,7 @@ fn empty_policy_and_defaults() {
     let p = parse(dry).unwrap();
     let d = p.evaluate(&Request {
         way: Way::Outbound,
-        source: None,
+        peer: None,
         dst: "[::1]:1".parse().unwrap(),
     });
     assert_eq!((d.action, d.refuse), (Action::Deny, false), "dry run");
@@ -317,6 +317,47 @@ fn invalid_files_name_line_and_problem() {
             4,
             "can never match",
         ),
+        (
+            "[[destination]]\nports = [1]\n",
+            1,
+            "missing field `destinations`",
+        ),
+        ("[[destination]]\ndestinations = []\n", 2, "is empty"),
+        (
+            "[[destination]]\ndestinations = [\"10.0.0.0/8\"]\nretries = 3\n",
+            3,
+            "unknown field `retries`",
+        ),
+        (
+            "[[destination]]\ndestinations = [\"10.0.0.0/8\"]\nconnect_retries = -1\n",
+            3,
+            "invalid value",
+        ),
+        (
+            "\n[[destination]]\ndestinations = [\"10.0.0.0/8\"]\n\ncircuit_open_ms = 0\n",
+            5,
+            "at least 1 ms",
+        ),
+        (
+            "[[destination]]\ndestinations = [\"10.0.0.0/8\"]\nmax_connections = 0\n",
+            3,
+            "refuse every connection",
+        ),
+        (
+            "[[destination]]\ndestinations = [\"10.0.0.0/8\"]\ncircuit_open_ms = 500\ncircuit_open_max_ms = 100\n",
+            4,
+            "shorter than",
+        ),
+        (
+            "[[destination]]\nname = \"a\"\ndestinations = [\"10.0.0.1/8\"]\n",
+            3,
+            "bits set after the prefix",
+        ),
+        (
+            "[[destination]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n[[destination]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n",
+            5,
+            "already used on line 1",
+        ),
     ];
     for (text, line, fragment) in cases {
         let err = parse(text).expect_err(text);
@@ -371,4 +412,204 @@ fn parser_never_panics_on_mutations() {
             let _ = parse(s);
         }
     }
+}
+
+/// `servers` matches the verified identity of the server an outbound tunnel reached: the
+/// expected server is allowed, any other identity and plaintext (no identity) fall through
+/// to the next rule.
+#[test]
+fn servers_match_the_verified_server_identity() {
+    let policy = parse(
+        r#"
+        [[rule]]
+        name = "db-is-postgres"
+        action = "allow"
+        direction = "outbound"
+        destinations = ["10.0.5.0/24"]
+        servers = ["spiffe://example.org/ns/db/sa/postgres", "spiffe://example.org/ns/dba/*"]
+        [[rule]]
+        name = "db-nobody-else"
+        action = "deny"
+        direction = "outbound"
+        destinations = ["10.0.5.0/24"]
+        "#,
+    )
+    .unwrap();
+    let dst: SocketAddr = "10.0.5.7:5432".parse().unwrap();
+    let check = |server: Option<&str>| {
+        let id: Option<SpiffeId> = server.map(|s| s.parse().unwrap());
+        let d = policy.evaluate(&Request {
+            way: Way::Outbound,
+            peer: id.as_ref(),
+            dst,
+        });
+        (policy.rule_label(&d, Way::Outbound), d.refuse)
+    };
+    let allowed = ("db-is-postgres".to_string(), false);
+    let denied = ("db-nobody-else".to_string(), true);
+    assert_eq!(
+        check(Some("spiffe://example.org/ns/db/sa/postgres")),
+        allowed
+    );
+    assert_eq!(check(Some("spiffe://example.org/ns/dba/sa/x")), allowed);
+    assert_eq!(check(Some("spiffe://example.org/ns/db/sa/other")), denied);
+    assert_eq!(
+        check(Some("spiffe://evil.example/ns/db/sa/postgres")),
+        denied
+    );
+    assert_eq!(check(None), denied, "plaintext has no server identity");
+    // Only the destinations the identity rule covers wait for the handshake.
+    let waits = |dst: &str| {
+        policy.depends_on_peer(&Request {
+            way: Way::Outbound,
+            peer: None,
+            dst: dst.parse().unwrap(),
+        })
+    };
+    assert!(waits("10.0.5.7:5432"));
+    assert!(!waits("10.0.6.7:5432") && !waits("[2001:db8::1]:5432"));
+}
+
+#[test]
+fn servers_need_an_outbound_rule() {
+    for (text, line, fragment) in [
+        (
+            "[[rule]]\naction = \"allow\"\nservers = [\"spiffe://td/a\"]\n",
+            3,
+            "add direction = \"outbound\"",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"inbound\"\nservers = [\"spiffe://td/a\"]\n",
+            4,
+            "add direction = \"outbound\"",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"outbound\"\nservers = []\n",
+            1,
+            "`servers = []` is empty",
+        ),
+        (
+            "[[rule]]\naction = \"allow\"\ndirection = \"outbound\"\nservers = [\"td/a\"]\n",
+            4,
+            "must start with spiffe://",
+        ),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, line, "{text}: {e}");
+        assert!(e.message.contains(fragment), "{text}: {e}");
+    }
+}
+
+/// A directory of its own under the system's temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("sidecar-policy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A policy file rewritten in place is seen by the watcher mid-write: emptied, then cut
+/// inside a line. Neither may replace the policy in force (the empty one would allow
+/// everything); the same text written aside and renamed over the file is taken.
+#[test]
+fn files_caught_half_written_are_refused_and_rename_is_taken() {
+    use super::{Enforcer, LoadError, load};
+    let dir = TempDir::new("half-written");
+    let path = dir.0.join("policy.toml");
+    let deny_db = "[[rule]]\nname = \"db\"\naction = \"deny\"\nports = [5432]\n";
+    std::fs::write(&path, deny_db).unwrap();
+    let enforcer = Enforcer::new(path.clone(), load(&path).unwrap(), None, None).unwrap();
+    let db = Request {
+        way: Way::Outbound,
+        peer: None,
+        dst: "10.0.0.1:5432".parse().unwrap(),
+    };
+    let denies_db = |e: &Enforcer| !e.check(&db).allowed;
+    assert!(denies_db(&enforcer));
+
+    let replacement =
+        format!("# the new policy\n{deny_db}[[rule]]\naction = \"deny\"\nports = [6379]\n");
+    let cut = replacement.find("6379").unwrap();
+    for (partial, why) in [
+        ("", "emptied"),
+        ("\n  \n# a comment only\n", "comments only"),
+        (&replacement[..cut], "cut inside a line"),
+    ] {
+        std::fs::write(&path, partial).unwrap();
+        let err = enforcer.reload().expect_err(why);
+        let one_line = err.to_string();
+        assert!(
+            matches!(err, LoadError::Empty { .. } | LoadError::Truncated { .. }),
+            "{why}: {one_line}"
+        );
+        assert!(
+            one_line.contains("policy.toml") && !one_line.contains('\n'),
+            "{one_line}"
+        );
+        assert!(denies_db(&enforcer), "{why}: the old policy stays in force");
+    }
+    assert!(matches!(load(&path), Err(LoadError::Truncated { .. })));
+
+    let tmp = dir.0.join(".policy.toml.tmp");
+    std::fs::write(&tmp, &replacement).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    enforcer.reload().expect("a renamed-in file is whole");
+    assert_eq!(enforcer.current().rules.len(), 2);
+}
+
+#[test]
+fn destination_tables_apply_first_match_over_the_command_line() {
+    use std::time::Duration;
+
+    use crate::proxy::resilience::{Resilience, ResilienceArgs};
+    let policy = parse(
+        r#"
+[[destination]]
+name = "db"
+destinations = ["10.0.5.0/24"]
+ports = [5432, "6000-6001"]
+connect_retries = 4
+circuit_open_ms = 5000
+max_connections = 7
+
+[[destination]]
+destinations = ["10.0.0.0/8"]
+circuit_failures = 0
+"#,
+    )
+    .unwrap();
+    let base = Resilience::resolve(ResilienceArgs::default()).unwrap();
+    let at = |s: &str| policy.destination(s.parse().unwrap());
+    let db = at("10.0.5.9:5432").unwrap();
+    assert_eq!((db.name.as_str(), db.line), ("db", 2));
+    let r = base.under(db);
+    assert_eq!(r.connect_retries, 4);
+    assert_eq!(r.circuit_open, Duration::from_secs(5));
+    // The open period's cap never falls below the period itself.
+    assert_eq!(r.circuit_open_max, Duration::from_secs(30));
+    assert_eq!(r.circuit_failures, base.circuit_failures);
+    assert_eq!(db.max_connections, Some(7));
+    assert_eq!(at("10.0.5.9:6001").unwrap().name, "db");
+    // Another port of the same block falls to the second table.
+    let wide = at("10.0.5.9:80").unwrap();
+    assert_eq!(wide.name, "destination-2");
+    assert_eq!(base.under(wide).circuit_failures, 0);
+    assert_eq!(base.under(wide).connect_retries, base.connect_retries);
+    assert!(at("192.168.1.1:5432").is_none());
+    // What /config and /status show: the file's own words.
+    let shown = serde_json::to_value(db).unwrap();
+    assert_eq!(shown["destinations"], serde_json::json!(["10.0.5.0/24"]));
+    assert_eq!(shown["ports"], serde_json::json!(["5432", "6000-6001"]));
+    assert!(shown.get("retry_backoff_ms").is_none());
 }

@@ -2,33 +2,46 @@
 //! proved an identity in our trust domain, agreed on our ALPN, sent a valid preamble, and the
 //! policy admits that identity to the port it asked for.
 //!
-//! The preamble only chooses the local *port*: the connection always goes to loopback, so a
-//! peer can never use this sidecar to reach another host (no open relay).
+//! The preamble only chooses the *port*: the connection goes to the address the tunnel
+//! itself arrived on — the workload's own address (the pod IP in a pod, the host address the
+//! peer dialled under `sidecar run`) — as Istio does since 1.10. So a peer can never use
+//! this sidecar to reach another host (no open relay), and a service bound to 127.0.0.1 (an
+//! admin port, another sidecar's endpoints, a local database) stays private to the machine:
+//! only what the workload exposes on its address is reachable through a tunnel. The inbound
+//! policy sees that same address, the one actually connected.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd,
-    time::Instant,
-};
+use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 
-use rustls::CertificateError;
+use rustls::{CertificateError, pki_types::UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{
-    Proxy, copy, fail, finish_copy,
+    ConnectFailure, Proxy, copy, fail, finish_copy,
     record::{ConnRecord, Mode, Outcome},
+    resilience,
 };
 use crate::{
-    policy::rules::Way,
+    policy::rules::{Request, Way},
     telemetry::{Conn, tcp_info},
-    tls::{ALPN, identity::SpiffeId},
+    tls::{
+        ALPN,
+        verify::{self, PeerError},
+    },
     tunnel::preamble,
 };
 
 impl Proxy {
-    pub(super) async fn inbound(&self, tcp: TcpStream, rec: &mut ConnRecord, conn: &Conn) {
+    /// `handshake_slot` counts this connection against `--max-pending-handshakes` until the
+    /// peer is authenticated.
+    pub(super) async fn inbound(
+        &self,
+        tcp: TcpStream,
+        rec: &mut ConnRecord,
+        conn: &Conn,
+        handshake_slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let Some(mesh) = &self.mesh else {
             return fail(
                 rec,
@@ -37,6 +50,12 @@ impl Proxy {
             );
         };
         let _ = tcp.set_nodelay(true);
+        // The address the peer reached us on: where the workload is, and so where the tunnel
+        // delivers (never the preamble's address, which the peer chose).
+        let workload = match tcp.local_addr() {
+            Ok(a) => a.ip().to_canonical(),
+            Err(e) => return fail(rec, Outcome::IoError, e),
+        };
 
         // mTLS handshake: the peer's chain, validity, key usage and trust domain.
         let credentials = mesh.tls.current();
@@ -58,43 +77,52 @@ impl Proxy {
         if session.alpn_protocol() != Some(ALPN) {
             return self.reject(rec, "alpn", "peer did not negotiate the tunnel ALPN");
         }
-        let peer = match session
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| SpiffeId::from_certificate(c))
-        {
-            Some(Ok(id)) => id,
-            _ => return self.reject(rec, "wrong_identity", "peer certificate has no SPIFFE ID"),
+        // Full or resumed, the same identity and checks (see `tls::resumption`).
+        let (peer, resumed) = match verify::verified_peer(session, UnixTime::now()) {
+            Ok(p) => (p.id, p.resumed),
+            Err(e @ PeerError::NotValidNow { .. }) => {
+                return self.reject(rec, "expired_certificate", e);
+            }
+            Err(e) => return self.reject(rec, "wrong_identity", e),
         };
+        drop(handshake_slot);
         rec.mode = Mode::Mtls;
         rec.src_identity = Some(peer.to_string());
         rec.dst_identity = Some(credentials.identity.to_string());
+        rec.tls_resumed = Some(resumed);
         conn.tls_established(
             handshaking.elapsed(),
+            resumed,
             rec.src_identity.clone(),
             rec.dst_identity.clone(),
         );
 
-        // Preamble: where the peer's app was going.
-        let dst = match preamble::read(&mut tls, mesh.preamble_timeout).await {
+        // Preamble: which port of ours the peer's app was going to.
+        let asked = match preamble::read(&mut tls, mesh.preamble_timeout).await {
             Ok(p) => p.original_dst,
             Err(e) => return self.reject(rec, e.reason(), e),
         };
-        rec.original_dst = Some(dst);
-        conn.destination(dst);
+        let local_app = SocketAddr::new(workload, asked.port());
+        rec.original_dst = Some(local_app);
+        conn.destination(local_app);
 
-        // Policy on the verified identity and the destination port the peer asked for,
-        // before anything local is connected. Dropping `tls` closes the tunnel. (The
-        // enforcer logs the decision with the identity and destination.)
-        if !self.permitted(rec, Way::Inbound, Some(&peer), dst) {
+        // Policy on the verified identity and the address the tunnel will connect, before
+        // anything local is connected. Dropping `tls` closes the tunnel. (The enforcer logs
+        // the decision with the identity and destination.)
+        let req = Request {
+            way: Way::Inbound,
+            peer: Some(&peer),
+            dst: local_app,
+        };
+        if !self.permitted(rec, &req) {
             self.rejections.count("policy_denied");
             return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
         }
 
         // Never the sidecar itself: its admin endpoint, its proxy or its tunnel listener
         // are not the app's, whatever the policy says.
-        if mesh.own_ports.contains(&dst.port()) {
-            warn!(peer = %peer, %dst, "inbound connection refused: the sidecar's own port");
+        if mesh.own_ports.contains(&local_app.port()) {
+            warn!(peer = %peer, %local_app, "inbound connection refused: the sidecar's own port");
             self.rejections.count("own_port");
             return fail(
                 rec,
@@ -103,30 +131,27 @@ impl Proxy {
             );
         }
 
-        // The local app, always on loopback.
-        let local_app = SocketAddr::new(
-            match dst.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            },
-            dst.port(),
-        );
+        // The local app, on the workload's own address.
         let connecting = Instant::now();
-        let mut app = match self.connect(local_app).await {
+        let attempt = |budget| Self::connect(local_app, budget);
+        let connected = self.connect_upstream(local_app, rec, conn, attempt, resilience::retryable);
+        let mut app = match connected.await {
             Ok(s) => s,
             Err(e) => {
-                info!(%local_app, "local app connect failed: {e}");
-                return fail(rec, Outcome::UpstreamConnectFailed, e);
+                if let ConnectFailure::Failed(e) = &e {
+                    info!(%local_app, retries = rec.connect_retries, "local app connect failed: {e}");
+                }
+                return e.fail(rec, Outcome::UpstreamConnectFailed, local_app);
             }
         };
         rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
         conn.upstream_connected(connecting.elapsed());
         rec.upstream_local = app.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
-            rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, local_app);
+            rec.upstream_leg_spliced = self.redirect.is_spliced(app.as_fd(), up_local, local_app);
         }
         let _ = app.set_nodelay(true);
-        info!(peer = %peer, %dst, "inbound tunnel accepted");
+        info!(peer = %peer, %local_app, "inbound tunnel accepted");
 
         // A second handle on the tunnel's socket, to read TCP_INFO after the copy has
         // consumed the stream.

@@ -1,25 +1,25 @@
 //! The proxy. Two data paths, each reading top to bottom in its own module:
 //!
-//! * [`outbound`]: accept (kernel-redirected) → original destination → policy → mesh route →
-//!   upstream (plain, or mTLS tunnel to the destination's sidecar) → copy → record
+//! * [`outbound`]: accept (kernel-redirected) → original destination → mesh route → upstream
+//!   (plain, or mTLS tunnel to the destination's sidecar: handshake, then policy on the
+//!   verified server, then preamble) or policy then plain upstream → copy → record
 //! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble → policy →
-//!   connect the local app → copy → record
+//!   connect the workload's own address → copy → record
 //!
 //! Both share one accept loop and one drain mechanism.
 
 pub mod copy;
 pub mod guard;
 pub mod inbound;
+pub mod limits;
 pub mod mesh;
 pub mod outbound;
 pub mod record;
+pub mod resilience;
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,13 +33,9 @@ use self::{
     record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
 use crate::{
-    policy::{
-        Enforcer,
-        rules::{Request, Way},
-    },
+    policy::{Enforcer, rules::Request},
     redirect::Redirect,
-    telemetry::Telemetry,
-    tls::identity::SpiffeId,
+    telemetry::{Conn, Telemetry},
 };
 
 /// Timeouts of the data path.
@@ -51,6 +47,10 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     /// Let connections to the cloud metadata address through (refused by default).
     pub allow_metadata: bool,
+    /// Caps on connections and tunnel handshakes in progress.
+    pub limits: limits::Limits,
+    /// Connect retries and circuit breaking.
+    pub resilience: resilience::Resilience,
 }
 
 /// The proxy and its one drain mechanism: `stop_accepting` ends the accept loops,
@@ -64,7 +64,8 @@ pub struct Proxy {
     /// Authorization policy; `None` allows everything.
     policy: Option<Arc<Enforcer>>,
     rejections: Rejections,
-    next_id: AtomicU64,
+    gate: limits::Gate,
+    circuits: resilience::Circuits,
     stop_accepting: CancellationToken,
     abort: CancellationToken,
     tasks: TaskTracker,
@@ -87,7 +88,8 @@ impl Proxy {
             telemetry,
             policy,
             rejections: Rejections::default(),
-            next_id: AtomicU64::new(1),
+            gate: limits::Gate::new(settings.limits),
+            circuits: resilience::Circuits::new(settings.connect_timeout),
             stop_accepting: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -115,17 +117,33 @@ impl Proxy {
                     continue;
                 }
             };
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let slots = match self.gate.admit(direction == Direction::Inbound) {
+                Ok(slots) => slots,
+                Err(cap) => {
+                    self.refuse_at_cap(client, direction, cap);
+                    continue;
+                }
+            };
+            let id = self.telemetry.connection_id();
             let this = self.clone();
             let span = info_span!("conn", id, dir = ?direction, client = %peer);
             self.tasks.spawn(
                 async move {
+                    let _slot = slots.connection;
                     let started = Instant::now();
                     let conn = this.telemetry.accept(id, direction, peer);
                     let mut record = ConnRecord::new(id, direction, peer);
+                    // Boxed apart: a task is as large as the largest state it may reach, and
+                    // the TLS states (a rustls session each) would make every plaintext
+                    // connection carry their size for its whole life.
                     match direction {
-                        Direction::Outbound => this.outbound(client, &mut record, &conn).await,
-                        Direction::Inbound => this.inbound(client, &mut record, &conn).await,
+                        Direction::Outbound => {
+                            Box::pin(this.outbound(client, &mut record, &conn)).await
+                        }
+                        Direction::Inbound => {
+                            Box::pin(this.inbound(client, &mut record, &conn, slots.handshake))
+                                .await
+                        }
                     }
                     record.duration_ms = started.elapsed().as_millis() as u64;
                     this.telemetry.close(conn, &record);
@@ -142,19 +160,27 @@ impl Proxy {
         }
     }
 
+    /// Resets a connection over a cap at once (the client sees the refusal, not a hang), and
+    /// counts and logs it (rate-limited).
+    fn refuse_at_cap(&self, client: TcpStream, direction: Direction, cap: limits::Cap) {
+        let _ = client.set_zero_linger();
+        drop(client);
+        self.count_refusal(direction, cap);
+    }
+
+    /// A connection refused by `cap`: counted, and logged (rate-limited).
+    fn count_refusal(&self, direction: Direction, cap: limits::Cap) {
+        self.telemetry.refused_at_cap(direction, cap);
+        self.gate.log_refusal(cap);
+    }
+
     /// Whether the policy lets this connection proceed (counted, logged, and recorded in
     /// the connection's record and metrics either way).
-    fn permitted(
-        &self,
-        rec: &mut ConnRecord,
-        way: Way,
-        source: Option<&SpiffeId>,
-        dst: SocketAddr,
-    ) -> bool {
+    fn permitted(&self, rec: &mut ConnRecord, req: &Request<'_>) -> bool {
         let Some(policy) = &self.policy else {
             return true;
         };
-        let verdict = policy.check(&Request { way, source, dst });
+        let verdict = policy.check(req);
         self.telemetry
             .policy_decision(rec.direction, verdict.outcome.as_str());
         rec.policy_decision = Some(verdict.outcome.as_str());
@@ -162,14 +188,132 @@ impl Proxy {
         verdict.allowed
     }
 
-    async fn connect(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let timeout = self.settings.connect_timeout;
+    /// Whether the policy's verdict on `req` waits for the peer's verified identity.
+    fn depends_on_peer(&self, req: &Request<'_>) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.current().depends_on_peer(req))
+    }
+
+    /// A plain TCP connect to `dst` that gives up after `timeout`.
+    async fn connect(dst: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
         match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {timeout:?}"),
             )),
+        }
+    }
+
+    /// Connects for a connection to `dst` with `attempt` (given each try's time budget):
+    /// asks `dst`'s circuit first, then tries again after each failure that `retryable`
+    /// accepts, with a growing backoff, until `--connect-retries` or the connect deadline
+    /// runs out. Every attempt's result feeds the circuit.
+    async fn connect_upstream<T, E, Fut>(
+        &self,
+        dst: SocketAddr,
+        rec: &mut ConnRecord,
+        conn: &Conn,
+        mut attempt: impl FnMut(Duration) -> Fut,
+        retryable: impl Fn(&E) -> bool,
+    ) -> Result<T, ConnectFailure<E>>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let _connecting = match self.gate.admit_connect() {
+            Ok(slot) => slot,
+            Err(cap) => {
+                self.count_refusal(rec.direction, cap);
+                return Err(ConnectFailure::Overloaded(cap));
+            }
+        };
+        let settings = self.resilience_for(dst);
+        let (admission, transition) = self.circuits.admit(dst, &settings, Instant::now());
+        self.circuit_moved(transition);
+        if let resilience::Admission::Open { failures } = admission {
+            self.telemetry.circuit_fast_failed();
+            return Err(ConnectFailure::CircuitOpen { failures });
+        }
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let mut jitter = resilience::jitter_seed();
+        let mut retries = 0;
+        loop {
+            // The attempts left share what is left of the deadline, so an unanswered one
+            // leaves time for the next.
+            let left = settings.connect_retries - retries + 1;
+            let budget = deadline.saturating_duration_since(Instant::now()) / left;
+            let result = attempt(budget).await;
+            if retries > 0 {
+                conn.connect_retried(result.is_ok());
+            }
+            let e = match result {
+                Ok(t) => {
+                    self.circuit_moved(self.circuits.succeeded(dst));
+                    return Ok(t);
+                }
+                Err(e) => e,
+            };
+            self.circuit_moved(self.circuits.failed(dst, &settings, Instant::now()));
+            jitter = jitter.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+            let wait = settings.backoff(retries + 1, jitter);
+            let out_of_time = Instant::now() + wait >= deadline;
+            if retries == settings.connect_retries || !retryable(&e) || out_of_time {
+                return Err(ConnectFailure::Failed(e));
+            }
+            // The circuit opened on this very failure: no point trying again now.
+            if let (resilience::Admission::Open { failures }, _) =
+                self.circuits.admit(dst, &settings, Instant::now())
+            {
+                self.telemetry.circuit_fast_failed();
+                return Err(ConnectFailure::CircuitOpen { failures });
+            }
+            retries += 1;
+            rec.connect_retries = retries;
+            debug!(%dst, retry = retries, "connect failed, retrying in {wait:?}");
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.abort.cancelled() => return Err(ConnectFailure::Failed(e)),
+            }
+        }
+    }
+
+    /// Open circuits are refused at `connect()` in `sink` too from now on (eBPF mode), and a
+    /// task ends their open periods there. Needs the runtime entered.
+    pub fn refuse_open_circuits_in(self: &Arc<Self>, sink: Arc<dyn resilience::CircuitSink>) {
+        self.circuits.refuse_in(sink);
+        let proxy = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CIRCUIT_EXPIRY_POLL).await;
+                let Some(proxy) = proxy.upgrade() else { return };
+                proxy.circuits.expire(Instant::now());
+            }
+        });
+    }
+
+    /// Retries and circuit settings for `dst`: the command line's, under the policy file's
+    /// `[[destination]]` table for it if there is one.
+    fn resilience_for(&self, dst: SocketAddr) -> resilience::Resilience {
+        let base = self.settings.resilience;
+        match &self.policy {
+            Some(p) => p.current().destination(dst).map_or(base, |d| base.under(d)),
+            None => base,
+        }
+    }
+
+    /// How many connections may be open to `dst` at once (the policy file may say).
+    fn destination_cap(&self, dst: SocketAddr) -> usize {
+        let base = self.settings.limits.max_connections_per_destination;
+        let policy = self.policy.as_ref().map(|p| p.current());
+        policy
+            .and_then(|p| p.destination(dst).and_then(|d| d.max_connections))
+            .unwrap_or(base)
+    }
+
+    fn circuit_moved(&self, transition: Option<resilience::Transition>) {
+        if let Some(t) = transition {
+            self.telemetry.circuit(t, self.circuits.open_count());
         }
     }
 
@@ -201,6 +345,56 @@ fn finish_copy(record: &mut ConnRecord, copied: Copied) {
         CopyEnd::Aborted => (Outcome::Shutdown, None),
         CopyEnd::Error(e) => (Outcome::IoError, Some(e.to_string())),
     };
+}
+
+/// How often open periods are checked for their end in the kernel (a circuit opens for
+/// 1 s by default: this is its precision).
+const CIRCUIT_EXPIRY_POLL: Duration = Duration::from_millis(25);
+
+impl resilience::ConnectOutcomes for Proxy {
+    /// A pass-through connect the kernel reported: it counts for its destination's circuit
+    /// like one of the proxy's own.
+    fn connect_outcome(&self, dst: SocketAddr, connected: bool) {
+        let transition = if connected {
+            self.circuits.succeeded(dst)
+        } else {
+            let settings = self.resilience_for(dst);
+            self.circuits.failed(dst, &settings, Instant::now())
+        };
+        self.circuit_moved(transition);
+    }
+}
+
+/// Why [`Proxy::connect_upstream`] gave up.
+enum ConnectFailure<E> {
+    /// The destination's circuit is open: no attempt was made.
+    CircuitOpen { failures: u32 },
+    /// Too many connects in progress: no attempt was made.
+    Overloaded(limits::Cap),
+    /// The last attempt's error.
+    Failed(E),
+}
+
+impl<E: std::fmt::Display> ConnectFailure<E> {
+    /// Fails `rec` with this: `circuit_open`, or `outcome` with the error.
+    fn fail(self, rec: &mut ConnRecord, outcome: Outcome, dst: SocketAddr) {
+        match self {
+            Self::CircuitOpen { failures } => fail(
+                rec,
+                Outcome::CircuitOpen,
+                format!("the circuit of {dst} is open after {failures} failed connects"),
+            ),
+            Self::Overloaded(cap) => fail(
+                rec,
+                Outcome::Overloaded,
+                format!(
+                    "too many connects in progress (--{})",
+                    cap.as_str().replace('_', "-")
+                ),
+            ),
+            Self::Failed(e) => fail(rec, outcome, e),
+        }
+    }
 }
 
 fn fail(record: &mut ConnRecord, outcome: Outcome, error: impl ToString) {

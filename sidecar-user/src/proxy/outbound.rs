@@ -1,17 +1,18 @@
 //! Outbound: a connection the kernel redirected from the local app.
 
-use std::{os::fd::AsFd, time::Instant};
+use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::{
-    Proxy, copy, fail, finish_copy, guard,
+    ConnectFailure, Proxy, copy, fail, finish_copy, guard,
     mesh::Route,
     record::{ConnRecord, Mode, Outcome},
+    resilience,
 };
 use crate::{
-    policy::rules::Way,
+    policy::rules::{Request, Way},
     telemetry::{Conn, tcp_info},
     tunnel,
 };
@@ -36,7 +37,7 @@ impl Proxy {
         };
         rec.original_dst = Some(dst);
         conn.destination(dst);
-        rec.app_leg_spliced = self.redirect.is_spliced(local, rec.client);
+        rec.app_leg_spliced = self.redirect.is_spliced(client.as_fd(), local, rec.client);
         let _ = client.set_nodelay(true);
 
         // The cloud metadata address, unless explicitly allowed: before the policy, which
@@ -52,17 +53,59 @@ impl Proxy {
         }
 
         // Policy: normally the kernel already refused a denied destination at connect();
-        // this catches the rest (e.g. dry-run logging) from the same compiled policy.
-        if !self.permitted(rec, Way::Outbound, None, dst) {
+        // this catches the rest (e.g. dry-run logging) from the same compiled policy. A
+        // verdict that depends on who answers the tunnel (rules naming `servers`) waits for
+        // the handshake.
+        let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));
+        let plain = Request {
+            way: Way::Outbound,
+            peer: None,
+            dst,
+        };
+        let after_handshake = route != Route::Plain && self.depends_on_peer(&plain);
+        if !after_handshake && !self.permitted(rec, &plain) {
             let _ = client.set_zero_linger();
             return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
         }
 
+        // One destination may not take every slot.
+        let limit = self.destination_cap(dst);
+        let _slot = match self.gate.admit_destination(dst, limit) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                self.count_refusal(rec.direction, cap);
+                let _ = client.set_zero_linger();
+                return fail(
+                    rec,
+                    Outcome::Overloaded,
+                    format!("{limit} connections to {dst} open already (its connection cap)"),
+                );
+            }
+        };
+
         // Route: through an mTLS tunnel to the destination's sidecar, or plaintext.
-        let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));
         if let (Some(mesh), Route::Tunnel | Route::TryTunnel) = (&self.mesh, route) {
             let opening = Instant::now();
-            match tunnel::open(&mesh.tls, dst, mesh.tunnel_port, mesh.handshake_timeout).await {
+            // A strict tunnel is retried while nothing answers; a permissive one is not: no
+            // answer there means plaintext.
+            let strict = route == Route::Tunnel;
+            // Boxed: the handshake's state (a rustls session) is not part of every plaintext
+            // connection's task.
+            let connecting = Box::pin(self.connect_upstream(
+                dst,
+                rec,
+                conn,
+                |budget| {
+                    let timeout = if strict {
+                        budget.min(mesh.handshake_timeout)
+                    } else {
+                        mesh.handshake_timeout
+                    };
+                    tunnel::connect(&mesh.tls, dst, mesh.tunnel_port, timeout)
+                },
+                |e: &tunnel::TunnelError| strict && e.nothing_answered(),
+            ));
+            match connecting.await {
                 Ok(t) => {
                     if route == Route::TryTunnel {
                         mesh.remember(dst.ip(), true);
@@ -71,51 +114,59 @@ impl Proxy {
                     rec.mode = Mode::Mtls;
                     rec.src_identity = Some(mesh.tls.current().identity.to_string());
                     rec.dst_identity = Some(t.peer.to_string());
+                    rec.tls_resumed = Some(t.resumed);
                     rec.upstream_connect_us = Some(took.as_micros() as u64);
-                    conn.tls_established(took, rec.src_identity.clone(), rec.dst_identity.clone());
+                    conn.tls_established(
+                        took,
+                        t.resumed,
+                        rec.src_identity.clone(),
+                        rec.dst_identity.clone(),
+                    );
                     conn.upstream_connected(took);
-                    let tcp = t.stream.get_ref().0;
-                    rec.upstream_local = tcp.local_addr().ok();
-                    // A second handle on the tunnel's socket, to read TCP_INFO after the copy
-                    // has consumed the stream.
-                    let tunnel_socket = tcp.as_fd().try_clone_to_owned().ok();
-                    info!(%dst, peer = %t.peer, "mTLS tunnel up");
-                    let copied = copy::bidirectional(
-                        client.split(),
-                        tokio::io::split(t.stream),
-                        self.settings.idle_timeout,
-                        &self.abort,
-                        conn,
-                    )
-                    .await;
-                    rec.tcp_app = tcp_info::read(&client);
-                    rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
-                    if copied.end.is_error() {
-                        let _ = client.set_zero_linger();
-                    }
-                    return finish_copy(rec, copied);
+                    return Box::pin(self.tunnelled(client, t, dst, after_handshake, rec, conn))
+                        .await;
                 }
-                Err(e) if route == Route::Tunnel => {
+                Err(ConnectFailure::Failed(e))
+                    if route == Route::TryTunnel && e.nothing_answered() =>
+                {
+                    info!(%dst, "no sidecar answered ({e}); permissive mode: plaintext");
+                    self.telemetry.tunnel_failed(e.reason());
+                    mesh.remember(dst.ip(), false);
+                    if after_handshake && !self.permitted(rec, &plain) {
+                        let _ = client.set_zero_linger();
+                        return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
+                    }
+                }
+                Err(ConnectFailure::Failed(e)) => {
+                    // Something answered on the tunnel port and could not prove itself:
+                    // never plaintext, in permissive mode too (see `nothing_answered`).
                     warn!(%dst, "{e}");
+                    self.telemetry.tunnel_failed(e.reason());
                     let _ = client.set_zero_linger();
                     return fail(rec, Outcome::TunnelFailed, e);
                 }
-                Err(e) => {
-                    info!(%dst, "no sidecar answered ({e}); permissive mode: plaintext");
-                    mesh.remember(dst.ip(), false);
+                Err(
+                    refused @ (ConnectFailure::CircuitOpen { .. } | ConnectFailure::Overloaded(_)),
+                ) => {
+                    let _ = client.set_zero_linger();
+                    return refused.fail(rec, Outcome::TunnelFailed, dst);
                 }
             }
         }
 
         // Plaintext upstream: our own connect is exempt from redirection (proxy cgroup role).
         let connecting = Instant::now();
-        let mut upstream = match self.connect(dst).await {
+        let attempt = |budget| Self::connect(dst, budget);
+        let connected = self.connect_upstream(dst, rec, conn, attempt, resilience::retryable);
+        let mut upstream = match connected.await {
             Ok(s) => s,
             Err(e) => {
-                info!(%dst, "upstream connect failed: {e}");
+                if let ConnectFailure::Failed(e) = &e {
+                    info!(%dst, retries = rec.connect_retries, "upstream connect failed: {e}");
+                }
                 // Reset the client so it fails now, the way a refused connect would.
                 let _ = client.set_zero_linger();
-                return fail(rec, Outcome::UpstreamConnectFailed, e);
+                return e.fail(rec, Outcome::UpstreamConnectFailed, dst);
             }
         };
         rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
@@ -123,7 +174,7 @@ impl Proxy {
         conn.established(Mode::Plain);
         rec.upstream_local = upstream.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
-            rec.upstream_leg_spliced = self.redirect.is_spliced(up_local, dst);
+            rec.upstream_leg_spliced = self.redirect.is_spliced(upstream.as_fd(), up_local, dst);
         }
         let _ = upstream.set_nodelay(true);
 
@@ -144,6 +195,60 @@ impl Proxy {
             // clean EOF that would make a truncated response look complete.
             let _ = client.set_zero_linger();
             let _ = upstream.set_zero_linger();
+        }
+        finish_copy(rec, copied);
+    }
+
+    /// The copy through a tunnel whose server is verified. With `check_server`, the outbound
+    /// policy decides now, on that server's identity; the preamble goes out only once the
+    /// connection is admitted, so a refused server never learns where the app was going.
+    async fn tunnelled(
+        &self,
+        mut client: TcpStream,
+        mut t: tunnel::Tunnel,
+        dst: SocketAddr,
+        check_server: bool,
+        rec: &mut ConnRecord,
+        conn: &Conn,
+    ) {
+        let verified = Request {
+            way: Way::Outbound,
+            peer: Some(&t.peer),
+            dst,
+        };
+        if check_server && !self.permitted(rec, &verified) {
+            self.telemetry.tunnel_failed(tunnel::SERVER_IDENTITY_DENIED);
+            let _ = client.set_zero_linger();
+            return fail(
+                rec,
+                Outcome::PolicyDenied,
+                format!("the outbound policy does not admit server {}", t.peer),
+            );
+        }
+        if let Err(e) = t.start(dst).await {
+            warn!(%dst, "{e}");
+            self.telemetry.tunnel_failed(e.reason());
+            let _ = client.set_zero_linger();
+            return fail(rec, Outcome::TunnelFailed, e);
+        }
+        let tcp = t.stream.get_ref().0;
+        rec.upstream_local = tcp.local_addr().ok();
+        // A second handle on the tunnel's socket, to read TCP_INFO after the copy has
+        // consumed the stream.
+        let tunnel_socket = tcp.as_fd().try_clone_to_owned().ok();
+        info!(%dst, peer = %t.peer, "mTLS tunnel up");
+        let copied = copy::bidirectional(
+            client.split(),
+            tokio::io::split(t.stream),
+            self.settings.idle_timeout,
+            &self.abort,
+            conn,
+        )
+        .await;
+        rec.tcp_app = tcp_info::read(&client);
+        rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
+        if copied.end.is_error() {
+            let _ = client.set_zero_linger();
         }
         finish_copy(rec, copied);
     }

@@ -68,6 +68,11 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("cannot watch the ring {name} for reports: {source}")]
+    Watch {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot pin {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -119,12 +124,21 @@ pub struct Workload {
     pub config: WorkloadConfig,
 }
 
-/// A destination CIDR that bypasses the proxy for the workload with this scope.
+/// A destination CIDR of the workload with this scope.
 #[derive(Debug, Clone, Copy)]
-pub struct ExcludedCidr {
+pub struct ScopedCidr {
     pub scope: u32,
     pub addr: IpAddr,
     pub prefix: u8,
+}
+
+/// Destinations the connect hooks treat specially, per workload scope.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Destinations<'a> {
+    /// Bypass the proxy (`--exclude-cidrs`).
+    pub excluded: &'a [ScopedCidr],
+    /// Have sidecars (`--mesh-cidrs`): always through the proxy, never passed through.
+    pub meshed: &'a [ScopedCidr],
 }
 
 /// Everything one run loaded, attached and pinned.
@@ -153,16 +167,16 @@ impl EbpfInterception {
     pub fn attach(
         settings: &Settings,
         workloads: &[Workload],
-        excluded: &[ExcludedCidr],
+        destinations: Destinations<'_>,
     ) -> Result<Self, EbpfError> {
-        match Self::attach_as(settings, workloads, excluded, true) {
+        match Self::attach_as(settings, workloads, destinations, true) {
             Err(EbpfError::NoNetnsCookie { name }) => {
                 if settings.sockmap {
                     tracing::warn!(
                         "sockmap fast path off: {NO_NETNS_COOKIE} (program {name} was rejected)"
                     );
                 }
-                let mut done = Self::attach_as(settings, workloads, excluded, false)?;
+                let mut done = Self::attach_as(settings, workloads, destinations, false)?;
                 done.fast_path_unavailable = settings.sockmap.then_some(NO_NETNS_COOKIE);
                 Ok(done)
             }
@@ -178,7 +192,7 @@ impl EbpfInterception {
     fn attach_as(
         settings: &Settings,
         workloads: &[Workload],
-        excluded: &[ExcludedCidr],
+        destinations: Destinations<'_>,
         netns_cookies: bool,
     ) -> Result<Self, EbpfError> {
         let mut pins = Pins::create(&settings.pin_dir)?;
@@ -208,7 +222,8 @@ impl EbpfInterception {
             pins.files.push(path);
         }
         fill_workloads(&mut ebpf, workloads)?;
-        fill_excluded(&mut ebpf, excluded)?;
+        fill_cidrs(&mut ebpf, maps::EXCLUDED_CIDRS, destinations.excluded)?;
+        fill_cidrs(&mut ebpf, maps::MESH_CIDRS, destinations.meshed)?;
         let logger = if settings.bpf_log {
             aya_log::EbpfLogger::init(&mut ebpf)
                 .inspect_err(|e| tracing::warn!("eBPF logging unavailable: {e}"))
@@ -399,24 +414,17 @@ fn fill_workloads(ebpf: &mut Ebpf, workloads: &[Workload]) -> Result<(), EbpfErr
     Ok(())
 }
 
-fn fill_excluded(ebpf: &mut Ebpf, excluded: &[ExcludedCidr]) -> Result<(), EbpfError> {
-    let map = ebpf
-        .map_mut(maps::EXCLUDED_CIDRS)
-        .ok_or(EbpfError::Missing(maps::EXCLUDED_CIDRS))?;
+fn fill_cidrs(ebpf: &mut Ebpf, name: &'static str, cidrs: &[ScopedCidr]) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(name).ok_or(EbpfError::Missing(name))?;
     let mut trie: LpmTrie<_, ScopedAddr, u8> =
-        LpmTrie::try_from(map).map_err(|source| EbpfError::Map {
-            name: maps::EXCLUDED_CIDRS,
-            source,
-        })?;
-    for c in excluded {
+        LpmTrie::try_from(map).map_err(|source| EbpfError::Map { name, source })?;
+    for c in cidrs {
         let key = Key::new(
             lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
             ScopedAddr::new(c.scope, mapped_octets(c.addr)),
         );
-        trie.insert(&key, 1, 0).map_err(|source| EbpfError::Map {
-            name: maps::EXCLUDED_CIDRS,
-            source,
-        })?;
+        trie.insert(&key, 1, 0)
+            .map_err(|source| EbpfError::Map { name, source })?;
     }
     Ok(())
 }
@@ -518,25 +526,15 @@ impl KernelLookups {
     /// `netns_cookies`: whether the programs put the netns cookie in their keys (see
     /// [`EbpfInterception::attach`]); without, the keys carry 0.
     pub fn open(pin_dir: &Path, netns_cookies: bool) -> Result<Self, EbpfError> {
-        fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-            dir: &Path,
-            name: &'static str,
-        ) -> Result<T, EbpfError> {
-            let data = MapData::from_pin(dir.join(name))
-                .map_err(|source| EbpfError::Map { name, source })?;
-            let map = aya::maps::Map::from_map_data(data)
-                .map_err(|source| EbpfError::Map { name, source })?;
-            T::try_from(map).map_err(|source| EbpfError::Map { name, source })
-        }
         Ok(Self {
             netns: if netns_cookies {
                 own_netns_cookie().map_err(|source| EbpfError::Netns { source })?
             } else {
                 0
             },
-            orig_dst: open(pin_dir, maps::ORIG_DST)?,
-            spliced: open(pin_dir, maps::SPLICED)?,
-            counters: open(pin_dir, maps::COUNTERS)?,
+            orig_dst: open_pinned(pin_dir, maps::ORIG_DST)?,
+            spliced: open_pinned(pin_dir, maps::SPLICED)?,
+            counters: open_pinned(pin_dir, maps::COUNTERS)?,
         })
     }
 
@@ -544,6 +542,18 @@ impl KernelLookups {
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         sum_counters(&self.counters)
     }
+}
+
+/// The map pinned as `dir/name`, typed.
+pub(crate) fn open_pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    let data =
+        MapData::from_pin(dir.join(name)).map_err(|source| EbpfError::Map { name, source })?;
+    let map =
+        aya::maps::Map::from_map_data(data).map_err(|source| EbpfError::Map { name, source })?;
+    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// Sum over CPUs of every counter in a `COUNTERS` map, by name (an unreadable slot as 0).
@@ -581,7 +591,12 @@ impl Redirect for KernelLookups {
         }
     }
 
-    fn is_spliced(&self, local: SocketAddr, peer: SocketAddr) -> bool {
+    fn is_spliced(
+        &self,
+        _socket: std::os::fd::BorrowedFd<'_>,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> bool {
         self.spliced
             .get(&SockKey::from_addrs(self.netns, local, peer), 0)
             .is_ok()

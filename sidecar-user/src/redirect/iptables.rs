@@ -476,12 +476,16 @@ impl Redirect for OriginalDst {
     }
 
     /// iptables mode has no kernel fast path.
-    fn is_spliced(&self, _local: SocketAddr, _peer: SocketAddr) -> bool {
+    fn is_spliced(&self, _socket: BorrowedFd<'_>, _local: SocketAddr, _peer: SocketAddr) -> bool {
         false
     }
 }
 
-fn getsockopt<T>(socket: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+pub(crate) fn getsockopt<T>(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the buffer is valid for `len` bytes and the kernel writes at most that many.

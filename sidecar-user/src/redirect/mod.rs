@@ -2,8 +2,11 @@
 //! going. The proxy only sees the [`Redirect`] trait, so other interception modes (iptables,
 //! with `SO_ORIGINAL_DST`) plug into the same data path.
 
+pub mod agent;
+pub mod circuits;
 pub mod ebpf;
 pub mod iptables;
+pub mod passthrough;
 
 use std::{net::SocketAddr, os::fd::BorrowedFd};
 
@@ -48,6 +51,7 @@ pub trait Redirect: Send + Sync {
         local: SocketAddr,
     ) -> Result<SocketAddr, OrigDstError>;
 
-    /// Whether the socket with this (local, peer) 4-tuple is spliced by the kernel fast path.
-    fn is_spliced(&self, local: SocketAddr, peer: SocketAddr) -> bool;
+    /// Whether `socket`, with this (local, peer) 4-tuple, is spliced by the kernel fast path
+    /// (eBPF mode keys a map on the tuple; agent mode asks the socket).
+    fn is_spliced(&self, socket: BorrowedFd<'_>, local: SocketAddr, peer: SocketAddr) -> bool;
 }

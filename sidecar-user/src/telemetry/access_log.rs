@@ -4,7 +4,8 @@
 //! Going through `tracing` keeps one logging pipeline (the stderr log filters this target
 //! out, so `SIDECAR_LOG=info` does not duplicate it); writing the line verbatim instead of
 //! through the generic JSON formatter keeps the schema ours: nested objects, nulls for the
-//! fields mTLS and policy will fill, and stable names.
+//! fields mTLS and policy will fill, and stable names. The layer only queues the line; a
+//! thread of its own writes it (see [`AccessLogLayer`]).
 
 use std::{
     fmt,
@@ -13,8 +14,12 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     str::FromStr,
-    sync::Mutex,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{SyncSender, TrySendError, sync_channel},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
@@ -25,7 +30,7 @@ use tracing::{
 use tracing_subscriber::{Layer, layer::Context};
 
 use crate::{
-    proxy::record::{ConnRecord, Direction, Mode},
+    proxy::record::{ConnRecord, Direction, Mode, Path},
     telemetry::tcp_info::TcpStats,
 };
 
@@ -64,7 +69,7 @@ impl fmt::Display for AccessLogTarget {
     }
 }
 
-/// One access-log line. Field meanings are documented in the README.
+/// One access-log line. Field meanings are documented in docs/observability.md ("Access log").
 #[derive(Debug, Serialize)]
 pub struct AccessRecord<'a> {
     pub start: String,
@@ -72,6 +77,9 @@ pub struct AccessRecord<'a> {
     pub id: u64,
     pub direction: Direction,
     pub mode: Mode,
+    /// `proxy`, or `passthrough` (no proxy: `proxy` and `upstream_src` are null, and
+    /// `tcp_app` is the app's own socket to the destination).
+    pub path: Path,
     /// App leg: the app's socket and the proxy listener it was redirected to.
     pub src: SocketAddr,
     pub proxy: Option<SocketAddr>,
@@ -80,12 +88,15 @@ pub struct AccessRecord<'a> {
     pub original_dst: Option<SocketAddr>,
     pub src_identity: Option<&'a str>,
     pub dst_identity: Option<&'a str>,
+    pub tls_resumed: Option<bool>,
     pub fast_path_app: bool,
     pub fast_path_upstream: bool,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: f64,
     pub upstream_connect_ms: Option<f64>,
+    /// Connect attempts after the first (see `--connect-retries`).
+    pub connect_retries: u32,
     pub close_reason: &'static str,
     pub error: Option<&'a str>,
     /// `none` until a policy engine decides.
@@ -103,18 +114,21 @@ impl<'a> AccessRecord<'a> {
             id: rec.id,
             direction: rec.direction,
             mode: rec.mode,
+            path: rec.path,
             src: rec.client,
             proxy: rec.proxy_local,
             upstream_src: rec.upstream_local,
             original_dst: rec.original_dst,
             src_identity: rec.src_identity.as_deref(),
             dst_identity: rec.dst_identity.as_deref(),
+            tls_resumed: rec.tls_resumed,
             fast_path_app: rec.app_leg_spliced,
             fast_path_upstream: rec.upstream_leg_spliced,
             bytes_sent: rec.bytes_from_client,
             bytes_received: rec.bytes_from_upstream,
             duration_ms: duration.as_micros() as f64 / 1e3,
             upstream_connect_ms: rec.upstream_connect_us.map(|us| us as f64 / 1e3),
+            connect_retries: rec.connect_retries,
             close_reason: rec.outcome.as_str(),
             error: rec.error.as_deref(),
             policy_decision: rec.policy_decision.unwrap_or("none"),
@@ -133,9 +147,33 @@ impl<'a> AccessRecord<'a> {
     }
 }
 
-/// Writes the `record` field of [`TARGET`] events, one per line.
+/// Lines waiting for the writer thread. At ~600 bytes a line that is ~2.5 MB, seconds of
+/// logging at a high connection rate: enough to ride out a slow disk, bounded when the
+/// reader of stdout stops reading.
+pub const QUEUE_LINES: usize = 4096;
+
+/// What the writer thread is asked to do.
+enum Job {
+    Line(String),
+    /// Acknowledge once every line queued before this one is written.
+    Flush(SyncSender<()>),
+}
+
+/// The sending end of the writer thread, shared by the layer, `/metrics` and the exit path.
+struct Queue {
+    jobs: SyncSender<Job>,
+    dropped: AtomicU64,
+}
+
+/// The queue of the process's access log, once `init_logging` opened one.
+static QUEUE: OnceLock<Arc<Queue>> = OnceLock::new();
+
+/// Writes the `record` field of [`TARGET`] events, one per line, from its own thread: a
+/// proxy worker only queues the line, so stdout or a file that backs up never stalls the
+/// data path. When the queue is full the line is dropped and counted
+/// (`sidecar_access_log_dropped_total`).
 pub struct AccessLogLayer {
-    out: Mutex<Box<dyn Write + Send>>,
+    queue: Arc<Queue>,
 }
 
 impl AccessLogLayer {
@@ -149,9 +187,86 @@ impl AccessLogLayer {
                 OpenOptions::new().create(true).append(true).open(path)?,
             )),
         };
-        Ok(Some(Self {
-            out: Mutex::new(out),
-        }))
+        Self::with_writer(out, QUEUE_LINES).map(Some)
+    }
+
+    /// Starts the writer thread on `out`, with room for `capacity` queued lines.
+    pub fn with_writer(mut out: Box<dyn Write + Send>, capacity: usize) -> io::Result<Self> {
+        let (jobs, queued) = sync_channel::<Job>(capacity);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                for job in queued {
+                    match job {
+                        // A full disk must not take the sidecar down; the line is lost.
+                        Job::Line(text) => {
+                            let _ = out.write_all(text.as_bytes());
+                        }
+                        Job::Flush(done) => {
+                            let _ = out.flush();
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            queue: Arc::new(Queue {
+                jobs,
+                dropped: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Lines dropped so far because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` for the lines queued so far to be written.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.queue.flush(timeout)
+    }
+}
+
+impl Queue {
+    fn push(&self, text: String) {
+        match self.jobs.try_send(Job::Line(text)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (done, written) = sync_channel(1);
+        let mut job = Job::Flush(done);
+        loop {
+            match self.jobs.try_send(job) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    job = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        written
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+/// Access-log lines dropped so far because the writer fell behind (0 without an access log).
+pub fn dropped() -> u64 {
+    QUEUE.get().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
+}
+
+/// At exit: waits up to `timeout` for the queued lines to reach stdout or the file.
+pub fn flush(timeout: Duration) {
+    if let Some(q) = QUEUE.get() {
+        q.flush(timeout);
     }
 }
 
@@ -173,9 +288,7 @@ impl<S: Subscriber> Layer<S> for AccessLogLayer {
         event.record(&mut line);
         if let Some(mut text) = line.0 {
             text.push('\n');
-            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-            // A full disk must not take the data path down; the line is lost.
-            let _ = out.write_all(text.as_bytes());
+            self.queue.push(text);
         }
     }
 }
@@ -233,6 +346,9 @@ pub fn init_logging(access: &AccessLogTarget) -> io::Result<()> {
                 ),
             )
         })?
+        .inspect(|l| {
+            let _ = QUEUE.set(l.queue.clone());
+        })
         .map(|l| l.with_filter(filter_fn(|m| m.target() == TARGET)));
     // `try_init` also bridges the `log` crate (aya-log) into tracing.
     tracing_subscriber::registry()
@@ -253,6 +369,53 @@ mod tests {
         assert_eq!(rfc3339(t), "2025-11-25T11:30:00.123456Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(&rfc3339(leap)[..10], "2000-02-29");
+    }
+
+    /// A reader that stops reading (a stuck `kubectl logs`, a full disk) must cost the proxy
+    /// dropped lines, never a blocked worker: with a real pipe nobody drains, emitting many
+    /// more lines than the pipe and the queue hold returns promptly and counts the drops.
+    #[test]
+    fn a_stalled_writer_drops_lines_instead_of_blocking() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        let (reader, writer) = io::pipe().unwrap();
+        let layer = AccessLogLayer::with_writer(Box::new(writer), 64).unwrap();
+        let queue = layer.queue.clone();
+        let (finished, done) = sync_channel(1);
+        let line = "x".repeat(1000);
+        const LINES: u64 = 2000;
+        std::thread::spawn(move || {
+            let subscriber = tracing_subscriber::registry().with(layer);
+            tracing::subscriber::with_default(subscriber, || {
+                for _ in 0..LINES {
+                    tracing::info!(target: TARGET, record = line.as_str());
+                }
+            });
+            let _ = finished.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "emitting access-log lines blocked on a writer nobody reads"
+        );
+        // The pipe holds 64 KiB (~65 lines), the queue 64 more; the rest were dropped.
+        let dropped = queue.dropped.load(Ordering::Relaxed);
+        assert!((LINES - 200..LINES).contains(&dropped), "dropped {dropped}");
+        drop(reader);
+    }
+
+    #[test]
+    fn queued_lines_are_written_by_flush() {
+        let path = std::env::temp_dir().join(format!("access-flush-{}.log", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let layer = AccessLogLayer::with_writer(Box::new(LineWriter::new(file)), 16).unwrap();
+        for i in 0..10 {
+            layer.queue.push(format!("{{\"id\":{i}}}\n"));
+        }
+        assert!(layer.flush(Duration::from_secs(5)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(text.lines().count(), 10, "{text}");
+        assert_eq!(layer.dropped(), 0);
     }
 
     #[test]
@@ -282,6 +445,10 @@ mod tests {
         assert_eq!(line["mode"], "plain");
         assert_eq!(line["policy_decision"], "none");
         assert!(line["src_identity"].is_null() && line["policy_rule"].is_null());
+        assert!(
+            line["tls_resumed"].is_null(),
+            "no tunnel, no handshake kind"
+        );
         assert_eq!(line["duration_ms"], 3.0);
     }
 }

@@ -13,12 +13,17 @@ use std::{
 };
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 use sidecar_common::Counter;
 
-use crate::proxy::record::{Direction, Mode, Outcome};
+use super::process::ProcessCollector;
+use crate::proxy::{
+    limits::Cap,
+    record::{Direction, Mode, Outcome, Path},
+    resilience::Transition,
+};
 
 /// Metric name prefix.
 pub const NAMESPACE: &str = "sidecar";
@@ -27,7 +32,13 @@ pub const OTHER_DESTINATION: &str = "other";
 
 /// Which socket of a proxied connection a TCP statistic is about.
 pub const LEGS: [&str; 2] = ["app", "upstream"];
+/// Values of the `kind` label of mTLS handshakes: a full handshake (certificates exchanged and
+/// verified) or a resumption of an earlier session (a ticket, no certificates).
+pub const HANDSHAKE_KINDS: [&str; 2] = ["full", "resumed"];
 /// Values of the `decision` label of policy decisions.
+/// `outcome` of a connect retry: whether that attempt connected.
+pub const RETRY_OUTCOMES: [&str; 2] = ["connected", "failed"];
+/// `decision` of the policy.
 pub const DECISIONS: [&str; 4] = ["allow", "deny", "audit", "would_deny"];
 
 pub struct Metrics {
@@ -41,9 +52,17 @@ pub struct Metrics {
     pub duration: HistogramVec,
     pub upstream_connect: HistogramVec,
     pub tls_handshake: HistogramVec,
+    pub tls_handshakes: IntCounterVec,
     pub proxy_setup: HistogramVec,
     pub fast_path: IntCounterVec,
     pub policy_decisions: IntCounterVec,
+    pub refused_at_cap: IntCounterVec,
+    pub connect_retries: IntCounterVec,
+    pub circuits_open: IntGauge,
+    pub circuit_fast_failed: IntCounter,
+    pub circuit_transitions: IntCounterVec,
+    pub tunnel_failures: IntCounterVec,
+    pub access_log_dropped: IntCounter,
     pub certificates_loaded: IntGauge,
     pub certificate_expiry: GaugeVec,
     pub certificate_reload_errors: IntCounter,
@@ -53,6 +72,7 @@ pub struct Metrics {
     pub tcp_delivery_rate: HistogramVec,
     pub ready: IntGauge,
     pub interception_attached: IntGauge,
+    pub startup: Gauge,
     /// One counter per eBPF counter, advanced to the kernel's sum at each scrape.
     ebpf: Mutex<Vec<(&'static str, IntCounter, u64)>>,
     destinations: Option<Destinations>,
@@ -95,20 +115,23 @@ impl Metrics {
             }};
         }
         let dir = &["direction"];
+        let dir_path = &["direction", "path"];
         let m = Self {
             opened: reg!(IntCounterVec::new(
                 opts(
                     "connections_opened_total",
-                    "Connections accepted by the proxy."
+                    "Connections opened: accepted by the proxy (path=\"proxy\"), or let through \
+                     to their destination by the kernel (path=\"passthrough\", counted when \
+                     the kernel reports them, at close)."
                 ),
-                &["direction", "mode"]
+                &["direction", "mode", "path"]
             )),
             closed: reg!(IntCounterVec::new(
                 opts(
                     "connections_closed_total",
                     "Connections that ended, by why they ended (failures included)."
                 ),
-                &["direction", "reason"]
+                &["direction", "reason", "path"]
             )),
             failed: reg!(IntCounterVec::new(
                 opts(
@@ -124,24 +147,27 @@ impl Metrics {
             sent_bytes: reg!(IntCounterVec::new(
                 opts(
                     "sent_bytes_total",
-                    "Bytes forwarded from the app to the destination, counted as they move."
+                    "Bytes from the app to the destination: counted as the proxy forwards \
+                     them, or as the destination acknowledged them (pass-through, at close)."
                 ),
-                dir
+                dir_path
             )),
             received_bytes: reg!(IntCounterVec::new(
                 opts(
                     "received_bytes_total",
-                    "Bytes forwarded from the destination back to the app, counted as they move."
+                    "Bytes from the destination back to the app (as forwarded, or as received \
+                     by the app's socket for pass-through, at close)."
                 ),
-                dir
+                dir_path
             )),
             duration: reg!(HistogramVec::new(
                 hist(
                     "connection_duration_seconds",
-                    "Lifetime of closed connections, accept to close.",
+                    "Lifetime of closed connections: accept to close, or connect to close \
+                     (pass-through).",
                     buckets(0.001, 4.0, 12)
                 ),
-                dir
+                dir_path
             )),
             upstream_connect: reg!(HistogramVec::new(
                 hist(
@@ -158,6 +184,14 @@ impl Metrics {
                     buckets(0.0001, 4.0, 10)
                 ),
                 dir
+            )),
+            tls_handshakes: reg!(IntCounterVec::new(
+                opts(
+                    "tls_handshakes_total",
+                    "Completed mTLS handshakes, by kind: full (certificates exchanged and \
+                     verified) or resumed (an earlier session's ticket; cheaper)."
+                ),
+                &["direction", "kind"]
             )),
             proxy_setup: reg!(HistogramVec::new(
                 hist(
@@ -182,6 +216,58 @@ impl Metrics {
                 ),
                 &["direction", "decision"]
             )),
+            refused_at_cap: reg!(IntCounterVec::new(
+                opts(
+                    "connections_refused_total",
+                    "Connections refused because a cap was reached (--max-connections, \
+                     --max-pending-handshakes: reset right after accept; \
+                     --max-connections-per-destination: outcome overloaded)."
+                ),
+                &["direction", "reason"]
+            )),
+            connect_retries: reg!(IntCounterVec::new(
+                opts(
+                    "upstream_connect_retries_total",
+                    "Connect attempts after a first failed one (refused, unreachable, no \
+                     answer), before any byte was forwarded; outcome: whether that attempt \
+                     connected."
+                ),
+                &["direction", "outcome"]
+            )),
+            circuits_open: reg!(IntGauge::with_opts(opts(
+                "circuits_open",
+                "Destinations whose circuit is open or half-open: new connections to them \
+                 fail at once."
+            ))),
+            circuit_fast_failed: reg!(IntCounter::with_opts(opts(
+                "circuit_fast_failed_total",
+                "Connections failed at once because their destination's circuit was open \
+                 (outcome circuit_open)."
+            ))),
+            circuit_transitions: reg!(IntCounterVec::new(
+                opts(
+                    "circuit_transitions_total",
+                    "Circuit state changes: to open (the failure threshold, or a failed \
+                     trial), half_open (a trial connection goes) or closed (it connected)."
+                ),
+                &["to"]
+            )),
+            tunnel_failures: reg!(IntCounterVec::new(
+                opts(
+                    "tunnel_failures_total",
+                    "Outbound mTLS tunnels that could not be used, by reason: no_answer \
+                     (nothing listens on the tunnel port: the only case in which permissive \
+                     mode falls back to plaintext), a failed connect, handshake, ALPN, \
+                     identity or preamble, or server_identity_denied (the outbound policy \
+                     refused the verified server)."
+                ),
+                &["reason"]
+            )),
+            access_log_dropped: reg!(IntCounter::with_opts(opts(
+                "access_log_dropped_total",
+                "Access-log lines dropped because the writer (stdout or the file) fell behind \
+                 and its queue was full."
+            ))),
             certificates_loaded: reg!(IntGauge::with_opts(opts(
                 "certificates_loaded",
                 "Workload certificates loaded (0 until mTLS is built)."
@@ -234,6 +320,11 @@ impl Metrics {
                 "interception_attached",
                 "1 while the eBPF programs are attached for this workload."
             ))),
+            startup: reg!(Gauge::with_opts(opts(
+                "startup_seconds",
+                "Seconds from exec to the first time /readyz was ready (0 until then): what \
+                 a restart costs before the workload's traffic flows again."
+            ))),
             ebpf: Mutex::new(
                 Counter::ALL
                     .iter()
@@ -274,18 +365,34 @@ impl Metrics {
             }),
             registry,
         };
+        // The sidecar's own CPU, memory and descriptors, under the standard `process_*` names.
+        m.registry
+            .register(Box::new(ProcessCollector::new()))
+            .expect("process metric names are unique");
         m.initialise_series();
         m
     }
 
     /// Touches every bounded label combination so each series exists at zero.
     fn initialise_series(&self) {
-        for d in Direction::ALL.map(Direction::as_str) {
-            for mode in Mode::ALL.map(Mode::as_str) {
-                self.opened.with_label_values(&[d, mode]);
+        for direction in Direction::ALL {
+            let d = direction.as_str();
+            for path in Path::ALL {
+                if !path.applies_to(direction) {
+                    continue;
+                }
+                let p = path.as_str();
+                for mode in Mode::ALL.map(Mode::as_str) {
+                    self.opened.with_label_values(&[d, mode, p]);
+                }
+                for reason in Outcome::ALL {
+                    self.closed.with_label_values(&[d, reason.as_str(), p]);
+                }
+                self.sent_bytes.with_label_values(&[d, p]);
+                self.received_bytes.with_label_values(&[d, p]);
+                self.duration.with_label_values(&[d, p]);
             }
             for reason in Outcome::ALL {
-                self.closed.with_label_values(&[d, reason.as_str()]);
                 if reason.is_setup_failure() {
                     self.failed.with_label_values(&[d, reason.as_str()]);
                 }
@@ -296,13 +403,25 @@ impl Metrics {
             for leg in LEGS {
                 self.fast_path.with_label_values(&[d, leg]);
             }
+            for cap in Cap::ALL.map(Cap::as_str) {
+                self.refused_at_cap.with_label_values(&[d, cap]);
+            }
+            for outcome in RETRY_OUTCOMES {
+                self.connect_retries.with_label_values(&[d, outcome]);
+            }
             self.active.with_label_values(&[d]);
-            self.sent_bytes.with_label_values(&[d]);
-            self.received_bytes.with_label_values(&[d]);
-            self.duration.with_label_values(&[d]);
             self.upstream_connect.with_label_values(&[d]);
             self.tls_handshake.with_label_values(&[d]);
+            for kind in HANDSHAKE_KINDS {
+                self.tls_handshakes.with_label_values(&[d, kind]);
+            }
             self.proxy_setup.with_label_values(&[d]);
+        }
+        for to in Transition::ALL.map(Transition::as_str) {
+            self.circuit_transitions.with_label_values(&[to]);
+        }
+        for reason in crate::tunnel::FAILURE_REASONS {
+            self.tunnel_failures.with_label_values(&[reason]);
         }
         for leg in LEGS {
             self.tcp_srtt.with_label_values(&[leg]);
@@ -368,6 +487,18 @@ mod tests {
             .count();
         assert_eq!(series, 4, "3 destinations + other:\n{text}");
         assert!(text.contains("sidecar_destination_connections_total{destination=\"other\"} 97"));
+    }
+
+    #[test]
+    fn handshake_kinds_start_at_zero_in_both_directions() {
+        let text = Metrics::new(0).render();
+        for d in Direction::ALL.map(Direction::as_str) {
+            for kind in HANDSHAKE_KINDS {
+                let series =
+                    format!("sidecar_tls_handshakes_total{{direction=\"{d}\",kind=\"{kind}\"}} 0");
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod metrics;
+pub mod process;
 pub mod tcp_info;
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -28,7 +29,8 @@ use serde::Serialize;
 use self::{access_log::AccessRecord, metrics::Metrics};
 use crate::proxy::{
     copy::Meter,
-    record::{ConnRecord, Direction, Mode},
+    record::{ConnRecord, Direction, Mode, Path},
+    resilience::Transition,
 };
 
 /// Where the eBPF counters come from (the eBPF loader's map reader; other interception
@@ -36,6 +38,74 @@ use crate::proxy::{
 pub trait CounterSource: Send + Sync {
     /// Every counter by name, summed over CPUs.
     fn counters(&self) -> BTreeMap<&'static str, u64>;
+}
+
+/// Open connections that have no proxy socket (kernel pass-through), listed by whoever can
+/// see them (the eBPF loader's live table and the kernel's socket table).
+pub trait OpenConnections: Send + Sync {
+    fn open(&self) -> Vec<LiveRow>;
+}
+
+/// What `/status` reports about mTLS and policy, read when asked (credentials rotate and
+/// policies reload while the sidecar runs).
+pub trait SecuritySource: Send + Sync {
+    fn security(&self) -> Security;
+}
+
+/// The connection security in force.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Security {
+    /// `plain` (no `--tls-dir`), `mtls` (meshed destinations only get tunnels) or
+    /// `permissive` (other destinations try a tunnel and fall back to plaintext).
+    pub mode: String,
+    pub tls: Option<TlsStatus>,
+    pub policy: Option<PolicyStatus>,
+}
+
+/// The workload credentials in force.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TlsStatus {
+    pub identity: String,
+    pub certificate: String,
+    pub bundle: String,
+    /// Seconds since the epoch.
+    pub not_after_unix: u64,
+    pub mesh_cidrs: Vec<String>,
+    /// Where tunnels are accepted (`None`: client-only).
+    pub inbound: Option<String>,
+}
+
+/// The policy in force.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PolicyStatus {
+    pub file: String,
+    pub rules: usize,
+    pub dry_run: bool,
+    /// The `[[destination]]` resilience settings in force, as the file names them.
+    #[serde(default)]
+    pub destinations: Vec<serde_json::Value>,
+    /// 1 for the policy loaded at start, +1 per successful reload.
+    pub generation: u64,
+    /// When the policy in force was loaded, seconds since the epoch.
+    pub loaded_unix: u64,
+    pub reload_errors: u64,
+}
+
+impl Security {
+    /// No `--tls-dir`, no `--policy`.
+    pub fn plain() -> Self {
+        Self {
+            mode: "plain".into(),
+            tls: None,
+            policy: None,
+        }
+    }
+}
+
+/// Seconds since the epoch (0 for times before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// For interception that keeps no counters of its own in the kernel (iptables mode, and a
@@ -79,7 +149,7 @@ pub struct Readiness {
 pub struct ReadyCheck {
     pub name: &'static str,
     pub ok: bool,
-    pub detail: &'static str,
+    pub detail: String,
 }
 
 /// Shared by the proxy (writes) and the admin server (reads).
@@ -88,18 +158,31 @@ pub struct Telemetry {
     pub metrics: Metrics,
     pub readiness: Readiness,
     started: Instant,
+    /// Exec to the first time every readiness check passed (unset until then).
+    startup: OnceLock<Duration>,
     live: Mutex<BTreeMap<u64, Arc<LiveConn>>>,
     kernel: Mutex<Option<Arc<dyn CounterSource>>>,
     interception: Mutex<Option<InterceptionInfo>>,
-    /// Cached label children per direction (outbound, inbound), so the data path never
-    /// looks labels up.
+    security: Mutex<Option<Arc<dyn SecuritySource>>>,
+    passing_through: Mutex<Option<Arc<dyn OpenConnections>>>,
+    /// The end of the workload certificate's validity (`None`: mTLS off).
+    certificate_not_after: Mutex<Option<SystemTime>>,
+    /// Cached label children per direction (outbound, inbound) of proxied connections, so
+    /// the data path never looks labels up.
     handles: [DirectionHandles; 2],
+    /// The same for outbound pass-through connections (recorded by the kernel).
+    passthrough: PassthroughHandles,
+    /// Connection ids, shared by the proxy and the kernel's pass-through records so every
+    /// connection of a run has one id.
+    next_id: AtomicU64,
 }
 
 struct DirectionHandles {
     opened_plain: IntCounter,
     opened_mtls: IntCounter,
     tls_handshake: Histogram,
+    handshakes_full: IntCounter,
+    handshakes_resumed: IntCounter,
     active: IntGauge,
     sent: IntCounter,
     received: IntCounter,
@@ -111,16 +194,40 @@ struct DirectionHandles {
 impl DirectionHandles {
     fn new(m: &Metrics, d: Direction) -> Self {
         let d = d.as_str();
+        let p = Path::Proxy.as_str();
+        let [full, resumed] = metrics::HANDSHAKE_KINDS;
         Self {
-            opened_plain: m.opened.with_label_values(&[d, Mode::Plain.as_str()]),
-            opened_mtls: m.opened.with_label_values(&[d, Mode::Mtls.as_str()]),
+            opened_plain: m.opened.with_label_values(&[d, Mode::Plain.as_str(), p]),
+            opened_mtls: m.opened.with_label_values(&[d, Mode::Mtls.as_str(), p]),
             tls_handshake: m.tls_handshake.with_label_values(&[d]),
+            handshakes_full: m.tls_handshakes.with_label_values(&[d, full]),
+            handshakes_resumed: m.tls_handshakes.with_label_values(&[d, resumed]),
             active: m.active.with_label_values(&[d]),
-            sent: m.sent_bytes.with_label_values(&[d]),
-            received: m.received_bytes.with_label_values(&[d]),
+            sent: m.sent_bytes.with_label_values(&[d, p]),
+            received: m.received_bytes.with_label_values(&[d, p]),
             upstream_connect: m.upstream_connect.with_label_values(&[d]),
             proxy_setup: m.proxy_setup.with_label_values(&[d]),
-            duration: m.duration.with_label_values(&[d]),
+            duration: m.duration.with_label_values(&[d, p]),
+        }
+    }
+}
+
+struct PassthroughHandles {
+    opened: IntCounter,
+    sent: IntCounter,
+    received: IntCounter,
+    duration: Histogram,
+}
+
+impl PassthroughHandles {
+    fn new(m: &Metrics) -> Self {
+        let d = Direction::Outbound.as_str();
+        let p = Path::Passthrough.as_str();
+        Self {
+            opened: m.opened.with_label_values(&[d, Mode::Plain.as_str(), p]),
+            sent: m.sent_bytes.with_label_values(&[d, p]),
+            received: m.received_bytes.with_label_values(&[d, p]),
+            duration: m.duration.with_label_values(&[d, p]),
         }
     }
 }
@@ -137,6 +244,8 @@ pub struct LiveConn {
     pub started_wall: SystemTime,
     pub original_dst: OnceLock<SocketAddr>,
     pub upstream_ready: AtomicBool,
+    /// Connect attempts after the first so far.
+    pub connect_retries: AtomicU32,
     pub sent: AtomicU64,
     pub received: AtomicU64,
     /// Filled by mTLS once the handshake has verified them.
@@ -147,7 +256,9 @@ pub struct LiveConn {
 /// A snapshot row of `/connections`.
 #[derive(Debug, Serialize)]
 pub struct LiveRow {
+    /// 0 for a pass-through connection: it gets its id when the kernel reports its close.
     pub id: u64,
+    pub path: Path,
     pub age_ms: u64,
     pub started: String,
     pub direction: Direction,
@@ -155,6 +266,7 @@ pub struct LiveRow {
     pub state: &'static str,
     pub src: SocketAddr,
     pub original_dst: Option<SocketAddr>,
+    pub connect_retries: u32,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub src_identity: Option<String>,
@@ -165,16 +277,28 @@ impl Telemetry {
     pub fn new(settings: TelemetrySettings) -> Arc<Self> {
         let metrics = Metrics::new(settings.destination_labels);
         let handles = Direction::ALL.map(|d| DirectionHandles::new(&metrics, d));
+        let passthrough = PassthroughHandles::new(&metrics);
         Arc::new(Self {
             settings,
             metrics,
             readiness: Readiness::default(),
             started: Instant::now(),
+            startup: OnceLock::new(),
             live: Mutex::new(BTreeMap::new()),
             kernel: Mutex::new(None),
             interception: Mutex::new(None),
+            security: Mutex::new(None),
+            passing_through: Mutex::new(None),
+            certificate_not_after: Mutex::new(None),
             handles,
+            passthrough,
+            next_id: AtomicU64::new(1),
         })
+    }
+
+    /// A fresh connection id (never 0).
+    pub fn connection_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> TelemetrySettings {
@@ -220,11 +344,36 @@ impl Telemetry {
     }
 
     fn update_ready(&self) {
-        self.metrics.ready.set(i64::from(self.is_ready()));
+        let ready = self.is_ready();
+        self.metrics.ready.set(i64::from(ready));
+        if ready {
+            // From exec, so loading the binary and parsing options count too; from when
+            // telemetry was set up if /proc cannot say.
+            let took = self
+                .startup
+                .get_or_init(|| process::since_exec().unwrap_or_else(|| self.started.elapsed()));
+            self.metrics.startup.set(took.as_secs_f64());
+        }
+    }
+
+    /// Exec to ready, once the sidecar has been ready (later readiness changes keep it).
+    pub fn startup(&self) -> Option<Duration> {
+        self.startup.get().copied()
     }
 
     pub fn interception(&self) -> Option<InterceptionInfo> {
         lock(&self.interception).clone()
+    }
+
+    /// mTLS and policy are in force: `/status` reads them from `source` from now on.
+    pub fn secured(&self, source: Arc<dyn SecuritySource>) {
+        *lock(&self.security) = Some(source);
+    }
+
+    /// The connection security in force (plain until [`Telemetry::secured`]).
+    pub fn security(&self) -> Security {
+        let source = lock(&self.security).clone();
+        source.map_or_else(Security::plain, |s| s.security())
     }
 
     pub fn ready_checks(&self) -> Vec<ReadyCheck> {
@@ -240,7 +389,8 @@ impl Telemetry {
                     "eBPF programs attached"
                 } else {
                     "eBPF programs not attached"
-                },
+                }
+                .into(),
             },
             ReadyCheck {
                 name: "listeners",
@@ -249,21 +399,47 @@ impl Telemetry {
                     (_, true) => "draining: no longer accepting",
                     (true, false) => "proxy listeners bound and accepting",
                     (false, false) => "proxy listeners not accepting yet",
-                },
+                }
+                .into(),
             },
-            ReadyCheck {
-                name: "certificates",
-                ok: true,
-                detail: if self.metrics.certificates_stale.get() > 0 {
-                    "serving the last good certificates: the files on disk are missing or \
-                     invalid (see the log)"
-                } else if self.metrics.certificates_loaded.get() > 0 {
-                    "workload certificates loaded"
-                } else {
-                    "not required: mTLS off (--tls-dir not given)"
-                },
-            },
+            self.certificate_check(SystemTime::now()),
         ]
+    }
+
+    /// Peers refuse an expired certificate in every handshake, so a sidecar whose
+    /// certificate expired (and was not rotated) is not ready: every tunnel would fail.
+    /// Serving the last good set after a refused rotation is fine while it is valid.
+    fn certificate_check(&self, now: SystemTime) -> ReadyCheck {
+        let check = |ok, detail: String| ReadyCheck {
+            name: "certificates",
+            ok,
+            detail,
+        };
+        let Some(not_after) = *lock(&self.certificate_not_after) else {
+            return check(true, "not required: mTLS off (--tls-dir not given)".into());
+        };
+        if let Ok(ago) = now.duration_since(not_after) {
+            return check(
+                false,
+                format!(
+                    "the workload certificate expired {}s ago (not after {} unix time) and no \
+                     valid replacement was loaded: peers refuse every tunnel; rotate it",
+                    ago.as_secs(),
+                    unix_secs(not_after)
+                ),
+            );
+        }
+        let stale = self.metrics.certificates_stale.get() > 0;
+        check(
+            true,
+            if stale {
+                "serving the last good certificates: the files on disk are missing or \
+                 invalid (see the log)"
+            } else {
+                "workload certificates loaded"
+            }
+            .into(),
+        )
     }
 
     pub fn is_ready(&self) -> bool {
@@ -281,6 +457,13 @@ impl Telemetry {
     /// The `/metrics` body.
     pub fn render_metrics(&self) -> String {
         self.refresh_kernel_counters();
+        let dropped = access_log::dropped();
+        let counted = self.metrics.access_log_dropped.get();
+        if dropped > counted {
+            self.metrics.access_log_dropped.inc_by(dropped - counted);
+        }
+        // Readiness also changes with the clock (a certificate expiring), not only on events.
+        self.update_ready();
         self.metrics.render()
     }
 
@@ -301,6 +484,7 @@ impl Telemetry {
             started_wall: SystemTime::now(),
             original_dst: OnceLock::new(),
             upstream_ready: AtomicBool::new(false),
+            connect_retries: AtomicU32::new(0),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             src_identity: OnceLock::new(),
@@ -318,15 +502,32 @@ impl Telemetry {
     pub fn close(&self, conn: Conn, rec: &ConnRecord) {
         let duration = conn.live.started.elapsed();
         let started_wall = conn.live.started_wall;
-        let m = &self.metrics;
-        let d = rec.direction.as_str();
-        let h = self.handles(rec.direction);
         // A connection that failed before its mode was known still counts as opened.
         conn.established(rec.mode);
         // Out of the active gauge before it counts as closed, so no scrape sees a connection
         // both closed and active (the VM matrix caught that window under TCG).
         drop(conn);
+        self.handles(rec.direction)
+            .duration
+            .observe(duration.as_secs_f64());
+        self.finish(rec, started_wall, duration);
+    }
+
+    /// A pass-through connection the kernel reported closed: the same series and access log
+    /// as a proxied one, with `path="passthrough"`.
+    pub fn passed_through(&self, rec: &ConnRecord, started_wall: SystemTime, duration: Duration) {
+        let h = &self.passthrough;
+        h.opened.inc();
+        h.sent.inc_by(rec.bytes_from_client);
+        h.received.inc_by(rec.bytes_from_upstream);
         h.duration.observe(duration.as_secs_f64());
+        self.finish(rec, started_wall, duration);
+    }
+
+    /// What every closed connection updates, whichever path it took.
+    fn finish(&self, rec: &ConnRecord, started_wall: SystemTime, duration: Duration) {
+        let m = &self.metrics;
+        let d = rec.direction.as_str();
         if rec.app_leg_spliced {
             m.fast_path.with_label_values(&[d, "app"]).inc();
         }
@@ -356,13 +557,37 @@ impl Telemetry {
         if rec.outcome.is_setup_failure() {
             m.failed.with_label_values(&[d, rec.outcome.as_str()]).inc();
         }
-        m.closed.with_label_values(&[d, rec.outcome.as_str()]).inc();
+        m.closed
+            .with_label_values(&[d, rec.outcome.as_str(), rec.path.as_str()])
+            .inc();
         if self.settings.access_log {
             AccessRecord::new(rec, started_wall, duration).emit();
         }
     }
 
     /// One policy decision (`allow`, `deny`, `audit`, `would_deny`) on a connection.
+    /// A circuit changed state; `open` circuits are open or half-open now.
+    pub fn circuit(&self, transition: Transition, open: usize) {
+        let m = &self.metrics;
+        m.circuit_transitions
+            .with_label_values(&[transition.as_str()])
+            .inc();
+        m.circuits_open.set(open as i64);
+    }
+
+    /// A connection failed at once: its destination's circuit is open.
+    pub fn circuit_fast_failed(&self) {
+        self.metrics.circuit_fast_failed.inc();
+    }
+
+    /// A connection was refused: `cap` was reached.
+    pub fn refused_at_cap(&self, direction: Direction, cap: crate::proxy::limits::Cap) {
+        self.metrics
+            .refused_at_cap
+            .with_label_values(&[direction.as_str(), cap.as_str()])
+            .inc();
+    }
+
     pub fn policy_decision(&self, direction: Direction, decision: &str) {
         self.metrics
             .policy_decisions
@@ -371,6 +596,14 @@ impl Telemetry {
     }
 
     /// The certificate files changed and were refused: the last good set stays in force.
+    /// An outbound tunnel was not used, for `reason` (one of `tunnel::FAILURE_REASONS`).
+    pub fn tunnel_failed(&self, reason: &str) {
+        self.metrics
+            .tunnel_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     pub fn certificates_refused(&self) {
         self.metrics.certificate_reload_errors.inc();
         self.metrics.certificates_stale.set(1);
@@ -378,6 +611,7 @@ impl Telemetry {
 
     /// A set of workload credentials is in force (at start and after each rotation).
     pub fn certificates(&self, not_after: SystemTime) {
+        *lock(&self.certificate_not_after) = Some(not_after);
         let m = &self.metrics;
         m.certificates_loaded.set(1);
         m.certificates_stale.set(0);
@@ -389,15 +623,23 @@ impl Telemetry {
         m.certificate_expiry
             .with_label_values(&["workload"])
             .set(secs);
+        self.update_ready();
     }
 
-    /// The live table, oldest first.
+    /// Open pass-through connections are listed from `source` from now on.
+    pub fn passing_through(&self, source: Arc<dyn OpenConnections>) {
+        *lock(&self.passing_through) = Some(source);
+    }
+
+    /// The live table: proxied connections oldest first, then pass-through ones.
     pub fn live_connections(&self) -> Vec<LiveRow> {
         let conns: Vec<Arc<LiveConn>> = lock(&self.live).values().cloned().collect();
-        conns
+        let passing = lock(&self.passing_through).clone();
+        let mut rows: Vec<LiveRow> = conns
             .iter()
             .map(|c| LiveRow {
                 id: c.id,
+                path: Path::Proxy,
                 age_ms: c.started.elapsed().as_millis() as u64,
                 started: access_log::rfc3339(c.started_wall),
                 direction: c.direction,
@@ -409,12 +651,17 @@ impl Telemetry {
                 },
                 src: c.client,
                 original_dst: c.original_dst.get().copied(),
+                connect_retries: c.connect_retries.load(Ordering::Relaxed),
                 bytes_sent: c.sent.load(Ordering::Relaxed),
                 bytes_received: c.received.load(Ordering::Relaxed),
                 src_identity: c.src_identity.get().cloned(),
                 dst_identity: c.dst_identity.get().cloned(),
             })
-            .collect()
+            .collect();
+        if let Some(source) = passing {
+            rows.extend(source.open());
+        }
+        rows
     }
 }
 
@@ -442,12 +689,21 @@ impl Conn {
         }
     }
 
-    /// An mTLS handshake completed after `took`, verifying these identities.
-    pub fn tls_established(&self, took: Duration, src: Option<String>, dst: Option<String>) {
-        self.telemetry
-            .handles(self.live.direction)
-            .tls_handshake
-            .observe(took.as_secs_f64());
+    /// An mTLS handshake completed after `took` (a resumption of an earlier session if
+    /// `resumed`), verifying these identities.
+    pub fn tls_established(
+        &self,
+        took: Duration,
+        resumed: bool,
+        src: Option<String>,
+        dst: Option<String>,
+    ) {
+        let h = self.telemetry.handles(self.live.direction);
+        h.tls_handshake.observe(took.as_secs_f64());
+        match resumed {
+            true => h.handshakes_resumed.inc(),
+            false => h.handshakes_full.inc(),
+        }
         if let Some(src) = src {
             let _ = self.live.src_identity.set(src);
         }
@@ -455,6 +711,18 @@ impl Conn {
             let _ = self.live.dst_identity.set(dst);
         }
         self.established(Mode::Mtls);
+    }
+
+    /// Another connect attempt (after a failed one) connected or failed.
+    pub fn connect_retried(&self, connected: bool) {
+        self.live.connect_retries.fetch_add(1, Ordering::Relaxed);
+        let d = self.live.direction.as_str();
+        let outcome = if connected { "connected" } else { "failed" };
+        self.telemetry
+            .metrics
+            .connect_retries
+            .with_label_values(&[d, outcome])
+            .inc();
     }
 
     /// The destination answered after `connect_time`; everything else since accept was the
@@ -497,5 +765,70 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl CounterSource for crate::redirect::ebpf::KernelLookups {
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         crate::redirect::ebpf::KernelLookups::counters(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificates_check(t: &Telemetry) -> ReadyCheck {
+        t.ready_checks()
+            .into_iter()
+            .find(|c| c.name == "certificates")
+            .expect("a certificates check")
+    }
+
+    #[test]
+    fn startup_is_measured_from_exec_to_the_first_ready() {
+        let t = Telemetry::new(TelemetrySettings::default());
+        let info = InterceptionInfo {
+            mode: "ebpf".into(),
+            sockmap: false,
+            proxy_port: 0,
+            cgroup: "/test".into(),
+        };
+        t.attached(info.clone(), Arc::new(NoKernelCounters));
+        assert_eq!(t.startup(), None, "listeners not serving yet");
+        assert_eq!(t.metrics.startup.get(), 0.0);
+
+        t.listeners_serving();
+        let startup = t.startup().expect("ready now");
+        let age = process::since_exec().unwrap();
+        assert!(
+            startup > Duration::ZERO && startup <= age,
+            "{startup:?} vs {age:?}"
+        );
+        assert_eq!(t.metrics.startup.get(), startup.as_secs_f64());
+
+        // Not ready and ready again (a drain, a re-attach): the first start is what counts.
+        t.detaching();
+        t.attached(info, Arc::new(NoKernelCounters));
+        assert_eq!(t.startup(), Some(startup));
+        assert_eq!(t.metrics.startup.get(), startup.as_secs_f64());
+    }
+
+    #[test]
+    fn an_expired_certificate_makes_the_sidecar_not_ready_and_says_why() {
+        let t = Telemetry::new(TelemetrySettings::default());
+        assert!(certificates_check(&t).ok, "mTLS off: nothing to check");
+
+        t.certificates(SystemTime::now() + Duration::from_secs(3600));
+        assert!(certificates_check(&t).ok);
+
+        t.certificates(SystemTime::now() - Duration::from_secs(90));
+        let check = certificates_check(&t);
+        assert!(!check.ok, "{check:?}");
+        assert!(check.detail.contains("expired"), "{}", check.detail);
+        assert!(!t.is_ready());
+        assert_eq!(t.metrics.ready.get(), 0);
+
+        // A refused rotation keeps the expired set: still not ready.
+        t.certificates_refused();
+        assert!(!certificates_check(&t).ok);
+
+        // A valid rotation makes it ready again (as far as certificates go).
+        t.certificates(SystemTime::now() + Duration::from_secs(3600));
+        assert!(certificates_check(&t).ok);
     }
 }

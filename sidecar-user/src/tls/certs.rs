@@ -65,13 +65,31 @@ pub fn mint_ca(trust_domain: &str, valid: Duration) -> Result<Minted> {
     })
 }
 
-/// A workload certificate for `id`, valid from `now - backdate` for `valid`.
+/// A workload certificate for `id`, valid from `now - backdate` for `valid`, for both ends of
+/// a tunnel (serverAuth and clientAuth).
 pub fn mint_workload(
     ca_cert_pem: &str,
     ca_key_pem: &str,
     id: &SpiffeId,
     valid: Duration,
     backdate: Duration,
+) -> Result<Minted> {
+    let both = [
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    mint_workload_with_usages(ca_cert_pem, ca_key_pem, id, valid, backdate, &both)
+}
+
+/// [`mint_workload`] with the extended key usages given, e.g. to show that a certificate
+/// for one end of a tunnel only is refused.
+pub fn mint_workload_with_usages(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    id: &SpiffeId,
+    valid: Duration,
+    backdate: Duration,
+    usages: &[ExtendedKeyUsagePurpose],
 ) -> Result<Minted> {
     let ca_key = KeyPair::from_pem(ca_key_pem).context("reading the CA key")?;
     let issuer =
@@ -86,10 +104,7 @@ pub fn mint_workload(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = usages.to_vec();
     params.not_before = OffsetDateTime::now_utc() - backdate;
     params.not_after = params.not_before + valid;
     params.serial_number = Some(random_serial());

@@ -14,7 +14,7 @@ pub enum IdentityError {
     BadCertificate(String),
     #[error("the certificate has no SPIFFE ID (a spiffe:// URI SAN)")]
     Missing,
-    #[error("the certificate has {0} SPIFFE IDs; exactly one is allowed")]
+    #[error("the certificate has {0} URI SANs; an X509-SVID carries exactly one, its SPIFFE ID")]
     Several(usize),
 }
 
@@ -36,7 +36,10 @@ impl SpiffeId {
         &self.path
     }
 
-    /// The SPIFFE ID of a certificate (DER): its single `spiffe://` URI SAN.
+    /// The SPIFFE ID of a certificate (DER). The X509-SVID standard says a leaf carries
+    /// exactly one URI SAN, and that it is the SPIFFE ID: a certificate with a second URI
+    /// (of any scheme) beside it is not an SVID, since a verifier elsewhere might pick the
+    /// other one as the peer's name.
     pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
@@ -49,7 +52,7 @@ impl SpiffeId {
                     .general_names
                     .iter()
                     .filter_map(|n| match n {
-                        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+                        GeneralName::URI(u) => Some(*u),
                         _ => None,
                     })
                     .collect()
@@ -130,6 +133,8 @@ mod tests {
     fn rejects_malformed_ids() {
         for bad in [
             "http://example.org/ns/a",
+            "SPIFFE://example.org/ns/a",
+            "Spiffe://example.org/ns/a",
             "spiffe://",
             "spiffe:///ns/a",
             "spiffe://Example.org/ns/a",
@@ -144,5 +149,60 @@ mod tests {
         }
         let long = format!("spiffe://example.org/{}", "a".repeat(3000));
         assert!(long.parse::<SpiffeId>().is_err());
+    }
+
+    /// A self-signed certificate carrying `uris` as URI SANs (and a DNS name, which an SVID
+    /// may have beside its one URI).
+    fn cert_with_uris(uris: &[&str]) -> Vec<u8> {
+        use rcgen::{CertificateParams, KeyPair, SanType};
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI(u.to_string().try_into().unwrap()))
+            .chain([SanType::DnsName("app.example.org".try_into().unwrap())])
+            .collect();
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_carries_exactly_one_uri_san_which_is_its_spiffe_id() {
+        let id = "spiffe://example.org/ns/default/sa/app";
+        assert_eq!(
+            SpiffeId::from_certificate(&cert_with_uris(&[id]))
+                .unwrap()
+                .to_string(),
+            id
+        );
+        assert_eq!(
+            SpiffeId::from_certificate(&cert_with_uris(&[])),
+            Err(IdentityError::Missing)
+        );
+        let two = cert_with_uris(&[id, "spiffe://example.org/ns/default/sa/other"]);
+        assert_eq!(
+            SpiffeId::from_certificate(&two),
+            Err(IdentityError::Several(2))
+        );
+        let beside = cert_with_uris(&["https://app.example.org/", id]);
+        assert_eq!(
+            SpiffeId::from_certificate(&beside),
+            Err(IdentityError::Several(2))
+        );
+        let upper_beside = cert_with_uris(&["SPIFFE://example.org/ns/default/sa/x", id]);
+        assert_eq!(
+            SpiffeId::from_certificate(&upper_beside),
+            Err(IdentityError::Several(2))
+        );
+        // The scheme is lower-case: an upper-case one alone is not a SPIFFE ID.
+        let upper = cert_with_uris(&["SPIFFE://example.org/ns/default/sa/app"]);
+        assert!(matches!(
+            SpiffeId::from_certificate(&upper),
+            Err(IdentityError::Invalid(_, _))
+        ));
+        let not_spiffe = cert_with_uris(&["https://example.org/ns/default/sa/app"]);
+        assert!(matches!(
+            SpiffeId::from_certificate(&not_spiffe),
+            Err(IdentityError::Invalid(_, _))
+        ));
     }
 }

@@ -9,6 +9,7 @@ pub mod certs;
 pub mod identity;
 pub mod layout;
 pub mod reload;
+pub mod resumption;
 pub mod verify;
 
 use std::{
@@ -60,6 +61,12 @@ pub enum TlsError {
         bundle: PathBuf,
         reason: String,
     },
+    #[error(
+        "certificate {path} is not valid for {usage}: its extended key usage must list both \
+         serverAuth and clientAuth (every sidecar is the server of some tunnels and the client \
+         of others)"
+    )]
+    Usage { path: PathBuf, usage: &'static str },
     #[error("building the TLS configuration: {0}")]
     Config(String),
 }
@@ -222,16 +229,31 @@ impl Credentials {
             bundle: files.bundle.clone(),
             reason,
         };
+        // What a peer checks, checked here for each end of a tunnel: a set that one end would
+        // refuse is refused now (and a rotation to it keeps the old set).
+        let checked = |usage: &'static str| {
+            move |e: rustls::Error| match e {
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::InvalidPurpose
+                    | rustls::CertificateError::InvalidPurposeContext { .. },
+                ) => TlsError::Usage {
+                    path: files.cert.clone(),
+                    usage,
+                },
+                other => chain_err(other.to_string()),
+            }
+        };
+        let now = UnixTime::now();
         let parsed =
             ParsedCertificate::try_from(&chain[0]).map_err(|e| chain_err(e.to_string()))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
             &chain[1..],
-            UnixTime::now(),
+            now,
             provider.signature_verification_algorithms.all,
         )
-        .map_err(|e| chain_err(e.to_string()))?;
+        .map_err(checked("serverAuth"))?;
         let not_after = not_after(&chain[0]).map_err(chain_err)?;
 
         let trust_domain = identity.trust_domain().to_string();
@@ -239,6 +261,9 @@ impl Credentials {
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Config(e.to_string()))?;
+        client_verifier
+            .verify_client_cert(&chain[0], &chain[1..], now)
+            .map_err(checked("clientAuth"))?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -249,6 +274,7 @@ impl Credentials {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| TlsError::Config(e.to_string()))?;
         server.alpn_protocols = vec![ALPN.to_vec()];
+        resumption::enable_on_server(&mut server)?;
 
         let mut client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -262,6 +288,7 @@ impl Credentials {
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Config(e.to_string()))?;
         client.alpn_protocols = vec![ALPN.to_vec()];
+        resumption::enable_on_client(&mut client);
 
         Ok(Self {
             identity,
@@ -347,6 +374,46 @@ mod tests {
             cert: "cert.pem".into(),
             key: "key.pem".into(),
             bundle: "bundle.pem".into(),
+        }
+    }
+
+    /// A certificate for one end of a tunnel only: every sidecar is both ends, so the set
+    /// is refused, naming the missing usage.
+    #[test]
+    fn a_certificate_must_allow_both_server_and_client_auth() {
+        use rcgen::ExtendedKeyUsagePurpose as Eku;
+        let ca = certs::mint_ca("example.org", std::time::Duration::from_secs(3600)).unwrap();
+        let id: SpiffeId = "spiffe://example.org/ns/default/sa/app".parse().unwrap();
+        let mint = |usages: &[Eku]| {
+            certs::mint_workload_with_usages(
+                &ca.cert_pem,
+                &ca.key_pem,
+                &id,
+                std::time::Duration::from_secs(3600),
+                std::time::Duration::ZERO,
+                usages,
+            )
+            .unwrap()
+        };
+        let load = |w: &certs::Minted| {
+            Credentials::from_pem(
+                &names(),
+                w.cert_pem.as_bytes(),
+                w.key_pem.as_bytes(),
+                ca.cert_pem.as_bytes(),
+            )
+        };
+        load(&mint(&[Eku::ServerAuth, Eku::ClientAuth])).expect("both usages load");
+        for (usages, missing) in [
+            (&[Eku::ServerAuth][..], "clientAuth"),
+            (&[Eku::ClientAuth][..], "serverAuth"),
+        ] {
+            let err = load(&mint(usages)).expect_err("one usage is refused");
+            assert!(
+                matches!(&err, TlsError::Usage { usage, .. } if *usage == missing),
+                "{err}"
+            );
+            assert!(err.to_string().contains("cert.pem"), "{err}");
         }
     }
 

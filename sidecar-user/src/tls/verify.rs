@@ -1,13 +1,14 @@
 //! Peer verification for the tunnel. Both directions check the chain against our trust bundle
 //! (validity period and extended key usage included, via rustls' webpki), then require the
 //! peer's SPIFFE ID to be in our trust domain. There are no DNS names in SPIFFE certificates,
-//! so the server name the client dials is not checked; the identity is.
+//! so the server name the client dials is not checked; the identity is. Once a handshake is
+//! done, full or resumed, [`verified_peer`] names the peer for the proxies.
 
 use std::sync::Arc;
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    SignatureScheme,
+    CertificateError, CommonState, DigitallySignedStruct, DistinguishedName, Error, HandshakeKind,
+    RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime},
@@ -17,7 +18,9 @@ use rustls::{
     },
 };
 
-use super::identity::SpiffeId;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::identity::{IdentityError, SpiffeId};
 
 /// Our trust domain: the peer's certificate must carry a SPIFFE ID inside it.
 fn check_trust_domain(end_entity: &CertificateDer<'_>, trust_domain: &str) -> Result<(), Error> {
@@ -169,4 +172,57 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// Who answered a finished handshake, and how.
+#[derive(Debug)]
+pub struct VerifiedPeer {
+    pub id: SpiffeId,
+    /// The handshake resumed an earlier session: no certificate was exchanged this time.
+    pub resumed: bool,
+}
+
+/// `Error` here is rustls' error type: the derive is named in full.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no certificate")]
+    NoCertificate,
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "its certificate is not valid now (valid from {not_before} to {not_after}, Unix \
+         seconds): the session resumed outlived it"
+    )]
+    NotValidNow { not_before: i64, not_after: i64 },
+}
+
+/// The peer of a finished handshake, full or resumed: its SPIFFE ID, from the certificate
+/// the verifiers above accepted. On resumption rustls hands back the chain of the full
+/// handshake that issued the ticket — verified then, under the same credentials (see
+/// [`super::Credentials`]) — but does not look at its validity period again, and a session
+/// may outlive the certificate. So the validity period is checked here, at `now`, for every
+/// handshake alike (for a full one it repeats what the verifier just did).
+pub fn verified_peer(conn: &CommonState, now: UnixTime) -> Result<VerifiedPeer, PeerError> {
+    let cert = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(PeerError::NoCertificate)?;
+    let (_, parsed) = X509Certificate::from_der(cert)
+        .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+    let validity = parsed.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if now < not_before || now > not_after {
+        return Err(PeerError::NotValidNow {
+            not_before,
+            not_after,
+        });
+    }
+    Ok(VerifiedPeer {
+        id: SpiffeId::from_certificate(cert)?,
+        resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
+    })
 }

@@ -119,6 +119,28 @@ enum Command {
         #[arg(long, default_value_t = 15_000)]
         max_per_phase: u64,
     },
+    /// Talk to `sidecar agent`'s registration socket as a process of the pod this runs in:
+    /// open `connections` connections, send every `--line` on each and print each answer as
+    /// `{"conn":i,"answer":…}`. Then, with `--partial`, send that text without a newline on
+    /// each and print what the agent answers before it closes the connection
+    /// (`{"conn":i,"closed_after_secs":…,"answer":…}`); with `--hold`, print `READY` and keep
+    /// the connections until stdin ends; with `--orphan` (one connection), fork, print
+    /// `HANDED` and exit: the child keeps the connection, sends each stdin line on it and
+    /// prints each answer, until stdin ends.
+    AgentAsk {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long)]
+        line: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long)]
+        partial: Option<String>,
+        #[arg(long)]
+        hold: bool,
+        #[arg(long)]
+        orphan: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -154,6 +176,21 @@ fn main() -> ExitCode {
             Duration::from_secs_f64(phase_secs),
             &go_dir,
             max_per_phase,
+        ),
+        Command::AgentAsk {
+            socket,
+            line,
+            connections,
+            partial,
+            hold,
+            orphan,
+        } => agent::ask(
+            &socket,
+            &line,
+            connections,
+            partial.as_deref(),
+            hold,
+            orphan,
         ),
     }
 }
@@ -561,6 +598,120 @@ fn first_failure(stream: &TcpStream, spurious: &AtomicU64) -> Option<String> {
 
 /// `soak`: the mixed workload. Every loop stops at the phase deadline or the phase's
 /// connection budget, whichever comes first; every socket operation has a timeout.
+/// The registration socket of `sidecar agent`, seen from a pod.
+mod agent {
+    use std::{
+        io::{self, BufRead, BufReader, Read, Write},
+        os::unix::net::UnixStream,
+        path::Path,
+        process::ExitCode,
+        time::{Duration, Instant},
+    };
+
+    use super::{IO_TIMEOUT, print_line};
+
+    pub fn ask(
+        socket: &Path,
+        lines: &[String],
+        connections: usize,
+        partial: Option<&str>,
+        hold: bool,
+        orphan: bool,
+    ) -> ExitCode {
+        match run(socket, lines, connections, partial, hold, orphan) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agent-ask: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn run(
+        socket: &Path,
+        lines: &[String],
+        connections: usize,
+        partial: Option<&str>,
+        hold: bool,
+        orphan: bool,
+    ) -> io::Result<()> {
+        let mut streams = Vec::new();
+        for conn in 0..connections {
+            let s = UnixStream::connect(socket)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            for line in lines {
+                let answer = exchange(&s, line)?;
+                print_line(&serde_json::json!({"conn": conn, "answer": answer}).to_string());
+            }
+            streams.push(s);
+        }
+        if let Some(text) = partial {
+            for s in &mut streams {
+                // A connection the agent refused at once may be closed already.
+                let _ = s.write_all(text.as_bytes());
+            }
+            let started = Instant::now();
+            for (conn, s) in streams.iter_mut().enumerate() {
+                let mut rest = String::new();
+                // EOF, or a reset (the agent closed before reading our bytes): closed either
+                // way; only a read timeout means the connection is still open.
+                let closed = match s.read_to_string(&mut rest) {
+                    Ok(_) => true,
+                    Err(e) => !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                };
+                print_line(
+                    &serde_json::json!({
+                        "conn": conn,
+                        "closed": closed,
+                        "closed_after_secs": started.elapsed().as_secs_f64(),
+                        "answer": rest.trim(),
+                    })
+                    .to_string(),
+                );
+            }
+        }
+        if hold {
+            print_line(super::READY);
+            let _ = io::stdin().read_to_end(&mut Vec::new());
+        }
+        if orphan {
+            forward_in_child(&streams[0])?;
+        }
+        Ok(())
+    }
+
+    /// Writes `line` and reads one answer line.
+    fn exchange(s: &UnixStream, line: &str) -> io::Result<String> {
+        writeln!(&*s, "{line}")?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer)?;
+        Ok(answer.trim().to_string())
+    }
+
+    /// Forks: this process (the one that connected) exits; the child keeps the connection
+    /// and forwards stdin lines on it. Single-threaded here, so the child may run Rust code.
+    fn forward_in_child(s: &UnixStream) -> io::Result<()> {
+        // SAFETY: no other thread exists in this process.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid > 0 {
+            print_line("HANDED");
+            return Ok(());
+        }
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        for line in io::stdin().lock().lines() {
+            let answer = exchange(s, &line?).unwrap_or_else(|e| format!("error: {e}"));
+            print_line(&serde_json::json!({"answer": answer}).to_string());
+        }
+        Ok(())
+    }
+}
+
 mod soak {
     use std::{
         io::{Read, Write},

@@ -109,6 +109,9 @@ pub struct ClientArgs {
     /// Read the parent's (the sidecar's) CPU time and memory from /proc.
     #[arg(long)]
     pub sidecar_stats: bool,
+    /// A proxy that is not our parent (HAProxy), measured as the sidecar would be.
+    #[arg(long, conflicts_with = "sidecar_stats")]
+    pub proxy_pid: Option<u32>,
     /// With mTLS: the server pod's sidecar, measured the same way.
     #[arg(long)]
     pub peer_sidecar: Option<u32>,
@@ -191,7 +194,7 @@ pub fn client(args: &ClientArgs) -> Result<()> {
         }
         Some(ppid)
     } else {
-        None
+        args.proxy_pid
     };
     // The sidecars measured: ours (the parent), then the peer's.
     let mut watched: Vec<Watched> = parent

@@ -1,8 +1,9 @@
 //! The mTLS modes: two sidecars, one per pod. The client pod's sidecar tunnels every
 //! connection to the server pod (`--mesh-cidrs <server IP>/32`); the server pod's sidecar,
-//! started for each run in the same interception mode, verifies it and hands the bytes to an
-//! echo server of its own on 127.0.0.1 (a tunnel is only ever connected to loopback, so this
-//! server is not the one the direct and single-sidecar modes reach on the pod address).
+//! started for each run in the same interception mode, verifies it and hands the bytes to the
+//! pod's workload on the pod's own address: the same echo server the direct and
+//! single-sidecar modes reach (a tunnel delivers only to the address it arrived on, never to
+//! the pod's loopback). Its own command only keeps it running.
 //! Certificates are minted with `sidecar cert` into a temporary directory, removed on drop.
 
 use std::{
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{Mode, Server, netns::Netns, server_args};
+use super::{Mode, Server, netns::Netns};
 use crate::output;
 
 const TRUST_DOMAIN: &str = "bench.local";
@@ -58,11 +59,9 @@ impl<'a> Mesh<'a> {
 
     /// Starts the server pod's sidecar, in `mode`'s interception mode, with an echo server
     /// on 127.0.0.1 (same ports) as its command. Its log and report go next to `stem`.
-    pub fn start_server(&self, load: &Path, mode: Mode, stem: &Path) -> Result<PeerSidecar> {
+    pub fn start_server(&self, mode: Mode, stem: &Path) -> Result<PeerSidecar> {
         let report = stem.with_extension("server.json");
         let log = stem.with_extension("server.log");
-        let mut loopback = self.server;
-        loopback.set_ip([127, 0, 0, 1].into());
         let mut cmd = Command::new(self.sidecar);
         cmd.arg("run")
             .args(mode.sidecar_args().context("an mTLS mode has a sidecar")?)
@@ -73,9 +72,9 @@ impl<'a> Mesh<'a> {
             .args(["--drain-timeout-secs", "2"])
             .arg("--report")
             .arg(&report)
-            .arg("--")
-            .arg(load)
-            .args(server_args(loopback))
+            // The workload is the pod's echo server, already running; `ready` tells
+            // Server::start the sidecar is up (it starts its command once attached).
+            .args(["--", "sh", "-c", "echo ready; exec sleep 3600"])
             .stderr(fs::File::create(&log)?);
         let server = Server::start(cmd, self.server_ns).with_context(|| {
             format!(

@@ -17,16 +17,19 @@
 //! Output: `target/bench/report.md` and `target/bench/report.svg`; the raw per-run JSON and
 //! the sidecar logs in `target/bench/raw/`.
 
+mod haproxy;
 pub mod load;
 mod mesh;
 mod netns;
 mod report;
 mod sockperf;
+mod startup;
 
 use std::{
     fs,
     io::{BufRead, BufReader, IsTerminal, Write},
     net::SocketAddr,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -37,6 +40,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use self::{
+    haproxy::Haproxy,
     load::ClientResult,
     mesh::Mesh,
     netns::{Netns, POD_SERVER_IP, Pods},
@@ -90,28 +94,40 @@ impl Params {
 pub enum Mode {
     Direct,
     Iptables,
+    /// The default: plaintext connections the proxy adds nothing to pass through in the
+    /// kernel (connect hooks let them go, sockops records them).
     Ebpf,
+    /// `--proxy-all`: every connection through the proxy, sockmap splicing its local legs.
+    EbpfProxyAll,
+    /// `--proxy-all --no-sockmap`: what the splice contributes.
     EbpfNoSockmap,
+    /// HAProxy (Debian's package) in TCP mode with a fixed backend, on the client's side: a
+    /// plain userspace L4 proxy, the peer the sidecar's proxied hop is compared with.
+    Haproxy,
     /// Two sidecars (client pod and server pod), an mTLS tunnel between them.
     IptablesMtls,
     EbpfMtls,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Direct,
         Mode::Iptables,
         Mode::Ebpf,
+        Mode::EbpfProxyAll,
         Mode::EbpfNoSockmap,
+        Mode::Haproxy,
         Mode::IptablesMtls,
         Mode::EbpfMtls,
     ];
     /// The modes with at most one sidecar: every scenario runs them.
-    pub const SINGLE: [Mode; 4] = [
+    pub const SINGLE: [Mode; 6] = [
         Mode::Direct,
         Mode::Iptables,
         Mode::Ebpf,
+        Mode::EbpfProxyAll,
         Mode::EbpfNoSockmap,
+        Mode::Haproxy,
     ];
     /// The modes that need a server pod with a sidecar of its own.
     pub const MTLS: [Mode; 2] = [Mode::IptablesMtls, Mode::EbpfMtls];
@@ -121,14 +137,17 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
             Mode::Ebpf => "ebpf",
-            Mode::EbpfNoSockmap => "ebpf --no-sockmap",
+            Mode::EbpfProxyAll => "ebpf --proxy-all",
+            Mode::EbpfNoSockmap => "ebpf --proxy-all --no-sockmap",
+            Mode::Haproxy => "haproxy",
             Mode::IptablesMtls => "iptables + mTLS",
             Mode::EbpfMtls => "ebpf + mTLS",
         }
     }
 
-    fn file_key(self) -> &'static str {
+    pub fn file_key(self) -> &'static str {
         match self {
+            Mode::EbpfProxyAll => "ebpf-proxyall",
             Mode::EbpfNoSockmap => "ebpf-nosockmap",
             Mode::IptablesMtls => "iptables-mtls",
             Mode::EbpfMtls => "ebpf-mtls",
@@ -140,13 +159,24 @@ impl Mode {
         Self::MTLS.contains(&self)
     }
 
-    /// `sidecar run` options, or None for a direct connection.
+    /// `sidecar run` options, or None where no sidecar runs.
     fn sidecar_args(self) -> Option<&'static [&'static str]> {
         match self {
-            Mode::Direct => None,
+            Mode::Direct | Mode::Haproxy => None,
             Mode::Iptables | Mode::IptablesMtls => Some(&["--mode", "iptables"]),
             Mode::Ebpf | Mode::EbpfMtls => Some(&["--mode", "ebpf"]),
-            Mode::EbpfNoSockmap => Some(&["--mode", "ebpf", "--no-sockmap"]),
+            Mode::EbpfProxyAll => Some(&["--mode", "ebpf", "--proxy-all"]),
+            Mode::EbpfNoSockmap => Some(&["--mode", "ebpf", "--proxy-all", "--no-sockmap"]),
+        }
+    }
+
+    /// How the client's connections must appear in the sidecar's report (`path`): only the
+    /// default eBPF mode passes plaintext through; the mTLS modes tunnel, the rest proxy.
+    pub fn path(self) -> &'static str {
+        if self == Mode::Ebpf {
+            "passthrough"
+        } else {
+            "proxy"
         }
     }
 }
@@ -157,6 +187,45 @@ const PROXY_PORT: u16 = 20100;
 const SERVER_PORT: u16 = 20110;
 /// The sockperf server's port for the cross-check.
 const SOCKPERF_PORT: u16 = 20120;
+/// HAProxy's frontends in the client's namespace: the echo server's, and the sink's next.
+const HAPROXY_PORT: u16 = 20130;
+
+/// Where each party runs, the same in every mode, so no mode wins or loses by the
+/// scheduler's placement (unpinned, the same mode's p50 was bimodal between runs): the
+/// server side (the echo server, and the server pod's sidecar) on one CPU, the client side
+/// (the load generator, and the sidecar or HAProxy in front of it) on another. With one CPU,
+/// everything shares it.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    Server,
+    Client,
+}
+
+impl Side {
+    pub fn cpu(self) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self {
+            Side::Server => 0,
+            Side::Client => 1.min(cpus - 1),
+        }
+    }
+
+    /// Pins `cmd` (and everything it starts, which inherits the mask) to this side's CPU.
+    pub fn pin(self, cmd: &mut Command) {
+        let cpu = self.cpu();
+        // SAFETY: sched_setaffinity is async-signal-safe; the set lives on the child's stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
 
 /// One scenario's results: per mode, every round's client result.
 pub struct ScenarioResults {
@@ -169,7 +238,7 @@ pub struct ScenarioResults {
 
 /// Attempts per run: a failed run is repeated, and listed in the report, rather than
 /// throwing away the whole bench. (It exists for the mTLS modes, where a bulk stream's last
-/// bytes sometimes stall in the tunnel; see README "Performance".)
+/// bytes sometimes stall in the tunnel; see docs/performance.md.)
 const ATTEMPTS: usize = 3;
 
 pub fn bench(opts: &Options) -> Result<()> {
@@ -215,6 +284,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     let mut progress = Progress::new(params.rounds * (Mode::SINGLE.len() + Mode::ALL.len()));
     let mut results = Vec::new();
     let crosscheck;
+    let startups;
     {
         let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
@@ -236,7 +306,9 @@ pub fn bench(opts: &Options) -> Result<()> {
             &mut progress,
         )?);
         progress.say("cross-check: sockperf ping-pong, direct, 64 B");
-        crosscheck = sockperf::crosscheck(&lo, SOCKPERF_PORT, if opts.quick { 1 } else { 3 });
+        crosscheck = sockperf::crosscheck(&lo, SOCKPERF_PORT, if opts.quick { 1 } else { 3 }, &raw);
+        progress.say("sidecar startup: exec to /readyz 200, and idle RSS");
+        startups = startup::measure(&bins.sidecar, &lo, if opts.quick { 2 } else { 9 }, &raw)?;
     }
     {
         let pods = Pods::create()?;
@@ -265,6 +337,7 @@ pub fn bench(opts: &Options) -> Result<()> {
         &params,
         opts.quick,
         Some(&crosscheck),
+        &startups,
         &load_at_start,
     );
     let svg = report::svg(&summary);
@@ -372,9 +445,12 @@ fn run_client(
         (true, Some(mesh)) => Some(mesh),
         (true, None) => bail!("{} needs a server pod", mode.label()),
     };
-    let peer = mesh
-        .map(|m| m.start_server(&bins.load, mode, stem))
+    let peer = mesh.map(|m| m.start_server(mode, stem)).transpose()?;
+    // HAProxy stands where the sidecar would: the client connects to it instead.
+    let haproxy = (mode == Mode::Haproxy)
+        .then(|| Haproxy::start(ns, *server, stem))
         .transpose()?;
+    let server = haproxy.as_ref().map_or(*server, Haproxy::front);
     let mut cmd = match mode.sidecar_args() {
         None => Command::new(&bins.load),
         Some(args) => {
@@ -396,19 +472,26 @@ fn run_client(
         .args(["--bulk-secs", &params.bulk_secs.to_string()])
         .arg("--out")
         .arg(&out);
-    if mode != Mode::Direct {
+    if mode.sidecar_args().is_some() {
         cmd.arg("--sidecar-stats");
+    }
+    if let Some(h) = &haproxy {
+        cmd.args(["--proxy-pid", &h.pid().to_string()]);
     }
     if let Some(peer) = &peer {
         cmd.args(["--peer-sidecar", &peer.pid().to_string()]);
     }
     ns.enter(&mut cmd)?;
+    Side::Client.pin(&mut cmd);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?);
     let limit = Duration::from_secs(60) + Duration::from_secs_f64(params.bulk_secs * 4.0);
     let status = wait_bounded(&mut cmd.spawn().context("starting the client")?, limit)?;
     let peer_report = peer.map(|p| p.stop()).transpose()?;
+    if let Some(h) = haproxy {
+        h.stop()?;
+    }
     if !status.success() {
         // The client's anyhow error and its causes, on one line.
         let text = fs::read_to_string(&log).unwrap_or_default();
@@ -426,14 +509,15 @@ fn run_client(
         );
     }
     let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
-    if mode != Mode::Direct {
+    if mode.sidecar_args().is_some() {
         let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
-        check_carried(&sidecar_report, "outbound", expected, tunnel)?;
+        check_carried(&sidecar_report, "outbound", mode.path(), expected, tunnel)?;
     }
     if let Some(report) = peer_report {
         check_carried(
             &report,
             "inbound",
+            "proxy",
             expected,
             Some(("src_identity", mesh::CLIENT_ID)),
         )?;
@@ -442,13 +526,15 @@ fn run_client(
     Ok(serde_json::from_slice(&json)?)
 }
 
-/// The figures of a proxied mode mean something only if the sidecar really carried every
-/// connection: its report must list each one (2 request/response, the connect-exchange-close
-/// ones, 1 + 16 bulk) in `direction`, all `ok`. With a `tunnel` (identity field, SPIFFE ID),
-/// each one must also have crossed mTLS with that verified peer.
+/// The figures of a sidecar mode mean something only if the sidecar really carried (or, for
+/// pass-through, recorded) every connection: its report must list each one (2
+/// request/response, the connect-exchange-close ones, 1 + 16 bulk) in `direction`, on `path`,
+/// all `ok`. With a `tunnel` (identity field, SPIFFE ID), each one must also have crossed
+/// mTLS with that verified peer.
 fn check_carried(
     report: &Path,
     direction: &str,
+    path: &str,
     expected: usize,
     tunnel: Option<(&str, &str)>,
 ) -> Result<()> {
@@ -461,11 +547,14 @@ fn check_carried(
         .flatten()
         .filter(|c| c["direction"] == direction)
         .collect();
-    let ok = conns.iter().filter(|c| c["outcome"] == "ok").count();
+    let ok = conns
+        .iter()
+        .filter(|c| c["outcome"] == "ok" && c["path"] == path)
+        .count();
     if conns.len() != expected || ok != expected {
         bail!(
-            "the sidecar carried {} {direction} connection(s), {ok} ok, where the client made \
-             {expected}: interception did not happen as it should ({})",
+            "the sidecar recorded {} {direction} connection(s), {ok} ok on path {path}, where \
+             the client made {expected}: interception did not happen as it should ({})",
             conns.len(),
             report.display()
         );
@@ -504,15 +593,11 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::Exit
     }
 }
 
-/// The load generator's echo/sink server command line, after the binary.
-fn server_args(listen: SocketAddr) -> [String; 3] {
-    ["bench-server".into(), "--listen".into(), listen.to_string()]
-}
-
-/// The echo/sink server with no sidecar.
+/// The load generator's echo/sink server, with no sidecar.
 fn plain_server(load: &Path, listen: SocketAddr) -> Command {
     let mut cmd = Command::new(load);
-    cmd.args(server_args(listen)).stderr(Stdio::inherit());
+    cmd.args(["bench-server", "--listen", &listen.to_string()])
+        .stderr(Stdio::inherit());
     cmd
 }
 
@@ -524,6 +609,7 @@ impl Server {
     fn start(mut cmd: Command, ns: &Netns) -> Result<Self> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());
         ns.enter(&mut cmd)?;
+        Side::Server.pin(&mut cmd);
         let mut child = cmd.spawn().context("starting the bench server")?;
         let stdout = child.stdout.take().context("server stdout")?;
         let server = Self(child);
@@ -614,7 +700,7 @@ mod tests {
         let mut conns: Vec<_> = (0..n)
             .map(|_| {
                 serde_json::json!({"direction": "outbound", "outcome": "ok", "mode": "mtls",
-                                   "dst_identity": mesh::SERVER_ID})
+                                   "path": "proxy", "dst_identity": mesh::SERVER_ID})
             })
             .collect();
         edit(conns.last_mut().unwrap());
@@ -635,7 +721,7 @@ mod tests {
     fn a_run_counts_only_if_every_connection_crossed_the_tunnel() {
         let tunnel = Some(("dst_identity", mesh::SERVER_ID));
         let check = |path: PathBuf, tunnel| {
-            let r = check_carried(&path, "outbound", 3, tunnel);
+            let r = check_carried(&path, "outbound", "proxy", 3, tunnel);
             let _ = fs::remove_file(&path);
             r
         };
@@ -643,6 +729,10 @@ mod tests {
         assert!(check(report(2, |_| {}), tunnel).is_err(), "one missing");
         assert!(check(report(3, |c| c["outcome"] = "io_error".into()), tunnel).is_err());
         assert!(check(report(3, |c| c["mode"] = "plain".into()), tunnel).is_err());
+        assert!(
+            check(report(3, |c| c["path"] = "passthrough".into()), tunnel).is_err(),
+            "a connection on the wrong path"
+        );
         assert!(
             check(
                 report(3, |c| c["dst_identity"] = "spiffe://x/y".into()),

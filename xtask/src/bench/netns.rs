@@ -7,6 +7,8 @@ use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},
     process::Command,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -55,6 +57,40 @@ impl Netns {
 
     /// Makes `cmd` start inside this namespace. Only the network namespace changes (unlike
     /// `ip netns exec`, which also remounts /sys and would hide the cgroup2 mount).
+    /// Calls `check` every `every` from a thread of ours that joined the namespace, until it
+    /// returns true (then true) or `limit` passes (then false): how the bench waits for a
+    /// server inside the namespace to answer.
+    pub fn poll_until(
+        &self,
+        limit: Duration,
+        every: Duration,
+        check: impl Fn() -> bool + Sync,
+    ) -> Result<bool> {
+        let file = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))?;
+        let joined = thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only (network namespaces are per thread).
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let deadline = Instant::now() + limit;
+                while Instant::now() < deadline {
+                    if check() {
+                        return Ok(true);
+                    }
+                    thread::sleep(every);
+                }
+                Ok(false)
+            })
+            .join()
+        });
+        match joined {
+            Ok(result) => result.with_context(|| format!("joining netns {}", self.name)),
+            Err(_) => anyhow::bail!("the check inside netns {} panicked", self.name),
+        }
+    }
+
     pub fn enter(&self, cmd: &mut Command) -> Result<()> {
         let file = File::open(format!("/run/netns/{}", self.name))
             .with_context(|| format!("opening netns {}", self.name))?;

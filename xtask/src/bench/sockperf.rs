@@ -1,12 +1,15 @@
 //! The external cross-check: Debian's `sockperf` (TCP ping-pong, 64 B, full round trip) in
-//! the loopback namespace, direct and under the sidecar in each mode, so our own load
-//! generator's request/response figures can be compared with a tool we did not write.
+//! the loopback namespace, in every single-sidecar mode (direct, under the sidecar in each
+//! of its modes, through HAProxy), so our own load generator's request/response figures can
+//! be compared with a tool we did not write. A sidecar run counts only if its `--report`
+//! shows it carried sockperf's connections, as the bench's own runs are checked.
 //!
 //! sockperf waits for replies with a polling loop, our client with blocking reads, so
 //! sockperf's absolute figures are expected to be a little lower; the ratios between modes
 //! are what should agree.
 
 use std::{
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -14,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Mode, PROXY_PORT, netns::Netns};
+use super::{Mode, PROXY_PORT, Side, haproxy::Haproxy, netns::Netns};
 use crate::build_ebpf;
 
 /// sockperf's figures for one mode, in microseconds (round trip).
@@ -26,7 +29,7 @@ pub struct SockperfFigures {
     pub observations: u64,
 }
 
-pub fn crosscheck(ns: &Netns, port: u16, secs: u32) -> Result<Vec<SockperfFigures>> {
+pub fn crosscheck(ns: &Netns, port: u16, secs: u32, raw: &Path) -> Result<Vec<SockperfFigures>> {
     let mut server_cmd = Command::new("sockperf");
     server_cmd
         .args([
@@ -41,6 +44,7 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32) -> Result<Vec<SockperfFigure
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     ns.enter(&mut server_cmd)?;
+    Side::Server.pin(&mut server_cmd);
     let server = server_cmd
         .spawn()
         .context("starting `sockperf server` (apt-get install sockperf)")?;
@@ -49,17 +53,23 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32) -> Result<Vec<SockperfFigure
 
     let sidecar = build_ebpf::workspace_root().join("target/release/sidecar");
     let mut figures = Vec::new();
-    for mode in [Mode::Direct, Mode::Iptables, Mode::Ebpf] {
+    let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for mode in Mode::SINGLE {
+        let stem = raw.join(format!("sockperf-{}", mode.file_key()));
+        let report = stem.with_extension("sidecar.json");
+        let haproxy = (mode == Mode::Haproxy)
+            .then(|| Haproxy::start(ns, server_addr, &stem))
+            .transpose()?;
+        let target = haproxy.as_ref().map_or(server_addr, Haproxy::front);
         let mut cmd = match mode.sidecar_args() {
             None => Command::new("sockperf"),
             Some(args) => {
                 let mut c = Command::new(&sidecar);
-                c.arg("run").args(args).args([
-                    "--proxy-port",
-                    &PROXY_PORT.to_string(),
-                    "--",
-                    "sockperf",
-                ]);
+                c.arg("run")
+                    .args(args)
+                    .args(["--proxy-port", &PROXY_PORT.to_string(), "--report"])
+                    .arg(&report)
+                    .args(["--", "sockperf"]);
                 c
             }
         };
@@ -67,14 +77,18 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32) -> Result<Vec<SockperfFigure
             "ping-pong",
             "--tcp",
             "-i",
-            "127.0.0.1",
+            &target.ip().to_string(),
             "-p",
-            &port.to_string(),
+            &target.port().to_string(),
         ])
         .args(["-m", "64", "-t", &secs.to_string(), "--full-rtt"])
         .stdin(Stdio::null());
         ns.enter(&mut cmd)?;
+        Side::Client.pin(&mut cmd);
         let out = cmd.output().context("running sockperf ping-pong")?;
+        if let Some(h) = haproxy {
+            h.stop()?;
+        }
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
@@ -84,9 +98,39 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32) -> Result<Vec<SockperfFigure
                 last_line(&text)
             );
         }
+        if mode.sidecar_args().is_some() {
+            carried(&report, server_addr)
+                .with_context(|| format!("sockperf under the sidecar ({})", mode.label()))?;
+        }
         figures.push(parse(mode, &text)?);
     }
     Ok(figures)
+}
+
+/// The sidecar's report lists sockperf's connection(s) to `server`, with bytes carried each
+/// way. (sockperf's client resets its connection when it is done, so the sidecar records the
+/// end as `io_error`; what matters here is that the exchanges went through it.)
+fn carried(report: &Path, server: std::net::SocketAddr) -> Result<()> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    let to_server: Vec<_> = json["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["direction"] == "outbound" && c["original_dst"] == server.to_string())
+        .collect();
+    let both_ways = |c: &&serde_json::Value| {
+        c["bytes_from_client"].as_u64() > Some(0) && c["bytes_from_upstream"].as_u64() > Some(0)
+    };
+    if !to_server.iter().any(both_ways) {
+        bail!(
+            "the sidecar's report does not show sockperf's exchanges with {server}: \
+             {to_server:?} ({})",
+            report.display()
+        );
+    }
+    Ok(())
 }
 
 fn last_line(text: &str) -> &str {

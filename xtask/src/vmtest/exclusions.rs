@@ -32,6 +32,60 @@ pub const EXCLUSIONS: &[Exclusion] = &[
         reason: "a native-speed load test: under TCG its 10,000 connections exceed the \
                  client's 20 s I/O timeout (it runs on the host in `cargo xtask test`)",
     },
+    // The same scale: 9,744 sequential connects and ping-pongs did not all finish within the
+    // test's 120 s under TCG (the 6.1 and 5.10 guests, 2026-12-02).
+    Exclusion {
+        test: "ten_thousand_idle_connections_add_little_memory",
+        kernels: &[],
+        reason: "a native-scale memory measurement: under TCG its 10,000 held connections do \
+                 not open within the test's deadline (it runs on the host in `cargo xtask test`)",
+    },
+    // Seen in the 5.10 and 6.1 guests (2026-12-02), passing on the host: each load of a
+    // credential set now runs both the server and the client verifier, and under TCG a load
+    // is slow enough that (a) too few loads overlap the kubelet-style swaps for the race check
+    // to mean anything, and (b) the long streams of the rotation test connect only after the
+    // rotation, so they see the new identity. Neither is about the kernel.
+    Exclusion {
+        test: "loads_during_kubelet_swaps_never_see_half_a_set",
+        kernels: &[],
+        reason: "a timing race check of file swaps: under TCG too few loads overlap the \
+                 swaps (it runs on the host in `cargo xtask test`)",
+    },
+    Exclusion {
+        test: "mtls_across_a_kubelet_secret_rotation",
+        kernels: &[],
+        reason: "under TCG its long streams start only after the rotation it must straddle \
+                 (it runs on the host in `cargo xtask test`)",
+    },
+    // The same scale again: 10,000 connections while the sidecar is stopped, to fill the
+    // ring of pass-through records; what it checks (a full ring is counted) does not depend
+    // on the kernel version.
+    Exclusion {
+        test: "records_that_do_not_fit_the_ring_are_counted",
+        kernels: &[],
+        reason: "a native-scale load test: 10,000 connections to overflow the records ring \
+                 (it runs on the host in `cargo xtask test`)",
+    },
+    Exclusion {
+        test: "a_real_scrape_passes_promtool_check_metrics",
+        kernels: &[],
+        reason: "lints the /metrics text with promtool, a 48 MB tool not packed into the guest: \
+                 nothing kernel-specific (it runs on the host in `cargo xtask test`)",
+    },
+    // The proxy's accept, lookup and reset take longer than the 5 ms target under TCG; the
+    // kernel's refusal (the eBPF-mode test) runs everywhere.
+    Exclusion {
+        test: "a_dead_upstreams_circuit_is_refused_by_the_proxy_in_iptables_mode",
+        kernels: &[],
+        reason: "a latency target (an open circuit fails within 5 ms through the userspace \
+                 proxy) that TCG emulation cannot meet; the kernel-side test runs everywhere (it \
+                 runs on the host in `cargo xtask test`)",
+    },
+    Exclusion {
+        test: "a_tunnel_reaches_the_pod_address_never_its_loopback",
+        kernels: BEFORE_5_15,
+        reason: NO_FAST_PATH,
+    },
     Exclusion {
         test: "sockmap_splices_both_legs",
         kernels: BEFORE_5_15,
@@ -138,10 +192,12 @@ mod tests {
         let new = skipped_quietly("6.1");
         assert!(old.contains(&"sockmap_splices_both_legs"));
         assert!(!new.contains(&"sockmap_splices_both_legs"));
-        assert_eq!(
-            new,
-            vec!["ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing"]
-        );
+        let everywhere: Vec<_> = EXCLUSIONS
+            .iter()
+            .filter(|e| e.kernels.is_empty())
+            .map(|e| e.test)
+            .collect();
+        assert_eq!(new, everywhere, "6.x skips only what every kernel skips");
         assert_eq!(skipped_quietly("6.12"), new);
         assert_eq!(skipped_quietly("6.18"), new);
     }

@@ -136,7 +136,10 @@ const MODULE_DIRS: &[&str] = &[
     "kernel/net/ipv4/netfilter",
     "kernel/net/ipv6/netfilter",
 ];
-const MODULES: &[&str] = &["veth"];
+/// veth for the tests' namespaces; tcp_diag (and inet_diag) for `sock_diag`, which lists open
+/// pass-through connections: a host loads them on first use (as for `ss`), a guest has no
+/// modprobe.
+const MODULES: &[&str] = &["veth", "inet_diag", "tcp_diag"];
 
 /// The modules iptables mode and the tests need plus their dependencies, dependencies
 /// first, as plain `.ko` files. Debian's packages ship no `modules.dep` (depmod runs at

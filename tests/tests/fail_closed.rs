@@ -1,0 +1,326 @@
+//! Interception that must not be escaped, and a proxy that must not be exhausted: IPv4 through
+//! an IPv6 socket when `[::1]` cannot be bound, and the caps on connections and pending tunnel
+//! handshakes.
+//!
+//! Every test starts with `privileged()` and holds `serial()`. Traffic stays inside network
+//! namespaces the test created (prefix `kfc-`, addresses 10.231.x.x, no route out); ports
+//! 31000–31999. Every loop is bounded in count and time, every wait has a timeout.
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sidecar_common::Counter;
+use sidecar_tests::{
+    EchoServer, assert_no_leftovers,
+    host::{self, wait_child},
+    netns::{Netns, PodPair},
+    privileged,
+    protocol::EchoLine,
+    require,
+    run::SidecarRun,
+    scratch::Scratch,
+    serial,
+};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const APP_PORT: u16 = 31080;
+const TD: &str = "example.org";
+const CLIENT_ID: &str = "spiffe://example.org/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://example.org/ns/demo/sa/server";
+/// The sidecars' tunnel port inside the pods (the default).
+const TUNNEL_PORT: u16 = 15008;
+
+/// An echo server (`sidecar-testclient serve`) in a namespace, stopped on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(ns: &Netns) -> Self {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the echo server");
+        let mut out = child.stdout.take().expect("piped");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(&seen).contains("READY") {
+            assert!(Instant::now() < deadline, "the echo server never listened");
+            match out.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => panic!("the echo server exited: {}", String::from_utf8_lossy(&seen)),
+            }
+        }
+        Self(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        if wait_child(&mut self.0, Duration::from_secs(5)).is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Writes `value` to `/proc/sys/<key>` inside the namespace.
+fn sysctl(ns: &Netns, key: &str, value: &str) {
+    let out = ns.run(&["sh", "-c", &format!("echo {value} > /proc/sys/{key}")]);
+    assert!(
+        out.status.success(),
+        "{key}={value}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Pod A has IPv6 turned off (`disable_ipv6=1`, so `[::1]` cannot be bound and the sidecar
+/// has no IPv6 listener), and its app dials pod B's IPv4 address through an IPv6 socket
+/// (`::ffff:a.b.c.d`). Every such connect goes through the proxy's IPv4 listener; none
+/// reaches the server directly.
+#[test]
+fn ipv4_through_an_ipv6_socket_is_intercepted_without_an_ipv6_listener() {
+    if !privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let pods = PodPair::create_in("kfc", 231, 1);
+    for key in ["all", "default", "lo"] {
+        sysctl(&pods.a, &format!("net/ipv6/conf/{key}/disable_ipv6"), "1");
+    }
+    let _server = Server::start(&pods.b);
+    let mapped: SocketAddr = format!("[::ffff:{}]:{APP_PORT}", pods.b.addr)
+        .parse()
+        .unwrap();
+    let proxy_port = 31001;
+    let mut run = SidecarRun::builder(proxy_port)
+        .wrapped_in(pods.a.enter())
+        .arg("--admin-addr=off")
+        .command([
+            CLIENT.to_string(),
+            "echo".into(),
+            format!("--addr={mapped}"),
+            "--count=3".into(),
+        ])
+        .start();
+    let done = run.finish(RUN_TIMEOUT);
+    let stderr = done.stderr.join("\n");
+    assert!(
+        stderr.contains("no IPv6 listener"),
+        "the sidecar had an IPv6 listener after all:\n{stderr}"
+    );
+    let lines: Vec<EchoLine> = done.parse_stdout();
+    let proxied: SocketAddr = format!("[::ffff:127.0.0.1]:{proxy_port}").parse().unwrap();
+    assert_eq!(lines.len(), 3, "{lines:#?}\n{stderr}");
+    for l in &lines {
+        assert_eq!(
+            l.peer,
+            Some(proxied),
+            "a v4-mapped connect was not intercepted: {l:?}"
+        );
+        assert!(l.ok, "{l:?}");
+    }
+    done.assert_exit_code(0);
+    let report = done.report();
+    assert_eq!(report.counter(Counter::ConnectNoV6Listener), 0);
+    assert!(report.counter(Counter::ConnectRedirected) >= 3);
+    let upstream: SocketAddr = SocketAddr::new(pods.b.addr, APP_PORT);
+    let conns = report.connections_to(upstream);
+    assert_eq!(conns.len(), 3, "{:#?}", report.connections);
+    assert!(conns.iter().all(|c| c.outcome == "ok"), "{conns:#?}");
+    assert_no_leftovers(done.pid);
+}
+
+/// TCP connections to `addr` opened from inside `ns`, sending nothing (a silent TLS client).
+/// `None`: the server reset it before `connect()` had even returned.
+fn silent_connections(ns: &Netns, addr: SocketAddr, count: usize) -> Vec<Option<TcpStream>> {
+    let file = std::fs::File::open(ns.path()).expect("netns file");
+    std::thread::spawn(move || {
+        // SAFETY: setns on an fd we own, for this thread only (it ends right after; the
+        // sockets keep the namespace they were created in).
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        (0..count)
+            .map(
+                |_| match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Ok(s) => Some(s),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+                    Err(e) => panic!("connect {addr}: {e}"),
+                },
+            )
+            .collect()
+    })
+    .join()
+    .expect("the connecting thread panicked")
+}
+
+/// Whether the peer has closed or reset `s` by now (a non-blocking read that does not find
+/// the socket merely idle).
+fn closed_by_now(s: &Option<TcpStream>) -> bool {
+    let Some(s) = s else {
+        return true;
+    };
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    match (&*s).read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// The value of a Prometheus sample line `name{labels} value` in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// More silent TLS clients on the tunnel port than `--max-pending-handshakes`: those over the
+/// cap are reset at once (not held for the 5 s handshake deadline), counted in /metrics and
+/// logged once; once the silent ones go, a legitimate tunnel works. /config shows both caps.
+#[test]
+fn pending_handshakes_over_the_cap_are_refused_promptly_and_counted() {
+    if !privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let certs = Scratch::new("kfc-caps");
+    certs.ca("ca", TD);
+    let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
+    let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
+    let pods = PodPair::create_in("kfc", 231, 2);
+    let admin: SocketAddr = "127.0.0.1:31090".parse().unwrap();
+    let cap = 4;
+    let flood = 12;
+    let mut server = SidecarRun::builder(31002)
+        .wrapped_in(pods.b.enter())
+        .arg("--tls-dir")
+        .arg(&server_tls)
+        .arg(format!("--admin-addr={admin}"))
+        .arg(format!("--max-pending-handshakes={cap}"))
+        .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
+        .start();
+    server.wait_ready(Duration::from_secs(20));
+
+    let tunnel = SocketAddr::new(pods.b.addr, TUNNEL_PORT);
+    let silent = silent_connections(&pods.a, tunnel, flood);
+    // Well inside the 5 s handshake deadline: only the refusals can have closed anything.
+    std::thread::sleep(Duration::from_secs(1));
+    let closed: Vec<bool> = silent.iter().map(closed_by_now).collect();
+    let refused = closed.iter().filter(|c| **c).count();
+    assert_eq!(
+        refused,
+        flood - cap,
+        "{refused} of {flood} silent connections closed within 1 s with a cap of {cap}: {closed:?}"
+    );
+
+    let metrics = pods.b.http_get(admin, "/metrics");
+    let series =
+        r#"sidecar_connections_refused_total{direction="inbound",reason="max_pending_handshakes"}"#;
+    assert_eq!(
+        sample(&metrics, series),
+        Some((flood - cap) as f64),
+        "{metrics}"
+    );
+    // The kernel's refusals of connects whose redirect could not be noted are exported
+    // like every eBPF counter (no map update fails here, so it stays 0).
+    assert_eq!(
+        sample(&metrics, "sidecar_ebpf_connect_redirect_failed_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    let config = pods.b.http_get(admin, "/config");
+    let body: serde_json::Value = config
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_else(|| panic!("/config: {config}"));
+    assert_eq!(body["max_pending_handshakes"], cap, "{body}");
+    assert!(
+        body["max_connections"].as_u64() >= Some(cap as u64),
+        "{body}"
+    );
+    let logged = server.stderr_text().matches("refusing new ones").count();
+    assert_eq!(logged, 1, "{}", server.stderr_text());
+
+    // The silent clients give up: their handshakes fail at once and free the slots.
+    drop(silent);
+    let active = r#"sidecar_connections_active{direction="inbound"}"#;
+    assert!(
+        host::wait_until(Duration::from_secs(5), || {
+            sample(&pods.b.http_get(admin, "/metrics"), active) == Some(0.0)
+        }),
+        "the silent connections' handshakes did not end"
+    );
+    let mut client = SidecarRun::builder(31003)
+        .meshed_client_of(&pods, &client_tls)
+        .arg("--admin-addr=off")
+        .command([
+            CLIENT.to_string(),
+            "echo".into(),
+            format!("--addr={}:{APP_PORT}", pods.b.addr),
+            "--count=2".into(),
+        ])
+        .start();
+    let done = client.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let lines: Vec<EchoLine> = done.parse_stdout();
+    assert!(lines.len() == 2 && lines.iter().all(|l| l.ok), "{lines:#?}");
+    let report = done.report();
+    assert!(
+        report.connections.iter().all(|c| c.mtls()),
+        "{:#?}",
+        report.connections
+    );
+    server.release();
+    let server_done = server.finish(RUN_TIMEOUT);
+    server_done.assert_exit_code(0);
+    assert_no_leftovers(server_done.pid);
+    assert_no_leftovers(done.pid);
+}
+
+/// `--max-connections 2` and six app connections open at once: two are proxied, four are
+/// reset right after accept (the app sees the refusal at once), and the cap is logged once.
+#[test]
+fn connections_over_the_cap_are_reset_at_once() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::bind("127.0.0.1:31081".parse().unwrap())
+        .expect("binding the echo server on 127.0.0.1:31081");
+    let mut run = SidecarRun::builder(31004)
+        .arg("--admin-addr=off")
+        .arg("--max-connections=2")
+        .command([
+            CLIENT.to_string(),
+            "echo".into(),
+            format!("--addr={}", server.addr()),
+            "--count=6".into(),
+            "--concurrency=6".into(),
+        ])
+        .start();
+    let done = run.finish(RUN_TIMEOUT);
+    let lines: Vec<EchoLine> = done.parse_stdout();
+    let stderr = done.stderr.join("\n");
+    assert_eq!(lines.len(), 6, "{lines:#?}\n{stderr}");
+    let ok = lines.iter().filter(|l| l.ok).count();
+    assert_eq!(ok, 2, "{lines:#?}");
+    // Refused, not half-served: nothing came back on the four.
+    assert!(
+        lines.iter().filter(|l| !l.ok).all(|l| l.received == 0),
+        "{lines:#?}"
+    );
+    assert_eq!(stderr.matches("refusing new ones").count(), 1, "{stderr}");
+    assert!(stderr.contains("--max-connections"), "{stderr}");
+    assert_eq!(done.report().connections.len(), 2);
+    assert_no_leftovers(done.pid);
+}
