@@ -59,8 +59,9 @@ pub mod maps {
     /// `HashMap<u32 workload scope, PolicyState>`: which slot of `POLICY_OUT` is live for a
     /// workload; no entry means no kernel policy.
     pub const POLICY_STATE: &str = "POLICY_STATE";
-    /// `LpmTrie<ScopedAddr, PortBitmap>`: outbound policy compiled per destination prefix;
-    /// the key's scope is [`policy_scope`](crate::policy_scope)`(workload scope, slot)`.
+    /// `LpmTrie<ScopedAddr, PortBitmap>`: outbound policy compiled per destination prefix
+    /// (the ports it denies); the key's scope is
+    /// [`policy_scope`](crate::policy_scope)`(workload scope, slot)`.
     pub const POLICY_OUT: &str = "POLICY_OUT";
     /// `RingBuf` of [`PolicyDenyEvent`](crate::PolicyDenyEvent): each connect the policy
     /// refused, so user space can log it and count it by rule.
@@ -80,6 +81,19 @@ pub mod maps {
     /// the connect hooks refuse a workload's connect to them at once. User space inserts an
     /// entry when a circuit opens and removes it when the open period ends.
     pub const OPEN_CIRCUITS: &str = "OPEN_CIRCUITS";
+    /// `LruHashMap<CircuitKey, u64>`: pass-through connections open to each destination of
+    /// each workload, from their SYN to their close, for `DIRECT_CAPS`.
+    pub const DIRECT_COUNTS: &str = "DIRECT_COUNTS";
+    /// `HashMap<u32 workload scope, u32>`: pass-through connections a workload may have open
+    /// to one destination (ip:port); the connect hooks refuse (EPERM) a pass-through connect
+    /// past it. No entry: no cap.
+    pub const DIRECT_CAPS: &str = "DIRECT_CAPS";
+    /// `LpmTrie<ScopedAddr, PortBitmap>`: the same prefixes and slots as `POLICY_OUT`; its
+    /// ports must reach the proxy even where kernel pass-through is on (a `[[destination]]`
+    /// table asks for connect retries or a connection cap, which only the proxy can give).
+    /// Read only while the policy's [`policy_flags::PROXIED_PORTS`](crate::policy_flags) is
+    /// set.
+    pub const POLICY_PROXIED: &str = "POLICY_PROXIED";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
@@ -106,6 +120,7 @@ pub mod limits {
     /// slots so a reload can fill one while the other is live.
     pub const POLICY_PREFIXES: u32 = 1024;
     pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
+    pub const POLICY_PROXIED: u32 = POLICY_OUT;
     /// Bytes of the deny event ring (a power of two, a multiple of the page size): about
     /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
     /// events are dropped (`connect_policy_denied` still counts them).
@@ -123,6 +138,11 @@ pub mod limits {
     /// Destinations with an open circuit, all workloads together (user space keeps at most
     /// 4,096 failing destinations per proxy).
     pub const OPEN_CIRCUITS: u32 = 16_384;
+    /// Destinations with pass-through connections open, all workloads together. LRU: when
+    /// more are busy at once, the least recently used destination's count is forgotten,
+    /// which can only let connections through, never refuse one wrongly.
+    pub const DIRECT_COUNTS: u32 = 65_536;
+    pub const DIRECT_CAPS: u32 = WORKLOADS;
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].
@@ -251,6 +271,8 @@ pub mod policy_flags {
     /// The proxy must see every connection to log it (dry run, or `audit` rules): no
     /// kernel pass-through while this policy is live.
     pub const PROXY_SEES_ALL: u32 = 2;
+    /// Some `[[destination]]` table needs the proxy: look its ports up in `POLICY_PROXIED`.
+    pub const PROXIED_PORTS: u32 = 4;
 }
 
 /// Key scope of a workload's policy entries in slot `slot` (0 or 1) of [`maps::POLICY_OUT`].
@@ -259,8 +281,7 @@ pub const fn policy_scope(workload_scope: u32, slot: u32) -> u32 {
     workload_scope.wrapping_mul(2).wrapping_add(slot & 1)
 }
 
-/// One bit per destination port (bit `p & 7` of byte `p >> 3`): set = the outbound policy
-/// denies connects to this port for the addresses of the prefix.
+/// One bit per destination port (bit `p & 7` of byte `p >> 3`): a set of ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortBitmap {
@@ -271,7 +292,7 @@ impl PortBitmap {
     pub const EMPTY: Self = Self { bits: [0; 8192] };
 
     #[inline(always)]
-    pub fn denies(&self, port: u16) -> bool {
+    pub fn contains(&self, port: u16) -> bool {
         // The index goes through a volatile read so LLVM cannot prove it in bounds and drop
         // the check in `get`: verifiers before ~6.18.44 lose the range of a byte-swapped port
         // (the connect hooks read it big-endian) and reject the map access without that check.
@@ -598,11 +619,14 @@ pub enum Counter {
     DirectRecordsDropped,
     /// Connects refused (EPERM) because the destination's circuit is open.
     ConnectCircuitOpen,
+    /// Pass-through connects refused (EPERM) because the workload already has
+    /// its cap ([`maps::DIRECT_CAPS`]) of pass-through connections open to that destination.
+    ConnectOverloaded,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 24] = [
+    pub const ALL: [(Counter, &'static str); 25] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -627,6 +651,7 @@ impl Counter {
         (Counter::ConnectPassthrough, "connect_passthrough"),
         (Counter::DirectRecordsDropped, "direct_records_dropped"),
         (Counter::ConnectCircuitOpen, "connect_circuit_open"),
+        (Counter::ConnectOverloaded, "connect_overloaded"),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -793,10 +818,10 @@ mod tests {
             b.set(p);
         }
         for p in [0u16, 7, 8, 443, 65535] {
-            assert!(b.denies(p), "{p}");
+            assert!(b.contains(p), "{p}");
         }
         for p in [1u16, 6, 9, 442, 444, 65534] {
-            assert!(!b.denies(p), "{p}");
+            assert!(!b.contains(p), "{p}");
         }
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<PolicyDenyEvent>(), 24);
@@ -848,7 +873,7 @@ mod tests {
         ];
         assert!(sums.iter().all(|s| *s > 0), "{sums:?}");
         // The kernel-side reads of the same code paths.
-        assert!(bitmap.denies(443) && !bitmap.denies(444));
+        assert!(bitmap.contains(443) && !bitmap.contains(444));
         assert!(is_cloud_metadata(&words_from_ip(
             "169.254.169.254".parse().unwrap()
         )));

@@ -30,9 +30,11 @@ use sidecar_common::{
 
 use crate::{
     ctx::user_ip6,
+    direct_counts,
     maps::{
-        COOKIE_ORIG_DST, DIRECT_PENDING, EXCLUDED_CIDRS, MESH_CIDRS, OPEN_CIRCUITS, POLICY_EVENTS,
-        POLICY_OUT, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED, WORKLOADS, count,
+        COOKIE_ORIG_DST, DIRECT_CAPS, DIRECT_PENDING, EXCLUDED_CIDRS, MESH_CIDRS, OPEN_CIRCUITS,
+        POLICY_EVENTS, POLICY_OUT, POLICY_PROXIED, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED,
+        WORKLOADS, count,
     },
 };
 
@@ -66,7 +68,8 @@ fn verdict(result: Result<bool, i64>) -> i32 {
 enum PolicyVerdict {
     /// Allowed, or no policy: the connection may go direct.
     Allow,
-    /// Allowed here, but the proxy must see it (dry run, audit rules).
+    /// Allowed here, but the proxy must see it (dry run, audit rules, or a `[[destination]]`
+    /// table asking for retries or a connection cap).
     ToProxy,
     Deny,
 }
@@ -89,10 +92,20 @@ fn policy_verdict(scope: u32, addr: [u8; 16], port: u16) -> PolicyVerdict {
         lpm_prefix_len(false, 128),
         ScopedAddr::new(policy_scope(scope, state.slot), addr),
     );
-    match POLICY_OUT.get(&key) {
-        Some(bitmap) if bitmap.denies(port) => PolicyVerdict::Deny,
-        _ => allowed,
+    if POLICY_OUT
+        .get(&key)
+        .is_some_and(|denied| denied.contains(port))
+    {
+        return PolicyVerdict::Deny;
     }
+    if state.flags & policy_flags::PROXIED_PORTS != 0
+        && POLICY_PROXIED
+            .get(&key)
+            .is_some_and(|proxied| proxied.contains(port))
+    {
+        return PolicyVerdict::ToProxy;
+    }
+    allowed
 }
 
 /// The configuration of the deepest cgroup, from the caller's own up to the root, that has an
@@ -230,10 +243,20 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     if cfg.flags & flags::PASSTHROUGH != 0
         && verdict == PolicyVerdict::Allow
         && MESH_CIDRS.get(&key).is_none()
-        && go_direct(cookie, cfg.scope)
     {
-        count(Counter::ConnectPassthrough, 1);
-        return Ok(true);
+        // The proxy's per-destination cap cannot see these connections: the kernel counts
+        // them (sockops, from SYN to close) and holds the workload's own cap here.
+        // SAFETY: the value is copied out immediately.
+        let cap = unsafe { DIRECT_CAPS.get(&cfg.scope) }.copied();
+        if cap.is_some_and(|cap| direct_counts::open(&circuit) >= cap) {
+            count(Counter::ConnectOverloaded, 1);
+            debug!(ctx, "connect to port {} refused: its cap is reached", port);
+            return Ok(false);
+        }
+        if go_direct(cookie, cfg.scope) {
+            count(Counter::ConnectPassthrough, 1);
+            return Ok(true);
+        }
     }
 
     // No rewrite without the note: the proxy could not tell where the connection was going.

@@ -16,9 +16,13 @@
 //! the verdict in one place; every verdict lets traffic through unchanged when in doubt.
 #![no_std]
 #![no_main]
+// `direct_counts` needs an atomic add, which core's atomics lack on the BPF target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod ctx;
+mod direct_counts;
 mod maps;
 mod skmsg;
 mod sockops;

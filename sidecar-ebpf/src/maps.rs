@@ -68,6 +68,17 @@ pub static DIRECT_LIVE: HashMap<u64, DirectConn> =
 pub static OPEN_CIRCUITS: HashMap<CircuitKey, u8> =
     HashMap::with_max_entries(limits::OPEN_CIRCUITS, 0);
 
+#[map(name = "DIRECT_COUNTS")]
+pub static DIRECT_COUNTS: LruHashMap<CircuitKey, u64> =
+    LruHashMap::with_max_entries(limits::DIRECT_COUNTS, 0);
+
+#[map(name = "DIRECT_CAPS")]
+pub static DIRECT_CAPS: HashMap<u32, u32> = HashMap::with_max_entries(limits::DIRECT_CAPS, 0);
+
+#[map(name = "POLICY_PROXIED")]
+pub static POLICY_PROXIED: LpmTrie<ScopedAddr, PortBitmap> =
+    LpmTrie::with_max_entries(limits::POLICY_PROXIED, 0);
+
 #[map(name = "DIRECT_EVENTS")]
 pub static DIRECT_EVENTS: RingBuf = RingBuf::with_byte_size(limits::DIRECT_EVENTS_BYTES, 0);
 

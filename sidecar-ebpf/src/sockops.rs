@@ -23,10 +23,11 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use sidecar_common::{Counter, DirectEvent, SockKey, is_loopback, owner};
+use sidecar_common::{CircuitKey, Counter, DirectEvent, OrigDst, SockKey, is_loopback, owner};
 
 use crate::{
     ctx::sock_ops_key,
+    direct_counts,
     maps::{
         COOKIE_ORIG_DST, DIRECT_EVENTS, DIRECT_LIVE, DIRECT_PENDING, ORIG_DST, PASSTHRU,
         PROXY_COOKIES, SOCKETS, SOCKMAP_ENABLED, SPLICED, count,
@@ -49,8 +50,8 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     }
 }
 
-/// The SYN of a connection: a pass-through one is tracked from now until it closes (its
-/// close is watched, so a refused connect is recorded too).
+/// The SYN of a connection: a pass-through one is tracked, and counted for its destination,
+/// from now until it closes (its close is watched, so a refused connect is recorded too).
 fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
     // SAFETY: the helper takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
@@ -64,8 +65,24 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
         count(Counter::DirectRecordsDropped, 1);
         return Ok(());
     }
+    if let Some(key) = sock_ops_key(ctx.ops) {
+        direct_counts::add(&destination(&key, note.scope));
+    }
     watch_close(ctx);
     Ok(())
+}
+
+/// The destination of a workload's socket, as its connect hook saw it.
+#[inline(always)]
+fn destination(key: &SockKey, scope: u32) -> CircuitKey {
+    CircuitKey {
+        dst: OrigDst {
+            ip: key.remote_ip,
+            port: key.remote_port,
+            _pad: 0,
+        },
+        scope,
+    }
 }
 
 fn on_active_established(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -181,6 +198,7 @@ fn record_direct_close(ctx: &SockOpsContext, key: SockKey) {
         return;
     };
     let _ = DIRECT_LIVE.remove(&cookie);
+    direct_counts::remove(&destination(&key, conn.scope));
     let ops: *const bpf_sock_ops = ctx.ops;
     // SAFETY: `ops` is the context pointer; each field is read with one load of its size.
     let event = unsafe {

@@ -84,6 +84,26 @@ impl Report {
                 human_bytes(c("sk_msg_redirected_bytes")),
                 c("sk_msg_miss"),
             );
+            let refusals = [
+                ("by policy", c("connect_policy_denied")),
+                ("open circuit", c("connect_circuit_open")),
+                ("over the per-destination cap", c("connect_overloaded")),
+                ("cloud metadata", c("connect_metadata_denied")),
+                ("redirect failed", c("connect_redirect_failed")),
+            ];
+            let total: u64 = refusals.iter().map(|(_, n)| n).sum();
+            if total > 0 {
+                let why: Vec<String> = refusals
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(why, n)| format!("{why} {n}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "sidecar: the kernel refused {total} connect(s) (EPERM): {}",
+                    why.join(", ")
+                );
+            }
         }
         let refused: u64 = self.inbound_rejections.values().sum();
         if refused > 0 {

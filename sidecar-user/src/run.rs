@@ -436,10 +436,12 @@ fn attach_ebpf(
             Workload {
                 cgroup_id: app_cg.id()?,
                 config: app,
+                passthrough_cap: opts.proxy.limits.passthrough_per_destination,
             },
             Workload {
                 cgroup_id: proxy_cg.id()?,
                 config: proxy_entry,
+                passthrough_cap: None,
             },
         ],
         Destinations {

@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, Map, MapData, MapInfo, PerCpuArray, SockHash},
     programs::{ProgramError, loaded_programs},
 };
-use sidecar_common::{Counter, OrigDst, SockKey, maps, programs};
+use sidecar_common::{CircuitKey, Counter, OrigDst, SockKey, maps, programs};
 
 use crate::{host, report::Counters};
 
@@ -44,6 +44,17 @@ pub fn sockets_keys(pid: u32) -> Result<Vec<SockKey>> {
 
 pub fn sockets_count(pid: u32) -> Result<usize> {
     Ok(sockets_keys(pid)?.len())
+}
+
+/// `DIRECT_COUNTS`: open pass-through connections by destination (and workload scope).
+pub fn direct_counts(pid: u32) -> Result<Vec<(std::net::SocketAddr, u64)>> {
+    let map: HashMap<MapData, CircuitKey, u64> =
+        pinned_map(pid, maps::DIRECT_COUNTS)?.try_into()?;
+    map.iter()
+        .take(MAX_KEYS)
+        .map(|e| e.map(|(k, n)| (k.dst.to_socket_addr(), n)))
+        .collect::<Result<_, _>>()
+        .context("iterating DIRECT_COUNTS")
 }
 
 /// Entries of `SPLICED` (both ends of every splice, by 4-tuple).

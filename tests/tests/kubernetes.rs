@@ -399,6 +399,15 @@ impl Node {
         map.iter().map(|r| r.expect("WORKLOADS entry")).collect()
     }
 
+    /// `DIRECT_CAPS`: pods' caps on pass-through connections per destination, by scope.
+    fn direct_caps(&self) -> BTreeMap<u32, u32> {
+        let data = MapData::from_pin(self.pin_dir.join("DIRECT_CAPS")).expect("pinned DIRECT_CAPS");
+        let map: BpfHashMap<MapData, u32, u32> = aya::maps::Map::HashMap(data)
+            .try_into()
+            .expect("DIRECT_CAPS is a hash map");
+        map.iter().map(|r| r.expect("DIRECT_CAPS entry")).collect()
+    }
+
     /// mTLS credentials for `id`, readable by the unprivileged sidecar.
     fn certs(&self, id: &str, dir: &str) -> String {
         if !self.scratch.path("ca/ca.pem").exists() {
@@ -1737,8 +1746,8 @@ fn raw_register(socket: &Path, uid: &str) -> Value {
     serde_json::from_str(&line).expect("a JSON reply")
 }
 
-/// (d) Removing a pod (processes killed, cgroup removed) removes its WORKLOADS entries within
-/// a bounded time, without any deregistration.
+/// (d) Removing a pod (processes killed, cgroup removed) removes its WORKLOADS entries (and its
+/// cap on pass-through connections) within a bounded time, without any deregistration.
 #[test]
 fn removing_a_pod_removes_its_interception() {
     let Some((_serial, node)) = setup("podgone") else {
@@ -1746,7 +1755,12 @@ fn removing_a_pod_removes_its_interception() {
     };
     let _agent = node.start_agent("agent");
     let a = node.pod("a", NS_A, ADDR_A);
-    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    let proxy = node.start_proxy(
+        &a,
+        "proxy-a",
+        "client",
+        &strings(&["--max-connections-per-destination=7"]),
+    );
     node.wait_ready(&a, &proxy);
     let ids = [
         host_cgroup_id(&a.cgroup),
@@ -1757,6 +1771,8 @@ fn removing_a_pod_removes_its_interception() {
         ids.iter().all(|id| workloads.contains_key(id)),
         "{workloads:?}"
     );
+    let scope = workloads[&ids[0]].scope;
+    assert_eq!(node.direct_caps(), BTreeMap::from([(scope, 7)]));
 
     // The pod goes: SIGKILL (no deregistration), then kubelet removes its cgroups.
     drop(proxy);
@@ -1777,6 +1793,7 @@ fn removing_a_pod_removes_its_interception() {
     let took = removed.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert_eq!(node.status()["pods"].as_array().map(Vec::len), Some(0));
+    assert!(node.direct_caps().is_empty(), "{:?}", node.direct_caps());
     eprintln!("pod removed → WORKLOADS entries gone after {took:?}");
 }
 

@@ -3,6 +3,8 @@
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
 //! holds `serial()`. Traffic stays on 127.0.0.1. Ports 25100–25199. Every wait is bounded.
+//! Also for kernel pass-through: the kernel holds the per-destination cap at `connect()`, and
+//! a `[[destination]]` table that asks for retries sends its destinations through the proxy.
 
 use std::{
     fs,
@@ -15,7 +17,7 @@ use serde_json::Value;
 use sidecar_tests::{
     EchoServer, SidecarRun,
     admin::{http_get, metric_value},
-    assert_no_leftovers, host, leaks, privileged,
+    assert_no_leftovers, bpf, host, leaks, privileged,
     protocol::{ConnectFailLine, EchoLine, parse_lines},
     scratch::Scratch,
     script::{arg, wait_for_file},
@@ -524,5 +526,181 @@ fn a_policy_file_override_changes_a_destinations_cap_at_runtime() {
         .filter(|c| c.outcome == "overloaded")
         .count();
     assert_eq!(overloaded, 1);
+    assert_no_leftovers(done.pid);
+}
+
+/// Passed-through connections are the app's own sockets, which the proxy never sees: with
+/// `--max-connections-per-destination` set, the kernel counts them per destination and
+/// refuses the app's `connect()` past the cap (EPERM) while another destination works. The
+/// count follows the connections: when they close it goes (no map entry left), and the
+/// destination takes connections again.
+#[test]
+fn the_kernel_holds_the_cap_on_passed_through_connections() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    const CAP: usize = 3;
+    let [admin_port] = host::free_ports(25150..25199);
+    let admin = local(admin_port);
+    let (busy, other) = (EchoServer::start_v4(), EchoServer::start_v4());
+    let scratch = Scratch::new("res-kcap");
+    let go: Vec<_> = (1..=3)
+        .map(|i| scratch.dir.join(format!("go{i}")))
+        .collect();
+    let probe = |addr: SocketAddr| format!("{CLIENT} connect-fail {}", arg("--addr", addr));
+    let script = format!(
+        "echo STARTED; {}; exec 3<&0; {CLIENT} hold {} {} <&3 & {}; {}; {}; echo PROBED; \
+         wait; echo RELEASED; {}; {}; echo AGAIN; exec cat >/dev/null",
+        wait_for_file(&go[0]),
+        arg("--addr", busy.addr()),
+        arg("--count", CAP),
+        wait_for_file(&go[1]),
+        probe(busy.addr()),
+        probe(other.addr()),
+        wait_for_file(&go[2]),
+        probe(busy.addr()),
+    );
+    let mut run = SidecarRun::builder(25166)
+        .passthrough()
+        .arg(format!("--admin-addr={admin}"))
+        .arg(format!("--max-connections-per-destination={CAP}"))
+        .command(["sh", "-c", &script])
+        .start();
+    let pid = run.pid();
+    wait_line(&run, "STARTED");
+    let (_, config) = http_get(admin, "/config").expect("GET /config");
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["passthrough_max_connections_per_destination"], CAP,
+        "{config}"
+    );
+    fs::write(&go[0], b"").unwrap();
+    assert_eq!(run.wait_ready(STEP_TIMEOUT).len(), CAP);
+    let counts = bpf::direct_counts(pid).expect("reading DIRECT_COUNTS");
+    assert_eq!(counts, vec![(busy.addr(), CAP as u64)]);
+    fs::write(&go[1], b"").unwrap();
+    let lines = wait_line(&run, "PROBED");
+    let seen = probes(&lines);
+    assert_eq!(seen.len(), 2, "{lines:#?}");
+    let (over, fine) = (&seen[0], &seen[1]);
+    assert!(
+        !over.connected && over.error.is_some(),
+        "past the cap, connect() itself must fail: {over:?}"
+    );
+    assert!(over.elapsed_ms <= 5, "refused slowly: {over:?}");
+    assert!(
+        fine.error.is_none(),
+        "another destination must work: {fine:?}"
+    );
+    assert_eq!(metric(admin, "sidecar_ebpf_connect_overloaded_total"), 1.0);
+
+    run.release();
+    wait_line(&run, "RELEASED");
+    let mut left = Vec::new();
+    assert!(
+        host::wait_until(STEP_TIMEOUT, || {
+            left = bpf::direct_counts(pid).expect("reading DIRECT_COUNTS");
+            left.is_empty()
+        }),
+        "counts left after every connection closed: {left:?}"
+    );
+    fs::write(&go[2], b"").unwrap();
+    let again = probes(&wait_line(&run, "AGAIN"));
+    assert!(
+        again[2].error.is_none(),
+        "below the cap again, it must work: {again:?}"
+    );
+    let done = run.finish(STEP_TIMEOUT);
+    done.assert_exit_code(0);
+    let to_busy: Vec<(&str, &str)> = done
+        .report()
+        .connections
+        .iter()
+        .filter(|c| c.original_dst == Some(busy.addr()))
+        .map(|c| (c.path.as_str(), c.outcome.as_str()))
+        .collect();
+    // The refused connect never became a connection: the counter has it, no record.
+    assert_eq!(
+        to_busy,
+        vec![("passthrough", "ok"); CAP + 1],
+        "{:#?}",
+        done.report().connections
+    );
+    let summary = done.stderr_text();
+    assert!(
+        summary.contains("the kernel refused 1 connect(s) (EPERM): over the per-destination cap 1"),
+        "the exit summary names the refusal:\n{summary}"
+    );
+    assert_no_leftovers(pid);
+}
+
+/// Retries need the proxy: a `[[destination]]` table asking for them sends its destinations
+/// through the proxy while others pass through, and a reload that turns them off lets them
+/// pass through again.
+#[test]
+fn a_destination_table_with_retries_is_proxied_while_others_pass_through() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let [admin_port] = host::free_ports(25150..25199);
+    let admin = local(admin_port);
+    let (retried, plain) = (EchoServer::start_v4(), EchoServer::start_v4());
+    let scratch = Scratch::new("res-table-path");
+    let policy = scratch.dir.join("policy.toml");
+    let table = |retries: u32| {
+        format!(
+            "[[destination]]\nname = \"retried\"\ndestinations = [\"127.0.0.1/32\"]\n\
+             ports = [{}]\nconnect_retries = {retries}\n",
+            retried.addr().port()
+        )
+    };
+    fs::write(&policy, table(2)).unwrap();
+    let go = scratch.dir.join("go");
+    let probe = |addr: SocketAddr| format!("{CLIENT} connect-fail {}", arg("--addr", addr));
+    let script = format!(
+        "{}; {}; echo FIRST; {}; {}; echo SECOND; exec cat >/dev/null",
+        probe(retried.addr()),
+        probe(plain.addr()),
+        wait_for_file(&go),
+        probe(retried.addr()),
+    );
+    let mut run = SidecarRun::builder(25167)
+        .passthrough()
+        .arg(format!("--admin-addr={admin}"))
+        .arg(format!("--policy={}", policy.display()))
+        .command(["sh", "-c", &script])
+        .start();
+    let first = probes(&wait_line(&run, "FIRST"));
+    assert!(first.iter().all(|p| p.error.is_none()), "{first:?}");
+    fs::write(&policy, table(0)).unwrap();
+    let status = || -> Value {
+        let (_, body) = http_get(admin, "/status").expect("GET /status");
+        serde_json::from_str(&body).unwrap()
+    };
+    assert!(
+        host::wait_until(
+            STEP_TIMEOUT,
+            || status()["policy"]["destinations"][0]["connect_retries"] == 0
+        ),
+        "the reload did not show: {}",
+        status()
+    );
+    fs::write(&go, b"").unwrap();
+    let second = probes(&wait_line(&run, "SECOND"));
+    assert!(second[2].error.is_none(), "{second:?}");
+    let done = run.finish(STEP_TIMEOUT);
+    done.assert_exit_code(0);
+    let paths = |addr: SocketAddr| -> Vec<String> {
+        done.report()
+            .connections
+            .iter()
+            .filter(|c| c.original_dst == Some(addr))
+            .map(|c| c.path.clone())
+            .collect()
+    };
+    assert_eq!(paths(retried.addr()), ["proxy", "passthrough"]);
+    assert_eq!(paths(plain.addr()), ["passthrough"]);
     assert_no_leftovers(done.pid);
 }

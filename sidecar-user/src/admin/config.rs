@@ -88,6 +88,7 @@ pub fn with_proxy(mut config: Value, p: &ProxySettings) -> Value {
         "max_connections": l.max_connections,
         "max_pending_handshakes": l.max_pending_handshakes,
         "max_connections_per_destination": l.max_connections_per_destination,
+        "passthrough_max_connections_per_destination": l.passthrough_per_destination,
         "max_pending_connects": l.max_pending_connects,
         "connect_retries": r.connect_retries,
         "retry_backoff_ms": ms(r.retry_backoff),

@@ -53,6 +53,9 @@ pub struct AgentPins {
     /// Destinations with sidecars, per pod scope (`None`: pins of a build without kernel
     /// pass-through, whose pods are then always proxied).
     pub meshed: Option<LpmTrie<MapData, ScopedAddr, u8>>,
+    /// Pods' caps on pass-through connections per destination, by scope (`None`: pins of a
+    /// build without them, whose programs hold no such cap).
+    pub direct_caps: Option<HashMap<MapData, u32, u32>>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -90,6 +93,7 @@ impl AgentPins {
                 })?
                 .max_entries(),
             meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
+            direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }
@@ -99,6 +103,9 @@ impl AgentPins {
     pub fn reopen_added(&mut self) {
         if self.meshed.is_none() {
             self.meshed = open_pinned(&self.dir, maps::MESH_CIDRS).ok();
+        }
+        if self.direct_caps.is_none() {
+            self.direct_caps = open_pinned(&self.dir, maps::DIRECT_CAPS).ok();
         }
     }
 

@@ -64,6 +64,10 @@ pub enum Request {
         /// records them and streams the records back (`records`).
         #[serde(default)]
         passthrough: bool,
+        /// Pass-through connections the pod may have open to one destination (the sidecar's
+        /// explicit `--max-connections-per-destination`); the connect hooks refuse more.
+        #[serde(default)]
+        passthrough_cap: Option<u32>,
         /// Destinations that have sidecars: always through the proxy (mTLS).
         #[serde(default)]
         mesh_cidrs: Vec<String>,
@@ -176,6 +180,7 @@ mod tests {
                 ipv6: false,
                 allow_metadata: false,
                 passthrough: false,
+                passthrough_cap: None,
                 mesh_cidrs: vec![],
             }
         );

@@ -59,6 +59,9 @@ pub struct Registration {
     /// Kernel pass-through is on for the pod (asked for, and the pins support it).
     #[serde(default)]
     pub passthrough: bool,
+    /// Pass-through connections the pod may have open to one destination (none if absent).
+    #[serde(default)]
+    pub passthrough_cap: Option<u32>,
     /// Destinations with sidecars (never passed through), in their canonical text form.
     #[serde(default)]
     pub mesh_cidrs: Vec<String>,
@@ -84,6 +87,7 @@ pub struct Request {
     pub ipv6: bool,
     pub allow_metadata: bool,
     pub passthrough: bool,
+    pub passthrough_cap: Option<u32>,
     pub mesh_cidrs: Vec<Cidr>,
 }
 
@@ -268,6 +272,7 @@ impl Registry {
             ipv6: req.ipv6,
             allow_metadata: req.allow_metadata,
             passthrough: req.passthrough && pins.passthrough_capable(),
+            passthrough_cap: req.passthrough_cap,
             mesh_cidrs: req.mesh_cidrs.iter().map(Cidr::to_string).collect(),
             scope,
             pid: req.pid,
@@ -295,6 +300,16 @@ impl Registry {
                 }
             }
         }
+        // The cap before the WORKLOAD entry too.
+        if let Some(caps) = &mut pins.direct_caps {
+            match reg.passthrough_cap {
+                Some(cap) => caps.insert(reg.scope, cap, 0)?,
+                None => forget(caps.remove(&reg.scope))?,
+            }
+            if let Some(prev) = same_pod.filter(|p| p.scope != reg.scope) {
+                forget(caps.remove(&prev.scope))?;
+            }
+        }
         let (workload, proxy) = entries(&reg);
         pins.workloads.insert(reg.proxy_cgroup_id, proxy, 0)?;
         pins.workloads.insert(reg.pod_cgroup_id, workload, 0)?;
@@ -319,10 +334,10 @@ impl Registry {
         // WORKLOAD first: from here on the pod's connects pass through, never to a proxy
         // that is going away.
         for id in [reg.pod_cgroup_id, reg.proxy_cgroup_id] {
-            match pins.workloads.remove(&id) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
+            forget(pins.workloads.remove(&id))?;
+        }
+        if let Some(caps) = &mut pins.direct_caps {
+            forget(caps.remove(&reg.scope))?;
         }
         for key in scoped_keys(reg.scope, &reg.exclude_cidrs) {
             let _ = pins.excluded.remove(&key);
@@ -372,6 +387,22 @@ impl Registry {
                 pins.workloads.insert(*id, *cfg, 0)?;
             }
         }
+        if let Some(caps) = &mut pins.direct_caps {
+            let wanted: BTreeMap<u32, u32> = self
+                .pods
+                .values()
+                .filter_map(|r| Some((r.scope, r.passthrough_cap?)))
+                .collect();
+            let present: Vec<u32> = caps.keys().filter_map(Result::ok).collect();
+            for scope in present.iter().filter(|s| prune && !wanted.contains_key(s)) {
+                let _ = caps.remove(scope);
+            }
+            for (scope, cap) in &wanted {
+                if caps.get(scope, 0).ok() != Some(*cap) {
+                    caps.insert(*scope, *cap, 0)?;
+                }
+            }
+        }
         let wanted: Vec<Key<ScopedAddr>> = self
             .pods
             .values()
@@ -402,6 +433,19 @@ impl Registry {
                 path: self.file.clone(),
                 source,
             })
+    }
+}
+
+/// A removal that found nothing to remove (ENOENT) is done too.
+fn forget(removed: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match removed {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 

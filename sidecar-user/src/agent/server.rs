@@ -388,6 +388,7 @@ fn handle(
             ipv6,
             allow_metadata,
             passthrough,
+            passthrough_cap,
             mesh_cidrs,
         } => {
             // Read afresh for every request, and believed only while the pin holds: the pid
@@ -450,6 +451,7 @@ fn handle(
                 ipv6,
                 allow_metadata,
                 passthrough,
+                passthrough_cap,
                 mesh_cidrs,
             };
             let Agent { pins, registry, .. } = &mut *agent;

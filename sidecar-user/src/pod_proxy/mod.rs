@@ -125,6 +125,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let journal = Arc::new(Journal::new(JOURNAL_CAPACITY));
     // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would,
     // and whether a socket is spliced.
+    let passthrough_cap = opts.proxy.limits.passthrough_per_destination;
     let proxy = serving.serve(
         opts.proxy,
         Arc::new(AgentSockopts),
@@ -144,6 +145,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         ipv6,
         allow_metadata: opts.proxy.allow_metadata,
         passthrough: opts.passthrough(),
+        passthrough_cap,
         mesh_cidrs: opts
             .mtls
             .iter()

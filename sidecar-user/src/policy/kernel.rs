@@ -15,6 +15,12 @@
 //! trie's longest-prefix lookup and first-match evaluation agree for every address and port
 //! — `tests::kernel_and_proxy_agree` checks it exhaustively over chosen points, and the
 //! integration test checks the real kernel against `sidecar policy check`.
+//!
+//! Each prefix has a second bitmap, in a second trie with the same keys (`POLICY_PROXIED`):
+//! the ports whose connects must reach the proxy even where kernel pass-through is on,
+//! because the first `[[destination]]` table that matches them asks for connect retries or a
+//! connection cap, which only the proxy can give. Tables are first-match over nested prefixes
+//! too, so they compile the same way.
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
@@ -25,7 +31,10 @@ use sidecar_common::{
 };
 use thiserror::Error;
 
-use super::rules::{Action, Policy, Way};
+use super::{
+    destinations::DestinationSettings,
+    rules::{Action, Policy, PortRange, Way},
+};
 use crate::cidr::Cidr;
 
 /// A prefix in the 128-bit space where IPv4 is v4-mapped (`::ffff:a.b.c.d`).
@@ -89,6 +98,7 @@ fn addr_bits(ip: IpAddr) -> u128 {
 pub struct Entry {
     pub prefix: Prefix,
     pub denied_ports: Box<PortBitmap>,
+    pub proxied_ports: Box<PortBitmap>,
 }
 
 /// The compiled outbound policy.
@@ -102,13 +112,15 @@ pub struct Compiled {
     /// decided after the handshake (the kernel lets its connections through, see
     /// [`at_connect`]).
     pub proxy_sees_all: bool,
+    /// Some entry has proxied ports: the connect hooks must look them up.
+    pub proxies_some: bool,
 }
 
 #[derive(Debug, Error)]
 pub enum KernelPolicyError {
     #[error(
-        "the outbound rules name {0} distinct destination prefixes; the kernel map holds {max} \
-         per policy: merge CIDRs",
+        "the outbound rules and [[destination]] tables name {0} distinct destination prefixes; \
+         the kernel map holds {max} per policy: merge CIDRs",
         max = limits::POLICY_PREFIXES
     )]
     TooManyPrefixes(usize),
@@ -130,25 +142,32 @@ pub fn compile(policy: &Policy) -> Result<Compiled, KernelPolicyError> {
     for r in &outbound {
         prefixes.extend(r.destinations.iter().map(Prefix::of));
     }
+    for t in &policy.destinations {
+        prefixes.extend(t.destinations.iter().map(Prefix::of));
+    }
     if prefixes.len() > limits::POLICY_PREFIXES as usize {
         return Err(KernelPolicyError::TooManyPrefixes(prefixes.len()));
     }
     let entries = prefixes
         .iter()
         .map(|p| {
-            let in_v4 = V4_MAPPED.contains(p);
-            let applies = outbound.iter().filter(|r| {
-                r.destinations.is_empty()
-                    || r.destinations
-                        .iter()
-                        .any(|c| (c.addr.is_ipv4() || !in_v4) && Prefix::of(c).contains(p))
-            });
+            let rules = outbound
+                .iter()
+                .filter(|r| r.destinations.is_empty() || names(&r.destinations, p));
+            let tables = policy
+                .destinations
+                .iter()
+                .filter(|t| names(&t.destinations, p));
             Entry {
                 prefix: *p,
-                denied_ports: Box::new(port_bitmap(
-                    applies.map(|r| (r.ports.as_slice(), at_connect(r))),
-                    policy.default_outbound,
-                )),
+                denied_ports: port_bitmap(
+                    rules.map(|r| (r.ports.as_slice(), at_connect(r) == Action::Deny)),
+                    policy.default_outbound == Action::Deny,
+                ),
+                proxied_ports: port_bitmap(
+                    tables.map(|t| (t.ports.as_slice(), needs_proxy(t))),
+                    false,
+                ),
             }
         })
         .collect();
@@ -160,7 +179,24 @@ pub fn compile(policy: &Policy) -> Result<Compiled, KernelPolicyError> {
         entries,
         enforce: !policy.dry_run,
         proxy_sees_all,
+        proxies_some: policy.destinations.iter().any(needs_proxy),
     })
+}
+
+/// Whether one of `cidrs` covers every address of `p`, the trie's prefix. An IPv6 block never
+/// covers the IPv4 space (as in the proxy's `Cidr::contains`).
+fn names(cidrs: &[Cidr], p: &Prefix) -> bool {
+    let in_v4 = V4_MAPPED.contains(p);
+    cidrs
+        .iter()
+        .any(|c| (c.addr.is_ipv4() || !in_v4) && Prefix::of(c).contains(p))
+}
+
+/// Whether the destinations of a `[[destination]]` table must reach the proxy: it asks for
+/// connect retries or a connection cap. (Its circuit settings hold for pass-through
+/// connections too: the proxy counts their failures from the kernel's records.)
+pub fn needs_proxy(t: &DestinationSettings) -> bool {
+    t.connect_retries.is_some_and(|n| n > 0) || t.max_connections.is_some()
 }
 
 /// What a rule does at `connect()`, before any handshake. A rule that names `servers`
@@ -176,26 +212,27 @@ fn at_connect(rule: &super::rules::Rule) -> Action {
     }
 }
 
-/// First match, port by port, over `rules` (their port ranges and actions), else `default`.
+/// First match, port by port, over `rules` (their port ranges, and whether a port they
+/// match is in the set), else `default`.
 fn port_bitmap<'a>(
-    rules: impl Iterator<Item = (&'a [super::rules::PortRange], Action)>,
-    default: Action,
-) -> PortBitmap {
+    rules: impl Iterator<Item = (&'a [PortRange], bool)>,
+    default: bool,
+) -> Box<PortBitmap> {
     let mut decided = vec![false; 65536];
     let mut undecided = 65536usize;
-    let mut bitmap = PortBitmap::EMPTY;
-    let full = [super::rules::PortRange {
+    let mut bitmap = Box::new(PortBitmap::EMPTY);
+    let full = [PortRange {
         first: 0,
         last: u16::MAX,
     }];
-    for (ports, action) in rules {
+    for (ports, set) in rules {
         let ranges = if ports.is_empty() { &full[..] } else { ports };
         for r in ranges {
             for p in r.first..=r.last {
                 if !decided[usize::from(p)] {
                     decided[usize::from(p)] = true;
                     undecided -= 1;
-                    if action == Action::Deny {
+                    if set {
                         bitmap.set(p);
                     }
                 }
@@ -205,7 +242,7 @@ fn port_bitmap<'a>(
             return bitmap;
         }
     }
-    if default == Action::Deny {
+    if default {
         for p in 0..=u16::MAX {
             if !decided[usize::from(p)] {
                 bitmap.set(p);
@@ -219,25 +256,42 @@ impl Compiled {
     /// What the connect hook's lookup returns for `ip:port` (longest prefix, then the bit),
     /// computed in user space: for tests and `sidecar policy check`.
     pub fn denies(&self, ip: IpAddr, port: u16) -> bool {
-        let bits = addr_bits(ip);
         self.enforce
             && self
-                .entries
-                .iter()
-                .filter(|e| e.prefix.contains_addr(bits))
-                .max_by_key(|e| e.prefix.len)
-                .is_some_and(|e| e.denied_ports.denies(port))
+                .lookup(ip)
+                .is_some_and(|e| e.denied_ports.contains(port))
+    }
+
+    /// Whether the connect hook sends a connect to `ip:port` to the proxy instead of letting
+    /// it pass through, because a `[[destination]]` table needs the proxy (computed in user
+    /// space, as [`Compiled::denies`]).
+    pub fn proxies(&self, ip: IpAddr, port: u16) -> bool {
+        self.enforce
+            && self.proxies_some
+            && self
+                .lookup(ip)
+                .is_some_and(|e| e.proxied_ports.contains(port))
+    }
+
+    /// The entry of the longest prefix holding `ip`.
+    fn lookup(&self, ip: IpAddr) -> Option<&Entry> {
+        let bits = addr_bits(ip);
+        self.entries
+            .iter()
+            .filter(|e| e.prefix.contains_addr(bits))
+            .max_by_key(|e| e.prefix.len)
     }
 }
 
 /// The workload's policy maps, opened from the run's pins. Installing a policy fills the
-/// slot that is not live, flips `POLICY_STATE` to it in one map update (the connect hooks
-/// read the slot once per connect, so they see the old policy or the new one, never a mix),
-/// then empties the old slot.
+/// slot that is not live (in both tries), flips `POLICY_STATE` to it in one map update (the
+/// connect hooks read the slot once per connect, so they see the old policy or the new one,
+/// never a mix), then empties the old slot.
 pub struct KernelPolicy {
     scope: u32,
     state: HashMap<MapData, u32, PolicyState>,
-    trie: LpmTrie<MapData, ScopedAddr, PortBitmap>,
+    denied: LpmTrie<MapData, ScopedAddr, PortBitmap>,
+    proxied: LpmTrie<MapData, ScopedAddr, PortBitmap>,
     /// The live slot and the keys of each slot.
     live: Option<u32>,
     keys: [Vec<Key<ScopedAddr>>; 2],
@@ -256,7 +310,8 @@ impl KernelPolicy {
         Ok(Self {
             scope,
             state: open(pin_dir, maps::POLICY_STATE)?,
-            trie: open(pin_dir, maps::POLICY_OUT)?,
+            denied: open(pin_dir, maps::POLICY_OUT)?,
+            proxied: open(pin_dir, maps::POLICY_PROXIED)?,
             live: None,
             keys: [Vec::new(), Vec::new()],
         })
@@ -265,20 +320,30 @@ impl KernelPolicy {
     pub fn install(&mut self, compiled: &Compiled) -> Result<(), KernelPolicyError> {
         let slot = self.live.map_or(0, |s| 1 - s);
         self.clear(slot);
-        let trie_err = |source| KernelPolicyError::Map {
-            name: maps::POLICY_OUT,
-            source,
-        };
         for e in &compiled.entries {
             let key = Key::new(
                 lpm_prefix_len(false, e.prefix.len),
                 ScopedAddr::new(policy_scope(self.scope, slot), e.prefix.bytes()),
             );
-            if let Err(source) = self.trie.insert(&key, *e.denied_ports, 0) {
-                self.clear(slot);
-                return Err(trie_err(source));
-            }
+            // Every prefix in both tries (when any port is proxied), so the longest-prefix
+            // lookup finds the same entry in each.
             self.keys[slot as usize].push(key);
+            let inserted = self
+                .denied
+                .insert(&key, *e.denied_ports, 0)
+                .map_err(|source| (maps::POLICY_OUT, source))
+                .and_then(|()| {
+                    if !compiled.proxies_some {
+                        return Ok(());
+                    }
+                    self.proxied
+                        .insert(&key, *e.proxied_ports, 0)
+                        .map_err(|source| (maps::POLICY_PROXIED, source))
+                });
+            if let Err((name, source)) = inserted {
+                self.clear(slot);
+                return Err(KernelPolicyError::Map { name, source });
+            }
         }
         let state = PolicyState {
             slot,
@@ -288,6 +353,10 @@ impl KernelPolicy {
                 0
             } | if compiled.proxy_sees_all {
                 policy_flags::PROXY_SEES_ALL
+            } else {
+                0
+            } | if compiled.proxies_some {
+                policy_flags::PROXIED_PORTS
             } else {
                 0
             },
@@ -307,7 +376,8 @@ impl KernelPolicy {
 
     fn clear(&mut self, slot: u32) {
         for key in self.keys[slot as usize].drain(..) {
-            let _ = self.trie.remove(&key);
+            let _ = self.denied.remove(&key);
+            let _ = self.proxied.remove(&key);
         }
     }
 }
@@ -483,6 +553,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A connect goes to the proxy exactly when the first `[[destination]]` table matching it
+    /// (as the proxy picks it) asks for retries or a cap, over nested and overlapping tables
+    /// of both families, with and without ports.
+    #[test]
+    fn kernel_proxies_what_destination_tables_need() {
+        let text = r#"
+            [[destination]]
+            destinations = ["10.1.2.0/24"]
+            ports = [5432]
+            connect_retries = 0
+            [[destination]]
+            destinations = ["10.1.0.0/16"]
+            connect_retries = 3
+            [[destination]]
+            destinations = ["10.0.0.0/8", "2001:db8::/32"]
+            ports = ["1000-2000"]
+            max_connections = 10
+            [[destination]]
+            destinations = ["0.0.0.0/0"]
+            circuit_failures = 2
+        "#;
+        let policy = parse(text).unwrap();
+        let compiled = compile(&policy).unwrap();
+        let mut proxied = 0;
+        for a in [
+            "10.1.2.3",
+            "10.1.3.1",
+            "10.2.0.1",
+            "11.0.0.1",
+            "2001:db8::1",
+            "2001:db9::1",
+            "::1",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            for port in [0u16, 999, 1000, 1500, 2000, 2001, 5432, 65535] {
+                let want = policy
+                    .destination((ip, port).into())
+                    .is_some_and(needs_proxy);
+                assert_eq!(compiled.proxies(ip, port), want, "{a}:{port}");
+                assert!(!compiled.denies(ip, port), "{a}:{port}");
+                proxied += usize::from(want);
+            }
+        }
+        // 10.1.3.1 and 10.1.2.3 (all but 5432) by retries; 10.2.0.1 and 2001:db8::1 in
+        // 1000-2000 by the cap.
+        assert_eq!(proxied, 8 + 7 + 3 + 3);
     }
 
     /// The same agreement over random policies (nested and overlapping prefixes of both

@@ -75,7 +75,8 @@ pub struct LimitArgs {
     pub max_pending_handshakes: Option<usize>,
     /// Outbound connections open at once to one destination (ip:port); more fail at once
     /// with the outcome `overloaded`. Default: --max-connections (no cap of its own); set it
-    /// so that one slow destination cannot take every slot.
+    /// so that one slow destination cannot take every slot. When set, the kernel holds it
+    /// for pass-through connections too (their connect() fails with EPERM past it).
     #[arg(long, value_name = "N")]
     pub max_connections_per_destination: Option<usize>,
     /// Connects to destinations in progress at once (each may wait up to
@@ -92,6 +93,11 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     pub max_connections_per_destination: usize,
     pub max_pending_connects: usize,
+    /// The cap on pass-through connections to one destination the kernel holds: only an
+    /// explicit `--max-connections-per-destination`, since the default derives from the
+    /// proxy's descriptor budget, which pass-through connections (the app's own sockets)
+    /// do not use.
+    pub passthrough_per_destination: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,9 @@ impl Limits {
             max_pending_handshakes,
             max_connections_per_destination,
             max_pending_connects,
+            passthrough_per_destination: args
+                .max_connections_per_destination
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         })
     }
 }
@@ -354,6 +363,7 @@ mod tests {
             max_pending_handshakes: 1,
             max_connections_per_destination: 3,
             max_pending_connects: 1,
+            passthrough_per_destination: None,
         });
         let connect = gate.admit_connect().unwrap();
         assert_eq!(gate.admit_connect().err(), Some(Cap::PendingConnects));
@@ -376,6 +386,7 @@ mod tests {
             max_pending_handshakes: 1,
             max_connections_per_destination: 2,
             max_pending_connects: 1,
+            passthrough_per_destination: None,
         });
         let (a, b): (SocketAddr, SocketAddr) = (
             "10.0.0.1:80".parse().unwrap(),

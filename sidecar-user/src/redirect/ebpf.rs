@@ -122,6 +122,8 @@ pub struct Settings {
 pub struct Workload {
     pub cgroup_id: u64,
     pub config: WorkloadConfig,
+    /// Pass-through connections it may have open to one destination (`DIRECT_CAPS`).
+    pub passthrough_cap: Option<u32>,
 }
 
 /// A destination CIDR of the workload with this scope.
@@ -396,6 +398,24 @@ pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<SkMsgLinkId, EbpfError> {
 }
 
 fn fill_workloads(ebpf: &mut Ebpf, workloads: &[Workload]) -> Result<(), EbpfError> {
+    // Caps before the workloads they belong to, so no connect can miss its cap.
+    let map = ebpf
+        .map_mut(maps::DIRECT_CAPS)
+        .ok_or(EbpfError::Missing(maps::DIRECT_CAPS))?;
+    let mut caps: HashMap<_, u32, u32> =
+        HashMap::try_from(map).map_err(|source| EbpfError::Map {
+            name: maps::DIRECT_CAPS,
+            source,
+        })?;
+    for w in workloads {
+        if let Some(cap) = w.passthrough_cap {
+            caps.insert(w.config.scope, cap, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: maps::DIRECT_CAPS,
+                    source,
+                })?;
+        }
+    }
     let map = ebpf
         .map_mut(maps::WORKLOADS)
         .ok_or(EbpfError::Missing(maps::WORKLOADS))?;
