@@ -225,7 +225,6 @@ fn dead_upstream_circuit(path: Path, proxy_port: u16) {
     let go: Vec<_> = (1..=3)
         .map(|i| scratch.dir.join(format!("go{i}")))
         .collect();
-    let probe = |addr: SocketAddr| format!("{CLIENT} connect-fail {}", arg("--addr", addr));
     let mut script = wait_for_file(&go[0]);
     for _ in 0..THRESHOLD {
         script += &format!("; {}", probe(dead));
@@ -340,6 +339,60 @@ fn dead_upstream_circuit(path: Path, proxy_port: u16) {
     assert_no_leftovers(done.pid);
 }
 
+/// The connect-fail probe of `addr`, as a shell command.
+fn probe(addr: SocketAddr) -> String {
+    format!("{CLIENT} connect-fail {}", arg("--addr", addr))
+}
+
+/// Per-destination cap at [`CAP`].
+const CAP: usize = 3;
+
+/// A workload for the cap tests, its servers and its go-files: on `go[0]` it holds [`CAP`]
+/// connections to `busy`; on `go[1]` it tries one more to `busy` and one to `other`
+/// (`PROBED`); once the test releases the held ones, `RELEASED`; on `go[2]`, `after(busy)`.
+/// Keep every field bound for the test's length: the servers and the directory go on drop.
+struct CapScene {
+    admin: SocketAddr,
+    busy: EchoServer,
+    _other: EchoServer,
+    go: Vec<std::path::PathBuf>,
+    script: String,
+    _scratch: Scratch,
+}
+
+fn cap_scene(
+    name: &str,
+    admin_ports: std::ops::Range<u16>,
+    after: impl Fn(SocketAddr) -> String,
+) -> CapScene {
+    let [admin_port] = host::free_ports(admin_ports);
+    let (busy, other) = (EchoServer::start_v4(), EchoServer::start_v4());
+    let scratch = Scratch::new(name);
+    let go: Vec<_> = (1..=3)
+        .map(|i| scratch.dir.join(format!("go{i}")))
+        .collect();
+    let script = format!(
+        "echo STARTED; {}; exec 3<&0; {CLIENT} hold {} {} <&3 & {}; {}; {}; echo PROBED; \
+         wait; echo RELEASED; {}{}",
+        wait_for_file(&go[0]),
+        arg("--addr", busy.addr()),
+        arg("--count", CAP),
+        wait_for_file(&go[1]),
+        probe(busy.addr()),
+        probe(other.addr()),
+        wait_for_file(&go[2]),
+        after(busy.addr()),
+    );
+    CapScene {
+        admin: local(admin_port),
+        busy,
+        _other: other,
+        go,
+        script,
+        _scratch: scratch,
+    }
+}
+
 /// Past `--max-connections-per-destination`, a new connection to that destination fails at
 /// once as `overloaded` while another destination works; afterwards the sidecar holds no
 /// more descriptors or map entries than before.
@@ -349,25 +402,14 @@ fn the_per_destination_cap_refuses_as_overloaded_and_leaks_nothing() {
         return;
     }
     let _serial = serial();
-    const CAP: usize = 3;
-    let [admin_port] = host::free_ports(25100..25150);
-    let admin = local(admin_port);
-    let (busy, other) = (EchoServer::start_v4(), EchoServer::start_v4());
-    let scratch = Scratch::new("res-cap");
-    let go: Vec<_> = (1..=3)
-        .map(|i| scratch.dir.join(format!("go{i}")))
-        .collect();
-    let script = format!(
-        "echo STARTED; {}; exec 3<&0; {CLIENT} hold {} {} <&3 & {}; {CLIENT} connect-fail {}; \
-         {CLIENT} connect-fail {}; echo PROBED; wait; echo RELEASED; {}",
-        wait_for_file(&go[0]),
-        arg("--addr", busy.addr()),
-        arg("--count", CAP),
-        wait_for_file(&go[1]),
-        arg("--addr", busy.addr()),
-        arg("--addr", other.addr()),
-        wait_for_file(&go[2]),
-    );
+    let CapScene {
+        admin,
+        busy,
+        go,
+        script,
+        _other,
+        _scratch,
+    } = cap_scene("res-cap", 25100..25150, |_| String::new());
     let mut run = SidecarRun::builder(25162)
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--max-connections-per-destination={CAP}"))
@@ -540,27 +582,16 @@ fn the_kernel_holds_the_cap_on_passed_through_connections() {
         return;
     }
     let _serial = serial();
-    const CAP: usize = 3;
-    let [admin_port] = host::free_ports(25150..25199);
-    let admin = local(admin_port);
-    let (busy, other) = (EchoServer::start_v4(), EchoServer::start_v4());
-    let scratch = Scratch::new("res-kcap");
-    let go: Vec<_> = (1..=3)
-        .map(|i| scratch.dir.join(format!("go{i}")))
-        .collect();
-    let probe = |addr: SocketAddr| format!("{CLIENT} connect-fail {}", arg("--addr", addr));
-    let script = format!(
-        "echo STARTED; {}; exec 3<&0; {CLIENT} hold {} {} <&3 & {}; {}; {}; echo PROBED; \
-         wait; echo RELEASED; {}; {}; echo AGAIN; exec cat >/dev/null",
-        wait_for_file(&go[0]),
-        arg("--addr", busy.addr()),
-        arg("--count", CAP),
-        wait_for_file(&go[1]),
-        probe(busy.addr()),
-        probe(other.addr()),
-        wait_for_file(&go[2]),
-        probe(busy.addr()),
-    );
+    let CapScene {
+        admin,
+        busy,
+        go,
+        script,
+        _other,
+        _scratch,
+    } = cap_scene("res-kcap", 25150..25199, |busy| {
+        format!("; {}; echo AGAIN; exec cat >/dev/null", probe(busy))
+    });
     let mut run = SidecarRun::builder(25166)
         .passthrough()
         .arg(format!("--admin-addr={admin}"))
@@ -659,7 +690,6 @@ fn a_destination_table_with_retries_is_proxied_while_others_pass_through() {
     };
     fs::write(&policy, table(2)).unwrap();
     let go = scratch.dir.join("go");
-    let probe = |addr: SocketAddr| format!("{CLIENT} connect-fail {}", arg("--addr", addr));
     let script = format!(
         "{}; {}; echo FIRST; {}; {}; echo SECOND; exec cat >/dev/null",
         probe(retried.addr()),

@@ -399,37 +399,32 @@ pub(crate) fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<SkMsgLinkId, EbpfError> {
 
 fn fill_workloads(ebpf: &mut Ebpf, workloads: &[Workload]) -> Result<(), EbpfError> {
     // Caps before the workloads they belong to, so no connect can miss its cap.
-    let map = ebpf
-        .map_mut(maps::DIRECT_CAPS)
-        .ok_or(EbpfError::Missing(maps::DIRECT_CAPS))?;
-    let mut caps: HashMap<_, u32, u32> =
-        HashMap::try_from(map).map_err(|source| EbpfError::Map {
-            name: maps::DIRECT_CAPS,
-            source,
-        })?;
-    for w in workloads {
-        if let Some(cap) = w.passthrough_cap {
-            caps.insert(w.config.scope, cap, 0)
-                .map_err(|source| EbpfError::Map {
-                    name: maps::DIRECT_CAPS,
-                    source,
-                })?;
-        }
-    }
-    let map = ebpf
-        .map_mut(maps::WORKLOADS)
-        .ok_or(EbpfError::Missing(maps::WORKLOADS))?;
-    let mut map: HashMap<_, u64, WorkloadConfig> =
-        HashMap::try_from(map).map_err(|source| EbpfError::Map {
-            name: maps::WORKLOADS,
-            source,
-        })?;
-    for w in workloads {
-        map.insert(w.cgroup_id, w.config, 0)
-            .map_err(|source| EbpfError::Map {
-                name: maps::WORKLOADS,
-                source,
-            })?;
+    fill_hash(
+        ebpf,
+        maps::DIRECT_CAPS,
+        workloads
+            .iter()
+            .filter_map(|w| Some((w.config.scope, w.passthrough_cap?))),
+    )?;
+    fill_hash(
+        ebpf,
+        maps::WORKLOADS,
+        workloads.iter().map(|w| (w.cgroup_id, w.config)),
+    )
+}
+
+/// Inserts `entries` into the object's hash map `name`.
+fn fill_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: impl IntoIterator<Item = (K, V)>,
+) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(name).ok_or(EbpfError::Missing(name))?;
+    let mut map: HashMap<_, K, V> =
+        HashMap::try_from(map).map_err(|source| EbpfError::Map { name, source })?;
+    for (k, v) in entries {
+        map.insert(k, v, 0)
+            .map_err(|source| EbpfError::Map { name, source })?;
     }
     Ok(())
 }
