@@ -217,7 +217,10 @@ fn a_dead_upstreams_circuit_is_refused_by_the_proxy_in_iptables_mode() {
 fn dead_upstream_circuit(path: Path, proxy_port: u16) {
     const THRESHOLD: usize = 3;
     const FAST: usize = 5;
-    const OPEN: Duration = Duration::from_millis(500);
+    // Long enough for the five fast probes and the other destination's to run while the
+    // circuit stays open, even in an emulated guest where each probe's exec takes a while
+    // (at 500 ms a 6.1 guest once saw the circuit go half-open between probes and re-open).
+    const OPEN: Duration = Duration::from_secs(3);
     let [dead_port, admin_port] = host::free_ports(25100..25150);
     let (dead, admin) = (local(dead_port), local(admin_port));
     let other = EchoServer::start_v4();
