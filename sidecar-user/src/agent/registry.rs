@@ -6,7 +6,7 @@
 //! or that no registration explains, are removed (at start and by the periodic sweep).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
 };
@@ -306,9 +306,6 @@ impl Registry {
                 Some(cap) => caps.insert(reg.scope, cap, 0)?,
                 None => forget(caps.remove(&reg.scope))?,
             }
-            if let Some(prev) = same_pod.filter(|p| p.scope != reg.scope) {
-                forget(caps.remove(&prev.scope))?;
-            }
         }
         let (workload, proxy) = entries(&reg);
         pins.workloads.insert(reg.proxy_cgroup_id, proxy, 0)?;
@@ -375,33 +372,14 @@ impl Registry {
         let prune = self
             .hold_until
             .is_none_or(|t| std::time::Instant::now() >= t);
-        let present: BTreeSet<u64> = pins.workloads.keys().filter_map(Result::ok).collect();
-        for id in present
-            .iter()
-            .filter(|id| prune && !wanted.contains_key(id))
-        {
-            let _ = pins.workloads.remove(id);
-        }
-        for (id, cfg) in &wanted {
-            if pins.workloads.get(id, 0).ok().as_ref() != Some(cfg) {
-                pins.workloads.insert(*id, *cfg, 0)?;
-            }
-        }
+        sync_hash(&mut pins.workloads, &wanted, prune)?;
         if let Some(caps) = &mut pins.direct_caps {
             let wanted: BTreeMap<u32, u32> = self
                 .pods
                 .values()
                 .filter_map(|r| Some((r.scope, r.passthrough_cap?)))
                 .collect();
-            let present: Vec<u32> = caps.keys().filter_map(Result::ok).collect();
-            for scope in present.iter().filter(|s| prune && !wanted.contains_key(s)) {
-                let _ = caps.remove(scope);
-            }
-            for (scope, cap) in &wanted {
-                if caps.get(scope, 0).ok() != Some(*cap) {
-                    caps.insert(*scope, *cap, 0)?;
-                }
-            }
+            sync_hash(caps, &wanted, prune)?;
         }
         let wanted: Vec<Key<ScopedAddr>> = self
             .pods
@@ -489,6 +467,25 @@ fn scoped_keys(scope: u32, cidrs: &[String]) -> Vec<Key<ScopedAddr>> {
 }
 
 /// Makes `trie` hold exactly `wanted` (entries nothing wants are kept unless `prune`).
+/// Makes a hash map hold `wanted`: entries that differ are written; with `prune`, entries
+/// not wanted are removed.
+fn sync_hash<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    wanted: &BTreeMap<K, V>,
+    prune: bool,
+) -> Result<(), aya::maps::MapError> {
+    let present: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in present.iter().filter(|k| prune && !wanted.contains_key(k)) {
+        let _ = map.remove(key);
+    }
+    for (key, value) in wanted {
+        if map.get(key, 0).ok().as_ref() != Some(value) {
+            map.insert(key, value, 0)?;
+        }
+    }
+    Ok(())
+}
+
 fn sync_trie(
     trie: &mut aya::maps::LpmTrie<aya::maps::MapData, ScopedAddr, u8>,
     wanted: &[Key<ScopedAddr>],
