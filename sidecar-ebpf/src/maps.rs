@@ -82,9 +82,10 @@ pub static POLICY_PROXIED: LpmTrie<ScopedAddr, PortBitmap> =
 #[map(name = "DIRECT_EVENTS")]
 pub static DIRECT_EVENTS: RingBuf = RingBuf::with_byte_size(limits::DIRECT_EVENTS_BYTES, 0);
 
-/// Set by the loader: 0 turns the sockmap fast path off (connect redirect still works).
+/// Set by the loader: 1 splices proxied connections' local legs (sockhash + sk_msg); 0, the
+/// default, leaves them to TCP (connect redirect and pass-through work the same either way).
 #[unsafe(no_mangle)]
-pub static SOCKMAP_ENABLED: Global<u8> = Global::new(1);
+pub static SOCKMAP_ENABLED: Global<u8> = Global::new(0);
 
 /// Set by the loader: 0 where sockops/sk_msg cannot call `bpf_get_netns_cookie` (Linux
 /// < 5.15). Keys then carry netns 0, and the loader turns the sockmap fast path off. A

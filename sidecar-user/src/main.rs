@@ -15,7 +15,8 @@ use sidecar::{
 };
 
 /// A transparent interception sidecar: eBPF steers a workload's outbound TCP connections to a
-/// local proxy (no iptables), and the sockmap fast path splices local hops in the kernel.
+/// local proxy (no iptables), or lets those the proxy adds nothing to go straight to their
+/// destination, recorded by the kernel.
 #[derive(Parser)]
 #[command(name = "sidecar", version, propagate_version = true)]
 struct Cli {
@@ -125,7 +126,7 @@ enum InboundMode {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// How connections reach the proxy: ebpf (cgroup connect hooks + sockmap), iptables
+    /// How connections reach the proxy: ebpf (cgroup connect and sockops hooks), iptables
     /// (nat REDIRECT in a chain of our own, SO_ORIGINAL_DST; the classic baseline), or auto
     /// (ebpf when `sidecar probe`'s eBPF checks pass, else iptables with a warning).
     #[arg(long, value_enum, default_value_t = ModeArg::Ebpf)]
@@ -146,9 +147,11 @@ struct RunArgs {
     /// bpffs mount point for pins (mounted there if needed).
     #[arg(long, default_value = sidecar::defaults::BPFFS)]
     bpffs: PathBuf,
-    /// Turn the sockmap fast path off (connects are still redirected); for comparisons.
+    /// Splice the local legs of proxied connections in the kernel (sockops + sk_msg on a
+    /// sockhash). Off by default: measured, it was slower than the plain proxied hop, and a
+    /// spliced socket can return EAGAIN early to a blocking reader (docs/operations.md).
     #[arg(long)]
-    no_sockmap: bool,
+    sockmap: bool,
     /// Send every connection through the proxy. By default (eBPF mode) a connection the
     /// proxy adds nothing to (plaintext, allowed by the policy, not to --mesh-cidrs) goes
     /// straight to its destination and is recorded by the kernel.
@@ -356,7 +359,7 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 exclude_cidrs: args.exclude_cidrs,
                 cgroup: args.cgroup,
                 bpffs: args.bpffs,
-                sockmap: !args.no_sockmap,
+                sockmap: args.sockmap,
                 proxy_all: args.proxy_all,
                 bpf_log: args.bpf_log,
                 proxy: ProxySettings {

@@ -114,10 +114,8 @@ pub fn run(opts: RunOptions) -> Result<i32> {
             opts.exclude_ports.len()
         );
     }
-    if opts.mode == Mode::Iptables && (!opts.sockmap || opts.bpf_log) {
-        bail!(
-            "--no-sockmap and --bpf-log apply to --mode ebpf only: drop them with --mode iptables"
-        );
+    if opts.mode == Mode::Iptables && (opts.sockmap || opts.bpf_log) {
+        bail!("--sockmap and --bpf-log apply to --mode ebpf only: drop them with --mode iptables");
     }
     let program = resolve_command(&opts.command)?;
     if opts.strict_inbound && opts.mtls.as_ref().and_then(|m| m.inbound).is_none() {

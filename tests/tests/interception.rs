@@ -394,7 +394,7 @@ fn ipv6_connection_is_redirected_through_the_proxy() {
     assert_no_leftovers(done.pid);
 }
 
-/// With sockmap (the default), the four loopback sockets of one proxied connection (app,
+/// With `--sockmap`, the four loopback sockets of one proxied connection (app,
 /// proxy-accepted, proxy-upstream, server) are in SOCKETS while it is open, and the bytes
 /// took the sk_msg fast path on both legs.
 #[test]
@@ -406,6 +406,7 @@ fn sockmap_splices_both_legs() {
     let port = 15103;
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(port)
+        .arg("--sockmap")
         .command(hold(server.addr(), 1))
         .start();
     let client = single(&run.wait_ready(READY_TIMEOUT));
@@ -484,7 +485,7 @@ fn sockmap_splices_both_legs() {
     assert_no_leftovers(pid);
 }
 
-/// Bulk load through the fast path: 16 streams of 4 MiB at once, each half-closing and
+/// Bulk load through the splice (`--sockmap`): 16 streams of 4 MiB at once, each half-closing and
 /// reading its echo. An application's write must never fail (the sockmap redirect has no
 /// flow control, so only the proxy's own writes use it; see `sidecar_common::owner`), and
 /// every byte must come back.
@@ -497,6 +498,7 @@ fn concurrent_bulk_streams_never_fail_an_application_write() {
     let (size, count) = (4 << 20, 16);
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(15123)
+        .arg("--sockmap")
         .command(echo(server.addr(), size, count, count))
         .start();
     let done = run.finish(BULK_TIMEOUT);
@@ -515,7 +517,7 @@ fn concurrent_bulk_streams_never_fail_an_application_write() {
     assert_no_leftovers(done.pid);
 }
 
-/// Transparency for blocking applications, with the fast path on: request/response on a
+/// Transparency for blocking applications, with the splice on (`--sockmap`): request/response on a
 /// blocking socket (the usual RPC pattern) never sees `EAGAIN` before its timeout.
 ///
 /// Known kernel limit (docs/operations.md, "Known limitations"): a socket in a sockhash reads
@@ -523,8 +525,8 @@ fn concurrent_bulk_streams_never_fail_an_application_write() {
 /// waiting again. Spliced sockets still get TCP-level wake-ups — the ACK of a half-close
 /// (FIN), write space — so a blocking reader that half-closed, or reads while another thread
 /// writes bulk data, can see `EAGAIN`. Event-driven (non-blocking) applications are
-/// unaffected; the sibling test below proves the same half-close workload is clean with
-/// `--no-sockmap`.
+/// unaffected; the sibling test below proves the same half-close workload is clean by
+/// default (no splice), which is why the splice is opt-in.
 #[test]
 fn blocking_request_response_sees_no_spurious_eagain() {
     if !sidecar_tests::privileged() {
@@ -534,6 +536,7 @@ fn blocking_request_response_sees_no_spurious_eagain() {
     let (size, rounds, count) = (64, 200, 20);
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(15121)
+        .arg("--sockmap")
         .command(pingpong(server.addr(), size, rounds, count))
         .start();
     let done = run.finish(BULK_TIMEOUT);
@@ -567,9 +570,9 @@ fn blocking_request_response_sees_no_spurious_eagain() {
 }
 
 /// The half-close workload that trips the kernel's `tcp_bpf` receive path (see above) is
-/// clean when the fast path is off: the redirect itself is transparent to blocking sockets.
+/// clean by default (no splice): the redirect itself is transparent to blocking sockets.
 #[test]
-fn blocking_half_close_sees_no_spurious_eagain_without_sockmap() {
+fn blocking_half_close_sees_no_spurious_eagain_by_default() {
     if !sidecar_tests::privileged() {
         return;
     }
@@ -577,7 +580,6 @@ fn blocking_half_close_sees_no_spurious_eagain_without_sockmap() {
     let (size, count) = (64, 50);
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(15122)
-        .arg("--no-sockmap")
         .command(echo(server.addr(), size, count, 1))
         .start();
     let done = run.finish(BULK_TIMEOUT);
@@ -595,16 +597,15 @@ fn blocking_half_close_sees_no_spurious_eagain_without_sockmap() {
     assert_no_leftovers(done.pid);
 }
 
-/// `--no-sockmap`: still redirected through the proxy, but nothing is spliced.
+/// By default (no `--sockmap`): redirected through the proxy, and nothing is spliced.
 #[test]
-fn no_sockmap_still_redirects_without_splicing() {
+fn proxied_connections_are_not_spliced_by_default() {
     if !sidecar_tests::privileged() {
         return;
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(15104)
-        .arg("--no-sockmap")
         .command(hold(server.addr(), 1))
         .start();
     let client = single(&run.wait_ready(READY_TIMEOUT));
@@ -613,11 +614,11 @@ fn no_sockmap_still_redirects_without_splicing() {
     // The maps may not even be pinned without sockmap; if they are, they must be empty.
     if bpf::is_pinned(pid, sidecar_common::maps::SOCKETS) {
         let n = bpf::sockets_count(pid).unwrap_or_else(|e| panic!("{e:#}"));
-        assert_eq!(n, 0, "SOCKETS must stay empty with --no-sockmap");
+        assert_eq!(n, 0, "SOCKETS must stay empty without --sockmap");
     }
     if bpf::is_pinned(pid, sidecar_common::maps::SPLICED) {
         let n = bpf::spliced_count(pid).unwrap_or_else(|e| panic!("{e:#}"));
-        assert_eq!(n, 0, "SPLICED must stay empty with --no-sockmap");
+        assert_eq!(n, 0, "SPLICED must stay empty without --sockmap");
     }
 
     let done = run.finish(EXIT_TIMEOUT);
@@ -785,7 +786,7 @@ fn large_payload_round_trips_with_sockmap() {
         return;
     }
     let _serial = serial();
-    let done = large_payload_run(15110, &[]);
+    let done = large_payload_run(15110, &["--sockmap"]);
     assert!(
         done.report().counter(Counter::SkMsgRedirectedBytes) > 0,
         "{:?}",
@@ -800,7 +801,7 @@ fn large_payload_round_trips_without_sockmap() {
         return;
     }
     let _serial = serial();
-    let done = large_payload_run(15111, &["--no-sockmap"]);
+    let done = large_payload_run(15111, &[]);
     assert_eq!(
         done.report().counter(Counter::SkMsgRedirectedBytes),
         0,

@@ -616,13 +616,13 @@ fn bad_mode_is_one_clear_error() {
     );
 
     let out = output_within(
-        Command::new(sidecar()).args(["run", "--mode", "iptables", "--no-sockmap", "--", "true"]),
+        Command::new(sidecar()).args(["run", "--mode", "iptables", "--sockmap", "--", "true"]),
         Duration::from_secs(10),
     );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.starts_with("error: --no-sockmap") && err.lines().count() == 1,
+        err.starts_with("error: --sockmap") && err.lines().count() == 1,
         "{err}"
     );
 }

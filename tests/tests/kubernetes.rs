@@ -2049,9 +2049,9 @@ fn pod_sidecar_reports_the_fast_path_as_it_is() {
             "fastpath-off"
         });
         let flags = if sockmap {
-            vec![]
+            vec!["--sockmap".to_string()]
         } else {
-            vec!["--no-sockmap".to_string()]
+            vec![]
         };
         let _agent = node.start_agent_in("agent", None, &[], &flags);
         let a = node.pod("a", NS_A, ADDR_A);

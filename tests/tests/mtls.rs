@@ -46,6 +46,8 @@ fn start_server(pods: &PodPair, tls_dir: &str, port: u16) -> SidecarRun {
         .arg(tls_dir)
         .arg("--preamble-timeout-ms")
         .arg("1000")
+        // The splice (off by default) is on, to check it takes the hop to the pod address.
+        .arg("--sockmap")
         .command([CLIENT, "serve", "--addr", &format!("0.0.0.0:{APP_PORT}")])
         .start();
     run.wait_ready(READY_TIMEOUT);

@@ -55,6 +55,8 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
             "127.0.0.1:17010",
             "--access-log",
             log.path_str(),
+            // The splice (off by default) is on so its counters and fields are checked too.
+            "--sockmap",
         ],
         &[
             "requests",

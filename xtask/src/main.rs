@@ -58,6 +58,9 @@ enum Cmd {
     /// (internal) The bench's load generator.
     #[command(hide = true)]
     BenchClient(bench::load::ClientArgs),
+    /// (internal) The bench's idle-connections command: opens and holds connections.
+    #[command(hide = true)]
+    BenchHold(bench::idle::HoldArgs),
     /// Run the integration tests on Debian's 5.10, 6.1, 6.12, 6.18 and 7.3 kernels under qemu (TCG):
     /// fetches the kernels through a private apt configuration, boots each with a static
     /// initramfs, reports pass/fail, test counts and boot time per kernel.
@@ -80,6 +83,7 @@ fn main() -> Result<()> {
         Cmd::Bench(opts) => bench::bench(&opts),
         Cmd::BenchServer(args) => bench::load::server(&args),
         Cmd::BenchClient(args) => bench::load::client(&args),
+        Cmd::BenchHold(args) => bench::idle::hold(&args),
         Cmd::VmTest(opts) => vmtest::vm_test(&opts),
     }
 }

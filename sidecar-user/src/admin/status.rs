@@ -154,7 +154,12 @@ impl Status {
                 "unknown",
                 "the splice counters are the node agent's: `sidecar agent --status`".into(),
             ),
-            Some(i) if !i.sockmap => verdict("no", "the sockmap fast path is off".into()),
+            Some(i) if !i.sockmap => verdict(
+                "no",
+                "the sockmap splice of proxied connections is off (the default; --sockmap \
+                 turns it on)"
+                    .into(),
+            ),
             Some(_) if k("sk_msg_redirected") > 0 => verdict(
                 "yes",
                 format!(

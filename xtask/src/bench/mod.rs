@@ -5,7 +5,8 @@
 //! - **loopback**: client and server on 127.0.0.1 in one namespace (same host, same pod);
 //! - **pods**: client and server in two namespaces joined by a veth pair.
 //!
-//! Modes: direct (no sidecar), iptables, ebpf, ebpf --no-sockmap, and in the pods scenario
+//! Modes: direct (no sidecar), iptables, ebpf (pass-through), ebpf --proxy-all, ebpf
+//! --proxy-all --sockmap, HAProxy, and in the pods scenario
 //! two sidecars with mTLS between them, both in iptables or both in eBPF mode (see
 //! `mesh.rs`). Each round runs every mode once, A B C D A B C D…, so drift hits all alike.
 //! One client run measures, in order:
@@ -18,6 +19,7 @@
 //! the sidecar logs in `target/bench/raw/`.
 
 mod haproxy;
+pub mod idle;
 pub mod load;
 mod mesh;
 mod netns;
@@ -97,10 +99,10 @@ pub enum Mode {
     /// The default: plaintext connections the proxy adds nothing to pass through in the
     /// kernel (connect hooks let them go, sockops records them).
     Ebpf,
-    /// `--proxy-all`: every connection through the proxy, sockmap splicing its local legs.
+    /// `--proxy-all`: every connection through the proxy (plain TCP on both legs).
     EbpfProxyAll,
-    /// `--proxy-all --no-sockmap`: what the splice contributes.
-    EbpfNoSockmap,
+    /// `--proxy-all --sockmap`: the same, the kernel splicing the local legs (opt-in).
+    EbpfSockmap,
     /// HAProxy (Debian's package) in TCP mode with a fixed backend, on the client's side: a
     /// plain userspace L4 proxy, the peer the sidecar's proxied hop is compared with.
     Haproxy,
@@ -115,7 +117,7 @@ impl Mode {
         Mode::Iptables,
         Mode::Ebpf,
         Mode::EbpfProxyAll,
-        Mode::EbpfNoSockmap,
+        Mode::EbpfSockmap,
         Mode::Haproxy,
         Mode::IptablesMtls,
         Mode::EbpfMtls,
@@ -126,7 +128,7 @@ impl Mode {
         Mode::Iptables,
         Mode::Ebpf,
         Mode::EbpfProxyAll,
-        Mode::EbpfNoSockmap,
+        Mode::EbpfSockmap,
         Mode::Haproxy,
     ];
     /// The modes that need a server pod with a sidecar of its own.
@@ -138,7 +140,7 @@ impl Mode {
             Mode::Iptables => "iptables",
             Mode::Ebpf => "ebpf",
             Mode::EbpfProxyAll => "ebpf --proxy-all",
-            Mode::EbpfNoSockmap => "ebpf --proxy-all --no-sockmap",
+            Mode::EbpfSockmap => "ebpf --proxy-all --sockmap",
             Mode::Haproxy => "haproxy",
             Mode::IptablesMtls => "iptables + mTLS",
             Mode::EbpfMtls => "ebpf + mTLS",
@@ -148,7 +150,7 @@ impl Mode {
     pub fn file_key(self) -> &'static str {
         match self {
             Mode::EbpfProxyAll => "ebpf-proxyall",
-            Mode::EbpfNoSockmap => "ebpf-nosockmap",
+            Mode::EbpfSockmap => "ebpf-sockmap",
             Mode::IptablesMtls => "iptables-mtls",
             Mode::EbpfMtls => "ebpf-mtls",
             m => m.label(),
@@ -166,7 +168,7 @@ impl Mode {
             Mode::Iptables | Mode::IptablesMtls => Some(&["--mode", "iptables"]),
             Mode::Ebpf | Mode::EbpfMtls => Some(&["--mode", "ebpf"]),
             Mode::EbpfProxyAll => Some(&["--mode", "ebpf", "--proxy-all"]),
-            Mode::EbpfNoSockmap => Some(&["--mode", "ebpf", "--proxy-all", "--no-sockmap"]),
+            Mode::EbpfSockmap => Some(&["--mode", "ebpf", "--proxy-all", "--sockmap"]),
         }
     }
 
@@ -285,6 +287,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     let mut results = Vec::new();
     let crosscheck;
     let startups;
+    let idle;
     {
         let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
@@ -309,6 +312,11 @@ pub fn bench(opts: &Options) -> Result<()> {
         crosscheck = sockperf::crosscheck(&lo, SOCKPERF_PORT, if opts.quick { 1 } else { 3 }, &raw);
         progress.say("sidecar startup: exec to /readyz 200, and idle RSS");
         startups = startup::measure(&bins.sidecar, &lo, if opts.quick { 2 } else { 9 }, &raw)?;
+        progress.say(&format!(
+            "idle connections: up to {} held open through sidecar run --proxy-all",
+            idle::CONNECTIONS
+        ));
+        idle = idle::measure(&bins.sidecar, &bins.load, &lo, &raw)?;
     }
     {
         let pods = Pods::create()?;
@@ -338,6 +346,7 @@ pub fn bench(opts: &Options) -> Result<()> {
         opts.quick,
         Some(&crosscheck),
         &startups,
+        &idle,
         &load_at_start,
     );
     let svg = report::svg(&summary);
