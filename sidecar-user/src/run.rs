@@ -36,7 +36,7 @@ use crate::{
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     policy::{self, Enforcer},
-    proxy::{ProxySettings, record::Journal},
+    proxy::ProxySettings,
     redirect::{
         Mode, Redirect,
         circuits::KernelCircuits,
@@ -47,7 +47,7 @@ use crate::{
     report::Report,
     serve::{Listeners, Serving},
     state::{RunState, StateFile},
-    telemetry::{CounterSource, InterceptionInfo, NoKernelCounters},
+    telemetry::{CounterSource, InterceptionInfo, NoKernelCounters, record::Journal},
     tls::{TlsFiles, TlsState},
 };
 

@@ -17,16 +17,15 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminServer, AdminState, config::ObserveOptions},
     policy::Enforcer,
-    proxy::{
-        Proxy, ProxySettings,
-        mesh::Mesh,
-        record::{Direction, Journal},
-    },
+    proxy::{Proxy, ProxySettings, mesh::Mesh},
     redirect::Redirect,
     run::MtlsOptions,
     telemetry::{
         PolicyStatus, Security, SecuritySource, Telemetry, TelemetrySettings, TlsStatus,
-        access_log::AccessLogTarget, process, unix_secs,
+        access_log::AccessLogTarget,
+        process,
+        record::{Direction, Journal},
+        unix_secs,
     },
     tls::{self, TlsState},
 };

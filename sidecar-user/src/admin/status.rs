@@ -5,12 +5,12 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    proxy::record::{Direction, Mode, Outcome, Path},
-    telemetry::{
-        InterceptionInfo, PolicyStatus, Telemetry, TlsStatus, metrics::LEGS, process::Usage,
-        unix_secs,
-    },
+use crate::telemetry::{
+    InterceptionInfo, PolicyStatus, Telemetry, TlsStatus,
+    metrics::LEGS,
+    process::Usage,
+    record::{Direction, Mode, Outcome, Path},
+    unix_secs,
 };
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -27,11 +27,11 @@ use self::register::Registrar;
 use crate::{
     admin::{self, config::ObserveOptions},
     agent::protocol::Request,
-    proxy::{ProxySettings, record::Journal},
+    proxy::ProxySettings,
     redirect::{agent::AgentSockopts, passthrough::Recorder},
     run::MtlsOptions,
     serve::{Listeners, Serving},
-    telemetry::{InterceptionInfo, NoKernelCounters},
+    telemetry::{InterceptionInfo, NoKernelCounters, record::Journal},
     tls::{TlsState, identity::SpiffeId},
 };
 

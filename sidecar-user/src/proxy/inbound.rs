@@ -10,21 +10,17 @@
 //! only what the workload exposes on its address is reachable through a tunnel. The inbound
 //! policy sees that same address, the one actually connected.
 
-use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
+use std::{collections::BTreeMap, net::SocketAddr, os::fd::AsFd, sync::Mutex, time::Instant};
 
 use rustls::{CertificateError, pki_types::UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use super::{
-    ConnectFailure, Proxy, copy, fail, finish_copy,
-    record::{ConnRecord, Mode, Outcome},
-    resilience,
-};
+use super::{ConnectFailure, Proxy, copy, fail, finish_copy, resilience};
 use crate::{
     policy::rules::{Request, Way},
-    telemetry::{Conn, tcp_info},
+    telemetry::{Conn, record::Outcome, tcp_info},
     tls::{
         ALPN,
         verify::{self, PeerError},
@@ -38,13 +34,12 @@ impl Proxy {
     pub(super) async fn inbound(
         &self,
         tcp: TcpStream,
-        rec: &mut ConnRecord,
-        conn: &Conn,
+        conn: &mut Conn,
         handshake_slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let Some(mesh) = &self.mesh else {
             return fail(
-                rec,
+                conn,
                 Outcome::IoError,
                 "inbound connection without TLS configured",
             );
@@ -54,7 +49,7 @@ impl Proxy {
         // delivers (never the preamble's address, which the peer chose).
         let workload = match tcp.local_addr() {
             Ok(a) => a.ip().to_canonical(),
-            Err(e) => return fail(rec, Outcome::IoError, e),
+            Err(e) => return fail(conn, Outcome::IoError, e),
         };
 
         // mTLS handshake: the peer's chain, validity, key usage and trust domain.
@@ -64,10 +59,10 @@ impl Proxy {
         let mut tls = match tokio::time::timeout(mesh.handshake_timeout, acceptor.accept(tcp)).await
         {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.reject(rec, classify(&e), e),
+            Ok(Err(e)) => return self.reject(conn, classify(&e), e),
             Err(_) => {
                 return self.reject(
-                    rec,
+                    conn,
                     "handshake_timeout",
                     "no TLS handshake within the deadline",
                 );
@@ -75,35 +70,30 @@ impl Proxy {
         };
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(ALPN) {
-            return self.reject(rec, "alpn", "peer did not negotiate the tunnel ALPN");
+            return self.reject(conn, "alpn", "peer did not negotiate the tunnel ALPN");
         }
         // Full or resumed, the same identity and checks (see `tls::resumption`).
         let (peer, resumed) = match verify::verified_peer(session, UnixTime::now()) {
             Ok(p) => (p.id, p.resumed),
             Err(e @ PeerError::NotValidNow { .. }) => {
-                return self.reject(rec, "expired_certificate", e);
+                return self.reject(conn, "expired_certificate", e);
             }
-            Err(e) => return self.reject(rec, "wrong_identity", e),
+            Err(e) => return self.reject(conn, "wrong_identity", e),
         };
         drop(handshake_slot);
-        rec.mode = Mode::Mtls;
-        rec.src_identity = Some(peer.to_string());
-        rec.dst_identity = Some(credentials.identity.to_string());
-        rec.tls_resumed = Some(resumed);
         conn.tls_established(
             handshaking.elapsed(),
             resumed,
-            rec.src_identity.clone(),
-            rec.dst_identity.clone(),
+            peer.to_string(),
+            credentials.identity.to_string(),
         );
 
         // Preamble: which port of ours the peer's app was going to.
         let asked = match preamble::read(&mut tls, mesh.preamble_timeout).await {
             Ok(p) => p.original_dst,
-            Err(e) => return self.reject(rec, e.reason(), e),
+            Err(e) => return self.reject(conn, e.reason(), e),
         };
         let local_app = SocketAddr::new(workload, asked.port());
-        rec.original_dst = Some(local_app);
         conn.destination(local_app);
 
         // Policy on the verified identity and the address the tunnel will connect, before
@@ -114,9 +104,9 @@ impl Proxy {
             peer: Some(&peer),
             dst: local_app,
         };
-        if !self.permitted(rec, &req) {
+        if !self.permitted(conn, &req) {
             self.rejections.count("policy_denied");
-            return fail(rec, Outcome::PolicyDenied, "denied by the inbound policy");
+            return fail(conn, Outcome::PolicyDenied, "denied by the inbound policy");
         }
 
         // Never the sidecar itself: its admin endpoint, its proxy or its tunnel listener
@@ -125,7 +115,7 @@ impl Proxy {
             warn!(peer = %peer, %local_app, "inbound connection refused: the sidecar's own port");
             self.rejections.count("own_port");
             return fail(
-                rec,
+                conn,
                 Outcome::Refused,
                 "a tunnel may not reach the sidecar's own ports",
             );
@@ -134,18 +124,19 @@ impl Proxy {
         // The local app, on the workload's own address.
         let connecting = Instant::now();
         let attempt = |budget| Self::connect(local_app, budget);
-        let connected = self.connect_upstream(local_app, rec, conn, attempt, resilience::retryable);
+        let connected = self.connect_upstream(local_app, conn, attempt, resilience::retryable);
         let mut app = match connected.await {
             Ok(s) => s,
             Err(e) => {
                 if let ConnectFailure::Failed(e) = &e {
-                    info!(%local_app, retries = rec.connect_retries, "local app connect failed: {e}");
+                    let retries = conn.record().connect_retries;
+                    info!(%local_app, retries, "local app connect failed: {e}");
                 }
-                return e.fail(rec, Outcome::UpstreamConnectFailed, local_app);
+                return e.fail(conn, Outcome::UpstreamConnectFailed, local_app);
             }
         };
-        rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
         conn.upstream_connected(connecting.elapsed());
+        let rec = conn.record_mut();
         rec.upstream_local = app.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
             rec.upstream_leg_spliced = self.redirect.is_spliced(app.as_fd(), up_local, local_app);
@@ -161,9 +152,10 @@ impl Proxy {
             app.split(),
             self.settings.idle_timeout,
             &self.abort,
-            conn,
+            &*conn,
         )
         .await;
+        let rec = conn.record_mut();
         rec.tcp_app = tunnel_socket.as_ref().and_then(tcp_info::read);
         rec.tcp_upstream = tcp_info::read(&app);
         if copied.end.is_error() {
@@ -174,10 +166,36 @@ impl Proxy {
     }
 
     /// Counts and logs a refused inbound connection.
-    fn reject(&self, rec: &mut ConnRecord, reason: &'static str, error: impl std::fmt::Display) {
+    fn reject(&self, conn: &mut Conn, reason: &'static str, error: impl std::fmt::Display) {
         self.rejections.count(reason);
-        warn!(reason, client = %rec.client, "inbound connection refused: {error}");
-        fail(rec, Outcome::Refused, format!("{reason}: {error}"));
+        let client = conn.record().client;
+        warn!(reason, %client, "inbound connection refused: {error}");
+        fail(conn, Outcome::Refused, format!("{reason}: {error}"));
+    }
+}
+
+/// Connections the inbound side refused, by reason (`no_client_cert`, `untrusted_ca`,
+/// `expired_certificate`, `wrong_identity`, `tls_other`, `alpn`, `preamble_*`, `handshake_timeout`).
+#[derive(Default)]
+pub struct Rejections {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Rejections {
+    pub fn count(&self, reason: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -14,7 +14,6 @@ pub mod inbound;
 pub mod limits;
 pub mod mesh;
 pub mod outbound;
-pub mod record;
 pub mod resilience;
 
 use std::{
@@ -29,13 +28,16 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use self::{
     copy::{Copied, CopyEnd},
+    inbound::Rejections,
     mesh::Mesh,
-    record::{ConnRecord, Direction, Journal, Outcome, Rejections},
 };
 use crate::{
     policy::{Enforcer, rules::Request},
     redirect::Redirect,
-    telemetry::{Conn, Telemetry},
+    telemetry::{
+        Conn, Telemetry,
+        record::{ConnRecord, Direction, Journal, Outcome},
+    },
 };
 
 /// Timeouts of the data path.
@@ -130,23 +132,17 @@ impl Proxy {
             self.tasks.spawn(
                 async move {
                     let _slot = slots.connection;
-                    let started = Instant::now();
-                    let conn = this.telemetry.accept(id, direction, peer);
-                    let mut record = ConnRecord::new(id, direction, peer);
+                    let mut conn = this.telemetry.accept(id, direction, peer);
                     // Boxed apart: a task is as large as the largest state it may reach, and
                     // the TLS states (a rustls session each) would make every plaintext
                     // connection carry their size for its whole life.
                     match direction {
-                        Direction::Outbound => {
-                            Box::pin(this.outbound(client, &mut record, &conn)).await
-                        }
+                        Direction::Outbound => Box::pin(this.outbound(client, &mut conn)).await,
                         Direction::Inbound => {
-                            Box::pin(this.inbound(client, &mut record, &conn, slots.handshake))
-                                .await
+                            Box::pin(this.inbound(client, &mut conn, slots.handshake)).await
                         }
                     }
-                    record.duration_ms = started.elapsed().as_millis() as u64;
-                    this.telemetry.close(conn, &record);
+                    let record = this.telemetry.close(conn);
                     debug!(
                         outcome = record.outcome.as_str(),
                         up = record.bytes_from_client,
@@ -176,11 +172,12 @@ impl Proxy {
 
     /// Whether the policy lets this connection proceed (counted, logged, and recorded in
     /// the connection's record and metrics either way).
-    fn permitted(&self, rec: &mut ConnRecord, req: &Request<'_>) -> bool {
+    fn permitted(&self, conn: &mut Conn, req: &Request<'_>) -> bool {
         let Some(policy) = &self.policy else {
             return true;
         };
         let verdict = policy.check(req);
+        let rec = conn.record_mut();
         self.telemetry
             .policy_decision(rec.direction, verdict.outcome.as_str());
         rec.policy_decision = Some(verdict.outcome.as_str());
@@ -213,8 +210,7 @@ impl Proxy {
     async fn connect_upstream<T, E, Fut>(
         &self,
         dst: SocketAddr,
-        rec: &mut ConnRecord,
-        conn: &Conn,
+        conn: &mut Conn,
         mut attempt: impl FnMut(Duration) -> Fut,
         retryable: impl Fn(&E) -> bool,
     ) -> Result<T, ConnectFailure<E>>
@@ -224,7 +220,7 @@ impl Proxy {
         let _connecting = match self.gate.admit_connect() {
             Ok(slot) => slot,
             Err(cap) => {
-                self.count_refusal(rec.direction, cap);
+                self.count_refusal(conn.record().direction, cap);
                 return Err(ConnectFailure::Overloaded(cap));
             }
         };
@@ -269,7 +265,6 @@ impl Proxy {
                 return Err(ConnectFailure::CircuitOpen { failures });
             }
             retries += 1;
-            rec.connect_retries = retries;
             debug!(%dst, retry = retries, "connect failed, retrying in {wait:?}");
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -376,28 +371,30 @@ enum ConnectFailure<E> {
 }
 
 impl<E: std::fmt::Display> ConnectFailure<E> {
-    /// Fails `rec` with this: `circuit_open`, or `outcome` with the error.
-    fn fail(self, rec: &mut ConnRecord, outcome: Outcome, dst: SocketAddr) {
+    /// Fails `conn` with this: `circuit_open`, or `outcome` with the error.
+    fn fail(self, conn: &mut Conn, outcome: Outcome, dst: SocketAddr) {
         match self {
             Self::CircuitOpen { failures } => fail(
-                rec,
+                conn,
                 Outcome::CircuitOpen,
                 format!("the circuit of {dst} is open after {failures} failed connects"),
             ),
             Self::Overloaded(cap) => fail(
-                rec,
+                conn,
                 Outcome::Overloaded,
                 format!(
                     "too many connects in progress (--{})",
                     cap.as_str().replace('_', "-")
                 ),
             ),
-            Self::Failed(e) => fail(rec, outcome, e),
+            Self::Failed(e) => fail(conn, outcome, e),
         }
     }
 }
 
-fn fail(record: &mut ConnRecord, outcome: Outcome, error: impl ToString) {
+/// Ends `conn` with `outcome` and why.
+fn fail(conn: &mut Conn, outcome: Outcome, error: impl ToString) {
+    let record = conn.record_mut();
     record.outcome = outcome;
     record.error = Some(error.to_string());
 }

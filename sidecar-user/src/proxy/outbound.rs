@@ -5,39 +5,39 @@ use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{
-    ConnectFailure, Proxy, copy, fail, finish_copy, guard,
-    mesh::Route,
-    record::{ConnRecord, Mode, Outcome},
-    resilience,
-};
+use super::{ConnectFailure, Proxy, copy, fail, finish_copy, guard, mesh::Route, resilience};
 use crate::{
     policy::rules::{Request, Way},
-    telemetry::{Conn, tcp_info},
+    telemetry::{
+        Conn,
+        record::{Mode, Outcome},
+        tcp_info,
+    },
     tunnel,
 };
 
 impl Proxy {
-    pub(super) async fn outbound(&self, mut client: TcpStream, rec: &mut ConnRecord, conn: &Conn) {
+    pub(super) async fn outbound(&self, mut client: TcpStream, conn: &mut Conn) {
         // Original destination: where the app was going before the kernel redirected it.
         let local = match client.local_addr() {
             Ok(a) => a,
-            Err(e) => return fail(rec, Outcome::IoError, e),
+            Err(e) => return fail(conn, Outcome::IoError, e),
         };
-        rec.proxy_local = Some(local);
+        conn.record_mut().proxy_local = Some(local);
+        let app_addr = conn.record().client;
         let dst = match self
             .redirect
-            .original_destination(client.as_fd(), rec.client, local)
+            .original_destination(client.as_fd(), app_addr, local)
         {
             Ok(dst) => dst,
             Err(e) => {
                 warn!("{e}");
-                return fail(rec, Outcome::NoOriginalDestination, e);
+                return fail(conn, Outcome::NoOriginalDestination, e);
             }
         };
-        rec.original_dst = Some(dst);
         conn.destination(dst);
-        rec.app_leg_spliced = self.redirect.is_spliced(client.as_fd(), local, rec.client);
+        conn.record_mut().app_leg_spliced =
+            self.redirect.is_spliced(client.as_fd(), local, app_addr);
         let _ = client.set_nodelay(true);
 
         // The cloud metadata address, unless explicitly allowed: before the policy, which
@@ -46,7 +46,7 @@ impl Proxy {
             warn!(%dst, "refused: the cloud metadata address (allow with --allow-metadata)");
             let _ = client.set_zero_linger();
             return fail(
-                rec,
+                conn,
                 Outcome::PolicyDenied,
                 "the cloud metadata address is refused",
             );
@@ -63,9 +63,9 @@ impl Proxy {
             dst,
         };
         let after_handshake = route != Route::Plain && self.depends_on_peer(&plain);
-        if !after_handshake && !self.permitted(rec, &plain) {
+        if !after_handshake && !self.permitted(conn, &plain) {
             let _ = client.set_zero_linger();
-            return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
+            return fail(conn, Outcome::PolicyDenied, "denied by the outbound policy");
         }
 
         // One destination may not take every slot.
@@ -73,10 +73,10 @@ impl Proxy {
         let _slot = match self.gate.admit_destination(dst, limit) {
             Ok(slot) => slot,
             Err(cap) => {
-                self.count_refusal(rec.direction, cap);
+                self.count_refusal(conn.record().direction, cap);
                 let _ = client.set_zero_linger();
                 return fail(
-                    rec,
+                    conn,
                     Outcome::Overloaded,
                     format!("{limit} connections to {dst} open already (its connection cap)"),
                 );
@@ -93,7 +93,6 @@ impl Proxy {
             // connection's task.
             let connecting = Box::pin(self.connect_upstream(
                 dst,
-                rec,
                 conn,
                 |budget| {
                     let timeout = if strict {
@@ -111,20 +110,14 @@ impl Proxy {
                         mesh.remember(dst.ip(), true);
                     }
                     let took = opening.elapsed();
-                    rec.mode = Mode::Mtls;
-                    rec.src_identity = Some(mesh.tls.current().identity.to_string());
-                    rec.dst_identity = Some(t.peer.to_string());
-                    rec.tls_resumed = Some(t.resumed);
-                    rec.upstream_connect_us = Some(took.as_micros() as u64);
                     conn.tls_established(
                         took,
                         t.resumed,
-                        rec.src_identity.clone(),
-                        rec.dst_identity.clone(),
+                        mesh.tls.current().identity.to_string(),
+                        t.peer.to_string(),
                     );
                     conn.upstream_connected(took);
-                    return Box::pin(self.tunnelled(client, t, dst, after_handshake, rec, conn))
-                        .await;
+                    return Box::pin(self.tunnelled(client, t, dst, after_handshake, conn)).await;
                 }
                 Err(ConnectFailure::Failed(e))
                     if route == Route::TryTunnel && e.nothing_answered() =>
@@ -132,9 +125,9 @@ impl Proxy {
                     info!(%dst, "no sidecar answered ({e}); permissive mode: plaintext");
                     self.telemetry.tunnel_failed(e.reason());
                     mesh.remember(dst.ip(), false);
-                    if after_handshake && !self.permitted(rec, &plain) {
+                    if after_handshake && !self.permitted(conn, &plain) {
                         let _ = client.set_zero_linger();
-                        return fail(rec, Outcome::PolicyDenied, "denied by the outbound policy");
+                        return fail(conn, Outcome::PolicyDenied, "denied by the outbound policy");
                     }
                 }
                 Err(ConnectFailure::Failed(e)) => {
@@ -143,13 +136,13 @@ impl Proxy {
                     warn!(%dst, "{e}");
                     self.telemetry.tunnel_failed(e.reason());
                     let _ = client.set_zero_linger();
-                    return fail(rec, Outcome::TunnelFailed, e);
+                    return fail(conn, Outcome::TunnelFailed, e);
                 }
                 Err(
                     refused @ (ConnectFailure::CircuitOpen { .. } | ConnectFailure::Overloaded(_)),
                 ) => {
                     let _ = client.set_zero_linger();
-                    return refused.fail(rec, Outcome::TunnelFailed, dst);
+                    return refused.fail(conn, Outcome::TunnelFailed, dst);
                 }
             }
         }
@@ -157,21 +150,22 @@ impl Proxy {
         // Plaintext upstream: our own connect is exempt from redirection (proxy cgroup role).
         let connecting = Instant::now();
         let attempt = |budget| Self::connect(dst, budget);
-        let connected = self.connect_upstream(dst, rec, conn, attempt, resilience::retryable);
+        let connected = self.connect_upstream(dst, conn, attempt, resilience::retryable);
         let mut upstream = match connected.await {
             Ok(s) => s,
             Err(e) => {
                 if let ConnectFailure::Failed(e) = &e {
-                    info!(%dst, retries = rec.connect_retries, "upstream connect failed: {e}");
+                    let retries = conn.record().connect_retries;
+                    info!(%dst, retries, "upstream connect failed: {e}");
                 }
                 // Reset the client so it fails now, the way a refused connect would.
                 let _ = client.set_zero_linger();
-                return e.fail(rec, Outcome::UpstreamConnectFailed, dst);
+                return e.fail(conn, Outcome::UpstreamConnectFailed, dst);
             }
         };
-        rec.upstream_connect_us = Some(connecting.elapsed().as_micros() as u64);
         conn.upstream_connected(connecting.elapsed());
         conn.established(Mode::Plain);
+        let rec = conn.record_mut();
         rec.upstream_local = upstream.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {
             rec.upstream_leg_spliced = self.redirect.is_spliced(upstream.as_fd(), up_local, dst);
@@ -184,10 +178,11 @@ impl Proxy {
             upstream.split(),
             self.settings.idle_timeout,
             &self.abort,
-            conn,
+            &*conn,
         )
         .await;
         // The kernel's view of both legs, while the sockets are still open.
+        let rec = conn.record_mut();
         rec.tcp_app = tcp_info::read(&client);
         rec.tcp_upstream = tcp_info::read(&upstream);
         if copied.end.is_error() {
@@ -208,19 +203,18 @@ impl Proxy {
         mut t: tunnel::Tunnel,
         dst: SocketAddr,
         check_server: bool,
-        rec: &mut ConnRecord,
-        conn: &Conn,
+        conn: &mut Conn,
     ) {
         let verified = Request {
             way: Way::Outbound,
             peer: Some(&t.peer),
             dst,
         };
-        if check_server && !self.permitted(rec, &verified) {
+        if check_server && !self.permitted(conn, &verified) {
             self.telemetry.tunnel_failed(tunnel::SERVER_IDENTITY_DENIED);
             let _ = client.set_zero_linger();
             return fail(
-                rec,
+                conn,
                 Outcome::PolicyDenied,
                 format!("the outbound policy does not admit server {}", t.peer),
             );
@@ -229,10 +223,10 @@ impl Proxy {
             warn!(%dst, "{e}");
             self.telemetry.tunnel_failed(e.reason());
             let _ = client.set_zero_linger();
-            return fail(rec, Outcome::TunnelFailed, e);
+            return fail(conn, Outcome::TunnelFailed, e);
         }
         let tcp = t.stream.get_ref().0;
-        rec.upstream_local = tcp.local_addr().ok();
+        conn.record_mut().upstream_local = tcp.local_addr().ok();
         // A second handle on the tunnel's socket, to read TCP_INFO after the copy has
         // consumed the stream.
         let tunnel_socket = tcp.as_fd().try_clone_to_owned().ok();
@@ -242,9 +236,10 @@ impl Proxy {
             tokio::io::split(t.stream),
             self.settings.idle_timeout,
             &self.abort,
-            conn,
+            &*conn,
         )
         .await;
+        let rec = conn.record_mut();
         rec.tcp_app = tcp_info::read(&client);
         rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
         if copied.end.is_error() {

@@ -19,11 +19,13 @@ use super::ebpf::{EbpfError, open_pinned};
 use crate::{
     agent::protocol::PassedThrough,
     host::sock_diag,
-    proxy::{
+    proxy::resilience::ConnectOutcomes,
+    telemetry::{
+        LiveRow, OpenConnections, Telemetry,
+        access_log::rfc3339,
         record::{ConnRecord, Direction, Journal, Mode, Outcome, Path},
-        resilience::ConnectOutcomes,
+        tcp_info::TcpStats,
     },
-    telemetry::{LiveRow, OpenConnections, Telemetry, access_log::rfc3339, tcp_info::TcpStats},
 };
 
 /// TCP states (`include/net/tcp_states.h`) a socket can leave for `TCP_CLOSE`.

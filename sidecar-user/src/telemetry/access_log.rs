@@ -29,9 +29,9 @@ use tracing::{
 };
 use tracing_subscriber::{Layer, layer::Context};
 
-use crate::{
-    proxy::record::{ConnRecord, Direction, Mode, Path},
-    telemetry::tcp_info::TcpStats,
+use super::{
+    record::{ConnRecord, Direction, Mode, Path},
+    tcp_info::TcpStats,
 };
 
 /// The `tracing` target of access-log events.

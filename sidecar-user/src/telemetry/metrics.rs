@@ -18,12 +18,11 @@ use prometheus::{
 };
 use sidecar_common::Counter;
 
-use super::process::ProcessCollector;
-use crate::proxy::{
-    limits::Cap,
+use super::{
+    process::ProcessCollector,
     record::{Direction, Mode, Outcome, Path},
-    resilience::Transition,
 };
+use crate::proxy::{limits::Cap, resilience::Transition};
 
 /// Metric name prefix.
 pub const NAMESPACE: &str = "sidecar";

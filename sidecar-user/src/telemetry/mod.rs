@@ -2,15 +2,17 @@
 //! [`metrics`], the JSON [`access_log`], the kernel's TCP view ([`tcp_info`]), the live
 //! connection table and readiness. The admin server (`crate::admin`) serves all of it.
 //!
-//! The proxy touches telemetry at three points, each one call: [`Telemetry::accept`] when a
-//! connection arrives (returns the [`Conn`] handle that also meters bytes as they move),
-//! [`Conn::upstream_connected`] once the destination answers, and [`Telemetry::close`] with
-//! the finished record. Everything else — aggregation, eBPF counters, rendering — happens on
-//! the admin thread when someone asks.
+//! A proxied connection has one handle, the [`Conn`] that [`Telemetry::accept`] returns when
+//! it arrives: it meters bytes as they move, and each fact the proxy learns (destination,
+//! tunnel, retries, upstream connected) is told to it once, landing in the live table, the
+//! metrics and the connection's [`ConnRecord`] together. [`Telemetry::close`] takes the handle
+//! back and returns the finished record for the journal. Everything else — aggregation, eBPF
+//! counters, rendering — happens on the admin thread when someone asks.
 
 pub mod access_log;
 pub mod metrics;
 pub mod process;
+pub mod record;
 pub mod tcp_info;
 
 use std::{
@@ -26,12 +28,12 @@ use std::{
 use prometheus::{Histogram, IntCounter, IntGauge};
 use serde::Serialize;
 
-use self::{access_log::AccessRecord, metrics::Metrics};
-use crate::proxy::{
-    copy::Meter,
+use self::{
+    access_log::AccessRecord,
+    metrics::Metrics,
     record::{ConnRecord, Direction, Mode, Path},
-    resilience::Transition,
 };
+use crate::proxy::{copy::Meter, resilience::Transition};
 
 /// Where the eBPF counters come from (the eBPF loader's map reader; other interception
 /// modes can supply their own).
@@ -471,9 +473,9 @@ impl Telemetry {
         &self.handles[d as usize]
     }
 
-    /// A new connection from `client`: listed as live, metered from now on. It is counted
-    /// as opened once its mode is known ([`Conn::established`]), or at close if it never got
-    /// that far.
+    /// A new connection from `client`: listed as live, metered from now on, and its record
+    /// started. It is counted as opened once its mode is known ([`Conn::established`]), or at
+    /// close if it never got that far.
     pub fn accept(self: &Arc<Self>, id: u64, direction: Direction, client: SocketAddr) -> Conn {
         let live = Arc::new(LiveConn {
             id,
@@ -493,24 +495,32 @@ impl Telemetry {
         self.handles(direction).active.inc();
         lock(&self.live).insert(id, live.clone());
         Conn {
-            live,
-            telemetry: self.clone(),
+            record: ConnRecord::new(id, direction, client),
+            listed: Listed {
+                live,
+                telemetry: self.clone(),
+            },
         }
     }
 
-    /// The connection is over: close counters, histograms, TCP stats, the access log.
-    pub fn close(&self, conn: Conn, rec: &ConnRecord) {
-        let duration = conn.live.started.elapsed();
-        let started_wall = conn.live.started_wall;
+    /// The connection is over: close counters, histograms, TCP stats, the access log. Returns
+    /// its finished record (its duration measured from accept, like the histogram's), for
+    /// the journal.
+    pub fn close(&self, mut conn: Conn) -> ConnRecord {
+        let duration = conn.live().started.elapsed();
+        let started_wall = conn.live().started_wall;
         // A connection that failed before its mode was known still counts as opened.
-        conn.established(rec.mode);
+        conn.established(conn.record.mode);
+        let Conn { mut record, listed } = conn;
+        record.duration_ms = duration.as_millis() as u64;
         // Out of the active gauge before it counts as closed, so no scrape sees a connection
         // both closed and active (the VM matrix caught that window under TCG).
-        drop(conn);
-        self.handles(rec.direction)
+        drop(listed);
+        self.handles(record.direction)
             .duration
             .observe(duration.as_secs_f64());
-        self.finish(rec, started_wall, duration);
+        self.finish(&record, started_wall, duration);
+        record
     }
 
     /// A pass-through connection the kernel reported closed: the same series and access log
@@ -665,23 +675,56 @@ impl Telemetry {
     }
 }
 
-/// The proxy's handle on one connection. Dropping it (also on panic) takes the connection
-/// out of the live table and the active gauge.
+/// The proxy's handle on one connection: its place in the live table and the record it
+/// will close with. Each fact goes through one method here, which writes it to both (and to
+/// the metrics), so the live view and the final record cannot disagree. Facts only the final
+/// record keeps (bytes, outcome, TCP stats, policy decision, …) go through [`Conn::record_mut`].
+/// Dropping it (also on panic) takes the connection out of the live table and the active gauge.
 pub struct Conn {
+    record: ConnRecord,
+    listed: Listed,
+}
+
+/// A connection's row in the live table and its place in the active gauge, given up when
+/// dropped. Apart from [`Conn`]'s record so [`Telemetry::close`] can end the listing (before
+/// the connection counts as closed) and still keep the record.
+struct Listed {
     live: Arc<LiveConn>,
     telemetry: Arc<Telemetry>,
 }
 
 impl Conn {
-    pub fn destination(&self, dst: SocketAddr) {
-        let _ = self.live.original_dst.set(dst);
+    /// The record so far.
+    pub fn record(&self) -> &ConnRecord {
+        &self.record
     }
 
-    /// The connection's mode is settled (plain upstream, or an mTLS tunnel): counted as
-    /// opened, once.
-    pub fn established(&self, mode: Mode) {
-        if self.live.mode.set(mode).is_ok() {
-            let h = self.telemetry.handles(self.live.direction);
+    /// For the facts only the finished record holds; the ones the live table shows too go
+    /// through this handle's other methods.
+    pub fn record_mut(&mut self) -> &mut ConnRecord {
+        &mut self.record
+    }
+
+    fn live(&self) -> &LiveConn {
+        &self.listed.live
+    }
+
+    fn handles(&self) -> &DirectionHandles {
+        self.listed.telemetry.handles(self.live().direction)
+    }
+
+    /// The original destination is known.
+    pub fn destination(&mut self, dst: SocketAddr) {
+        self.record.original_dst = Some(dst);
+        let _ = self.live().original_dst.set(dst);
+    }
+
+    /// The connection's mode is settled (plain upstream, or an mTLS tunnel): recorded and
+    /// counted as opened, once.
+    pub fn established(&mut self, mode: Mode) {
+        if self.live().mode.set(mode).is_ok() {
+            self.record.mode = mode;
+            let h = self.handles();
             match mode {
                 Mode::Plain => h.opened_plain.inc(),
                 Mode::Mtls => h.opened_mtls.inc(),
@@ -690,68 +733,61 @@ impl Conn {
     }
 
     /// An mTLS handshake completed after `took` (a resumption of an earlier session if
-    /// `resumed`), verifying these identities.
-    pub fn tls_established(
-        &self,
-        took: Duration,
-        resumed: bool,
-        src: Option<String>,
-        dst: Option<String>,
-    ) {
-        let h = self.telemetry.handles(self.live.direction);
+    /// `resumed`), verifying these identities: the connection's mode is mTLS.
+    pub fn tls_established(&mut self, took: Duration, resumed: bool, src: String, dst: String) {
+        let h = self.handles();
         h.tls_handshake.observe(took.as_secs_f64());
         match resumed {
             true => h.handshakes_resumed.inc(),
             false => h.handshakes_full.inc(),
         }
-        if let Some(src) = src {
-            let _ = self.live.src_identity.set(src);
-        }
-        if let Some(dst) = dst {
-            let _ = self.live.dst_identity.set(dst);
-        }
+        let _ = self.live().src_identity.set(src.clone());
+        let _ = self.live().dst_identity.set(dst.clone());
+        self.record.src_identity = Some(src);
+        self.record.dst_identity = Some(dst);
+        self.record.tls_resumed = Some(resumed);
         self.established(Mode::Mtls);
     }
 
     /// Another connect attempt (after a failed one) connected or failed.
-    pub fn connect_retried(&self, connected: bool) {
-        self.live.connect_retries.fetch_add(1, Ordering::Relaxed);
-        let d = self.live.direction.as_str();
+    pub fn connect_retried(&mut self, connected: bool) {
+        self.record.connect_retries += 1;
+        self.live().connect_retries.fetch_add(1, Ordering::Relaxed);
+        let d = self.live().direction.as_str();
         let outcome = if connected { "connected" } else { "failed" };
-        self.telemetry
+        self.listed
+            .telemetry
             .metrics
             .connect_retries
             .with_label_values(&[d, outcome])
             .inc();
     }
 
-    /// The destination answered after `connect_time`; everything else since accept was the
-    /// proxy's own work.
-    pub fn upstream_connected(&self, connect_time: Duration) {
-        let h = self.telemetry.handles(self.live.direction);
+    /// The destination (or its sidecar, through the tunnel) answered after `connect_time`;
+    /// everything else since accept was the proxy's own work.
+    pub fn upstream_connected(&mut self, connect_time: Duration) {
+        self.record.upstream_connect_us = Some(connect_time.as_micros() as u64);
+        let h = self.handles();
         h.upstream_connect.observe(connect_time.as_secs_f64());
-        let setup = self.live.started.elapsed().saturating_sub(connect_time);
+        let setup = self.live().started.elapsed().saturating_sub(connect_time);
         h.proxy_setup.observe(setup.as_secs_f64());
-        self.live.upstream_ready.store(true, Ordering::Relaxed);
+        self.live().upstream_ready.store(true, Ordering::Relaxed);
     }
 }
 
 impl Meter for Conn {
     fn client_to_upstream(&self, n: u64) {
-        self.live.sent.fetch_add(n, Ordering::Relaxed);
-        self.telemetry.handles(self.live.direction).sent.inc_by(n);
+        self.live().sent.fetch_add(n, Ordering::Relaxed);
+        self.handles().sent.inc_by(n);
     }
 
     fn upstream_to_client(&self, n: u64) {
-        self.live.received.fetch_add(n, Ordering::Relaxed);
-        self.telemetry
-            .handles(self.live.direction)
-            .received
-            .inc_by(n);
+        self.live().received.fetch_add(n, Ordering::Relaxed);
+        self.handles().received.inc_by(n);
     }
 }
 
-impl Drop for Conn {
+impl Drop for Listed {
     fn drop(&mut self) {
         self.telemetry.handles(self.live.direction).active.dec();
         lock(&self.telemetry.live).remove(&self.live.id);
@@ -806,6 +842,80 @@ mod tests {
         t.attached(info, Arc::new(NoKernelCounters));
         assert_eq!(t.startup(), Some(startup));
         assert_eq!(t.metrics.startup.get(), startup.as_secs_f64());
+    }
+
+    #[test]
+    fn each_fact_told_to_the_handle_reaches_the_live_row_and_the_record() {
+        let t = Telemetry::new(TelemetrySettings::default());
+        let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let mut conn = t.accept(7, Direction::Outbound, client);
+        conn.destination(dst);
+        conn.connect_retried(true);
+        conn.tls_established(
+            Duration::from_millis(2),
+            true,
+            "spiffe://td/a".into(),
+            "spiffe://td/b".into(),
+        );
+        conn.upstream_connected(Duration::from_micros(1500));
+        conn.record_mut().bytes_from_client = 3;
+
+        let rows = t.live_connections();
+        let [row] = rows.as_slice() else {
+            panic!("{rows:?}")
+        };
+        assert_eq!(
+            (row.id, row.original_dst, row.mode),
+            (7, Some(dst), Mode::Mtls)
+        );
+        assert_eq!((row.connect_retries, row.state), (1, "open"));
+        assert_eq!(row.src_identity.as_deref(), Some("spiffe://td/a"));
+        assert_eq!(row.dst_identity.as_deref(), Some("spiffe://td/b"));
+
+        let rec = t.close(conn);
+        assert_eq!(
+            (rec.id, rec.client, rec.original_dst),
+            (7, client, Some(dst))
+        );
+        assert_eq!((rec.mode, rec.connect_retries), (Mode::Mtls, 1));
+        assert_eq!(rec.src_identity.as_deref(), Some("spiffe://td/a"));
+        assert_eq!(rec.dst_identity.as_deref(), Some("spiffe://td/b"));
+        assert_eq!(
+            (rec.tls_resumed, rec.upstream_connect_us),
+            (Some(true), Some(1500))
+        );
+        assert_eq!(rec.bytes_from_client, 3);
+        assert!(
+            t.live_connections().is_empty(),
+            "closed: out of the live table"
+        );
+        let m = &t.metrics;
+        assert_eq!(m.active.with_label_values(&["outbound"]).get(), 0);
+        let opened = m.opened.with_label_values(&["outbound", "mtls", "proxy"]);
+        assert_eq!(opened.get(), 1);
+        let closed = m.closed.with_label_values(&["outbound", "ok", "proxy"]);
+        assert_eq!(closed.get(), 1);
+    }
+
+    #[test]
+    fn a_connection_that_failed_before_its_mode_was_known_closes_as_opened_plain() {
+        let t = Telemetry::new(TelemetrySettings::default());
+        let mut conn = t.accept(1, Direction::Inbound, "10.0.0.1:1".parse().unwrap());
+        conn.record_mut().outcome = record::Outcome::Refused;
+        let rec = t.close(conn);
+        assert_eq!(
+            (rec.mode, rec.outcome),
+            (Mode::Plain, record::Outcome::Refused)
+        );
+        let m = &t.metrics;
+        assert_eq!(
+            m.opened
+                .with_label_values(&["inbound", "plain", "proxy"])
+                .get(),
+            1
+        );
+        assert_eq!(m.active.with_label_values(&["inbound"]).get(), 0);
     }
 
     #[test]

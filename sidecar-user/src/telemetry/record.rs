@@ -1,10 +1,14 @@
-//! What the proxy remembers about each connection, for the exit summary and the report.
+//! What is remembered about each connection, proxied or passed through: the label enums
+//! that name its direction, mode, path and outcome (the same strings in metrics, access log
+//! and report), the finished [`ConnRecord`] and the [`Journal`] that keeps them for the exit
+//! report. A proxied connection's record is filled through its [`Conn`](super::Conn) handle,
+//! so each fact is written once and reaches the live table, the metrics and the record alike.
 
 use std::{net::SocketAddr, sync::Mutex};
 
 use serde::Serialize;
 
-use crate::telemetry::tcp_info::TcpStats;
+use super::tcp_info::TcpStats;
 
 /// Declares an enum of metric-label values: the variants, their label strings and `ALL` (in
 /// declaration order) come from one list, so no list of variants can drift from the enum.
@@ -191,31 +195,6 @@ impl ConnRecord {
             Direction::Outbound => self.dst_identity.as_deref(),
             Direction::Inbound => self.src_identity.as_deref(),
         }
-    }
-}
-
-/// Connections the inbound side refused, by reason (`no_client_cert`, `untrusted_ca`,
-/// `expired_certificate`, `wrong_identity`, `tls_other`, `alpn`, `preamble_*`, `handshake_timeout`).
-#[derive(Default)]
-pub struct Rejections {
-    counts: Mutex<std::collections::BTreeMap<&'static str, u64>>,
-}
-
-impl Rejections {
-    pub fn count(&self, reason: &'static str) {
-        *self
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-    }
-
-    pub fn snapshot(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        self.counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 }
 
