@@ -13,7 +13,10 @@
 //!   connection attempts to the workload that do not come from loopback.
 //!
 //! Each entry point is a thin wrapper that calls a `try_*` function and maps its result to
-//! the verdict in one place; every verdict lets traffic through unchanged when in doubt.
+//! the verdict in one place. Where an error could let a connection bypass the proxy (the
+//! connect hooks), the verdict refuses it and counts why (fail closed); the others (sockops,
+//! sk_msg, getsockopt) only add a splice, a record or an answer, and on error leave the
+//! socket to plain TCP, which bypasses nothing.
 #![no_std]
 #![no_main]
 // `direct_counts` needs an atomic add, which core's atomics lack on the BPF target.

@@ -42,6 +42,7 @@ use crate::{
         circuits::KernelCircuits,
         ebpf::{Destinations, EbpfInterception, ScopedCidr, Settings, Workload},
         iptables::{self, IptablesInterception},
+        orig_dst,
         passthrough::{Following, OpenDirect, Recorder},
     },
     report::Report,
@@ -358,7 +359,7 @@ impl Interception {
     fn redirect(&self) -> Arc<dyn Redirect> {
         match self {
             Interception::Ebpf(e) => e.lookups(),
-            Interception::Iptables(_) => Arc::new(iptables::OriginalDst),
+            Interception::Iptables(_) => Arc::new(orig_dst::OriginalDst),
         }
     }
 

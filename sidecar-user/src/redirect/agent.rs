@@ -1,6 +1,6 @@
 //! The pod sidecar's view of the agent's interception: it holds no map and no capability, so
 //! it asks its sockets. The original destination comes from `SO_ORIGINAL_DST`, exactly as in
-//! iptables mode ([`OriginalDst`]); whether a socket is in the sockmap fast path from the
+//! iptables mode ([`OriginalDst`], `orig_dst.rs`); whether a socket is in the sockmap fast path from the
 //! private `SO_SPLICED` option. The agent's `cgroup/getsockopt` program answers both.
 
 use std::{net::SocketAddr, os::fd::BorrowedFd};
@@ -9,7 +9,7 @@ use sidecar_common::sockopt::{SO_SPLICED, SOL_IP};
 
 use super::{
     OrigDstError, Redirect,
-    iptables::{OriginalDst, getsockopt},
+    orig_dst::{OriginalDst, getsockopt},
 };
 
 /// [`Redirect`] for `sidecar proxy` under `sidecar agent`.

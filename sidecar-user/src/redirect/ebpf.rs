@@ -30,6 +30,7 @@ use sidecar_common::{
 use thiserror::Error;
 
 use super::{OrigDstError, Redirect};
+use crate::telemetry::CounterSource;
 
 /// The eBPF object, built by `cargo xtask build-ebpf` and embedded at compile time so the
 /// binary is self-contained.
@@ -552,9 +553,11 @@ impl KernelLookups {
             counters: open_pinned(pin_dir, maps::COUNTERS)?,
         })
     }
+}
 
+impl CounterSource for KernelLookups {
     /// Sum over CPUs of every counter, by name.
-    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
         sum_counters(&self.counters)
     }
 }

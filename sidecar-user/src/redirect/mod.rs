@@ -6,6 +6,7 @@ pub mod agent;
 pub mod circuits;
 pub mod ebpf;
 pub mod iptables;
+pub mod orig_dst;
 pub mod passthrough;
 
 use std::{net::SocketAddr, os::fd::BorrowedFd};

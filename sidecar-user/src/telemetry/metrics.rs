@@ -179,7 +179,7 @@ impl Metrics {
             tls_handshake: reg!(HistogramVec::new(
                 hist(
                     "tls_handshake_seconds",
-                    "mTLS handshake time (no observations until mTLS is built).",
+                    "mTLS handshake time (no observations without --tls-dir).",
                     buckets(0.0001, 4.0, 10)
                 ),
                 dir
@@ -204,14 +204,14 @@ impl Metrics {
             fast_path: reg!(IntCounterVec::new(
                 opts(
                     "fast_path_connections_total",
-                    "Connections whose leg was spliced by the kernel sockmap fast path."
+                    "Connections whose leg was spliced by the kernel sockmap (--sockmap)."
                 ),
                 &["direction", "leg"]
             )),
             policy_decisions: reg!(IntCounterVec::new(
                 opts(
                     "policy_decisions_total",
-                    "Authorization policy decisions (zero until policy is built)."
+                    "Authorization policy decisions (zero without --policy)."
                 ),
                 &["direction", "decision"]
             )),
@@ -269,7 +269,7 @@ impl Metrics {
             ))),
             certificates_loaded: reg!(IntGauge::with_opts(opts(
                 "certificates_loaded",
-                "Workload certificates loaded (0 until mTLS is built)."
+                "Workload certificates loaded (0 without --tls-dir)."
             ))),
             certificate_expiry: reg!(GaugeVec::new(
                 opts(

@@ -798,12 +798,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl CounterSource for crate::redirect::ebpf::KernelLookups {
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        crate::redirect::ebpf::KernelLookups::counters(self)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
