@@ -276,7 +276,7 @@ fn policy_check(
 ) -> anyhow::Result<i32> {
     use std::net::SocketAddr;
 
-    use sidecar::policy::rules::{Request, Way};
+    use sidecar::{policy::rules::Request, telemetry::labels::Direction};
     let loaded = sidecar::policy::load(file)?;
     let policy = &loaded.policy;
     eprintln!(
@@ -290,8 +290,8 @@ fn policy_check(
         let d = policy.evaluate(&req);
         let line = serde_json::json!({
             "direction": req.way.as_str(),
-            "source": req.peer.filter(|_| req.way == Way::Inbound).map(|s| s.to_string()),
-            "server": req.peer.filter(|_| req.way == Way::Outbound).map(|s| s.to_string()),
+            "source": req.peer.filter(|_| req.way == Direction::Inbound).map(|s| s.to_string()),
+            "server": req.peer.filter(|_| req.way == Direction::Outbound).map(|s| s.to_string()),
             "dst": req.dst.to_string(),
             "action": d.action.as_str(),
             "rule": policy.rule_label(&d, req.way),
@@ -315,7 +315,7 @@ fn policy_check(
         let kernel = loaded.compiled.denies(dst.ip(), dst.port());
         print(
             Request {
-                way: Way::Outbound,
+                way: Direction::Outbound,
                 peer: server.as_ref(),
                 dst,
             },
@@ -328,7 +328,7 @@ fn policy_check(
             id.ok_or_else(|| anyhow::anyhow!("--inbound {spec:?}: write SPIFFE_ID=IP:PORT"))?;
         print(
             Request {
-                way: Way::Inbound,
+                way: Direction::Inbound,
                 peer: Some(&id),
                 dst,
             },

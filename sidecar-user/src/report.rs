@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::telemetry::record::{ConnRecord, Direction, Outcome, Path as ConnPath};
+use crate::telemetry::{
+    labels::{Direction, Outcome, Path as ConnPath},
+    record::ConnRecord,
+};
 
 /// Rows the human summary shows before it abbreviates.
 const SUMMARY_ROWS: usize = 20;

@@ -22,10 +22,7 @@ use crate::{
     run::MtlsOptions,
     telemetry::{
         PolicyStatus, Security, SecuritySource, Telemetry, TelemetrySettings, TlsStatus,
-        access_log::AccessLogTarget,
-        process,
-        record::{Direction, Journal},
-        unix_secs,
+        access_log::AccessLogTarget, labels::Direction, process, record::Journal, unix_secs,
     },
     tls::{self, TlsState},
 };

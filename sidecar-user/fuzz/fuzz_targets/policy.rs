@@ -22,6 +22,15 @@ mod tls {
     pub(crate) use super::identity;
 }
 
+#[path = "../../src/telemetry/labels.rs"]
+#[allow(dead_code)]
+mod labels;
+
+/// `crate::telemetry::labels` (the connection vocabulary), as the parser names it.
+mod telemetry {
+    pub(crate) use super::labels;
+}
+
 // schema.rs names its siblings `super::rules` and `super::destinations`: all sit at the
 // crate root here.
 #[path = "../../src/policy/rules.rs"]
@@ -36,7 +45,8 @@ mod destinations;
 #[allow(dead_code)]
 mod schema;
 
-use rules::{Request, Way};
+use labels::Direction;
+use rules::Request;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -60,9 +70,9 @@ fuzz_target!(|data: &[u8]| {
             for dst in ["10.0.0.1:80", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:0", "0.0.0.0:65535"] {
                 let dst: SocketAddr = dst.parse().unwrap();
                 let peers = [
-                    (Way::Outbound, None),
-                    (Way::Outbound, Some(&id)),
-                    (Way::Inbound, Some(&id)),
+                    (Direction::Outbound, None),
+                    (Direction::Outbound, Some(&id)),
+                    (Direction::Inbound, Some(&id)),
                 ];
                 for (way, peer) in peers {
                     let _ = p.depends_on_peer(&Request { way, peer, dst });

@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::telemetry::{
     InterceptionInfo, PolicyStatus, Telemetry, TlsStatus,
+    labels::{Direction, Mode, Outcome, Path},
     metrics::LEGS,
     process::Usage,
-    record::{Direction, Mode, Outcome, Path},
     unix_secs,
 };
 

@@ -33,9 +33,9 @@ use thiserror::Error;
 
 use super::{
     destinations::DestinationSettings,
-    rules::{Action, Policy, PortRange, Way},
+    rules::{Action, Policy, PortRange},
 };
-use crate::cidr::Cidr;
+use crate::{cidr::Cidr, telemetry::labels::Direction};
 
 /// A prefix in the 128-bit space where IPv4 is v4-mapped (`::ffff:a.b.c.d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,7 +136,7 @@ pub fn compile(policy: &Policy) -> Result<Compiled, KernelPolicyError> {
     let outbound: Vec<_> = policy
         .rules
         .iter()
-        .filter(|r| r.direction != Some(Way::Inbound))
+        .filter(|r| r.direction != Some(Direction::Inbound))
         .collect();
     let mut prefixes: BTreeSet<Prefix> = [ALL, V4_MAPPED].into_iter().collect();
     for r in &outbound {
@@ -461,9 +461,9 @@ mod tests {
             assert!(decode_deny(&buf[offset..offset + size - 1]).is_none());
         }
     }
-    use crate::policy::{
-        rules::{Request, Way},
-        schema::parse,
+    use crate::{
+        policy::{rules::Request, schema::parse},
+        telemetry::labels::Direction,
     };
 
     /// The kernel's verdict (computed the way the hook looks it up) equals the proxy's
@@ -541,7 +541,7 @@ mod tests {
                 let ip: IpAddr = a.parse().unwrap();
                 for &port in &ports {
                     let d = policy.evaluate(&Request {
-                        way: Way::Outbound,
+                        way: Direction::Outbound,
                         peer: None,
                         dst: (ip, port).into(),
                     });
@@ -675,7 +675,7 @@ mod tests {
                 let ip: IpAddr = a.parse().unwrap();
                 for port in [0u16, 1, 25, 49, 50, 99, 100, 148, 149, 150, 65535] {
                     let d = policy.evaluate(&Request {
-                        way: Way::Outbound,
+                        way: Direction::Outbound,
                         peer: None,
                         dst: (ip, port).into(),
                     });
@@ -754,7 +754,7 @@ mod tests {
             let proxy_refuses = |peer: Option<&SpiffeId>| {
                 policy
                     .evaluate(&Request {
-                        way: Way::Outbound,
+                        way: Direction::Outbound,
                         peer,
                         dst,
                     })
@@ -769,7 +769,7 @@ mod tests {
         let decide = |peer| {
             policy
                 .evaluate(&Request {
-                    way: Way::Outbound,
+                    way: Direction::Outbound,
                     peer,
                     dst: db,
                 })

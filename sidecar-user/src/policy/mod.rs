@@ -35,6 +35,7 @@ use self::{
     rules::{Action, Policy, Request},
     stats::{DecisionCount, Outcome, PolicyStats},
 };
+use crate::telemetry::labels::Direction;
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -310,7 +311,7 @@ impl Enforcer {
             Default::default();
         for e in events {
             let req = Request {
-                way: rules::Way::Outbound,
+                way: Direction::Outbound,
                 peer: None,
                 dst: e.dst,
             };

@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr};
 use serde::Serialize;
 
 use super::destinations::DestinationSettings;
-use crate::{cidr::Cidr, tls::identity::SpiffeId};
+use crate::{cidr::Cidr, telemetry::labels::Direction, tls::identity::SpiffeId};
 
 /// What a matching rule (or a default) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -30,25 +30,6 @@ impl Action {
     /// Whether the connection may proceed (audit does).
     pub fn lets_through(self) -> bool {
         self != Self::Deny
-    }
-}
-
-/// Which way a connection crosses the sidecar, as the policy sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Way {
-    /// From the local workload to anywhere (intercepted by the kernel).
-    Outbound,
-    /// From a peer sidecar, through the mTLS tunnel, to the local workload.
-    Inbound,
-}
-
-impl Way {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Outbound => "outbound",
-            Self::Inbound => "inbound",
-        }
     }
 }
 
@@ -135,7 +116,7 @@ pub struct Rule {
     pub line: usize,
     pub action: Action,
     /// `None`: both directions.
-    pub direction: Option<Way>,
+    pub direction: Option<Direction>,
     /// The verified identity of the sidecar at the other end of the tunnel: the client's
     /// inbound (`sources` in the file), the server's outbound (`servers`). A rule with
     /// identities never matches a connection without one (plaintext).
@@ -221,7 +202,7 @@ pub fn cidr_within(inner: &Cidr, outer: &Cidr) -> bool {
 /// One connection to decide on.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    pub way: Way,
+    pub way: Direction,
     /// The verified identity at the other end of the tunnel (inbound: the client's;
     /// outbound: the server's, known once the handshake is done); `None` in plaintext.
     pub peer: Option<&'a SpiffeId>,
@@ -270,10 +251,10 @@ impl Policy {
         self.destinations.iter().find(|d| d.matches(dst))
     }
 
-    pub fn default_for(&self, way: Way) -> Action {
+    pub fn default_for(&self, way: Direction) -> Action {
         match way {
-            Way::Outbound => self.default_outbound,
-            Way::Inbound => self.default_inbound,
+            Direction::Outbound => self.default_outbound,
+            Direction::Inbound => self.default_inbound,
         }
     }
 
@@ -301,7 +282,7 @@ impl Policy {
     }
 
     /// The label counters and logs use for a decision's rule.
-    pub fn rule_label(&self, decision: &Decision, way: Way) -> String {
+    pub fn rule_label(&self, decision: &Decision, way: Direction) -> String {
         match decision.rule {
             Some(i) => self.rules[i].name.clone(),
             None => format!("default-{}", way.as_str()),

@@ -35,9 +35,9 @@ use toml::Spanned;
 
 use super::{
     destinations::{self, DestinationSettings},
-    rules::{Action, IdPattern, Policy, PortRange, Rule, Way},
+    rules::{Action, IdPattern, Policy, PortRange, Rule},
 };
-use crate::{cidr::Cidr, tls::identity::SpiffeId};
+use crate::{cidr::Cidr, telemetry::labels::Direction, tls::identity::SpiffeId};
 
 /// A policy file that cannot be used, and where.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
@@ -194,8 +194,8 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
         let direction = match &r.direction {
             None => None,
             Some(d) => Some(match d.get_ref().as_str() {
-                "outbound" => Way::Outbound,
-                "inbound" => Way::Inbound,
+                "outbound" => Direction::Outbound,
+                "inbound" => Direction::Inbound,
                 other => {
                     return Err(err(
                         d.span().start,
@@ -210,7 +210,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
             non_empty(&r.destinations, "destinations", at, &err)?,
             non_empty(&r.ports, "ports", at, &err)?,
         );
-        if !sources.is_empty() && direction != Some(Way::Inbound) {
+        if !sources.is_empty() && direction != Some(Direction::Inbound) {
             return Err(err(
                 sources[0].span().start,
                 "`sources` matches the verified identity of an inbound peer; outbound \
@@ -218,7 +218,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                     .into(),
             ));
         }
-        if !servers.is_empty() && direction != Some(Way::Outbound) {
+        if !servers.is_empty() && direction != Some(Direction::Outbound) {
             return Err(err(
                 servers[0].span().start,
                 "`servers` matches the verified identity of the server an outbound tunnel \

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Mutex};
 
 use serde::Serialize;
 
-use super::rules::Way;
+use crate::telemetry::labels::Direction;
 
 /// How a decision went, as counted and logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -32,7 +32,7 @@ impl Outcome {
 /// One counter row of the report.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DecisionCount {
-    pub direction: Way,
+    pub direction: Direction,
     pub rule: String,
     pub outcome: Outcome,
     pub count: u64,
@@ -40,11 +40,11 @@ pub struct DecisionCount {
 
 #[derive(Default)]
 pub struct PolicyStats {
-    counts: Mutex<BTreeMap<(Way, String, Outcome), u64>>,
+    counts: Mutex<BTreeMap<(Direction, String, Outcome), u64>>,
 }
 
 impl PolicyStats {
-    pub fn count(&self, way: Way, rule: &str, outcome: Outcome) {
+    pub fn count(&self, way: Direction, rule: &str, outcome: Outcome) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         match counts.get_mut(&(way, rule.to_string(), outcome)) {
             Some(n) => *n += 1,

@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 
 use super::{
-    rules::{Action, Request, Way},
+    rules::{Action, Request},
     schema::parse,
 };
-use crate::tls::identity::SpiffeId;
+use crate::{telemetry::labels::Direction, tls::identity::SpiffeId};
 
 const POLICY: &str = r#"
 [defaults]
@@ -61,14 +61,14 @@ sources = ["spiffe://partner.example"]
 "#;
 
 /// A connection to decide on: direction, peer identity, destination.
-type Conn = (Way, Option<&'static str>, &'static str);
+type Conn = (Direction, Option<&'static str>, &'static str);
 
 fn out(dst: &'static str) -> Conn {
-    (Way::Outbound, None, dst)
+    (Direction::Outbound, None, dst)
 }
 
 fn inb(id: &'static str, dst: &'static str) -> Conn {
-    (Way::Inbound, Some(id), dst)
+    (Direction::Inbound, Some(id), dst)
 }
 
 #[test]
@@ -173,20 +173,20 @@ fn outbound_rules_do_not_apply_inbound_and_vice_versa() {
     let check = |way, port, refused| {
         let d = policy.evaluate(&Request {
             way,
-            peer: (way == Way::Inbound).then_some(&id),
+            peer: (way == Direction::Inbound).then_some(&id),
             dst: SocketAddr::from(([10, 0, 0, 1], port)),
         });
         assert_eq!(d.refuse, refused, "{way:?} {port}");
     };
-    check(Way::Outbound, 80, false);
-    check(Way::Inbound, 80, true);
-    check(Way::Outbound, 81, true);
-    check(Way::Inbound, 81, true);
+    check(Direction::Outbound, 80, false);
+    check(Direction::Inbound, 80, true);
+    check(Direction::Outbound, 81, true);
+    check(Direction::Inbound, 81, true);
 }
 
 #[test]
 fn empty_policy_and_defaults() {
-    let any = |text: &str, way: Way| {
+    let any = |text: &str, way: Direction| {
         let id: SpiffeId = "spiffe://td/a".parse().unwrap();
         parse(text)
             .unwrap()
@@ -197,13 +197,13 @@ fn empty_policy_and_defaults() {
             })
             .refuse
     };
-    assert!(!any("", Way::Outbound) && !any("", Way::Inbound));
+    assert!(!any("", Direction::Outbound) && !any("", Direction::Inbound));
     let deny_in = "[defaults]\ninbound = \"deny\"\n";
-    assert!(!any(deny_in, Way::Outbound) && any(deny_in, Way::Inbound));
+    assert!(!any(deny_in, Direction::Outbound) && any(deny_in, Direction::Inbound));
     let dry = "dry_run = true\n[defaults]\noutbound = \"deny\"\n";
     let p = parse(dry).unwrap();
     let d = p.evaluate(&Request {
-        way: Way::Outbound,
+        way: Direction::Outbound,
         peer: None,
         dst: "[::1]:1".parse().unwrap(),
     });
@@ -439,11 +439,11 @@ fn servers_match_the_verified_server_identity() {
     let check = |server: Option<&str>| {
         let id: Option<SpiffeId> = server.map(|s| s.parse().unwrap());
         let d = policy.evaluate(&Request {
-            way: Way::Outbound,
+            way: Direction::Outbound,
             peer: id.as_ref(),
             dst,
         });
-        (policy.rule_label(&d, Way::Outbound), d.refuse)
+        (policy.rule_label(&d, Direction::Outbound), d.refuse)
     };
     let allowed = ("db-is-postgres".to_string(), false);
     let denied = ("db-nobody-else".to_string(), true);
@@ -461,7 +461,7 @@ fn servers_match_the_verified_server_identity() {
     // Only the destinations the identity rule covers wait for the handshake.
     let waits = |dst: &str| {
         policy.depends_on_peer(&Request {
-            way: Way::Outbound,
+            way: Direction::Outbound,
             peer: None,
             dst: dst.parse().unwrap(),
         })
@@ -531,7 +531,7 @@ fn files_caught_half_written_are_refused_and_rename_is_taken() {
     std::fs::write(&path, deny_db).unwrap();
     let enforcer = Enforcer::new(path.clone(), load(&path).unwrap(), None, None).unwrap();
     let db = Request {
-        way: Way::Outbound,
+        way: Direction::Outbound,
         peer: None,
         dst: "10.0.0.1:5432".parse().unwrap(),
     };

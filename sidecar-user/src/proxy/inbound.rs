@@ -19,8 +19,12 @@ use tracing::{info, warn};
 
 use super::{ConnectFailure, Proxy, copy, fail, finish_copy, resilience};
 use crate::{
-    policy::rules::{Request, Way},
-    telemetry::{Conn, record::Outcome, tcp_info},
+    policy::rules::Request,
+    telemetry::{
+        Conn,
+        labels::{Direction, Outcome},
+        tcp_info,
+    },
     tls::{
         ALPN,
         verify::{self, PeerError},
@@ -100,7 +104,7 @@ impl Proxy {
         // anything local is connected. Dropping `tls` closes the tunnel. (The enforcer logs
         // the decision with the identity and destination.)
         let req = Request {
-            way: Way::Inbound,
+            way: Direction::Inbound,
             peer: Some(&peer),
             dst: local_app,
         };

@@ -36,7 +36,8 @@ use crate::{
     redirect::Redirect,
     telemetry::{
         Conn, Telemetry,
-        record::{ConnRecord, Direction, Journal, Outcome},
+        labels::{Direction, Outcome},
+        record::{ConnRecord, Journal},
     },
 };
 

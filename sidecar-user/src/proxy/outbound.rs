@@ -7,10 +7,10 @@ use tracing::{info, warn};
 
 use super::{ConnectFailure, Proxy, copy, fail, finish_copy, guard, mesh::Route, resilience};
 use crate::{
-    policy::rules::{Request, Way},
+    policy::rules::Request,
     telemetry::{
         Conn,
-        record::{Mode, Outcome},
+        labels::{Direction, Mode, Outcome},
         tcp_info,
     },
     tunnel,
@@ -58,7 +58,7 @@ impl Proxy {
         // the handshake.
         let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));
         let plain = Request {
-            way: Way::Outbound,
+            way: Direction::Outbound,
             peer: None,
             dst,
         };
@@ -206,7 +206,7 @@ impl Proxy {
         conn: &mut Conn,
     ) {
         let verified = Request {
-            way: Way::Outbound,
+            way: Direction::Outbound,
             peer: Some(&t.peer),
             dst,
         };

@@ -23,7 +23,8 @@ use crate::{
     telemetry::{
         LiveRow, OpenConnections, Telemetry,
         access_log::rfc3339,
-        record::{ConnRecord, Direction, Journal, Mode, Outcome, Path},
+        labels::{Direction, Mode, Outcome, Path},
+        record::{ConnRecord, Journal},
         tcp_info::TcpStats,
     },
 };

@@ -30,7 +30,8 @@ use tracing::{
 use tracing_subscriber::{Layer, layer::Context};
 
 use super::{
-    record::{ConnRecord, Direction, Mode, Path},
+    labels::{Direction, Mode, Path},
+    record::ConnRecord,
     tcp_info::TcpStats,
 };
 

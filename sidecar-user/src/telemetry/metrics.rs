@@ -19,8 +19,8 @@ use prometheus::{
 use sidecar_common::Counter;
 
 use super::{
+    labels::{Direction, Mode, Outcome, Path},
     process::ProcessCollector,
-    record::{Direction, Mode, Outcome, Path},
 };
 use crate::proxy::{limits::Cap, resilience::Transition};
 

@@ -10,6 +10,7 @@
 //! counters, rendering — happens on the admin thread when someone asks.
 
 pub mod access_log;
+pub mod labels;
 pub mod metrics;
 pub mod process;
 pub mod record;
@@ -30,8 +31,9 @@ use serde::Serialize;
 
 use self::{
     access_log::AccessRecord,
+    labels::{Direction, Mode, Path},
     metrics::Metrics,
-    record::{ConnRecord, Direction, Mode, Path},
+    record::ConnRecord,
 };
 use crate::proxy::{copy::Meter, resilience::Transition};
 
@@ -896,11 +898,11 @@ mod tests {
     fn a_connection_that_failed_before_its_mode_was_known_closes_as_opened_plain() {
         let t = Telemetry::new(TelemetrySettings::default());
         let mut conn = t.accept(1, Direction::Inbound, "10.0.0.1:1".parse().unwrap());
-        conn.record_mut().outcome = record::Outcome::Refused;
+        conn.record_mut().outcome = labels::Outcome::Refused;
         let rec = t.close(conn);
         assert_eq!(
             (rec.mode, rec.outcome),
-            (Mode::Plain, record::Outcome::Refused)
+            (Mode::Plain, labels::Outcome::Refused)
         );
         let m = &t.metrics;
         assert_eq!(

@@ -1,118 +1,16 @@
-//! What is remembered about each connection, proxied or passed through: the label enums
-//! that name its direction, mode, path and outcome (the same strings in metrics, access log
-//! and report), the finished [`ConnRecord`] and the [`Journal`] that keeps them for the exit
-//! report. A proxied connection's record is filled through its [`Conn`](super::Conn) handle,
+//! What is remembered about each connection, proxied or passed through: the finished
+//! [`ConnRecord`] (in the [`labels`](super::labels) vocabulary) and the [`Journal`] that
+//! keeps them for the exit report. A proxied connection's record is filled through its [`Conn`](super::Conn) handle,
 //! so each fact is written once and reaches the live table, the metrics and the record alike.
 
 use std::{net::SocketAddr, sync::Mutex};
 
 use serde::Serialize;
 
-use super::tcp_info::TcpStats;
-
-/// Declares an enum of metric-label values: the variants, their label strings and `ALL` (in
-/// declaration order) come from one list, so no list of variants can drift from the enum.
-/// Serialized as the same strings.
-macro_rules! labels {
-    ($(#[$meta:meta])* pub enum $name:ident {
-        $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+
-    }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $label)] $variant,)+
-        }
-
-        impl $name {
-            pub const ALL: [$name; [$(stringify!($variant)),+].len()] = [$($name::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $label,)+
-                }
-            }
-        }
-    };
-}
-
-labels! {
-    /// Which way a connection crosses the sidecar.
-    pub enum Direction {
-        /// From the local app, intercepted by the kernel.
-        Outbound => "outbound",
-        /// From a peer sidecar, through the mTLS tunnel.
-        Inbound => "inbound",
-    }
-}
-
-labels! {
-    /// What protects the sidecar-to-sidecar leg.
-    pub enum Mode {
-        Plain => "plain",
-        Mtls => "mtls",
-    }
-}
-
-labels! {
-    /// Which way the connection's bytes went.
-    pub enum Path {
-        /// Through the proxy (two sockets, the proxy copying between them).
-        Proxy => "proxy",
-        /// Straight to the destination: the kernel let the connect through and recorded it.
-        Passthrough => "passthrough",
-    }
-}
-
-impl Path {
-    /// Only outbound connections can pass through (inbound ones arrive in a tunnel).
-    pub fn applies_to(self, direction: Direction) -> bool {
-        self == Self::Proxy || direction == Direction::Outbound
-    }
-}
-
-labels! {
-    /// How a connection ended.
-    pub enum Outcome {
-        /// Both directions reached EOF.
-        Ok => "ok",
-        /// The accepted socket had no original destination (not an intercepted connection).
-        NoOriginalDestination => "no_original_destination",
-        /// Connecting to the original destination failed or timed out.
-        UpstreamConnectFailed => "upstream_connect_failed",
-        /// The mTLS tunnel to the destination's sidecar could not be built.
-        TunnelFailed => "tunnel_failed",
-        /// A read or write failed mid-stream (e.g. a reset).
-        IoError => "io_error",
-        /// No byte moved in either direction for the idle timeout.
-        IdleTimeout => "idle_timeout",
-        /// The proxy shut down before the connection finished.
-        Shutdown => "shutdown",
-        /// The inbound side refused the peer (TLS, identity or preamble); see `error`.
-        Refused => "refused",
-        /// The authorization policy denied the connection.
-        PolicyDenied => "policy_denied",
-        /// Too many connections to this destination were open
-        /// (`--max-connections-per-destination`).
-        Overloaded => "overloaded",
-        /// The destination's circuit was open (it kept failing): failed without a connect.
-        CircuitOpen => "circuit_open",
-    }
-}
-
-impl Outcome {
-    /// Ended before any byte could be forwarded (the connection never carried data).
-    pub fn is_setup_failure(self) -> bool {
-        matches!(
-            self,
-            Self::NoOriginalDestination
-                | Self::UpstreamConnectFailed
-                | Self::TunnelFailed
-                | Self::Refused
-                | Self::Overloaded
-                | Self::CircuitOpen
-        )
-    }
-}
+use super::{
+    labels::{Direction, Mode, Outcome, Path},
+    tcp_info::TcpStats,
+};
 
 /// One connection: proxied, or passed through in the kernel ([`Path`]).
 #[derive(Debug, Clone, Serialize)]
@@ -230,27 +128,5 @@ impl Journal {
         let mut records = inner.0.clone();
         records.sort_by_key(|r| r.id);
         (records, inner.1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_serialize_as_their_strings_and_all_lists_every_variant() {
-        fn check<T: Serialize + Copy>(all: &[T], label: impl Fn(T) -> &'static str) {
-            for v in all {
-                assert_eq!(serde_json::to_value(v).unwrap(), label(*v));
-            }
-        }
-        check(&Direction::ALL, Direction::as_str);
-        check(&Mode::ALL, Mode::as_str);
-        check(&Path::ALL, Path::as_str);
-        check(&Outcome::ALL, Outcome::as_str);
-        // A variant missing from ALL would not compile in as_str's match, and ALL is built
-        // from the same list; this pins the count the metrics pre-initialise.
-        assert_eq!(Outcome::ALL.len(), 11);
-        assert!(Outcome::ALL.contains(&Outcome::PolicyDenied));
     }
 }
