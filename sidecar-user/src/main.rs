@@ -7,9 +7,9 @@ use sidecar::{
     admin::cli::{self as admin_cli, ConnsArgs, ObserveArgs, StatusArgs},
     cidr::Cidr,
     cleanup, probe,
-    proxy::ProxySettings,
+    proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::Mode,
-    run::{self, MtlsOptions, RunOptions},
+    run::{self, RunOptions},
     telemetry::access_log::{self, AccessLogTarget},
     tls::{TlsFiles, certs, identity::SpiffeId},
 };

@@ -19,7 +19,6 @@
 use std::{
     ffi::{CString, OsString},
     io,
-    net::SocketAddr,
     os::unix::{ffi::OsStrExt, process::ExitStatusExt},
     path::{Path, PathBuf},
     sync::Arc,
@@ -32,11 +31,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, config::ObserveOptions},
+    admin::config::{self, ObserveOptions},
     cidr::Cidr,
     host::{bpffs::Bpffs, cgroup, privileges},
     policy::{self, Enforcer},
-    proxy::ProxySettings,
+    proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::{
         Mode, Redirect,
         circuits::KernelCircuits,
@@ -49,7 +48,7 @@ use crate::{
     serve::{Listeners, Serving},
     state::{RunState, StateFile},
     telemetry::{CounterSource, InterceptionInfo, NoKernelCounters, record::Journal},
-    tls::{TlsFiles, TlsState},
+    tls::TlsState,
 };
 
 /// Everything `sidecar run` is told on the command line.
@@ -79,23 +78,6 @@ pub struct RunOptions {
     pub strict_inbound: bool,
     pub command: Vec<OsString>,
     pub observe: ObserveOptions,
-}
-
-/// `sidecar run`'s mTLS settings.
-#[derive(Debug, Clone)]
-pub struct MtlsOptions {
-    pub files: TlsFiles,
-    /// Where this sidecar accepts tunnels from peer sidecars (all addresses by default);
-    /// `None` for a client-only sidecar.
-    pub inbound: Option<SocketAddr>,
-    /// The tunnel port of peer sidecars (the same port mesh-wide).
-    pub tunnel_port: u16,
-    /// Destinations known to have sidecars: mTLS required.
-    pub mesh_cidrs: Vec<Cidr>,
-    /// Other destinations: try mTLS, fall back to plaintext.
-    pub permissive: bool,
-    /// How long a peer has, after the handshake, to send its preamble.
-    pub preamble_timeout: Duration,
 }
 
 /// Scope id of the one workload a standalone run has (keys the CIDR exclusion trie).
@@ -151,7 +133,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
 
     // Telemetry and the admin server come up before anything is attached, so `/readyz`
     // answers "not ready" until interception and listeners really are in place.
-    let serving = Serving::start(&opts.observe, admin::config::effective(&opts))?;
+    let serving = Serving::start(&opts.observe, effective_config(&opts))?;
     let _guard = serving.rt.enter();
     // Caught from here on, before `/readyz` can say ready: a SIGTERM that arrives between
     // ready and the command's start would otherwise kill the sidecar outright (the default
@@ -601,4 +583,33 @@ impl Drop for SelfInCgroup {
             warn!("{e}");
         }
     }
+}
+
+/// The run's effective configuration, as `/config` shows it, secrets redacted.
+fn effective_config(opts: &RunOptions) -> serde_json::Value {
+    let v = serde_json::json!({
+        "proxy_port": opts.proxy_port,
+        "exclude_ports": opts.exclude_ports,
+        "exclude_cidrs": opts.exclude_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "cgroup": opts.cgroup.as_ref().map(|p| p.display().to_string()),
+        "bpffs": opts.bpffs.display().to_string(),
+        "sockmap": opts.sockmap,
+        "bpf_log": opts.bpf_log,
+        "drain_timeout_secs": opts.drain_timeout.as_secs(),
+        "report": opts.report.as_ref().map(|p| p.display().to_string()),
+        "command": config::command(&opts.command),
+        "admin_addr": match opts.observe.admin {
+            config::AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
+            config::AdminListen::Addr(a) => a.to_string(),
+            config::AdminListen::Off => "off".into(),
+        },
+        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
+        "access_log": opts.observe.access_log.to_string(),
+        "metrics_destinations": opts.observe.destination_labels,
+        "mode": MtlsOptions::mode(opts.mtls.as_ref()),
+        "tls": opts.mtls.as_ref().map(MtlsOptions::config),
+        "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
+        "inbound_mode": if opts.strict_inbound { "strict" } else { "permissive" },
+    });
+    config::redact(config::with_proxy(v, &opts.proxy))
 }

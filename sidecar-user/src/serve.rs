@@ -17,9 +17,11 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminServer, AdminState, config::ObserveOptions},
     policy::Enforcer,
-    proxy::{Proxy, ProxySettings, mesh::Mesh},
+    proxy::{
+        Proxy, ProxySettings,
+        mesh::{Mesh, MtlsOptions},
+    },
     redirect::Redirect,
-    run::MtlsOptions,
     telemetry::{
         PolicyStatus, Security, SecuritySource, Telemetry, TelemetrySettings, TlsStatus,
         access_log::AccessLogTarget, labels::Direction, process, record::Journal, unix_secs,

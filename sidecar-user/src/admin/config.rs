@@ -1,14 +1,11 @@
-//! Observability options of `sidecar run`, and the effective configuration `/config` shows.
+//! Observability options of the serving commands, and the pieces of the effective
+//! configuration `/config` shows that they share (each command builds its own document).
 
 use std::{net::SocketAddr, str::FromStr};
 
 use serde_json::{Value, json};
 
-use crate::{
-    proxy::ProxySettings,
-    run::{MtlsOptions, RunOptions},
-    telemetry::access_log::AccessLogTarget,
-};
+use crate::{proxy::ProxySettings, telemetry::access_log::AccessLogTarget};
 
 /// Where the admin server listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,35 +45,6 @@ pub struct ObserveOptions {
 /// Keys whose values never leave the process (certificate keys, tokens, … once they exist).
 const SECRET_MARKERS: [&str; 5] = ["key", "secret", "token", "password", "credential"];
 
-/// The run's effective configuration, secrets redacted.
-pub fn effective(opts: &RunOptions) -> Value {
-    let v = json!({
-        "proxy_port": opts.proxy_port,
-        "exclude_ports": opts.exclude_ports,
-        "exclude_cidrs": opts.exclude_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        "cgroup": opts.cgroup.as_ref().map(|p| p.display().to_string()),
-        "bpffs": opts.bpffs.display().to_string(),
-        "sockmap": opts.sockmap,
-        "bpf_log": opts.bpf_log,
-        "drain_timeout_secs": opts.drain_timeout.as_secs(),
-        "report": opts.report.as_ref().map(|p| p.display().to_string()),
-        "command": command(&opts.command),
-        "admin_addr": match opts.observe.admin {
-            AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
-            AdminListen::Addr(a) => a.to_string(),
-            AdminListen::Off => "off".into(),
-        },
-        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
-        "access_log": opts.observe.access_log.to_string(),
-        "metrics_destinations": opts.observe.destination_labels,
-        "mode": mode(opts.mtls.as_ref()),
-        "tls": opts.mtls.as_ref().map(tls),
-        "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
-        "inbound_mode": if opts.strict_inbound { "strict" } else { "permissive" },
-    });
-    redact(with_proxy(v, &opts.proxy))
-}
-
 /// `config` with the proxy's settings (timeouts, caps, retries, circuits) added: the same
 /// fields for `sidecar run` and `sidecar proxy`.
 pub fn with_proxy(mut config: Value, p: &ProxySettings) -> Value {
@@ -109,29 +77,6 @@ pub fn command(argv: &[std::ffi::OsString]) -> Value {
     json!({
         "program": argv.first().map(|p| p.to_string_lossy().into_owned()),
         "arguments": argv.len().saturating_sub(1),
-    })
-}
-
-/// `plain` (no `--tls-dir`), `mtls`, or `permissive` (`--permissive`: destinations outside
-/// the mesh CIDRs try a tunnel and fall back to plaintext).
-pub fn mode(mtls: Option<&MtlsOptions>) -> &'static str {
-    match mtls {
-        None => "plain",
-        Some(m) if m.permissive => "permissive",
-        Some(_) => "mtls",
-    }
-}
-
-/// The mTLS settings (file paths, not contents).
-pub fn tls(m: &MtlsOptions) -> Value {
-    json!({
-        "certificate": m.files.cert.display().to_string(),
-        "bundle": m.files.bundle.display().to_string(),
-        "inbound": m.inbound.map(|a| a.to_string()),
-        "tunnel_port": m.tunnel_port,
-        "mesh_cidrs": m.mesh_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "permissive": m.permissive,
-        "preamble_timeout_ms": m.preamble_timeout.as_millis() as u64,
     })
 }
 

@@ -9,9 +9,9 @@ use crate::{
     proxy::{
         ProxySettings,
         limits::{LimitArgs, LimitError, Limits},
+        mesh::MtlsOptions,
         resilience::{Resilience, ResilienceArgs, ResilienceError},
     },
-    run::MtlsOptions,
     tls::{TlsFiles, layout::LayoutError},
 };
 

@@ -27,9 +27,8 @@ use self::register::Registrar;
 use crate::{
     admin::{self, config::ObserveOptions},
     agent::protocol::Request,
-    proxy::ProxySettings,
+    proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::{agent::AgentSockopts, passthrough::Recorder},
-    run::MtlsOptions,
     serve::{Listeners, Serving},
     telemetry::{InterceptionInfo, NoKernelCounters, record::Journal},
     tls::{TlsState, identity::SpiffeId},
@@ -260,8 +259,8 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         },
         "probe_addr": opts.observe.probe.map(|a| a.to_string()),
         "access_log": opts.observe.access_log.to_string(),
-        "mode": admin::config::mode(opts.mtls.as_ref()),
-        "tls": opts.mtls.as_ref().map(admin::config::tls),
+        "mode": MtlsOptions::mode(opts.mtls.as_ref()),
+        "tls": opts.mtls.as_ref().map(MtlsOptions::config),
         "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
         "passthrough": opts.passthrough(),
     });

@@ -11,12 +11,58 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cidr::Cidr, tls::TlsState};
+use crate::{
+    cidr::Cidr,
+    tls::{TlsFiles, TlsState},
+};
 
 /// How long a permissive-mode verdict is remembered.
 const CACHE_TTL: Duration = Duration::from_secs(60);
 /// Bound on remembered destinations; the cache is cleared when it fills.
 const CACHE_CAP: usize = 10_000;
+
+/// A sidecar's mesh settings (`--tls-dir` and the flags beside it), as `sidecar run` and
+/// `sidecar proxy` take them.
+#[derive(Debug, Clone)]
+pub struct MtlsOptions {
+    pub files: TlsFiles,
+    /// Where this sidecar accepts tunnels from peer sidecars (all addresses by default);
+    /// `None` for a client-only sidecar.
+    pub inbound: Option<SocketAddr>,
+    /// The tunnel port of peer sidecars (the same port mesh-wide).
+    pub tunnel_port: u16,
+    /// Destinations known to have sidecars: mTLS required.
+    pub mesh_cidrs: Vec<Cidr>,
+    /// Other destinations: try mTLS, fall back to plaintext.
+    pub permissive: bool,
+    /// How long a peer has, after the handshake, to send its preamble.
+    pub preamble_timeout: Duration,
+}
+
+impl MtlsOptions {
+    /// `plain` (no `--tls-dir`), `mtls`, or `permissive` (`--permissive`: destinations
+    /// outside the mesh CIDRs try a tunnel and fall back to plaintext).
+    pub fn mode(mtls: Option<&Self>) -> &'static str {
+        match mtls {
+            None => "plain",
+            Some(m) if m.permissive => "permissive",
+            Some(_) => "mtls",
+        }
+    }
+
+    /// The settings as `/config` shows them (file paths, not contents).
+    pub fn config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "certificate": self.files.cert.display().to_string(),
+            "bundle": self.files.bundle.display().to_string(),
+            "inbound": self.inbound.map(|a| a.to_string()),
+            "tunnel_port": self.tunnel_port,
+            "mesh_cidrs": self.mesh_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "permissive": self.permissive,
+            "preamble_timeout_ms": self.preamble_timeout.as_millis() as u64,
+        })
+    }
+}
 
 pub struct Mesh {
     pub tls: Arc<TlsState>,
