@@ -12,9 +12,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, os::fd::AsFd, sync::Mutex, time::Instant};
 
-use rustls::{CertificateError, pki_types::UnixTime};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::{ConnectFailure, Proxy, copy, fail, finish_copy, resilience};
@@ -25,11 +23,7 @@ use crate::{
         labels::{Direction, Outcome},
         tcp_info,
     },
-    tls::{
-        ALPN,
-        verify::{self, PeerError},
-    },
-    tunnel::preamble,
+    tunnel::{self, preamble},
 };
 
 impl Proxy {
@@ -58,36 +52,17 @@ impl Proxy {
 
         // mTLS handshake: the peer's chain, validity, key usage and trust domain.
         let credentials = mesh.tls.current();
-        let acceptor = TlsAcceptor::from(credentials.server.clone());
         let handshaking = Instant::now();
-        let mut tls = match tokio::time::timeout(mesh.handshake_timeout, acceptor.accept(tcp)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.reject(conn, classify(&e), e),
-            Err(_) => {
-                return self.reject(
-                    conn,
-                    "handshake_timeout",
-                    "no TLS handshake within the deadline",
-                );
-            }
-        };
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(ALPN) {
-            return self.reject(conn, "alpn", "peer did not negotiate the tunnel ALPN");
-        }
-        // Full or resumed, the same identity and checks (see `tls::resumption`).
-        let (peer, resumed) = match verify::verified_peer(session, UnixTime::now()) {
-            Ok(p) => (p.id, p.resumed),
-            Err(e @ PeerError::NotValidNow { .. }) => {
-                return self.reject(conn, "expired_certificate", e);
-            }
-            Err(e) => return self.reject(conn, "wrong_identity", e),
-        };
+        let accepted =
+            match tunnel::accept(credentials.server.clone(), tcp, mesh.handshake_timeout).await {
+                Ok(a) => a,
+                Err(e) => return self.reject(conn, e.reason(), e),
+            };
+        let (mut tls, peer) = (accepted.stream, accepted.peer);
         drop(handshake_slot);
         conn.tls_established(
             handshaking.elapsed(),
-            resumed,
+            accepted.resumed,
             peer.to_string(),
             credentials.identity.to_string(),
         );
@@ -200,31 +175,5 @@ impl Rejections {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-}
-
-/// The reason label of a failed handshake.
-fn classify(e: &std::io::Error) -> &'static str {
-    let Some(tls) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    else {
-        return "tls_other";
-    };
-    match tls {
-        rustls::Error::NoCertificatesPresented => "no_client_cert",
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted_ca",
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "expired_certificate"
-            }
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
-            }
-            CertificateError::ApplicationVerificationFailure => "wrong_identity",
-            _ => "bad_certificate",
-        },
-        rustls::Error::NoApplicationProtocol => "alpn",
-        _ => "tls_other",
     }
 }

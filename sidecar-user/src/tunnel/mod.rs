@@ -1,9 +1,13 @@
 //! The mTLS tunnel between sidecars: the client side dials the peer sidecar's inbound port,
 //! completes a TLS 1.3 handshake with our ALPN ([`connect`]), and, once the caller has checked
-//! who answered, sends the [`preamble`] ([`Tunnel::start`]); the server side
-//! (`proxy::inbound`) checks all of that before any byte reaches its app.
+//! who answered, sends the [`preamble`] ([`Tunnel::start`]); the server side completes the
+//! same handshake and verifies the peer ([`accept()`]), and `proxy::inbound` reads the
+//! preamble and applies the policy before any byte reaches its app.
 
+pub mod accept;
 pub mod preamble;
+
+pub use self::accept::accept;
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
