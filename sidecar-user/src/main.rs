@@ -7,11 +7,11 @@ use sidecar::{
     admin::cli::{self as admin_cli, ConnsArgs, ObserveArgs, StatusArgs},
     cidr::Cidr,
     cleanup, probe,
-    proxy::{ProxySettings, mesh::MtlsOptions},
+    proxy::{ProxySettingsArgs, mesh::MeshArgs},
     redirect::Mode,
     run::{self, RunOptions},
     telemetry::access_log::{self, AccessLogTarget},
-    tls::{TlsFiles, certs, identity::SpiffeId},
+    tls::{certs, identity::SpiffeId},
 };
 
 /// A transparent interception sidecar: eBPF steers a workload's outbound TCP connections to a
@@ -160,52 +160,16 @@ struct RunArgs {
     /// Print the eBPF programs' aya-log output (debug aid; costs cycles in the kernel).
     #[arg(long)]
     bpf_log: bool,
-    /// How long connecting to an original destination may take, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    connect_timeout_ms: u64,
-    /// Close a connection after this many seconds without a byte in either direction.
-    #[arg(long, default_value_t = 300)]
-    idle_timeout_secs: u64,
-    /// Let the workload reach the cloud metadata address (169.254.169.254, fd00:ec2::254)
-    /// through the proxy; refused by default, since it hands out the node's credentials.
-    #[arg(long)]
-    allow_metadata: bool,
+    #[command(flatten)]
+    proxy: ProxySettingsArgs,
     /// On exit or SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
-    #[command(flatten)]
-    limits: sidecar::proxy::limits::LimitArgs,
-    #[command(flatten)]
-    resilience: sidecar::proxy::resilience::ResilienceArgs,
     /// Also write the summary as JSON to this file (every connection and eBPF counter).
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Turn on mTLS with the credentials in DIR: cert.pem (workload certificate with a SPIFFE
-    /// ID, then intermediates), key.pem, bundle.pem (trust bundle); or a cert-manager Secret's
-    /// tls.crt, tls.key, ca.crt; or the SPIFFE helper's svid.pem, svid_key.pem,
-    /// svid_bundle.pem. Rotated by replacing files (kubelet's Secret updates included).
-    #[arg(long, value_name = "DIR")]
-    tls_dir: Option<PathBuf>,
-    /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
-    #[arg(long, default_value_t = sidecar::defaults::INBOUND_PORT)]
-    inbound_port: u16,
-    /// With --tls-dir: accept no tunnels (a client-only sidecar).
-    #[arg(long)]
-    no_inbound: bool,
-    /// With --tls-dir: address the tunnel listener binds.
-    #[arg(long, default_value = "0.0.0.0")]
-    inbound_addr: std::net::IpAddr,
-    /// With --tls-dir: destinations that have sidecars; their traffic must be mTLS.
-    #[arg(long, value_delimiter = ',')]
-    mesh_cidrs: Vec<Cidr>,
-    /// With --tls-dir: try mTLS to every other destination too, and fall back to plaintext
-    /// where no sidecar answers (the verdict is cached per address for a minute).
-    #[arg(long)]
-    permissive: bool,
-    /// With --tls-dir: how long a peer sidecar has, after the handshake, to send the tunnel
-    /// preamble, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    preamble_timeout_ms: u64,
+    #[command(flatten)]
+    mesh: MeshArgs,
     #[command(flatten)]
     observe: ObserveArgs,
     /// Authorization policy (TOML, see docs/policy.md); re-read when it changes, an invalid
@@ -362,28 +326,10 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
                 sockmap: args.sockmap,
                 proxy_all: args.proxy_all,
                 bpf_log: args.bpf_log,
-                proxy: ProxySettings {
-                    connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-                    idle_timeout: Duration::from_secs(args.idle_timeout_secs),
-                    allow_metadata: args.allow_metadata,
-                    limits: sidecar::proxy::limits::Limits::resolve(args.limits)?,
-                    resilience: sidecar::proxy::resilience::Resilience::resolve(args.resilience)?,
-                },
+                proxy: args.proxy.resolve()?,
                 drain_timeout: Duration::from_secs(args.drain_timeout_secs),
                 report: args.report,
-                mtls: match args.tls_dir {
-                    Some(dir) => Some(TlsFiles::discover(&dir)?),
-                    None => None,
-                }
-                .map(|files| MtlsOptions {
-                    files,
-                    inbound: (!args.no_inbound)
-                        .then(|| std::net::SocketAddr::new(args.inbound_addr, args.inbound_port)),
-                    tunnel_port: args.inbound_port,
-                    mesh_cidrs: args.mesh_cidrs,
-                    permissive: args.permissive,
-                    preamble_timeout: Duration::from_millis(args.preamble_timeout_ms),
-                }),
+                mtls: args.mesh.options()?,
                 policy: args.policy,
                 strict_inbound: args.inbound_mode == InboundMode::Strict,
                 command: args.command,

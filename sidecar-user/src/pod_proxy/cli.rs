@@ -1,18 +1,13 @@
 //! `sidecar proxy`'s command line.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use super::PodProxyOptions;
 use crate::{
     admin::cli::ObserveArgs,
     cidr::Cidr,
-    proxy::{
-        ProxySettings,
-        limits::{LimitArgs, LimitError, Limits},
-        mesh::MtlsOptions,
-        resilience::{Resilience, ResilienceArgs, ResilienceError},
-    },
-    tls::{TlsFiles, layout::LayoutError},
+    proxy::{ProxySettingsArgs, SettingsError, mesh::MeshArgs},
+    tls::layout::LayoutError,
 };
 
 /// Why the command line cannot become [`PodProxyOptions`].
@@ -21,9 +16,7 @@ pub enum ArgsError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(transparent)]
-    Limits(#[from] LimitError),
-    #[error(transparent)]
-    Resilience(#[from] ResilienceError),
+    Settings(#[from] SettingsError),
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,45 +44,13 @@ pub struct ProxyArgs {
     /// Destination CIDRs that bypass the proxy (comma-separated, at most 64).
     #[arg(long, value_delimiter = ',')]
     pub exclude_cidrs: Vec<Cidr>,
-    /// How long connecting to an original destination may take, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    pub connect_timeout_ms: u64,
-    /// Close a connection after this many seconds without a byte in either direction.
-    #[arg(long, default_value_t = 300)]
-    pub idle_timeout_secs: u64,
-    /// Let the workload reach the cloud metadata address (169.254.169.254, fd00:ec2::254);
-    /// refused by default, in the kernel (the agent sets it per pod) and in the proxy.
-    #[arg(long)]
-    pub allow_metadata: bool,
+    #[command(flatten)]
+    pub proxy: ProxySettingsArgs,
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     pub drain_timeout_secs: u64,
     #[command(flatten)]
-    pub limits: LimitArgs,
-    #[command(flatten)]
-    pub resilience: ResilienceArgs,
-    /// Turn on mTLS with the credentials in DIR, in any layout `sidecar run --tls-dir` takes
-    /// (ours, a cert-manager Secret, the SPIFFE helper's); rotated when the files change.
-    #[arg(long, value_name = "DIR")]
-    pub tls_dir: Option<PathBuf>,
-    /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
-    #[arg(long, default_value_t = crate::defaults::INBOUND_PORT)]
-    pub inbound_port: u16,
-    /// With --tls-dir: accept no tunnels (a client-only sidecar).
-    #[arg(long)]
-    pub no_inbound: bool,
-    /// With --tls-dir: address the tunnel listener binds.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub inbound_addr: std::net::IpAddr,
-    /// With --tls-dir: destinations that have sidecars; their traffic must be mTLS.
-    #[arg(long, value_delimiter = ',')]
-    pub mesh_cidrs: Vec<Cidr>,
-    /// With --tls-dir: try mTLS to every other destination too, falling back to plaintext.
-    #[arg(long)]
-    pub permissive: bool,
-    /// With --tls-dir: how long a peer has, after the handshake, to send the preamble (ms).
-    #[arg(long, default_value_t = 5000)]
-    pub preamble_timeout_ms: u64,
+    pub mesh: MeshArgs,
     /// Authorization policy (TOML, the same schema as `sidecar run --policy`), enforced in
     /// the proxy: outbound rules when it connects upstream, inbound rules on the verified
     /// peer identity. Re-read when it changes; an invalid file is refused, the old one stays.
@@ -109,7 +70,6 @@ impl TryFrom<ProxyArgs> for PodProxyOptions {
 
     /// Fails when `--tls-dir` holds none of the certificate layouts we read, or a cap is 0.
     fn try_from(a: ProxyArgs) -> Result<Self, Self::Error> {
-        let files = a.tls_dir.as_deref().map(TlsFiles::discover).transpose()?;
         Ok(Self {
             agent_socket: a.agent_socket,
             pod_uid: a.pod_uid,
@@ -118,22 +78,9 @@ impl TryFrom<ProxyArgs> for PodProxyOptions {
             proxy_port: a.proxy_port,
             exclude_ports: a.exclude_ports,
             exclude_cidrs: a.exclude_cidrs,
-            proxy: ProxySettings {
-                connect_timeout: Duration::from_millis(a.connect_timeout_ms),
-                idle_timeout: Duration::from_secs(a.idle_timeout_secs),
-                allow_metadata: a.allow_metadata,
-                limits: Limits::resolve(a.limits)?,
-                resilience: Resilience::resolve(a.resilience)?,
-            },
+            proxy: a.proxy.resolve()?,
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
-            mtls: files.map(|files| MtlsOptions {
-                files,
-                inbound: (!a.no_inbound).then(|| SocketAddr::new(a.inbound_addr, a.inbound_port)),
-                tunnel_port: a.inbound_port,
-                mesh_cidrs: a.mesh_cidrs,
-                permissive: a.permissive,
-                preamble_timeout: Duration::from_millis(a.preamble_timeout_ms),
-            }),
+            mtls: a.mesh.options()?,
             policy: a.policy,
             proxy_all: a.proxy_all,
             observe: a.observe.into(),

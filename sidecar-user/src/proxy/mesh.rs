@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     cidr::Cidr,
-    tls::{TlsFiles, TlsState},
+    tls::{TlsFiles, TlsState, layout::LayoutError},
 };
 
 /// How long a permissive-mode verdict is remembered.
@@ -37,6 +37,56 @@ pub struct MtlsOptions {
     pub permissive: bool,
     /// How long a peer has, after the handshake, to send its preamble.
     pub preamble_timeout: Duration,
+}
+
+/// The mesh flags, one help text each, shared by `sidecar run` and `sidecar proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MeshArgs {
+    /// Turn on mTLS with the credentials in DIR: cert.pem (workload certificate with a SPIFFE
+    /// ID, then intermediates), key.pem, bundle.pem (trust bundle); or a cert-manager Secret's
+    /// tls.crt, tls.key, ca.crt; or the SPIFFE helper's svid.pem, svid_key.pem,
+    /// svid_bundle.pem. Rotated by replacing files (kubelet's Secret updates included).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// With --tls-dir: port of the tunnel listener, here and on every peer sidecar.
+    #[arg(long, default_value_t = crate::defaults::INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// With --tls-dir: accept no tunnels (a client-only sidecar).
+    #[arg(long)]
+    pub no_inbound: bool,
+    /// With --tls-dir: address the tunnel listener binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub inbound_addr: IpAddr,
+    /// With --tls-dir: destinations that have sidecars; their traffic must be mTLS.
+    #[arg(long, value_delimiter = ',')]
+    pub mesh_cidrs: Vec<Cidr>,
+    /// With --tls-dir: try mTLS to every other destination too, and fall back to plaintext
+    /// where no sidecar answers (the verdict is cached per address for a minute).
+    #[arg(long)]
+    pub permissive: bool,
+    /// With --tls-dir: how long a peer sidecar has, after the handshake, to send the tunnel
+    /// preamble, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub preamble_timeout_ms: u64,
+}
+
+impl MeshArgs {
+    /// `None` without `--tls-dir`; fails when the directory holds none of the certificate
+    /// layouts we read.
+    pub fn options(self) -> Result<Option<MtlsOptions>, LayoutError> {
+        let Some(dir) = self.tls_dir else {
+            return Ok(None);
+        };
+        Ok(Some(MtlsOptions {
+            files: TlsFiles::discover(&dir)?,
+            inbound: (!self.no_inbound)
+                .then(|| SocketAddr::new(self.inbound_addr, self.inbound_port)),
+            tunnel_port: self.inbound_port,
+            mesh_cidrs: self.mesh_cidrs,
+            permissive: self.permissive,
+            preamble_timeout: Duration::from_millis(self.preamble_timeout_ms),
+        }))
+    }
 }
 
 impl MtlsOptions {

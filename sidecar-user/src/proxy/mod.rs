@@ -56,6 +56,49 @@ pub struct ProxySettings {
     pub resilience: resilience::Resilience,
 }
 
+/// The flags that make [`ProxySettings`], one help text each, shared by `sidecar run` and
+/// `sidecar proxy`.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ProxySettingsArgs {
+    /// How long connecting to an original destination may take, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    /// Close a connection after this many seconds without a byte in either direction.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Let the workload reach the cloud metadata address (169.254.169.254, fd00:ec2::254);
+    /// refused by default (in the kernel and in the proxy), since it hands out the node's
+    /// credentials.
+    #[arg(long)]
+    pub allow_metadata: bool,
+    #[command(flatten)]
+    pub limits: limits::LimitArgs,
+    #[command(flatten)]
+    pub resilience: resilience::ResilienceArgs,
+}
+
+/// Flags that cannot become [`ProxySettings`].
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Limits(#[from] limits::LimitError),
+    #[error(transparent)]
+    Resilience(#[from] resilience::ResilienceError),
+}
+
+impl ProxySettingsArgs {
+    /// Fails when a cap is 0 or a retry setting is out of range.
+    pub fn resolve(self) -> Result<ProxySettings, SettingsError> {
+        Ok(ProxySettings {
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            allow_metadata: self.allow_metadata,
+            limits: limits::Limits::resolve(self.limits)?,
+            resilience: resilience::Resilience::resolve(self.resilience)?,
+        })
+    }
+}
+
 /// The proxy and its one drain mechanism: `stop_accepting` ends the accept loops,
 /// `abort` cuts the connections still open when the drain deadline passes.
 pub struct Proxy {
