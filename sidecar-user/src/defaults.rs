@@ -14,6 +14,8 @@ pub const PROBE_ADDR: &str = "0.0.0.0:15021";
 pub const AGENT_SOCKET: &str = "/var/run/sidecar/agent.sock";
 /// Where bpffs is mounted (and mounted by us if it is not).
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// `sidecar run`'s state files (one per run, for crash recovery) and the bpffs lock.
+pub const RUN_STATE_DIR: &str = "/run/sidecar";
 /// The node agent's state (registrations). Not under /run/sidecar: on a host /var/run is
 /// /run, so that would put it inside the socket directory every meshed pod mounts.
 pub const AGENT_STATE_DIR: &str = "/run/sidecar-agent";

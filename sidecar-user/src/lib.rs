@@ -1,25 +1,21 @@
 //! The user half of the sidecar: the loader that attaches the kernel half, the transparent
 //! proxy, and the commands built from them.
 //!
-//! Reading order follows a connection: [`run`] sets up a workload, [`redirect`] steers its
-//! connections to the [`proxy`], which recovers each original destination, connects upstream,
-//! copies bytes and records the outcome for the [`report`].
+//! Reading order follows a connection: a command in [`cmd`] (e.g. `sidecar run`) sets up a
+//! workload, [`redirect`] steers its connections to the [`proxy`] (or lets them pass through
+//! in the kernel), which recovers each original destination, applies the [`policy`], builds a
+//! [`tunnel`] where the destination is meshed, copies bytes and records the outcome in
+//! [`telemetry`].
 
 pub mod admin;
-pub mod agent;
 pub mod cidr;
-pub mod cleanup;
+pub mod cmd;
 pub mod defaults;
 pub mod host;
-pub mod pod_proxy;
 pub mod policy;
-pub mod probe;
 pub mod proxy;
 pub mod redirect;
-pub mod report;
-pub mod run;
-pub mod serve;
-pub mod state;
+pub mod registration;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;

@@ -6,10 +6,12 @@ use clap::{Parser, Subcommand};
 use sidecar::{
     admin::cli::{self as admin_cli, ConnsArgs, ObserveArgs, StatusArgs},
     cidr::Cidr,
-    cleanup, probe,
+    cmd::{
+        cleanup, probe,
+        run::{self, RunOptions},
+    },
     proxy::{ProxySettingsArgs, mesh::MeshArgs},
     redirect::Mode,
-    run::{self, RunOptions},
     telemetry::access_log::{self, AccessLogTarget},
     tls::{certs, identity::SpiffeId},
 };
@@ -59,10 +61,10 @@ enum Command {
     Status(StatusArgs),
     /// Kubernetes node agent (DaemonSet): loads and pins the eBPF programs at the pods'
     /// cgroup root and registers pod sidecars over a Unix socket. Needs privileges.
-    Agent(Box<sidecar::agent::cli::AgentArgs>),
+    Agent(Box<sidecar::cmd::agent::cli::AgentArgs>),
     /// Kubernetes pod sidecar: the proxy only, no privileges; registers its pod with the
     /// node agent and serves until SIGTERM (then drains).
-    Proxy(Box<sidecar::pod_proxy::cli::ProxyArgs>),
+    Proxy(Box<sidecar::cmd::pod_proxy::cli::ProxyArgs>),
     /// The connections a running sidecar has open now (`--watch` refreshes like top).
     Conns(ConnsArgs),
 }
@@ -376,8 +378,8 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             print!("{}", admin_cli::status(&args)?);
             Ok(0)
         }
-        Command::Agent(args) => sidecar::agent::cli::dispatch(&args),
-        Command::Proxy(args) => sidecar::pod_proxy::run((*args).try_into()?),
+        Command::Agent(args) => sidecar::cmd::agent::cli::dispatch(&args),
+        Command::Proxy(args) => sidecar::cmd::pod_proxy::run((*args).try_into()?),
         Command::Conns(args) => {
             admin_cli::conns(&args)?;
             Ok(0)

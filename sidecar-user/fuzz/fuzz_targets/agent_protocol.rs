@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../src/agent/protocol.rs"]
+#[path = "../../src/registration.rs"]
 #[allow(dead_code)]
 mod protocol;
 

@@ -29,7 +29,7 @@ use thiserror::Error;
 use super::mounts;
 
 /// Where the lock and marker files live (tmpfs: they never outlive a boot, like the mount).
-pub const LOCK_DIR: &str = crate::state::STATE_DIR;
+pub const LOCK_DIR: &str = crate::defaults::RUN_STATE_DIR;
 
 #[derive(Debug, Error)]
 pub enum BpffsError {

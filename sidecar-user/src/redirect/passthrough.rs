@@ -17,9 +17,9 @@ use tracing::warn;
 
 use super::ebpf::{EbpfError, open_pinned};
 use crate::{
-    agent::protocol::PassedThrough,
     host::sock_diag,
     proxy::resilience::ConnectOutcomes,
+    registration::PassedThrough,
     telemetry::{
         LiveRow, OpenConnections, Telemetry,
         access_log::rfc3339,

@@ -12,9 +12,9 @@ use anyhow::Result;
 use tracing::warn;
 
 use crate::{
+    cmd::state::{self, RunState},
     host::{bpffs, cgroup, privileges},
     redirect::iptables,
-    state::{self, RunState},
 };
 
 /// What one cleanup did, line by line, for the user.

@@ -19,7 +19,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::agent::protocol::{Reply, Request};
+use crate::registration::{Reply, Request};
 
 /// First and longest wait between attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);

@@ -33,6 +33,11 @@ use tracing::{info, warn};
 use crate::{
     admin::config::{self, ObserveOptions},
     cidr::Cidr,
+    cmd::{
+        report::Report,
+        serve::{Listeners, Serving},
+        state::{RunState, StateFile},
+    },
     host::{bpffs::Bpffs, cgroup, privileges},
     policy::{self, Enforcer},
     proxy::{ProxySettings, mesh::MtlsOptions},
@@ -44,9 +49,6 @@ use crate::{
         orig_dst,
         passthrough::{Following, OpenDirect, Recorder},
     },
-    report::Report,
-    serve::{Listeners, Serving},
-    state::{RunState, StateFile},
     telemetry::{CounterSource, InterceptionInfo, NoKernelCounters, record::Journal},
     tls::TlsState,
 };
@@ -150,7 +152,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         .as_ref()
         .map_or(opts.bpffs.clone(), |b| b.path().into());
     // Killed runs whose command is gone: their state is removed now, one log line each.
-    crate::cleanup::clean_dead_runs_logged(&bpffs_path, &cg_root);
+    crate::cmd::cleanup::clean_dead_runs_logged(&bpffs_path, &cg_root);
     // `<bpffs>/sidecar` and `<cgroup2>/sidecar` are shared by concurrent runs: whoever
     // finishes last (finding them empty) removes them.
     let _bpffs_parent = bpffs

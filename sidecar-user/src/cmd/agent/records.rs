@@ -18,8 +18,8 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::protocol::PassedThrough;
 use crate::redirect::passthrough::{Clock, DirectEvents, passed_through};
+use crate::registration::PassedThrough;
 
 /// Records queued per subscribed sidecar before further ones are dropped.
 const QUEUE: usize = 4096;

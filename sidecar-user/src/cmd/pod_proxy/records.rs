@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    agent::protocol::{PassedThrough, Reply, Request},
     redirect::passthrough::Recorder,
+    registration::{PassedThrough, Reply, Request},
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);

@@ -18,7 +18,6 @@ pub mod cli;
 pub mod peer;
 pub mod pins;
 pub mod pod;
-pub mod protocol;
 pub mod records;
 pub mod registry;
 pub mod server;
@@ -37,8 +36,9 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use self::{pins::AgentPins, protocol::Reply, registry::Registry, throttle::LogThrottle};
+use self::{pins::AgentPins, registry::Registry, throttle::LogThrottle};
 use crate::host::{bpffs::Bpffs, cgroup, privileges};
+use crate::registration::Reply;
 
 /// Default state directory: the persisted registrations and the agent's record.
 pub const STATE_DIR: &str = crate::defaults::AGENT_STATE_DIR;

@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub const STATE_DIR: &str = "/run/sidecar";
+pub const STATE_DIR: &str = crate::defaults::RUN_STATE_DIR;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunState {

@@ -26,10 +26,10 @@ use tracing::{info, warn};
 use self::register::Registrar;
 use crate::{
     admin::{self, config::ObserveOptions},
-    agent::protocol::Request,
+    cmd::serve::{Listeners, Serving},
     proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::{agent::AgentSockopts, passthrough::Recorder},
-    serve::{Listeners, Serving},
+    registration::Request,
     telemetry::{InterceptionInfo, NoKernelCounters, record::Journal},
     tls::{TlsState, identity::SpiffeId},
 };
@@ -77,10 +77,10 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             "no pod UID: set POD_UID from the downward API (fieldRef metadata.uid) or pass --pod-uid"
         );
     }
-    if opts.exclude_cidrs.len() > crate::agent::registry::MAX_CIDRS {
+    if opts.exclude_cidrs.len() > crate::cmd::agent::registry::MAX_CIDRS {
         bail!(
             "--exclude-cidrs takes at most {} CIDRs ({} given)",
-            crate::agent::registry::MAX_CIDRS,
+            crate::cmd::agent::registry::MAX_CIDRS,
             opts.exclude_cidrs.len()
         );
     }

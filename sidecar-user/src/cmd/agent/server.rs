@@ -1,5 +1,5 @@
 //! The registration socket: accept, pin the caller ([`Peer`]: SO_PEERCRED and a pidfd),
-//! answer requests (see [`protocol`](super::protocol)). The socket file is watched: if it is
+//! answer requests (see [`registration`](crate::registration)). The socket file is watched: if it is
 //! deleted or replaced, the agent binds a new one and closes the connections of the old one,
 //! so every sidecar re-registers through the path that exists.
 //!
@@ -25,13 +25,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    Agent,
-    peer::Peer,
-    pod,
-    protocol::{self, MAX_LINE, ParseError, Reply, Request},
-    registry,
-};
+use super::{Agent, peer::Peer, pod, registry};
+use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
@@ -233,7 +228,7 @@ async fn serve_connection(
                 break;
             }
         }
-        let reply = match protocol::parse_request(&line) {
+        let reply = match registration::parse_request(&line) {
             Ok(Request::Records) => match subscribe(&agent, &peer, &caller) {
                 Ok(records) => {
                     if send(&mut write, &Reply::ok()).await.is_ok() {
@@ -269,7 +264,7 @@ fn subscribe(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
     caller: &str,
-) -> Result<tokio::sync::mpsc::Receiver<protocol::PassedThrough>, Box<Reply>> {
+) -> Result<tokio::sync::mpsc::Receiver<registration::PassedThrough>, Box<Reply>> {
     let mut agent = lock(agent);
     let cgroup =
         match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
@@ -301,7 +296,7 @@ fn subscribe(
 async fn stream_records(
     reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
     write: &mut OwnedWriteHalf,
-    mut records: tokio::sync::mpsc::Receiver<protocol::PassedThrough>,
+    mut records: tokio::sync::mpsc::Receiver<registration::PassedThrough>,
 ) {
     loop {
         tokio::select! {

@@ -198,7 +198,7 @@ fn agent_programs(cg_root: &Path, bpffs_path: &Path) -> Check {
         let bpffs = Bpffs::ensure(bpffs_path)?;
         let scratch = cgroup::Cgroup::create(cg_root.join(format!("sidecar/probe-agent-{pid}")))?;
         let dir = bpffs.path().join(format!("sidecar/probe-agent-{pid}"));
-        let result = crate::agent::pins::probe(scratch.path(), &dir);
+        let result = crate::cmd::agent::pins::probe(scratch.path(), &dir);
         let _ = std::fs::remove_dir(bpffs.path().join("sidecar"));
         drop(scratch);
         let _ = std::fs::remove_dir(cg_root.join("sidecar"));
