@@ -24,6 +24,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::telemetry::Meter;
+
 const BUF_SIZE: usize = 16 * 1024;
 
 /// Free buffers kept for reuse; more than this go back to the allocator. Enough for the
@@ -76,13 +78,6 @@ impl<T: AsyncRead> Source for tokio::io::ReadHalf<T> {
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         std::future::ready(Ok(()))
     }
-}
-
-/// Told about every chunk as it is forwarded, so live views and byte counters move while a
-/// long connection is still open.
-pub trait Meter {
-    fn client_to_upstream(&self, n: u64);
-    fn upstream_to_client(&self, n: u64);
 }
 
 /// No metering (for callers that only want the totals in [`Copied`]).

@@ -19,6 +19,8 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
+use crate::telemetry::labels::Cap;
+
 /// File descriptors kept back from the connection budget: listeners, the admin server,
 /// certificate and policy files, the agent socket, logs.
 const RESERVED_FDS: u64 = 256;
@@ -30,37 +32,6 @@ const DEFAULT_PENDING_HANDSHAKES: usize = 1024;
 const MIN_CONNECTIONS: usize = 16;
 /// At most one log line per cap and this period.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Which cap refused a connection: the `reason` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cap {
-    /// `--max-connections`: connections served at once, both directions.
-    Connections,
-    /// `--max-pending-handshakes`: tunnel connections not through their TLS handshake yet.
-    PendingHandshakes,
-    /// `--max-connections-per-destination`: outbound connections open to one ip:port.
-    PerDestination,
-    /// `--max-pending-connects`: connects to destinations (or the local app) in progress.
-    PendingConnects,
-}
-
-impl Cap {
-    pub const ALL: [Cap; 4] = [
-        Cap::Connections,
-        Cap::PendingHandshakes,
-        Cap::PerDestination,
-        Cap::PendingConnects,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Cap::Connections => "max_connections",
-            Cap::PendingHandshakes => "max_pending_handshakes",
-            Cap::PerDestination => "max_connections_per_destination",
-            Cap::PendingConnects => "max_pending_connects",
-        }
-    }
-}
 
 /// The command-line flags, shared by `sidecar run` and `sidecar proxy`.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]

@@ -33,10 +33,13 @@ use self::{
 };
 use crate::{
     policy::{Enforcer, rules::Request},
-    redirect::Redirect,
+    redirect::{
+        Redirect,
+        circuits::{CircuitSink, ConnectOutcomes},
+    },
     telemetry::{
         Conn, Telemetry,
-        labels::{Direction, Outcome},
+        labels::{Cap, Direction, Outcome, Transition},
         record::{ConnRecord, Journal},
     },
 };
@@ -202,14 +205,14 @@ impl Proxy {
 
     /// Resets a connection over a cap at once (the client sees the refusal, not a hang), and
     /// counts and logs it (rate-limited).
-    fn refuse_at_cap(&self, client: TcpStream, direction: Direction, cap: limits::Cap) {
+    fn refuse_at_cap(&self, client: TcpStream, direction: Direction, cap: Cap) {
         let _ = client.set_zero_linger();
         drop(client);
         self.count_refusal(direction, cap);
     }
 
     /// A connection refused by `cap`: counted, and logged (rate-limited).
-    fn count_refusal(&self, direction: Direction, cap: limits::Cap) {
+    fn count_refusal(&self, direction: Direction, cap: Cap) {
         self.telemetry.refused_at_cap(direction, cap);
         self.gate.log_refusal(cap);
     }
@@ -319,7 +322,7 @@ impl Proxy {
 
     /// Open circuits are refused at `connect()` in `sink` too from now on (eBPF mode), and a
     /// task ends their open periods there. Needs the runtime entered.
-    pub fn refuse_open_circuits_in(self: &Arc<Self>, sink: Arc<dyn resilience::CircuitSink>) {
+    pub fn refuse_open_circuits_in(self: &Arc<Self>, sink: Arc<dyn CircuitSink>) {
         self.circuits.refuse_in(sink);
         let proxy = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -350,7 +353,7 @@ impl Proxy {
             .unwrap_or(base)
     }
 
-    fn circuit_moved(&self, transition: Option<resilience::Transition>) {
+    fn circuit_moved(&self, transition: Option<Transition>) {
         if let Some(t) = transition {
             self.telemetry.circuit(t, self.circuits.open_count());
         }
@@ -390,7 +393,7 @@ fn finish_copy(record: &mut ConnRecord, copied: Copied) {
 /// 1 s by default: this is its precision).
 const CIRCUIT_EXPIRY_POLL: Duration = Duration::from_millis(25);
 
-impl resilience::ConnectOutcomes for Proxy {
+impl ConnectOutcomes for Proxy {
     /// A pass-through connect the kernel reported: it counts for its destination's circuit
     /// like one of the proxy's own.
     fn connect_outcome(&self, dst: SocketAddr, connected: bool) {
@@ -409,7 +412,7 @@ enum ConnectFailure<E> {
     /// The destination's circuit is open: no attempt was made.
     CircuitOpen { failures: u32 },
     /// Too many connects in progress: no attempt was made.
-    Overloaded(limits::Cap),
+    Overloaded(Cap),
     /// The last attempt's error.
     Failed(E),
 }

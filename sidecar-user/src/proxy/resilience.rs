@@ -25,7 +25,8 @@ use std::{
 
 use tracing::{info, warn};
 
-use crate::policy::destinations::DestinationSettings;
+use crate::telemetry::labels::Transition;
+use crate::{policy::destinations::DestinationSettings, redirect::circuits::CircuitSink};
 
 /// Destinations with a failure history kept at once; the oldest goes when a new one fails.
 pub const CIRCUIT_TABLE: usize = 4096;
@@ -176,26 +177,6 @@ pub enum Admission {
     Open { failures: u32 },
 }
 
-/// A change of a circuit's state, for the transitions counter and the open gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
-    Opened,
-    HalfOpened,
-    Closed,
-}
-
-impl Transition {
-    pub const ALL: [Transition; 3] = [Self::Opened, Self::HalfOpened, Self::Closed];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Opened => "open",
-            Self::HalfOpened => "half_open",
-            Self::Closed => "closed",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum State {
     /// Failing, not yet at the threshold.
@@ -218,22 +199,6 @@ struct Entry {
     state: State,
     /// The kernel refuses connects to it (set while open, with a [`CircuitSink`]).
     in_kernel: bool,
-}
-
-/// Where open circuits are refused besides the proxy: the connect hooks, so the app's own
-/// `connect()` fails at once (and a pass-through connection, which the proxy never sees,
-/// is refused too).
-pub trait CircuitSink: Send + Sync {
-    /// Refuse connects to `dst` from now on. `false`: the kernel could not take it.
-    fn open(&self, dst: SocketAddr) -> bool;
-    /// Let connects to `dst` through again.
-    fn close(&self, dst: SocketAddr);
-}
-
-/// What became of a connect the proxy did not make: the kernel's report of a pass-through
-/// connection, which feeds the same circuit as the proxy's own connects.
-pub trait ConnectOutcomes: Send + Sync {
-    fn connect_outcome(&self, dst: SocketAddr, connected: bool);
 }
 
 /// The circuits of every destination that failed lately. The settings come with each call:
@@ -618,5 +583,48 @@ mod tests {
         assert_eq!(c.succeeded(dst(1)), Some(Transition::Closed));
         assert_eq!(told().last(), Some(&(false, dst(1))));
         assert_eq!(told().len(), 4);
+    }
+
+    #[test]
+    fn destination_tables_apply_first_match_over_the_command_line() {
+        let policy = crate::policy::schema::parse(
+            r#"
+[[destination]]
+name = "db"
+destinations = ["10.0.5.0/24"]
+ports = [5432, "6000-6001"]
+connect_retries = 4
+circuit_open_ms = 5000
+max_connections = 7
+
+[[destination]]
+destinations = ["10.0.0.0/8"]
+circuit_failures = 0
+"#,
+        )
+        .unwrap();
+        let base = Resilience::resolve(ResilienceArgs::default()).unwrap();
+        let at = |s: &str| policy.destination(s.parse().unwrap());
+        let db = at("10.0.5.9:5432").unwrap();
+        assert_eq!((db.name.as_str(), db.line), ("db", 2));
+        let r = base.under(db);
+        assert_eq!(r.connect_retries, 4);
+        assert_eq!(r.circuit_open, Duration::from_secs(5));
+        // The open period's cap never falls below the period itself.
+        assert_eq!(r.circuit_open_max, Duration::from_secs(30));
+        assert_eq!(r.circuit_failures, base.circuit_failures);
+        assert_eq!(db.max_connections, Some(7));
+        assert_eq!(at("10.0.5.9:6001").unwrap().name, "db");
+        // Another port of the same block falls to the second table.
+        let wide = at("10.0.5.9:80").unwrap();
+        assert_eq!(wide.name, "destination-2");
+        assert_eq!(base.under(wide).circuit_failures, 0);
+        assert_eq!(base.under(wide).connect_retries, base.connect_retries);
+        assert!(at("192.168.1.1:5432").is_none());
+        // What /config and /status show: the file's own words.
+        let shown = serde_json::to_value(db).unwrap();
+        assert_eq!(shown["destinations"], serde_json::json!(["10.0.5.0/24"]));
+        assert_eq!(shown["ports"], serde_json::json!(["5432", "6000-6001"]));
+        assert!(shown.get("retry_backoff_ms").is_none());
     }
 }

@@ -10,7 +10,22 @@ use sidecar_common::{CircuitKey, OrigDst, maps};
 use tracing::warn;
 
 use super::ebpf::{EbpfError, open_pinned};
-use crate::proxy::resilience::CircuitSink;
+
+/// Where open circuits are refused besides the proxy: the connect hooks, so the app's own
+/// `connect()` fails at once (and a pass-through connection, which the proxy never sees,
+/// is refused too).
+pub trait CircuitSink: Send + Sync {
+    /// Refuse connects to `dst` from now on. `false`: the kernel could not take it.
+    fn open(&self, dst: SocketAddr) -> bool;
+    /// Let connects to `dst` through again.
+    fn close(&self, dst: SocketAddr);
+}
+
+/// What became of a connect the proxy did not make: the kernel's report of a pass-through
+/// connection, which feeds the same circuit as the proxy's own connects.
+pub trait ConnectOutcomes: Send + Sync {
+    fn connect_outcome(&self, dst: SocketAddr, connected: bool);
+}
 
 /// One workload's entries in the pinned `OPEN_CIRCUITS` map.
 pub struct KernelCircuits {

@@ -15,10 +15,12 @@ use sidecar_common::{DirectConn, DirectEvent, maps};
 use tokio::{io::unix::AsyncFd, runtime::Runtime, task::JoinHandle};
 use tracing::warn;
 
-use super::ebpf::{EbpfError, open_pinned};
+use super::{
+    circuits::ConnectOutcomes,
+    ebpf::{EbpfError, open_pinned},
+};
 use crate::{
     host::sock_diag,
-    proxy::resilience::ConnectOutcomes,
     registration::PassedThrough,
     telemetry::{
         LiveRow, OpenConnections, Telemetry,

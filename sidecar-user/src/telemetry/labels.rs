@@ -1,5 +1,6 @@
 //! The one vocabulary a connection is described in: which way it crossed the sidecar, what
-//! protected it, which path its bytes took and how it ended. The same strings name it in
+//! protected it, which path its bytes took and how it ended (and the caps and circuit changes
+//! the proxy counts). The same strings name it in
 //! metrics, the access log, the report and the policy (a policy rule's `direction` is a
 //! [`Direction`]). Kept free of other modules so the policy fuzz target can compile it.
 
@@ -109,6 +110,29 @@ impl Outcome {
     }
 }
 
+labels! {
+    /// Which cap refused a connection: the `reason` label.
+    pub enum Cap {
+        /// `--max-connections`: connections served at once, both directions.
+        Connections => "max_connections",
+        /// `--max-pending-handshakes`: tunnel connections not through their TLS handshake yet.
+        PendingHandshakes => "max_pending_handshakes",
+        /// `--max-connections-per-destination`: outbound connections open to one ip:port.
+        PerDestination => "max_connections_per_destination",
+        /// `--max-pending-connects`: connects to destinations (or the local app) in progress.
+        PendingConnects => "max_pending_connects",
+    }
+}
+
+labels! {
+    /// A change of a circuit's state, for the transitions counter and the open gauge.
+    pub enum Transition {
+        Opened => "open",
+        HalfOpened => "half_open",
+        Closed => "closed",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +148,8 @@ mod tests {
         check(&Mode::ALL, Mode::as_str);
         check(&Path::ALL, Path::as_str);
         check(&Outcome::ALL, Outcome::as_str);
+        check(&Cap::ALL, Cap::as_str);
+        check(&Transition::ALL, Transition::as_str);
         // A variant missing from ALL would not compile in as_str's match, and ALL is built
         // from the same list; this pins the count the metrics pre-initialise.
         assert_eq!(Outcome::ALL.len(), 11);

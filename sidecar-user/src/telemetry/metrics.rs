@@ -19,10 +19,9 @@ use prometheus::{
 use sidecar_common::Counter;
 
 use super::{
-    labels::{Direction, Mode, Outcome, Path},
+    labels::{Cap, Direction, Mode, Outcome, Path, Transition},
     process::ProcessCollector,
 };
-use crate::proxy::{limits::Cap, resilience::Transition};
 
 /// Metric name prefix.
 pub const NAMESPACE: &str = "sidecar";

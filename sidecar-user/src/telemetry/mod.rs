@@ -31,11 +31,17 @@ use serde::Serialize;
 
 use self::{
     access_log::AccessRecord,
-    labels::{Direction, Mode, Path},
+    labels::{Cap, Direction, Mode, Path, Transition},
     metrics::Metrics,
     record::ConnRecord,
 };
-use crate::proxy::{copy::Meter, resilience::Transition};
+
+/// Told about every chunk as it is forwarded, so live views and byte counters move while a
+/// long connection is still open.
+pub trait Meter {
+    fn client_to_upstream(&self, n: u64);
+    fn upstream_to_client(&self, n: u64);
+}
 
 /// Where the eBPF counters come from (the eBPF loader's map reader; other interception
 /// modes can supply their own).
@@ -593,7 +599,7 @@ impl Telemetry {
     }
 
     /// A connection was refused: `cap` was reached.
-    pub fn refused_at_cap(&self, direction: Direction, cap: crate::proxy::limits::Cap) {
+    pub fn refused_at_cap(&self, direction: Direction, cap: Cap) {
         self.metrics
             .refused_at_cap
             .with_label_values(&[direction.as_str(), cap.as_str()])
