@@ -6,8 +6,8 @@
 //! Traffic stays on 127.0.0.0/8 and ::1. Proxy ports 16100–16199. The tests share the nat
 //! table (and compare whole `iptables-save` dumps), so they run one at a time under a lock.
 //!
-//! Helpers are local to this file: the shared ones in `tests/src/lib.rs` are still being
-//! written on main.
+//! Its helpers are local to this file (the iptables dumps and their comparison); moving them
+//! to the shared harness in `tests/src/` is open work.
 
 use std::{
     collections::BTreeMap,

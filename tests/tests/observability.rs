@@ -10,8 +10,7 @@
 //! promtool test 34925–34949; silent admin
 //! clients connect from 127.0.0.2–127.0.0.6 (other peers, as far as per-address limits go).
 //!
-//! The shared helpers of `tests/src/lib.rs` were not written yet when this file was, so the
-//! few it needs are at the bottom.
+//! The few helpers it needs beyond the shared harness in `tests/src/` are at the bottom.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
