@@ -1230,11 +1230,13 @@ fn probes_answer_while_silent_clients_hold_the_admin_endpoint() {
     let on_admin = SilentClients::start(admin, &attackers, 20);
     let on_probes = SilentClients::start(probes, &attackers[..1], 20);
     thread::sleep(Duration::from_millis(500));
-    let (held, _) = http_get(admin, "/metrics").unwrap();
-    println!(
-        "admin /metrics under {} silent clients: HTTP {held}",
-        5 * 20
-    );
+    // Informational: with every slot held, the admin endpoint answers 503 and closes at
+    // once, which can reach this client before its request is written (a broken pipe).
+    let held = match http_get(admin, "/metrics") {
+        Ok((status, _)) => format!("HTTP {status}"),
+        Err(e) => format!("shed ({e})"),
+    };
+    println!("admin /metrics under {} silent clients: {held}", 5 * 20);
 
     let mut answers = 0;
     let deadline = Instant::now() + Duration::from_secs(8);
