@@ -110,19 +110,10 @@ pub fn measure(sidecar: &Path, load_bin: &Path, ns: &Netns, raw: &Path) -> Resul
     .stderr(fs::File::create(&log)?);
     ns.enter(&mut cmd)?;
     Side::Client.pin(&mut cmd);
-    // SAFETY: setrlimit(2) is async-signal-safe; raising the soft limit to the hard one needs
-    // no privilege.
+    // SAFETY: `set_nofile` only calls setrlimit(2), which is async-signal-safe; raising the
+    // soft limit to the hard one needs no privilege.
     unsafe {
-        cmd.pre_exec(move || {
-            let rl = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || set_nofile(nofile));
     }
     let mut child = cmd
         .spawn()
@@ -169,6 +160,19 @@ fn hard_nofile() -> Result<u64> {
         return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
     }
     Ok(rl.rlim_max)
+}
+
+/// Soft and hard descriptor limits both at `limit` (the soft one up to the hard one).
+fn set_nofile(limit: u64) -> std::io::Result<()> {
+    let rl = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: a valid rlimit for the duration of the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Connections both the sidecar and the command can hold under `nofile`: two descriptors
@@ -243,7 +247,7 @@ pub struct HoldArgs {
 /// The command side: serve, warm up, say `warm`, wait for `go`, open and hold `count`
 /// connections, say `held N`, wait for `done`.
 pub fn hold(args: &HoldArgs) -> Result<()> {
-    raise_nofile()?;
+    set_nofile(hard_nofile()?)?;
     let listener =
         TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
     let (warmup, count) = (args.warmup, args.count);
@@ -316,25 +320,6 @@ fn wait_for(file: &Path) -> Result<()> {
             bail!("{} did not appear within {STEP_LIMIT:?}", file.display());
         }
         thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// The soft descriptor limit up to the hard one.
-fn raise_nofile() -> Result<()> {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer, then the same struct passed back.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        rl.rlim_cur = rl.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
     }
     Ok(())
 }
