@@ -31,6 +31,17 @@ impl FromStr for AdminListen {
     }
 }
 
+impl AdminListen {
+    /// How `/config` shows it: the address, or `off`.
+    pub fn shown(&self) -> String {
+        match self {
+            Self::Default => crate::admin::DEFAULT_ADDR.to_string(),
+            Self::Addr(a) => a.to_string(),
+            Self::Off => "off".into(),
+        }
+    }
+}
+
 /// Everything observability adds to `sidecar run`.
 #[derive(Debug, Clone, Default)]
 pub struct ObserveOptions {

@@ -600,11 +600,7 @@ fn effective_config(opts: &RunOptions) -> serde_json::Value {
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
         "report": opts.report.as_ref().map(|p| p.display().to_string()),
         "command": config::command(&opts.command),
-        "admin_addr": match opts.observe.admin {
-            config::AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
-            config::AdminListen::Addr(a) => a.to_string(),
-            config::AdminListen::Off => "off".into(),
-        },
+        "admin_addr": opts.observe.admin.shown(),
         "probe_addr": opts.observe.probe.map(|a| a.to_string()),
         "access_log": opts.observe.access_log.to_string(),
         "metrics_destinations": opts.observe.destination_labels,

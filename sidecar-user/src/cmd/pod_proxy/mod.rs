@@ -241,7 +241,6 @@ fn check_identity(id: &SpiffeId, opts: &PodProxyOptions) -> Result<()> {
 }
 
 fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
-    use crate::admin::config::AdminListen;
     let config = serde_json::json!({
         "command": "proxy",
         "agent_socket": opts.agent_socket.display().to_string(),
@@ -252,11 +251,7 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         "exclude_ports": opts.exclude_ports,
         "exclude_cidrs": opts.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
-        "admin_addr": match opts.observe.admin {
-            AdminListen::Default => crate::admin::DEFAULT_ADDR.to_string(),
-            AdminListen::Addr(a) => a.to_string(),
-            AdminListen::Off => "off".into(),
-        },
+        "admin_addr": opts.observe.admin.shown(),
         "probe_addr": opts.observe.probe.map(|a| a.to_string()),
         "access_log": opts.observe.access_log.to_string(),
         "mode": MtlsOptions::mode(opts.mtls.as_ref()),
