@@ -17,6 +17,7 @@
 //! - [`report`]: the `--report` JSON;
 //! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints;
+//! - [`ports`]: free TCP ports for a test, from one allocator;
 //! - [`admin`]: requests to a sidecar's admin server.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod host;
 pub mod kubelet;
 pub mod leaks;
 pub mod netns;
+pub mod ports;
 pub mod protocol;
 pub mod report;
 pub mod run;
