@@ -240,4 +240,32 @@ mod tests {
         assert_eq!(age(125_000), "2m05s");
         assert_eq!(age(7_300_000), "2h01m");
     }
+
+    /// The observability options show in `/config` under their flags' names, the same for
+    /// every command that has them.
+    #[test]
+    fn observe_options_show_in_config_under_their_flags_names() {
+        use clap::{CommandFactory, Parser};
+
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            observe: ObserveArgs,
+        }
+        let cli = Cli::parse_from(["t", "--access-log", "stdout", "--metrics-destinations", "3"]);
+        let shown =
+            crate::admin::config::with(serde_json::json!({}), &ObserveOptions::from(cli.observe));
+        let mut flags: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+            .collect();
+        let mut keys: Vec<String> = shown.as_object().unwrap().keys().cloned().collect();
+        flags.sort();
+        keys.sort();
+        assert_eq!(keys, flags);
+        assert_eq!(shown["admin_addr"], crate::admin::DEFAULT_ADDR);
+        assert_eq!(shown["probe_addr"], serde_json::Value::Null);
+        assert_eq!(shown["access_log"], "stdout");
+        assert_eq!(shown["metrics_destinations"], 3);
+    }
 }

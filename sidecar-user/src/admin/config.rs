@@ -5,7 +5,7 @@ use std::{net::SocketAddr, str::FromStr};
 
 use serde_json::{Value, json};
 
-use crate::{proxy::ProxySettings, telemetry::access_log::AccessLogTarget};
+use crate::telemetry::access_log::AccessLogTarget;
 
 /// Where the admin server listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,39 +42,41 @@ impl AdminListen {
     }
 }
 
-/// Everything observability adds to `sidecar run`.
-#[derive(Debug, Clone, Default)]
+/// Everything observability adds to a serving command (shown in `/config` under the flags'
+/// names).
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ObserveOptions {
+    #[serde(rename = "admin_addr", serialize_with = "shown")]
     pub admin: AdminListen,
     /// The probe listener (`/healthz`, `/readyz` only); none unless asked for.
+    #[serde(rename = "probe_addr")]
     pub probe: Option<SocketAddr>,
+    #[serde(serialize_with = "serde_with_display")]
     pub access_log: AccessLogTarget,
     /// Distinct destinations that get their own metric series (0 = none).
+    #[serde(rename = "metrics_destinations")]
     pub destination_labels: usize,
+}
+
+fn shown<S: serde::Serializer>(a: &AdminListen, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&a.shown())
+}
+
+fn serde_with_display<S: serde::Serializer>(
+    v: &impl std::fmt::Display,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 /// Keys whose values never leave the process (certificate keys, tokens, … once they exist).
 const SECRET_MARKERS: [&str; 5] = ["key", "secret", "token", "password", "credential"];
 
-/// `config` with the proxy's settings (timeouts, caps, retries, circuits) added: the same
-/// fields for `sidecar run` and `sidecar proxy`.
-pub fn with_proxy(mut config: Value, p: &ProxySettings) -> Value {
-    let ms = |d: std::time::Duration| d.as_millis() as u64;
-    let (l, r) = (&p.limits, &p.resilience);
-    let fields = json!({
-        "connect_timeout_ms": ms(p.connect_timeout),
-        "idle_timeout_secs": p.idle_timeout.as_secs(),
-        "max_connections": l.max_connections,
-        "max_pending_handshakes": l.max_pending_handshakes,
-        "max_connections_per_destination": l.max_connections_per_destination,
-        "passthrough_max_connections_per_destination": l.passthrough_per_destination,
-        "max_pending_connects": l.max_pending_connects,
-        "connect_retries": r.connect_retries,
-        "retry_backoff_ms": ms(r.retry_backoff),
-        "circuit_failures": r.circuit_failures,
-        "circuit_open_ms": ms(r.circuit_open),
-        "circuit_open_max_ms": ms(r.circuit_open_max),
-    });
+/// `config` with `group`'s fields added, flat. An options group serializes itself under its
+/// flags' names ([`ObserveOptions`], [`crate::proxy::ProxySettings`]), so every command that
+/// has the group shows the same fields, and a field added to the group reaches them all.
+pub fn with<T: serde::Serialize>(mut config: Value, group: &T) -> Value {
+    let fields = serde_json::to_value(group).unwrap_or_else(|e| json!({ "error": e.to_string() }));
     if let (Some(map), Value::Object(add)) = (config.as_object_mut(), fields) {
         map.extend(add);
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::telemetry::{
     InterceptionInfo, PolicyStatus, Telemetry, TlsStatus,
-    labels::{Direction, Mode, Outcome, Path},
+    labels::{Direction, Mode, Outcome, Path, Protection, Transport},
     metrics::LEGS,
     process::Usage,
     unix_secs,
@@ -21,8 +21,8 @@ pub struct Status {
     pub intercepted: Verdict,
     pub accelerated: Verdict,
     pub connections: Connections,
-    /// `plain`, `mtls` or `permissive` (see [`crate::telemetry::Security`]).
-    pub mode: String,
+    /// What the sidecar requires of peers (see [`crate::telemetry::Security`]).
+    pub mode: Protection,
     /// The workload credentials in force (`None`: plain).
     pub tls: Option<TlsStatus>,
     /// The policy in force (`None`: no `--policy`, everything allowed).
@@ -93,7 +93,7 @@ impl Status {
             let d = direction.as_str();
             for path in Path::ALL.into_iter().filter(|p| p.applies_to(direction)) {
                 let p = path.as_str();
-                for mode in Mode::ALL.map(Mode::as_str) {
+                for mode in Transport::ALL.map(Transport::as_str) {
                     c.opened += m.opened.with_label_values(&[d, mode, p]).get();
                 }
                 for o in Outcome::ALL {
@@ -122,7 +122,7 @@ impl Status {
         let intercepted = match &info {
             None => verdict("no", "no interception is attached".into()),
             // `sidecar proxy`: the kernel counters are the node agent's, not this process's.
-            Some(i) if i.mode == "agent" && c.opened > 0 => verdict(
+            Some(i) if i.mode == Mode::Agent && c.opened > 0 => verdict(
                 "yes",
                 format!(
                     "{} connection(s) intercepted by the node agent: {} passed through in the \
@@ -150,7 +150,7 @@ impl Status {
         };
         let accelerated = match &info {
             None => verdict("no", "no interception is attached".into()),
-            Some(i) if i.mode == "agent" => verdict(
+            Some(i) if i.mode == Mode::Agent => verdict(
                 "unknown",
                 "the splice counters are the node agent's: `sidecar agent --status`".into(),
             ),

@@ -131,7 +131,7 @@ impl Report {
                         "{} {} {} {}",
                         d.direction.as_str(),
                         d.rule,
-                        d.outcome.as_str(),
+                        d.decision.as_str(),
                         d.count
                     )
                 })

@@ -147,6 +147,10 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let (bpffs, iptables_tool) = match opts.mode {
         Mode::Ebpf => (Some(Bpffs::ensure(&opts.bpffs)?), None),
         Mode::Iptables => (None, Some(iptables::detect()?)),
+        Mode::Agent => bail!(
+            "agent mode is `sidecar proxy`'s (a node agent attaches for the pod); `sidecar run` \
+             attaches its own interception: --mode ebpf or --mode iptables"
+        ),
     };
     let bpffs_path = bpffs
         .as_ref()
@@ -220,7 +224,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
     let lookups = interception.redirect();
     serving.telemetry.attached(
         InterceptionInfo {
-            mode: opts.mode.as_str().into(),
+            mode: opts.mode,
             // Off also where the kernel cannot key the sockhash by namespace (< 5.15).
             sockmap: matches!(&interception,
                 Interception::Ebpf(e) if opts.sockmap && e.fast_path_unavailable().is_none()),
@@ -600,14 +604,10 @@ fn effective_config(opts: &RunOptions) -> serde_json::Value {
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
         "report": opts.report.as_ref().map(|p| p.display().to_string()),
         "command": config::command(&opts.command),
-        "admin_addr": opts.observe.admin.shown(),
-        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
-        "access_log": opts.observe.access_log.to_string(),
-        "metrics_destinations": opts.observe.destination_labels,
-        "mode": MtlsOptions::mode(opts.mtls.as_ref()),
+        "mode": MtlsOptions::protection(opts.mtls.as_ref()),
         "tls": opts.mtls.as_ref().map(MtlsOptions::config),
         "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
         "inbound_mode": if opts.strict_inbound { "strict" } else { "permissive" },
     });
-    config::redact(config::with_proxy(v, &opts.proxy))
+    config::redact(config::with(config::with(v, &opts.observe), &opts.proxy))
 }

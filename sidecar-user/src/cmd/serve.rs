@@ -153,11 +153,6 @@ struct InForce {
 
 impl SecuritySource for InForce {
     fn security(&self) -> Security {
-        let mode = match &self.mtls {
-            None => "plain",
-            Some((m, _)) if m.permissive => "permissive",
-            Some(_) => "mtls",
-        };
         let tls = self.mtls.as_ref().map(|(m, tls)| {
             let creds = tls.current();
             TlsStatus {
@@ -170,7 +165,7 @@ impl SecuritySource for InForce {
             }
         });
         Security {
-            mode: mode.into(),
+            mode: MtlsOptions::protection(self.mtls.as_ref().map(|(m, _)| m)),
             tls,
             policy: self.policy.as_ref().map(|p| -> PolicyStatus { p.status() }),
         }

@@ -4,7 +4,7 @@
 //! * [`rules`]: the validated policy and its pure evaluation (first match wins).
 //! * [`destinations`]: per-destination retries, circuit breaking and connection caps.
 //! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`).
-//! * [`stats`]: decisions counted by direction, rule and outcome.
+//! * [`stats`]: decisions counted by direction, rule and decision.
 //! * [`reload`]: the file watched and swapped atomically, kernel maps first.
 //!
 //! [`Enforcer`] ties them together for the proxy: one live policy behind an `Arc` swapped
@@ -33,9 +33,9 @@ pub use self::schema::PolicyError;
 use self::{
     kernel::{DenyEvents, KernelPolicy, KernelPolicyError},
     rules::{Action, Policy, Request},
-    stats::{DecisionCount, Outcome, PolicyStats},
+    stats::{DecisionCount, PolicyStats},
 };
-use crate::telemetry::labels::Direction;
+use crate::telemetry::labels::{Decision, Direction};
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -145,7 +145,7 @@ pub struct Verdict {
     pub allowed: bool,
     /// The rule that matched (or the default), as counted and logged.
     pub rule: String,
-    pub outcome: Outcome,
+    pub decision: Decision,
 }
 
 impl Enforcer {
@@ -256,39 +256,39 @@ impl Enforcer {
     }
 
     /// Decides on one connection, counts it and logs it. Returns the verdict: whether it
-    /// may proceed, the rule that decided, and the outcome.
+    /// may proceed, the rule that decided, and the decision.
     pub fn check(&self, req: &Request<'_>) -> Verdict {
         let policy = self.current();
         let decision = policy.evaluate(req);
         let rule = policy.rule_label(&decision, req.way);
-        let outcome = match (decision.action, decision.refuse) {
-            (Action::Deny, true) => Outcome::Deny,
-            (Action::Deny, false) => Outcome::WouldDeny,
-            (Action::Audit, _) => Outcome::Audit,
-            (Action::Allow, _) => Outcome::Allow,
+        let verdict = match (decision.action, decision.refuse) {
+            (Action::Deny, true) => Decision::Deny,
+            (Action::Deny, false) => Decision::WouldDeny,
+            (Action::Audit, _) => Decision::Audit,
+            (Action::Allow, _) => Decision::Allow,
         };
-        self.stats.count(req.way, &rule, outcome);
+        self.stats.count(req.way, &rule, verdict);
         let identity = req.peer.map(|s| s.to_string());
         let identity = identity.as_deref().unwrap_or("-");
         let (direction, dst) = (req.way.as_str(), req.dst);
-        match outcome {
-            Outcome::Deny => {
+        match verdict {
+            Decision::Deny => {
                 warn!(direction, %rule, identity, %dst, "policy denied the connection")
             }
-            Outcome::WouldDeny => {
+            Decision::WouldDeny => {
                 warn!(direction, %rule, identity, %dst, "policy would deny the connection (dry run)")
             }
-            Outcome::Audit => warn!(direction, %rule, identity, %dst, "policy audit"),
-            Outcome::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
+            Decision::Audit => warn!(direction, %rule, identity, %dst, "policy audit"),
+            Decision::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
         }
         Verdict {
             allowed: !decision.refuse,
             rule: rule.to_string(),
-            outcome,
+            decision: verdict,
         }
     }
 
-    /// Logs and counts (by rule, outcome `deny`) every connect the kernel refused since the
+    /// Logs and counts (by rule, decision `deny`) every connect the kernel refused since the
     /// last call. The rule is found by evaluating the destination against the policy in
     /// force now — the one the kernel used, unless a reload happened in between.
     pub fn drain_kernel_events(&self) {
@@ -317,7 +317,7 @@ impl Enforcer {
             };
             let decision = policy.evaluate(&req);
             let rule = policy.rule_label(&decision, req.way);
-            self.stats.count(req.way, &rule, Outcome::Deny);
+            self.stats.count(req.way, &rule, Decision::Deny);
             *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
         }
         for ((rule, dst, pid), times) in batch {

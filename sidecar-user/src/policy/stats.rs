@@ -1,55 +1,34 @@
-//! Every policy decision, counted by direction, rule and outcome. Kept behind this small
-//! type so it can be exported as metrics later without touching the data path.
+//! Every policy decision, counted by direction, rule and decision, for the report (the
+//! metrics count them by direction and decision only: rule names are not bounded).
 
 use std::{collections::BTreeMap, sync::Mutex};
 
 use serde::Serialize;
 
-use crate::telemetry::labels::Direction;
-
-/// How a decision went, as counted and logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Allow,
-    Deny,
-    Audit,
-    /// A deny in dry-run mode: let through, logged.
-    WouldDeny,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Allow => "allow",
-            Self::Deny => "deny",
-            Self::Audit => "audit",
-            Self::WouldDeny => "would_deny",
-        }
-    }
-}
+use crate::telemetry::labels::{Decision, Direction};
 
 /// One counter row of the report.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DecisionCount {
     pub direction: Direction,
     pub rule: String,
-    pub outcome: Outcome,
+    #[serde(rename = "outcome")]
+    pub decision: Decision,
     pub count: u64,
 }
 
 #[derive(Default)]
 pub struct PolicyStats {
-    counts: Mutex<BTreeMap<(Direction, String, Outcome), u64>>,
+    counts: Mutex<BTreeMap<(Direction, String, Decision), u64>>,
 }
 
 impl PolicyStats {
-    pub fn count(&self, way: Direction, rule: &str, outcome: Outcome) {
+    pub fn count(&self, way: Direction, rule: &str, decision: Decision) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        match counts.get_mut(&(way, rule.to_string(), outcome)) {
+        match counts.get_mut(&(way, rule.to_string(), decision)) {
             Some(n) => *n += 1,
             None => {
-                counts.insert((way, rule.to_string(), outcome), 1);
+                counts.insert((way, rule.to_string(), decision), 1);
             }
         }
     }
@@ -59,10 +38,10 @@ impl PolicyStats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|((direction, rule, outcome), count)| DecisionCount {
+            .map(|((direction, rule, decision), count)| DecisionCount {
                 direction: *direction,
                 rule: rule.clone(),
-                outcome: *outcome,
+                decision: *decision,
                 count: *count,
             })
             .collect()

@@ -57,8 +57,8 @@ pub struct LimitArgs {
     pub max_pending_connects: Option<usize>,
 }
 
-/// The caps in force.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The caps in force (shown in `/config` under their flags' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
     pub max_connections: usize,
     pub max_pending_handshakes: usize,
@@ -68,6 +68,7 @@ pub struct Limits {
     /// explicit `--max-connections-per-destination`, since the default derives from the
     /// proxy's descriptor budget, which pass-through connections (the app's own sockets)
     /// do not use.
+    #[serde(rename = "passthrough_max_connections_per_destination")]
     pub passthrough_per_destination: Option<u32>,
 }
 

@@ -13,6 +13,7 @@ use std::{
 
 use crate::{
     cidr::Cidr,
+    telemetry::labels::Protection,
     tls::{TlsFiles, TlsState, layout::LayoutError},
 };
 
@@ -90,13 +91,14 @@ impl MeshArgs {
 }
 
 impl MtlsOptions {
-    /// `plain` (no `--tls-dir`), `mtls`, or `permissive` (`--permissive`: destinations
-    /// outside the mesh CIDRs try a tunnel and fall back to plaintext).
-    pub fn mode(mtls: Option<&Self>) -> &'static str {
+    /// What these settings require of peers: plain (no `--tls-dir`), mTLS, or permissive
+    /// (`--permissive`: destinations outside the mesh CIDRs try a tunnel and fall back to
+    /// plaintext).
+    pub fn protection(mtls: Option<&Self>) -> Protection {
         match mtls {
-            None => "plain",
-            Some(m) if m.permissive => "permissive",
-            Some(_) => "mtls",
+            None => Protection::Plain,
+            Some(m) if m.permissive => Protection::Permissive,
+            Some(_) => Protection::Mtls,
         }
     }
 

@@ -44,19 +44,35 @@ use crate::{
     },
 };
 
-/// Timeouts of the data path.
-#[derive(Debug, Clone, Copy)]
+/// What the data path is allowed: timeouts, the metadata address, caps, retries and circuits.
+/// It serializes itself flat, under its flags' names, into `/config` of every command that
+/// proxies, so a setting added here is shown without touching a command.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct ProxySettings {
     /// How long connecting to the original destination (or its sidecar) may take.
+    #[serde(rename = "connect_timeout_ms", serialize_with = "as_millis")]
     pub connect_timeout: Duration,
     /// A connection with no byte moving in either direction for this long is closed.
+    #[serde(rename = "idle_timeout_secs", serialize_with = "as_secs")]
     pub idle_timeout: Duration,
     /// Let connections to the cloud metadata address through (refused by default).
     pub allow_metadata: bool,
     /// Caps on connections and tunnel handshakes in progress.
+    #[serde(flatten)]
     pub limits: limits::Limits,
     /// Connect retries and circuit breaking.
+    #[serde(flatten)]
     pub resilience: resilience::Resilience,
+}
+
+/// A duration as whole milliseconds (the unit of the flag that sets it).
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A duration as whole seconds (the unit of the flag that sets it).
+fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 /// The flags that make [`ProxySettings`], one help text each, shared by `sidecar run` and
@@ -226,8 +242,8 @@ impl Proxy {
         let verdict = policy.check(req);
         let rec = conn.record_mut();
         self.telemetry
-            .policy_decision(rec.direction, verdict.outcome.as_str());
-        rec.policy_decision = Some(verdict.outcome.as_str());
+            .policy_decision(rec.direction, verdict.decision);
+        rec.policy_decision = Some(verdict.decision.as_str());
         rec.policy_rule = Some(verdict.rule);
         verdict.allowed
     }
@@ -444,4 +460,42 @@ fn fail(conn: &mut Conn, outcome: Outcome, error: impl ToString) {
     let record = conn.record_mut();
     record.outcome = outcome;
     record.error = Some(error.to_string());
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: ProxySettingsArgs,
+    }
+
+    /// `/config` shows every setting under the name of the flag that sets it, so a flag
+    /// added to the group (and its field here) is shown by every command without more code.
+    #[test]
+    fn settings_show_in_config_under_their_flags_names() {
+        let settings = Cli::parse_from(["t"]).settings.resolve().unwrap();
+        let shown = serde_json::to_value(settings).unwrap();
+        let flags: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+            .collect();
+        let keys: Vec<&String> = shown.as_object().unwrap().keys().collect();
+        for flag in &flags {
+            assert!(keys.contains(&flag), "--{flag} is not shown in /config");
+        }
+        for key in keys {
+            // Derived, not set by a flag of its own: explained in `Limits`.
+            if key != "passthrough_max_connections_per_destination" {
+                assert!(flags.contains(key), "/config shows {key}, which is no flag");
+            }
+        }
+        assert_eq!(shown["connect_timeout_ms"], 5000);
+        assert_eq!(shown["idle_timeout_secs"], 300);
+        assert_eq!(shown["allow_metadata"], false);
+    }
 }

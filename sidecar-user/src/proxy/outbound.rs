@@ -10,7 +10,7 @@ use crate::{
     policy::rules::Request,
     telemetry::{
         Conn,
-        labels::{Direction, Mode, Outcome},
+        labels::{Direction, Outcome, Transport},
         tcp_info,
     },
     tunnel,
@@ -164,7 +164,7 @@ impl Proxy {
             }
         };
         conn.upstream_connected(connecting.elapsed());
-        conn.established(Mode::Plain);
+        conn.established(Transport::Plain);
         let rec = conn.record_mut();
         rec.upstream_local = upstream.local_addr().ok();
         if let Some(up_local) = rec.upstream_local {

@@ -68,14 +68,17 @@ impl Default for ResilienceArgs {
     }
 }
 
-/// Retries and circuit breaking in force.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Retries and circuit breaking in force (shown in `/config` under their flags' names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Resilience {
     pub connect_retries: u32,
+    #[serde(rename = "retry_backoff_ms", serialize_with = "super::as_millis")]
     pub retry_backoff: Duration,
     /// 0: no circuit breaking.
     pub circuit_failures: u32,
+    #[serde(rename = "circuit_open_ms", serialize_with = "super::as_millis")]
     pub circuit_open: Duration,
+    #[serde(rename = "circuit_open_max_ms", serialize_with = "super::as_millis")]
     pub circuit_open_max: Duration,
 }
 

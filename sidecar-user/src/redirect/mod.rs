@@ -13,25 +13,9 @@ use std::{net::SocketAddr, os::fd::BorrowedFd};
 
 use thiserror::Error;
 
-/// How a run steers connections to the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// cgroup connect hooks rewrite the destination; sockmap splices local legs.
-    #[default]
-    Ebpf,
-    /// nat `REDIRECT` in a chain of our own; `SO_ORIGINAL_DST` (the classic baseline).
-    Iptables,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Ebpf => "ebpf",
-            Mode::Iptables => "iptables",
-        }
-    }
-}
+/// How a run steers connections to the proxy. It lives with the other labels (telemetry and
+/// the admin server name it without importing this module); each mode's code is here.
+pub use crate::telemetry::labels::Mode;
 
 #[derive(Debug, Error)]
 pub enum OrigDstError {

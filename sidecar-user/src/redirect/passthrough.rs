@@ -25,7 +25,7 @@ use crate::{
     telemetry::{
         LiveRow, OpenConnections, Telemetry,
         access_log::rfc3339,
-        labels::{Direction, Mode, Outcome, Path},
+        labels::{Direction, Outcome, Path, Transport},
         record::{ConnRecord, Journal},
         tcp_info::TcpStats,
     },
@@ -233,7 +233,7 @@ impl OpenConnections for OpenDirect {
                     age_ms: clock.mono_ns.saturating_sub(c.connect_ns) / 1_000_000,
                     started: rfc3339(clock.wall_of(c.connect_ns)),
                     direction: Direction::Outbound,
-                    mode: Mode::Plain,
+                    transport: Transport::Plain,
                     state: if established { "open" } else { "connecting" },
                     src: s.local,
                     original_dst: Some(s.remote),

@@ -30,7 +30,7 @@ use tracing::{
 use tracing_subscriber::{Layer, layer::Context};
 
 use super::{
-    labels::{Direction, Mode, Path},
+    labels::{Direction, Path, Transport},
     record::ConnRecord,
     tcp_info::TcpStats,
 };
@@ -77,7 +77,8 @@ pub struct AccessRecord<'a> {
     pub end: String,
     pub id: u64,
     pub direction: Direction,
-    pub mode: Mode,
+    #[serde(rename = "mode")]
+    pub transport: Transport,
     /// `proxy`, or `passthrough` (no proxy: `proxy` and `upstream_src` are null, and
     /// `tcp_app` is the app's own socket to the destination).
     pub path: Path,
@@ -114,7 +115,7 @@ impl<'a> AccessRecord<'a> {
             end: rfc3339(start + duration),
             id: rec.id,
             direction: rec.direction,
-            mode: rec.mode,
+            transport: rec.transport,
             path: rec.path,
             src: rec.client,
             proxy: rec.proxy_local,

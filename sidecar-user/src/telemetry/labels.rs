@@ -1,10 +1,13 @@
-//! The one vocabulary a connection is described in: which way it crossed the sidecar, what
-//! protected it, which path its bytes took and how it ended (and the caps and circuit changes
-//! the proxy counts). The same strings name it in
-//! metrics, the access log, the report and the policy (a policy rule's `direction` is a
-//! [`Direction`]). Kept free of other modules so the policy fuzz target can compile it.
+//! The one vocabulary the sidecar is described in: how it intercepts ([`Mode`]) and what it
+//! requires of peers ([`Protection`]); for each connection, which way it crossed the sidecar,
+//! what carried it, which path its bytes took and how it ended; the policy's decisions, the
+//! caps, circuit changes and connect attempts the proxy counts. The same strings name it in
+//! metrics, the access log, `/status`, the report and the policy (a policy rule's `direction`
+//! is a [`Direction`]). Every list of values is the enum's `ALL`. Kept free of other modules
+//! so the policy fuzz target can compile it, and so telemetry and the admin server can name
+//! an interception mode without importing the interception code.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Declares an enum of metric-label values: the variants, their label strings and `ALL` (in
 /// declaration order) come from one list, so no list of variants can drift from the enum.
@@ -14,7 +17,7 @@ macro_rules! labels {
         $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+
     }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $label)] $variant,)+
         }
@@ -28,7 +31,39 @@ macro_rules! labels {
                 }
             }
         }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
     };
+}
+
+labels! {
+    /// How connections are intercepted: the sidecar's one "mode". `sidecar run --mode` picks
+    /// eBPF or iptables; `sidecar proxy` is always `agent`.
+    pub enum Mode {
+        /// cgroup connect hooks rewrite the destination (this process attached them).
+        Ebpf => "ebpf",
+        /// nat `REDIRECT` in a chain of our own; `SO_ORIGINAL_DST` (the classic baseline).
+        Iptables => "iptables",
+        /// The node agent's eBPF programs steer the pod's connections; this unprivileged
+        /// process only proxies them (and its kernel counters are the agent's).
+        Agent => "agent",
+    }
+}
+
+labels! {
+    /// What the sidecar requires of the peers it talks to (`/status`, `/config`).
+    pub enum Protection {
+        /// No `--tls-dir`: every connection is plaintext.
+        Plain => "plain",
+        /// Meshed destinations get mTLS tunnels, and only tunnels reach them.
+        Mtls => "mtls",
+        /// Destinations without a sidecar fall back to plaintext.
+        Permissive => "permissive",
+    }
 }
 
 labels! {
@@ -42,8 +77,9 @@ labels! {
 }
 
 labels! {
-    /// What protects the sidecar-to-sidecar leg.
-    pub enum Mode {
+    /// What carried the connection between sidecars: plaintext or an mTLS tunnel. Named `mode`
+    /// in the access log, `/connections` and the metric labels (the word users read there).
+    pub enum Transport {
         Plain => "plain",
         Mtls => "mtls",
     }
@@ -125,6 +161,25 @@ labels! {
 }
 
 labels! {
+    /// What the authorization policy decided for a connection: the `decision` label.
+    pub enum Decision {
+        Allow => "allow",
+        Deny => "deny",
+        Audit => "audit",
+        /// A deny in dry-run mode: let through, logged.
+        WouldDeny => "would_deny",
+    }
+}
+
+labels! {
+    /// Whether one connect retry connected: the `outcome` label of connect retries.
+    pub enum Attempt {
+        Connected => "connected",
+        Failed => "failed",
+    }
+}
+
+labels! {
     /// A change of a circuit's state, for the transitions counter and the open gauge.
     pub enum Transition {
         Opened => "open",
@@ -144,12 +199,16 @@ mod tests {
                 assert_eq!(serde_json::to_value(v).unwrap(), label(*v));
             }
         }
-        check(&Direction::ALL, Direction::as_str);
         check(&Mode::ALL, Mode::as_str);
+        check(&Protection::ALL, Protection::as_str);
+        check(&Direction::ALL, Direction::as_str);
+        check(&Transport::ALL, Transport::as_str);
         check(&Path::ALL, Path::as_str);
         check(&Outcome::ALL, Outcome::as_str);
         check(&Cap::ALL, Cap::as_str);
         check(&Transition::ALL, Transition::as_str);
+        check(&Decision::ALL, Decision::as_str);
+        check(&Attempt::ALL, Attempt::as_str);
         // A variant missing from ALL would not compile in as_str's match, and ALL is built
         // from the same list; this pins the count the metrics pre-initialise.
         assert_eq!(Outcome::ALL.len(), 11);

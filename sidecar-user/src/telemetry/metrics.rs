@@ -19,7 +19,7 @@ use prometheus::{
 use sidecar_common::Counter;
 
 use super::{
-    labels::{Cap, Direction, Mode, Outcome, Path, Transition},
+    labels::{Attempt, Cap, Decision, Direction, Outcome, Path, Transition, Transport},
     process::ProcessCollector,
 };
 
@@ -33,11 +33,6 @@ pub const LEGS: [&str; 2] = ["app", "upstream"];
 /// Values of the `kind` label of mTLS handshakes: a full handshake (certificates exchanged and
 /// verified) or a resumption of an earlier session (a ticket, no certificates).
 pub const HANDSHAKE_KINDS: [&str; 2] = ["full", "resumed"];
-/// Values of the `decision` label of policy decisions.
-/// `outcome` of a connect retry: whether that attempt connected.
-pub const RETRY_OUTCOMES: [&str; 2] = ["connected", "failed"];
-/// `decision` of the policy.
-pub const DECISIONS: [&str; 4] = ["allow", "deny", "audit", "would_deny"];
 
 pub struct Metrics {
     registry: Registry,
@@ -380,7 +375,7 @@ impl Metrics {
                     continue;
                 }
                 let p = path.as_str();
-                for mode in Mode::ALL.map(Mode::as_str) {
+                for mode in Transport::ALL.map(Transport::as_str) {
                     self.opened.with_label_values(&[d, mode, p]);
                 }
                 for reason in Outcome::ALL {
@@ -395,7 +390,7 @@ impl Metrics {
                     self.failed.with_label_values(&[d, reason.as_str()]);
                 }
             }
-            for decision in DECISIONS {
+            for decision in Decision::ALL.map(Decision::as_str) {
                 self.policy_decisions.with_label_values(&[d, decision]);
             }
             for leg in LEGS {
@@ -404,7 +399,7 @@ impl Metrics {
             for cap in Cap::ALL.map(Cap::as_str) {
                 self.refused_at_cap.with_label_values(&[d, cap]);
             }
-            for outcome in RETRY_OUTCOMES {
+            for outcome in Attempt::ALL.map(Attempt::as_str) {
                 self.connect_retries.with_label_values(&[d, outcome]);
             }
             self.active.with_label_values(&[d]);

@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use self::{
     access_log::AccessRecord,
-    labels::{Cap, Direction, Mode, Path, Transition},
+    labels::{Attempt, Cap, Decision, Direction, Mode, Path, Protection, Transition, Transport},
     metrics::Metrics,
     record::ConnRecord,
 };
@@ -65,9 +65,7 @@ pub trait SecuritySource: Send + Sync {
 /// The connection security in force.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Security {
-    /// `plain` (no `--tls-dir`), `mtls` (meshed destinations only get tunnels) or
-    /// `permissive` (other destinations try a tunnel and fall back to plaintext).
-    pub mode: String,
+    pub mode: Protection,
     pub tls: Option<TlsStatus>,
     pub policy: Option<PolicyStatus>,
 }
@@ -105,7 +103,7 @@ impl Security {
     /// No `--tls-dir`, no `--policy`.
     pub fn plain() -> Self {
         Self {
-            mode: "plain".into(),
+            mode: Protection::Plain,
             tls: None,
             policy: None,
         }
@@ -140,8 +138,7 @@ pub struct TelemetrySettings {
 /// What is intercepting, for `/status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct InterceptionInfo {
-    /// `ebpf` today; `iptables` when that mode lands.
-    pub mode: String,
+    pub mode: Mode,
     pub sockmap: bool,
     pub proxy_port: u16,
     pub cgroup: String,
@@ -207,8 +204,12 @@ impl DirectionHandles {
         let p = Path::Proxy.as_str();
         let [full, resumed] = metrics::HANDSHAKE_KINDS;
         Self {
-            opened_plain: m.opened.with_label_values(&[d, Mode::Plain.as_str(), p]),
-            opened_mtls: m.opened.with_label_values(&[d, Mode::Mtls.as_str(), p]),
+            opened_plain: m
+                .opened
+                .with_label_values(&[d, Transport::Plain.as_str(), p]),
+            opened_mtls: m
+                .opened
+                .with_label_values(&[d, Transport::Mtls.as_str(), p]),
             tls_handshake: m.tls_handshake.with_label_values(&[d]),
             handshakes_full: m.tls_handshakes.with_label_values(&[d, full]),
             handshakes_resumed: m.tls_handshakes.with_label_values(&[d, resumed]),
@@ -234,7 +235,9 @@ impl PassthroughHandles {
         let d = Direction::Outbound.as_str();
         let p = Path::Passthrough.as_str();
         Self {
-            opened: m.opened.with_label_values(&[d, Mode::Plain.as_str(), p]),
+            opened: m
+                .opened
+                .with_label_values(&[d, Transport::Plain.as_str(), p]),
             sent: m.sent_bytes.with_label_values(&[d, p]),
             received: m.received_bytes.with_label_values(&[d, p]),
             duration: m.duration.with_label_values(&[d, p]),
@@ -248,7 +251,7 @@ pub struct LiveConn {
     pub id: u64,
     pub direction: Direction,
     /// Set once known: when the upstream leg (plain or tunnel) is up.
-    pub mode: OnceLock<Mode>,
+    pub transport: OnceLock<Transport>,
     pub client: SocketAddr,
     pub started: Instant,
     pub started_wall: SystemTime,
@@ -272,7 +275,8 @@ pub struct LiveRow {
     pub age_ms: u64,
     pub started: String,
     pub direction: Direction,
-    pub mode: Mode,
+    #[serde(rename = "mode")]
+    pub transport: Transport,
     pub state: &'static str,
     pub src: SocketAddr,
     pub original_dst: Option<SocketAddr>,
@@ -488,7 +492,7 @@ impl Telemetry {
         let live = Arc::new(LiveConn {
             id,
             direction,
-            mode: OnceLock::new(),
+            transport: OnceLock::new(),
             client,
             started: Instant::now(),
             started_wall: SystemTime::now(),
@@ -518,7 +522,7 @@ impl Telemetry {
         let duration = conn.live().started.elapsed();
         let started_wall = conn.live().started_wall;
         // A connection that failed before its mode was known still counts as opened.
-        conn.established(conn.record.mode);
+        conn.established(conn.record.transport);
         let Conn { mut record, listed } = conn;
         record.duration_ms = duration.as_millis() as u64;
         // Out of the active gauge before it counts as closed, so no scrape sees a connection
@@ -606,10 +610,10 @@ impl Telemetry {
             .inc();
     }
 
-    pub fn policy_decision(&self, direction: Direction, decision: &str) {
+    pub fn policy_decision(&self, direction: Direction, decision: Decision) {
         self.metrics
             .policy_decisions
-            .with_label_values(&[direction.as_str(), decision])
+            .with_label_values(&[direction.as_str(), decision.as_str()])
             .inc();
     }
 
@@ -661,7 +665,7 @@ impl Telemetry {
                 age_ms: c.started.elapsed().as_millis() as u64,
                 started: access_log::rfc3339(c.started_wall),
                 direction: c.direction,
-                mode: c.mode.get().copied().unwrap_or(Mode::Plain),
+                transport: c.transport.get().copied().unwrap_or(Transport::Plain),
                 state: if c.upstream_ready.load(Ordering::Relaxed) {
                     "open"
                 } else {
@@ -727,21 +731,21 @@ impl Conn {
         let _ = self.live().original_dst.set(dst);
     }
 
-    /// The connection's mode is settled (plain upstream, or an mTLS tunnel): recorded and
+    /// The connection's transport is settled (plain upstream, or an mTLS tunnel): recorded and
     /// counted as opened, once.
-    pub fn established(&mut self, mode: Mode) {
-        if self.live().mode.set(mode).is_ok() {
-            self.record.mode = mode;
+    pub fn established(&mut self, transport: Transport) {
+        if self.live().transport.set(transport).is_ok() {
+            self.record.transport = transport;
             let h = self.handles();
-            match mode {
-                Mode::Plain => h.opened_plain.inc(),
-                Mode::Mtls => h.opened_mtls.inc(),
+            match transport {
+                Transport::Plain => h.opened_plain.inc(),
+                Transport::Mtls => h.opened_mtls.inc(),
             }
         }
     }
 
     /// An mTLS handshake completed after `took` (a resumption of an earlier session if
-    /// `resumed`), verifying these identities: the connection's mode is mTLS.
+    /// `resumed`), verifying these identities: the connection's transport is mTLS.
     pub fn tls_established(&mut self, took: Duration, resumed: bool, src: String, dst: String) {
         let h = self.handles();
         h.tls_handshake.observe(took.as_secs_f64());
@@ -754,7 +758,7 @@ impl Conn {
         self.record.src_identity = Some(src);
         self.record.dst_identity = Some(dst);
         self.record.tls_resumed = Some(resumed);
-        self.established(Mode::Mtls);
+        self.established(Transport::Mtls);
     }
 
     /// Another connect attempt (after a failed one) connected or failed.
@@ -762,12 +766,16 @@ impl Conn {
         self.record.connect_retries += 1;
         self.live().connect_retries.fetch_add(1, Ordering::Relaxed);
         let d = self.live().direction.as_str();
-        let outcome = if connected { "connected" } else { "failed" };
+        let outcome = if connected {
+            Attempt::Connected
+        } else {
+            Attempt::Failed
+        };
         self.listed
             .telemetry
             .metrics
             .connect_retries
-            .with_label_values(&[d, outcome])
+            .with_label_values(&[d, outcome.as_str()])
             .inc();
     }
 
@@ -821,7 +829,7 @@ mod tests {
     fn startup_is_measured_from_exec_to_the_first_ready() {
         let t = Telemetry::new(TelemetrySettings::default());
         let info = InterceptionInfo {
-            mode: "ebpf".into(),
+            mode: Mode::Ebpf,
             sockmap: false,
             proxy_port: 0,
             cgroup: "/test".into(),
@@ -868,8 +876,8 @@ mod tests {
             panic!("{rows:?}")
         };
         assert_eq!(
-            (row.id, row.original_dst, row.mode),
-            (7, Some(dst), Mode::Mtls)
+            (row.id, row.original_dst, row.transport),
+            (7, Some(dst), Transport::Mtls)
         );
         assert_eq!((row.connect_retries, row.state), (1, "open"));
         assert_eq!(row.src_identity.as_deref(), Some("spiffe://td/a"));
@@ -880,7 +888,7 @@ mod tests {
             (rec.id, rec.client, rec.original_dst),
             (7, client, Some(dst))
         );
-        assert_eq!((rec.mode, rec.connect_retries), (Mode::Mtls, 1));
+        assert_eq!((rec.transport, rec.connect_retries), (Transport::Mtls, 1));
         assert_eq!(rec.src_identity.as_deref(), Some("spiffe://td/a"));
         assert_eq!(rec.dst_identity.as_deref(), Some("spiffe://td/b"));
         assert_eq!(
@@ -907,8 +915,8 @@ mod tests {
         conn.record_mut().outcome = labels::Outcome::Refused;
         let rec = t.close(conn);
         assert_eq!(
-            (rec.mode, rec.outcome),
-            (Mode::Plain, labels::Outcome::Refused)
+            (rec.transport, rec.outcome),
+            (Transport::Plain, labels::Outcome::Refused)
         );
         let m = &t.metrics;
         assert_eq!(

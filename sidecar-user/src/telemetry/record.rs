@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Mutex};
 use serde::Serialize;
 
 use super::{
-    labels::{Direction, Mode, Outcome, Path},
+    labels::{Direction, Outcome, Path, Transport},
     tcp_info::TcpStats,
 };
 
@@ -30,7 +30,8 @@ pub struct ConnRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub direction: Direction,
-    pub mode: Mode,
+    #[serde(rename = "mode")]
+    pub transport: Transport,
     pub path: Path,
     /// The proxy's end of the app leg (the listener address the app was redirected to).
     pub proxy_local: Option<SocketAddr>,
@@ -72,7 +73,7 @@ impl ConnRecord {
             outcome: Outcome::Ok,
             error: None,
             direction,
-            mode: Mode::Plain,
+            transport: Transport::Plain,
             path: Path::Proxy,
             proxy_local: None,
             upstream_connect_us: None,

@@ -163,7 +163,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         }
         registered.attached(
             InterceptionInfo {
-                mode: "agent".into(),
+                mode: crate::redirect::Mode::Agent,
                 // What the agent's programs run with; an agent too old to say: not claimed.
                 sockmap: reply.sockmap.unwrap_or(false),
                 proxy_port,
@@ -251,13 +251,11 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         "exclude_ports": opts.exclude_ports,
         "exclude_cidrs": opts.exclude_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
-        "admin_addr": opts.observe.admin.shown(),
-        "probe_addr": opts.observe.probe.map(|a| a.to_string()),
-        "access_log": opts.observe.access_log.to_string(),
-        "mode": MtlsOptions::mode(opts.mtls.as_ref()),
+        "mode": MtlsOptions::protection(opts.mtls.as_ref()),
         "tls": opts.mtls.as_ref().map(MtlsOptions::config),
         "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
         "passthrough": opts.passthrough(),
     });
-    admin::config::redact(admin::config::with_proxy(config, &opts.proxy))
+    let config = admin::config::with(config, &opts.observe);
+    admin::config::redact(admin::config::with(config, &opts.proxy))
 }
