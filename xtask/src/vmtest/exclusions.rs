@@ -131,6 +131,13 @@ pub const TARGET_EXCLUSIONS: &[TargetExclusion] = &[
                  carry: nothing kernel-specific (it runs on the host in `cargo xtask test`)",
     },
     TargetExclusion {
+        target: "docs",
+        kernels: &[],
+        reason: "checks the commands in README.md and docs/ against the binaries' --help; the \
+                 guest carries neither the Markdown nor xtask: nothing kernel-specific (it runs \
+                 on the host in `cargo xtask test`)",
+    },
+    TargetExclusion {
         target: "manifests",
         kernels: &[],
         reason: "checks the files in deploy/ with a Python validator: nothing kernel-specific \
