@@ -20,8 +20,9 @@
 //! others). Each pod has its own network namespace, so every sidecar of the node uses the same
 //! ports, as every pod of a Deployment would.
 //!
-//! Files: [`proc`] (processes in a pod), [`net`] (the pods' namespaces and veth), [`kernel`]
-//! (pinned maps, cgroup ids and teardown), [`two_pods`] (the two-pod mTLS setting).
+//! Files: [`proc`] (processes in a pod), [`net`] (the pods' namespaces and veth),
+//! [`kernel`] (pinned maps, cgroup ids and teardown), [`two_pods`](mod@two_pods) (the
+//! two-pod mTLS setting).
 
 pub mod kernel;
 pub mod net;
