@@ -18,7 +18,9 @@
 //! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints;
 //! - [`ports`]: free TCP ports for a test, from one allocator;
-//! - [`admin`]: requests to a sidecar's admin server.
+//! - [`admin`]: requests to a sidecar's admin server;
+//! - [`node`]: a simulated Kubernetes node (agent, pods, unprivileged sidecars) for the
+//!   `kubernetes_*` tests.
 
 pub mod admin;
 pub mod blocking;
@@ -28,6 +30,7 @@ pub mod host;
 pub mod kubelet;
 pub mod leaks;
 pub mod netns;
+pub mod node;
 pub mod ports;
 pub mod protocol;
 pub mod report;
@@ -179,12 +182,7 @@ pub fn sidecar_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("SIDECAR_BIN") {
         return path.into();
     }
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test executable lives in target/<profile>/deps/");
-    let bin = profile_dir.join("sidecar");
+    let bin = profile_dir().join("sidecar");
     if !bin.is_file() {
         panic!(
             "the sidecar binary is missing at {}: run `cargo xtask test`, which builds the eBPF \
@@ -193,6 +191,29 @@ pub fn sidecar_bin() -> PathBuf {
         );
     }
     bin
+}
+
+/// `sidecar-testclient`, from the directory [`sidecar_bin`] looks in: cargo builds this
+/// package's binaries there before it runs an integration test (`env!("CARGO_BIN_EXE_…")`
+/// only exists in the test's own crate, and names the same file).
+pub fn testclient_bin() -> PathBuf {
+    let bin = profile_dir().join("sidecar-testclient");
+    assert!(
+        bin.is_file(),
+        "the test client is missing at {}: it is built with this package's integration tests",
+        bin.display()
+    );
+    bin
+}
+
+/// `target/<profile>/`: the parent of this test executable's directory
+/// (`target/<profile>/deps/`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test executable lives in target/<profile>/deps/")
+        .to_path_buf()
 }
 
 /// The files run `pid` owns that still exist: pin directory, cgroup, state file. The
