@@ -18,7 +18,8 @@
 //! - [`script`]: argv and shell pieces of a run's workload;
 //! - [`protocol`]: what `sidecar-testclient` prints;
 //! - [`ports`]: free TCP ports for a test, from one allocator;
-//! - [`admin`]: requests to a sidecar's admin server.
+//! - [`admin`]: requests to a sidecar's admin server;
+//! - [`manifests`]: our rules for `deploy/` and the `Dockerfile`, and the schema validator.
 
 pub mod admin;
 pub mod blocking;
@@ -27,6 +28,7 @@ pub mod echo;
 pub mod host;
 pub mod kubelet;
 pub mod leaks;
+pub mod manifests;
 pub mod netns;
 pub mod ports;
 pub mod protocol;
