@@ -6,8 +6,8 @@
 #   docker build --target proxy -t sidecar-proxy:0.1.0 .   # the pod sidecar
 #
 # One builder stage makes one static `sidecar` binary (musl, the eBPF object embedded); the
-# two runtime stages only differ in the user they run as. tests/tests/manifests.rs checks
-# this file against deploy/ (stage names, COPY sources, USER, the binary's path).
+# two runtime stages only differ in the user they run as. tests/src/manifests/dockerfile.rs
+# checks this file against deploy/ (stage names, COPY sources, USER, the binary's path).
 
 ARG RUST_VERSION=1.95
 

@@ -20,7 +20,8 @@
 //! - [`ports`]: free TCP ports for a test, from one allocator;
 //! - [`admin`]: requests to a sidecar's admin server;
 //! - [`node`]: a simulated Kubernetes node (agent, pods, unprivileged sidecars) for the
-//!   `kubernetes_*` tests.
+//!   `kubernetes_*` tests;
+//! - [`manifests`]: our rules for `deploy/` and the `Dockerfile`, and the schema validator.
 
 pub mod admin;
 pub mod blocking;
@@ -29,6 +30,7 @@ pub mod echo;
 pub mod host;
 pub mod kubelet;
 pub mod leaks;
+pub mod manifests;
 pub mod netns;
 pub mod node;
 pub mod ports;

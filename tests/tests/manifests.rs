@@ -2,15 +2,16 @@
 //!
 //! 1. Every file goes through `kubernetes-validate` (PyPI; bundled OpenAPI schemas, strict
 //!    mode: unknown fields are errors) for [`KUBERNETES_VERSION`]. Kinds it has no schema for
-//!    are errors too, except the ones named in [`CRD_KINDS`].
-//! 2. Our own rules, which no schema knows: the pod sidecar has no privilege at all; the
-//!    agent has exactly [`AGENT_CAPABILITIES`]; ports, the socket and bpffs paths equal
+//!    are errors too, except the ones named in `validator::CRD_KINDS`.
+//! 2. Our own rules, which no schema knows (`sidecar_tests::manifests`, one module per rule
+//!    group, each with table tests of its own): the pod sidecar has no privilege at all; the
+//!    agent has exactly `agent::AGENT_CAPABILITIES`; ports, the socket and bpffs paths equal
 //!    `sidecar::defaults`; images and the binary path agree with the Dockerfile; the grace
 //!    period covers the drain; the kustomization lists every file; the cert-manager
 //!    certificate carries the pod's SPIFFE ID.
 //!
-//! Each rule is shown to fail: `each_rule_catches_its_fault` breaks the real manifests one
-//! fault at a time and expects that rule's complaint.
+//! Each rule is shown to fail on the real files too: `each_rule_catches_its_fault` breaks
+//! them one fault at a time and expects that rule's complaint.
 //!
 //! The validator is installed by `cargo xtask setup` (which `cargo xtask test` and `.ci/run`
 //! run) into `target/kubernetes-validate` (a venv); with `CI` set its absence fails the test,
@@ -23,41 +24,18 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
 use serde_yaml_ng::Value;
-use sidecar::defaults;
-use sidecar_tests::{host::output_with_timeout, scratch::Scratch, sidecar_bin, skip};
-
-/// The Kubernetes release whose schemas the manifests must satisfy (kubernetes-validate
-/// 1.37.0 bundles 1.25–1.37; `.ci/run` pins that version).
-const KUBERNETES_VERSION: &str = "1.37.0";
-/// The oldest release the manifests are for, validated too: native sidecars came in 1.29,
-/// `appArmorProfile` and the `sleep` preStop action in 1.30 (1.29's schema refuses the first).
-const OLDEST_KUBERNETES_VERSION: &str = "1.30.0";
-/// The capabilities the node agent (and its uninstall) adds, and no others. deploy/agent.yaml
-/// says why each is needed and why SYS_ADMIN and SYS_RESOURCE are not (docs/kubernetes.md,
-/// "Capabilities of the agent", repeats it): change them together.
-const AGENT_CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
-/// (apiVersion, kind) the validator has no schema for and lets through with a warning:
-/// cert-manager's CRDs and kustomize's own file. Any other unknown kind (a typo'd apiVersion,
-/// say) is an error. Their fields are checked by [`check_certificates`] and
-/// [`check_kustomization`] instead.
-const CRD_KINDS: [(&str, &str); 3] = [
-    ("cert-manager.io/v1", "Certificate"),
-    ("cert-manager.io/v1", "Issuer"),
-    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
-];
-/// Where both images keep the binary (Dockerfile) and what the manifests run.
-const BINARY: &str = "/usr/local/bin/sidecar";
-/// Image names (repository part) and the Dockerfile stage each is built from.
-const AGENT_IMAGE: (&str, &str) = ("sidecar-agent", "agent");
-const PROXY_IMAGE: (&str, &str) = ("sidecar-proxy", "proxy");
-/// distroless's `nonroot` user; the proxy image and the pod both use it.
-const PROXY_UID: i64 = 65532;
-/// Seconds the app may take to exit after its preStop, before the sidecar's drain begins.
-const APP_EXIT_MARGIN_SECS: i64 = 10;
-/// The trust domain the example certificates use.
-const TRUST_DOMAIN: &str = "cluster.local";
+use sidecar_tests::{
+    host::output_with_timeout,
+    manifests::{
+        self, BINARY, Deploy, Doc,
+        pod::{containers, pods},
+        seq,
+        validator::{self, INSTALL_HINT, KUBERNETES_VERSION, OLDEST_KUBERNETES_VERSION, validate},
+    },
+    scratch::Scratch,
+    sidecar_bin, skip,
+};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,1071 +44,26 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-// ---- loading -------------------------------------------------------------------------------
-
-/// One YAML document and the file it came from (relative to the workspace).
-#[derive(Clone)]
-struct Doc {
-    file: String,
-    value: Value,
+fn load_deploy() -> Deploy {
+    manifests::load(&workspace())
 }
 
-impl Doc {
-    fn kind(&self) -> &str {
-        self.value["kind"].as_str().unwrap_or("")
-    }
-    fn name(&self) -> &str {
-        self.value["metadata"]["name"].as_str().unwrap_or("")
-    }
-    fn label(&self) -> String {
-        format!("{} {}/{}", self.file, self.kind(), self.name())
-    }
-}
-
-fn parse(file: &str, text: &str) -> Vec<Doc> {
-    serde_yaml_ng::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}")))
-        .filter(|v| !v.is_null())
-        .map(|value| Doc {
-            file: file.to_string(),
-            value,
-        })
-        .collect()
-}
-
-/// Every `*.yaml` under `deploy/`, sorted.
 fn yaml_files() -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("reading deploy/").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                out.push(path);
-            }
-        }
-    }
-    let mut files = Vec::new();
-    walk(&workspace().join("deploy"), &mut files);
-    files.sort();
-    assert!(!files.is_empty(), "deploy/ holds no YAML");
-    files
+    manifests::yaml_files(&workspace())
 }
 
-fn load_deploy() -> Vec<Doc> {
-    let root = workspace();
-    yaml_files()
-        .iter()
-        .flat_map(|path| {
-            let rel = path.strip_prefix(&root).unwrap().display().to_string();
-            parse(&rel, &std::fs::read_to_string(path).unwrap())
-        })
-        .collect()
-}
-
-fn dockerfile() -> String {
-    std::fs::read_to_string(workspace().join("Dockerfile")).expect("reading the Dockerfile")
-}
-
-// ---- reading pods --------------------------------------------------------------------------
-
-/// A pod template (or pod) and where it is.
-struct Pod<'a> {
-    doc: &'a Doc,
-    spec: &'a Value,
-}
-
-fn pods(docs: &[Doc]) -> Vec<Pod<'_>> {
-    docs.iter()
-        .filter_map(|doc| {
-            let spec = match doc.kind() {
-                "Pod" => &doc.value["spec"],
-                "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "Job" => {
-                    &doc.value["spec"]["template"]["spec"]
-                }
-                "CronJob" => &doc.value["spec"]["jobTemplate"]["spec"]["template"]["spec"],
-                _ => return None,
-            };
-            Some(Pod { doc, spec })
-        })
-        .collect()
-}
-
-/// A container and whether it is an init container.
-struct Container<'a> {
-    pod: &'a Pod<'a>,
-    init: bool,
-    c: &'a Value,
-}
-
-impl Container<'_> {
-    fn label(&self) -> String {
-        format!(
-            "{} container {}",
-            self.pod.doc.label(),
-            self.c["name"].as_str().unwrap_or("?")
-        )
-    }
-
-    fn strings(&self, key: &str) -> Vec<String> {
-        seq(&self.c[key])
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect()
-    }
-
-    /// `--flag=value` or `--flag value` among command and args.
-    fn flag(&self, flag: &str) -> Option<String> {
-        let argv: Vec<String> = [self.strings("command"), self.strings("args")].concat();
-        let eq = format!("{flag}=");
-        argv.iter().enumerate().find_map(|(i, a)| {
-            a.strip_prefix(&eq)
-                .map(str::to_owned)
-                .or_else(|| (a == flag).then(|| argv.get(i + 1).cloned()).flatten())
-        })
-    }
-
-    /// The sidecar subcommand this container runs, if its command is our binary; the
-    /// agent's `--uninstall` run counts as `uninstall`.
-    fn mode(&self) -> Option<String> {
-        let cmd = self.strings("command");
-        let mode = (cmd.first().map(String::as_str) == Some(BINARY))
-            .then(|| cmd.get(1).cloned())
-            .flatten()?;
-        let uninstall = [cmd, self.strings("args")]
-            .concat()
-            .iter()
-            .any(|a| a == "--uninstall");
-        Some(if mode == "agent" && uninstall {
-            "uninstall".into()
-        } else {
-            mode
-        })
-    }
-
-    fn security(&self) -> &Value {
-        &self.c["securityContext"]
-    }
-
-    fn capabilities(&self, which: &str) -> Vec<String> {
-        seq(&self.security()["capabilities"][which])
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect()
-    }
-
-    /// The named container port's number.
-    fn port(&self, name: &str) -> Option<i64> {
-        seq(&self.c["ports"])
-            .iter()
-            .find(|p| p["name"].as_str() == Some(name))
-            .and_then(|p| p["containerPort"].as_i64())
-    }
-
-    /// A probe's port as a number (named ports resolved).
-    fn probe_port(&self, probe: &str) -> Option<i64> {
-        let port = &self.c[probe]["httpGet"]["port"];
-        port.as_i64()
-            .or_else(|| port.as_str().and_then(|name| self.port(name)))
-    }
-
-    /// The hostPath behind the volume mounted at `mount_path`, if it is one.
-    fn host_path(&self, mount_path: &str) -> Option<String> {
-        let m = seq(&self.c["volumeMounts"])
-            .iter()
-            .find(|m| m["mountPath"].as_str() == Some(mount_path))?;
-        let name = m["name"].as_str()?;
-        seq(&self.pod.spec["volumes"])
-            .iter()
-            .find(|v| v["name"].as_str() == Some(name))
-            .and_then(|v| v["hostPath"]["path"].as_str().map(str::to_owned))
-    }
-}
-
-fn seq(v: &Value) -> &[Value] {
-    v.as_sequence().map(Vec::as_slice).unwrap_or(&[])
-}
-
-fn containers<'a>(pod: &'a Pod<'a>) -> Vec<Container<'a>> {
-    let of = |key: &str, init: bool| {
-        seq(&pod.spec[key])
-            .iter()
-            .map(move |c| Container { pod, init, c })
-            .collect::<Vec<_>>()
-    };
-    let mut all = of("initContainers", true);
-    all.extend(of("containers", false));
-    all
-}
-
-/// Runs `f` on every container of every pod that runs `sidecar <mode>`.
-fn each_sidecar(docs: &[Doc], mode: &str, mut f: impl FnMut(&Container<'_>)) -> usize {
-    let mut n = 0;
-    for pod in pods(docs) {
-        for c in containers(&pod) {
-            if c.mode().as_deref() == Some(mode) {
-                n += 1;
-                f(&c);
-            }
-        }
-    }
-    n
-}
-
-fn admin_port() -> i64 {
-    defaults::ADMIN_ADDR
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .expect("ADMIN_ADDR has a port")
-}
-
-fn probe_port() -> i64 {
-    defaults::PROBE_ADDR
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .expect("PROBE_ADDR has a port")
-}
-
-fn socket_dir() -> String {
-    Path::new(defaults::AGENT_SOCKET)
-        .parent()
-        .expect("the socket is in a directory")
-        .display()
-        .to_string()
-}
-
-/// A host path as the host resolves it: /var/run is /run on every systemd host.
-fn host_canonical(p: &str) -> String {
-    match p.strip_prefix("/var/run") {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("/run{rest}"),
-        _ => p.to_string(),
-    }
-}
-
-// ---- our rules -----------------------------------------------------------------------------
-
-/// The pod sidecar: a native sidecar without any privilege, identity from the downward API,
-/// probes on the admin port, updates of its files visible.
-fn check_proxy(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let n = each_sidecar(docs, "proxy", |c| {
-        let l = c.label();
-        if !c.init || c.c["restartPolicy"].as_str() != Some("Always") {
-            p.push(format!(
-                "{l}: not a native sidecar (initContainers with restartPolicy: Always)"
-            ));
-        }
-        let s = c.security();
-        if s["privileged"].as_bool() == Some(true) {
-            p.push(format!("{l}: privileged: true"));
-        }
-        if s["runAsNonRoot"].as_bool() != Some(true) {
-            p.push(format!("{l}: runAsNonRoot is not true"));
-        }
-        if s["runAsUser"].as_i64() != Some(PROXY_UID) {
-            p.push(format!("{l}: runAsUser is not {PROXY_UID}"));
-        }
-        if s["allowPrivilegeEscalation"].as_bool() != Some(false) {
-            p.push(format!("{l}: allowPrivilegeEscalation is not false"));
-        }
-        if c.capabilities("drop") != ["ALL"] {
-            p.push(format!("{l}: capabilities.drop is not [ALL]"));
-        }
-        if !c.capabilities("add").is_empty() {
-            p.push(format!(
-                "{l}: adds capabilities {:?}",
-                c.capabilities("add")
-            ));
-        }
-        if s["readOnlyRootFilesystem"].as_bool() != Some(true) {
-            p.push(format!("{l}: readOnlyRootFilesystem is not true"));
-        }
-        let seccomp = s["seccompProfile"]["type"]
-            .as_str()
-            .or(c.pod.spec["securityContext"]["seccompProfile"]["type"].as_str());
-        if seccomp != Some("RuntimeDefault") {
-            p.push(format!("{l}: seccompProfile is not RuntimeDefault"));
-        }
-        for key in ["hostPID", "hostNetwork", "hostIPC"] {
-            if c.pod.spec[key].as_bool() == Some(true) {
-                p.push(format!("{l}: the pod sets {key}"));
-            }
-        }
-        for (var, field) in [
-            ("POD_UID", "metadata.uid"),
-            ("POD_NAMESPACE", "metadata.namespace"),
-            ("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        ] {
-            let from = seq(&c.c["env"])
-                .iter()
-                .find(|e| e["name"].as_str() == Some(var))
-                .and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str());
-            if from != Some(field) {
-                p.push(format!("{l}: env {var} is not the downward API's {field}"));
-            }
-        }
-        for (probe, path) in [
-            ("startupProbe", "/readyz"),
-            ("readinessProbe", "/readyz"),
-            ("livenessProbe", "/healthz"),
-        ] {
-            if c.c[probe]["httpGet"]["path"].as_str() != Some(path) {
-                p.push(format!("{l}: {probe} does not GET {path}"));
-            }
-            if c.probe_port(probe) != Some(probe_port()) {
-                p.push(format!(
-                    "{l}: {probe} is not on the probe port {} (the admin port's slots can be \
-                     held by any client in the pod network)",
-                    probe_port()
-                ));
-            }
-        }
-        // The probes come from the node: the probe listener must listen beyond loopback.
-        match c.flag("--probe-addr") {
-            Some(a) if a.starts_with("0.0.0.0:") || a.starts_with("[::]:") => {}
-            other => p.push(format!(
-                "{l}: --probe-addr {other:?} is not reachable by kubelet's probes (bind 0.0.0.0)"
-            )),
-        }
-        // The default --max-connections comes from RLIMIT_NOFILE, which container runtimes
-        // set to about a million: the manifest must set a cap its memory limit can hold.
-        // Worst case per open connection: both copy buffers in use (2 × 16 KiB,
-        // `proxy/copy.rs` BUF_SIZE) and about 8 KiB of task and socket state (the reliability
-        // test measures ~4.5 KiB per idle one), on top of a 32 MiB base (idle RSS ~10 MiB).
-        const PER_CONNECTION: u64 = 40 * 1024;
-        const BASE: u64 = 32 << 20;
-        let cap = c
-            .flag("--max-connections")
-            .and_then(|v| v.parse::<u64>().ok());
-        let limit = c.c["resources"]["limits"]["memory"]
-            .as_str()
-            .and_then(memory_bytes);
-        match (cap, limit) {
-            (Some(cap), Some(limit)) if BASE + cap * PER_CONNECTION <= limit => {}
-            (Some(cap), Some(limit)) => p.push(format!(
-                "{l}: --max-connections={cap} needs up to {} MiB, above the memory limit of {} MiB",
-                (BASE + cap * PER_CONNECTION) >> 20,
-                limit >> 20
-            )),
-            (None, _) => p.push(format!(
-                "{l}: no --max-connections: the default follows RLIMIT_NOFILE (about a million \
-                 in a container), far past any memory limit"
-            )),
-            (_, None) => p.push(format!("{l}: no memory limit")),
-        }
-        for m in seq(&c.c["volumeMounts"]) {
-            if !m["subPath"].is_null() || !m["subPathExpr"].is_null() {
-                p.push(format!(
-                    "{l}: mount {} uses subPath, which never sees kubelet's updates",
-                    m["mountPath"].as_str().unwrap_or("?")
-                ));
-            }
-        }
-    });
-    if n == 0 {
-        p.push(format!("no container runs [{BINARY}, proxy]"));
-    }
-    p
-}
-
-/// A Kubernetes memory quantity (`256Mi`, `1Gi`, `512000`) in bytes.
-fn memory_bytes(q: &str) -> Option<u64> {
-    let (num, unit) = q
-        .find(|ch: char| !ch.is_ascii_digit())
-        .map_or((q, ""), |i| q.split_at(i));
-    let factor = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "K" => 1000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        _ => return None,
-    };
-    num.parse::<u64>().ok().map(|n| n * factor)
-}
-
-/// The node agent: exactly the listed capabilities, never privileged, what the API server
-/// would refuse ruled out here already.
-fn check_agent(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let mut counts = [0; 2];
-    for (i, mode) in ["agent", "uninstall"].into_iter().enumerate() {
-        counts[i] = each_sidecar(docs, mode, |c| {
-            let l = c.label();
-            if c.pod.doc.kind() != "DaemonSet" {
-                p.push(format!("{l}: the {mode} must run as a DaemonSet"));
-            }
-            if mode == "uninstall" && !c.init {
-                p.push(format!(
-                    "{l}: the uninstall must be an init container (it runs once)"
-                ));
-            }
-            let s = c.security();
-            let privileged = s["privileged"].as_bool() == Some(true);
-            if privileged {
-                p.push(format!("{l}: privileged: true"));
-            }
-            let added: BTreeSet<String> = c.capabilities("add").into_iter().collect();
-            let expected: BTreeSet<String> =
-                AGENT_CAPABILITIES.iter().map(|s| s.to_string()).collect();
-            if added != expected || c.capabilities("add").len() != added.len() {
-                p.push(format!(
-                    "{l}: adds capabilities {:?}, the documented list is {AGENT_CAPABILITIES:?}",
-                    c.capabilities("add")
-                ));
-            }
-            if c.capabilities("drop") != ["ALL"] {
-                p.push(format!("{l}: capabilities.drop is not [ALL]"));
-            }
-            if mode == "agent" {
-                for probe in ["readinessProbe", "livenessProbe"] {
-                    let cmd: Vec<&str> = seq(&c.c[probe]["exec"]["command"])
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .collect();
-                    let socket = c.flag("--socket").map(|s| format!("--socket={s}"));
-                    if cmd.get(..3) != Some(&[BINARY, "agent", "--status"][..])
-                        || !cmd.iter().any(|a| Some(*a) == socket.as_deref())
-                    {
-                        p.push(format!(
-                            "{l}: {probe} is not `{BINARY} agent --status` on the agent's socket"
-                        ));
-                    }
-                }
-            }
-            if c.pod.spec["hostPID"].as_bool() != Some(true) {
-                p.push(format!(
-                    "{l}: hostPID is not true (SO_PEERCRED pids must be the host's)"
-                ));
-            }
-            if !added.contains("SYS_ADMIN")
-                && s["allowPrivilegeEscalation"].as_bool() != Some(false)
-            {
-                p.push(format!("{l}: allowPrivilegeEscalation is not false"));
-            }
-            if s["allowPrivilegeEscalation"].as_bool() == Some(false) && added.contains("SYS_ADMIN")
-            {
-                p.push(format!(
-                "{l}: allowPrivilegeEscalation: false with SYS_ADMIN is refused by the API server"
-            ));
-            }
-            for m in seq(&c.c["volumeMounts"]) {
-                if m["mountPropagation"].as_str() == Some("Bidirectional") && !privileged {
-                    p.push(format!(
-                        "{l}: mount {} is Bidirectional, which the API server allows only for \
-                     privileged containers",
-                        m["mountPath"].as_str().unwrap_or("?")
-                    ));
-                }
-            }
-        });
-    }
-    if counts != [1, 1] {
-        p.push(format!(
-            "expected one container running [{BINARY}, agent] and one with --uninstall, found \
-             {counts:?}"
-        ));
-    }
-    // `kubectl apply -k deploy/` must never uninstall.
-    for doc in docs
-        .iter()
-        .filter(|d| d.file == "deploy/kustomization.yaml")
-    {
-        for r in seq(&doc.value["resources"])
-            .iter()
-            .filter_map(Value::as_str)
-        {
-            let file = format!("deploy/{r}");
-            let listed: Vec<Doc> = docs.iter().filter(|d| d.file == file).cloned().collect();
-            if each_sidecar(&listed, "uninstall", |_| {}) > 0 {
-                p.push(format!(
-                    "{}: lists {r}, which uninstalls the agent",
-                    doc.file
-                ));
-            }
-        }
-    }
-    p
-}
-
-/// Ports and paths equal the binary's defaults, and the two sides meet on the socket.
-fn check_defaults(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let want = |p: &mut Vec<String>, l: &str, what: &str, got: Option<String>, want: String| {
-        if got.as_deref() != Some(want.as_str()) {
-            p.push(format!(
-                "{l}: {what} is {got:?}, sidecar::defaults says {want:?}"
-            ));
-        }
-    };
-    let mut socket_hosts = Vec::new();
-    let mut agent_state = Vec::new();
-    each_sidecar(docs, "proxy", |c| {
-        let l = c.label();
-        let flag = |f: &str| c.flag(f);
-        want(
-            &mut p,
-            &l,
-            "--proxy-port",
-            flag("--proxy-port"),
-            defaults::PROXY_PORT.to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "--inbound-port",
-            flag("--inbound-port"),
-            defaults::INBOUND_PORT.to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "--agent-socket",
-            flag("--agent-socket"),
-            defaults::AGENT_SOCKET.into(),
-        );
-        want(
-            &mut p,
-            &l,
-            "the --admin-addr port",
-            flag("--admin-addr").and_then(|a| a.rsplit_once(':').map(|(_, port)| port.to_owned())),
-            admin_port().to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "containerPort admin",
-            c.port("admin").map(|n| n.to_string()),
-            admin_port().to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "the --probe-addr port",
-            flag("--probe-addr").and_then(|a| a.rsplit_once(':').map(|(_, port)| port.to_owned())),
-            probe_port().to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "containerPort probe",
-            c.port("probe").map(|n| n.to_string()),
-            probe_port().to_string(),
-        );
-        want(
-            &mut p,
-            &l,
-            "containerPort tunnel",
-            c.port("tunnel").map(|n| n.to_string()),
-            defaults::INBOUND_PORT.to_string(),
-        );
-        socket_hosts.push((l.clone(), c.host_path(&socket_dir())));
-        let annotations = match c.pod.doc.kind() {
-            "Pod" => &c.pod.doc.value["metadata"]["annotations"],
-            _ => &c.pod.doc.value["spec"]["template"]["metadata"]["annotations"],
-        };
-        if let Some(port) = annotations["prometheus.io/port"].as_str() {
-            want(
-                &mut p,
-                &l,
-                "the prometheus.io/port annotation",
-                Some(port.to_string()),
-                admin_port().to_string(),
-            );
-        }
-    });
-    each_sidecar(docs, "agent", |c| {
-        let l = c.label();
-        want(
-            &mut p,
-            &l,
-            "--socket",
-            c.flag("--socket"),
-            defaults::AGENT_SOCKET.into(),
-        );
-        want(
-            &mut p,
-            &l,
-            "--bpffs",
-            c.flag("--bpffs"),
-            defaults::BPFFS.into(),
-        );
-        want(
-            &mut p,
-            &l,
-            "the hostPath at bpffs",
-            c.host_path(defaults::BPFFS),
-            defaults::BPFFS.into(),
-        );
-        socket_hosts.push((l.clone(), c.host_path(&socket_dir())));
-        if let Some(state) = c.flag("--state-dir") {
-            agent_state.push((l, state.clone(), c.host_path(&state)));
-        }
-    });
-    // The uninstall finds what the agent made: the same flags, the same host paths.
-    let mut agent_paths = Vec::new();
-    each_sidecar(docs, "agent", |c| {
-        for flag in ["--socket", "--bpffs", "--state-dir"] {
-            agent_paths.push((flag, c.flag(flag)));
-        }
-        for m in seq(&c.c["volumeMounts"]) {
-            let path = m["mountPath"].as_str().unwrap_or("");
-            agent_paths.push(("mount", Some(format!("{path} <- {:?}", c.host_path(path)))));
-        }
-    });
-    each_sidecar(docs, "uninstall", |c| {
-        for (flag, value) in &agent_paths {
-            let got = if *flag == "mount" {
-                let path = value
-                    .as_deref()
-                    .unwrap_or("")
-                    .split(" <- ")
-                    .next()
-                    .unwrap_or("");
-                Some(format!("{path} <- {:?}", c.host_path(path)))
-            } else {
-                c.flag(flag)
-            };
-            if got != *value {
-                p.push(format!(
-                    "{}: {flag} is {got:?}, the agent's is {value:?}",
-                    c.label()
-                ));
-            }
-        }
-    });
-    // Every side mounts the socket's directory from the same host directory.
-    let agent_host = socket_hosts.last().and_then(|(_, h)| h.clone());
-    for (l, host) in &socket_hosts {
-        match host {
-            None => p.push(format!(
-                "{l}: no hostPath volume mounted at {} (the agent socket's directory)",
-                socket_dir()
-            )),
-            Some(h) if Some(h) != agent_host.as_ref() => p.push(format!(
-                "{l}: mounts the socket directory from {h}, the agent from {agent_host:?}"
-            )),
-            Some(_) => {}
-        }
-    }
-    // The agent's state must not be visible to pods through the shared socket directory.
-    if let Some(shared) = agent_host {
-        let shared = host_canonical(&shared);
-        for (l, state, host) in agent_state {
-            let host = host_canonical(host.as_deref().unwrap_or(&state));
-            if host == shared || host.starts_with(&format!("{shared}/")) {
-                p.push(format!(
-                    "{l}: --state-dir {state} is inside {shared}, which every meshed pod mounts"
-                ));
-            }
-        }
-    }
-    p
-}
-
-/// `name:tag` of an image reference (registry and digest ignored).
-fn image_name_tag(image: &str) -> (String, Option<String>) {
-    let last = image.rsplit('/').next().unwrap_or(image);
-    let without_digest = last.split('@').next().unwrap_or(last);
-    match without_digest.split_once(':') {
-        Some((n, t)) => (n.to_string(), Some(t.to_string())),
-        None => (without_digest.to_string(), None),
-    }
-}
-
-/// Our two images, by their names, at the workspace's version; the kustomization can retag
-/// exactly those.
-fn check_images(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let version = env!("CARGO_PKG_VERSION");
-    for (mode, (image, _)) in [
-        ("agent", AGENT_IMAGE),
-        ("uninstall", AGENT_IMAGE),
-        ("proxy", PROXY_IMAGE),
-    ] {
-        each_sidecar(docs, mode, |c| {
-            let got = c.c["image"].as_str().unwrap_or("");
-            let (name, tag) = image_name_tag(got);
-            if name != image || tag.as_deref() != Some(version) {
-                p.push(format!(
-                    "{}: image {got:?}, expected {image}:{version}",
-                    c.label()
-                ));
-            }
-        });
-    }
-    let ours = [AGENT_IMAGE.0, PROXY_IMAGE.0];
-    for doc in docs.iter().filter(|d| d.kind() == "Kustomization") {
-        let mut names = BTreeSet::new();
-        for i in seq(&doc.value["images"]) {
-            let name = i["name"].as_str().unwrap_or("");
-            names.insert(name);
-            if !ours.contains(&name) || i["newTag"].as_str() != Some(version) {
-                p.push(format!(
-                    "{}: images entry {name}:{:?} is not one of ours ({ours:?}) at {version}",
-                    doc.file,
-                    i["newTag"].as_str()
-                ));
-            }
-        }
-        if doc.file == "deploy/kustomization.yaml" && names != ours.into_iter().collect() {
-            p.push(format!("{}: images {names:?}, expected {ours:?}", doc.file));
-        }
-    }
-    p
-}
-
-/// The pod's grace period covers the app's preStop, its exit and the sidecar's drain (the
-/// sidecar is signalled only once the app has exited).
-fn check_drain(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    each_sidecar(docs, "proxy", |c| {
-        let Some(drain) = c
-            .flag("--drain-timeout-secs")
-            .and_then(|d| d.parse::<i64>().ok())
-        else {
-            p.push(format!("{}: no --drain-timeout-secs", c.label()));
-            return;
-        };
-        let grace = c.pod.spec["terminationGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(30);
-        let pre_stop = seq(&c.pod.spec["containers"])
-            .iter()
-            .filter_map(|a| a["lifecycle"]["preStop"]["sleep"]["seconds"].as_i64())
-            .max()
-            .unwrap_or(0);
-        let need = pre_stop + APP_EXIT_MARGIN_SECS + drain;
-        if grace < need {
-            p.push(format!(
-                "{}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} + app exit \
-                 {APP_EXIT_MARGIN_SECS} + --drain-timeout-secs {drain} = {need}",
-                c.pod.doc.label()
-            ));
-        }
-    });
-    p
-}
-
-/// Each kustomization lists exactly the YAML files beside it, and they exist.
-fn check_kustomization(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let root = workspace();
-    for doc in docs.iter().filter(|d| d.kind() == "Kustomization") {
-        let dir = root.join(&doc.file).parent().unwrap().to_path_buf();
-        let listed: BTreeSet<String> = seq(&doc.value["resources"])
-            .iter()
-            .filter_map(|r| r.as_str().map(str::to_owned))
-            .collect();
-        let present: BTreeSet<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
-            .collect();
-        for missing in listed.difference(&present) {
-            p.push(format!("{}: lists {missing}, which is not there", doc.file));
-        }
-        for unlisted in present.difference(&listed) {
-            p.push(format!("{}: does not list {unlisted}", doc.file));
-        }
-    }
-    p
-}
-
-/// The cert-manager certificate fills the Secret the pod mounts as --tls-dir, with the pod's
-/// SPIFFE ID and both usages mTLS needs.
-fn check_certificates(docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let certs: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Certificate").collect();
-    if certs.is_empty() {
-        return p;
-    }
-    each_sidecar(docs, "proxy", |c| {
-        let Some(tls_dir) = c.flag("--tls-dir") else {
-            return;
-        };
-        let volume = seq(&c.c["volumeMounts"])
-            .iter()
-            .find(|m| m["mountPath"].as_str() == Some(tls_dir.as_str()))
-            .and_then(|m| m["name"].as_str())
-            .and_then(|name| {
-                seq(&c.pod.spec["volumes"])
-                    .iter()
-                    .find(|v| v["name"].as_str() == Some(name))
-            });
-        let Some(secret) = volume.and_then(|v| v["secret"]["secretName"].as_str()) else {
-            p.push(format!(
-                "{}: --tls-dir {tls_dir} is not a Secret volume",
-                c.label()
-            ));
-            return;
-        };
-        let ns = c.pod.doc.value["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default");
-        let sa = c.pod.spec["serviceAccountName"]
-            .as_str()
-            .unwrap_or("default");
-        let id = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}");
-        let Some(cert) = certs.iter().find(|d| {
-            d.value["spec"]["secretName"].as_str() == Some(secret)
-                && d.value["metadata"]["namespace"].as_str() == Some(ns)
-        }) else {
-            p.push(format!(
-                "{}: no Certificate writes Secret {ns}/{secret}",
-                c.label()
-            ));
-            return;
-        };
-        let uris: Vec<&str> = seq(&cert.value["spec"]["uris"])
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        if uris != [id.as_str()] {
-            p.push(format!(
-                "{}: uris {uris:?}, the pod's SPIFFE ID is {id}",
-                cert.label()
-            ));
-        }
-        if !seq(&cert.value["spec"]["dnsNames"]).is_empty() {
-            p.push(format!(
-                "{}: dnsNames play no part in SPIFFE identities",
-                cert.label()
-            ));
-        }
-        let usages: Vec<&str> = seq(&cert.value["spec"]["usages"])
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
-        for needed in ["server auth", "client auth"] {
-            if !usages.contains(&needed) {
-                p.push(format!("{}: usages lack {needed:?}", cert.label()));
-            }
-        }
-    });
-    p
-}
-
-/// The Dockerfile builds what the manifests run: the stages exist, every COPY source is in
-/// the repository (and not dockerignored), the binary lands where the manifests call it, the
-/// proxy image is not root.
-fn check_dockerfile(text: &str, dockerignore: &str, docs: &[Doc]) -> Vec<String> {
-    let mut p = Vec::new();
-    let root = workspace();
-    let ignored: Vec<&str> = dockerignore
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .collect();
-    // Logical lines: continuations joined.
-    let joined = text.replace("\\\n", " ");
-    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
-    for line in joined.lines().map(str::trim) {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.first().map(|w| w.to_ascii_uppercase()).as_deref() {
-            Some("FROM") => {
-                let name = words
-                    .iter()
-                    .position(|w| w.eq_ignore_ascii_case("AS"))
-                    .and_then(|i| words.get(i + 1))
-                    .unwrap_or(&"")
-                    .to_string();
-                stages.push((name, Vec::new()));
-            }
-            Some(_) => {
-                if let Some((_, lines)) = stages.last_mut() {
-                    lines.push(line.to_string());
-                }
-            }
-            None => {}
-        }
-    }
-    let stage = |name: &str| stages.iter().find(|(n, _)| n == name).map(|(_, l)| l);
-    for name in ["builder", AGENT_IMAGE.1, PROXY_IMAGE.1] {
-        if stage(name).is_none() {
-            p.push(format!("Dockerfile: no stage {name:?}"));
-        }
-    }
-    for (name, lines) in &stages {
-        for line in lines
-            .iter()
-            .filter(|l| l.to_ascii_uppercase().starts_with("COPY "))
-        {
-            let words: Vec<&str> = line.split_whitespace().skip(1).collect();
-            if words.iter().any(|w| w.starts_with("--from=")) {
-                continue;
-            }
-            let args: Vec<&str> = words.into_iter().filter(|w| !w.starts_with("--")).collect();
-            for src in &args[..args.len().saturating_sub(1)] {
-                let src = src.trim_end_matches('/');
-                if src == "." {
-                    continue;
-                }
-                if !root.join(src).exists() {
-                    p.push(format!(
-                        "Dockerfile stage {name}: COPY {src}: not in the repository"
-                    ));
-                }
-                if ignored.iter().any(|i| i.trim_end_matches('/') == src) {
-                    p.push(format!(
-                        "Dockerfile stage {name}: COPY {src}: excluded by .dockerignore"
-                    ));
-                }
-            }
-        }
-    }
-    for target in [AGENT_IMAGE.1, PROXY_IMAGE.1] {
-        let Some(lines) = stage(target) else { continue };
-        let copies_binary = lines.iter().any(|l| {
-            l.to_ascii_uppercase().starts_with("COPY ")
-                && l.contains("--from=builder")
-                && l.split_whitespace().last() == Some(BINARY)
-        });
-        if !copies_binary {
-            p.push(format!(
-                "Dockerfile stage {target}: does not COPY --from=builder the binary to {BINARY}"
-            ));
-        }
-        let user = lines
-            .iter()
-            .rfind(|l| l.to_ascii_uppercase().starts_with("USER "))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .map(|u| u.split(':').next().unwrap_or(u).to_string());
-        if target == PROXY_IMAGE.1 && user.as_deref() != Some(&PROXY_UID.to_string()) {
-            p.push(format!(
-                "Dockerfile stage {target}: USER is {user:?}, not the numeric non-root {PROXY_UID} \
-                 (runAsNonRoot can only verify a numeric user)"
-            ));
-        }
-    }
-    // The manifests run the binary of the image built from the matching stage.
-    for (mode, (image, _)) in [("agent", AGENT_IMAGE), ("proxy", PROXY_IMAGE)] {
-        each_sidecar(docs, mode, |c| {
-            let (name, _) = image_name_tag(c.c["image"].as_str().unwrap_or(""));
-            if name != image {
-                p.push(format!(
-                    "{}: runs `sidecar {mode}` from image {name}",
-                    c.label()
-                ));
-            }
-        });
-    }
-    // The builder is a developer machine: the workspace's toolchain, xtask's eBPF build.
-    if let Some(lines) = stage("builder") {
-        let runs = lines
-            .iter()
-            .filter(|l| l.to_ascii_uppercase().starts_with("RUN "))
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n");
-        for needed in ["cargo xtask build-ebpf", "--locked"] {
-            if !runs.contains(needed) {
-                p.push(format!("Dockerfile stage builder: no RUN uses {needed:?}"));
-            }
-        }
-    }
-    let cargo_toml = std::fs::read_to_string(root.join("Cargo.toml")).unwrap_or_default();
-    let rust_version = cargo_toml
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("rust-version = "))
-        .map(|v| v.trim_matches('"').to_string());
-    let arg = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("ARG RUST_VERSION="))
-        .map(str::to_owned);
-    if arg.is_none() || arg != rust_version {
-        p.push(format!(
-            "Dockerfile: ARG RUST_VERSION={arg:?}, the workspace's rust-version is {rust_version:?}"
-        ));
-    }
-    if !ignored.iter().any(|i| i.trim_end_matches('/') == "target") {
-        p.push(".dockerignore: target/ is not excluded (gigabytes of build context)".into());
-    }
-    p
-}
-
-fn all_problems(docs: &[Doc], dockerfile: &str, dockerignore: &str) -> Vec<String> {
-    [
-        check_proxy(docs),
-        check_agent(docs),
-        check_defaults(docs),
-        check_images(docs),
-        check_drain(docs),
-        check_kustomization(docs),
-        check_certificates(docs),
-        check_dockerfile(dockerfile, dockerignore, docs),
-    ]
-    .concat()
-}
-
-fn dockerignore() -> String {
-    std::fs::read_to_string(workspace().join(".dockerignore")).unwrap_or_default()
+fn validator() -> Option<PathBuf> {
+    validator::find(&workspace())
 }
 
 #[test]
 fn deploy_passes_our_checks() {
-    let docs = load_deploy();
-    let problems = all_problems(&docs, &dockerfile(), &dockerignore());
+    let deploy = load_deploy();
+    let problems = manifests::problems(&deploy);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 // ---- the schema validator ------------------------------------------------------------------
-
-/// `$SIDECAR_KUBERNETES_VALIDATE`, else `.ci/run`'s venv under target/, else PATH.
-fn validator() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SIDECAR_KUBERNETES_VALIDATE") {
-        return Some(p.into());
-    }
-    let venv = workspace().join("target/kubernetes-validate/bin/kubernetes-validate");
-    if venv.is_file() {
-        return Some(venv);
-    }
-    sidecar_tests::host::which("kubernetes-validate")
-}
-
-const INSTALL_HINT: &str = "kubernetes-validate is not installed: `python3 -m venv \
-     target/kubernetes-validate && target/kubernetes-validate/bin/pip install \
-     kubernetes-validate==1.37.0` (what .ci/run does)";
-
-/// Runs the validator on `files`; returns the problems (errors, and warnings other than a
-/// missing schema for one of [`CRD_KINDS`]).
-fn validate(bin: &Path, version: &str, files: &[PathBuf]) -> Vec<String> {
-    let out = output_with_timeout(
-        Command::new(bin)
-            .args(["--strict", "--kubernetes-version", version])
-            .args(files),
-        Duration::from_secs(120),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    let mut problems: Vec<String> = text
-        .lines()
-        .filter(|l| {
-            if l.starts_with("INFO ") {
-                return false;
-            }
-            !CRD_KINDS.iter().any(|(api, kind)| {
-                l.starts_with("WARN ")
-                    && l.contains(&format!(
-                        "Couldn't find schema for kind {kind} with api version {api} "
-                    ))
-            })
-        })
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect();
-    if !out.status.success() && problems.is_empty() {
-        problems.push(format!("kubernetes-validate exited with {}", out.status));
-    }
-    problems
-}
 
 #[test]
 fn deploy_passes_the_schema_validator_in_strict_mode() {
@@ -1203,7 +136,7 @@ fn the_validator_refuses_bad_manifests() {
 /// does not have yet (the agent and proxy come from another branch) is reported and skipped.
 #[test]
 fn manifest_flags_are_options_of_the_binary() {
-    let docs = load_deploy();
+    let docs = load_deploy().docs;
     let mut uses: Vec<(String, String, Vec<String>)> = Vec::new();
     for pod in pods(&docs) {
         for c in containers(&pod) {
@@ -1217,7 +150,7 @@ fn manifest_flags_are_options_of_the_binary() {
             argv.extend(c.strings("args"));
             uses.push((c.label(), sub.clone(), argv));
             for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
-                let cmd: Vec<String> = seq(&c.c[probe]["exec"]["command"])
+                let cmd: Vec<String> = seq(&c.value[probe]["exec"]["command"])
                     .iter()
                     .filter_map(|v| v.as_str().map(str::to_owned))
                     .collect();
@@ -1269,7 +202,7 @@ fn manifest_flags_are_options_of_the_binary() {
 
 #[test]
 fn the_example_policy_passes_sidecar_policy_check() {
-    let docs = load_deploy();
+    let docs = load_deploy().docs;
     let scratch = Scratch::new("pkg-policy");
     let mut n = 0;
     for doc in docs.iter().filter(|d| d.kind() == "ConfigMap") {
@@ -1871,25 +804,30 @@ fn each_rule_catches_its_fault() {
             "does not COPY --from=builder the binary",
         ),
     ];
-    let (docs, file, ignore) = (load_deploy(), dockerfile(), dockerignore());
+    let deploy = load_deploy();
     assert!(
-        all_problems(&docs, &file, &ignore).is_empty(),
+        manifests::problems(&deploy).is_empty(),
         "the real files must pass first"
     );
     let mut missed = Vec::new();
     for (what, fault, expect) in faults {
-        let (mut d, mut f) = (docs.clone(), file.clone());
-        fault(&mut d, &mut f);
-        let problems = all_problems(&d, &f, &ignore);
+        let mut d = deploy.clone();
+        fault(&mut d.docs, &mut d.dockerfile);
+        let problems = manifests::problems(&d);
         if !problems.iter().any(|p| p.contains(expect)) {
             missed.push(format!("{what}: expected {expect:?}, got {problems:#?}"));
         }
     }
     assert!(missed.is_empty(), "{}", missed.join("\n"));
     assert!(
-        check_dockerfile(&file, "# nothing ignored\n", &docs)
-            .iter()
-            .any(|p| p.contains("target/ is not excluded")),
+        manifests::dockerfile::check(
+            &deploy.workspace,
+            &deploy.dockerfile,
+            "# nothing ignored\n",
+            &deploy.docs
+        )
+        .iter()
+        .any(|p| p.contains("target/ is not excluded")),
         "an unignored target/ is reported"
     );
 }
@@ -1913,7 +851,7 @@ spec:
   containers:
     - {name: app, image: app}
 "#;
-    let problems = check_proxy(&parse("bad.yaml", bad));
+    let problems = manifests::proxy::check(&manifests::parse("bad.yaml", bad));
     for expect in [
         "privileged: true",
         "runAsNonRoot is not true",

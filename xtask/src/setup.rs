@@ -80,7 +80,7 @@ const TOOLS: &[Tool] = &[
     },
 ];
 
-/// The manifest validator (`tests/tests/manifests.rs` looks for it here): the Kubernetes
+/// The manifest validator (`tests/src/manifests/validator.rs` looks for it here): the Kubernetes
 /// OpenAPI schemas bundled in a pinned PyPI package, so validation is offline and only
 /// changes on purpose.
 pub const VALIDATOR_VENV: &str = "target/kubernetes-validate";
