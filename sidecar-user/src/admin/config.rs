@@ -69,7 +69,8 @@ fn serde_with_display<S: serde::Serializer>(
     s.collect_str(v)
 }
 
-/// Keys whose values never leave the process (certificate keys, tokens, … once they exist).
+/// Keys whose values never leave the process: `/config` shows paths, never key material, and
+/// a field whose name says it holds a secret is replaced wherever it appears.
 const SECRET_MARKERS: [&str; 5] = ["key", "secret", "token", "password", "credential"];
 
 /// `config` with `group`'s fields added, flat. An options group serializes itself under its

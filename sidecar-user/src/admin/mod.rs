@@ -11,8 +11,8 @@
 //! that hold the admin endpoint's slots (it is reachable from the pod network, for
 //! Prometheus) cannot get the pod restarted or taken out of its Service.
 
-pub mod cli;
 pub mod config;
+pub mod flags;
 pub mod http;
 pub mod status;
 

@@ -342,3 +342,32 @@ fn remove_cgroup(path: &Path, evict_to: &Path, cg_root: &Path, done: &mut Cleane
         Err(e) => done.skipped.push(e.to_string()),
     }
 }
+
+/// `sidecar cleanup`'s flags.
+#[derive(clap::Args)]
+pub struct CleanupArgs {
+    /// bpffs mount point the runs used.
+    #[arg(long, default_value = crate::defaults::BPFFS)]
+    pub bpffs: std::path::PathBuf,
+}
+
+impl CleanupArgs {
+    /// Prints what was removed, what is still alive and what could not be cleaned up; exit
+    /// status 1 if anything could not.
+    pub fn run(self) -> anyhow::Result<i32> {
+        let done = cleanup(&self.bpffs)?;
+        for a in &done.actions {
+            println!("{a}");
+        }
+        for l in &done.live {
+            println!("{l}");
+        }
+        for s in &done.skipped {
+            println!("could not clean up: {s}");
+        }
+        if done.actions.is_empty() && done.skipped.is_empty() {
+            println!("nothing to clean up");
+        }
+        Ok(if done.skipped.is_empty() { 0 } else { 1 })
+    }
+}

@@ -284,3 +284,46 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
         ),
     }
 }
+
+/// `sidecar probe`'s flags.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// bpffs mount point to check.
+    #[arg(long, default_value = crate::defaults::BPFFS)]
+    pub bpffs: std::path::PathBuf,
+}
+
+impl ProbeArgs {
+    /// Prints each check (and its fix); exit status 1 if any failed.
+    pub fn run(self) -> i32 {
+        let checks = probe(&self.bpffs);
+        for c in &checks {
+            println!(
+                "{} {:<14} {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+            if let Some(fix) = &c.fix {
+                println!("     {:<14} fix: {fix}", "");
+            }
+        }
+        let failed = checks.iter().filter(|c| !c.ok).count();
+        let iptables_ok = checks
+            .iter()
+            .any(|c| c.name == "iptables mode" && c.ok && !c.detail.starts_with("unavailable"));
+        if failed == 0 {
+            println!("eBPF interception is supported on this host.");
+            0
+        } else {
+            println!("{failed} check(s) failed.");
+            if iptables_ok {
+                println!(
+                    "iptables mode works here: `sidecar run --mode iptables`, or \
+                     `--mode auto` to fall back by itself"
+                );
+            }
+            1
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::PodProxyOptions;
 use crate::{
-    admin::cli::ObserveArgs,
+    admin::flags::ObserveArgs,
     cidr::Cidr,
     proxy::{ProxySettingsArgs, SettingsError, mesh::MeshArgs},
     tls::layout::LayoutError,

@@ -16,6 +16,8 @@
 //! order so Rust drops them in reverse: detach, leave the proxy cgroup, remove cgroups,
 //! remove the state file, unmount bpffs if we mounted it.
 
+pub mod cli;
+
 use std::{
     ffi::{CString, OsString},
     io,
