@@ -100,7 +100,7 @@ fn main() {
         (
             "outbound, no rule matches (all 1,000 scanned, default)",
             Request {
-                way: Direction::Outbound,
+                direction: Direction::Outbound,
                 peer: None,
                 dst: "192.0.2.1:443".parse::<SocketAddr>().unwrap(),
             },
@@ -108,7 +108,7 @@ fn main() {
         (
             "outbound, matches rule 500 (10.0.250.0/24)",
             Request {
-                way: Direction::Outbound,
+                direction: Direction::Outbound,
                 peer: None,
                 dst: "10.0.250.7:1255".parse().unwrap(),
             },
@@ -116,7 +116,7 @@ fn main() {
         (
             "inbound, no identity matches (default deny)",
             Request {
-                way: Direction::Inbound,
+                direction: Direction::Inbound,
                 peer: Some(&peer),
                 dst: "10.0.0.2:8080".parse().unwrap(),
             },
@@ -124,7 +124,7 @@ fn main() {
         (
             "inbound, matches the last rule (prefix pattern)",
             Request {
-                way: Direction::Inbound,
+                direction: Direction::Inbound,
                 peer: Some(&matched),
                 dst: "10.0.0.2:8080".parse().unwrap(),
             },

@@ -74,11 +74,11 @@ fuzz_target!(|data: &[u8]| {
                     (Direction::Outbound, Some(&id)),
                     (Direction::Inbound, Some(&id)),
                 ];
-                for (way, peer) in peers {
-                    let _ = p.depends_on_peer(&Request { way, peer, dst });
-                    let d = p.evaluate(&Request { way, peer, dst });
+                for (direction, peer) in peers {
+                    let _ = p.depends_on_peer(&Request { direction, peer, dst });
+                    let d = p.evaluate(&Request { direction, peer, dst });
                     assert!(d.rule.is_none_or(|i| i < p.rules.len()));
-                    let _ = p.rule_label(&d, way);
+                    let _ = p.rule_label(&d, direction);
                 }
             }
         }

@@ -49,12 +49,12 @@ fn check(file: &std::path::Path, outbound: &[String], inbound: &[String]) -> any
     let print = |req: Request<'_>, kernel: Option<bool>| {
         let d = policy.evaluate(&req);
         let line = serde_json::json!({
-            "direction": req.way.as_str(),
-            "source": req.peer.filter(|_| req.way == Direction::Inbound).map(|s| s.to_string()),
-            "server": req.peer.filter(|_| req.way == Direction::Outbound).map(|s| s.to_string()),
+            "direction": req.direction.as_str(),
+            "source": req.peer.filter(|_| req.direction == Direction::Inbound).map(|s| s.to_string()),
+            "server": req.peer.filter(|_| req.direction == Direction::Outbound).map(|s| s.to_string()),
             "dst": req.dst.to_string(),
             "action": d.action.as_str(),
-            "rule": policy.rule_label(&d, req.way),
+            "rule": policy.rule_label(&d, req.direction),
             "refused": d.refuse,
             "kernel_refuses": kernel,
         });
@@ -75,7 +75,7 @@ fn check(file: &std::path::Path, outbound: &[String], inbound: &[String]) -> any
         let kernel = loaded.compiled.denies(dst.ip(), dst.port());
         print(
             Request {
-                way: Direction::Outbound,
+                direction: Direction::Outbound,
                 peer: server.as_ref(),
                 dst,
             },
@@ -88,7 +88,7 @@ fn check(file: &std::path::Path, outbound: &[String], inbound: &[String]) -> any
             id.ok_or_else(|| anyhow::anyhow!("--inbound {spec:?}: write SPIFFE_ID=IP:PORT"))?;
         print(
             Request {
-                way: Direction::Inbound,
+                direction: Direction::Inbound,
                 peer: Some(&id),
                 dst,
             },

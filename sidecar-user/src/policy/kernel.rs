@@ -541,7 +541,7 @@ mod tests {
                 let ip: IpAddr = a.parse().unwrap();
                 for &port in &ports {
                     let d = policy.evaluate(&Request {
-                        way: Direction::Outbound,
+                        direction: Direction::Outbound,
                         peer: None,
                         dst: (ip, port).into(),
                     });
@@ -675,7 +675,7 @@ mod tests {
                 let ip: IpAddr = a.parse().unwrap();
                 for port in [0u16, 1, 25, 49, 50, 99, 100, 148, 149, 150, 65535] {
                     let d = policy.evaluate(&Request {
-                        way: Direction::Outbound,
+                        direction: Direction::Outbound,
                         peer: None,
                         dst: (ip, port).into(),
                     });
@@ -754,7 +754,7 @@ mod tests {
             let proxy_refuses = |peer: Option<&SpiffeId>| {
                 policy
                     .evaluate(&Request {
-                        way: Direction::Outbound,
+                        direction: Direction::Outbound,
                         peer,
                         dst,
                     })
@@ -769,7 +769,7 @@ mod tests {
         let decide = |peer| {
             policy
                 .evaluate(&Request {
-                    way: Direction::Outbound,
+                    direction: Direction::Outbound,
                     peer,
                     dst: db,
                 })

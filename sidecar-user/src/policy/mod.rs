@@ -260,17 +260,17 @@ impl Enforcer {
     pub fn check(&self, req: &Request<'_>) -> Verdict {
         let policy = self.current();
         let decision = policy.evaluate(req);
-        let rule = policy.rule_label(&decision, req.way);
+        let rule = policy.rule_label(&decision, req.direction);
         let verdict = match (decision.action, decision.refuse) {
             (Action::Deny, true) => Decision::Deny,
             (Action::Deny, false) => Decision::WouldDeny,
             (Action::Audit, _) => Decision::Audit,
             (Action::Allow, _) => Decision::Allow,
         };
-        self.stats.count(req.way, &rule, verdict);
+        self.stats.count(req.direction, &rule, verdict);
         let identity = req.peer.map(|s| s.to_string());
         let identity = identity.as_deref().unwrap_or("-");
-        let (direction, dst) = (req.way.as_str(), req.dst);
+        let (direction, dst) = (req.direction.as_str(), req.dst);
         match verdict {
             Decision::Deny => {
                 warn!(direction, %rule, identity, %dst, "policy denied the connection")
@@ -311,13 +311,13 @@ impl Enforcer {
             Default::default();
         for e in events {
             let req = Request {
-                way: Direction::Outbound,
+                direction: Direction::Outbound,
                 peer: None,
                 dst: e.dst,
             };
             let decision = policy.evaluate(&req);
-            let rule = policy.rule_label(&decision, req.way);
-            self.stats.count(req.way, &rule, Decision::Deny);
+            let rule = policy.rule_label(&decision, req.direction);
+            self.stats.count(req.direction, &rule, Decision::Deny);
             *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
         }
         for ((rule, dst, pid), times) in batch {

@@ -135,7 +135,7 @@ impl Rule {
 
     /// Whether `req`'s direction and destination match, whoever the peer is.
     fn matches_destination(&self, req: &Request<'_>) -> bool {
-        if self.direction.is_some_and(|d| d != req.way) {
+        if self.direction.is_some_and(|d| d != req.direction) {
             return false;
         }
         if !self.ports.is_empty() && !self.ports.iter().any(|r| r.contains(req.dst.port())) {
@@ -202,7 +202,7 @@ pub fn cidr_within(inner: &Cidr, outer: &Cidr) -> bool {
 /// One connection to decide on.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    pub way: Direction,
+    pub direction: Direction,
     /// The verified identity at the other end of the tunnel (inbound: the client's;
     /// outbound: the server's, known once the handshake is done); `None` in plaintext.
     pub peer: Option<&'a SpiffeId>,
@@ -211,7 +211,7 @@ pub struct Request<'a> {
 
 /// The outcome of [`Policy::evaluate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
+pub struct Evaluation {
     /// The matching rule's action, or the direction's default.
     pub action: Action,
     /// Index of the matching rule; `None` for the default.
@@ -251,20 +251,20 @@ impl Policy {
         self.destinations.iter().find(|d| d.matches(dst))
     }
 
-    pub fn default_for(&self, way: Direction) -> Action {
-        match way {
+    pub fn default_for(&self, direction: Direction) -> Action {
+        match direction {
             Direction::Outbound => self.default_outbound,
             Direction::Inbound => self.default_inbound,
         }
     }
 
     /// First matching rule wins; none matching → the direction's default.
-    pub fn evaluate(&self, req: &Request<'_>) -> Decision {
+    pub fn evaluate(&self, req: &Request<'_>) -> Evaluation {
         let (action, rule) = match self.rules.iter().position(|r| r.matches(req)) {
             Some(i) => (self.rules[i].action, Some(i)),
-            None => (self.default_for(req.way), None),
+            None => (self.default_for(req.direction), None),
         };
-        Decision {
+        Evaluation {
             action,
             rule,
             refuse: action == Action::Deny && !self.dry_run,
@@ -281,11 +281,11 @@ impl Policy {
             .is_some_and(|r| !r.peers.is_empty())
     }
 
-    /// The label counters and logs use for a decision's rule.
-    pub fn rule_label(&self, decision: &Decision, way: Direction) -> String {
-        match decision.rule {
+    /// The label counters and logs use for an evaluation's rule.
+    pub fn rule_label(&self, evaluation: &Evaluation, direction: Direction) -> String {
+        match evaluation.rule {
             Some(i) => self.rules[i].name.clone(),
-            None => format!("default-{}", way.as_str()),
+            None => format!("default-{}", direction.as_str()),
         }
     }
 }

@@ -23,12 +23,12 @@ pub struct PolicyStats {
 }
 
 impl PolicyStats {
-    pub fn count(&self, way: Direction, rule: &str, decision: Decision) {
+    pub fn count(&self, direction: Direction, rule: &str, decision: Decision) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        match counts.get_mut(&(way, rule.to_string(), decision)) {
+        match counts.get_mut(&(direction, rule.to_string(), decision)) {
             Some(n) => *n += 1,
             None => {
-                counts.insert((way, rule.to_string(), decision), 1);
+                counts.insert((direction, rule.to_string(), decision), 1);
             }
         }
     }

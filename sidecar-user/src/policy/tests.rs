@@ -138,18 +138,18 @@ fn evaluation_table() {
             Action::Deny,
         ),
     ];
-    for ((way, id, dst), rule, action) in cases {
+    for ((direction, id, dst), rule, action) in cases {
         let id: Option<SpiffeId> = id.map(|s| s.parse().unwrap());
         let dst: SocketAddr = dst.parse().unwrap();
         let d = policy.evaluate(&Request {
-            way: *way,
+            direction: *direction,
             peer: id.as_ref(),
             dst,
         });
         assert_eq!(
-            (policy.rule_label(&d, *way).as_str(), d.action),
+            (policy.rule_label(&d, *direction).as_str(), d.action),
             (*rule, *action),
-            "{way:?} {id:?} {dst}"
+            "{direction:?} {id:?} {dst}"
         );
         assert_eq!(d.refuse, *action == Action::Deny);
     }
@@ -170,13 +170,13 @@ fn outbound_rules_do_not_apply_inbound_and_vice_versa() {
     )
     .unwrap();
     let id: SpiffeId = "spiffe://td/a".parse().unwrap();
-    let check = |way, port, refused| {
+    let check = |direction, port, refused| {
         let d = policy.evaluate(&Request {
-            way,
-            peer: (way == Direction::Inbound).then_some(&id),
+            direction,
+            peer: (direction == Direction::Inbound).then_some(&id),
             dst: SocketAddr::from(([10, 0, 0, 1], port)),
         });
-        assert_eq!(d.refuse, refused, "{way:?} {port}");
+        assert_eq!(d.refuse, refused, "{direction:?} {port}");
     };
     check(Direction::Outbound, 80, false);
     check(Direction::Inbound, 80, true);
@@ -186,12 +186,12 @@ fn outbound_rules_do_not_apply_inbound_and_vice_versa() {
 
 #[test]
 fn empty_policy_and_defaults() {
-    let any = |text: &str, way: Direction| {
+    let any = |text: &str, direction: Direction| {
         let id: SpiffeId = "spiffe://td/a".parse().unwrap();
         parse(text)
             .unwrap()
             .evaluate(&Request {
-                way,
+                direction,
                 peer: Some(&id),
                 dst: "[::1]:1".parse().unwrap(),
             })
@@ -203,7 +203,7 @@ fn empty_policy_and_defaults() {
     let dry = "dry_run = true\n[defaults]\noutbound = \"deny\"\n";
     let p = parse(dry).unwrap();
     let d = p.evaluate(&Request {
-        way: Direction::Outbound,
+        direction: Direction::Outbound,
         peer: None,
         dst: "[::1]:1".parse().unwrap(),
     });
@@ -439,7 +439,7 @@ fn servers_match_the_verified_server_identity() {
     let check = |server: Option<&str>| {
         let id: Option<SpiffeId> = server.map(|s| s.parse().unwrap());
         let d = policy.evaluate(&Request {
-            way: Direction::Outbound,
+            direction: Direction::Outbound,
             peer: id.as_ref(),
             dst,
         });
@@ -461,7 +461,7 @@ fn servers_match_the_verified_server_identity() {
     // Only the destinations the identity rule covers wait for the handshake.
     let waits = |dst: &str| {
         policy.depends_on_peer(&Request {
-            way: Direction::Outbound,
+            direction: Direction::Outbound,
             peer: None,
             dst: dst.parse().unwrap(),
         })
@@ -531,7 +531,7 @@ fn files_caught_half_written_are_refused_and_rename_is_taken() {
     std::fs::write(&path, deny_db).unwrap();
     let enforcer = Enforcer::new(path.clone(), load(&path).unwrap(), None, None).unwrap();
     let db = Request {
-        way: Direction::Outbound,
+        direction: Direction::Outbound,
         peer: None,
         dst: "10.0.0.1:5432".parse().unwrap(),
     };

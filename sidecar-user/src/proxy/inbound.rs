@@ -79,7 +79,7 @@ impl Proxy {
         // anything local is connected. Dropping `tls` closes the tunnel. (The enforcer logs
         // the decision with the identity and destination.)
         let req = Request {
-            way: Direction::Inbound,
+            direction: Direction::Inbound,
             peer: Some(&peer),
             dst: local_app,
         };

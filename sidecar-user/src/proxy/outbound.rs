@@ -58,7 +58,7 @@ impl Proxy {
         // the handshake.
         let route = self.mesh.as_ref().map_or(Route::Plain, |m| m.route(dst));
         let plain = Request {
-            way: Direction::Outbound,
+            direction: Direction::Outbound,
             peer: None,
             dst,
         };
@@ -206,7 +206,7 @@ impl Proxy {
         conn: &mut Conn,
     ) {
         let verified = Request {
-            way: Direction::Outbound,
+            direction: Direction::Outbound,
             peer: Some(&t.peer),
             dst,
         };
