@@ -63,8 +63,8 @@ fn sidecar() -> PathBuf {
     target_dir().join("sidecar")
 }
 
-fn echoclient() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sidecar-echoclient"))
+fn testclient() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sidecar-testclient"))
 }
 
 /// An echo server on a loopback address that records the peer address of every connection.
@@ -170,7 +170,8 @@ impl Run {
     }
 }
 
-/// `sidecar run --mode iptables --proxy-port PORT EXTRA -- echoclient TARGETS`, bounded.
+/// `sidecar run --mode iptables --proxy-port PORT EXTRA -- sidecar-testclient exchange
+/// TARGETS`, bounded.
 fn run_client(port: u16, extra: &[&str], targets: &[SocketAddr]) -> Run {
     run_client_mode("iptables", &[], port, extra, targets)
 }
@@ -200,7 +201,8 @@ fn run_client_mode(
     .arg("--report")
     .arg(&report)
     .arg("--")
-    .arg(echoclient())
+    .arg(testclient())
+    .arg("exchange")
     .args(targets.iter().map(|t| t.to_string()));
     let output = output_within(&mut cmd, Duration::from_secs(30));
     let report = std::fs::read(&report)

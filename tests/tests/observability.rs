@@ -805,7 +805,7 @@ fn sidecar_cmd(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A `sidecar run -- obs-client …`, stopped (SIGTERM, then SIGKILL) if the test fails, so
+/// A `sidecar run -- sidecar-testclient lockstep …`, stopped (SIGTERM, then SIGKILL) if the test fails, so
 /// the run's own teardown removes everything it attached.
 struct Sidecar {
     child: Child,
@@ -819,7 +819,8 @@ impl Sidecar {
             .args(["run", "--proxy-all"])
             .args(run_args)
             .arg("--")
-            .arg(env!("CARGO_BIN_EXE_obs-client"))
+            .arg(env!("CARGO_BIN_EXE_sidecar-testclient"))
+            .arg("lockstep")
             .args(client_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1351,12 +1352,13 @@ fn status_and_config_report_the_mtls_mode_and_the_policy_in_force() {
     assert_eq!(config["tls"]["identity"], ID, "{config:#}");
     assert_eq!(config["tls"]["permissive"], true, "{config:#}");
     assert_eq!(config["policy"]["rules"], 2, "{config:#}");
-    assert_eq!(config["command"]["arguments"], 5, "{config:#}");
+    // `lockstep requests 127.0.0.1:9 1 10 10`
+    assert_eq!(config["command"]["arguments"], 6, "{config:#}");
     assert!(
         config["command"]["program"]
             .as_str()
             .unwrap()
-            .ends_with("obs-client"),
+            .ends_with("/sidecar-testclient"),
         "{config:#}"
     );
     assert!(

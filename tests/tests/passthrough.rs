@@ -17,11 +17,12 @@ use sidecar_tests::{
     scratch::Scratch, serial,
 };
 
-const ECHO: &str = env!("CARGO_BIN_EXE_sidecar-echoclient");
+/// One plain-text echo exchange per address (`local=… peer=…`, then `ok`), as a script step.
+const EXCHANGE: &str = concat!(env!("CARGO_BIN_EXE_sidecar-testclient"), " exchange");
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The `local=` address each `sidecar-echoclient` exchange printed.
+/// The `local=` address each [`EXCHANGE`] printed.
 fn app_addresses(stdout: &[String]) -> Vec<SocketAddr> {
     stdout
         .iter()
@@ -43,7 +44,7 @@ fn a_passthrough_connection_goes_direct_and_is_recorded_with_its_bytes() {
     let admin: SocketAddr = "127.0.0.1:32010".parse().unwrap();
     // The command stays alive after its exchange so `/metrics` can be read while it runs.
     let script = format!(
-        "{ECHO} --bytes {BYTES} {} && echo EXCHANGED && {{ read _ || true; }}",
+        "{EXCHANGE} --bytes {BYTES} {} && echo EXCHANGED && {{ read _ || true; }}",
         server.addr()
     );
     let mut run = SidecarRun::builder(32001)
@@ -189,7 +190,7 @@ fn denies_still_refuse_connect_and_failed_connects_are_recorded() {
         ),
     );
     let script = format!(
-        "{ECHO} {open}; {ECHO} {denied}; {ECHO} 169.254.169.254:80; {ECHO} {closed}; exit 0",
+        "{EXCHANGE} {open}; {EXCHANGE} {denied}; {EXCHANGE} 169.254.169.254:80; {EXCHANGE} {closed}; exit 0",
         open = open.addr(),
         denied = denied.addr(),
     );
@@ -202,7 +203,7 @@ fn denies_still_refuse_connect_and_failed_connects_are_recorded() {
     let done = run.finish(RUN_TIMEOUT);
     done.assert_exit_code(0);
     let out = done.stdout.join("\n");
-    // echoclient prints its error to stderr; the sidecar passes the command's stderr on.
+    // `exchange` prints its error to stderr; the sidecar passes the command's stderr on.
     let err = done.stderr_text();
     for refused in [denied.addr().to_string(), "169.254.169.254:80".into()] {
         assert!(
@@ -395,7 +396,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
         .start();
     server.wait_ready(RUN_TIMEOUT);
     // In pod A: a plaintext server on its loopback (not meshed), then one exchange with each.
-    // The test client, not sidecar-echoclient: it half-closes and then blocks reading, and
+    // The test client's `echo`, not `exchange`: it half-closes and then blocks reading, and
     // a spliced socket may wake such a reader with EAGAIN (docs/operations.md, Known
     // limitations), which the test client retries and counts.
     let script = format!(
