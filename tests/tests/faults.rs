@@ -5,8 +5,9 @@
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
 //! holds `serial()`. Traffic stays on 127.0.0.0/8 or inside network namespaces the test
-//! created (prefix `scrl-`, addresses 10.206.x.x, no route out). Proxy and other ports
-//! 24100–24199. Every loop is bounded in count and time, every wait has a timeout.
+//! created (prefix `scrl-`, addresses 10.206.x.x, no route out). Ports come from
+//! `sidecar_tests::ports`. Every loop is bounded in count and time, every wait has a
+//! timeout.
 
 use std::{
     fs,
@@ -18,7 +19,7 @@ use std::{
 use sidecar_tests::{
     EchoServer, SidecarRun, assert_no_leftovers, host, leftover_files,
     netns::Netns,
-    privileged,
+    ports, privileged,
     protocol::{ConnectFailLine, EchoLine},
     require,
     scratch::Scratch,
@@ -56,7 +57,7 @@ fn next_start_cleans_up_after_a_killed_run() {
     if !host::private_mounts_without_bpffs() {
         return;
     }
-    let mut a = SidecarRun::builder(24100)
+    let mut a = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command(["sleep", "120"])
         .start();
@@ -88,7 +89,7 @@ fn next_start_cleans_up_after_a_killed_run() {
     };
 
     // A's command still runs: B leaves A's state (and so its fail-closed links) alone.
-    let b = start(24101);
+    let b = start(ports::take());
     assert!(
         b.stderr
             .iter()
@@ -110,7 +111,7 @@ fn next_start_cleans_up_after_a_killed_run() {
     assert!(host::wait_until(Duration::from_secs(5), || app
         .iter()
         .all(|p| !host::is_alive(*p))));
-    let c = start(24102);
+    let c = start(ports::take());
     let log = c.stderr_text();
     let line = c
         .stderr
@@ -217,8 +218,8 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = sidecar_tests::netns::PodPair::create_in("scrl", 206, 1);
-    let admin = SocketAddr::from(([127, 0, 0, 1], 24111));
-    let mut server = SidecarRun::builder(24110)
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
+    let mut server = SidecarRun::builder(ports::take())
         .env("SIDECAR_LOG", "info")
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
@@ -228,7 +229,10 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
         .start();
     server.wait_ready(Duration::from_secs(20));
     let scrape = || get_in_netns(&pods.b, admin, "/metrics").1;
-    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24112), SERVER_ID);
+    assert_tunnelled(
+        &probe_through_tunnel(&pods, &client_tls, ports::take()),
+        SERVER_ID,
+    );
     let before = scrape();
     assert_eq!(metric(&before, "sidecar_certificates_stale"), Some(0.0));
     assert_eq!(
@@ -263,7 +267,10 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
     assert_eq!(status, 200, "still ready with the last good set: {ready}");
     assert!(ready.contains("last good certificates"), "{ready}");
     // New tunnels still work: the credentials in memory are the last good set.
-    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24113), SERVER_ID);
+    assert_tunnelled(
+        &probe_through_tunnel(&pods, &client_tls, ports::take()),
+        SERVER_ID,
+    );
     // A few more polls pass: still one warning.
     std::thread::sleep(Duration::from_millis(2500));
     let warnings = server
@@ -295,7 +302,10 @@ fn deleted_certificates_keep_the_last_good_set_and_recover() {
         "{}",
         server.stderr_text()
     );
-    assert_tunnelled(&probe_through_tunnel(&pods, &client_tls, 24114), SERVER_ID);
+    assert_tunnelled(
+        &probe_through_tunnel(&pods, &client_tls, ports::take()),
+        SERVER_ID,
+    );
     server.release();
     let done = server.finish(RUN_TIMEOUT);
     let inbound: Vec<_> = done
@@ -332,7 +342,7 @@ fn unmounting_bpffs_under_a_run_keeps_interception_and_leaves_nothing() {
         arg("--addr", server.addr())
     );
     let script = format!("{echo}; echo ROUND1; {}; {echo}", wait_for_file(&go));
-    let proxy_port = 24116;
+    let proxy_port = ports::take();
     let mut run = SidecarRun::builder(proxy_port)
         .arg("--admin-addr=off")
         .arg("--bpffs")
@@ -429,7 +439,7 @@ fn inbound_with_the_proxy_down_is_fail_open_when_permissive_and_fail_closed_when
         serde_json::from_slice::<ConnectFailLine>(out.stdout.trim_ascii())
             .unwrap_or_else(|e| panic!("connect-fail output: {e}: {out:?}"))
     };
-    for (mode, port) in [("permissive", 24120), ("strict", 24122)] {
+    for (mode, port) in [("permissive", ports::take()), ("strict", ports::take())] {
         let mut server = SidecarRun::builder(port)
             .wrapped_in(pods.b.enter())
             .arg("--admin-addr=off")

@@ -6,7 +6,8 @@
 //! pass-through mode are in policy.rs, with the other refusals.)
 //!
 //! Every test starts with `privileged()` and holds `serial()`. Traffic stays on loopback;
-//! ports 32000–32099. Every run is bounded in time.
+//! ports come from `sidecar_tests::ports` (the app ports inside the pods' namespaces are
+//! fixed). Every run is bounded in time.
 
 use std::{
     net::SocketAddr,
@@ -14,7 +15,7 @@ use std::{
 };
 
 use sidecar_tests::{
-    EchoServer, admin::http_get, netns::PodPair, privileged, require, run::SidecarRun,
+    EchoServer, admin::http_get, netns::PodPair, ports, privileged, require, run::SidecarRun,
     scratch::Scratch, serial,
 };
 
@@ -42,13 +43,13 @@ fn a_passthrough_connection_goes_direct_and_is_recorded_with_its_bytes() {
     let log = scratch.path("access.log");
     let server = EchoServer::start_v4();
     const BYTES: u64 = 70_000;
-    let admin: SocketAddr = "127.0.0.1:32010".parse().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
     // The command stays alive after its exchange so `/metrics` can be read while it runs.
     let script = format!(
         "{EXCHANGE} --bytes {BYTES} {} && echo EXCHANGED && {{ read _ || true; }}",
         server.addr()
     );
-    let mut run = SidecarRun::builder(32001)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -141,7 +142,7 @@ fn proxy_all_sends_the_same_connection_through_the_proxy() {
     // The builder adds `--proxy-all` unless `.passthrough()`. The test client retries the
     // spurious EAGAIN a spliced socket can give a blocking reader (docs/operations.md,
     // Known limitations).
-    let mut run = SidecarRun::builder(32002)
+    let mut run = SidecarRun::builder(ports::take())
         .command([
             CLIENT,
             "echo",
@@ -175,8 +176,8 @@ fn an_open_passthrough_connection_is_listed_with_its_bytes_so_far() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let admin: SocketAddr = "127.0.0.1:32014".parse().unwrap();
-    let mut run = SidecarRun::builder(32004)
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -230,7 +231,7 @@ fn records_that_do_not_fit_the_ring_are_counted() {
     let _serial = serial();
     let server = EchoServer::start_v4();
     const CONNECTIONS: u64 = 10_000;
-    let admin: SocketAddr = "127.0.0.1:32015".parse().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
     // The command waits for stdin to close (the test stops the sidecar first), then makes
     // its connections quietly and says DONE.
     let script = format!(
@@ -238,7 +239,7 @@ fn records_that_do_not_fit_the_ring_are_counted() {
          && echo DONE",
         server.addr()
     );
-    let mut run = SidecarRun::builder(32005)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -314,7 +315,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
         &[],
     );
     let pods = PodPair::create_in("spt", 232, 1);
-    let mut server = SidecarRun::builder(32021)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_tls)
@@ -330,7 +331,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
          {CLIENT} echo --addr {b}:{APP_PORT} && {CLIENT} echo --addr 127.0.0.1:{LOCAL_PORT}",
         b = pods.b.addr
     );
-    let mut client = SidecarRun::builder(32022)
+    let mut client = SidecarRun::builder(ports::take())
         .passthrough()
         .meshed_client_of(&pods, &client_tls)
         .command(["sh", "-c", &script])

@@ -3,7 +3,11 @@
 //! for destinations that bypass the proxy and in pass-through mode; dry-run and audit; hot
 //! reload under streaming load, and a corrupted or deleted policy file refused until a valid
 //! one returns; the cloud metadata address, refused unless allowed; inbound identity rules
-//! after the mTLS handshake, and strict inbound mode. Proxy ports 19100–19199; namespaces `scp-*`, addresses 10.204.0.0/16.
+//! after the mTLS handshake, and strict inbound mode.
+//!
+//! Ports come from `sidecar_tests::ports` (the app port inside the pods' namespaces is
+//! fixed); namespaces `scp-*`, addresses 10.204.0.0/16, and `scrl-*`, 10.205.x.x, for the
+//! metadata test.
 
 use std::{
     fs,
@@ -17,7 +21,7 @@ use sidecar_tests::{
     EchoServer, assert_no_leftovers, host,
     host::wait_until,
     netns::PodPair,
-    privileged,
+    ports, privileged,
     protocol::{ConnectFailLine, EchoLine},
     require,
     run::{Finished, SidecarRun},
@@ -173,7 +177,7 @@ destinations = ["127.0.0.0/8"]
         "the destinations must include both verdicts: {expected:?}"
     );
 
-    let mut run = SidecarRun::builder(19110)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--policy")
         .arg(&file)
         .command(connect_each(&dsts))
@@ -245,7 +249,7 @@ fn deny_holds_for_destinations_that_bypass_the_proxy() {
         .iter()
         .map(|a| format!("{a}:{p}").parse().unwrap())
         .collect();
-    let mut run = SidecarRun::builder(19115)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--policy")
         .arg(&file)
         .arg("--exclude-ports")
@@ -288,7 +292,7 @@ fn dry_run_and_audit_let_through_and_log() {
             ),
             "would deny the connection (dry run)",
             ("block", "would_deny"),
-            19111,
+            ports::take(),
         ),
         (
             format!(
@@ -297,7 +301,7 @@ fn dry_run_and_audit_let_through_and_log() {
             ),
             "policy audit",
             ("watch", "audit"),
-            19112,
+            ports::take(),
         ),
     ];
     for (text, log, (rule, outcome), port) in cases {
@@ -388,7 +392,7 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         format!("cat '{}'", stream_out.display()),
     ]
     .join("\n");
-    let mut run = SidecarRun::builder(19113)
+    let mut run = SidecarRun::builder(ports::take())
         .wrapped_in(["env", "SIDECAR_LOG=info"])
         .arg("--policy")
         .arg(&file)
@@ -473,7 +477,7 @@ fn corrupted_policy_keeps_the_old_one_until_a_valid_file_returns() {
         wait_for_file(&go1),
         wait_for_file(&go2)
     );
-    let mut run = SidecarRun::builder(24115)
+    let mut run = SidecarRun::builder(ports::take())
         .env("SIDECAR_LOG", "info")
         .arg("--admin-addr=off")
         .arg("--policy")
@@ -560,7 +564,7 @@ fn invalid_policy_at_startup_is_a_clean_error() {
         "policy.toml",
         "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/40\"]\n",
     );
-    let mut run = SidecarRun::builder(19114)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .arg("--policy")
         .arg(&file)
@@ -629,7 +633,7 @@ fn cloud_metadata_address_is_refused_unless_allowed() {
         (lines, done)
     };
 
-    let (lines, done) = run(24130, false, &[metadata, metadata6]);
+    let (lines, done) = run(ports::take(), false, &[metadata, metadata6]);
     for line in &lines {
         let error = line.error.as_deref().unwrap_or_default();
         assert!(
@@ -651,7 +655,7 @@ fn cloud_metadata_address_is_refused_unless_allowed() {
     );
     assert_no_leftovers(done.pid);
 
-    let (lines, done) = run(24131, true, &[metadata]);
+    let (lines, done) = run(ports::take(), true, &[metadata]);
     let conn = done.report().single_connection_to(metadata);
     assert_eq!(
         conn.outcome, "upstream_connect_failed",
@@ -694,7 +698,7 @@ fn denies_still_refuse_connect_and_failed_connects_are_recorded() {
         open = open.addr(),
         denied = denied.addr(),
     );
-    let mut run = SidecarRun::builder(32003)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--policy")
         .arg(&policy)
@@ -813,7 +817,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         ),
     );
     let pods = PodPair::create_in("scp", 204, 1);
-    let mut server = SidecarRun::builder(19120)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(dir(&scratch, "server"))
@@ -823,12 +827,12 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         .start();
     server.wait_ready(READY_TIMEOUT);
 
-    let allowed = echo_from_a(&pods, &scratch, "client", 19121);
+    let allowed = echo_from_a(&pods, &scratch, "client", ports::take());
     allowed.assert_exit_code(0);
     let lines: Vec<EchoLine> = allowed.parse_stdout();
     assert!(lines.len() == 1 && lines[0].ok, "allowed: {lines:#?}");
 
-    let denied = echo_from_a(&pods, &scratch, "intruder", 19122);
+    let denied = echo_from_a(&pods, &scratch, "intruder", ports::take());
     let lines: Vec<EchoLine> = denied.parse_stdout();
     assert!(
         lines.len() == 1 && !lines[0].ok && lines[0].received == 0,
@@ -838,7 +842,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
     let conn = &denied.report().connections[0];
     assert_eq!(conn.peer_identity(), Some(SERVER_ID), "{conn:?}");
 
-    let audited = echo_from_a(&pods, &scratch, "audited", 19123);
+    let audited = echo_from_a(&pods, &scratch, "audited", ports::take());
     audited.assert_exit_code(0);
     let lines: Vec<EchoLine> = audited.parse_stdout();
     assert!(lines.len() == 1 && lines[0].ok, "audited: {lines:#?}");
@@ -911,7 +915,7 @@ fn strict_inbound_refuses_plaintext_but_not_tunnels_or_other_processes() {
     let scratch = Scratch::new("policy-strict");
     mint(&scratch, &[(CLIENT_ID, "client"), (SERVER_ID, "server")]);
     let pods = PodPair::create_in("scp", 204, 2);
-    let mut server = SidecarRun::builder(19130)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(dir(&scratch, "server"))
@@ -951,7 +955,7 @@ fn strict_inbound_refuses_plaintext_but_not_tunnels_or_other_processes() {
         "plaintext to the app in strict mode must not connect: {plain:?}"
     );
 
-    let tunnelled = echo_from_a(&pods, &scratch, "client", 19131);
+    let tunnelled = echo_from_a(&pods, &scratch, "client", ports::take());
     tunnelled.assert_exit_code(0);
     let lines: Vec<EchoLine> = tunnelled.parse_stdout();
     assert!(
@@ -985,7 +989,7 @@ fn strict_inbound_without_tls_is_refused() {
         return;
     }
     let _serial = serial();
-    let mut run = SidecarRun::builder(19132)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .arg("--inbound-mode")
         .arg("strict")

@@ -4,7 +4,8 @@
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
 //! holds `serial()`. Traffic stays on 127.0.0.0/8 or inside network namespaces the test
-//! created (prefix `scr-`, addresses 10.205.x.x, no route out). Proxy ports 21100–21999.
+//! created (prefix `scr-`, addresses 10.205.x.x, no route out). Ports come
+//! from `sidecar_tests::ports` (ports inside the namespaces are fixed).
 //! Every loop is bounded in count and time, every wait has a timeout.
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 use sidecar_tests::{
     EchoServer, SidecarRun, admin, assert_no_leftovers, host,
     leaks::{self, Held, status_kib},
-    privileged,
+    ports, privileged,
     protocol::{ConnectFailLine, EchoLine},
     scratch::Scratch,
     script::{arg, wait_for_file},
@@ -145,9 +146,9 @@ fn ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing() {
         );
     }
     script += "; exec cat >/dev/null";
-    let [admin_port] = host::free_ports(21190..21200);
+    let admin_port = ports::take();
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
-    let mut run = SidecarRun::builder(21100)
+    let mut run = SidecarRun::builder(ports::take())
         .arg(format!("--admin-addr={admin}"))
         .command(["sh", "-c", &script])
         .start();
@@ -292,7 +293,7 @@ fn ten_thousand_idle_connections_add_little_memory() {
         arg("--addr", server.addr()),
         arg("--count", connections),
     );
-    let mut run = SidecarRun::builder(21102)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
         .start();
@@ -440,7 +441,7 @@ fn upstream_reset_mid_stream_fails_the_client_promptly() {
     let rounds_before_reset = 10;
     let upstream = FaultyUpstream::start(size * rounds_before_reset, true);
     let started = Instant::now();
-    let mut run = SidecarRun::builder(21110)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command([
             CLIENT.to_string(),
@@ -493,7 +494,7 @@ fn stalled_upstream_is_closed_by_the_idle_timeout() {
     let _serial = serial();
     let idle = Duration::from_secs(2);
     let upstream = FaultyUpstream::start(0, false);
-    let mut run = SidecarRun::builder(21111)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .arg(arg("--idle-timeout-secs", idle.as_secs()))
         .command([
@@ -567,7 +568,7 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
         w1 = wait_for_file(&go1),
         w2 = wait_for_file(&go2),
     );
-    let mut run = SidecarRun::builder(21112)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
         .start();
@@ -683,7 +684,7 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
 
     // Pod B: a sidecar with its admin endpoint on the default interface (loopback) and a
     // fixed port, serving an echo app on all addresses.
-    let mut server = SidecarRun::builder(21120)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_tls)
@@ -714,7 +715,7 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
         arg("--addr", SocketAddr::new(pods.b.addr, APP_PORT)),
         arg("--addr", SocketAddr::new(pods.b.addr, ADMIN_PORT)),
     );
-    let mut client = SidecarRun::builder(21122)
+    let mut client = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
