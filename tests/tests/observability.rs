@@ -3,10 +3,10 @@
 //! `/connections`, `/status` and the `sidecar status|conns` commands.
 //!
 //! Resources: proxy, admin and upstream ports on 127.0.0.1 come from `sidecar_tests::ports`;
-//! the cardinality guard connects to 127.77.0.1:20000–29999 and 127.77.0.1:30000-30499,
-//! where nothing listens (refused; nothing leaves loopback; the ports above are all bound on
-//! 127.0.0.1, never on a wildcard address); silent admin clients connect from
-//! 127.0.0.2–127.0.0.6 (other peers, as far as per-address limits go).
+//! the cardinality guard connects to 127.77.0.1:32000–41999 and 127.77.0.1:42000–42499
+//! (above the allocator's ports, see `SWEEP_START`), where nothing listens (checked first:
+//! nothing on a wildcard address there; refused; nothing leaves loopback); silent admin
+//! clients connect from 127.0.0.2–127.0.0.6 (other peers, as far as per-address limits go).
 //!
 //! The few helpers it needs beyond the shared harness in `tests/src/` are at the bottom.
 
@@ -630,7 +630,7 @@ fn ten_thousand_destination_ports_do_not_create_series() {
     let admin_port = ports::take();
     let proxy_port = ports::take();
     let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
-    assert_nobody_listens(20_000, PORTS);
+    assert_nobody_listens(SWEEP_START, PORTS);
     let mut run = Sidecar::spawn(
         // Refused connects, one per port: retried, each would take ~40 ms longer.
         &[
@@ -640,7 +640,13 @@ fn ten_thousand_destination_ports_do_not_create_series() {
             &format!("127.0.0.1:{admin_port}"),
             "--connect-retries=0",
         ],
-        &["ports", "127.77.0.1", "20000", &PORTS.to_string(), "10"],
+        &[
+            "ports",
+            "127.77.0.1",
+            &SWEEP_START.to_string(),
+            &PORTS.to_string(),
+            "10",
+        ],
     );
     run.expect_line("ready");
     run.go();
@@ -698,7 +704,8 @@ fn per_destination_series_are_opt_in_and_capped() {
     let admin_port = ports::take();
     let proxy_port = ports::take();
     let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
-    assert_nobody_listens(30_000, PORTS);
+    let first = SWEEP_START + 10_000;
+    assert_nobody_listens(first, PORTS);
     let mut run = Sidecar::spawn(
         &[
             "--proxy-port",
@@ -709,7 +716,13 @@ fn per_destination_series_are_opt_in_and_capped() {
             &CAP.to_string(),
             "--connect-retries=0",
         ],
-        &["ports", "127.77.0.1", "30000", &PORTS.to_string(), "0"],
+        &[
+            "ports",
+            "127.77.0.1",
+            &first.to_string(),
+            &PORTS.to_string(),
+            "0",
+        ],
     );
     run.expect_line("ready");
     run.go();
@@ -735,7 +748,7 @@ fn per_destination_series_are_opt_in_and_capped() {
     assert_eq!(
         m.get(
             "sidecar_destination_connections_total",
-            &[("destination", "127.77.0.1:30000")]
+            &[("destination", &format!("127.77.0.1:{first}"))]
         ),
         1.0
     );
@@ -785,6 +798,12 @@ fn privileged(test: &str) -> bool {
     eprintln!("skipped: {why}");
     false
 }
+
+/// Where the port sweeps start (on 127.77.0.1): past every port `sidecar_tests::ports` hands
+/// out, so a sweep never reaches the run's own proxy port, which the connect hook leaves
+/// alone on any loopback address (the connect would go straight to 127.77.0.1 and be
+/// refused there).
+const SWEEP_START: u16 = ports::RANGE.end;
 
 /// Refuses to run a port sweep if anything listens on a wildcard address in its range (it
 /// would receive our connections).
