@@ -258,13 +258,3 @@ pub fn bpffs_mounted() -> bool {
             target == Some(BPFFS) && fstype == Some("bpf")
         })
 }
-
-/// `N` ports of `range` that nothing on 127.0.0.1 holds now (a listener can bind them).
-pub fn free_ports<const N: usize>(range: std::ops::Range<u16>) -> [u16; N] {
-    let free: Vec<u16> = range
-        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .take(N)
-        .collect();
-    free.try_into()
-        .unwrap_or_else(|f| panic!("fewer than {N} free ports: {f:?}"))
-}

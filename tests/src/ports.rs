@@ -26,6 +26,11 @@ pub fn take() -> u16 {
     take_run(1)
 }
 
+/// `N` free ports (not necessarily consecutive), e.g. `let [proxy, admin] = ports::take_each();`.
+pub fn take_each<const N: usize>() -> [u16; N] {
+    std::array::from_fn(|_| take())
+}
+
 /// `count` consecutive free ports; returns the first. Panics if [`RANGE`] has no such run
 /// left (a test asking for thousands of ports is a bug in the test).
 pub fn take_run(count: u16) -> u16 {

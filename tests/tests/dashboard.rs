@@ -3,7 +3,7 @@
 //! must be a family of a real `/metrics` scrape of `sidecar run`, so renaming or removing a
 //! metric fails here instead of leaving an empty panel in someone's Grafana.
 //!
-//! Resources: a `sidecar run -- sleep` with proxy and admin ports from 127.0.0.1:34950–34999.
+//! Resources: a `sidecar run -- sleep` with proxy and admin ports from `sidecar_tests::ports`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 use sidecar_tests::{SidecarRun, privileged};
-use sidecar_tests::{admin::http_get, host::free_ports};
+use sidecar_tests::{admin::http_get, ports};
 
 /// Built in, so the test binary checks it wherever it runs (a vm-test guest has no checkout).
 const DASHBOARD: &str = include_str!("../../deploy/grafana/sidecar-dashboard.json");
@@ -215,7 +215,7 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
     if !privileged() {
         return;
     }
-    let [proxy, admin] = free_ports(34950..35000);
+    let [proxy, admin] = ports::take_each();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let mut run = SidecarRun::builder(proxy)
         .arg(format!("--admin-addr={admin}"))

@@ -3,8 +3,10 @@
 //! handshakes.
 //!
 //! Every test starts with `privileged()` and holds `serial()`. Traffic stays inside network
-//! namespaces the test created (prefix `kfc-`, addresses 10.231.x.x, no route out); ports
-//! 31000–31999. Every loop is bounded in count and time, every wait has a timeout.
+//! namespaces the test created (prefix `kfc-`, addresses 10.231.x.x, no route out) or on
+//! loopback. Ports come from `sidecar_tests::ports`, except inside the namespaces: the app
+//! port and the tunnel port (15008) there are fixed. Every loop is bounded in count and
+//! time, every wait has a timeout.
 
 use std::{
     io::Read,
@@ -19,7 +21,7 @@ use sidecar_tests::{
     EchoServer, assert_no_leftovers,
     host::{self, wait_child},
     netns::{Netns, PodPair},
-    privileged,
+    ports, privileged,
     protocol::EchoLine,
     require,
     run::SidecarRun,
@@ -102,7 +104,7 @@ fn ipv4_through_an_ipv6_socket_is_intercepted_without_an_ipv6_listener() {
     let mapped: SocketAddr = format!("[::ffff:{}]:{APP_PORT}", pods.b.addr)
         .parse()
         .unwrap();
-    let proxy_port = 31001;
+    let proxy_port = ports::take();
     let mut run = SidecarRun::builder(proxy_port)
         .wrapped_in(pods.a.enter())
         .arg("--admin-addr=off")
@@ -201,7 +203,7 @@ fn pending_handshakes_over_the_cap_are_refused_promptly_and_counted() {
     let admin: SocketAddr = "127.0.0.1:31090".parse().unwrap();
     let cap = 4;
     let flood = 12;
-    let mut server = SidecarRun::builder(31002)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_tls)
@@ -260,7 +262,7 @@ fn pending_handshakes_over_the_cap_are_refused_promptly_and_counted() {
         }),
         "the silent connections' handshakes did not end"
     );
-    let mut client = SidecarRun::builder(31003)
+    let mut client = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
         .command([
@@ -295,9 +297,10 @@ fn connections_over_the_cap_are_reset_at_once() {
         return;
     }
     let _serial = serial();
-    let server = EchoServer::bind("127.0.0.1:31081".parse().unwrap())
-        .expect("binding the echo server on 127.0.0.1:31081");
-    let mut run = SidecarRun::builder(31004)
+    let server_addr = SocketAddr::from(([127, 0, 0, 1], ports::take()));
+    let server = EchoServer::bind(server_addr)
+        .unwrap_or_else(|e| panic!("binding the echo server on {server_addr}: {e}"));
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .arg("--max-connections=2")
         .command([

@@ -3,8 +3,8 @@
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
 //! holds `serial()` (the tests share the host's cgroup root and loopback). Traffic only goes
-//! to 127.0.0.1 / ::1. Each test uses its own proxy port so TIME_WAIT sockets of one test
-//! never collide with the next. Every wait has a timeout.
+//! to 127.0.0.1 / ::1. Each test takes its own proxy port from `sidecar_tests::ports`, so
+//! TIME_WAIT sockets of one test never collide with the next. Every wait has a timeout.
 
 use std::{
     collections::HashSet,
@@ -15,7 +15,7 @@ use std::{
 
 use sidecar_common::{Counter, SockKey};
 use sidecar_tests::{
-    EchoServer, Finished, SidecarRun, assert_no_leftovers, bpf, host, leftover_files,
+    EchoServer, Finished, SidecarRun, assert_no_leftovers, bpf, host, leftover_files, ports,
     protocol::{ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine},
     run::cleanup_output,
     script::arg,
@@ -309,7 +309,7 @@ fn connection_is_redirected_through_the_proxy() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15101)
+    let mut run = SidecarRun::builder(ports::take())
         .command(hold(server.addr(), 1))
         .start();
     let client = single(&run.wait_ready(READY_TIMEOUT));
@@ -364,7 +364,7 @@ fn ipv6_connection_is_redirected_through_the_proxy() {
             return;
         }
     };
-    let mut run = SidecarRun::builder(15102)
+    let mut run = SidecarRun::builder(ports::take())
         .command(hold(server.addr(), 1))
         .start();
     let client = single(&run.wait_ready(READY_TIMEOUT));
@@ -403,7 +403,7 @@ fn sockmap_splices_both_legs() {
         return;
     }
     let _serial = serial();
-    let port = 15103;
+    let port = ports::take();
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(port)
         .arg("--sockmap")
@@ -497,7 +497,7 @@ fn concurrent_bulk_streams_never_fail_an_application_write() {
     let _serial = serial();
     let (size, count) = (4 << 20, 16);
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15123)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--sockmap")
         .command(echo(server.addr(), size, count, count))
         .start();
@@ -535,7 +535,7 @@ fn blocking_request_response_sees_no_spurious_eagain() {
     let _serial = serial();
     let (size, rounds, count) = (64, 200, 20);
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15121)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--sockmap")
         .command(pingpong(server.addr(), size, rounds, count))
         .start();
@@ -579,7 +579,7 @@ fn blocking_half_close_sees_no_spurious_eagain_by_default() {
     let _serial = serial();
     let (size, count) = (64, 50);
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15122)
+    let mut run = SidecarRun::builder(ports::take())
         .command(echo(server.addr(), size, count, 1))
         .start();
     let done = run.finish(BULK_TIMEOUT);
@@ -605,7 +605,7 @@ fn proxied_connections_are_not_spliced_by_default() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15104)
+    let mut run = SidecarRun::builder(ports::take())
         .command(hold(server.addr(), 1))
         .start();
     let client = single(&run.wait_ready(READY_TIMEOUT));
@@ -663,7 +663,7 @@ fn excluded_port_bypasses_the_proxy() {
             format!("22,{}", server.port()),
         ]
     };
-    assert_bypassed(15105, exclusion, Counter::ConnectExcludedPort);
+    assert_bypassed(ports::take(), exclusion, Counter::ConnectExcludedPort);
 }
 
 /// An excluded CIDR (all of loopback) goes straight to the server.
@@ -674,7 +674,7 @@ fn excluded_cidr_bypasses_the_proxy() {
     }
     let _serial = serial();
     let exclusion = |_: &EchoServer| vec!["--exclude-cidrs".into(), "127.0.0.0/8,fd00::/8".into()];
-    assert_bypassed(15106, exclusion, Counter::ConnectExcludedCidr);
+    assert_bypassed(ports::take(), exclusion, Counter::ConnectExcludedCidr);
 }
 
 /// A host route (`/32`) is as good as a wider prefix.
@@ -685,7 +685,7 @@ fn excluded_host_cidr_bypasses_the_proxy() {
     }
     let _serial = serial();
     let exclusion = |_: &EchoServer| vec!["--exclude-cidrs".into(), "127.0.0.1/32".into()];
-    assert_bypassed(15107, exclusion, Counter::ConnectExcludedCidr);
+    assert_bypassed(ports::take(), exclusion, Counter::ConnectExcludedCidr);
 }
 
 /// A CIDR that does not contain the destination excludes nothing.
@@ -696,7 +696,7 @@ fn non_matching_cidr_does_not_bypass() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15108)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--exclude-cidrs")
         .arg("10.0.0.0/8,fd00::/8")
         .command(hold(server.addr(), 1))
@@ -728,7 +728,7 @@ fn proxy_upstream_connections_are_not_redirected() {
         return;
     }
     let _serial = serial();
-    let port = 15109;
+    let port = ports::take();
     let (size, count) = (64, 3);
     let server = EchoServer::start_v4();
     let mut run = SidecarRun::builder(port)
@@ -786,7 +786,7 @@ fn large_payload_round_trips_with_sockmap() {
         return;
     }
     let _serial = serial();
-    let done = large_payload_run(15110, &["--sockmap"]);
+    let done = large_payload_run(ports::take(), &["--sockmap"]);
     assert!(
         done.report().counter(Counter::SkMsgRedirectedBytes) > 0,
         "{:?}",
@@ -801,7 +801,7 @@ fn large_payload_round_trips_without_sockmap() {
         return;
     }
     let _serial = serial();
-    let done = large_payload_run(15111, &[]);
+    let done = large_payload_run(ports::take(), &[]);
     assert_eq!(
         done.report().counter(Counter::SkMsgRedirectedBytes),
         0,
@@ -836,7 +836,7 @@ fn many_concurrent_connections_succeed() {
     let _serial = serial();
     let (size, count) = (1024, 200);
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15112)
+    let mut run = SidecarRun::builder(ports::take())
         .command(echo(server.addr(), size, count, count))
         .start();
     let done = run.finish(BULK_TIMEOUT);
@@ -866,7 +866,7 @@ fn connection_to_closed_port_fails_promptly() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
         listener.local_addr().expect("local addr")
     };
-    let mut run = SidecarRun::builder(15113)
+    let mut run = SidecarRun::builder(ports::take())
         .command(connect_fail(closed))
         .start();
     let done = run.finish(EXIT_TIMEOUT);
@@ -906,7 +906,7 @@ fn exit_code_is_propagated() {
         return;
     }
     let _serial = serial();
-    let mut run = SidecarRun::builder(15114)
+    let mut run = SidecarRun::builder(ports::take())
         .command(["sh", "-c", "exit 7"])
         .start();
     let done = run.finish(EXIT_TIMEOUT);
@@ -922,7 +922,7 @@ fn killed_command_exits_128_plus_signal_without_leftovers() {
         return;
     }
     let _serial = serial();
-    let mut run = SidecarRun::builder(15115)
+    let mut run = SidecarRun::builder(ports::take())
         .command(["sh", "-c", "kill -9 $$"])
         .start();
     let done = run.finish(EXIT_TIMEOUT);
@@ -941,9 +941,9 @@ fn sigterm_right_after_ready_stops_the_command_and_cleans_up() {
     }
     let _serial = serial();
     for round in 0..5 {
-        let [admin_port] = host::free_ports(15180..15199);
+        let admin_port = ports::take();
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
-        let mut run = SidecarRun::builder(15125)
+        let mut run = SidecarRun::builder(ports::take())
             .arg(format!("--admin-addr={admin}"))
             .command(["sleep", "60"])
             .start();
@@ -972,7 +972,7 @@ fn leftover_processes_of_the_command_are_killed() {
     }
     let _serial = serial();
     let script = "sleep 300 </dev/null >/dev/null 2>&1 & echo $!";
-    let mut run = SidecarRun::builder(15116)
+    let mut run = SidecarRun::builder(ports::take())
         .command(["sh", "-c", script])
         .start();
     let done = run.finish(EXIT_TIMEOUT);
@@ -999,7 +999,7 @@ fn proxy_port_in_use_is_rejected() {
         return;
     }
     let _serial = serial();
-    let port = 15117;
+    let port = ports::take();
     let _busy = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
         .unwrap_or_else(|e| panic!("cannot occupy 127.0.0.1:{port} for the test: {e}"));
     let marker = std::env::temp_dir().join(format!("sidecar-tests-{}-ran", std::process::id()));
@@ -1027,7 +1027,7 @@ fn missing_command_is_rejected() {
     }
     let _serial = serial();
     let missing = "/nonexistent/sidecar-tests-no-such-command";
-    let mut run = SidecarRun::builder(15118)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .command([missing])
         .start();
@@ -1053,7 +1053,7 @@ fn non_root_is_rejected() {
     // A copy in a directory anyone may enter: the checkout itself may sit below a folder
     // that user 65534 cannot traverse.
     let public = PublicCopy::of(&sidecar_bin());
-    let mut run = SidecarRun::builder(15119)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .binary(public.path())
         .wrapped_in([
@@ -1084,7 +1084,7 @@ fn cleanup_removes_what_a_crashed_run_left() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15120)
+    let mut run = SidecarRun::builder(ports::take())
         .command(hold(server.addr(), 1))
         .start();
     run.wait_ready(READY_TIMEOUT);
@@ -1183,7 +1183,7 @@ fn bpf_log_shows_the_programs_decisions() {
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let mut run = SidecarRun::builder(15124)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--bpf-log")
         .env("SIDECAR_LOG", "sidecar_ebpf=debug")
         .command(echo(server.addr(), 64, 1, 1))

@@ -3,12 +3,14 @@
 //! leaves `iptables-save`/`ip6tables-save` as they were, on exit and after SIGKILL +
 //! `sidecar cleanup`.
 //!
-//! Traffic stays on 127.0.0.0/8 and ::1. Proxy ports 16100–16199. The tests share the nat
-//! table (and compare whole `iptables-save` dumps), so they run one at a time under a lock.
+//! Traffic stays on 127.0.0.0/8 and ::1; proxy ports come from `sidecar_tests::ports`. The
+//! tests share the nat table (and compare whole `iptables-save` dumps), so they run one at a
+//! time under a lock.
 //!
 //! Its helpers are local to this file (the iptables dumps and their comparison); moving them
 //! to the shared harness in `tests/src/` is open work.
 
+use sidecar_tests::ports;
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -63,8 +65,8 @@ fn sidecar() -> PathBuf {
     target_dir().join("sidecar")
 }
 
-fn echoclient() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sidecar-echoclient"))
+fn testclient() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sidecar-testclient"))
 }
 
 /// An echo server on a loopback address that records the peer address of every connection.
@@ -170,7 +172,8 @@ impl Run {
     }
 }
 
-/// `sidecar run --mode iptables --proxy-port PORT EXTRA -- echoclient TARGETS`, bounded.
+/// `sidecar run --mode iptables --proxy-port PORT EXTRA -- sidecar-testclient exchange
+/// TARGETS`, bounded.
 fn run_client(port: u16, extra: &[&str], targets: &[SocketAddr]) -> Run {
     run_client_mode("iptables", &[], port, extra, targets)
 }
@@ -200,7 +203,8 @@ fn run_client_mode(
     .arg("--report")
     .arg(&report)
     .arg("--")
-    .arg(echoclient())
+    .arg(testclient())
+    .arg("exchange")
     .args(targets.iter().map(|t| t.to_string()));
     let output = output_within(&mut cmd, Duration::from_secs(30));
     let report = std::fs::read(&report)
@@ -254,7 +258,7 @@ fn redirects_to_the_proxy_and_the_server_sees_the_proxy() {
         servers.push(EchoServer::start("::1"));
     }
     let targets: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
-    let run = run_client(16101, &[], &targets);
+    let run = run_client(ports::take(), &[], &targets);
     assert_success(&run);
 
     let conns = run.connections();
@@ -284,7 +288,7 @@ fn excluded_port_bypasses_the_proxy() {
     let intercepted = EchoServer::start("127.0.0.1");
     let port = excluded.addr.port().to_string();
     let run = run_client(
-        16102,
+        ports::take(),
         &["--exclude-ports", &port],
         &[excluded.addr, intercepted.addr],
     );
@@ -304,7 +308,7 @@ fn excluded_cidr_bypasses_the_proxy() {
     let excluded = EchoServer::start("127.0.0.2");
     let intercepted = EchoServer::start("127.0.0.1");
     let run = run_client(
-        16103,
+        ports::take(),
         &["--exclude-cidrs", "127.0.0.2/32,fd00::/8"],
         &[excluded.addr, intercepted.addr],
     );
@@ -346,6 +350,7 @@ fn exit_leaves_iptables_save_as_it_was() {
     let Some(_lock) = setup() else { return };
     nat_table_in_use();
     let before = nat_snapshot();
+    let proxy_port = ports::take().to_string();
     // During the run the chain and the jump are there (the app lists them itself)...
     let out = output_within(
         Command::new(sidecar()).args([
@@ -353,7 +358,7 @@ fn exit_leaves_iptables_save_as_it_was() {
             "--mode",
             "iptables",
             "--proxy-port",
-            "16105",
+            &proxy_port,
             "--exclude-ports",
             "9",
             "--",
@@ -373,9 +378,9 @@ fn exit_leaves_iptables_save_as_it_was() {
         .expect("a SIDECAR-<pid> chain during the run");
     for rule in [
         format!("-j {chain}"),
-        format!("-A {chain} -o lo -p tcp -m tcp --dport 16105 -j RETURN"),
+        format!("-A {chain} -o lo -p tcp -m tcp --dport {proxy_port} -j RETURN"),
         format!("-A {chain} -p tcp -m tcp --dport 9 -j RETURN"),
-        format!("-A {chain} -p tcp -j REDIRECT --to-ports 16105"),
+        format!("-A {chain} -p tcp -j REDIRECT --to-ports {proxy_port}"),
     ] {
         assert!(during.contains(&rule), "missing {rule:?} in:\n{during}");
     }
@@ -389,8 +394,16 @@ fn sigkill_then_cleanup_leaves_iptables_save_as_it_was() {
     nat_table_in_use();
     let before = nat_snapshot();
     let server = EchoServer::start("127.0.0.1");
+    let proxy_port = ports::take().to_string();
     let mut sidecar_run = Command::new(sidecar())
-        .args(["run", "--mode", "iptables", "--proxy-port", "16106", "--"])
+        .args([
+            "run",
+            "--mode",
+            "iptables",
+            "--proxy-port",
+            &proxy_port,
+            "--",
+        ])
         .args(["sleep", "30"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -521,7 +534,7 @@ fn auto_mode_falls_back_to_iptables_when_the_ebpf_probe_fails() {
     let run = run_client_mode(
         "auto",
         &[("SIDECAR_TEST_FAIL_EBPF_PROBE", "1")],
-        16110,
+        ports::take(),
         &[],
         &[server.addr],
     );
@@ -570,7 +583,7 @@ fn auto_mode_falls_back_to_iptables_when_the_ebpf_probe_fails() {
 fn auto_mode_uses_ebpf_when_the_probe_passes() {
     let Some(_lock) = setup() else { return };
     let server = EchoServer::start("127.0.0.1");
-    let run = run_client_mode("auto", &[], 16111, &[], &[server.addr]);
+    let run = run_client_mode("auto", &[], ports::take(), &[], &[server.addr]);
     assert_success(&run);
     let stderr = String::from_utf8_lossy(&run.output.stderr);
     assert!(!stderr.contains("--mode auto"), "no fallback: {stderr}");

@@ -14,6 +14,7 @@ use sidecar_tests::{
     assert_no_leftovers,
     host::{self, output_with_timeout},
     netns::PodPair,
+    ports,
     protocol::{EchoLine, assert_streams_intact, pattern},
     report::Report,
     require,
@@ -111,10 +112,10 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(11);
-    let server = start_server(&pods, &server_tls, 18101);
+    let server = start_server(&pods, &server_tls, ports::take());
 
     let access_log = certs.dir.join("client-access.log");
-    let mut small = SidecarRun::builder(18102)
+    let mut small = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .arg("--access-log")
         .arg(&access_log)
@@ -146,7 +147,12 @@ fn mtls_round_trips_small_and_large_payloads_between_two_pods() {
         );
     }
 
-    let mut large = client_run(&pods, &client_tls, 18103, echo_args(&pods, 8 << 20, 1));
+    let mut large = client_run(
+        &pods,
+        &client_tls,
+        ports::take(),
+        echo_args(&pods, 8 << 20, 1),
+    );
     let large = large.finish(RUN_TIMEOUT);
     large.assert_exit_code(0);
     let lines: Vec<EchoLine> = large.parse_stdout();
@@ -206,7 +212,7 @@ fn tunnel_traffic_shows_no_plaintext_on_the_wire() {
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(12);
-    let server = start_server(&pods, &server_tls, 18104);
+    let server = start_server(&pods, &server_tls, ports::take());
     let size = 64 * 1024;
     // Echo connection 0 sends pattern(0, size); a 48-byte window of it identifies it.
     let needle = pattern(0, size)[1000..1048].to_vec();
@@ -234,7 +240,7 @@ fn tunnel_traffic_shows_no_plaintext_on_the_wire() {
     // Through the sidecars: mTLS on the wire.
     let capture = Capture::start(&pods, &certs.dir.join("mtls.pcap"));
     argv = echo_args(&pods, size, 1);
-    let mut run = client_run(&pods, &client_tls, 18105, argv);
+    let mut run = client_run(&pods, &client_tls, ports::take(), argv);
     let done = run.finish(RUN_TIMEOUT);
     done.assert_exit_code(0);
     assert_all_tunnelled(done.report(), "outbound", SERVER_ID, 1);
@@ -389,7 +395,7 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
     certs.ca("rogue-ca", TD);
     let untrusted = certs.issue("rogue-ca", CLIENT_ID, "untrusted", &[]);
     let pods = PodPair::create(13);
-    let server = start_server(&pods, &server_tls, 18106);
+    let server = start_server(&pods, &server_tls, ports::take());
 
     let no_wait = Duration::from_millis(300);
     let attempts = [
@@ -493,7 +499,7 @@ fn certificates_rotate_without_dropping_streams() {
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = PodPair::create(14);
-    let server = start_server(&pods, &server_tls, 18107);
+    let server = start_server(&pods, &server_tls, ports::take());
 
     let streams = 4;
     let argv = vec![
@@ -504,7 +510,7 @@ fn certificates_rotate_without_dropping_streams() {
         format!("--count={streams}"),
         "--seconds=5".into(),
     ];
-    let mut long = client_run(&pods, &client_tls, 18108, argv);
+    let mut long = client_run(&pods, &client_tls, ports::take(), argv);
     std::thread::sleep(Duration::from_millis(1200));
 
     // A half-written certificate: refused, the old set stays in force.
@@ -513,7 +519,7 @@ fn certificates_rotate_without_dropping_streams() {
     std::fs::write(&cert_path, &original[..original.len() / 2])
         .expect("truncating the certificate");
     std::thread::sleep(Duration::from_millis(1600));
-    let mut probe = client_run(&pods, &client_tls, 18109, echo_args(&pods, 64, 1));
+    let mut probe = client_run(&pods, &client_tls, ports::take(), echo_args(&pods, 64, 1));
     let probe = probe.finish(RUN_TIMEOUT);
     probe.assert_exit_code(0);
     assert_all_tunnelled(probe.report(), "outbound", SERVER_ID, 1);
@@ -522,7 +528,7 @@ fn certificates_rotate_without_dropping_streams() {
     let rotated_id = "spiffe://example.org/ns/demo/sa/server-v2";
     certs.issue("ca", rotated_id, "server", &[]);
     std::thread::sleep(Duration::from_millis(1600));
-    let mut after = client_run(&pods, &client_tls, 18110, echo_args(&pods, 64, 1));
+    let mut after = client_run(&pods, &client_tls, ports::take(), echo_args(&pods, 64, 1));
     let after = after.finish(RUN_TIMEOUT);
     after.assert_exit_code(0);
     assert_all_tunnelled(after.report(), "outbound", rotated_id, 1);
@@ -594,7 +600,7 @@ fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
         "spiffe://example.org/ns/demo/sa/server-v2",
     );
     let pods = PodPair::create(16);
-    let mut server = SidecarRun::builder(33001)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .env("SIDECAR_LOG", "info")
         .arg("--tls-dir")
@@ -621,7 +627,7 @@ fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
         wait_server = wait_for_file(&go_server),
     );
     let access_log = certs.dir.join("client-access.log");
-    let mut client = SidecarRun::builder(33002)
+    let mut client = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .env("SIDECAR_LOG", "info")
         .arg("--access-log")
@@ -729,7 +735,7 @@ fn permissive_mode_uses_mtls_where_a_sidecar_answers_and_plaintext_elsewhere() {
             .expect("reading READY");
         assert_eq!(first.trim(), "READY");
     }
-    let plain = permissive(18111).start().finish(RUN_TIMEOUT);
+    let plain = permissive(ports::take()).start().finish(RUN_TIMEOUT);
     drop(bare.stdin.take());
     let _ = host::wait_child(&mut bare, Duration::from_secs(5));
     let _ = bare.kill();
@@ -742,8 +748,8 @@ fn permissive_mode_uses_mtls_where_a_sidecar_answers_and_plaintext_elsewhere() {
     );
 
     // Pod B with a sidecar: the same client settings now get mTLS.
-    let server = start_server(&pods, &server_tls, 18112);
-    let tunnelled = permissive(18113).start().finish(RUN_TIMEOUT);
+    let server = start_server(&pods, &server_tls, ports::take());
+    let tunnelled = permissive(ports::take()).start().finish(RUN_TIMEOUT);
     tunnelled.assert_exit_code(0);
     assert_all_tunnelled(tunnelled.report(), "outbound", SERVER_ID, 2);
     drop(stop(server));

@@ -2,12 +2,10 @@
 //! in `/metrics` (parsed with a real Prometheus text parser), the access log, `/readyz`,
 //! `/connections`, `/status` and the `sidecar status|conns` commands.
 //!
-//! Resources: proxy ports 17200–17299, admin ports 17000–17099, upstream servers on
-//! 127.0.0.1:171xx; the cardinality guard connects to 127.77.0.1:20000–29999 and
-//! 127.77.0.1:30000-30499, where nothing listens (refused; nothing leaves loopback). The
-//! probe listener's test uses 127.0.0.1:34000–34299, the mTLS status test 34300–34599, the
-//! expired-certificate test 34600–34899, the process-metrics test 34900–34924 and the
-//! promtool test 34925–34949; silent admin
+//! Resources: proxy, admin and upstream ports on 127.0.0.1 come from `sidecar_tests::ports`;
+//! the cardinality guard connects to 127.77.0.1:32000–41999 and 127.77.0.1:42000–42499
+//! (above the allocator's ports, see `SWEEP_START`), where nothing listens (checked first:
+//! nothing on a wildcard address there; refused; nothing leaves loopback); silent admin
 //! clients connect from 127.0.0.2–127.0.0.6 (other peers, as far as per-address limits go).
 //!
 //! The few helpers it needs beyond the shared harness in `tests/src/` are at the bottom.
@@ -28,7 +26,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sidecar_tests::{admin::http_get, host::free_ports};
+use sidecar_tests::{admin::http_get, ports};
 use sidecar_tests::{scratch::Scratch, sockets::connect_from};
 
 // ---------------------------------------------------------------------------------------
@@ -43,15 +41,18 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
     const N: u64 = 5;
     const SEND: u64 = 1000;
     const REPLY: u64 = 2500;
-    let server = ReplyServer::start(17110, REPLY as usize);
+    let upstream_port = ports::take();
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let server = ReplyServer::start(upstream_port, REPLY as usize);
     let log = TempFile::new("access.log");
-    let admin: SocketAddr = "127.0.0.1:17010".parse().unwrap();
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
     let mut run = Sidecar::spawn(
         &[
             "--proxy-port",
-            "17210",
+            &proxy_port.to_string(),
             "--admin-addr",
-            "127.0.0.1:17010",
+            &format!("127.0.0.1:{admin_port}"),
             "--access-log",
             log.path_str(),
             // The splice (off by default) is on so its counters and fields are checked too.
@@ -59,7 +60,7 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
         ],
         &[
             "requests",
-            "127.0.0.1:17110",
+            &format!("127.0.0.1:{upstream_port}"),
             &N.to_string(),
             &SEND.to_string(),
             &REPLY.to_string(),
@@ -174,7 +175,7 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
     }
 
     // `sidecar status` says yes, with these counters.
-    let status = sidecar_cmd(&["status", "--admin", "127.0.0.1:17010"]);
+    let status = sidecar_cmd(&["status", "--admin", &format!("127.0.0.1:{admin_port}")]);
     assert!(status.contains("intercepted    yes"), "{status}");
     assert!(status.contains("accelerated    yes"), "{status}");
     assert!(
@@ -185,7 +186,7 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
     let json: Value = serde_json::from_str(&sidecar_cmd(&[
         "status",
         "--admin",
-        "127.0.0.1:17010",
+        &format!("127.0.0.1:{admin_port}"),
         "--json",
     ]))
     .unwrap();
@@ -206,8 +207,8 @@ fn metrics_and_access_log_count_known_traffic_exactly() {
         ids.insert(l["id"].as_u64().unwrap());
         assert_eq!(l["bytes_sent"], SEND, "{l}");
         assert_eq!(l["bytes_received"], REPLY, "{l}");
-        assert_eq!(l["original_dst"], "127.0.0.1:17110");
-        assert_eq!(l["proxy"], "127.0.0.1:17210");
+        assert_eq!(l["original_dst"], format!("127.0.0.1:{upstream_port}"));
+        assert_eq!(l["proxy"], format!("127.0.0.1:{proxy_port}"));
         assert_eq!(l["direction"], "outbound");
         assert_eq!(l["mode"], "plain");
         assert_eq!(l["close_reason"], "ok");
@@ -247,7 +248,7 @@ fn process_metrics_are_the_sidecars_own_and_move_with_traffic() {
     }
     // Enough proxied connections that the sidecar spends many clock ticks of CPU on them.
     const N: u64 = 1000;
-    let [proxy, admin, upstream] = free_ports(34900..34925);
+    let [proxy, admin, upstream] = ports::take_each();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let server = ReplyServer::start(upstream, 100);
     let spawned = unix_now();
@@ -381,7 +382,7 @@ fn a_real_scrape_passes_promtool_check_metrics() {
         return;
     }
     let Some(promtool) = promtool() else { return };
-    let [proxy, admin, upstream] = free_ports(34925..34950);
+    let [proxy, admin, upstream] = ports::take_each();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let server = ReplyServer::start(upstream, 10);
     let mut run = Sidecar::spawn(
@@ -447,7 +448,10 @@ fn readyz_is_not_ready_before_attach_and_ready_after() {
     if !privileged("readyz_is_not_ready_before_attach_and_ready_after") {
         return;
     }
-    let admin: SocketAddr = "127.0.0.1:17020".parse().unwrap();
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let upstream_port = ports::take();
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
     // Poll from before the sidecar starts: the admin server binds before the eBPF programs
     // are loaded, so the first answers must be 503.
     let (tx, rx) = mpsc::channel();
@@ -467,8 +471,19 @@ fn readyz_is_not_ready_before_attach_and_ready_after() {
         tx.send(seen).unwrap();
     });
     let mut run = Sidecar::spawn(
-        &["--proxy-port", "17220", "--admin-addr", "127.0.0.1:17020"],
-        &["requests", "127.0.0.1:17120", "0", "0", "0"],
+        &[
+            "--proxy-port",
+            &proxy_port.to_string(),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+        ],
+        &[
+            "requests",
+            &format!("127.0.0.1:{upstream_port}"),
+            "0",
+            "0",
+            "0",
+        ],
     );
     let seen = rx.recv_timeout(Duration::from_secs(40)).unwrap();
     poller.join().unwrap();
@@ -490,8 +505,8 @@ fn readyz_is_not_ready_before_attach_and_ready_after() {
     assert_eq!(http_get(admin, "/readyz").unwrap().0, 200);
     assert_eq!(http_get(admin, "/healthz").unwrap(), (200, "ok\n".into()));
     let config: Value = serde_json::from_str(&http_get(admin, "/config").unwrap().1).unwrap();
-    assert_eq!(config["proxy_port"], 17220);
-    assert_eq!(config["admin_addr"], "127.0.0.1:17020");
+    assert_eq!(config["proxy_port"], proxy_port);
+    assert_eq!(config["admin_addr"], format!("127.0.0.1:{admin_port}"));
     run.go();
     run.expect_line("done");
     run.finish();
@@ -510,11 +525,19 @@ fn connections_lists_an_open_connection_and_drops_it_when_closed() {
     if !privileged("connections_lists_an_open_connection_and_drops_it_when_closed") {
         return;
     }
-    EchoServer::start(17130);
-    let admin: SocketAddr = "127.0.0.1:17030".parse().unwrap();
+    let upstream_port = ports::take();
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    EchoServer::start(upstream_port);
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
     let mut run = Sidecar::spawn(
-        &["--proxy-port", "17230", "--admin-addr", "127.0.0.1:17030"],
-        &["hold", "127.0.0.1:17130", "300"],
+        &[
+            "--proxy-port",
+            &proxy_port.to_string(),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+        ],
+        &["hold", &format!("127.0.0.1:{upstream_port}"), "300"],
     );
     run.expect_line("ready");
     let empty = connections(admin);
@@ -533,7 +556,7 @@ fn connections_lists_an_open_connection_and_drops_it_when_closed() {
     };
     assert_eq!(list["count"], 1, "{list}");
     let c = &list["connections"][0];
-    assert_eq!(c["original_dst"], "127.0.0.1:17130");
+    assert_eq!(c["original_dst"], format!("127.0.0.1:{upstream_port}"));
     assert_eq!(c["state"], "open");
     assert_eq!(c["mode"], "plain");
     assert_eq!(c["bytes_sent"], 300, "bytes so far, while open");
@@ -541,24 +564,27 @@ fn connections_lists_an_open_connection_and_drops_it_when_closed() {
     assert!(c["src_identity"].is_null());
     assert!(c["age_ms"].as_u64().is_some());
 
-    let table = sidecar_cmd(&["conns", "--admin", "127.0.0.1:17030"]);
-    assert!(table.contains("127.0.0.1:17130") && table.contains("1 open connection(s)"));
+    let table = sidecar_cmd(&["conns", "--admin", &format!("127.0.0.1:{admin_port}")]);
+    assert!(
+        table.contains(&format!("127.0.0.1:{upstream_port}"))
+            && table.contains("1 open connection(s)")
+    );
     let watch = sidecar_cmd(&[
         "conns",
         "--admin",
-        "127.0.0.1:17030",
+        &format!("127.0.0.1:{admin_port}"),
         "--watch",
         "--count",
         "1",
     ]);
     assert!(
-        watch.contains("\x1b[2J") && watch.contains("127.0.0.1:17130"),
+        watch.contains("\x1b[2J") && watch.contains(&format!("127.0.0.1:{upstream_port}")),
         "{watch}"
     );
     let json: Value = serde_json::from_str(&sidecar_cmd(&[
         "conns",
         "--admin",
-        "127.0.0.1:17030",
+        &format!("127.0.0.1:{admin_port}"),
         "--json",
     ]))
     .unwrap();
@@ -601,18 +627,26 @@ fn ten_thousand_destination_ports_do_not_create_series() {
         return;
     }
     const PORTS: u16 = 10_000;
-    let admin: SocketAddr = "127.0.0.1:17040".parse().unwrap();
-    assert_nobody_listens(20_000, PORTS);
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    assert_nobody_listens(SWEEP_START, PORTS);
     let mut run = Sidecar::spawn(
         // Refused connects, one per port: retried, each would take ~40 ms longer.
         &[
             "--proxy-port",
-            "17240",
+            &proxy_port.to_string(),
             "--admin-addr",
-            "127.0.0.1:17040",
+            &format!("127.0.0.1:{admin_port}"),
             "--connect-retries=0",
         ],
-        &["ports", "127.77.0.1", "20000", &PORTS.to_string(), "10"],
+        &[
+            "ports",
+            "127.77.0.1",
+            &SWEEP_START.to_string(),
+            &PORTS.to_string(),
+            "10",
+        ],
     );
     run.expect_line("ready");
     run.go();
@@ -667,19 +701,28 @@ fn per_destination_series_are_opt_in_and_capped() {
     }
     const PORTS: u16 = 500;
     const CAP: usize = 50;
-    let admin: SocketAddr = "127.0.0.1:17050".parse().unwrap();
-    assert_nobody_listens(30_000, PORTS);
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let first = SWEEP_START + 10_000;
+    assert_nobody_listens(first, PORTS);
     let mut run = Sidecar::spawn(
         &[
             "--proxy-port",
-            "17250",
+            &proxy_port.to_string(),
             "--admin-addr",
-            "127.0.0.1:17050",
+            &format!("127.0.0.1:{admin_port}"),
             "--metrics-destinations",
             &CAP.to_string(),
             "--connect-retries=0",
         ],
-        &["ports", "127.77.0.1", "30000", &PORTS.to_string(), "0"],
+        &[
+            "ports",
+            "127.77.0.1",
+            &first.to_string(),
+            &PORTS.to_string(),
+            "0",
+        ],
     );
     run.expect_line("ready");
     run.go();
@@ -705,7 +748,7 @@ fn per_destination_series_are_opt_in_and_capped() {
     assert_eq!(
         m.get(
             "sidecar_destination_connections_total",
-            &[("destination", "127.77.0.1:30000")]
+            &[("destination", &format!("127.77.0.1:{first}"))]
         ),
         1.0
     );
@@ -756,6 +799,12 @@ fn privileged(test: &str) -> bool {
     false
 }
 
+/// Where the port sweeps start (on 127.77.0.1): past every port `sidecar_tests::ports` hands
+/// out, so a sweep never reaches the run's own proxy port, which the connect hook leaves
+/// alone on any loopback address (the connect would go straight to 127.77.0.1 and be
+/// refused there).
+const SWEEP_START: u16 = ports::RANGE.end;
+
 /// Refuses to run a port sweep if anything listens on a wildcard address in its range (it
 /// would receive our connections).
 fn assert_nobody_listens(first: u16, count: u16) {
@@ -805,7 +854,7 @@ fn sidecar_cmd(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A `sidecar run -- obs-client …`, stopped (SIGTERM, then SIGKILL) if the test fails, so
+/// A `sidecar run -- sidecar-testclient lockstep …`, stopped (SIGTERM, then SIGKILL) if the test fails, so
 /// the run's own teardown removes everything it attached.
 struct Sidecar {
     child: Child,
@@ -819,7 +868,8 @@ impl Sidecar {
             .args(["run", "--proxy-all"])
             .args(run_args)
             .arg("--")
-            .arg(env!("CARGO_BIN_EXE_obs-client"))
+            .arg(env!("CARGO_BIN_EXE_sidecar-testclient"))
+            .arg("lockstep")
             .args(client_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1112,13 +1162,27 @@ fn admin_load_does_not_block_the_data_path() {
     const N: u64 = 300;
     /// More than the admin server's 64 slots.
     const SILENT: usize = 100;
-    let _server = ReplyServer::start(17170, 2000);
-    let admin: SocketAddr = "127.0.0.1:17070".parse().unwrap();
+    let upstream_port = ports::take();
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let _server = ReplyServer::start(upstream_port, 2000);
+    let admin: SocketAddr = SocketAddr::from(([127, 0, 0, 1], admin_port));
     // The same traffic with no admin load: the yardstick for the loaded run.
     let baseline = {
         let mut run = Sidecar::spawn(
-            &["--proxy-port", "17270", "--admin-addr", "127.0.0.1:17070"],
-            &["requests", "127.0.0.1:17170", &N.to_string(), "500", "2000"],
+            &[
+                "--proxy-port",
+                &proxy_port.to_string(),
+                "--admin-addr",
+                &format!("127.0.0.1:{admin_port}"),
+            ],
+            &[
+                "requests",
+                &format!("127.0.0.1:{upstream_port}"),
+                &N.to_string(),
+                "500",
+                "2000",
+            ],
         );
         run.expect_line("ready");
         let started = Instant::now();
@@ -1129,8 +1193,19 @@ fn admin_load_does_not_block_the_data_path() {
         took
     };
     let mut run = Sidecar::spawn(
-        &["--proxy-port", "17270", "--admin-addr", "127.0.0.1:17070"],
-        &["requests", "127.0.0.1:17170", &N.to_string(), "500", "2000"],
+        &[
+            "--proxy-port",
+            &proxy_port.to_string(),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+        ],
+        &[
+            "requests",
+            &format!("127.0.0.1:{upstream_port}"),
+            &N.to_string(),
+            "500",
+            "2000",
+        ],
     );
     run.expect_line("ready");
     let silent = SilentClients::start(admin, &[Ipv4Addr::new(127, 0, 0, 2)], SILENT);
@@ -1209,7 +1284,7 @@ fn probes_answer_while_silent_clients_hold_the_admin_endpoint() {
     let server = ReplyServer::start(0, 10);
     // 34000–34299 lie in the kernel's ephemeral range, where other tests' client sockets
     // (and their TIME_WAITs) come and go: take three that are free now.
-    let [proxy, admin, probes] = free_ports(34000..34300);
+    let [proxy, admin, probes] = ports::take_each();
     let (admin, probes) = (
         SocketAddr::from(([127, 0, 0, 1], admin)),
         SocketAddr::from(([127, 0, 0, 1], probes)),
@@ -1292,7 +1367,7 @@ fn status_and_config_report_the_mtls_mode_and_the_policy_in_force() {
             .collect()
     };
     let policy = scratch.write("policy.toml", &rules(2));
-    let [proxy, admin, inbound] = free_ports(34300..34600);
+    let [proxy, admin, inbound] = ports::take_each();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let mut run = Sidecar::spawn(
         &[
@@ -1351,12 +1426,13 @@ fn status_and_config_report_the_mtls_mode_and_the_policy_in_force() {
     assert_eq!(config["tls"]["identity"], ID, "{config:#}");
     assert_eq!(config["tls"]["permissive"], true, "{config:#}");
     assert_eq!(config["policy"]["rules"], 2, "{config:#}");
-    assert_eq!(config["command"]["arguments"], 5, "{config:#}");
+    // `lockstep requests 127.0.0.1:9 1 10 10`
+    assert_eq!(config["command"]["arguments"], 6, "{config:#}");
     assert!(
         config["command"]["program"]
             .as_str()
             .unwrap()
-            .ends_with("obs-client"),
+            .ends_with("/sidecar-testclient"),
         "{config:#}"
     );
     assert!(
@@ -1400,7 +1476,7 @@ fn an_expired_certificate_makes_the_sidecar_not_ready() {
     ] {
         std::fs::write(dir.join(name), pem).unwrap();
     }
-    let [proxy, admin] = free_ports(34600..34900);
+    let [proxy, admin] = ports::take_each();
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
     let mut run = Sidecar::spawn(
         &[
@@ -1520,12 +1596,14 @@ fn bad_observability_options_fail_cleanly() {
     if !privileged("bad_observability_options_fail_cleanly") {
         return;
     }
-    let _busy = TcpListener::bind("127.0.0.1:17060").unwrap();
+    let admin_port = ports::take();
+    let proxy_port = ports::take();
+    let other_admin_port = ports::take();
+    let _busy = TcpListener::bind(("127.0.0.1", admin_port)).unwrap();
+    let busy = format!("127.0.0.1:{admin_port}");
+    let in_use = format!("admin address {busy} is already in use");
     for (args, expect) in [
-        (
-            vec!["--admin-addr", "127.0.0.1:17060"],
-            "admin address 127.0.0.1:17060 is already in use",
-        ),
+        (vec!["--admin-addr", busy.as_str()], in_use.as_str()),
         (
             vec!["--access-log", "/nonexistent-dir/access.log"],
             "cannot open the access log /nonexistent-dir/access.log",
@@ -1533,7 +1611,7 @@ fn bad_observability_options_fail_cleanly() {
         (vec!["--admin-addr", "localhost"], "is not an admin address"),
     ] {
         let out = Command::new(sidecar_bin())
-            .args(["run", "--proxy-port", "17260"])
+            .args(["run", "--proxy-port", &proxy_port.to_string()])
             .args(&args)
             .args(["--", "true"])
             .output()
@@ -1545,18 +1623,19 @@ fn bad_observability_options_fail_cleanly() {
         assert_eq!(errors.len(), 1, "one error line: {stderr}");
     }
     // Nothing was left behind: the proxy port is free again.
-    TcpListener::bind("127.0.0.1:17260").expect("proxy port released");
+    TcpListener::bind(("127.0.0.1", proxy_port)).expect("proxy port released");
     // Asking a sidecar that is not there says so, and how to point at the right one.
     for cmd in ["status", "conns"] {
         let out = Command::new(sidecar_bin())
-            .args([cmd, "--admin", "127.0.0.1:17061"])
+            .args([cmd, "--admin", &format!("127.0.0.1:{other_admin_port}")])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{cmd}: {stderr}");
         assert!(
-            stderr.starts_with("error: no sidecar admin endpoint answers on 127.0.0.1:17061")
-                && stderr.contains("--admin")
+            stderr.starts_with(&format!(
+                "error: no sidecar admin endpoint answers on 127.0.0.1:{other_admin_port}"
+            )) && stderr.contains("--admin")
                 && stderr.lines().count() == 1,
             "{cmd}: {stderr}"
         );

@@ -1,11 +1,13 @@
 //! Kernel pass-through: a plaintext connection the proxy adds nothing to goes straight to its
 //! destination (the server sees the app's own socket), and is still intercepted in the ways
 //! users care about: recorded from the kernel in the report, the access log and `/metrics`
-//! with the exact bytes, refused at `connect()` by the policy and the metadata deny, and sent
-//! through the proxy again by `--proxy-all`.
+//! with the exact bytes, listed while open, counted when its records do not fit, tunnelled
+//! when meshed, and sent through the proxy again by `--proxy-all`. (Denies at `connect()` in
+//! pass-through mode are in policy.rs, with the other refusals.)
 //!
 //! Every test starts with `privileged()` and holds `serial()`. Traffic stays on loopback;
-//! ports 32000–32099. Every run is bounded in time.
+//! ports come from `sidecar_tests::ports` (the app ports inside the pods' namespaces are
+//! fixed). Every run is bounded in time.
 
 use std::{
     net::SocketAddr,
@@ -13,15 +15,16 @@ use std::{
 };
 
 use sidecar_tests::{
-    EchoServer, admin::http_get, netns::PodPair, privileged, require, run::SidecarRun,
+    EchoServer, admin::http_get, netns::PodPair, ports, privileged, require, run::SidecarRun,
     scratch::Scratch, serial,
 };
 
-const ECHO: &str = env!("CARGO_BIN_EXE_sidecar-echoclient");
+/// One plain-text echo exchange per address (`local=… peer=…`, then `ok`), as a script step.
+const EXCHANGE: &str = concat!(env!("CARGO_BIN_EXE_sidecar-testclient"), " exchange");
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The `local=` address each `sidecar-echoclient` exchange printed.
+/// The `local=` address each [`EXCHANGE`] printed.
 fn app_addresses(stdout: &[String]) -> Vec<SocketAddr> {
     stdout
         .iter()
@@ -40,13 +43,13 @@ fn a_passthrough_connection_goes_direct_and_is_recorded_with_its_bytes() {
     let log = scratch.path("access.log");
     let server = EchoServer::start_v4();
     const BYTES: u64 = 70_000;
-    let admin: SocketAddr = "127.0.0.1:32010".parse().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
     // The command stays alive after its exchange so `/metrics` can be read while it runs.
     let script = format!(
-        "{ECHO} --bytes {BYTES} {} && echo EXCHANGED && {{ read _ || true; }}",
+        "{EXCHANGE} --bytes {BYTES} {} && echo EXCHANGED && {{ read _ || true; }}",
         server.addr()
     );
-    let mut run = SidecarRun::builder(32001)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -139,7 +142,7 @@ fn proxy_all_sends_the_same_connection_through_the_proxy() {
     // The builder adds `--proxy-all` unless `.passthrough()`. The test client retries the
     // spurious EAGAIN a spliced socket can give a blocking reader (docs/operations.md,
     // Known limitations).
-    let mut run = SidecarRun::builder(32002)
+    let mut run = SidecarRun::builder(ports::take())
         .command([
             CLIENT,
             "echo",
@@ -167,89 +170,14 @@ fn proxy_all_sends_the_same_connection_through_the_proxy() {
 }
 
 #[test]
-fn denies_still_refuse_connect_and_failed_connects_are_recorded() {
-    if !privileged() {
-        return;
-    }
-    let _serial = serial();
-    let scratch = Scratch::new("passthrough-deny");
-    let open = EchoServer::start_v4();
-    let denied = EchoServer::start_v4();
-    // A port nothing listens on: the connect is refused by the destination itself.
-    let closed: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let policy = scratch.write(
-        "policy.toml",
-        &format!(
-            "[[rule]]\nname = \"no-denied\"\naction = \"deny\"\ndirection = \"outbound\"\n\
-             destinations = [\"127.0.0.0/8\"]\nports = [{}]\n",
-            denied.port()
-        ),
-    );
-    let script = format!(
-        "{ECHO} {open}; {ECHO} {denied}; {ECHO} 169.254.169.254:80; {ECHO} {closed}; exit 0",
-        open = open.addr(),
-        denied = denied.addr(),
-    );
-    let mut run = SidecarRun::builder(32003)
-        .passthrough()
-        .arg("--policy")
-        .arg(&policy)
-        .command(["sh", "-c", &script])
-        .start();
-    let done = run.finish(RUN_TIMEOUT);
-    done.assert_exit_code(0);
-    let out = done.stdout.join("\n");
-    // echoclient prints its error to stderr; the sidecar passes the command's stderr on.
-    let err = done.stderr_text();
-    for refused in [denied.addr().to_string(), "169.254.169.254:80".into()] {
-        assert!(
-            err.lines()
-                .any(|l| l.contains(&refused) && l.contains("Operation not permitted")),
-            "{refused} was not refused with EPERM at connect:\n{err}"
-        );
-    }
-    assert!(denied.peers().is_empty(), "the denied server was reached");
-    assert_eq!(open.peers().len(), 1, "{out}");
-
-    let report = done.report();
-    assert_eq!(report.counters.0["connect_policy_denied"], 1);
-    assert_eq!(report.counters.0["connect_metadata_denied"], 1);
-    assert_eq!(
-        report.counters.0["connect_passthrough"], 2,
-        "open and closed"
-    );
-    let by_dst = |dst: SocketAddr| {
-        report
-            .connections
-            .iter()
-            .find(|c| c.original_dst == Some(dst))
-            .unwrap_or_else(|| panic!("no record for {dst}: {:#?}", report.connections))
-    };
-    let ok = by_dst(open.addr());
-    assert_eq!(
-        (ok.path.as_str(), ok.outcome.as_str()),
-        ("passthrough", "ok")
-    );
-    let refused = by_dst(closed);
-    assert_eq!(
-        (refused.path.as_str(), refused.outcome.as_str()),
-        ("passthrough", "upstream_connect_failed")
-    );
-    assert_eq!(report.connections.len(), 2, "{:#?}", report.connections);
-}
-
-#[test]
 fn an_open_passthrough_connection_is_listed_with_its_bytes_so_far() {
     if !privileged() {
         return;
     }
     let _serial = serial();
     let server = EchoServer::start_v4();
-    let admin: SocketAddr = "127.0.0.1:32014".parse().unwrap();
-    let mut run = SidecarRun::builder(32004)
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -303,7 +231,7 @@ fn records_that_do_not_fit_the_ring_are_counted() {
     let _serial = serial();
     let server = EchoServer::start_v4();
     const CONNECTIONS: u64 = 10_000;
-    let admin: SocketAddr = "127.0.0.1:32015".parse().unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
     // The command waits for stdin to close (the test stops the sidecar first), then makes
     // its connections quietly and says DONE.
     let script = format!(
@@ -311,7 +239,7 @@ fn records_that_do_not_fit_the_ring_are_counted() {
          && echo DONE",
         server.addr()
     );
-    let mut run = SidecarRun::builder(32005)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg("--admin-addr")
         .arg(admin.to_string())
@@ -387,7 +315,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
         &[],
     );
     let pods = PodPair::create_in("spt", 232, 1);
-    let mut server = SidecarRun::builder(32021)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_tls)
@@ -395,7 +323,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
         .start();
     server.wait_ready(RUN_TIMEOUT);
     // In pod A: a plaintext server on its loopback (not meshed), then one exchange with each.
-    // The test client, not sidecar-echoclient: it half-closes and then blocks reading, and
+    // The test client's `echo`, not `exchange`: it half-closes and then blocks reading, and
     // a spliced socket may wake such a reader with EAGAIN (docs/operations.md, Known
     // limitations), which the test client retries and counts.
     let script = format!(
@@ -403,7 +331,7 @@ fn meshed_destinations_are_tunnelled_and_the_rest_passes_through() {
          {CLIENT} echo --addr {b}:{APP_PORT} && {CLIENT} echo --addr 127.0.0.1:{LOCAL_PORT}",
         b = pods.b.addr
     );
-    let mut client = SidecarRun::builder(32022)
+    let mut client = SidecarRun::builder(ports::take())
         .passthrough()
         .meshed_client_of(&pods, &client_tls)
         .command(["sh", "-c", &script])

@@ -1,27 +1,38 @@
-//! Authorization policy against the real kernel and real sockets: outbound denies refused by
-//! the connect hook (EPERM) exactly where the proxy's evaluation says so, dry-run and audit,
-//! hot reload under streaming load, inbound identity rules after the mTLS handshake, and
-//! strict inbound mode. Proxy ports 19100–19199; namespaces `scp-*`, addresses 10.204.0.0/16.
+//! What the sidecar refuses, against the real kernel and real sockets: outbound policy denies
+//! refused by the connect hook (EPERM) exactly where the proxy's evaluation says so, also
+//! for destinations that bypass the proxy and in pass-through mode; dry-run and audit; hot
+//! reload under streaming load, and a corrupted or deleted policy file refused until a valid
+//! one returns; the cloud metadata address, refused unless allowed; inbound identity rules
+//! after the mTLS handshake, and strict inbound mode.
+//!
+//! Ports come from `sidecar_tests::ports` (the app port inside the pods' namespaces is
+//! fixed); namespaces `scp-*`, addresses 10.204.0.0/16, and `scrl-*`, 10.205.x.x, for the
+//! metadata test.
 
 use std::{
-    net::SocketAddr,
+    fs,
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use sidecar_tests::{
-    EchoServer, assert_no_leftovers,
+    EchoServer, assert_no_leftovers, host,
     host::wait_until,
     netns::PodPair,
+    ports, privileged,
     protocol::{ConnectFailLine, EchoLine},
     require,
     run::{Finished, SidecarRun},
     scratch::Scratch,
+    script::{arg, wait_for_file},
     serial,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
+/// One plain-text echo exchange per address (`local=… peer=…`, then `ok`), as a script step.
+const EXCHANGE: &str = concat!(env!("CARGO_BIN_EXE_sidecar-testclient"), " exchange");
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -74,6 +85,11 @@ fn wait_for_line(run: &SidecarRun, line: &str) {
         run.stdout_lines(),
         run.stderr_text()
     );
+}
+
+/// Waits (bounded) until the run's stderr contains `needle`.
+fn wait_stderr(run: &SidecarRun, needle: &str, timeout: Duration) -> bool {
+    wait_until(timeout, || run.stderr_text().contains(needle))
 }
 
 fn wait_for_log(run: &SidecarRun, needle: &str) {
@@ -161,7 +177,7 @@ destinations = ["127.0.0.0/8"]
         "the destinations must include both verdicts: {expected:?}"
     );
 
-    let mut run = SidecarRun::builder(19110)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--policy")
         .arg(&file)
         .command(connect_each(&dsts))
@@ -233,7 +249,7 @@ fn deny_holds_for_destinations_that_bypass_the_proxy() {
         .iter()
         .map(|a| format!("{a}:{p}").parse().unwrap())
         .collect();
-    let mut run = SidecarRun::builder(19115)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--policy")
         .arg(&file)
         .arg("--exclude-ports")
@@ -276,7 +292,7 @@ fn dry_run_and_audit_let_through_and_log() {
             ),
             "would deny the connection (dry run)",
             ("block", "would_deny"),
-            19111,
+            ports::take(),
         ),
         (
             format!(
@@ -285,7 +301,7 @@ fn dry_run_and_audit_let_through_and_log() {
             ),
             "policy audit",
             ("watch", "audit"),
-            19112,
+            ports::take(),
         ),
     ];
     for (text, log, (rule, outcome), port) in cases {
@@ -376,7 +392,7 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
         format!("cat '{}'", stream_out.display()),
     ]
     .join("\n");
-    let mut run = SidecarRun::builder(19113)
+    let mut run = SidecarRun::builder(ports::take())
         .wrapped_in(["env", "SIDECAR_LOG=info"])
         .arg("--policy")
         .arg(&file)
@@ -434,6 +450,108 @@ fn reload_keeps_allowed_streams_and_refuses_invalid_files() {
     assert_no_leftovers(done.pid);
 }
 
+/// The policy file is overwritten with garbage, then deleted, while the run enforces it: each
+/// change is refused (logged, counted in the report's `reload_errors`), and the old policy
+/// stays in force in the kernel (the denied connect still fails with EPERM). A valid file
+/// then replaces it and is put in force (the connect goes through).
+#[test]
+fn corrupted_policy_keeps_the_old_one_until_a_valid_file_returns() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let scratch = Scratch::new("scrl-policy-corrupt");
+    let policy = scratch.write(
+        "policy.toml",
+        &format!(
+            "[[rule]]\nname = \"no-echo\"\naction = \"deny\"\ndirection = \"outbound\"\n\
+             ports = [{}]\n",
+            server.port()
+        ),
+    );
+    let (go1, go2) = (scratch.path("go1"), scratch.path("go2"));
+    let try_connect = format!("{CLIENT} connect-fail {}", arg("--addr", server.addr()));
+    let script = format!(
+        "{try_connect}; {}; {try_connect}; {}; {try_connect}",
+        wait_for_file(&go1),
+        wait_for_file(&go2)
+    );
+    let mut run = SidecarRun::builder(ports::take())
+        .env("SIDECAR_LOG", "info")
+        .arg("--admin-addr=off")
+        .arg("--policy")
+        .arg(&policy)
+        .command(["sh", "-c", &script])
+        .start();
+    let results = |n: usize| {
+        let mut lines = Vec::new();
+        host::wait_until(Duration::from_secs(20), || {
+            lines = sidecar_tests::protocol::parse_lines::<ConnectFailLine>(&run.stdout_lines());
+            lines.len() >= n
+        });
+        assert!(lines.len() >= n, "{lines:?}\n{}", run.stderr_text());
+        lines
+    };
+    let eperm = |l: &ConnectFailLine| {
+        l.error
+            .as_deref()
+            .is_some_and(|e| e.contains("Operation not permitted"))
+    };
+    assert!(eperm(&results(1)[0]), "{:?}", results(1));
+
+    // Garbage (not UTF-8, half a rule), then no file at all: both refused.
+    fs::write(&policy, b"[[rule]\nname = \xff\xfe\naction = ").unwrap();
+    assert!(
+        wait_stderr(
+            &run,
+            "policy refused, keeping the current one",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        run.stderr_text()
+    );
+    fs::remove_file(&policy).unwrap();
+    assert!(
+        host::wait_until(Duration::from_secs(5), || {
+            run.stderr_text()
+                .matches("policy refused, keeping the current one")
+                .count()
+                >= 2
+        }),
+        "{}",
+        run.stderr_text()
+    );
+    fs::write(&go1, b"").unwrap();
+    let second = &results(2)[1];
+    assert!(
+        eperm(second),
+        "the old policy should still deny: {second:?}"
+    );
+
+    // A valid file (no rules: everything allowed) is put in force.
+    scratch.write("policy.toml", "[defaults]\noutbound = \"allow\"\n");
+    assert!(
+        wait_stderr(&run, "policy reloaded", Duration::from_secs(5)),
+        "{}",
+        run.stderr_text()
+    );
+    fs::write(&go2, b"").unwrap();
+    let third = &results(3)[2];
+    assert_eq!(third.error, None, "the new policy allows it: {third:?}");
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let report = done.report().policy.clone().expect("a policy report");
+    assert_eq!(report.reload_errors, 2, "{report:?}");
+    assert!(
+        done.stderr_text().contains("2 reload(s) refused"),
+        "the exit summary counts the refused reloads:\n{}",
+        done.stderr_text()
+    );
+    assert_eq!(report.generation, 2, "{report:?}");
+    assert_no_leftovers(done.pid);
+}
+
 /// A bad policy at startup is a one-line error naming the line; nothing is attached.
 #[test]
 fn invalid_policy_at_startup_is_a_clean_error() {
@@ -446,7 +564,7 @@ fn invalid_policy_at_startup_is_a_clean_error() {
         "policy.toml",
         "[[rule]]\naction = \"deny\"\ndestinations = [\"10.0.0.0/40\"]\n",
     );
-    let mut run = SidecarRun::builder(19114)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .arg("--policy")
         .arg(&file)
@@ -462,6 +580,170 @@ fn invalid_policy_at_startup_is_a_clean_error() {
         errors[0]
     );
     assert_no_leftovers(done.pid);
+}
+
+// ---- the metadata address -------------------------------------------------------------
+
+/// The cloud metadata address is refused by default, in the kernel: the connect hooks fail
+/// the app's `connect()` with EPERM (counted as `connect_metadata_denied`) for both
+/// 169.254.169.254 and fd00:ec2::254, before the proxy sees anything. The sidecar and its app
+/// run in a network namespace with no route out (a veth to a second empty namespace, nothing
+/// else), so nothing could leave even if the check failed: with `--allow-metadata` the same
+/// IPv4 connect gets as far as the proxy's upstream connect, which fails for lack of a route —
+/// proving it is the guard, not the network, that refuses by default. (The proxy keeps its own
+/// check too, for `--mode iptables`.)
+#[test]
+fn cloud_metadata_address_is_refused_unless_allowed() {
+    if !privileged() || host::which("nsenter").is_none() && !sidecar_tests::skip("no nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let pods = sidecar_tests::netns::PodPair::create_in("scrl", 205, 2);
+    let metadata = SocketAddr::from((Ipv4Addr::new(169, 254, 169, 254), 80));
+    let metadata6: SocketAddr = "[fd00:ec2::254]:80".parse().unwrap();
+    let run = |port: u16, allow: bool, targets: &[SocketAddr]| {
+        let mut builder = SidecarRun::builder(port)
+            .wrapped_in(pods.a.enter())
+            .arg("--admin-addr=off");
+        if allow {
+            builder = builder.arg("--allow-metadata");
+        }
+        let script = targets
+            .iter()
+            .map(|t| format!("{CLIENT} connect-fail {}", arg("--addr", t)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut run = builder.command(["sh", "-c", &script]).start();
+        let done = run.finish(Duration::from_secs(30));
+        done.assert_exit_code(0);
+        let lines: Vec<ConnectFailLine> = done.parse_stdout();
+        assert_eq!(
+            lines.len(),
+            targets.len(),
+            "one connect-fail result per target: {lines:?}\n{}",
+            done.stderr_text()
+        );
+        for line in &lines {
+            assert!(
+                line.error.is_some(),
+                "the metadata address answered: {line:?}"
+            );
+            assert!(line.elapsed_ms < 2000, "failing took too long: {line:?}");
+        }
+        (lines, done)
+    };
+
+    let (lines, done) = run(ports::take(), false, &[metadata, metadata6]);
+    for line in &lines {
+        let error = line.error.as_deref().unwrap_or_default();
+        assert!(
+            !line.connected && error.contains("Operation not permitted"),
+            "connect() should fail with EPERM in the kernel: {line:?}"
+        );
+    }
+    assert!(
+        done.report().connections.is_empty(),
+        "the proxy should not even see the connects: {:#?}",
+        done.report().connections
+    );
+    assert_eq!(
+        done.report()
+            .counter(sidecar_common::Counter::ConnectMetadataDenied),
+        2,
+        "{:?}",
+        done.report().counters
+    );
+    assert_no_leftovers(done.pid);
+
+    let (lines, done) = run(ports::take(), true, &[metadata]);
+    let conn = done.report().single_connection_to(metadata);
+    assert_eq!(
+        conn.outcome, "upstream_connect_failed",
+        "with --allow-metadata the proxy tries (and, with no route out, fails): {conn:#?}\n{lines:?}"
+    );
+    assert_eq!(
+        done.report()
+            .counter(sidecar_common::Counter::ConnectMetadataDenied),
+        0
+    );
+    assert_no_leftovers(done.pid);
+}
+
+/// In pass-through mode too, the connect hooks refuse a policy deny and the metadata address
+/// with EPERM (counted), and a connect the destination refuses is recorded with its outcome.
+#[test]
+fn denies_still_refuse_connect_and_failed_connects_are_recorded() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new("passthrough-deny");
+    let open = EchoServer::start_v4();
+    let denied = EchoServer::start_v4();
+    // A port nothing listens on: the connect is refused by the destination itself.
+    let closed: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let policy = scratch.write(
+        "policy.toml",
+        &format!(
+            "[[rule]]\nname = \"no-denied\"\naction = \"deny\"\ndirection = \"outbound\"\n\
+             destinations = [\"127.0.0.0/8\"]\nports = [{}]\n",
+            denied.port()
+        ),
+    );
+    let script = format!(
+        "{EXCHANGE} {open}; {EXCHANGE} {denied}; {EXCHANGE} 169.254.169.254:80; {EXCHANGE} {closed}; exit 0",
+        open = open.addr(),
+        denied = denied.addr(),
+    );
+    let mut run = SidecarRun::builder(ports::take())
+        .passthrough()
+        .arg("--policy")
+        .arg(&policy)
+        .command(["sh", "-c", &script])
+        .start();
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let out = done.stdout.join("\n");
+    // `exchange` prints its error to stderr; the sidecar passes the command's stderr on.
+    let err = done.stderr_text();
+    for refused in [denied.addr().to_string(), "169.254.169.254:80".into()] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&refused) && l.contains("Operation not permitted")),
+            "{refused} was not refused with EPERM at connect:\n{err}"
+        );
+    }
+    assert!(denied.peers().is_empty(), "the denied server was reached");
+    assert_eq!(open.peers().len(), 1, "{out}");
+
+    let report = done.report();
+    assert_eq!(report.counters.0["connect_policy_denied"], 1);
+    assert_eq!(report.counters.0["connect_metadata_denied"], 1);
+    assert_eq!(
+        report.counters.0["connect_passthrough"], 2,
+        "open and closed"
+    );
+    let by_dst = |dst: SocketAddr| {
+        report
+            .connections
+            .iter()
+            .find(|c| c.original_dst == Some(dst))
+            .unwrap_or_else(|| panic!("no record for {dst}: {:#?}", report.connections))
+    };
+    let ok = by_dst(open.addr());
+    assert_eq!(
+        (ok.path.as_str(), ok.outcome.as_str()),
+        ("passthrough", "ok")
+    );
+    let refused = by_dst(closed);
+    assert_eq!(
+        (refused.path.as_str(), refused.outcome.as_str()),
+        ("passthrough", "upstream_connect_failed")
+    );
+    assert_eq!(report.connections.len(), 2, "{:#?}", report.connections);
 }
 
 // ---- two pods -------------------------------------------------------------------------
@@ -535,7 +817,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         ),
     );
     let pods = PodPair::create_in("scp", 204, 1);
-    let mut server = SidecarRun::builder(19120)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(dir(&scratch, "server"))
@@ -545,12 +827,12 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
         .start();
     server.wait_ready(READY_TIMEOUT);
 
-    let allowed = echo_from_a(&pods, &scratch, "client", 19121);
+    let allowed = echo_from_a(&pods, &scratch, "client", ports::take());
     allowed.assert_exit_code(0);
     let lines: Vec<EchoLine> = allowed.parse_stdout();
     assert!(lines.len() == 1 && lines[0].ok, "allowed: {lines:#?}");
 
-    let denied = echo_from_a(&pods, &scratch, "intruder", 19122);
+    let denied = echo_from_a(&pods, &scratch, "intruder", ports::take());
     let lines: Vec<EchoLine> = denied.parse_stdout();
     assert!(
         lines.len() == 1 && !lines[0].ok && lines[0].received == 0,
@@ -560,7 +842,7 @@ fn inbound_policy_refuses_an_identity_after_the_handshake() {
     let conn = &denied.report().connections[0];
     assert_eq!(conn.peer_identity(), Some(SERVER_ID), "{conn:?}");
 
-    let audited = echo_from_a(&pods, &scratch, "audited", 19123);
+    let audited = echo_from_a(&pods, &scratch, "audited", ports::take());
     audited.assert_exit_code(0);
     let lines: Vec<EchoLine> = audited.parse_stdout();
     assert!(lines.len() == 1 && lines[0].ok, "audited: {lines:#?}");
@@ -633,7 +915,7 @@ fn strict_inbound_refuses_plaintext_but_not_tunnels_or_other_processes() {
     let scratch = Scratch::new("policy-strict");
     mint(&scratch, &[(CLIENT_ID, "client"), (SERVER_ID, "server")]);
     let pods = PodPair::create_in("scp", 204, 2);
-    let mut server = SidecarRun::builder(19130)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(dir(&scratch, "server"))
@@ -673,7 +955,7 @@ fn strict_inbound_refuses_plaintext_but_not_tunnels_or_other_processes() {
         "plaintext to the app in strict mode must not connect: {plain:?}"
     );
 
-    let tunnelled = echo_from_a(&pods, &scratch, "client", 19131);
+    let tunnelled = echo_from_a(&pods, &scratch, "client", ports::take());
     tunnelled.assert_exit_code(0);
     let lines: Vec<EchoLine> = tunnelled.parse_stdout();
     assert!(
@@ -707,7 +989,7 @@ fn strict_inbound_without_tls_is_refused() {
         return;
     }
     let _serial = serial();
-    let mut run = SidecarRun::builder(19132)
+    let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .arg("--inbound-mode")
         .arg("strict")

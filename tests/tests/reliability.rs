@@ -1,8 +1,11 @@
-//! Reliability under load and faults, and the security edges of the proxy (issue 9).
+//! Reliability under load and faults of the upstream, the proxy killed mid-stream, and the
+//! security edges of the proxy (tunnels to its own ports, admin on loopback only). (The
+//! metadata address is in policy.rs, with the other refusals at `connect()`.)
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
 //! holds `serial()`. Traffic stays on 127.0.0.0/8 or inside network namespaces the test
-//! created (prefix `scr-`, addresses 10.205.x.x, no route out). Proxy ports 21100–21999.
+//! created (prefix `scr-`, addresses 10.205.x.x, no route out). Ports come
+//! from `sidecar_tests::ports` (ports inside the namespaces are fixed).
 //! Every loop is bounded in count and time, every wait has a timeout.
 
 use std::{
@@ -15,7 +18,7 @@ use std::{
 use sidecar_tests::{
     EchoServer, SidecarRun, admin, assert_no_leftovers, host,
     leaks::{self, Held, status_kib},
-    privileged,
+    ports, privileged,
     protocol::{ConnectFailLine, EchoLine},
     scratch::Scratch,
     script::{arg, wait_for_file},
@@ -143,9 +146,9 @@ fn ten_thousand_concurrent_connections_echo_exactly_and_leak_nothing() {
         );
     }
     script += "; exec cat >/dev/null";
-    let [admin_port] = host::free_ports(21190..21200);
+    let admin_port = ports::take();
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
-    let mut run = SidecarRun::builder(21100)
+    let mut run = SidecarRun::builder(ports::take())
         .arg(format!("--admin-addr={admin}"))
         .command(["sh", "-c", &script])
         .start();
@@ -290,7 +293,7 @@ fn ten_thousand_idle_connections_add_little_memory() {
         arg("--addr", server.addr()),
         arg("--count", connections),
     );
-    let mut run = SidecarRun::builder(21102)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
         .start();
@@ -438,7 +441,7 @@ fn upstream_reset_mid_stream_fails_the_client_promptly() {
     let rounds_before_reset = 10;
     let upstream = FaultyUpstream::start(size * rounds_before_reset, true);
     let started = Instant::now();
-    let mut run = SidecarRun::builder(21110)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command([
             CLIENT.to_string(),
@@ -491,7 +494,7 @@ fn stalled_upstream_is_closed_by_the_idle_timeout() {
     let _serial = serial();
     let idle = Duration::from_secs(2);
     let upstream = FaultyUpstream::start(0, false);
-    let mut run = SidecarRun::builder(21111)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .arg(arg("--idle-timeout-secs", idle.as_secs()))
         .command([
@@ -565,7 +568,7 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
         w1 = wait_for_file(&go1),
         w2 = wait_for_file(&go2),
     );
-    let mut run = SidecarRun::builder(21112)
+    let mut run = SidecarRun::builder(ports::take())
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
         .start();
@@ -681,7 +684,7 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
 
     // Pod B: a sidecar with its admin endpoint on the default interface (loopback) and a
     // fixed port, serving an echo app on all addresses.
-    let mut server = SidecarRun::builder(21120)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_tls)
@@ -712,7 +715,7 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
         arg("--addr", SocketAddr::new(pods.b.addr, APP_PORT)),
         arg("--addr", SocketAddr::new(pods.b.addr, ADMIN_PORT)),
     );
-    let mut client = SidecarRun::builder(21122)
+    let mut client = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])
@@ -750,89 +753,4 @@ fn tunnels_cannot_reach_the_sidecars_own_ports_and_admin_is_loopback_only() {
         "{:#?}",
         server.report().connections
     );
-}
-
-/// The cloud metadata address is refused by default, in the kernel: the connect hooks fail
-/// the app's `connect()` with EPERM (counted as `connect_metadata_denied`) for both
-/// 169.254.169.254 and fd00:ec2::254, before the proxy sees anything. The sidecar and its app
-/// run in a network namespace with no route out (a veth to a second empty namespace, nothing
-/// else), so nothing could leave even if the check failed: with `--allow-metadata` the same
-/// IPv4 connect gets as far as the proxy's upstream connect, which fails for lack of a route —
-/// proving it is the guard, not the network, that refuses by default. (The proxy keeps its own
-/// check too, for `--mode iptables`.)
-#[test]
-fn cloud_metadata_address_is_refused_unless_allowed() {
-    if !privileged() || host::which("nsenter").is_none() && !sidecar_tests::skip("no nsenter") {
-        return;
-    }
-    let _serial = serial();
-    let pods = sidecar_tests::netns::PodPair::create_in("scrl", 205, 2);
-    let metadata = SocketAddr::from((Ipv4Addr::new(169, 254, 169, 254), 80));
-    let metadata6: SocketAddr = "[fd00:ec2::254]:80".parse().unwrap();
-    let run = |port: u16, allow: bool, targets: &[SocketAddr]| {
-        let mut builder = SidecarRun::builder(port)
-            .wrapped_in(pods.a.enter())
-            .arg("--admin-addr=off");
-        if allow {
-            builder = builder.arg("--allow-metadata");
-        }
-        let script = targets
-            .iter()
-            .map(|t| format!("{CLIENT} connect-fail {}", arg("--addr", t)))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut run = builder.command(["sh", "-c", &script]).start();
-        let done = run.finish(Duration::from_secs(30));
-        done.assert_exit_code(0);
-        let lines: Vec<ConnectFailLine> = done.parse_stdout();
-        assert_eq!(
-            lines.len(),
-            targets.len(),
-            "one connect-fail result per target: {lines:?}\n{}",
-            done.stderr_text()
-        );
-        for line in &lines {
-            assert!(
-                line.error.is_some(),
-                "the metadata address answered: {line:?}"
-            );
-            assert!(line.elapsed_ms < 2000, "failing took too long: {line:?}");
-        }
-        (lines, done)
-    };
-
-    let (lines, done) = run(24130, false, &[metadata, metadata6]);
-    for line in &lines {
-        let error = line.error.as_deref().unwrap_or_default();
-        assert!(
-            !line.connected && error.contains("Operation not permitted"),
-            "connect() should fail with EPERM in the kernel: {line:?}"
-        );
-    }
-    assert!(
-        done.report().connections.is_empty(),
-        "the proxy should not even see the connects: {:#?}",
-        done.report().connections
-    );
-    assert_eq!(
-        done.report()
-            .counter(sidecar_common::Counter::ConnectMetadataDenied),
-        2,
-        "{:?}",
-        done.report().counters
-    );
-    assert_no_leftovers(done.pid);
-
-    let (lines, done) = run(24131, true, &[metadata]);
-    let conn = done.report().single_connection_to(metadata);
-    assert_eq!(
-        conn.outcome, "upstream_connect_failed",
-        "with --allow-metadata the proxy tries (and, with no route out, fails): {conn:#?}\n{lines:?}"
-    );
-    assert_eq!(
-        done.report()
-            .counter(sidecar_common::Counter::ConnectMetadataDenied),
-        0
-    );
-    assert_no_leftovers(done.pid);
 }

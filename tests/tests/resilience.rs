@@ -2,7 +2,8 @@
 //! per destination, and the per-destination connection cap, on the real kernel.
 //!
 //! Every test starts with `privileged()` (skips locally, fails in CI, when it cannot run) and
-//! holds `serial()`. Traffic stays on 127.0.0.1. Ports 25100–25199. Every wait is bounded.
+//! holds `serial()`. Traffic stays on 127.0.0.1; ports come from `sidecar_tests::ports`.
+//! Every wait is bounded.
 //! Also for kernel pass-through: the kernel holds the per-destination cap at `connect()`, and
 //! a `[[destination]]` table that asks for retries sends its destinations through the proxy.
 
@@ -17,7 +18,7 @@ use serde_json::Value;
 use sidecar_tests::{
     EchoServer, SidecarRun,
     admin::{http_get, metric_value},
-    assert_no_leftovers, bpf, host, leaks, privileged,
+    assert_no_leftovers, bpf, host, leaks, ports, privileged,
     protocol::{ConnectFailLine, EchoLine, parse_lines},
     scratch::Scratch,
     script::{arg, wait_for_file},
@@ -87,7 +88,7 @@ fn retries_ride_out_an_upstream_that_comes_up_late() {
     const CONNECTIONS: usize = 4;
     let scratch = Scratch::new("res-retry");
     for retries in [12, 0] {
-        let [port, admin_port] = host::free_ports(25100..25150);
+        let [port, admin_port] = ports::take_each();
         let (upstream, admin) = (local(port), local(admin_port));
         let go = scratch.dir.join(format!("go-{retries}"));
         let log = scratch.dir.join(format!("access-{retries}.log"));
@@ -99,7 +100,7 @@ fn retries_ride_out_an_upstream_that_comes_up_late() {
             arg("--count", CONNECTIONS),
             arg("--concurrency", CONNECTIONS),
         );
-        let mut run = SidecarRun::builder(25160)
+        let mut run = SidecarRun::builder(ports::take())
             .arg(format!("--admin-addr={admin}"))
             .arg(format!("--connect-retries={retries}"))
             .arg("--retry-backoff-ms=50")
@@ -200,8 +201,8 @@ fn a_dead_upstreams_circuit_is_refused_at_connect_in_ebpf_mode() {
         return;
     }
     let _serial = serial();
-    dead_upstream_circuit(Path::Proxied, 25161);
-    dead_upstream_circuit(Path::Passthrough, 25164);
+    dead_upstream_circuit(Path::Proxied, ports::take());
+    dead_upstream_circuit(Path::Passthrough, ports::take());
 }
 
 /// The same in iptables mode, where the proxy refuses (a reset right after accept).
@@ -211,7 +212,7 @@ fn a_dead_upstreams_circuit_is_refused_by_the_proxy_in_iptables_mode() {
         return;
     }
     let _serial = serial();
-    dead_upstream_circuit(Path::Iptables, 25165);
+    dead_upstream_circuit(Path::Iptables, ports::take());
 }
 
 fn dead_upstream_circuit(path: Path, proxy_port: u16) {
@@ -221,7 +222,7 @@ fn dead_upstream_circuit(path: Path, proxy_port: u16) {
     // circuit stays open, even in an emulated guest where each probe's exec takes a while
     // (at 500 ms a 6.1 guest once saw the circuit go half-open between probes and re-open).
     const OPEN: Duration = Duration::from_secs(3);
-    let [dead_port, admin_port] = host::free_ports(25100..25150);
+    let [dead_port, admin_port] = ports::take_each();
     let (dead, admin) = (local(dead_port), local(admin_port));
     let other = EchoServer::start_v4();
     let scratch = Scratch::new("res-circuit");
@@ -363,12 +364,8 @@ struct CapScene {
     _scratch: Scratch,
 }
 
-fn cap_scene(
-    name: &str,
-    admin_ports: std::ops::Range<u16>,
-    after: impl Fn(SocketAddr) -> String,
-) -> CapScene {
-    let [admin_port] = host::free_ports(admin_ports);
+fn cap_scene(name: &str, after: impl Fn(SocketAddr) -> String) -> CapScene {
+    let admin_port = ports::take();
     let (busy, other) = (EchoServer::start_v4(), EchoServer::start_v4());
     let scratch = Scratch::new(name);
     let go: Vec<_> = (1..=3)
@@ -412,8 +409,8 @@ fn the_per_destination_cap_refuses_as_overloaded_and_leaks_nothing() {
         script,
         _other,
         _scratch,
-    } = cap_scene("res-cap", 25100..25150, |_| String::new());
-    let mut run = SidecarRun::builder(25162)
+    } = cap_scene("res-cap", |_| String::new());
+    let mut run = SidecarRun::builder(ports::take())
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--max-connections-per-destination={CAP}"))
         .command(["sh", "-c", &script])
@@ -481,7 +478,7 @@ fn a_policy_file_override_changes_a_destinations_cap_at_runtime() {
         return;
     }
     let _serial = serial();
-    let [admin_port] = host::free_ports(25100..25150);
+    let admin_port = ports::take();
     let admin = local(admin_port);
     let server = EchoServer::start_v4();
     let scratch = Scratch::new("res-policy");
@@ -508,7 +505,7 @@ fn a_policy_file_override_changes_a_destinations_cap_at_runtime() {
         wait_for_file(&go[2]),
         wait_for_file(&go[3]),
     );
-    let mut run = SidecarRun::builder(25163)
+    let mut run = SidecarRun::builder(ports::take())
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--policy={}", policy.display()))
         .command(["sh", "-c", &script])
@@ -592,10 +589,10 @@ fn the_kernel_holds_the_cap_on_passed_through_connections() {
         script,
         _other,
         _scratch,
-    } = cap_scene("res-kcap", 25150..25199, |busy| {
+    } = cap_scene("res-kcap", |busy| {
         format!("; {}; echo AGAIN; exec cat >/dev/null", probe(busy))
     });
-    let mut run = SidecarRun::builder(25166)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--max-connections-per-destination={CAP}"))
@@ -679,7 +676,7 @@ fn a_destination_table_with_retries_is_proxied_while_others_pass_through() {
         return;
     }
     let _serial = serial();
-    let [admin_port] = host::free_ports(25150..25199);
+    let admin_port = ports::take();
     let admin = local(admin_port);
     let (retried, plain) = (EchoServer::start_v4(), EchoServer::start_v4());
     let scratch = Scratch::new("res-table-path");
@@ -700,7 +697,7 @@ fn a_destination_table_with_retries_is_proxied_while_others_pass_through() {
         wait_for_file(&go),
         probe(retried.addr()),
     );
-    let mut run = SidecarRun::builder(25167)
+    let mut run = SidecarRun::builder(ports::take())
         .passthrough()
         .arg(format!("--admin-addr={admin}"))
         .arg(format!("--policy={}", policy.display()))

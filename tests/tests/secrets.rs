@@ -7,7 +7,8 @@
 //! scalar in hex and as a byte list.
 //!
 //! Privileged (netns, eBPF): skips locally, fails in CI, when it cannot run. Network
-//! namespaces `scrl-*` (10.207.x.x, no route out); ports 24140–24149.
+//! namespaces `scrl-*` (10.207.x.x, no route out). The proxy ports come from
+//! `sidecar_tests::ports`; the app and admin ports inside the namespaces are fixed.
 
 use std::{
     fs,
@@ -17,7 +18,8 @@ use std::{
 };
 
 use sidecar_tests::{
-    SidecarRun, host, netns::PodPair, privileged, protocol::EchoLine, scratch::Scratch, serial,
+    SidecarRun, host, netns::PodPair, ports, privileged, protocol::EchoLine, scratch::Scratch,
+    serial,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -124,7 +126,7 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
     keys.push(first_server_key);
     let access_b = certs.path("access-b.log");
     let pods = PodPair::create_in("scrl", 207, 1);
-    let mut server = SidecarRun::builder(24140)
+    let mut server = SidecarRun::builder(ports::take())
         .env("SIDECAR_LOG", "trace")
         .env("RUST_LOG", "trace")
         .wrapped_in(pods.b.enter())
@@ -162,7 +164,7 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
         };
 
     // Handshakes that work.
-    let ok = client_run(&client_tls, 24142, 3);
+    let ok = client_run(&client_tls, ports::take(), 3);
     let lines: Vec<EchoLine> = ok.parse_stdout();
     assert!(
         lines.len() == 3 && lines.iter().all(|l| l.ok),
@@ -172,7 +174,7 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
     record(&mut outputs, "client", &ok);
 
     // A peer from another CA: refused by the server (and its own side fails).
-    let rogue = client_run(&rogue_tls, 24144, 1);
+    let rogue = client_run(&rogue_tls, ports::take(), 1);
     record(&mut outputs, "rogue client", &rogue);
 
     // Admin endpoints of the server while it runs, and of a client mid-run.
@@ -208,7 +210,7 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
     certs.issue("ca", "spiffe://example.org/ns/b/sa/server", "server", &[]);
     keys.push(certs.path("server/key.pem"));
     std::thread::sleep(Duration::from_millis(1500));
-    let after = client_run(&client_tls, 24145, 2);
+    let after = client_run(&client_tls, ports::take(), 2);
     let lines: Vec<EchoLine> = after.parse_stdout();
     assert!(lines.len() == 2 && lines.iter().all(|l| l.ok), "{lines:?}");
     record(&mut outputs, "client after rotation", &after);
@@ -226,7 +228,7 @@ fn no_private_key_material_in_logs_admin_output_or_errors() {
         Path::new(&mismatched).join("key.pem"),
     )
     .unwrap();
-    let mut broken = SidecarRun::builder(24146)
+    let mut broken = SidecarRun::builder(ports::take())
         .env("SIDECAR_LOG", "trace")
         .no_report()
         .arg("--tls-dir")

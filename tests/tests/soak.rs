@@ -12,7 +12,8 @@
 //! half of them plaintext to the local echo server, half through mTLS tunnels to pod B's
 //! sidecar and echo server — plus connections to a port where nothing listens and to an
 //! upstream that resets. Between phases the workload pauses and the test measures the idle
-//! sidecar. Ports 24150–24159.
+//! sidecar. The proxy ports come from `sidecar_tests::ports`; the app ports inside the
+//! namespaces are fixed (nothing else listens there).
 
 use std::{
     fs,
@@ -25,7 +26,7 @@ use sidecar_tests::{
     SidecarRun, host,
     leaks::{self, Held},
     netns::PodPair,
-    privileged,
+    ports, privileged,
     protocol::SoakLine,
     scratch::Scratch,
     serial,
@@ -75,7 +76,7 @@ fn soak_mixed_traffic_through_one_sidecar() {
     let server_tls = scratch.issue("ca", "spiffe://example.org/ns/b/sa/echo", "server", &[]);
     let pods = PodPair::create_in("scrl", 208, 1);
 
-    let mut server = SidecarRun::builder(24150)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--admin-addr=off")
         .arg("--tls-dir")
@@ -94,7 +95,7 @@ fn soak_mixed_traffic_through_one_sidecar() {
         go = scratch.dir.display(),
     );
     let started = Instant::now();
-    let mut run = SidecarRun::builder(24152)
+    let mut run = SidecarRun::builder(ports::take())
         .meshed_client_of(&pods, &client_tls)
         .arg("--admin-addr=off")
         .command(["sh", "-c", &script])

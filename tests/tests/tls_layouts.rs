@@ -27,6 +27,7 @@ use sidecar_tests::{
     host::{self, output_with_timeout},
     kubelet,
     netns::PodPair,
+    ports,
     protocol::{EchoLine, assert_streams_intact},
     run::SidecarRun,
     scratch::Scratch,
@@ -291,7 +292,7 @@ fn sidecar_proxy_takes_every_layout() {
             .arg(scratch.path("no-agent.sock"))
             .args(["--pod-uid", "00000000-0000-0000-0000-000000000000"])
             .args(["--admin-addr", "off", "--no-inbound"])
-            .args(["--proxy-port", &(23150 + n as u16).to_string()])
+            .args(["--proxy-port", &ports::take().to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -345,7 +346,7 @@ fn mtls_across_a_kubelet_secret_rotation() {
     write_secret(&client_vol, Layout::Spiffe, &ca.issue(&client_id));
 
     let pods = PodPair::create_in("scpkg", 207, 1);
-    let mut server = SidecarRun::builder(23101)
+    let mut server = SidecarRun::builder(ports::take())
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(&server_vol)
@@ -361,7 +362,7 @@ fn mtls_across_a_kubelet_secret_rotation() {
     let addr = format!("--addr={}:{APP_PORT}", pods.b.addr);
     let streams = 4;
     let mut long = client(
-        23102,
+        ports::take(),
         vec![
             CLIENT.into(),
             "pingpong".into(),
@@ -379,7 +380,7 @@ fn mtls_across_a_kubelet_secret_rotation() {
     std::thread::sleep(Duration::from_millis(1600));
 
     let probe = client(
-        23103,
+        ports::take(),
         vec![
             CLIENT.into(),
             "echo".into(),

@@ -15,6 +15,7 @@ use sidecar_tests::{
     assert_no_leftovers,
     host::{self, wait_until},
     netns::PodPair,
+    ports,
     protocol::{EchoLine, parse_lines},
     report::Report,
     require,
@@ -130,7 +131,7 @@ fn a_tunnel_reaches_the_pod_address_never_its_loopback() {
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let pods = pods(1);
     let local_only = BareServer::start(&pods, ([127, 0, 0, 1], LOCAL_ONLY_PORT).into());
-    let server = start_server(&pods, &server_tls, 33001);
+    let server = start_server(&pods, &server_tls, ports::take());
 
     let client = |port: u16, dst_port: u16| {
         SidecarRun::builder(port)
@@ -139,8 +140,8 @@ fn a_tunnel_reaches_the_pod_address_never_its_loopback() {
             .start()
             .finish(RUN_TIMEOUT)
     };
-    let exposed = client(33002, APP_PORT);
-    let private = client(33003, LOCAL_ONLY_PORT);
+    let exposed = client(ports::take(), APP_PORT);
+    let private = client(ports::take(), LOCAL_ONLY_PORT);
 
     let local_peers = local_only.stop();
     let done = stop(server);
@@ -197,14 +198,14 @@ fn permissive_mode_never_downgrades_after_a_failed_handshake() {
     let rogue_tls = certs.issue("rogue", SERVER_ID, "rogue-server", &[]);
     let pods = pods(2);
     // Pod B answers on 15008 with an untrusted certificate; its app listens in plaintext.
-    let server = start_server(&pods, &rogue_tls, 33011);
+    let server = start_server(&pods, &rogue_tls, ports::take());
 
-    let admin: SocketAddr = ([127, 0, 0, 1], 33012).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], ports::take()).into();
     let script = format!(
         "{}; echo ECHO-DONE; exec cat",
         echo(&pods, APP_PORT).join(" ")
     );
-    let mut client = SidecarRun::builder(33013)
+    let mut client = SidecarRun::builder(ports::take())
         .wrapped_in(pods.a.enter())
         .arg("--tls-dir")
         .arg(&client_tls)
@@ -292,8 +293,8 @@ ports = [{APP_PORT}]
             .finish(RUN_TIMEOUT)
     };
 
-    let impostor = start_server(&pods, &impostor_tls, 33021);
-    let refused = client(33022);
+    let impostor = start_server(&pods, &impostor_tls, ports::take());
+    let refused = client(ports::take());
     let impostor_done = stop(impostor);
     assert!(
         !echoed(&refused),
@@ -316,8 +317,8 @@ ports = [{APP_PORT}]
         impostor_done.report().connections
     );
 
-    let server = start_server(&pods, &server_tls, 33023);
-    let allowed = client(33024);
+    let server = start_server(&pods, &server_tls, ports::take());
+    let allowed = client(ports::take());
     drop(stop(server));
     assert!(echoed(&allowed), "{:#?}", allowed.stdout);
     let conns = outbound(allowed.report());
