@@ -66,7 +66,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let access = match &cli.command {
-        Command::Run(args) => args.access_log().clone(),
+        Command::Run(args) => args.observe.access_log.clone(),
         Command::Proxy(args) => args.observe.access_log.clone(),
         _ => AccessLogTarget::Off,
     };

@@ -259,19 +259,19 @@ impl Enforcer {
     /// may proceed, the rule that decided, and the decision.
     pub fn check(&self, req: &Request<'_>) -> Verdict {
         let policy = self.current();
-        let decision = policy.evaluate(req);
-        let rule = policy.rule_label(&decision, req.direction);
-        let verdict = match (decision.action, decision.refuse) {
+        let evaluation = policy.evaluate(req);
+        let rule = policy.rule_label(&evaluation, req.direction);
+        let decision = match (evaluation.action, evaluation.refuse) {
             (Action::Deny, true) => Decision::Deny,
             (Action::Deny, false) => Decision::WouldDeny,
             (Action::Audit, _) => Decision::Audit,
             (Action::Allow, _) => Decision::Allow,
         };
-        self.stats.count(req.direction, &rule, verdict);
+        self.stats.count(req.direction, &rule, decision);
         let identity = req.peer.map(|s| s.to_string());
         let identity = identity.as_deref().unwrap_or("-");
         let (direction, dst) = (req.direction.as_str(), req.dst);
-        match verdict {
+        match decision {
             Decision::Deny => {
                 warn!(direction, %rule, identity, %dst, "policy denied the connection")
             }
@@ -282,9 +282,9 @@ impl Enforcer {
             Decision::Allow => info!(direction, %rule, identity, %dst, "policy allowed"),
         }
         Verdict {
-            allowed: !decision.refuse,
+            allowed: !evaluation.refuse,
             rule: rule.to_string(),
-            decision: verdict,
+            decision,
         }
     }
 
@@ -315,8 +315,8 @@ impl Enforcer {
                 peer: None,
                 dst: e.dst,
             };
-            let decision = policy.evaluate(&req);
-            let rule = policy.rule_label(&decision, req.direction);
+            let evaluation = policy.evaluate(&req);
+            let rule = policy.rule_label(&evaluation, req.direction);
             self.stats.count(req.direction, &rule, Decision::Deny);
             *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
         }

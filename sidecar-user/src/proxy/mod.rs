@@ -243,7 +243,7 @@ impl Proxy {
         let rec = conn.record_mut();
         self.telemetry
             .policy_decision(rec.direction, verdict.decision);
-        rec.policy_decision = Some(verdict.decision.as_str());
+        rec.policy_decision = Some(verdict.decision);
         rec.policy_rule = Some(verdict.rule);
         verdict.allowed
     }

@@ -30,7 +30,7 @@ use tracing::{
 use tracing_subscriber::{Layer, layer::Context};
 
 use super::{
-    labels::{Direction, Path, Transport},
+    labels::{Decision, Direction, Path, Transport},
     record::ConnRecord,
     tcp_info::TcpStats,
 };
@@ -133,7 +133,7 @@ impl<'a> AccessRecord<'a> {
             connect_retries: rec.connect_retries,
             close_reason: rec.outcome.as_str(),
             error: rec.error.as_deref(),
-            policy_decision: rec.policy_decision.unwrap_or("none"),
+            policy_decision: rec.policy_decision.map_or("none", Decision::as_str),
             policy_rule: rec.policy_rule.as_deref(),
             tcp_app: rec.tcp_app,
             tcp_upstream: rec.tcp_upstream,

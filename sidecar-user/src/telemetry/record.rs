@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Mutex};
 use serde::Serialize;
 
 use super::{
-    labels::{Direction, Outcome, Path, Transport},
+    labels::{Decision, Direction, Outcome, Path, Transport},
     tcp_info::TcpStats,
 };
 
@@ -50,7 +50,7 @@ pub struct ConnRecord {
     pub tls_resumed: Option<bool>,
     /// The policy's decision (`allow`, `deny`, `audit`, `would_deny`) and the rule that
     /// made it; `None` without `--policy`.
-    pub policy_decision: Option<&'static str>,
+    pub policy_decision: Option<Decision>,
     pub policy_rule: Option<String>,
     /// The kernel's TCP view of each leg (TCP_INFO), read just before the sockets closed.
     pub tcp_app: Option<TcpStats>,

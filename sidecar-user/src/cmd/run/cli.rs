@@ -68,7 +68,7 @@ pub struct RunArgs {
     #[command(flatten)]
     mesh: MeshArgs,
     #[command(flatten)]
-    observe: ObserveArgs,
+    pub observe: ObserveArgs,
     /// Authorization policy (TOML, see docs/policy.md); re-read when it changes, an invalid
     /// file is refused and the old policy stays.
     #[arg(long, value_name = "FILE")]
@@ -122,10 +122,5 @@ impl RunArgs {
             command: self.command,
             observe: self.observe.into(),
         })
-    }
-
-    /// Where `--access-log` goes: logging is set up before the command starts.
-    pub fn access_log(&self) -> &crate::telemetry::access_log::AccessLogTarget {
-        &self.observe.access_log
     }
 }
