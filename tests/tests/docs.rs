@@ -147,6 +147,14 @@ fn help(cache: &mut Cache, program: &str, path: &[String]) -> Option<String> {
         .clone()
 }
 
+/// The `--options` a `--help` text lists (`--admin-addr <ADDR|off>`, `[--json]`, `--x=N`).
+fn options_in(help_text: &str) -> impl Iterator<Item = &str> {
+    help_text
+        .split(|c: char| c.is_whitespace() || matches!(c, ',' | '[' | '<' | '='))
+        .map(|t| t.trim_end_matches([']', '.']))
+        .filter(|t| t.starts_with("--") && t.len() > 2)
+}
+
 /// What is wrong with `shown`, if anything.
 fn check(cache: &mut Cache, shown: &Shown) -> Option<String> {
     let program = shown.program;
@@ -181,9 +189,7 @@ fn check(cache: &mut Cache, shown: &Shown) -> Option<String> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             continue;
         }
-        let listed = text
-            .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '<')
-            .any(|t| t.trim_end_matches(['=', ']']) == format!("--{name}"));
+        let listed = options_in(&text).any(|o| o == format!("--{name}"));
         if !listed {
             return Some(format!(
                 "{}: `{program} {}`: --{name} is not an option of `{program} {}`",
@@ -251,11 +257,7 @@ fn subcommands(help_text: &str) -> Vec<String> {
 /// Every `--option` any subcommand of `program` lists, at any depth.
 fn all_options(cache: &mut Cache, program: &str, path: Vec<String>, out: &mut Vec<String>) {
     let text = help(cache, program, &path).expect("a listed subcommand has a help");
-    out.extend(
-        text.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == '<' || c == '=')
-            .filter(|t| t.starts_with("--") && t.len() > 2)
-            .map(|t| t.trim_end_matches([']', '.']).to_string()),
-    );
+    out.extend(options_in(&text).map(String::from));
     for sub in subcommands(&text) {
         let mut deeper = path.clone();
         deeper.push(sub);
