@@ -167,6 +167,9 @@ pub mod owner {
     pub const FOREIGN: u32 = 2;
 }
 
+/// The SO_MARK of the proxy's outbound listeners under [`flags::CHECK_LISTENER`].
+pub const PROXY_LISTENER_MARK: u32 = 0x5eca_0001;
+
 /// Bits of [`WorkloadConfig::flags`].
 pub mod flags {
     /// The proxy listens on `[::1]`: connect6 may redirect.
@@ -178,6 +181,11 @@ pub mod flags {
     /// policy, to a destination outside `MESH_CIDRS`) goes straight to its destination and
     /// is recorded by sockops. Set by the loader unless `--proxy-all`.
     pub const PASSTHROUGH: u16 = 4;
+    /// Redirect only to the proxy's own listener: the socket listening on the proxy port
+    /// must carry [`PROXY_LISTENER_MARK`] (SO_MARK needs CAP_NET_ADMIN, so no unprivileged
+    /// process can forge it), else the connect is refused. Set by `sidecar run`, whose proxy
+    /// marks its listeners; a killed proxy's port bound by anyone else then gets nothing.
+    pub const CHECK_LISTENER: u16 = 8;
 }
 
 /// The socket options the agent's `cgroup/getsockopt` program answers for the unprivileged
@@ -577,7 +585,8 @@ pub enum Counter {
     ConnectExcludedPort,
     /// Connects left alone because the destination address is in an excluded CIDR.
     ConnectExcludedCidr,
-    /// IPv6 connects left alone because the proxy has no IPv6 listener.
+    /// Native IPv6 connects the proxy must see, refused (EPERM) because it has no IPv6
+    /// listener.
     ConnectNoV6Listener,
     /// Connects from the proxy's own cgroup (never redirected).
     ConnectFromProxy,
@@ -622,11 +631,15 @@ pub enum Counter {
     /// Pass-through connects refused (EPERM) because the workload already has
     /// its cap ([`maps::DIRECT_CAPS`]) of pass-through connections open to that destination.
     ConnectOverloaded,
+    /// Workload connects refused (EPERM) because what listens on the proxy port is not the
+    /// proxy ([`flags::CHECK_LISTENER`]): it died and something else bound the port, or
+    /// nothing listens there.
+    ConnectProxyNotListening,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 25] = [
+    pub const ALL: [(Counter, &'static str); 26] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -652,6 +665,10 @@ impl Counter {
         (Counter::DirectRecordsDropped, "direct_records_dropped"),
         (Counter::ConnectCircuitOpen, "connect_circuit_open"),
         (Counter::ConnectOverloaded, "connect_overloaded"),
+        (
+            Counter::ConnectProxyNotListening,
+            "connect_proxy_not_listening",
+        ),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;

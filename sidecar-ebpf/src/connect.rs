@@ -13,9 +13,13 @@ use core::{
 #[cfg(feature = "broken-for-tests")]
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -23,9 +27,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use sidecar_common::{
-    CircuitKey, Counter, DirectConn, OrigDst, PROXY_IPV4, PROXY_IPV6, PolicyDenyEvent, ScopedAddr,
-    WorkloadConfig, connect_verdict, flags, is_cloud_metadata, is_loopback, is_v4_mapped, limits,
-    lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
+    CircuitKey, Counter, DirectConn, OrigDst, PROXY_IPV4, PROXY_IPV6, PROXY_LISTENER_MARK,
+    PolicyDenyEvent, ScopedAddr, WorkloadConfig, connect_verdict, flags, is_cloud_metadata,
+    is_loopback, is_v4_mapped, limits, lpm_prefix_len, mapped_v4, policy_flags, policy_scope, role,
 };
 
 use crate::{
@@ -63,7 +67,8 @@ fn verdict(result: Result<bool, i64>) -> i32 {
 
 /// What the workload's compiled outbound policy says about `addr` (16 bytes, v4-mapped for
 /// IPv4) on `port`. The live slot is read once, so a reload (fill the other slot, flip
-/// `POLICY_STATE`) is seen whole or not at all.
+/// `POLICY_STATE`) is seen whole or not at all; a slot caught half filled or half emptied
+/// answers either the right entry or none, and none goes to the proxy.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum PolicyVerdict {
     /// Allowed, or no policy: the connection may go direct.
@@ -92,11 +97,13 @@ fn policy_verdict(scope: u32, addr: [u8; 16], port: u16) -> PolicyVerdict {
         lpm_prefix_len(false, 128),
         ScopedAddr::new(policy_scope(scope, state.slot), addr),
     );
-    if POLICY_OUT
-        .get(&key)
-        .is_some_and(|denied| denied.contains(port))
-    {
-        return PolicyVerdict::Deny;
+    // Every enforced policy has an entry for the whole address space, so a miss means the
+    // slot is being filled or emptied under us (a hook that read `POLICY_STATE` just before a
+    // reload flipped it): the proxy, which holds the policy in force, decides.
+    match POLICY_OUT.get(&key) {
+        None => return PolicyVerdict::ToProxy,
+        Some(denied) if denied.contains(port) => return PolicyVerdict::Deny,
+        Some(_) => {}
     }
     if state.flags & policy_flags::PROXIED_PORTS != 0
         && POLICY_PROXIED
@@ -233,13 +240,6 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         debug!(ctx, "connect to port {} refused: its circuit is open", port);
         return Ok(false);
     }
-    // IPv4 through an IPv6 socket (`::ffff:a.b.c.d`) goes to the IPv4 listener, which always
-    // exists; only native IPv6 needs `[::1]`.
-    let mapped = V6 && is_v4_mapped(&ip);
-    if V6 && !mapped && cfg.flags & flags::IPV6_LISTENER == 0 {
-        count(Counter::ConnectNoV6Listener, 1);
-        return Ok(true);
-    }
     if cfg.flags & flags::PASSTHROUGH != 0
         && verdict == PolicyVerdict::Allow
         && MESH_CIDRS.get(&key).is_none()
@@ -257,6 +257,29 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
             count(Counter::ConnectPassthrough, 1);
             return Ok(true);
         }
+    }
+
+    // The proxy must see this connection. IPv4 through an IPv6 socket (`::ffff:a.b.c.d`) goes
+    // to the IPv4 listener, which always exists; native IPv6 needs `[::1]`, and without it the
+    // connection is refused: letting it go direct would skip the mesh, the policy's audit and
+    // dry run, and `--proxy-all`.
+    let mapped = V6 && is_v4_mapped(&ip);
+    if V6 && !mapped && cfg.flags & flags::IPV6_LISTENER == 0 {
+        count(Counter::ConnectNoV6Listener, 1);
+        debug!(ctx, "connect to port {} refused: no [::1] listener", port);
+        return Ok(false);
+    }
+
+    // Only to the proxy itself: a killed proxy's port may have been bound by anyone.
+    if cfg.flags & flags::CHECK_LISTENER != 0
+        && !proxy_listening(ctx, V6 && !mapped, cfg.proxy_port)
+    {
+        count(Counter::ConnectProxyNotListening, 1);
+        debug!(
+            ctx,
+            "connect to port {} refused: the proxy does not listen", port
+        );
+        return Ok(false);
     }
 
     // No rewrite without the note: the proxy could not tell where the connection was going.
@@ -292,6 +315,52 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     );
     broken_for_tests(sa);
     Ok(true)
+}
+
+/// Whether the socket listening on the proxy's loopback address (`[::1]` for native IPv6,
+/// else 127.0.0.1) and `port`, in the caller's network namespace, is the proxy's: it carries
+/// [`PROXY_LISTENER_MARK`], which only a process with CAP_NET_ADMIN can set.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v6: bool, port: u16) -> bool {
+    // SAFETY: an all-zero tuple is a valid value of this plain C union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6 {
+        let lo = proxy_ipv6_words();
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: lo,
+            sport: 0,
+            dport: port.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: u32::from_ne_bytes(PROXY_IPV4.octets()),
+            sport: 0,
+            dport: port.to_be(),
+        };
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: the helper takes the context pointer and a tuple of `size` bytes on our stack;
+    // a socket it returns is released below on every path.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.sock_addr as *mut c_void,
+            &mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is a referenced socket the verifier lets us read.
+    let mark = unsafe { (*sk).mark };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    mark == PROXY_LISTENER_MARK
 }
 
 /// Notes a pass-through connect so sockops records it; `false` (the note could not be made)

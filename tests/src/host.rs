@@ -258,3 +258,40 @@ pub fn bpffs_mounted() -> bool {
             target == Some(BPFFS) && fstype == Some("bpf")
         })
 }
+
+/// A world-executable copy of a binary in a fresh 0755 directory under /tmp, removed on drop:
+/// for running it as another user, when the checkout sits below a folder that user cannot
+/// traverse.
+pub struct PublicCopy {
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+}
+
+impl PublicCopy {
+    pub fn of(binary: &std::path::Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let name = binary.file_name().expect("a binary's path names a file");
+        let dir = std::env::temp_dir().join(format!(
+            "sidecar-public-{}-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating the public copy's directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+        let file = dir.join(name);
+        std::fs::copy(binary, &file).expect("copying the sidecar binary");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod 0755");
+        Self { dir, file }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.file
+    }
+}
+
+impl Drop for PublicCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -21,7 +21,8 @@
 //! - [`admin`]: requests to a sidecar's admin server;
 //! - [`node`]: a simulated Kubernetes node (agent, pods, unprivileged sidecars) for the
 //!   `kubernetes_*` tests;
-//! - [`manifests`]: our rules for `deploy/` and the `Dockerfile`, and the schema validator.
+//! - [`manifests`]: our rules for `deploy/` and the `Dockerfile`, and the schema validator;
+//! - [`ztunnel`]: Istio's ztunnel in a pod's namespace, the reference HBONE peer.
 
 pub mod admin;
 pub mod blocking;
@@ -40,6 +41,7 @@ pub mod run;
 pub mod scratch;
 pub mod script;
 pub mod sockets;
+pub mod ztunnel;
 
 use std::{
     path::PathBuf,

@@ -73,6 +73,32 @@ pub struct ConnectFailLine {
     pub spurious_wouldblock: u64,
 }
 
+/// The single line of `hbone-reset-flood`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloodLine {
+    /// Streams opened and reset at once.
+    pub reset: u64,
+    /// The reason of the server's GOAWAY (e.g. `ENHANCE_YOUR_CALM`), if it sent one.
+    pub goaway: Option<String>,
+    /// Why opening another stream failed, if one did.
+    pub error: Option<String>,
+}
+
+/// What `hbone-raw-flood` prints: what it wrote and how the server answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawFloodLine {
+    /// CONTINUATION frames (or, for `streams`, HEADERS frames: streams opened) written.
+    pub frames_sent: u64,
+    /// Streams the server answered (HEADERS frames it sent).
+    pub answered: u64,
+    /// Streams the server reset (RST_STREAM frames it sent).
+    pub refused: u64,
+    /// The reason of the server's GOAWAY (e.g. `ENHANCE_YOUR_CALM`), if it sent one.
+    pub goaway: Option<String>,
+    /// Why writing stopped early (the server closed the connection), if it did.
+    pub write_error: Option<String>,
+}
+
 /// What `soak` prints after each phase (cumulative) and at the end.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SoakLine {

@@ -68,6 +68,9 @@ pub struct Connection {
     /// Whether the tunnel's handshake resumed an earlier session; `None` without a tunnel.
     #[serde(default)]
     pub tls_resumed: Option<bool>,
+    /// Whether the connection's HBONE stream rode a tunnel connection already open.
+    #[serde(default)]
+    pub tunnel_reused: Option<bool>,
     /// The application socket's address.
     pub client: SocketAddr,
     /// Where the application wanted to go. Optional because a connection whose original

@@ -32,44 +32,59 @@ const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Command lines containing this are ours to kill (see [`host::kill_if_still`]).
 const CLIENT_NAME: &str = "sidecar-testclient";
 
-/// Lines of one output stream of the child, filled by a reader thread.
+/// Lines of a child's output streams, in arrival order, filled by one reader thread per
+/// stream; closed once every stream reached EOF.
 #[derive(Default)]
-struct Captured {
-    state: Mutex<(Vec<String>, bool)>,
+pub(crate) struct Captured {
+    /// The lines so far, and how many streams are still open.
+    state: Mutex<(Vec<String>, usize)>,
     changed: Condvar,
 }
 
 impl Captured {
-    /// Reads `pipe` line by line until EOF. Lines are also echoed (labelled) to the test's
-    /// stderr: the harness shows them only when the test fails.
-    fn spawn_reader(self: &Arc<Self>, pipe: impl Read + Send + 'static, label: String) {
+    /// Reads `pipe` line by line until EOF. The lines `echo` accepts are also echoed
+    /// (labelled) to the test's stderr: the harness shows them only when the test fails.
+    pub(crate) fn spawn_reader(
+        self: &Arc<Self>,
+        pipe: impl Read + Send + 'static,
+        label: String,
+        echo: fn(&str) -> bool,
+    ) {
+        self.lock().1 += 1;
         let this = self.clone();
         thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("[{label}] {line}");
+                if echo(&line) {
+                    eprintln!("[{label}] {line}");
+                }
                 this.lock().0.push(line);
                 this.changed.notify_all();
             }
-            this.lock().1 = true;
+            this.lock().1 -= 1;
             this.changed.notify_all();
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<String>, bool)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<String>, usize)> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lines(&self) -> Vec<String> {
+    pub(crate) fn lines(&self) -> Vec<String> {
         self.lock().0.clone()
     }
 
+    /// Every stream reached EOF (the process exited).
+    pub(crate) fn closed(&self) -> bool {
+        self.lock().1 == 0
+    }
+
     /// Waits until `done(lines, closed)` holds or `timeout` passes; returns whether it held.
-    fn wait(&self, timeout: Duration, done: impl Fn(&[String], bool) -> bool) -> bool {
+    pub(crate) fn wait(&self, timeout: Duration, done: impl Fn(&[String], bool) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            if done(&state.0, state.1) {
+            if done(&state.0, state.1 == 0) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -192,10 +207,12 @@ impl RunBuilder {
         stdout.spawn_reader(
             child.stdout.take().expect("piped"),
             format!("sidecar {pid} stdout"),
+            |_| true,
         );
         stderr.spawn_reader(
             child.stderr.take().expect("piped"),
             format!("sidecar {pid} stderr"),
+            |_| true,
         );
         SidecarRun {
             stdin: child.stdin.take(),
@@ -398,6 +415,19 @@ impl Drop for SidecarRun {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Runs `sidecar cleanup` (bounded), which must succeed: what it could not remove is on its
+/// stdout (`could not clean up: …`), errors on its stderr, and both are in the panic.
+pub fn cleanup() {
+    let out = cleanup_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "`sidecar cleanup` failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs `sidecar cleanup` (bounded); returns its output.

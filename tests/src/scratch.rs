@@ -80,6 +80,62 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A certificate from the CA in directory `ca` made by openssl with the extensions in
+    /// `ext` (config lines), into directory `out` (returned): for what `sidecar cert` will not
+    /// make, such as a certificate for one end only or with no key usage at all.
+    pub fn openssl_issue(&self, ca: &str, out: &str, ext: &str) -> String {
+        let dir = self.path(out);
+        std::fs::create_dir_all(&dir).expect("creating the certificate directory");
+        let ext_file = self.write(&format!("{out}.ext"), ext);
+        let run = |args: &[&str]| {
+            let out = output_with_timeout(Command::new("openssl").args(args), STEP_TIMEOUT);
+            assert!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let file = |name: &str| dir.join(name).display().to_string();
+        let (key, csr, cert) = (file("key.pem"), file("req.csr"), file("cert.pem"));
+        run(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-subj",
+            "/O=test",
+            "-out",
+            &csr,
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &self.arg(&format!("{ca}/ca.pem")),
+            "-CAkey",
+            &self.arg(&format!("{ca}/ca-key.pem")),
+            "-set_serial",
+            "7",
+            "-days",
+            "1",
+            "-extfile",
+            &ext_file.display().to_string(),
+            "-out",
+            &cert,
+        ]);
+        dir.display().to_string()
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

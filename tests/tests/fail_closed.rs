@@ -22,7 +22,7 @@ use sidecar_tests::{
     host::{self, wait_child},
     netns::{Netns, PodPair},
     ports, privileged,
-    protocol::EchoLine,
+    protocol::{ConnectFailLine, EchoLine},
     require,
     run::SidecarRun,
     scratch::Scratch,
@@ -83,6 +83,93 @@ fn sysctl(ns: &Netns, key: &str, value: &str) {
         out.status.success(),
         "{key}={value}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Pod A has IPv6 on its veth and off on its loopback, so the sidecar cannot bind `[::1]` and
+/// has no IPv6 listener; pod B's app listens on an IPv6 address. A native IPv6 connect that
+/// would pass through (nothing to add) still passes; one the proxy must see (`--proxy-all`,
+/// or a policy in dry run, which logs every connection) is refused with EPERM and counted,
+/// never let through to the app unseen.
+#[test]
+fn native_ipv6_that_needs_the_proxy_is_refused_without_an_ipv6_listener() {
+    if !privileged() || !require("nsenter") {
+        return;
+    }
+    let _serial = serial();
+    let pods = PodPair::create_in("kfc", 231, 3);
+    let (a6, b6) = ("fd77:231:3::1", "fd77:231:3::2");
+    for (ns, dev, addr) in [(&pods.a, pods.veth_a(), a6), (&pods.b, pods.veth_b(), b6)] {
+        let out = ns.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            &dev,
+            "nodad",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    sysctl(&pods.a, "net/ipv6/conf/lo/disable_ipv6", "1");
+    let app: SocketAddr = format!("[{b6}]:{APP_PORT}").parse().unwrap();
+    let server = pods.b.serve(app);
+    let scratch = Scratch::new("fail-closed-v6");
+    let dry_run = scratch.write("policy.toml", "dry_run = true\n");
+
+    let connect = |passthrough: bool, extra: &[&str]| {
+        let mut builder = SidecarRun::builder(ports::take())
+            .wrapped_in(pods.a.enter())
+            .arg("--admin-addr=off");
+        if passthrough {
+            builder = builder.passthrough();
+        }
+        for a in extra {
+            builder = builder.arg(a);
+        }
+        let done = builder
+            .command([CLIENT, "connect-fail", &format!("--addr={app}")])
+            .start()
+            .finish(RUN_TIMEOUT);
+        done.assert_exit_code(0);
+        let lines: Vec<ConnectFailLine> = done.parse_stdout();
+        assert_eq!(lines.len(), 1, "{:?}", done.stdout);
+        assert_no_leftovers(done.pid);
+        (lines[0].clone(), done.report().clone())
+    };
+
+    let (line, report) = connect(true, &[]);
+    assert!(
+        line.connected && line.error.is_none(),
+        "pass-through: {line:?}"
+    );
+    assert_eq!(report.counter(Counter::ConnectPassthrough), 1);
+    let policy = format!("--policy={}", dry_run.display());
+    for (what, passthrough, extra) in [
+        ("--proxy-all", false, vec![]),
+        ("a dry-run policy", true, vec![policy.as_str()]),
+    ] {
+        let (line, report) = connect(passthrough, &extra);
+        assert!(
+            !line.connected
+                && line
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("Operation not permitted")),
+            "{what}: {line:?}"
+        );
+        assert_eq!(report.counter(Counter::ConnectNoV6Listener), 1, "{what}");
+        assert_eq!(report.counter(Counter::ConnectPassthrough), 0, "{what}");
+    }
+    let peers = server.stop();
+    assert_eq!(
+        peers.len(),
+        1,
+        "only the pass-through connection reached the app: {peers:?}"
     );
 }
 

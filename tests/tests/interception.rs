@@ -17,7 +17,7 @@ use sidecar_common::{Counter, SockKey};
 use sidecar_tests::{
     EchoServer, Finished, SidecarRun, assert_no_leftovers, bpf, host, leftover_files, ports,
     protocol::{ConnectFailLine, EchoLine, HOLD_PING_SIZE, HoldLine},
-    run::cleanup_output,
+    run::cleanup,
     script::arg,
     serial, sidecar_bin, skip, socket_owner_pid,
     sockets::own_netns_cookie,
@@ -1052,7 +1052,7 @@ fn non_root_is_rejected() {
     };
     // A copy in a directory anyone may enter: the checkout itself may sit below a folder
     // that user 65534 cannot traverse.
-    let public = PublicCopy::of(&sidecar_bin());
+    let public = host::PublicCopy::of(&sidecar_bin());
     let mut run = SidecarRun::builder(ports::take())
         .no_report()
         .binary(public.path())
@@ -1113,13 +1113,7 @@ fn cleanup_removes_what_a_crashed_run_left() {
         "a crashed run's cgroup should remain until cleanup"
     );
 
-    let out = cleanup_output().unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "`sidecar cleanup` failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cleanup();
     let files = leftover_files(pid);
     assert!(files.is_empty(), "`sidecar cleanup` left: {files:?}");
     for client in &clients {
@@ -1143,36 +1137,6 @@ fn cleanup_removes_what_a_crashed_run_left() {
     let gone = host::wait_until(EXIT_TIMEOUT, || clients.iter().all(|c| !host::is_alive(*c)));
     assert!(gone, "the hold client(s) {clients:?} did not exit");
     assert_no_leftovers(pid);
-}
-
-/// A world-executable copy of a binary in a fresh 0755 directory under /tmp, removed on drop.
-struct PublicCopy {
-    dir: std::path::PathBuf,
-    file: std::path::PathBuf,
-}
-
-impl PublicCopy {
-    fn of(binary: &std::path::Path) -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("sidecar-public-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("creating the public copy's directory");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
-        let file = dir.join("sidecar");
-        std::fs::copy(binary, &file).expect("copying the sidecar binary");
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755))
-            .expect("chmod 0755");
-        Self { dir, file }
-    }
-
-    fn path(&self) -> &std::path::Path {
-        &self.file
-    }
-}
-
-impl Drop for PublicCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// `--bpf-log` brings the programs' own log lines out (they are off by default).

@@ -45,7 +45,7 @@ fn start_server(pods: &PodPair, tls_dir: &str, port: u16) -> SidecarRun {
         .wrapped_in(pods.b.enter())
         .arg("--tls-dir")
         .arg(tls_dir)
-        .arg("--preamble-timeout-ms")
+        .arg("--hbone-preface-timeout-ms")
         .arg("1000")
         // The splice (off by default) is on, to check it takes the hop to the pod address.
         .arg("--sockmap")
@@ -330,7 +330,7 @@ struct Attempt<'a> {
     reason: &'static str,
     cert: Option<&'a str>,
     bytes: Vec<u8>,
-    /// Keep the connection open this long after sending (to trip the preamble deadline).
+    /// Keep the connection open this long after sending (to trip the HTTP/2 preface deadline).
     linger: Duration,
 }
 
@@ -345,7 +345,7 @@ fn s_client(pods: &PodPair, attempt: &Attempt<'_>) {
         &format!("{}:15008", pods.b.addr),
         "-tls1_3",
         "-alpn",
-        "sidecar-tunnel/1",
+        "h2",
         "-quiet",
         "-no_ign_eof",
     ]);
@@ -394,6 +394,17 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
     );
     certs.ca("rogue-ca", TD);
     let untrusted = certs.issue("rogue-ca", CLIENT_ID, "untrusted", &[]);
+    let san = format!("subjectAltName = URI:{CLIENT_ID}\n");
+    let server_auth_only = certs.openssl_issue(
+        "ca",
+        "server-auth-only",
+        &format!("{san}keyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n"),
+    );
+    let no_key_usage = certs.openssl_issue(
+        "ca",
+        "no-key-usage",
+        &format!("{san}extendedKeyUsage = serverAuth, clientAuth\n"),
+    );
     let pods = PodPair::create(13);
     let server = start_server(&pods, &server_tls, ports::take());
 
@@ -423,26 +434,28 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
             bytes: vec![],
             linger: no_wait,
         },
+        // A certificate made for servers only, presented by a client.
         Attempt {
-            reason: "preamble_malformed",
+            reason: "key_usage",
+            cert: Some(&server_auth_only),
+            bytes: vec![],
+            linger: no_wait,
+        },
+        // No key usage extension: no workload certificate (X.509-SVID).
+        Attempt {
+            reason: "key_usage",
+            cert: Some(&no_key_usage),
+            bytes: vec![],
+            linger: no_wait,
+        },
+        Attempt {
+            reason: "http2_preface",
             cert: Some(&good),
             bytes: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             linger: no_wait,
         },
         Attempt {
-            reason: "preamble_oversized",
-            cert: Some(&good),
-            bytes: vec![b'S', b'C', 1, 0, 0xff, 0xff],
-            linger: no_wait,
-        },
-        Attempt {
-            reason: "preamble_truncated",
-            cert: Some(&good),
-            bytes: vec![b'S', b'C', 1, 0, 0, 20, 1, 18, 0],
-            linger: no_wait,
-        },
-        Attempt {
-            reason: "preamble_timeout",
+            reason: "http2_timeout",
             cert: Some(&good),
             bytes: vec![],
             linger: Duration::from_millis(2500),
@@ -458,9 +471,13 @@ fn inbound_refusals_are_counted_and_logged_by_reason() {
     let rejections = &done.report().inbound_rejections;
     let stderr = done.stderr_text();
     for attempt in &attempts {
+        let expected = attempts
+            .iter()
+            .filter(|a| a.reason == attempt.reason)
+            .count() as u64;
         assert_eq!(
             rejections.get(attempt.reason).copied(),
-            Some(1),
+            Some(expected),
             "{} refusals counted: {rejections:?}\nstderr:\n{stderr}",
             attempt.reason
         );
@@ -560,8 +577,11 @@ fn wait_output(run: &SidecarRun, needle: &str) {
     );
 }
 
-/// (resumed, peer identity) of each of `report`'s connections in `direction`, by id.
-fn handshakes(report: &Report, direction: &str) -> Vec<(Option<bool>, Option<String>)> {
+/// How each of `report`'s connections in `direction` got its tunnel, by id: (TLS resumed,
+/// rode a connection already open, peer identity).
+type Handshake = (Option<bool>, Option<bool>, Option<String>);
+
+fn handshakes(report: &Report, direction: &str) -> Vec<Handshake> {
     let mut conns: Vec<_> = report
         .connections
         .iter()
@@ -578,21 +598,29 @@ fn handshakes(report: &Report, direction: &str) -> Vec<(Option<bool>, Option<Str
     }
     conns
         .iter()
-        .map(|c| (c.tls_resumed, c.peer_identity().map(String::from)))
+        .map(|c| {
+            (
+                c.tls_resumed,
+                c.tunnel_reused,
+                c.peer_identity().map(String::from),
+            )
+        })
         .collect()
 }
 
-/// A second tunnel to a peer resumes the first one's TLS session (no certificate exchange)
-/// and still carries both verified identities. A rotation of either end's certificate ends
-/// that: the next tunnel is a full handshake presenting the new certificate, never a
-/// resumption of a session made under the old one.
+/// A second connection to a peer rides the first one's HBONE connection (a stream, no
+/// handshake at all) and still carries both verified identities. A rotation of either end's
+/// certificate ends that: the next connection is a new tunnel with a full handshake presenting
+/// the new certificate (the client's pool keys on its credentials; the server sends GOAWAY on
+/// connections made before its rotation), never a stream on, or a resumption of, a connection
+/// made under the old one.
 #[test]
-fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
+fn streams_share_a_connection_until_either_end_rotates_its_certificate() {
     if !sidecar_tests::privileged() || !require("nsenter") {
         return;
     }
     let _serial = serial();
-    let certs = certs("resumption");
+    let certs = certs("rotation");
     let client_tls = certs.issue("ca", CLIENT_ID, "client", &[]);
     let server_tls = certs.issue("ca", SERVER_ID, "server", &[]);
     let (client_v2, server_v2) = (
@@ -636,12 +664,28 @@ fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
         .start();
 
     wait_output(&client, "STAGE1 0");
+    // Between the stages the client's pool holds the one connection, idle, to pod B.
+    let status = pods.a.http_get(([127, 0, 0, 1], 15000).into(), "/status");
+    let body = status.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let status: serde_json::Value = serde_json::from_str(body).expect("/status is JSON");
+    assert_eq!(
+        status["tunnels"],
+        serde_json::json!([{
+            "peer": format!("{}:15008", pods.b.addr),
+            "identity": SERVER_ID,
+            "streams": 0,
+        }]),
+        "{status:#}"
+    );
     certs.issue("ca", client_v2, "client", &[]);
     wait_output(&client, "rotated to new certificates");
     std::fs::write(&go_client, b"").unwrap();
     wait_output(&client, "STAGE2 0");
     certs.issue("ca", server_v2, "server", &[]);
     wait_output(&server, "rotated to new certificates");
+    // The server notices its rotation within a second and sends GOAWAY on the old
+    // connections; the client's next stream must not race it.
+    std::thread::sleep(Duration::from_millis(2500));
     std::fs::write(&go_server, b"").unwrap();
 
     let client = client.finish(RUN_TIMEOUT);
@@ -651,31 +695,33 @@ fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
         lines.len() == 6 && lines.iter().all(|l| l.ok),
         "echoes: {lines:#?}"
     );
-    let (full, resumed) = (Some(false), Some(true));
+    let (full, new, reused) = (Some(false), Some(false), Some(true));
     let id = |s: &str| Some(s.to_string());
     assert_eq!(
         handshakes(client.report(), "outbound"),
         vec![
-            (full, id(SERVER_ID)),
-            (resumed, id(SERVER_ID)),
-            // The client rotated: its new session cache has nothing to offer.
-            (full, id(SERVER_ID)),
-            (resumed, id(SERVER_ID)),
-            // The server rotated: its new ticket key cannot open the client's ticket.
-            (full, id(server_v2)),
-            (resumed, id(server_v2)),
+            (full, new, id(SERVER_ID)),
+            (None, reused, id(SERVER_ID)),
+            // The client rotated: a new connection, and its new session cache has nothing
+            // to offer.
+            (full, new, id(SERVER_ID)),
+            (None, reused, id(SERVER_ID)),
+            // The server rotated: GOAWAY, and its new ticket key cannot open the client's
+            // ticket.
+            (full, new, id(server_v2)),
+            (None, reused, id(server_v2)),
         ],
-        "outbound handshakes (resumed, server identity)"
+        "outbound tunnels (resumed, reused, server identity)"
     );
     let log = std::fs::read_to_string(&access_log).expect("reading the access log");
-    let logged: Vec<Option<bool>> = log
+    let logged: Vec<(Option<bool>, Option<bool>)> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|r| r["tls_resumed"].as_bool())
+        .map(|r| (r["tls_resumed"].as_bool(), r["tunnel_reused"].as_bool()))
         .collect();
     assert_eq!(
         logged,
-        [full, resumed, full, resumed, full, resumed],
+        [(full, new), (None, reused)].repeat(3),
         "access log:\n{log}"
     );
 
@@ -684,14 +730,14 @@ fn tunnels_resume_sessions_until_either_end_rotates_its_certificate() {
     assert_eq!(
         handshakes(done.report(), "inbound"),
         vec![
-            (full, id(CLIENT_ID)),
-            (resumed, id(CLIENT_ID)),
-            (full, id(client_v2)),
-            (resumed, id(client_v2)),
-            (full, id(client_v2)),
-            (resumed, id(client_v2)),
+            (full, new, id(CLIENT_ID)),
+            (None, reused, id(CLIENT_ID)),
+            (full, new, id(client_v2)),
+            (None, reused, id(client_v2)),
+            (full, new, id(client_v2)),
+            (None, reused, id(client_v2)),
         ],
-        "inbound handshakes (resumed, client identity)"
+        "inbound tunnels (resumed, reused, client identity)"
     );
 }
 

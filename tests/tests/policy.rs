@@ -1005,3 +1005,90 @@ fn strict_inbound_without_tls_is_refused() {
     );
     assert_no_leftovers(done.pid);
 }
+
+/// Every entry of a policy trie (`POLICY_OUT` or `POLICY_PROXIED`) of run `pid`, removed: what
+/// a connect hook sees when it looks into a slot a reload is emptying or filling.
+fn empty_policy_trie(pid: u32, name: &str) -> usize {
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use sidecar_common::{PortBitmap, ScopedAddr};
+    let mut trie: LpmTrie<aya::maps::MapData, ScopedAddr, PortBitmap> =
+        sidecar_tests::bpf::pinned_map(pid, name)
+            .expect("the run's policy trie")
+            .try_into()
+            .expect("an LPM trie");
+    let keys: Vec<Key<ScopedAddr>> = trie
+        .keys()
+        .take(10_000)
+        .collect::<Result<_, _>>()
+        .expect("reading the trie's keys");
+    for key in &keys {
+        trie.remove(key).expect("removing a trie entry");
+    }
+    keys.len()
+}
+
+/// A connect hook that finds no entry in the live policy slot (a reload emptying or filling
+/// it under the hook) sends the connection to the proxy, which holds the policy in force and
+/// refuses it; it never lets it pass through. The test empties the tries through the run's
+/// pins, which is what a hook sees in that window, then connects to a denied destination
+/// that would answer if reached.
+#[test]
+fn a_connect_that_finds_the_policy_slot_empty_goes_to_the_proxy_not_through() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new("policy-empty-slot");
+    let echo = EchoServer::start_v4();
+    let denied: SocketAddr = ([127, 0, 0, 1], echo.port()).into();
+    let file = scratch.write(
+        "policy.toml",
+        &format!(
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"127.0.0.1/32\"]\nports = [{}]\n",
+            echo.port()
+        ),
+    );
+    let go = scratch.path("go");
+    let script = format!(
+        "echo READY; {}; {CLIENT} connect-fail --addr '{denied}'",
+        wait_for_file(&go)
+    );
+    let mut run = SidecarRun::builder(ports::take())
+        .passthrough()
+        .arg("--policy")
+        .arg(&file)
+        .command(["sh", "-c", &script])
+        .start();
+    wait_for_line(&run, "READY");
+    let removed = empty_policy_trie(run.pid(), sidecar_common::maps::POLICY_OUT);
+    assert!(
+        removed >= 2,
+        "the policy's entries were in the trie ({removed})"
+    );
+    fs::write(&go, "").expect("letting the script go");
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+
+    let lines: Vec<ConnectFailLine> = done.parse_stdout();
+    assert_eq!(lines.len(), 1, "{:?}", done.stdout);
+    assert!(
+        lines[0].error.is_some(),
+        "the denied destination answered: {lines:?}"
+    );
+    assert!(
+        echo.peers().is_empty(),
+        "reached the echo server: {:?}",
+        echo.peers()
+    );
+    let conns = &done.report().connections;
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(conns[0].path, "proxy", "{:?}", conns[0]);
+    assert_eq!(conns[0].original_dst, Some(denied), "{:?}", conns[0]);
+    assert_eq!(
+        done.report()
+            .counters
+            .get(sidecar_common::Counter::ConnectPolicyDenied),
+        0
+    );
+    assert_no_leftovers(done.pid);
+}

@@ -614,14 +614,7 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
     );
 
     // Cleanup restores the host: the app, moved out of the removed cgroup, connects directly.
-    let out = sidecar_tests::run::cleanup_output().unwrap_or_else(|e| panic!("{e}"));
-    // What could not be removed is on stdout (`could not clean up: …`), errors on stderr.
-    assert!(
-        out.status.success(),
-        "`sidecar cleanup` failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sidecar_tests::run::cleanup();
     let files = sidecar_tests::leftover_files(pid);
     assert!(files.is_empty(), "`sidecar cleanup` left: {files:?}");
     fs::write(&go2, b"").unwrap();
@@ -638,6 +631,85 @@ fn sigkill_mid_stream_fails_closed_until_cleanup() {
     );
     for p in &app {
         host::kill_if_still(*p, "sidecar-testclient");
+    }
+    assert_no_leftovers(pid);
+}
+
+/// Fail closed means refused: after SIGKILL the connect hooks stay attached and keep
+/// steering the app's connects to the proxy port, and an unprivileged user (nobody) who binds
+/// that port must receive nothing: the hooks redirect only to a listener carrying the proxy's
+/// mark (SO_MARK, which nobody cannot set), so the app's connect fails with EPERM, counted.
+#[test]
+fn a_killed_sidecar_s_port_bound_by_another_user_receives_nothing() {
+    if !privileged() || !sidecar_tests::require("setpriv") {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let scratch = Scratch::new("scr-kill-bind");
+    let (go, out) = (scratch.path("go"), scratch.path("out"));
+    let script = format!(
+        "{w}; {CLIENT} connect-fail {addr} > {o} 2>&1",
+        w = wait_for_file(&go),
+        addr = arg("--addr", server.addr()),
+        o = out.display(),
+    );
+    let proxy_port = ports::take();
+    let mut run = SidecarRun::builder(proxy_port)
+        .arg("--admin-addr=off")
+        .command(["sh", "-c", &script])
+        .start();
+    let pid = run.pid();
+    host::wait_until(Duration::from_secs(20), || !run.app_pids().is_empty());
+    let app = run.app_pids();
+    assert!(!app.is_empty(), "the app runs in the app cgroup");
+    run.signal(libc::SIGKILL);
+    run.wait_exit(Duration::from_secs(10))
+        .expect("a SIGKILLed sidecar exits");
+
+    // nobody takes the proxy's port (an echo server that prints a line per connection).
+    let public = host::PublicCopy::of(Path::new(CLIENT));
+    let mut impostor = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(public.path())
+        .args(["serve", &format!("--addr=127.0.0.1:{proxy_port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the impostor as nobody");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        impostor.stdout.take().expect("piped stdout"),
+    ));
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.is_ok_and(|l| l.trim() == "READY")),
+        "nobody could not bind the proxy port {proxy_port}"
+    );
+
+    fs::write(&go, b"").unwrap();
+    let fail = wait_connect_fail(&out);
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    let accepted: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        fail.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("connect: Operation not permitted")),
+        "the app's connect should be refused at connect(): {fail:?}"
+    );
+    assert!(accepted.is_empty(), "the impostor received {accepted:?}");
+    assert!(server.peers().is_empty(), "{:?}", server.peers());
+    let counters = sidecar_tests::bpf::live_counters(pid).expect("the run counters, from its pins");
+    assert_eq!(
+        counters.get(sidecar_common::Counter::ConnectProxyNotListening),
+        1,
+        "{counters:?}"
+    );
+
+    sidecar_tests::run::cleanup();
+    for p in &app {
+        host::kill_if_still(*p, "sh");
     }
     assert_no_leftovers(pid);
 }
@@ -664,7 +736,7 @@ fn wait_connect_fail(file: &Path) -> ConnectFailLine {
 // Security edges
 
 /// A mesh peer can never reach the sidecar itself through an inbound tunnel: a tunnel whose
-/// preamble names the sidecar's admin (or proxy, or tunnel) port is refused and counted
+/// CONNECT names the sidecar's admin (or proxy, or tunnel) port is refused and counted
 /// (`own_port`), while the app's port in the same pod works. The admin port binds loopback
 /// by default, so it is not reachable from the other pod in plaintext either. Two network
 /// namespaces joined by a veth, with no route out.

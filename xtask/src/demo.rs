@@ -3,8 +3,9 @@
 //! 1. One sidecar: a small page served on 127.0.0.1 by this process, fetched with
 //!    `sidecar run -- curl`: interception, the kernel fast path and the exit summary.
 //! 2. Two "pods" (network namespaces joined by a veth pair, no route out), each with its
-//!    sidecar: curl in pod A fetches a page from a server in pod B over mTLS; both sidecars
-//!    print the verified SPIFFE identity of the other. Certificates are minted on the spot
+//!    sidecar: curl in pod A fetches a page twice from a server in pod B over HBONE (mTLS);
+//!    both sidecars print the verified SPIFFE identity of the other, and that the second
+//!    connection rode the first one's tunnel connection. Certificates are minted on the spot
 //!    with `sidecar cert`; the namespaces and certificates are removed afterwards.
 
 use std::{
@@ -101,7 +102,10 @@ fn in_pod(ns: &str, sidecar: &std::path::Path) -> Command {
 }
 
 fn two_pods_over_mtls(sidecar: &std::path::Path) -> Result<()> {
-    step("act 2 — two pods, two sidecars, mTLS (namespaces sidecar-demo-a/b, 10.250.0.0/30)");
+    step(
+        "act 2 — two pods, two sidecars, mTLS over HBONE (namespaces sidecar-demo-a/b, \
+         10.250.0.0/30)",
+    );
     let pods = Pods::create()?;
     let dir = |name: &str| pods.certs.join(name).display().to_string();
     run(Command::new(sidecar).args([
@@ -166,15 +170,16 @@ fn two_pods_over_mtls(sidecar: &std::path::Path) -> Result<()> {
                 "--mesh-cidrs",
                 &format!("{ADDR_B}/32"),
             ])
+            // Two requests, two connections: the second rides the first one's HBONE
+            // connection (the summaries say "reused tunnel").
             .args([
                 "--",
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "pod A got HTTP %{http_code} from pod B\n",
-                &url,
+                "sh",
+                "-c",
+                &format!(
+                    "for n in 1 2; do curl -sS -o /dev/null -w \"pod A got HTTP %{{http_code}} \
+                     from pod B (connection $n)\\n\" {url} || exit 1; done"
+                ),
             ])
             .status()
             .context("starting pod A's sidecar")

@@ -1,5 +1,5 @@
-//! `cargo xtask fuzz`: runs every cargo-fuzz target (network bytes: preamble; configuration:
-//! policy file, credentials PEM, CLI values; admin request heads; agent registration requests)
+//! `cargo xtask fuzz`: runs every cargo-fuzz target (network bytes: the HBONE server's HTTP/2;
+//! configuration: policy file, credentials PEM, CLI values; agent registration requests)
 //! for a bounded time (installing cargo-fuzz when missing). `cargo xtask test` runs it briefly
 //! so the targets cannot rot; crashes found become regression tests beside the parser.
 
@@ -11,11 +11,10 @@ use crate::{build_ebpf::workspace_root, output, run, step, toolchain::NIGHTLY};
 
 /// Fuzz crates (relative to the workspace root) and their targets.
 const TARGETS: &[(&str, &str)] = &[
-    ("sidecar-user/fuzz", "preamble"),
+    ("sidecar-user/fuzz", "hbone_server"),
     ("sidecar-user/fuzz", "policy"),
     ("sidecar-user/fuzz", "tls_pem"),
     ("sidecar-user/fuzz", "config"),
-    ("sidecar-user/fuzz", "admin_http"),
     ("sidecar-user/fuzz", "agent_protocol"),
 ];
 

@@ -61,6 +61,9 @@ enum Cmd {
     /// (internal) The bench's idle-connections command: opens and holds connections.
     #[command(hide = true)]
     BenchHold(bench::idle::HoldArgs),
+    /// (internal) The meshed idle-connections' server, in the server pod.
+    #[command(hide = true)]
+    BenchHoldServe(bench::idle::HoldServeArgs),
     /// Run the integration tests on Debian's 5.10, 6.1, 6.12, 6.18 and 7.3 kernels under qemu (TCG):
     /// fetches the kernels through a private apt configuration, boots each with a static
     /// initramfs, reports pass/fail, test counts and boot time per kernel.
@@ -84,11 +87,12 @@ fn main() -> Result<()> {
         Cmd::BenchServer(args) => bench::load::server(&args),
         Cmd::BenchClient(args) => bench::load::client(&args),
         Cmd::BenchHold(args) => bench::idle::hold(&args),
+        Cmd::BenchHoldServe(args) => bench::idle::hold_serve(&args),
         Cmd::VmTest(opts) => vmtest::vm_test(&opts),
     }
 }
 
-/// Seconds per fuzz target in `cargo xtask test` (six targets: 120 s in all).
+/// Seconds per fuzz target in `cargo xtask test` (five targets: 100 s in all).
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn test(args: &[String]) -> Result<()> {

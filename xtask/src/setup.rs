@@ -64,6 +64,16 @@ const TOOLS: &[Tool] = &[
         why: "the bench's userspace-proxy peer",
     },
     Tool {
+        command: "wrk",
+        package: "wrk",
+        why: "the bench's HTTP cross-check (client)",
+    },
+    Tool {
+        command: "nginx",
+        package: "nginx-light",
+        why: "the bench's HTTP cross-check (server)",
+    },
+    Tool {
         command: "curl",
         package: "curl",
         why: "the Kubernetes tests read a pod sidecar's /readyz",

@@ -39,6 +39,7 @@ const ADMIN_LIMITS: http::Limits = http::Limits {
     total: 64,
     per_peer: 16,
     head_timeout: http::HEAD_TIMEOUT,
+    answer_timeout: http::ANSWER_TIMEOUT,
 };
 /// The probe listener: kubelet sends its request as soon as it connects and probes a pod a
 /// few times at once at most, so a peer gets 8 slots and 2 s to send its head.
@@ -46,6 +47,7 @@ const PROBE_LIMITS: http::Limits = http::Limits {
     total: 128,
     per_peer: 8,
     head_timeout: Duration::from_secs(2),
+    answer_timeout: http::ANSWER_TIMEOUT,
 };
 /// Rows `/connections` returns at most.
 pub const MAX_CONNECTION_ROWS: usize = 10_000;
@@ -275,6 +277,7 @@ fn route(state: &AdminState, endpoints: Endpoints, req: &Request) -> Response {
                     "count": total,
                     "truncated": total > rows.len(),
                     "connections": rows,
+                    "tunnels": t.tunnel_pool(),
                 }),
             )
         }

@@ -5,12 +5,15 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::{
-    InterceptionInfo, PolicyStatus, Telemetry, TlsStatus,
-    labels::{Direction, Mode, Outcome, Path, Protection, Transport},
-    metrics::LEGS,
-    process::Usage,
-    unix_secs,
+use crate::{
+    telemetry::{
+        InterceptionInfo, PolicyStatus, Telemetry, TlsStatus,
+        labels::{Direction, Mode, Outcome, Path, Protection, Transport},
+        metrics::LEGS,
+        process::Usage,
+        unix_secs,
+    },
+    tunnel::pool::PoolRow,
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,6 +30,9 @@ pub struct Status {
     pub tls: Option<TlsStatus>,
     /// The policy in force (`None`: no `--policy`, everything allowed).
     pub policy: Option<PolicyStatus>,
+    /// The pooled HBONE connections to peers open now (absent from older sidecars).
+    #[serde(default)]
+    pub tunnels: Vec<PoolRow>,
     /// The eBPF counters, summed over CPUs (empty when not attached).
     pub ebpf: BTreeMap<String, u64>,
     pub uptime_secs: f64,
@@ -188,6 +194,7 @@ impl Status {
             mode: security.mode,
             tls: security.tls,
             policy: security.policy,
+            tunnels: t.tunnel_pool(),
             ebpf: ebpf
                 .unwrap_or_default()
                 .into_iter()
@@ -258,6 +265,7 @@ impl Status {
         );
         if let Some(tls) = &self.tls {
             row(&mut out, "tls", &tls_summary(tls, now));
+            row(&mut out, "tunnels", &tunnels_summary(&self.tunnels));
         }
         row(&mut out, "uptime", &format!("{:.1}s", self.uptime_secs));
         if let Some(p) = &self.process {
@@ -300,6 +308,26 @@ fn tls_summary(tls: &TlsStatus, now: u64) -> String {
         tls.mesh_cidrs.join(", "),
         tls.inbound.as_deref().unwrap_or("off")
     )
+}
+
+/// The pool in one line: connections, peers, streams, then each connection.
+pub fn tunnels_summary(tunnels: &[PoolRow]) -> String {
+    let mut peers: Vec<_> = tunnels.iter().map(|t| t.peer).collect();
+    peers.dedup();
+    let streams: u32 = tunnels.iter().map(|t| t.streams).sum();
+    let each: Vec<String> = tunnels
+        .iter()
+        .map(|t| format!("{} {} ({} stream(s))", t.peer, t.identity, t.streams))
+        .collect();
+    let mut line = format!(
+        "{} pooled HBONE connection(s) to {} peer(s), {streams} stream(s) open",
+        tunnels.len(),
+        peers.len()
+    );
+    if !each.is_empty() {
+        let _ = write!(line, ": {}", each.join(", "));
+    }
+    line
 }
 
 fn process_summary(p: &ProcessStatus) -> String {

@@ -179,9 +179,12 @@ impl Report {
                 Direction::Outbound => "out",
                 Direction::Inbound => "in",
             };
-            let peer = match r.peer_identity() {
-                Some(id) => format!("mTLS {id}"),
-                None => "plaintext".to_string(),
+            // Over HBONE: a new tunnel connection, or a stream on one already open.
+            let peer = match (r.peer_identity(), r.tunnel_reused) {
+                (Some(id), Some(true)) => format!("mTLS {id} (reused tunnel)"),
+                (Some(id), Some(false)) => format!("mTLS {id} (new tunnel)"),
+                (Some(id), None) => format!("mTLS {id}"),
+                (None, _) => "plaintext".to_string(),
             };
             let _ = writeln!(
                 out,

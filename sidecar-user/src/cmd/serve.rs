@@ -24,7 +24,11 @@ use crate::{
     redirect::Redirect,
     telemetry::{
         PolicyStatus, Security, SecuritySource, Telemetry, TelemetrySettings, TlsStatus,
-        access_log::AccessLogTarget, labels::Direction, process, record::Journal, unix_secs,
+        access_log::AccessLogTarget,
+        labels::{Direction, Protection},
+        process,
+        record::Journal,
+        unix_secs,
     },
     tls::{self, TlsState},
 };
@@ -51,7 +55,12 @@ pub struct Serving {
 impl Serving {
     /// Starts the runtime, telemetry and the admin server; `config` is what `/config` shows
     /// (already redacted). A busy chosen admin address is an error; a busy default one is not.
-    pub fn start(observe: &ObserveOptions, config: serde_json::Value) -> Result<Self> {
+    /// `protection` is what `/status` shows until [`Serving::secured`].
+    pub fn start(
+        observe: &ObserveOptions,
+        protection: Protection,
+        config: serde_json::Value,
+    ) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -59,6 +68,7 @@ impl Serving {
         let telemetry = Telemetry::new(TelemetrySettings {
             access_log: observe.access_log != AccessLogTarget::Off,
             destination_labels: observe.destination_labels,
+            protection,
         });
         let state = AdminState {
             telemetry: telemetry.clone(),
@@ -183,14 +193,56 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// Marks the outbound listeners as the proxy's (see `flags::CHECK_LISTENER`).
+    pub fn mark_outbound(&self, mark: u32) -> Result<()> {
+        for l in std::iter::once(&self.outbound_v4).chain(&self.outbound_v6) {
+            set_mark(l, mark).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot mark the proxy's listener (SO_MARK needs CAP_NET_ADMIN): {e}"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Like [`bind`](Self::bind), but a port still held by another process (the sidecar
+    /// this one replaces: it gives its ports up as its drain starts) is tried again every
+    /// 10 ms for up to `wait`, so the replacement listens the moment the old one stops.
+    pub fn bind_waiting(
+        proxy_port: u16,
+        inbound: Option<SocketAddr>,
+        wait: Duration,
+    ) -> Result<Self> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::bind(proxy_port, inbound) {
+                Err(e) if is_port_busy(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(PORT_WAIT_POLL);
+                }
+                bound => return bound,
+            }
+        }
+    }
+
+    /// Whether an IPv6 loopback listener can be had (what [`bind`](Self::bind) would find),
+    /// for a run that binds its ports only later.
+    pub fn ipv6_available() -> bool {
+        StdListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+    }
+
     pub fn bind(proxy_port: u16, inbound: Option<SocketAddr>) -> Result<Self> {
         let (outbound_v4, outbound_v6) = bind_outbound(proxy_port)?;
         let inbound = match inbound {
             Some(addr) => Some(StdListener::bind(addr).map_err(|e| {
-                anyhow::anyhow!(
+                let message = format!(
                     "cannot listen for tunnels on {addr}: {e}: pick another with --inbound-port, \
                      or --no-inbound for a client-only sidecar"
-                )
+                );
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    anyhow::Error::new(PortBusy(message))
+                } else {
+                    anyhow::anyhow!(message)
+                }
             })?),
             None => None,
         };
@@ -219,15 +271,10 @@ fn mesh(
         tls::reload::Rotation::Refused(_) => watched.certificates_refused(),
     };
     let _watcher = tls::reload::spawn_watcher(tls.clone(), ROTATION_POLL, on_change);
-    Mesh::new(
-        tls,
-        m.mesh_cidrs.clone(),
-        m.tunnel_port,
-        m.permissive,
-        connect_timeout,
-        m.preamble_timeout,
-    )
-    .with_own_ports(own_ports)
+    let events = Arc::new(crate::telemetry::PoolTelemetry(telemetry.clone()));
+    let mesh = Mesh::new(tls, m, connect_timeout, events).with_own_ports(own_ports);
+    telemetry.pooling(mesh.pool.clone());
+    mesh
 }
 
 /// Starts the accept loops on the current runtime and marks the listeners serving.
@@ -251,14 +298,27 @@ fn start(proxy: &Arc<Proxy>, listeners: Listeners, telemetry: &Telemetry) -> Res
     Ok(())
 }
 
+/// A port of ours that another socket listens on (the message names it and the flag).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PortBusy(String);
+
+/// Whether [`Listeners::bind`] failed because a port was taken (and may free up).
+pub fn is_port_busy(e: &anyhow::Error) -> bool {
+    e.is::<PortBusy>()
+}
+
+/// How often a busy port is tried again (`--port-wait-ms`).
+const PORT_WAIT_POLL: Duration = Duration::from_millis(10);
+
 /// Binds the proxy's outbound listeners. IPv6 is optional: without `::1`, native IPv6
 /// connects are not intercepted (v4-mapped ones go to the IPv4 listener).
 fn bind_outbound(port: u16) -> Result<(StdListener, Option<StdListener>)> {
     let in_use = |addr: SocketAddr, e: io::Error| {
         if e.kind() == io::ErrorKind::AddrInUse {
-            anyhow::anyhow!(
+            anyhow::Error::new(PortBusy(format!(
                 "proxy port {port} is already in use on {addr}: pick another with --proxy-port"
-            )
+            )))
         } else {
             anyhow::anyhow!("cannot listen on {addr}: {e}")
         }
@@ -277,8 +337,9 @@ fn bind_outbound(port: u16) -> Result<(StdListener, Option<StdListener>)> {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(in_use(v6, e)),
         Err(e) => {
             warn!(
-                "no IPv6 listener on {v6} ({e}): native IPv6 connects will not be intercepted \
-                 (IPv4 through IPv6 sockets still is)"
+                "no IPv6 listener on {v6} ({e}): native IPv6 connects the proxy must see are \
+                 refused (those that pass through still do; IPv4 through IPv6 sockets is \
+                 intercepted as usual)"
             );
             None
         }
@@ -290,6 +351,27 @@ fn bind_outbound(port: u16) -> Result<(StdListener, Option<StdListener>)> {
 /// overflow it, and the overflowed clients see resets before the proxy ever accepts them.
 /// `listen()` again on a listening socket only changes its backlog; the kernel caps it at
 /// `net.core.somaxconn`.
+/// Sets SO_MARK on a listener (CAP_NET_ADMIN): the connect hooks redirect only to a
+/// listener that carries the proxy's mark.
+fn set_mark(listener: &StdListener, mark: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a u32 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            std::ptr::from_ref(&mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn widen_accept_queue(listener: &StdListener) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: listen() on a socket we own; no memory is passed.

@@ -85,6 +85,9 @@ pub fn status(args: &StatusArgs) -> Result<String> {
 struct ConnList {
     count: usize,
     connections: Vec<ConnRow>,
+    /// The pooled HBONE connections (absent from older sidecars).
+    #[serde(default)]
+    tunnels: Vec<crate::tunnel::pool::PoolRow>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +150,13 @@ pub fn conns_once(admin: SocketAddr, json: bool) -> Result<String> {
         );
     }
     let _ = writeln!(out, "{} open connection(s)", list.count);
+    if !list.tunnels.is_empty() {
+        let _ = writeln!(
+            out,
+            "tunnels: {}",
+            crate::admin::status::tunnels_summary(&list.tunnels)
+        );
+    }
     Ok(out)
 }
 

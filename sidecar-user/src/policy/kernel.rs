@@ -284,9 +284,15 @@ impl Compiled {
 }
 
 /// The workload's policy maps, opened from the run's pins. Installing a policy fills the
-/// slot that is not live (in both tries), flips `POLICY_STATE` to it in one map update (the
-/// connect hooks read the slot once per connect, so they see the old policy or the new one,
-/// never a mix), then empties the old slot.
+/// slot that is not live (in both tries), then flips `POLICY_STATE` to it in one map update:
+/// the connect hooks read the slot once per connect, so they see the old policy or the new
+/// one, never a mix. The old slot is left as it is until the next install (a hook that read
+/// the state just before the flip may still be looking in it), which empties it first.
+///
+/// A slot is filled most specific prefix first and emptied least specific first, so a hook
+/// that looks into one half done finds either the entry a full slot would give it or no entry
+/// at all — never a shorter prefix's (the /0 entry's allow where a longer one denies) — and
+/// the hook sends a miss to the proxy.
 pub struct KernelPolicy {
     scope: u32,
     state: HashMap<MapData, u32, PolicyState>,
@@ -320,7 +326,9 @@ impl KernelPolicy {
     pub fn install(&mut self, compiled: &Compiled) -> Result<(), KernelPolicyError> {
         let slot = self.live.map_or(0, |s| 1 - s);
         self.clear(slot);
-        for e in &compiled.entries {
+        let mut entries: Vec<_> = compiled.entries.iter().collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.prefix.len));
+        for e in entries {
             let key = Key::new(
                 lpm_prefix_len(false, e.prefix.len),
                 ScopedAddr::new(policy_scope(self.scope, slot), e.prefix.bytes()),
@@ -368,14 +376,13 @@ impl KernelPolicy {
                 source,
             });
         }
-        if let Some(old) = self.live.replace(slot) {
-            self.clear(old);
-        }
+        self.live = Some(slot);
         Ok(())
     }
 
+    /// Empties `slot`, least specific prefix first (the reverse of filling).
     fn clear(&mut self, slot: u32) {
-        for key in self.keys[slot as usize].drain(..) {
+        for key in self.keys[slot as usize].drain(..).rev() {
             let _ = self.denied.remove(&key);
             let _ = self.proxied.remove(&key);
         }

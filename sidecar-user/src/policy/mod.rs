@@ -203,7 +203,7 @@ impl Enforcer {
 
     /// For `sidecar proxy`, which has no access to the kernel maps: puts `loaded` in force in
     /// the proxy only (outbound rules are applied when the proxy connects upstream, inbound
-    /// ones after the preamble) and starts watching the file. Needs a tokio runtime.
+    /// ones per tunnel stream) and starts watching the file. Needs a tokio runtime.
     pub fn start_in_proxy(path: &Path, loaded: Loaded) -> Result<Arc<Self>, LoadError> {
         let enforcer = Self::new(path.into(), loaded, None, None)?;
         info!(

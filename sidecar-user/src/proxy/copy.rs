@@ -62,21 +62,21 @@ impl Drop for Buffer {
 
 /// A read half the copy can wait on before it takes a buffer.
 pub trait Source: AsyncRead + Unpin {
-    /// Resolves once a read can make progress. A plain socket knows (epoll readiness); a TLS
-    /// stream cannot tell from outside whether a whole record is there, so it resolves at
-    /// once and the read itself waits (holding its buffer, as rustls holds its own).
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Resolves once a read can make progress: a plain socket knows from epoll readiness, an
+    /// HBONE stream once its next DATA frame (or its end) is in.
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 impl Source for tokio::net::tcp::ReadHalf<'_> {
-    async fn ready(&self) -> io::Result<()> {
+    async fn ready(&mut self) -> io::Result<()> {
         self.readable().await
     }
 }
 
-impl<T: AsyncRead> Source for tokio::io::ReadHalf<T> {
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        std::future::ready(Ok(()))
+/// An HBONE stream knows when its next DATA frame is in, and keeps it until read.
+impl Source for crate::tunnel::stream::RecvHalf {
+    fn ready(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        crate::tunnel::stream::RecvHalf::ready(self)
     }
 }
 
@@ -111,7 +111,7 @@ impl CopyEnd {
 }
 
 /// Copies between the two halves of each side. Plain sockets pass `TcpStream::split` halves
-/// (no locking); TLS streams pass `tokio::io::split` halves.
+/// (no locking); HBONE streams pass their own recv and send halves.
 pub async fn bidirectional<CR, CW, UR, UW>(
     client: (CR, CW),
     upstream: (UR, UW),
@@ -192,9 +192,8 @@ where
             };
         }
         write_all_retrying(writer, &buf[..n]).await?;
-        // A TLS writer may hold encrypted records back when the socket would block; without
-        // a flush they would wait for the next write, and a peer waiting for them would stall.
-        // (A no-op on plain TCP halves.)
+        // A writer that buffers would hold the bytes back until its next write, and a peer
+        // waiting for them would stall. (A no-op on plain TCP halves and HBONE streams.)
         writer.flush().await?;
         total.fetch_add(n as u64, Ordering::Relaxed);
         meter(n as u64);

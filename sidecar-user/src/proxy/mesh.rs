@@ -15,6 +15,7 @@ use crate::{
     cidr::Cidr,
     telemetry::labels::Protection,
     tls::{TlsFiles, TlsState, layout::LayoutError},
+    tunnel,
 };
 
 /// How long a permissive-mode verdict is remembered.
@@ -36,8 +37,10 @@ pub struct MtlsOptions {
     pub mesh_cidrs: Vec<Cidr>,
     /// Other destinations: try mTLS, fall back to plaintext.
     pub permissive: bool,
-    /// How long a peer has, after the handshake, to send its preamble.
-    pub preamble_timeout: Duration,
+    /// HBONE connections: streams per pooled connection, idle close.
+    pub tunnel: tunnel::Settings,
+    /// How long a peer has, after the TLS handshake, to start HTTP/2.
+    pub preface_timeout: Duration,
 }
 
 /// The mesh flags, one help text each, shared by `sidecar run` and `sidecar proxy`.
@@ -65,19 +68,33 @@ pub struct MeshArgs {
     /// where no sidecar answers (the verdict is cached per address for a minute).
     #[arg(long)]
     pub permissive: bool,
-    /// With --tls-dir: how long a peer sidecar has, after the handshake, to send the tunnel
-    /// preamble, in milliseconds.
+    /// With --tls-dir: how long a peer has, after the TLS handshake, to start HTTP/2 (its
+    /// connection preface and settings), in milliseconds.
     #[arg(long, default_value_t = 5000)]
-    pub preamble_timeout_ms: u64,
+    pub hbone_preface_timeout_ms: u64,
+    /// With --tls-dir: streams (application connections) one pooled tunnel connection to a
+    /// peer carries at once; another connection is dialled when all are full.
+    #[arg(long, default_value_t = 100)]
+    pub pool_max_streams: u32,
+    /// With --tls-dir: close a pooled tunnel connection after this many seconds without a
+    /// stream.
+    #[arg(long, default_value_t = 60)]
+    pub pool_idle_timeout_secs: u64,
 }
 
 impl MeshArgs {
     /// `None` without `--tls-dir`; fails when the directory holds none of the certificate
     /// layouts we read.
-    pub fn options(self) -> Result<Option<MtlsOptions>, LayoutError> {
+    pub fn options(self) -> Result<Option<MtlsOptions>, MeshError> {
         let Some(dir) = self.tls_dir else {
             return Ok(None);
         };
+        if self.pool_max_streams == 0 {
+            return Err(MeshError::ZeroStreams);
+        }
+        if self.pool_idle_timeout_secs == 0 {
+            return Err(MeshError::ZeroIdle);
+        }
         Ok(Some(MtlsOptions {
             files: TlsFiles::discover(&dir)?,
             inbound: (!self.no_inbound)
@@ -85,7 +102,11 @@ impl MeshArgs {
             tunnel_port: self.inbound_port,
             mesh_cidrs: self.mesh_cidrs,
             permissive: self.permissive,
-            preamble_timeout: Duration::from_millis(self.preamble_timeout_ms),
+            tunnel: tunnel::Settings::new(
+                self.pool_max_streams,
+                Duration::from_secs(self.pool_idle_timeout_secs),
+            ),
+            preface_timeout: Duration::from_millis(self.hbone_preface_timeout_ms),
         }))
     }
 }
@@ -111,21 +132,37 @@ impl MtlsOptions {
             "tunnel_port": self.tunnel_port,
             "mesh_cidrs": self.mesh_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "permissive": self.permissive,
-            "preamble_timeout_ms": self.preamble_timeout.as_millis() as u64,
+            "pool_max_streams": self.tunnel.max_streams_per_connection,
+            "pool_idle_timeout_secs": self.tunnel.idle_timeout.as_secs(),
+            "hbone_preface_timeout_ms": self.preface_timeout.as_millis() as u64,
         })
     }
 }
 
+/// Mesh flags that cannot make a mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("--pool-max-streams must be at least 1")]
+    ZeroStreams,
+    #[error("--pool-idle-timeout-secs must be at least 1")]
+    ZeroIdle,
+}
+
 pub struct Mesh {
     pub tls: Arc<TlsState>,
+    /// Pooled HBONE connections to peers, shared by every outbound tunnelled connection.
+    pub pool: Arc<tunnel::pool::Pool>,
+    pub tunnel: tunnel::Settings,
     pub cidrs: Vec<Cidr>,
     /// The inbound (tunnel) port of every sidecar in the mesh.
     pub tunnel_port: u16,
     pub permissive: bool,
-    /// TLS handshake deadline, both directions.
+    /// TLS (and HTTP/2) handshake deadline, both directions.
     pub handshake_timeout: Duration,
-    /// How long the inbound side waits for the preamble after the handshake.
-    pub preamble_timeout: Duration,
+    /// How long a peer has, after the TLS handshake, to start HTTP/2.
+    pub preface_timeout: Duration,
     /// The sidecar's own local ports (proxy, tunnel, admin): a tunnel asking for one of
     /// them is refused, so a peer can never reach the sidecar itself through it.
     pub own_ports: Vec<u16>,
@@ -176,19 +213,19 @@ pub enum Route {
 impl Mesh {
     pub fn new(
         tls: Arc<TlsState>,
-        cidrs: Vec<Cidr>,
-        tunnel_port: u16,
-        permissive: bool,
+        options: &MtlsOptions,
         handshake_timeout: Duration,
-        preamble_timeout: Duration,
+        events: Arc<dyn tunnel::pool::PoolEvents>,
     ) -> Self {
         Self {
+            pool: Arc::new(tunnel::pool::Pool::new(tls.clone(), options.tunnel, events)),
+            tunnel: options.tunnel,
             tls,
-            cidrs,
-            tunnel_port,
-            permissive,
+            cidrs: options.mesh_cidrs.clone(),
+            tunnel_port: options.tunnel_port,
+            permissive: options.permissive,
             handshake_timeout,
-            preamble_timeout,
+            preface_timeout: options.preface_timeout,
             own_ports: Vec::new(),
             cache: VerdictCache::new(CACHE_TTL),
         }

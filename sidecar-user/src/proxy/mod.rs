@@ -1,10 +1,12 @@
 //! The proxy. Two data paths, each reading top to bottom in its own module:
 //!
 //! * [`outbound`]: accept (kernel-redirected) → original destination → mesh route → upstream
-//!   (plain, or mTLS tunnel to the destination's sidecar: handshake, then policy on the
-//!   verified server, then preamble) or policy then plain upstream → copy → record
-//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → preamble → policy →
-//!   connect the workload's own address → copy → record
+//!   (plain, or an HBONE stream to the destination's sidecar: a pooled mTLS connection,
+//!   policy on the verified server, then CONNECT) or policy then plain upstream → copy →
+//!   record
+//! * [`inbound`]: accept (tunnel port) → mTLS handshake, peer identity → HTTP/2; per CONNECT
+//!   stream: address check → policy → connect the workload's own address → 200 → copy →
+//!   record
 //!
 //! Both share one accept loop and one drain mechanism.
 
@@ -12,6 +14,7 @@ pub mod copy;
 pub mod guard;
 pub mod inbound;
 pub mod limits;
+pub mod log_budget;
 pub mod mesh;
 pub mod outbound;
 pub mod resilience;
@@ -118,7 +121,8 @@ impl ProxySettingsArgs {
     }
 }
 
-/// The proxy and its one drain mechanism: `stop_accepting` ends the accept loops,
+/// The proxy and its one drain mechanism: `stop_accepting` ends the accept loops, `go_away`
+/// (once the tunnel listener is closed) sends the peers' tunnel connections GOAWAY, and
 /// `abort` cuts the connections still open when the drain deadline passes.
 pub struct Proxy {
     settings: ProxySettings,
@@ -129,9 +133,14 @@ pub struct Proxy {
     /// Authorization policy; `None` allows everything.
     policy: Option<Arc<Enforcer>>,
     rejections: Rejections,
+    /// Bounds the warning lines of inbound refusals, per reason.
+    refusal_lines: log_budget::LogBudget,
     gate: limits::Gate,
     circuits: resilience::Circuits,
     stop_accepting: CancellationToken,
+    /// Cancelled once the tunnel listener is closed: a peer told to go away that dials
+    /// again never reaches it (its queue would be reset), only a replacement or nothing.
+    go_away: CancellationToken,
     abort: CancellationToken,
     tasks: TaskTracker,
 }
@@ -153,9 +162,11 @@ impl Proxy {
             telemetry,
             policy,
             rejections: Rejections::default(),
+            refusal_lines: log_budget::LogBudget::default(),
             gate: limits::Gate::new(settings.limits),
             circuits: resilience::Circuits::new(settings.connect_timeout),
             stop_accepting: CancellationToken::new(),
+            go_away: CancellationToken::new(),
             abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
@@ -171,7 +182,9 @@ impl Proxy {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
-                () = self.stop_accepting.cancelled() => return,
+                () = self.stop_accepting.cancelled() => {
+                    return self.stop_listening(listener, direction);
+                }
             };
             let (client, peer) = match accepted {
                 Ok(a) => a,
@@ -182,41 +195,81 @@ impl Proxy {
                     continue;
                 }
             };
-            let slots = match self.gate.admit(direction == Direction::Inbound) {
-                Ok(slots) => slots,
-                Err(cap) => {
-                    self.refuse_at_cap(client, direction, cap);
-                    continue;
-                }
-            };
-            let id = self.telemetry.connection_id();
-            let this = self.clone();
-            let span = info_span!("conn", id, dir = ?direction, client = %peer);
-            self.tasks.spawn(
-                async move {
-                    let _slot = slots.connection;
-                    let mut conn = this.telemetry.accept(id, direction, peer);
-                    // Boxed apart: a task is as large as the largest state it may reach, and
-                    // the TLS states (a rustls session each) would make every plaintext
-                    // connection carry their size for its whole life.
-                    match direction {
-                        Direction::Outbound => Box::pin(this.outbound(client, &mut conn)).await,
-                        Direction::Inbound => {
-                            Box::pin(this.inbound(client, &mut conn, slots.handshake)).await
-                        }
-                    }
-                    let record = this.telemetry.close(conn);
-                    debug!(
-                        outcome = record.outcome.as_str(),
-                        up = record.bytes_from_client,
-                        down = record.bytes_from_upstream,
-                        "closed"
-                    );
-                    this.journal.push(record);
-                }
-                .instrument(span),
-            );
+            self.handle(client, peer, direction);
         }
+    }
+
+    /// Closes `listener` as the drain starts, so a replacement can bind its port at once.
+    /// Connections the kernel had already queued on it are taken first: closing would reset
+    /// them, and their peers dialled before they could know of the drain. Only then are the
+    /// tunnel connections sent GOAWAY, so a peer that dials again after it reaches the
+    /// replacement (or nothing, and retries), never a listener about to close.
+    fn stop_listening(self: &Arc<Self>, listener: TcpListener, direction: Direction) {
+        if let Ok(listener) = listener.into_std() {
+            while let Ok((client, peer)) = listener.accept() {
+                match client
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(client))
+                {
+                    Ok(client) => self.handle(client, peer, direction),
+                    Err(e) => warn!("a connection queued at the drain was lost: {e}"),
+                }
+            }
+        }
+        if direction == Direction::Inbound {
+            self.go_away.cancel();
+        }
+    }
+
+    /// One accepted connection: admitted under the caps, then run in its own task.
+    fn handle(self: &Arc<Self>, client: TcpStream, peer: SocketAddr, direction: Direction) {
+        let slots = match self.gate.admit(direction == Direction::Inbound) {
+            Ok(slots) => slots,
+            Err(cap) => return self.refuse_at_cap(client, direction, cap),
+        };
+        let this = self.clone();
+        let id = self.telemetry.connection_id();
+        let span = info_span!("conn", id, dir = ?direction, client = %peer);
+        self.tasks.spawn(
+            async move {
+                let _slot = slots.connection;
+                // Boxed apart: a task is as large as the largest state it may reach, and
+                // the TLS states (a rustls session each) would make every plaintext
+                // connection carry their size for its whole life. Each box is bound to a
+                // local before it is awaited: in `Box::pin(f()).await` the unboxed future is
+                // a temporary that lives to the end of the statement, so the task would keep
+                // room for it as well (2.4 KiB more per connection). The proxy's other boxed
+                // awaits are written the same way.
+                match direction {
+                    Direction::Outbound => {
+                        let mut conn = this.telemetry.accept(id, direction, peer);
+                        let outbound = Box::pin(this.outbound(client, &mut conn));
+                        outbound.await;
+                        this.finish(conn);
+                    }
+                    // One HBONE connection: each of its streams is a connection of its
+                    // own, with its own record.
+                    Direction::Inbound => {
+                        let inbound = Box::pin(this.inbound(client, peer, slots.handshake));
+                        inbound.await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The connection is over: its record goes to the metrics, the access log and the
+    /// journal.
+    fn finish(&self, conn: Conn) {
+        let record = self.telemetry.close(conn);
+        debug!(
+            outcome = record.outcome.as_str(),
+            up = record.bytes_from_client,
+            down = record.bytes_from_upstream,
+            "closed"
+        );
+        self.journal.push(record);
     }
 
     /// Resets a connection over a cap at once (the client sees the refusal, not a hang), and
@@ -384,12 +437,38 @@ impl Proxy {
             .await
             .is_ok()
         {
+            self.close_pool().await;
+            self.summarize_refusal_lines();
             return 0;
         }
         let cut = self.tasks.len();
+        // Normally cancelled as the tunnel listener closed; never left for the cut streams'
+        // connections to wait on.
+        self.go_away.cancel();
         self.abort.cancel();
         self.tasks.wait().await;
+        self.close_pool().await;
+        self.summarize_refusal_lines();
         cut
+    }
+
+    /// Sums up the refusals whose lines were held back and not yet summed up.
+    fn summarize_refusal_lines(&self) {
+        for (reason, n) in self.refusal_lines.take_suppressed() {
+            warn!(
+                reason,
+                "{n} more inbound refusal(s) for {reason} were not logged one by one \
+                 (each is counted in the report's inbound_rejections)"
+            );
+        }
+    }
+
+    /// Closes the pooled tunnel connections, and waits (a few seconds at most) until each has
+    /// sent what its streams left behind and said goodbye to its peer.
+    async fn close_pool(&self) {
+        if let Some(mesh) = &self.mesh {
+            mesh.pool.close().await;
+        }
     }
 }
 

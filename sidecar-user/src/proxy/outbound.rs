@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, os::fd::AsFd, time::Instant};
 
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ConnectFailure, Proxy, copy, fail, finish_copy, guard, mesh::Route, resilience};
 use crate::{
@@ -13,11 +13,12 @@ use crate::{
         labels::{Direction, Outcome, Transport},
         tcp_info,
     },
-    tunnel,
+    tls::identity::SpiffeId,
+    tunnel::{self, client::PeerRefusal},
 };
 
 impl Proxy {
-    pub(super) async fn outbound(&self, mut client: TcpStream, conn: &mut Conn) {
+    pub(super) async fn outbound(&self, client: TcpStream, conn: &mut Conn) {
         // Original destination: where the app was going before the kernel redirected it.
         let local = match client.local_addr() {
             Ok(a) => a,
@@ -83,9 +84,10 @@ impl Proxy {
             }
         };
 
-        // Route: through an mTLS tunnel to the destination's sidecar, or plaintext.
+        // Route: through an HBONE stream to the destination's sidecar, or plaintext.
         if let (Some(mesh), Route::Tunnel | Route::TryTunnel) = (&self.mesh, route) {
             let opening = Instant::now();
+            let peer = SocketAddr::new(dst.ip(), mesh.tunnel_port);
             // A strict tunnel is retried while nothing answers; a permissive one is not: no
             // answer there means plaintext.
             let strict = route == Route::Tunnel;
@@ -100,24 +102,23 @@ impl Proxy {
                     } else {
                         mesh.handshake_timeout
                     };
-                    tunnel::connect(&mesh.tls, dst, mesh.tunnel_port, timeout)
+                    mesh.pool.checkout(peer, timeout)
                 },
                 |e: &tunnel::TunnelError| strict && e.nothing_answered(),
             ));
             match connecting.await {
-                Ok(t) => {
+                Ok(checkout) => {
                     if route == Route::TryTunnel {
                         mesh.remember(dst.ip(), true);
                     }
-                    let took = opening.elapsed();
-                    conn.tls_established(
-                        took,
-                        t.resumed,
-                        mesh.tls.current().identity.to_string(),
-                        t.peer.to_string(),
-                    );
-                    conn.upstream_connected(took);
-                    return Box::pin(self.tunnelled(client, t, dst, after_handshake, conn)).await;
+                    let tunnel = Tunnelled {
+                        dst,
+                        peer,
+                        check_server: after_handshake,
+                        opening,
+                    };
+                    let tunnelled = Box::pin(self.tunnelled(client, checkout, tunnel, conn));
+                    return tunnelled.await;
                 }
                 Err(ConnectFailure::Failed(e))
                     if route == Route::TryTunnel && e.nothing_answered() =>
@@ -147,7 +148,14 @@ impl Proxy {
             }
         }
 
-        // Plaintext upstream: our own connect is exempt from redirection (proxy cgroup role).
+        // Boxed, as the tunnel's path: a task is as large as the largest state it may reach,
+        // so each path's states live in an allocation of their own.
+        let plaintext = Box::pin(self.plaintext(client, dst, conn));
+        plaintext.await;
+    }
+
+    /// Plaintext upstream: our own connect is exempt from redirection (proxy cgroup role).
+    async fn plaintext(&self, mut client: TcpStream, dst: SocketAddr, conn: &mut Conn) {
         let connecting = Instant::now();
         let attempt = |budget| Self::connect(dst, budget);
         let connected = self.connect_upstream(dst, conn, attempt, resilience::retryable);
@@ -194,46 +202,102 @@ impl Proxy {
         finish_copy(rec, copied);
     }
 
-    /// The copy through a tunnel whose server is verified. With `check_server`, the outbound
-    /// policy decides now, on that server's identity; the preamble goes out only once the
-    /// connection is admitted, so a refused server never learns where the app was going.
+    /// The copy through an HBONE stream, on the pooled connection `checkout` found. With
+    /// `check_server`, the outbound policy decides now, on that server's verified identity;
+    /// the CONNECT goes out only once the connection is admitted, so a refused server never
+    /// learns where the app was going. A stream whose connection was lost before the peer
+    /// answered (it went away, or died) is tried again on a fresh one, as a failed connect
+    /// would be.
     async fn tunnelled(
         &self,
         mut client: TcpStream,
-        mut t: tunnel::Tunnel,
-        dst: SocketAddr,
-        check_server: bool,
+        mut checkout: tunnel::pool::Checkout,
+        t: Tunnelled,
         conn: &mut Conn,
     ) {
-        let verified = Request {
-            direction: Direction::Outbound,
-            peer: Some(&t.peer),
-            dst,
-        };
-        if check_server && !self.permitted(conn, &verified) {
-            self.telemetry.tunnel_failed(tunnel::SERVER_IDENTITY_DENIED);
-            let _ = client.set_zero_linger();
-            return fail(
-                conn,
-                Outcome::PolicyDenied,
-                format!("the outbound policy does not admit server {}", t.peer),
+        let Some(mesh) = &self.mesh else { return };
+        let app = conn.record().client;
+        let retries = self.resilience_for(t.dst).connect_retries;
+        let mut tried = 0;
+        let stream = loop {
+            let tunnel::pool::Checkout {
+                conn: pooled,
+                slot,
+                peer,
+                handshake,
+            } = checkout;
+            // The tunnel is up and its server verified, whatever the policy or the server
+            // then says of this connection.
+            conn.tunnelled(
+                handshake,
+                mesh.tls.current().identity.to_string(),
+                peer.to_string(),
             );
+            if t.check_server && !self.server_admitted(conn, &peer, t.dst) {
+                let _ = client.set_zero_linger();
+                return fail(
+                    conn,
+                    Outcome::PolicyDenied,
+                    format!("the outbound policy does not admit server {peer}"),
+                );
+            }
+            // Boxed, as the retry's checkout below: the task keeps its largest state for the
+            // connection's whole life, and these are over once the stream is open.
+            let opening = Box::pin(pooled.open(slot, t.dst, app, mesh.handshake_timeout));
+            let opened = opening.await;
+            let e = match opened {
+                Ok(stream) => break stream,
+                Err(e) => e,
+            };
+            if tried > 0 {
+                conn.connect_retried(false);
+            }
+            if !e.retryable() || tried >= retries {
+                warn!(dst = %t.dst, "{e}");
+                self.telemetry.tunnel_failed(e.reason());
+                let _ = client.set_zero_linger();
+                let outcome = match e.refusal() {
+                    Some(PeerRefusal::Denied) => Outcome::PolicyDenied,
+                    Some(PeerRefusal::Unreachable) => Outcome::UpstreamConnectFailed,
+                    _ => Outcome::TunnelFailed,
+                };
+                return fail(conn, outcome, e);
+            }
+            tried += 1;
+            debug!(dst = %t.dst, "{e}; trying a fresh connection");
+            // As the first connect: a peer whose tunnel port is silent for a moment (its
+            // sidecar just replaced, the new one not yet listening) is retried with backoff.
+            let fresh = Box::pin(self.connect_upstream(
+                t.dst,
+                conn,
+                |budget| {
+                    mesh.pool
+                        .checkout(t.peer, budget.min(mesh.handshake_timeout))
+                },
+                |e: &tunnel::TunnelError| e.nothing_answered(),
+            ));
+            checkout = match fresh.await {
+                Ok(c) => c,
+                Err(ConnectFailure::Failed(e)) => {
+                    warn!(dst = %t.dst, "{e}");
+                    self.telemetry.tunnel_failed(e.reason());
+                    let _ = client.set_zero_linger();
+                    return fail(conn, Outcome::TunnelFailed, e);
+                }
+                Err(refused) => {
+                    let _ = client.set_zero_linger();
+                    return refused.fail(conn, Outcome::TunnelFailed, t.dst);
+                }
+            };
+        };
+        if tried > 0 {
+            conn.connect_retried(true);
         }
-        if let Err(e) = t.start(dst).await {
-            warn!(%dst, "{e}");
-            self.telemetry.tunnel_failed(e.reason());
-            let _ = client.set_zero_linger();
-            return fail(conn, Outcome::TunnelFailed, e);
-        }
-        let tcp = t.stream.get_ref().0;
-        conn.record_mut().upstream_local = tcp.local_addr().ok();
-        // A second handle on the tunnel's socket, to read TCP_INFO after the copy has
-        // consumed the stream.
-        let tunnel_socket = tcp.as_fd().try_clone_to_owned().ok();
-        info!(%dst, peer = %t.peer, "mTLS tunnel up");
+        conn.upstream_connected(t.opening.elapsed());
+        debug!(dst = %t.dst, "HBONE stream open");
         let copied = copy::bidirectional(
             client.split(),
-            tokio::io::split(t.stream),
+            (stream.recv, stream.send),
             self.settings.idle_timeout,
             &self.abort,
             &*conn,
@@ -241,10 +305,35 @@ impl Proxy {
         .await;
         let rec = conn.record_mut();
         rec.tcp_app = tcp_info::read(&client);
-        rec.tcp_upstream = tunnel_socket.as_ref().and_then(tcp_info::read);
         if copied.end.is_error() {
+            // The stream broke (its halves, dropped unfinished, reset it): the app sees a
+            // reset too, never a clean end of stream.
             let _ = client.set_zero_linger();
         }
         finish_copy(rec, copied);
     }
+
+    /// The outbound policy's verdict on `dst` served by the verified `server` (counted).
+    fn server_admitted(&self, conn: &mut Conn, server: &SpiffeId, dst: SocketAddr) -> bool {
+        let verified = Request {
+            direction: Direction::Outbound,
+            peer: Some(server),
+            dst,
+        };
+        if self.permitted(conn, &verified) {
+            return true;
+        }
+        self.telemetry.tunnel_failed(tunnel::SERVER_IDENTITY_DENIED);
+        false
+    }
+}
+
+/// Where a tunnelled connection goes and what it must check on the way.
+struct Tunnelled {
+    dst: SocketAddr,
+    /// The destination's sidecar: its tunnel port.
+    peer: SocketAddr,
+    /// The policy's verdict waits for the server's verified identity.
+    check_server: bool,
+    opening: Instant,
 }

@@ -91,6 +91,8 @@ pub struct AccessRecord<'a> {
     pub src_identity: Option<&'a str>,
     pub dst_identity: Option<&'a str>,
     pub tls_resumed: Option<bool>,
+    /// The connection's HBONE stream rode a tunnel connection already open.
+    pub tunnel_reused: Option<bool>,
     pub fast_path_app: bool,
     pub fast_path_upstream: bool,
     pub bytes_sent: u64,
@@ -124,6 +126,7 @@ impl<'a> AccessRecord<'a> {
             src_identity: rec.src_identity.as_deref(),
             dst_identity: rec.dst_identity.as_deref(),
             tls_resumed: rec.tls_resumed,
+            tunnel_reused: rec.tunnel_reused,
             fast_path_app: rec.app_leg_spliced,
             fast_path_upstream: rec.upstream_leg_spliced,
             bytes_sent: rec.bytes_from_client,

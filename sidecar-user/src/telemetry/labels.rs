@@ -56,8 +56,10 @@ labels! {
 
 labels! {
     /// What the sidecar requires of the peers it talks to (`/status`, `/config`).
+    #[derive(Default)]
     pub enum Protection {
         /// No `--tls-dir`: every connection is plaintext.
+        #[default]
         Plain => "plain",
         /// Meshed destinations get mTLS tunnels, and only tunnels reach them.
         Mtls => "mtls",
@@ -119,7 +121,7 @@ labels! {
         IdleTimeout => "idle_timeout",
         /// The proxy shut down before the connection finished.
         Shutdown => "shutdown",
-        /// The inbound side refused the peer (TLS, identity or preamble); see `error`.
+        /// The inbound side refused the peer (TLS, identity, HTTP/2 or its CONNECT); see `error`.
         Refused => "refused",
         /// The authorization policy denied the connection.
         PolicyDenied => "policy_denied",

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub circuit_fast_failed: IntCounter,
     pub circuit_transitions: IntCounterVec,
     pub tunnel_failures: IntCounterVec,
+    pub hbone_connections: IntGaugeVec,
+    pub hbone_streams_per_connection: HistogramVec,
+    pub hbone_handshakes_avoided: IntCounterVec,
+    pub hbone_violations: IntCounterVec,
     pub access_log_dropped: IntCounter,
     pub certificates_loaded: IntGauge,
     pub certificate_expiry: GaugeVec,
@@ -250,9 +254,46 @@ impl Metrics {
                     "tunnel_failures_total",
                     "Outbound mTLS tunnels that could not be used, by reason: no_answer \
                      (nothing listens on the tunnel port: the only case in which permissive \
-                     mode falls back to plaintext), a failed connect, handshake, ALPN, \
-                     identity or preamble, or server_identity_denied (the outbound policy \
-                     refused the verified server)."
+                     mode falls back to plaintext), a failed connect, TLS handshake, ALPN, \
+                     identity or HTTP/2 handshake; a stream lost with its connection, not \
+                     answered in time, or refused by the peer (refused_bad_request, \
+                     refused_denied, refused_unreachable, refused_other); or \
+                     server_identity_denied (the outbound policy refused the verified server)."
+                ),
+                &["reason"]
+            )),
+            hbone_connections: reg!(IntGaugeVec::new(
+                opts(
+                    "hbone_connections",
+                    "HBONE (HTTP/2 over mTLS) connections open now: outbound, the pooled \
+                     connections to peers; inbound, peers' connections to our tunnel port."
+                ),
+                dir
+            )),
+            hbone_streams_per_connection: reg!(HistogramVec::new(
+                hist(
+                    "hbone_streams_per_connection",
+                    "Streams (application connections) an HBONE connection carried in its \
+                     life, observed when it closes.",
+                    buckets(1.0, 4.0, 9)
+                ),
+                dir
+            )),
+            hbone_handshakes_avoided: reg!(IntCounterVec::new(
+                opts(
+                    "hbone_handshakes_avoided_total",
+                    "Streams that rode an HBONE connection already open: each is a TLS \
+                     handshake not made."
+                ),
+                dir
+            )),
+            hbone_violations: reg!(IntCounterVec::new(
+                opts(
+                    "hbone_violations_total",
+                    "Inbound HBONE connections sent away (GOAWAY) for breaking HTTP/2's rules \
+                     or our bounds, by reason: rapid_reset (streams reset before we answered, \
+                     over the per-second bound), protocol_error, enhance_your_calm (h2's own \
+                     flood bounds), compression_error, …"
                 ),
                 &["reason"]
             )),
@@ -409,6 +450,12 @@ impl Metrics {
                 self.tls_handshakes.with_label_values(&[d, kind]);
             }
             self.proxy_setup.with_label_values(&[d]);
+            self.hbone_connections.with_label_values(&[d]);
+            self.hbone_streams_per_connection.with_label_values(&[d]);
+            self.hbone_handshakes_avoided.with_label_values(&[d]);
+        }
+        for reason in crate::tunnel::server::VIOLATIONS {
+            self.hbone_violations.with_label_values(&[reason]);
         }
         for to in Transition::ALL.map(Transition::as_str) {
             self.circuit_transitions.with_label_values(&[to]);

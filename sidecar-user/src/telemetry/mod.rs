@@ -133,6 +133,9 @@ pub struct TelemetrySettings {
     pub access_log: bool,
     /// Distinct destinations that get their own metric series (0 = none).
     pub destination_labels: usize,
+    /// What the sidecar was started to require of its peers: `/status` says so from its
+    /// first answer, before the credentials and policy are loaded and in force.
+    pub protection: Protection,
 }
 
 /// What is intercepting, for `/status`.
@@ -172,6 +175,8 @@ pub struct Telemetry {
     interception: Mutex<Option<InterceptionInfo>>,
     security: Mutex<Option<Arc<dyn SecuritySource>>>,
     passing_through: Mutex<Option<Arc<dyn OpenConnections>>>,
+    /// The outbound HBONE pool, for `/status` and `/connections` (`None`: no mTLS).
+    pool: Mutex<Option<Arc<crate::tunnel::pool::Pool>>>,
     /// The end of the workload certificate's validity (`None`: mTLS off).
     certificate_not_after: Mutex<Option<SystemTime>>,
     /// Cached label children per direction (outbound, inbound) of proxied connections, so
@@ -190,6 +195,9 @@ struct DirectionHandles {
     tls_handshake: Histogram,
     handshakes_full: IntCounter,
     handshakes_resumed: IntCounter,
+    handshakes_avoided: IntCounter,
+    hbone_connections: IntGauge,
+    hbone_streams: Histogram,
     active: IntGauge,
     sent: IntCounter,
     received: IntCounter,
@@ -213,6 +221,9 @@ impl DirectionHandles {
             tls_handshake: m.tls_handshake.with_label_values(&[d]),
             handshakes_full: m.tls_handshakes.with_label_values(&[d, full]),
             handshakes_resumed: m.tls_handshakes.with_label_values(&[d, resumed]),
+            handshakes_avoided: m.hbone_handshakes_avoided.with_label_values(&[d]),
+            hbone_connections: m.hbone_connections.with_label_values(&[d]),
+            hbone_streams: m.hbone_streams_per_connection.with_label_values(&[d]),
             active: m.active.with_label_values(&[d]),
             sent: m.sent_bytes.with_label_values(&[d, p]),
             received: m.received_bytes.with_label_values(&[d, p]),
@@ -303,6 +314,7 @@ impl Telemetry {
             interception: Mutex::new(None),
             security: Mutex::new(None),
             passing_through: Mutex::new(None),
+            pool: Mutex::new(None),
             certificate_not_after: Mutex::new(None),
             handles,
             passthrough,
@@ -384,10 +396,17 @@ impl Telemetry {
         *lock(&self.security) = Some(source);
     }
 
-    /// The connection security in force (plain until [`Telemetry::secured`]).
+    /// The connection security in force; until [`Telemetry::secured`], the protection the
+    /// sidecar was started with (never `plain` for a sidecar started with `--tls-dir`).
     pub fn security(&self) -> Security {
         let source = lock(&self.security).clone();
-        source.map_or_else(Security::plain, |s| s.security())
+        source.map_or_else(
+            || Security {
+                mode: self.settings.protection,
+                ..Security::plain()
+            },
+            |s| s.security(),
+        )
     }
 
     pub fn ready_checks(&self) -> Vec<ReadyCheck> {
@@ -617,7 +636,28 @@ impl Telemetry {
             .inc();
     }
 
-    /// The certificate files changed and were refused: the last good set stays in force.
+    /// An HBONE connection opened (`true`) or closed.
+    pub fn hbone_connection(&self, direction: Direction, opened: bool) {
+        let gauge = &self.handles(direction).hbone_connections;
+        if opened { gauge.inc() } else { gauge.dec() }
+    }
+
+    /// An HBONE connection that closed had carried `streams` streams.
+    pub fn hbone_carried(&self, direction: Direction, streams: u64) {
+        self.handles(direction)
+            .hbone_streams
+            .observe(streams as f64);
+    }
+
+    /// An inbound HBONE connection was sent away for `reason` (one of
+    /// `tunnel::server::VIOLATIONS`).
+    pub fn hbone_violation(&self, reason: &str) {
+        self.metrics
+            .hbone_violations
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     /// An outbound tunnel was not used, for `reason` (one of `tunnel::FAILURE_REASONS`).
     pub fn tunnel_failed(&self, reason: &str) {
         self.metrics
@@ -626,6 +666,7 @@ impl Telemetry {
             .inc();
     }
 
+    /// The certificate files changed and were refused: the last good set stays in force.
     pub fn certificates_refused(&self) {
         self.metrics.certificate_reload_errors.inc();
         self.metrics.certificates_stale.set(1);
@@ -651,6 +692,18 @@ impl Telemetry {
     /// Open pass-through connections are listed from `source` from now on.
     pub fn passing_through(&self, source: Arc<dyn OpenConnections>) {
         *lock(&self.passing_through) = Some(source);
+    }
+
+    /// The outbound HBONE pool, shown by `/status` and `/connections` from now on.
+    pub fn pooling(&self, pool: Arc<crate::tunnel::pool::Pool>) {
+        *lock(&self.pool) = Some(pool);
+    }
+
+    /// The pooled HBONE connections open now (none without mTLS).
+    pub fn tunnel_pool(&self) -> Vec<crate::tunnel::pool::PoolRow> {
+        lock(&self.pool)
+            .as_ref()
+            .map_or_else(Vec::new, |p| p.rows())
     }
 
     /// The live table: proxied connections oldest first, then pass-through ones.
@@ -684,6 +737,19 @@ impl Telemetry {
             rows.extend(source.open());
         }
         rows
+    }
+}
+
+/// The outbound pool's connections and streams, counted in the metrics.
+pub struct PoolTelemetry(pub Arc<Telemetry>);
+
+impl crate::tunnel::pool::PoolEvents for PoolTelemetry {
+    fn connection(&self, opened: bool) {
+        self.0.hbone_connection(Direction::Outbound, opened);
+    }
+
+    fn carried(&self, streams: u64) {
+        self.0.hbone_carried(Direction::Outbound, streams);
     }
 }
 
@@ -744,20 +810,28 @@ impl Conn {
         }
     }
 
-    /// An mTLS handshake completed after `took` (a resumption of an earlier session if
-    /// `resumed`), verifying these identities: the connection's transport is mTLS.
-    pub fn tls_established(&mut self, took: Duration, resumed: bool, src: String, dst: String) {
+    /// The connection rides an HBONE stream between these verified identities: the
+    /// connection's transport is mTLS. `handshake` is how long the tunnel's dial and TLS
+    /// handshake took and whether TLS resumed an earlier session, or `None` when the stream
+    /// rode a connection already open (no handshake at all).
+    pub fn tunnelled(&mut self, handshake: Option<(Duration, bool)>, src: String, dst: String) {
         let h = self.handles();
-        h.tls_handshake.observe(took.as_secs_f64());
-        match resumed {
-            true => h.handshakes_resumed.inc(),
-            false => h.handshakes_full.inc(),
+        match handshake {
+            Some((took, resumed)) => {
+                h.tls_handshake.observe(took.as_secs_f64());
+                match resumed {
+                    true => h.handshakes_resumed.inc(),
+                    false => h.handshakes_full.inc(),
+                }
+                self.record.tls_resumed = Some(resumed);
+            }
+            None => h.handshakes_avoided.inc(),
         }
+        self.record.tunnel_reused = Some(handshake.is_none());
         let _ = self.live().src_identity.set(src.clone());
         let _ = self.live().dst_identity.set(dst.clone());
         self.record.src_identity = Some(src);
         self.record.dst_identity = Some(dst);
-        self.record.tls_resumed = Some(resumed);
         self.established(Transport::Mtls);
     }
 
@@ -826,6 +900,20 @@ mod tests {
     }
 
     #[test]
+    fn status_shows_the_configured_protection_before_the_credentials_are_in_force() {
+        let t = Telemetry::new(TelemetrySettings {
+            protection: Protection::Mtls,
+            ..TelemetrySettings::default()
+        });
+        let early = t.security();
+        assert_eq!(early.mode, Protection::Mtls);
+        assert!(
+            early.tls.is_none(),
+            "no credentials shown before they are loaded"
+        );
+    }
+
+    #[test]
     fn startup_is_measured_from_exec_to_the_first_ready() {
         let t = Telemetry::new(TelemetrySettings::default());
         let info = InterceptionInfo {
@@ -862,9 +950,8 @@ mod tests {
         let mut conn = t.accept(7, Direction::Outbound, client);
         conn.destination(dst);
         conn.connect_retried(true);
-        conn.tls_established(
-            Duration::from_millis(2),
-            true,
+        conn.tunnelled(
+            Some((Duration::from_millis(2), true)),
             "spiffe://td/a".into(),
             "spiffe://td/b".into(),
         );

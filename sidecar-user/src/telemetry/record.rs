@@ -48,6 +48,9 @@ pub struct ConnRecord {
     /// exchange) rather than doing a full one; `None` when no tunnel was built. Resumption is
     /// what makes new tunnels cheap, so a rate of `false` says whether it works.
     pub tls_resumed: Option<bool>,
+    /// Whether the connection's HBONE stream rode a tunnel connection already open (no
+    /// handshake of its own: pooling at work); `None` when no tunnel was used.
+    pub tunnel_reused: Option<bool>,
     /// The policy's decision (`allow`, `deny`, `audit`, `would_deny`) and the rule that
     /// made it; `None` without `--policy`.
     pub policy_decision: Option<Decision>,
@@ -81,6 +84,7 @@ impl ConnRecord {
             src_identity: None,
             dst_identity: None,
             tls_resumed: None,
+            tunnel_reused: None,
             policy_decision: None,
             policy_rule: None,
             tcp_app: None,

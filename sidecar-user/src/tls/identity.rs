@@ -43,6 +43,11 @@ impl SpiffeId {
     pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        Self::from_parsed(&cert)
+    }
+
+    /// [`SpiffeId::from_certificate`] of a certificate already parsed.
+    pub fn from_parsed(cert: &X509Certificate<'_>) -> Result<Self, IdentityError> {
         let san = cert
             .subject_alternative_name()
             .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;

@@ -32,8 +32,9 @@ use self::{
     verify::{SpiffeClientVerifier, SpiffeServerVerifier},
 };
 
-/// The ALPN protocol of our tunnel: a peer that does not speak it is refused.
-pub const ALPN: &[u8] = b"sidecar-tunnel/1";
+/// The ALPN protocol of our tunnel, HBONE's: HTTP/2 over TLS. A peer that does not speak it
+/// is refused.
+pub const ALPN: &[u8] = b"h2";
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -67,6 +68,11 @@ pub enum TlsError {
          of others)"
     )]
     Usage { path: PathBuf, usage: &'static str },
+    #[error("certificate {path} is no workload certificate: {problem}")]
+    KeyUsage {
+        path: PathBuf,
+        problem: verify::KeyUsageError,
+    },
     #[error("building the TLS configuration: {0}")]
     Config(String),
 }
@@ -254,6 +260,10 @@ impl Credentials {
             provider.signature_verification_algorithms.all,
         )
         .map_err(checked("serverAuth"))?;
+        verify::check_key_usage(&chain[0]).map_err(|problem| TlsError::KeyUsage {
+            path: files.cert.clone(),
+            problem,
+        })?;
         let not_after = not_after(&chain[0]).map_err(chain_err)?;
 
         let trust_domain = identity.trust_domain().to_string();
@@ -338,6 +348,9 @@ fn not_after(der: &CertificateDer<'_>) -> Result<SystemTime, String> {
 pub struct TlsState {
     files: TlsFiles,
     current: RwLock<Arc<Credentials>>,
+    /// Bumped at each rotation: tunnel connections made under an older generation take no
+    /// new streams (see `tunnel::pool` and `proxy::inbound`).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl TlsState {
@@ -346,6 +359,7 @@ impl TlsState {
         Ok(Arc::new(Self {
             files,
             current: RwLock::new(Arc::new(creds)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -360,8 +374,15 @@ impl TlsState {
         &self.files
     }
 
+    /// How many times the credentials were rotated.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn replace(&self, creds: Credentials) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(creds);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Peer verification for the tunnel. Both directions check the chain against our trust bundle
-//! (validity period and extended key usage included, via rustls' webpki), then require the
-//! peer's SPIFFE ID to be in our trust domain. There are no DNS names in SPIFFE certificates,
+//! (validity period and extended key usage included, via rustls' webpki), then the key usage
+//! an X.509-SVID must carry (webpki does not look at it), then require the peer's SPIFFE ID
+//! to be in our trust domain. There are no DNS names in SPIFFE certificates,
 //! so the server name the client dials is not checked; the identity is. Once a handshake is
 //! done, full or resumed, [`verified_peer`] names the peer for the proxies.
 
@@ -22,9 +23,57 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::identity::{IdentityError, SpiffeId};
 
-/// Our trust domain: the peer's certificate must carry a SPIFFE ID inside it.
-fn check_trust_domain(end_entity: &CertificateDer<'_>, trust_domain: &str) -> Result<(), Error> {
-    match SpiffeId::from_certificate(end_entity) {
+/// Why a certificate's key usage makes it no workload certificate.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyUsageError(pub &'static str);
+
+/// An X.509-SVID must have the key usage extension with digitalSignature, and must not be
+/// able to sign certificates or CRLs (SPIFFE X.509-SVID §4.3). Without this, a certificate
+/// with no key usage at all, or a CA's, would be taken as a peer's.
+pub fn check_key_usage(end_entity: &CertificateDer<'_>) -> Result<(), KeyUsageError> {
+    let (_, cert) = X509Certificate::from_der(end_entity)
+        .map_err(|_| KeyUsageError("the certificate does not parse"))?;
+    key_usage_of(&cert)
+}
+
+fn key_usage_of(cert: &X509Certificate<'_>) -> Result<(), KeyUsageError> {
+    let usage = cert
+        .key_usage()
+        .map_err(|_| KeyUsageError("its key usage extension is malformed or repeated"))?
+        .ok_or(KeyUsageError(
+            "it has no key usage extension (a SPIFFE certificate must allow digitalSignature)",
+        ))?
+        .value;
+    if !usage.digital_signature() {
+        return Err(KeyUsageError(
+            "its key usage does not allow digitalSignature",
+        ));
+    }
+    if usage.key_cert_sign() || usage.crl_sign() {
+        return Err(KeyUsageError(
+            "its key usage allows signing certificates or CRLs (a CA's, not a workload's)",
+        ));
+    }
+    Ok(())
+}
+
+/// What both ends check of a peer's certificate once its chain verified, parsing it once: the
+/// key usage of a workload certificate ([`check_key_usage`]), and a SPIFFE ID in our trust
+/// domain.
+fn check_workload(end_entity: &CertificateDer<'_>, trust_domain: &str) -> Result<(), Error> {
+    let parsed = X509Certificate::from_der(end_entity)
+        .map_err(|_| KeyUsageError("the certificate does not parse"));
+    let cert = match parsed.and_then(|(_, cert)| key_usage_of(&cert).map(|()| cert)) {
+        Ok(cert) => cert,
+        Err(e) => {
+            tracing::debug!("peer certificate refused: {e}");
+            return Err(Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            )));
+        }
+    };
+    match SpiffeId::from_parsed(&cert) {
         Ok(id) if id.trust_domain() == trust_domain => Ok(()),
         Ok(id) => {
             tracing::debug!(peer = %id, "peer is outside trust domain {trust_domain}");
@@ -79,7 +128,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        check_trust_domain(end_entity, &self.trust_domain)?;
+        check_workload(end_entity, &self.trust_domain)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -147,7 +196,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        check_trust_domain(end_entity, &self.trust_domain)?;
+        check_workload(end_entity, &self.trust_domain)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -225,4 +274,56 @@ pub fn verified_peer(conn: &CommonState, now: UnixTime) -> Result<VerifiedPeer, 
         id: SpiffeId::from_certificate(cert)?,
         resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, Issuer, KeyPair, KeyUsagePurpose as Ku, SanType};
+    use rustls::pki_types::pem::PemObject;
+
+    use super::*;
+
+    /// A workload certificate for `spiffe://example.org/w` with exactly `usages`.
+    fn with_key_usage(usages: &[Ku]) -> CertificateDer<'static> {
+        let ca = super::super::certs::mint_ca("example.org", std::time::Duration::from_secs(60))
+            .unwrap();
+        let issuer =
+            Issuer::from_ca_cert_pem(&ca.cert_pem, KeyPair::from_pem(&ca.key_pem).unwrap())
+                .unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI("spiffe://example.org/w".try_into().unwrap())];
+        params.key_usages = usages.to_vec();
+        let cert = params
+            .signed_by(&KeyPair::generate().unwrap(), &issuer)
+            .unwrap();
+        CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_peer_certificate_must_be_a_workload_s_by_its_key_usage() {
+        check_key_usage(&with_key_usage(&[Ku::DigitalSignature])).expect("digitalSignature");
+        check_key_usage(&with_key_usage(&[
+            Ku::DigitalSignature,
+            Ku::KeyEncipherment,
+        ]))
+        .expect("with keyEncipherment too");
+        for (usages, problem) in [
+            (&[][..], "no key usage extension"),
+            (
+                &[Ku::KeyEncipherment][..],
+                "does not allow digitalSignature",
+            ),
+            (
+                &[Ku::DigitalSignature, Ku::KeyCertSign][..],
+                "signing certificates",
+            ),
+            (
+                &[Ku::DigitalSignature, Ku::CrlSign][..],
+                "signing certificates",
+            ),
+        ] {
+            let err = check_key_usage(&with_key_usage(usages)).expect_err("refused");
+            assert!(err.to_string().contains(problem), "{usages:?}: {err}");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The server side of the tunnel: a peer sidecar's TLS 1.3 handshake on our inbound port,
 //! with our ALPN and a verified SPIFFE identity in our trust domain, the mirror of
-//! [`connect`](super::connect). What the connection may then reach (preamble, policy, the
+//! [`dial`](super::dial). What the connection may then reach (its CONNECTs, policy, the
 //! sidecar's own ports) is the inbound proxy's to decide.
 
 use std::{sync::Arc, time::Duration};
@@ -94,6 +94,15 @@ fn classify(e: &std::io::Error) -> &'static str {
                 "not_yet_valid"
             }
             CertificateError::ApplicationVerificationFailure => "wrong_identity",
+            // Made for the other end only (extended key usage), or no workload's at all.
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "key_usage"
+            }
+            CertificateError::Other(other)
+                if other.0.downcast_ref::<verify::KeyUsageError>().is_some() =>
+            {
+                "key_usage"
+            }
             _ => "bad_certificate",
         },
         rustls::Error::NoApplicationProtocol => "alpn",

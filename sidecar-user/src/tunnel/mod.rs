@@ -1,23 +1,41 @@
-//! The mTLS tunnel between sidecars: the client side dials the peer sidecar's inbound port,
-//! completes a TLS 1.3 handshake with our ALPN ([`connect`]), and, once the caller has checked
-//! who answered, sends the [`preamble`] ([`Tunnel::start`]); the server side completes the
-//! same handshake and verifies the peer ([`accept()`]), and `proxy::inbound` reads the
-//! preamble and applies the policy before any byte reaches its app.
+//! The mTLS tunnel between sidecars, in HBONE, the protocol of Istio's ambient mesh: one
+//! TLS 1.3 connection (ALPN `h2`) per peer, HTTP/2 on it, and one `CONNECT` stream per
+//! application connection.
+//!
+//! ```text
+//!  app ──► our sidecar ═══ TLS 1.3 + HTTP/2, to the peer's :15008 ═══► peer sidecar ──► app
+//!                        ║ stream 1: CONNECT 10.0.0.2:8080 → 200, bytes both ways, END_STREAM
+//!                        ║ stream 3: CONNECT 10.0.0.2:9090 → 401 (denied)
+//!                        ║ stream 5: …                                (PING keeps it alive)
+//! ```
+//!
+//! * [`dial`]: TCP, TLS with our certificate, the peer's SPIFFE identity verified.
+//! * [`pool`]: connections kept per (our identity, peer address); a stream rides an open one
+//!   with room, and only when none has one is another dialled.
+//! * [`client`]: one pooled connection: CONNECT, its answer, keepalive, idle close.
+//! * [`server`]: the inbound side of a connection: HTTP/2 with bounds on what a peer may
+//!   ask, each CONNECT checked ([`request`]) and handed to the proxy, GOAWAY on drain.
+//! * [`stream`]: a stream as the copy reads and writes it, half-close as END_STREAM.
 
 pub mod accept;
-pub mod preamble;
+pub mod client;
+pub mod dial;
+pub mod http2;
+pub mod pool;
+pub mod request;
+pub mod server;
+pub mod stream;
 
-pub use self::accept::accept;
+pub use self::{
+    accept::accept,
+    http2::{MAX_HEADER_LIST, Settings, keepalive},
+};
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
-use rustls::pki_types::{ServerName, UnixTime};
 use thiserror::Error;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
-use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use crate::tls::{ALPN, TlsState, identity::SpiffeId, verify};
-
+/// Why no connection to a peer could be had.
 #[derive(Debug, Error)]
 pub enum TunnelError {
     #[error("connecting to the peer sidecar at {addr}: {source}")]
@@ -27,15 +45,15 @@ pub enum TunnelError {
     #[error("mTLS handshake with {addr} failed: {source}")]
     Handshake { addr: SocketAddr, source: io::Error },
     #[error(
-        "peer at {addr} accepted the connection but did not finish the mTLS handshake within {timeout:?}"
+        "peer at {addr} accepted the connection but did not finish the mTLS and HTTP/2 handshakes within {timeout:?}"
     )]
     HandshakeTimeout { addr: SocketAddr, timeout: Duration },
-    #[error("peer sidecar at {addr} did not agree on the tunnel protocol (ALPN)")]
+    #[error("peer at {addr} did not agree on the tunnel protocol (ALPN h2)")]
     Alpn { addr: SocketAddr },
-    #[error("peer sidecar at {addr} presented no usable identity: {reason}")]
+    #[error("peer at {addr} presented no usable identity: {reason}")]
     Identity { addr: SocketAddr, reason: String },
-    #[error("sending the preamble to {addr}: {source}")]
-    Preamble { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 handshake with {addr} failed: {reason}")]
+    Http2 { addr: SocketAddr, reason: String },
 }
 
 impl TunnelError {
@@ -66,95 +84,32 @@ impl TunnelError {
             Self::HandshakeTimeout { .. } => "handshake_timeout",
             Self::Alpn { .. } => "alpn",
             Self::Identity { .. } => "identity",
-            Self::Preamble { .. } => "preamble",
+            Self::Http2 { .. } => "http2",
         }
     }
 }
 
-/// Every value of [`TunnelError::reason`], plus the policy's refusal of a verified server
-/// identity (counted by the proxy).
-pub const FAILURE_REASONS: [&str; 8] = [
+/// Every value of [`TunnelError::reason`] and [`client::StreamError::reason`], plus the
+/// policy's refusal of a verified server identity (counted by the proxy).
+pub const FAILURE_REASONS: [&str; 14] = [
     "no_answer",
     "connect",
     "handshake",
     "handshake_timeout",
     "alpn",
     "identity",
-    "preamble",
+    "http2",
+    "stream_lost",
+    "stream_timeout",
+    "refused_bad_request",
+    "refused_denied",
+    "refused_unreachable",
+    "refused_other",
     SERVER_IDENTITY_DENIED,
 ];
 
 /// The failure reason when the outbound policy refuses the server's verified identity.
 pub const SERVER_IDENTITY_DENIED: &str = "server_identity_denied";
-
-/// A tunnel whose handshake is done and whose peer is verified, but which carries nothing yet:
-/// the peer learns the destination only from [`Tunnel::start`].
-pub struct Tunnel {
-    pub stream: TlsStream<TcpStream>,
-    pub peer: SpiffeId,
-    /// The handshake resumed an earlier session instead of exchanging certificates.
-    pub resumed: bool,
-    addr: SocketAddr,
-    /// The deadline of each step, the preamble's too.
-    timeout: Duration,
-}
-
-/// Dials the sidecar of `original_dst` (same IP, port `tunnel_port`) and completes the mTLS
-/// handshake. `timeout` bounds the TCP connect and the handshake each.
-pub async fn connect(
-    tls: &Arc<TlsState>,
-    original_dst: SocketAddr,
-    tunnel_port: u16,
-    timeout: Duration,
-) -> Result<Tunnel, TunnelError> {
-    let addr = SocketAddr::new(original_dst.ip(), tunnel_port);
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| TunnelError::ConnectTimeout { addr, timeout })?
-        .map_err(|source| TunnelError::Connect { addr, source })?;
-    let _ = tcp.set_nodelay(true);
-    let connector = TlsConnector::from(tls.current().client.clone());
-    let handshake = connector.connect(ServerName::IpAddress(addr.ip().into()), tcp);
-    let stream = tokio::time::timeout(timeout, handshake)
-        .await
-        .map_err(|_| TunnelError::HandshakeTimeout { addr, timeout })?
-        .map_err(|source| TunnelError::Handshake { addr, source })?;
-    let (_, conn) = stream.get_ref();
-    if conn.alpn_protocol() != Some(ALPN) {
-        return Err(TunnelError::Alpn { addr });
-    }
-    // Full or resumed, the same identity and checks (see `tls::resumption`).
-    let peer = verify::verified_peer(conn, UnixTime::now()).map_err(|e| TunnelError::Identity {
-        addr,
-        reason: e.to_string(),
-    })?;
-    Ok(Tunnel {
-        stream,
-        peer: peer.id,
-        resumed: peer.resumed,
-        addr,
-        timeout,
-    })
-}
-
-impl Tunnel {
-    /// Sends the preamble naming `original_dst`; after it, the tunnel carries the app's bytes.
-    pub async fn start(&mut self, original_dst: SocketAddr) -> Result<(), TunnelError> {
-        let (addr, timeout) = (self.addr, self.timeout);
-        let preamble = preamble::Preamble { original_dst }.encode();
-        let send = async {
-            self.stream.write_all(&preamble).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(timeout, send).await {
-            Ok(result) => result.map_err(|source| TunnelError::Preamble { addr, source }),
-            Err(_) => Err(TunnelError::Preamble {
-                addr,
-                source: io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"),
-            }),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -186,10 +141,56 @@ mod tests {
                 addr,
                 reason: "none".into(),
             },
+            TunnelError::Http2 {
+                addr,
+                reason: "bad preface".into(),
+            },
         ];
         for e in answered {
             assert!(!e.nothing_answered(), "{e}");
             assert!(FAILURE_REASONS.contains(&e.reason()), "{e}");
+        }
+    }
+
+    /// Every stream failure is a label the metric knows from the start, and the peer's
+    /// statuses mean what HBONE says.
+    #[test]
+    fn stream_failures_have_known_reasons() {
+        use client::{PeerRefusal, StreamError};
+        let addr: SocketAddr = "10.0.0.1:15008".parse().unwrap();
+        let refused = |status| StreamError::Refused { addr, status };
+        let cases = [
+            (refused(400), Some(PeerRefusal::BadRequest)),
+            (refused(401), Some(PeerRefusal::Denied)),
+            (refused(503), Some(PeerRefusal::Unreachable)),
+            (refused(418), Some(PeerRefusal::Other)),
+            (
+                StreamError::Timeout {
+                    addr,
+                    timeout: Duration::from_secs(1),
+                },
+                None,
+            ),
+            (
+                StreamError::Lost {
+                    addr,
+                    source: h2::Reason::REFUSED_STREAM.into(),
+                },
+                None,
+            ),
+            (
+                StreamError::NotSent {
+                    addr,
+                    source: h2::Reason::REFUSED_STREAM.into(),
+                },
+                None,
+            ),
+        ];
+        for (e, refusal) in cases {
+            assert_eq!(e.refusal(), refusal, "{e}");
+            assert!(FAILURE_REASONS.contains(&e.reason()), "{e}");
+            let retryable = matches!(e, StreamError::Lost { .. } | StreamError::NotSent { .. });
+            assert_eq!(e.retryable(), retryable, "{e}");
         }
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{HAPROXY_PORT, Side, netns::Netns, wait_bounded};
+use super::{HAPROXY_PORT, Side, netns::Netns, terminate};
 
 /// A running `haproxy -db` with two frontends on the client's loopback: the echo server's
 /// and the sink's (the next port), each to its fixed backend. Stopped on drop.
@@ -65,14 +65,10 @@ impl Haproxy {
     }
 
     fn terminate(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take()
-            && child.try_wait()?.is_none()
-        {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            wait_bounded(&mut child, Duration::from_secs(10))?;
+        match self.child.take() {
+            Some(mut child) => terminate(&mut child, Duration::from_secs(10)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Until both frontends accept, from inside the namespace.

@@ -8,6 +8,14 @@
 //! CI host runs as root without it, at 20,000): then it holds as many as that limit allows
 //! and the report gives the figure scaled to 10,000 from the measured cost per connection.
 //!
+//! The meshed variant ([`measure_meshed`]) holds them through the HBONE pair instead: the
+//! client pod's sidecar (eBPF mode, `--tls-dir`, `--mesh-cidrs`) carries each as a stream
+//! of its pooled connection(s) to the server pod's sidecar, which delivers it to a hold
+//! server in the server pod (`bench-hold-serve`); both sidecars' VmRSS are read. There each
+//! process holds one descriptor per connection (the app's leg; the streams share a few
+//! pooled connections), so 10,000 fit under a hard limit of 20,000; with less, it holds
+//! what fits and the report scales, as above.
+//!
 //! The command serves its own connections (a listener on loopback in the same namespace,
 //! answering each connection's one message in turn), so no server has to hold 10,000
 //! threads. The bench and the command step each other along with files in the raw
@@ -26,12 +34,17 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Side, load, netns::Netns, wait_bounded};
+use super::{
+    Mode, Server, Side, check_carried, load,
+    mesh::{self, Mesh},
+    netns::{Netns, POD_SERVER_IP, Pods},
+    wait_bounded,
+};
 
 /// Connections to hold open: the target's figure, 10,000.
 pub const CONNECTIONS: usize = 10_000;
 /// Connections opened and closed before the baseline.
-const WARMUP: usize = 200;
+pub const WARMUP: usize = 200;
 /// Descriptors kept back for everything but the connections (the sidecar caps its
 /// connections at half its limit less 256).
 const FD_HEADROOM: u64 = 1024;
@@ -42,6 +55,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN: ([u8; 4], u16) = ([127, 0, 0, 1], 20150);
 const PROXY_PORT: u16 = 20151;
 const HOLD_PORT: u16 = 20152;
+/// The meshed variant's client-pod sidecar's proxy port.
+const MESH_PROXY_PORT: u16 = 20153;
+/// Connections the meshed variant holds in a quick run (the full run: [`CONNECTIONS`]).
+pub const QUICK_MESHED: usize = 500;
 
 /// The sidecar's RSS before and with the connections open.
 #[derive(Debug, Clone, Copy)]
@@ -94,27 +111,16 @@ pub fn measure(sidecar: &Path, load_bin: &Path, ns: &Netns, raw: &Path) -> Resul
         &PROXY_PORT.to_string(),
     ])
     .args(["--admin-addr", &SocketAddr::from(ADMIN).to_string()])
-    .args(["--max-connections", &count.to_string()])
-    .arg("--")
-    .arg(load_bin)
-    .args(["bench-hold", "--listen"])
-    .arg(SocketAddr::from(([127, 0, 0, 1], HOLD_PORT)).to_string())
-    .args(["--count", &count.to_string()])
-    .args(["--warmup", &WARMUP.to_string()])
-    .arg("--go")
-    .arg(&go)
-    .arg("--done")
-    .arg(&done)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(fs::File::create(&log)?);
-    ns.enter(&mut cmd)?;
-    Side::Client.pin(&mut cmd);
-    // SAFETY: `set_nofile` only calls setrlimit(2), which is async-signal-safe; raising the
-    // soft limit to the hard one needs no privilege.
-    unsafe {
-        cmd.pre_exec(move || set_nofile(nofile));
-    }
+    .args(["--max-connections", &count.to_string()]);
+    let hold = HoldArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], HOLD_PORT)),
+        remote: false,
+        count,
+        warmup: WARMUP,
+        go: go.clone(),
+        done: done.clone(),
+    };
+    hold.command_of(&mut cmd, load_bin, ns, &log, nofile)?;
     let mut child = cmd
         .spawn()
         .context("starting sidecar run for the idle connections")?;
@@ -149,6 +155,133 @@ pub fn measure(sidecar: &Path, load_bin: &Path, ns: &Netns, raw: &Path) -> Resul
     Ok(idle)
 }
 
+/// The meshed variant: what idle connections through the HBONE pair add to each sidecar.
+#[derive(Debug, Clone, Copy)]
+pub struct Meshed {
+    /// The client pod's sidecar.
+    pub client: Idle,
+    /// The server pod's sidecar.
+    pub server: Idle,
+}
+
+/// Up to `wanted` connections from the client pod to a hold server in the server pod,
+/// through both pods' sidecars in eBPF mode with the HBONE tunnel between them, held idle.
+/// Counts only if both sidecars' reports list every connection (warm-up included) over
+/// mTLS with the peer's identity.
+pub fn measure_meshed(
+    sidecar: &Path,
+    load_bin: &Path,
+    pods: &Pods,
+    mesh: &Mesh,
+    wanted: usize,
+    raw: &Path,
+) -> Result<Meshed> {
+    let nofile = hard_nofile()?;
+    let count = meshed_connections_for(nofile, wanted);
+    if count < wanted / 2 {
+        bail!(
+            "the hard RLIMIT_NOFILE ({nofile}) allows only {count} meshed idle connections: \
+             raise it for a meaningful figure"
+        );
+    }
+    let dir = raw.join("idle-meshed");
+    fs::create_dir_all(&dir)?;
+    let (go, done) = (dir.join("go"), dir.join("done"));
+    for f in [&go, &done] {
+        let _ = fs::remove_file(f);
+    }
+    let target = SocketAddr::new(POD_SERVER_IP.parse()?, HOLD_PORT);
+    let mut hold_server = Command::new(load_bin);
+    hold_server
+        .args(["bench-hold-serve", "--listen", &target.to_string()])
+        .args(["--count", &count.to_string()])
+        .args(["--warmup", &WARMUP.to_string()])
+        .stderr(fs::File::create(dir.join("hold-server.log"))?);
+    let mut hold_server = Server::start(hold_server, &pods.server)?;
+    // Room for every connection and the warm-up's, whatever the descriptor limit's default.
+    let cap = (count + WARMUP).to_string();
+    let peer = mesh.start_server_with(
+        Mode::EbpfMtls,
+        &dir.join("server"),
+        &["--max-connections", &cap],
+        Some(nofile),
+    )?;
+    let client_report = dir.join("client.sidecar.json");
+    let log = dir.join("client.sidecar.log");
+    let mut cmd = Command::new(sidecar);
+    cmd.args(["run", "--mode", "ebpf"])
+        .args(mesh.client_args())
+        .args(["--proxy-port", &MESH_PROXY_PORT.to_string()])
+        .args(["--max-connections", &cap])
+        .arg("--report")
+        .arg(&client_report);
+    let hold = HoldArgs {
+        listen: target,
+        remote: true,
+        count,
+        warmup: WARMUP,
+        go: go.clone(),
+        done: done.clone(),
+    };
+    hold.command_of(&mut cmd, load_bin, &pods.client, &log, nofile)?;
+    let mut child = cmd
+        .spawn()
+        .context("starting the client pod's sidecar for the meshed idle connections")?;
+    let (pid, peer_pid) = (child.id(), peer.pid());
+    let mut lines = BufReader::new(child.stdout.take().context("the command's stdout")?);
+    let measured = (|| {
+        expect_line(&mut lines, "warm", &log)?;
+        let before = (settled_rss(pid)?, settled_rss(peer_pid)?);
+        fs::write(&go, b"")?;
+        let held = expect_line(&mut lines, "held", &log)?;
+        if held != format!("held {count}") {
+            bail!("the command said {held:?}, not held {count}");
+        }
+        let with = (settled_rss(pid)?, settled_rss(peer_pid)?);
+        let idle = |before_kib, with_kib| Idle {
+            connections: count,
+            before_kib,
+            with_kib,
+        };
+        Ok(Meshed {
+            client: idle(before.0, with.0),
+            server: idle(before.1, with.1),
+        })
+    })();
+    let _ = fs::write(&done, b"");
+    let status = wait_bounded(&mut child, STEP_LIMIT)?;
+    // The hold server ends once every connection it kept has been closed by the client.
+    let served = hold_server.wait(STEP_LIMIT);
+    let server_report = peer.stop()?;
+    let meshed = measured?;
+    if !status.success() {
+        bail!("sidecar run exited with {status} (log: {})", log.display());
+    }
+    served.context("the hold server in the server pod")?;
+    let tunnelled = count + WARMUP;
+    check_carried(
+        &client_report,
+        "outbound",
+        "proxy",
+        tunnelled,
+        Some(("dst_identity", mesh::SERVER_ID)),
+    )?;
+    check_carried(
+        &server_report,
+        "inbound",
+        "proxy",
+        tunnelled,
+        Some(("src_identity", mesh::CLIENT_ID)),
+    )?;
+    Ok(meshed)
+}
+
+/// Meshed connections each process can hold under `nofile`: one descriptor per connection
+/// (and one per pooled HBONE connection, at most one per 100 streams), less the headroom.
+fn meshed_connections_for(nofile: u64, wanted: usize) -> usize {
+    (nofile.saturating_sub(FD_HEADROOM) * 100 / 101).min(wanted as u64) as usize
+}
+
 /// The hard descriptor limit, which children may raise their soft limit to.
 fn hard_nofile() -> Result<u64> {
     let mut rl = libc::rlimit {
@@ -163,7 +296,7 @@ fn hard_nofile() -> Result<u64> {
 }
 
 /// Soft and hard descriptor limits both at `limit` (the soft one up to the hard one).
-fn set_nofile(limit: u64) -> std::io::Result<()> {
+pub fn set_nofile(limit: u64) -> std::io::Result<()> {
     let rl = libc::rlimit {
         rlim_cur: limit,
         rlim_max: limit,
@@ -222,6 +355,9 @@ mod tests {
         assert_eq!(connections_for(1_048_576), CONNECTIONS);
         assert_eq!(connections_for(20_000), 9_488);
         assert_eq!(connections_for(512), 0);
+        assert_eq!(meshed_connections_for(20_000, CONNECTIONS), CONNECTIONS);
+        assert_eq!(meshed_connections_for(20_000, 500), 500);
+        assert_eq!(meshed_connections_for(10_000, CONNECTIONS), 8_887);
     }
 }
 
@@ -230,6 +366,10 @@ pub struct HoldArgs {
     /// Where to serve the connections (and to connect them to).
     #[arg(long)]
     pub listen: SocketAddr,
+    /// Another process serves `listen` (`bench-hold-serve`, in the server pod): only
+    /// connect.
+    #[arg(long)]
+    pub remote: bool,
     /// Connections to hold open.
     #[arg(long)]
     pub count: usize,
@@ -244,14 +384,56 @@ pub struct HoldArgs {
     pub done: PathBuf,
 }
 
+impl HoldArgs {
+    /// Makes `sidecar_run` (a `sidecar run` with its options) run this as its command, in
+    /// `ns` on the client's CPU, with its steps on a pipe, its log in `log`, and both
+    /// processes' descriptor limits at `nofile`.
+    fn command_of(
+        &self,
+        sidecar_run: &mut Command,
+        load_bin: &Path,
+        ns: &Netns,
+        log: &Path,
+        nofile: u64,
+    ) -> Result<()> {
+        sidecar_run
+            .arg("--")
+            .arg(load_bin)
+            .args(["bench-hold", "--listen", &self.listen.to_string()])
+            .args(self.remote.then_some("--remote"))
+            .args(["--count", &self.count.to_string()])
+            .args(["--warmup", &self.warmup.to_string()])
+            .arg("--go")
+            .arg(&self.go)
+            .arg("--done")
+            .arg(&self.done)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(log)?);
+        ns.enter(sidecar_run)?;
+        Side::Client.pin(sidecar_run);
+        // SAFETY: `set_nofile` only calls setrlimit(2), which is async-signal-safe; raising
+        // the soft limit to the hard one needs no privilege.
+        unsafe {
+            sidecar_run.pre_exec(move || set_nofile(nofile));
+        }
+        Ok(())
+    }
+}
+
 /// The command side: serve, warm up, say `warm`, wait for `go`, open and hold `count`
 /// connections, say `held N`, wait for `done`.
 pub fn hold(args: &HoldArgs) -> Result<()> {
     set_nofile(hard_nofile()?)?;
-    let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
     let (warmup, count) = (args.warmup, args.count);
-    let server = thread::spawn(move || serve(&listener, warmup, count));
+    let server = (!args.remote).then(|| {
+        let listener =
+            TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
+        Ok::<_, anyhow::Error>(thread::spawn(move || {
+            serve(&listener, warmup, count).map(drop)
+        }))
+    });
+    let server = server.transpose()?;
     for _ in 0..args.warmup {
         drop(ping(args.listen)?);
     }
@@ -263,15 +445,47 @@ pub fn hold(args: &HoldArgs) -> Result<()> {
     say(&format!("held {}", held.len()))?;
     wait_for(&args.done)?;
     drop(held);
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("the hold server panicked"))?
+    match server {
+        Some(server) => server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the hold server panicked"))?,
+        None => Ok(()),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HoldServeArgs {
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Connections to keep after the warm-up ones.
+    #[arg(long)]
+    pub count: usize,
+    /// Connections answered and closed first.
+    #[arg(long)]
+    pub warmup: usize,
+}
+
+/// The meshed variant's server: says `ready`, answers `warmup` connections (closed once
+/// their client closed) and keeps the `count` next, each closed once its client closes it;
+/// then exits.
+pub fn hold_serve(args: &HoldServeArgs) -> Result<()> {
+    set_nofile(hard_nofile()?)?;
+    let listener =
+        TcpListener::bind(args.listen).with_context(|| format!("bind {}", args.listen))?;
+    say("ready")?;
+    for mut c in serve(&listener, args.warmup, args.count)? {
+        c.set_read_timeout(Some(STEP_LIMIT))?;
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest)
+            .context("a held connection's close")?;
+    }
+    Ok(())
 }
 
 /// Answers each accepted connection's one 64 B message, in turn: the `warmup` first ones
 /// are closed once their client has (or the sidecar would keep them open, half-closed),
-/// the `count` next kept open.
-fn serve(listener: &TcpListener, warmup: usize, count: usize) -> Result<()> {
+/// the `count` next kept open and returned.
+fn serve(listener: &TcpListener, warmup: usize, count: usize) -> Result<Vec<TcpStream>> {
     let mut kept = Vec::with_capacity(count);
     for i in 0..warmup + count {
         let (mut c, _) = listener.accept()?;
@@ -287,7 +501,7 @@ fn serve(listener: &TcpListener, warmup: usize, count: usize) -> Result<()> {
             kept.push(c);
         }
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// A new connection that has carried one 64 B exchange.

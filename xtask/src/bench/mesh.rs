@@ -9,14 +9,14 @@
 use std::{
     fs,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context, Result};
 
-use super::{Mode, Server, netns::Netns};
+use super::{Mode, Server, idle, netns::Netns};
 use crate::output;
 
 const TRUST_DOMAIN: &str = "bench.local";
@@ -60,6 +60,18 @@ impl<'a> Mesh<'a> {
     /// Starts the server pod's sidecar, in `mode`'s interception mode, with an echo server
     /// on 127.0.0.1 (same ports) as its command. Its log and report go next to `stem`.
     pub fn start_server(&self, mode: Mode, stem: &Path) -> Result<PeerSidecar> {
+        self.start_server_with(mode, stem, &[], None)
+    }
+
+    /// [`Self::start_server`] with `extra` options, and its descriptor limits (soft and
+    /// hard) set to `nofile` if given.
+    pub fn start_server_with(
+        &self,
+        mode: Mode,
+        stem: &Path,
+        extra: &[&str],
+        nofile: Option<u64>,
+    ) -> Result<PeerSidecar> {
         let report = stem.with_extension("server.json");
         let log = stem.with_extension("server.log");
         let mut cmd = Command::new(self.sidecar);
@@ -70,12 +82,19 @@ impl<'a> Mesh<'a> {
             .arg(self.certs.dir.join("server"))
             .args(["--inbound-port", &TUNNEL_PORT.to_string()])
             .args(["--drain-timeout-secs", "2"])
+            .args(extra)
             .arg("--report")
             .arg(&report)
             // The workload is the pod's echo server, already running; `ready` tells
             // Server::start the sidecar is up (it starts its command once attached).
             .args(["--", "sh", "-c", "echo ready; exec sleep 3600"])
             .stderr(fs::File::create(&log)?);
+        if let Some(limit) = nofile {
+            // SAFETY: `set_nofile` only calls setrlimit(2), async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || idle::set_nofile(limit));
+            }
+        }
         let server = Server::start(cmd, self.server_ns).with_context(|| {
             format!(
                 "the server pod's sidecar did not start (log: {})",

@@ -13,7 +13,8 @@
 //! request/response latency (64 B and 4 KiB on a persistent connection), connect-exchange-
 //! close rate, bulk throughput (1 and 16 streams), and for the proxied modes the sidecar's
 //! CPU time and RSS from /proc. The load generator is this binary (release build) re-invoked
-//! as `bench-server` / `bench-client` (see `load.rs`); `sockperf` cross-checks one figure.
+//! as `bench-server` / `bench-client` (see `load.rs`); `sockperf` cross-checks one figure,
+//! and in full runs `wrk` against nginx in the pods two more (`wrk.rs`).
 //!
 //! Output: `target/bench/report.md` and `target/bench/report.svg`; the raw per-run JSON and
 //! the sidecar logs in `target/bench/raw/`.
@@ -26,6 +27,8 @@ mod netns;
 mod report;
 mod sockperf;
 mod startup;
+mod wrk;
+mod ztunnel;
 
 use std::{
     fs,
@@ -45,7 +48,8 @@ use self::{
     haproxy::Haproxy,
     load::ClientResult,
     mesh::Mesh,
-    netns::{Netns, POD_SERVER_IP, Pods},
+    netns::{Netns, POD_CLIENT_IP, POD_SERVER_IP, Pods},
+    ztunnel::ZtunnelPair,
 };
 use crate::{build_ebpf, cargo, run, step};
 
@@ -109,10 +113,13 @@ pub enum Mode {
     /// Two sidecars (client pod and server pod), an mTLS tunnel between them.
     IptablesMtls,
     EbpfMtls,
+    /// Istio's ztunnel in each pod (dedicated mode), HBONE between them: the anchor our
+    /// pair is measured against (see `ztunnel.rs`).
+    Ztunnel,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Direct,
         Mode::Iptables,
         Mode::Ebpf,
@@ -121,6 +128,7 @@ impl Mode {
         Mode::Haproxy,
         Mode::IptablesMtls,
         Mode::EbpfMtls,
+        Mode::Ztunnel,
     ];
     /// The modes with at most one sidecar: every scenario runs them.
     pub const SINGLE: [Mode; 6] = [
@@ -133,6 +141,8 @@ impl Mode {
     ];
     /// The modes that need a server pod with a sidecar of its own.
     pub const MTLS: [Mode; 2] = [Mode::IptablesMtls, Mode::EbpfMtls];
+    /// The modes with a proxy in each pod: the server pod's is measured too.
+    pub const PAIRS: [Mode; 3] = [Mode::IptablesMtls, Mode::EbpfMtls, Mode::Ztunnel];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -144,6 +154,7 @@ impl Mode {
             Mode::Haproxy => "haproxy",
             Mode::IptablesMtls => "iptables + mTLS",
             Mode::EbpfMtls => "ebpf + mTLS",
+            Mode::Ztunnel => "ztunnel pair",
         }
     }
 
@@ -153,6 +164,7 @@ impl Mode {
             Mode::EbpfSockmap => "ebpf-sockmap",
             Mode::IptablesMtls => "iptables-mtls",
             Mode::EbpfMtls => "ebpf-mtls",
+            Mode::Ztunnel => "ztunnel",
             m => m.label(),
         }
     }
@@ -161,10 +173,14 @@ impl Mode {
         Self::MTLS.contains(&self)
     }
 
+    pub fn pair(self) -> bool {
+        Self::PAIRS.contains(&self)
+    }
+
     /// `sidecar run` options, or None where no sidecar runs.
     fn sidecar_args(self) -> Option<&'static [&'static str]> {
         match self {
-            Mode::Direct | Mode::Haproxy => None,
+            Mode::Direct | Mode::Haproxy | Mode::Ztunnel => None,
             Mode::Iptables | Mode::IptablesMtls => Some(&["--mode", "iptables"]),
             Mode::Ebpf | Mode::EbpfMtls => Some(&["--mode", "ebpf"]),
             Mode::EbpfProxyAll => Some(&["--mode", "ebpf", "--proxy-all"]),
@@ -191,6 +207,8 @@ const SERVER_PORT: u16 = 20110;
 const SOCKPERF_PORT: u16 = 20120;
 /// HAProxy's frontends in the client's namespace: the echo server's, and the sink's next.
 const HAPROXY_PORT: u16 = 20130;
+/// nginx's port for the wrk cross-check (on the echo server's pod address).
+const NGINX_PORT: u16 = 20140;
 
 /// Where each party runs, the same in every mode, so no mode wins or loses by the
 /// scheduler's placement (unpinned, the same mode's p50 was bimodal between runs): the
@@ -251,6 +269,11 @@ pub fn bench(opts: &Options) -> Result<()> {
             "cargo xtask bench needs root (network namespaces, cgroups, eBPF, iptables): run it with sudo"
         );
     }
+    // Before the build: a missing anchor fails at once, in one line.
+    let ztunnel_bin = ztunnel::binary(&build_ebpf::workspace_root())?;
+    if !opts.quick {
+        wrk::check_installed()?;
+    }
     build_ebpf::build(&build_ebpf::Options::default())?;
     step("building the sidecar and the load generator (release)");
     run(cargo().args([
@@ -285,9 +308,11 @@ pub fn bench(opts: &Options) -> Result<()> {
     let load_at_start = report::load_average();
     let mut progress = Progress::new(params.rounds * (Mode::SINGLE.len() + Mode::ALL.len()));
     let mut results = Vec::new();
-    let crosscheck;
+    let mut crosschecks = Vec::new();
+    let mut http_check = None;
     let startups;
     let idle;
+    let meshed_idle;
     {
         let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
@@ -303,13 +328,26 @@ pub fn bench(opts: &Options) -> Result<()> {
                 ns: &lo,
                 server: server_addr,
                 mesh: None,
+                ztunnel: None,
             },
             &params,
             &raw,
             &mut progress,
         )?);
         progress.say("cross-check: sockperf ping-pong, direct, 64 B");
-        crosscheck = sockperf::crosscheck(&lo, SOCKPERF_PORT, if opts.quick { 1 } else { 3 }, &raw);
+        let place = sockperf::Place {
+            name: "loopback",
+            client: &lo,
+            server_ns: &lo,
+            server: SocketAddr::from(([127, 0, 0, 1], SOCKPERF_PORT)),
+            mesh: None,
+            ztunnel: None,
+        };
+        let secs = if opts.quick { 1 } else { 3 };
+        crosschecks.push((
+            "loopback",
+            sockperf::crosscheck(&place, &Mode::SINGLE, secs, &raw),
+        ));
         progress.say("sidecar startup: exec to /readyz 200, and idle RSS");
         startups = startup::measure(&bins.sidecar, &lo, if opts.quick { 2 } else { 9 }, &raw)?;
         progress.say(&format!(
@@ -323,6 +361,21 @@ pub fn bench(opts: &Options) -> Result<()> {
         let server_addr = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);
         let _server = Server::start(plain_server(&bins.load, server_addr), &pods.server)?;
         let mesh = Mesh::new(&bins.sidecar, &pods.server, server_addr)?;
+        let ztunnel = ZtunnelPair::new(
+            ztunnel_bin,
+            (&pods.client, POD_CLIENT_IP.parse()?),
+            (&pods.server, server_addr.ip()),
+            &raw,
+        )?;
+        let wanted = if opts.quick {
+            idle::QUICK_MESHED
+        } else {
+            idle::CONNECTIONS
+        };
+        progress.say(&format!(
+            "idle meshed connections: up to {wanted} held open through the eBPF + mTLS pair"
+        ));
+        meshed_idle = idle::measure_meshed(&bins.sidecar, &bins.load, &pods, &mesh, wanted, &raw)?;
         results.push(run_scenario(
             ("pods", "two namespaces (pods) joined by a veth pair"),
             &Mode::ALL,
@@ -331,11 +384,34 @@ pub fn bench(opts: &Options) -> Result<()> {
                 ns: &pods.client,
                 server: server_addr,
                 mesh: Some(&mesh),
+                ztunnel: Some(&ztunnel),
             },
             &params,
             &raw,
             &mut progress,
         )?);
+        // Full runs only: four more sockperf runs would add ~15 s to the quick one.
+        if !opts.quick {
+            progress.say("cross-check: sockperf ping-pong in the pods, 64 B");
+            let place = sockperf::Place {
+                name: "pods",
+                client: &pods.client,
+                server_ns: &pods.server,
+                server: SocketAddr::new(server_addr.ip(), SOCKPERF_PORT),
+                mesh: Some(&mesh),
+                ztunnel: Some(&ztunnel),
+            };
+            crosschecks.push((
+                "pods",
+                sockperf::crosscheck(&place, &sockperf::PODS, 3, &raw),
+            ));
+            progress.say("cross-check: wrk against nginx in the pods, keep-alive and close");
+            let place = sockperf::Place {
+                server: SocketAddr::new(server_addr.ip(), NGINX_PORT),
+                ..place
+            };
+            http_check = Some(wrk::crosscheck(&place, &sockperf::PODS, &raw));
+        }
     }
     progress.done();
 
@@ -344,21 +420,29 @@ pub fn bench(opts: &Options) -> Result<()> {
         &summary,
         &params,
         opts.quick,
-        Some(&crosscheck),
+        &report::CrossChecks {
+            sockperf: &crosschecks,
+            wrk: http_check.as_ref(),
+        },
         &startups,
-        &idle,
+        (&idle, &meshed_idle),
         &load_at_start,
     );
     let svg = report::svg(&summary);
     fs::write(out_dir.join("report.md"), &md)?;
     fs::write(out_dir.join("report.svg"), &svg)?;
     report::check(&md).context("the report lacks numbers")?;
-    if let Err(e) = &crosscheck {
-        if opts.quick {
-            step(&format!("sockperf cross-check unavailable: {e:#}"));
-        } else {
-            bail!("sockperf cross-check failed: {e:#}");
+    for (name, result) in &crosschecks {
+        if let Err(e) = result {
+            if opts.quick {
+                step(&format!("sockperf cross-check ({name}) unavailable: {e:#}"));
+            } else {
+                bail!("sockperf cross-check ({name}) failed: {e:#}");
+            }
         }
+    }
+    if let Some(Err(e)) = &http_check {
+        bail!("wrk cross-check (pods) failed: {e:#}");
     }
     step(&format!(
         "wrote {} and report.svg in {:.0} s",
@@ -386,9 +470,12 @@ struct Client<'a> {
     server: SocketAddr,
     /// The server pod's side of the mTLS modes.
     mesh: Option<&'a Mesh<'a>>,
+    /// Both pods' ztunnels, for the `ztunnel pair` mode.
+    ztunnel: Option<&'a ZtunnelPair<'a>>,
 }
 
-/// Every round runs each of `modes` once; the mTLS modes need the client's `mesh`.
+/// Every round runs each of `modes` once; the mTLS modes need the client's `mesh`, the
+/// ztunnel pair its `ztunnel`.
 fn run_scenario(
     (name, description): (&'static str, &'static str),
     modes: &[Mode],
@@ -441,7 +528,12 @@ fn run_scenario(
 /// the server pod's sidecar runs for just as long.
 fn run_client(
     bins: &Bins,
-    Client { ns, server, mesh }: &Client,
+    Client {
+        ns,
+        server,
+        mesh,
+        ztunnel,
+    }: &Client,
     mode: Mode,
     params: &Params,
     stem: &Path,
@@ -455,6 +547,11 @@ fn run_client(
         (true, None) => bail!("{} needs a server pod", mode.label()),
     };
     let peer = mesh.map(|m| m.start_server(mode, stem)).transpose()?;
+    let zt_pair = match (mode == Mode::Ztunnel, *ztunnel) {
+        (false, _) => None,
+        (true, Some(z)) => Some(z.start(stem)?),
+        (true, None) => bail!("{} needs a server pod", mode.label()),
+    };
     // HAProxy stands where the sidecar would: the client connects to it instead.
     let haproxy = (mode == Mode::Haproxy)
         .then(|| Haproxy::start(ns, *server, stem))
@@ -490,6 +587,10 @@ fn run_client(
     if let Some(peer) = &peer {
         cmd.args(["--peer-sidecar", &peer.pid().to_string()]);
     }
+    if let Some(z) = &zt_pair {
+        cmd.args(["--proxy-pid", &z.client_pid().to_string()])
+            .args(["--peer-sidecar", &z.server_pid().to_string()]);
+    }
     ns.enter(&mut cmd)?;
     Side::Client.pin(&mut cmd);
     cmd.stdin(Stdio::null())
@@ -501,6 +602,10 @@ fn run_client(
     if let Some(h) = haproxy {
         h.stop()?;
     }
+    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
+    // Stopped (and its logs checked) before the client's failure is looked at: a failed
+    // client's connections do not add up anyway.
+    let zt_checked = zt_pair.map(|z| z.stop_and_check(expected));
     if !status.success() {
         // The client's anyhow error and its causes, on one line.
         let text = fs::read_to_string(&log).unwrap_or_default();
@@ -517,7 +622,9 @@ fn run_client(
             log.display()
         );
     }
-    let expected = load::SIZES.len() + params.connections + load::STREAMS.iter().sum::<usize>();
+    if let Some(checked) = zt_checked {
+        checked?;
+    }
     if mode.sidecar_args().is_some() {
         let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
         check_carried(&sidecar_report, "outbound", mode.path(), expected, tunnel)?;
@@ -602,6 +709,17 @@ fn wait_bounded(child: &mut Child, limit: Duration) -> Result<std::process::Exit
     }
 }
 
+/// Stops a child that may still run: SIGTERM (a sidecar then stops its command and cleans
+/// up; HAProxy and nginx stop at once), then [`wait_bounded`] for `limit`, SIGKILL after.
+fn terminate(child: &mut Child, limit: Duration) -> Result<()> {
+    if child.try_wait()?.is_none() {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_bounded(child, limit)?;
+    }
+    Ok(())
+}
+
 /// The load generator's echo/sink server, with no sidecar.
 fn plain_server(load: &Path, listen: SocketAddr) -> Command {
     let mut cmd = Command::new(load);
@@ -638,15 +756,20 @@ impl Server {
         self.0.id()
     }
 
+    /// Waits for it to exit on its own (bounded: then it is stopped, and that is an error);
+    /// fails unless it exited with status 0.
+    fn wait(&mut self, limit: Duration) -> Result<()> {
+        let status = wait_bounded(&mut self.0, limit)?;
+        if !status.success() {
+            bail!("exited with {status}");
+        }
+        Ok(())
+    }
+
     /// SIGTERM, so that a sidecar stops its command and cleans up; SIGKILL if that takes
     /// too long.
     fn stop(&mut self) -> Result<()> {
-        if self.0.try_wait()?.is_none() {
-            // SAFETY: kill(2) on our own child, not yet reaped.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-            wait_bounded(&mut self.0, Duration::from_secs(15))?;
-        }
-        Ok(())
+        terminate(&mut self.0, Duration::from_secs(15))
     }
 }
 

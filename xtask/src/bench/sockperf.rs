@@ -1,8 +1,10 @@
 //! The external cross-check: Debian's `sockperf` (TCP ping-pong, 64 B, full round trip) in
 //! the loopback namespace, in every single-sidecar mode (direct, under the sidecar in each
-//! of its modes, through HAProxy), so our own load generator's request/response figures can
-//! be compared with a tool we did not write. A sidecar run counts only if its `--report`
-//! shows it carried sockperf's connections, as the bench's own runs are checked.
+//! of its modes, through HAProxy), and in the pods scenario (full runs) direct, `ebpf
+//! --proxy-all`, `ebpf + mTLS` and `ztunnel pair`, so our own load generator's
+//! request/response figures can be compared with a tool we did not write. A proxied run
+//! counts only if the proxies' records (sidecar `--report`s, ztunnel access logs) show they
+//! carried sockperf's exchanges, as the bench's own runs are checked.
 //!
 //! sockperf waits for replies with a polling loop, our client with blocking reads, so
 //! sockperf's absolute figures are expected to be a little lower; the ratios between modes
@@ -17,8 +19,23 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Mode, PROXY_PORT, Side, haproxy::Haproxy, netns::Netns};
+use super::{
+    Mode, PROXY_PORT, Side,
+    haproxy::Haproxy,
+    mesh::{self, Mesh, PeerSidecar},
+    netns::Netns,
+    ztunnel::{RunningPair, ZtunnelPair},
+};
 use crate::build_ebpf;
+
+/// The modes cross-checked in the pods scenario: no proxy, our plain proxied hop, our
+/// HBONE pair and ztunnel's.
+pub const PODS: [Mode; 4] = [
+    Mode::Direct,
+    Mode::EbpfProxyAll,
+    Mode::EbpfMtls,
+    Mode::Ztunnel,
+];
 
 /// sockperf's figures for one mode, in microseconds (round trip).
 #[derive(Debug, Clone)]
@@ -29,21 +46,83 @@ pub struct SockperfFigures {
     pub observations: u64,
 }
 
-pub fn crosscheck(ns: &Netns, port: u16, secs: u32, raw: &Path) -> Result<Vec<SockperfFigures>> {
+/// Where a cross-check runs: the client's namespace, the server's and its address, and
+/// what the two-proxy modes need.
+pub struct Place<'a> {
+    /// The scenario's name (file names, the report).
+    pub name: &'static str,
+    pub client: &'a Netns,
+    pub server_ns: &'a Netns,
+    pub server: std::net::SocketAddr,
+    pub mesh: Option<&'a Mesh<'a>>,
+    pub ztunnel: Option<&'a ZtunnelPair<'a>>,
+}
+
+impl<'a> Place<'a> {
+    /// The server pod's proxies `mode` needs for one run, started: the peer sidecar for an
+    /// mTLS mode, the ztunnel pair for `ztunnel pair`. Their logs go next to `stem`.
+    pub fn start_server_side(
+        &self,
+        mode: Mode,
+        stem: &Path,
+    ) -> Result<(Option<PeerSidecar>, Option<RunningPair<'a>>)> {
+        let peer = match (mode.mtls(), self.mesh) {
+            (false, _) => None,
+            (true, Some(m)) => Some(m.start_server(mode, stem)?),
+            (true, None) => bail!("{} needs a server pod", mode.label()),
+        };
+        let pair = match (mode == Mode::Ztunnel, self.ztunnel) {
+            (false, _) => None,
+            (true, Some(z)) => Some(z.start(stem)?),
+            (true, None) => bail!("{} needs a server pod", mode.label()),
+        };
+        Ok((peer, pair))
+    }
+
+    /// `program` as `mode`'s client: bare, or under `sidecar run` with the mode's options
+    /// (and, with mTLS, the client pod's mesh options), its report written to `report`.
+    pub fn client_command(&self, mode: Mode, program: &str, report: &Path) -> Command {
+        let Some(args) = mode.sidecar_args() else {
+            return Command::new(program);
+        };
+        let mut c = Command::new(build_ebpf::workspace_root().join("target/release/sidecar"));
+        c.arg("run")
+            .args(args)
+            .args(
+                self.mesh
+                    .filter(|_| mode.mtls())
+                    .map(Mesh::client_args)
+                    .unwrap_or_default(),
+            )
+            .args(["--proxy-port", &PROXY_PORT.to_string(), "--report"])
+            .arg(report)
+            .args(["--", program]);
+        c
+    }
+}
+
+/// sockperf in each of `modes`, `secs` seconds each.
+pub fn crosscheck(
+    place: &Place,
+    modes: &[Mode],
+    secs: u32,
+    raw: &Path,
+) -> Result<Vec<SockperfFigures>> {
+    let (ns, server_addr) = (place.client, place.server);
     let mut server_cmd = Command::new("sockperf");
     server_cmd
         .args([
             "server",
             "--tcp",
             "-i",
-            "127.0.0.1",
+            &server_addr.ip().to_string(),
             "-p",
-            &port.to_string(),
+            &server_addr.port().to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    ns.enter(&mut server_cmd)?;
+    place.server_ns.enter(&mut server_cmd)?;
     Side::Server.pin(&mut server_cmd);
     let server = server_cmd
         .spawn()
@@ -51,28 +130,16 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32, raw: &Path) -> Result<Vec<So
     let _server = KillOnDrop(server);
     thread::sleep(Duration::from_millis(300));
 
-    let sidecar = build_ebpf::workspace_root().join("target/release/sidecar");
     let mut figures = Vec::new();
-    let server_addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    for mode in Mode::SINGLE {
-        let stem = raw.join(format!("sockperf-{}", mode.file_key()));
+    for &mode in modes {
+        let stem = raw.join(format!("sockperf-{}-{}", place.name, mode.file_key()));
         let report = stem.with_extension("sidecar.json");
+        let (peer, pair) = place.start_server_side(mode, &stem)?;
         let haproxy = (mode == Mode::Haproxy)
             .then(|| Haproxy::start(ns, server_addr, &stem))
             .transpose()?;
         let target = haproxy.as_ref().map_or(server_addr, Haproxy::front);
-        let mut cmd = match mode.sidecar_args() {
-            None => Command::new("sockperf"),
-            Some(args) => {
-                let mut c = Command::new(&sidecar);
-                c.arg("run")
-                    .args(args)
-                    .args(["--proxy-port", &PROXY_PORT.to_string(), "--report"])
-                    .arg(&report)
-                    .args(["--", "sockperf"]);
-                c
-            }
-        };
+        let mut cmd = place.client_command(mode, "sockperf", &report);
         cmd.args([
             "ping-pong",
             "--tcp",
@@ -89,6 +156,8 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32, raw: &Path) -> Result<Vec<So
         if let Some(h) = haproxy {
             h.stop()?;
         }
+        let peer_report = peer.map(|p| p.stop()).transpose()?;
+        let pair_checked = pair.map(|p| p.stop_and_check_carried(server_addr));
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
@@ -99,38 +168,85 @@ pub fn crosscheck(ns: &Netns, port: u16, secs: u32, raw: &Path) -> Result<Vec<So
             );
         }
         if mode.sidecar_args().is_some() {
-            carried(&report, server_addr)
+            let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
+            carried(&report, "outbound", server_addr, tunnel)
                 .with_context(|| format!("sockperf under the sidecar ({})", mode.label()))?;
+        }
+        if let Some(report) = peer_report {
+            carried(
+                &report,
+                "inbound",
+                server_addr,
+                Some(("src_identity", mesh::CLIENT_ID)),
+            )
+            .with_context(|| {
+                format!(
+                    "sockperf through the server pod's sidecar ({})",
+                    mode.label()
+                )
+            })?;
+        }
+        if let Some(checked) = pair_checked {
+            checked.context("sockperf through the ztunnel pair")?;
         }
         figures.push(parse(mode, &text)?);
     }
     Ok(figures)
 }
 
-/// The sidecar's report lists sockperf's connection(s) to `server`, with bytes carried each
-/// way. (sockperf's client resets its connection when it is done, so the sidecar records the
-/// end as `io_error`; what matters here is that the exchanges went through it.)
-fn carried(report: &Path, server: std::net::SocketAddr) -> Result<()> {
-    let json: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
-    )?;
-    let to_server: Vec<_> = json["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["direction"] == "outbound" && c["original_dst"] == server.to_string())
-        .collect();
-    let both_ways = |c: &&serde_json::Value| {
-        c["bytes_from_client"].as_u64() > Some(0) && c["bytes_from_upstream"].as_u64() > Some(0)
-    };
-    if !to_server.iter().any(both_ways) {
+/// The sidecar's report lists sockperf's connection(s) to `server` in `direction`, with
+/// bytes carried each way, and with a `tunnel` (identity field, SPIFFE ID) over mTLS with
+/// that peer. (sockperf's client resets its connection when it is done, so the sidecar
+/// records the end as `io_error`; what matters here is that the exchanges went through it.)
+fn carried(
+    report: &Path,
+    direction: &str,
+    server: std::net::SocketAddr,
+    tunnel: Option<(&str, &str)>,
+) -> Result<()> {
+    if carried_to(report, direction, server, tunnel)?.connections == 0 {
         bail!(
-            "the sidecar's report does not show sockperf's exchanges with {server}: \
-             {to_server:?} ({})",
+            "the sidecar's report does not show sockperf's exchanges with {server} ({})",
             report.display()
         );
     }
     Ok(())
+}
+
+/// What a proxy's records show it carried to one server: connections with bytes both ways,
+/// and the bytes the server sent over them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub connections: usize,
+    pub bytes_from_server: u64,
+}
+
+/// The connections of `direction` to `server` in a sidecar's `--report` that carried bytes
+/// both ways (with a `tunnel`, only those over mTLS with that peer), however they ended.
+pub fn carried_to(
+    report: &Path,
+    direction: &str,
+    server: std::net::SocketAddr,
+    tunnel: Option<(&str, &str)>,
+) -> Result<Carried> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
+    let mut carried = Carried::default();
+    for c in json["connections"].as_array().into_iter().flatten() {
+        let from_client = c["bytes_from_client"].as_u64().unwrap_or(0);
+        let from_server = c["bytes_from_upstream"].as_u64().unwrap_or(0);
+        if c["direction"] == direction
+            && c["original_dst"] == server.to_string()
+            && tunnel.is_none_or(|(field, id)| c["mode"] == "mtls" && c[field] == id)
+            && from_client > 0
+            && from_server > 0
+        {
+            carried.connections += 1;
+            carried.bytes_from_server += from_server;
+        }
+    }
+    Ok(carried)
 }
 
 fn last_line(text: &str) -> &str {

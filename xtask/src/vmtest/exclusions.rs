@@ -144,6 +144,13 @@ pub const TARGET_EXCLUSIONS: &[TargetExclusion] = &[
                  on the host in `cargo xtask test`)",
     },
     TargetExclusion {
+        target: "ztunnel_interop",
+        kernels: &[],
+        reason: "interoperates with Istio's ztunnel from ../shared/interop (a glibc binary the \
+                 guest's userland cannot run): HBONE over the wire, nothing kernel-specific (it \
+                 runs on the host in `cargo xtask test`)",
+    },
+    TargetExclusion {
         target: "manifests",
         kernels: &[],
         reason: "checks the files in deploy/ with a Python validator: nothing kernel-specific \

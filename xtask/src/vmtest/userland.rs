@@ -27,6 +27,7 @@ const TOOLS: &[&str] = &[
     "ip",
     "nsenter",
     "setpriv",
+    "taskset",
     "iptables",
     "ip6tables",
     "iptables-save",

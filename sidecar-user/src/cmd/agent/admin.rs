@@ -23,6 +23,7 @@ const LIMITS: http::Limits = http::Limits {
     total: 16,
     per_peer: 4,
     head_timeout: http::HEAD_TIMEOUT,
+    answer_timeout: http::ANSWER_TIMEOUT,
 };
 
 /// Every refusal reason, so each series exists from the start (at zero).

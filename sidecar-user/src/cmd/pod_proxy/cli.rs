@@ -6,15 +6,17 @@ use super::PodProxyOptions;
 use crate::{
     admin::flags::ObserveArgs,
     cidr::Cidr,
-    proxy::{ProxySettingsArgs, SettingsError, mesh::MeshArgs},
-    tls::layout::LayoutError,
+    proxy::{
+        ProxySettingsArgs, SettingsError,
+        mesh::{MeshArgs, MeshError},
+    },
 };
 
 /// Why the command line cannot become [`PodProxyOptions`].
 #[derive(Debug, thiserror::Error)]
 pub enum ArgsError {
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Mesh(#[from] MeshError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
 }

@@ -108,7 +108,11 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
 
-    let serving = Serving::start(&opts.observe, effective_config(&opts))?;
+    let serving = Serving::start(
+        &opts.observe,
+        MtlsOptions::protection(opts.mtls.as_ref()),
+        effective_config(&opts),
+    )?;
     let _guard = serving.rt.enter();
     let mesh = serving.mesh(
         opts.mtls.as_ref(),

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// On exit or SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, default_value_t = 5)]
     drain_timeout_secs: u64,
+    /// If the proxy or tunnel port is held by another process (the sidecar this one
+    /// replaces, still draining: it gives its ports up as its drain starts), wait up to this
+    /// many milliseconds for it instead of failing at once.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    port_wait_ms: u64,
     /// Also write the summary as JSON to this file (every connection and eBPF counter).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -115,6 +120,7 @@ impl RunArgs {
             bpf_log: self.bpf_log,
             proxy: self.proxy.resolve()?,
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            port_wait: Duration::from_millis(self.port_wait_ms),
             report: self.report,
             mtls: self.mesh.options()?,
             policy: self.policy,

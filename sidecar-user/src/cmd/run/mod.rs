@@ -37,7 +37,7 @@ use crate::{
     cidr::Cidr,
     cmd::{
         report::Report,
-        serve::{Listeners, Serving},
+        serve::{self, Listeners, Serving},
         state::{RunState, StateFile},
     },
     host::{bpffs::Bpffs, cgroup, privileges},
@@ -72,6 +72,8 @@ pub struct RunOptions {
     pub bpf_log: bool,
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
+    /// How long a busy proxy or tunnel port is waited for (a replaced sidecar draining).
+    pub port_wait: Duration,
     pub report: Option<PathBuf>,
     /// mTLS between sidecars; `None` keeps every connection plaintext.
     pub mtls: Option<MtlsOptions>,
@@ -132,12 +134,37 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         }
         None => None,
     };
-    let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
-    let ipv6 = listeners.outbound_v6.is_some();
+    // In eBPF mode the connect hooks redirect only to listeners that carry the proxy's mark.
+    let mark = |l: Listeners| -> Result<Listeners> {
+        if opts.mode == Mode::Ebpf {
+            l.mark_outbound(sidecar_common::PROXY_LISTENER_MARK)?;
+        }
+        Ok(l)
+    };
+    // Bound now, so a busy port is an error before anything is attached. With
+    // --port-wait-ms, a busy port (the sidecar this one replaces, draining) is waited for
+    // last, once everything else is ready: the replacement listens the moment the old one
+    // lets go, and serves at once.
+    let inbound = opts.mtls.as_ref().and_then(|m| m.inbound);
+    let listeners = match Listeners::bind(opts.proxy_port, inbound) {
+        Ok(l) => Some(mark(l)?),
+        Err(e) if serve::is_port_busy(&e) && !opts.port_wait.is_zero() => {
+            info!("{e:#}: waiting for it (--port-wait-ms) once everything else is ready");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let ipv6 = listeners
+        .as_ref()
+        .map_or_else(Listeners::ipv6_available, |l| l.outbound_v6.is_some());
 
     // Telemetry and the admin server come up before anything is attached, so `/readyz`
     // answers "not ready" until interception and listeners really are in place.
-    let serving = Serving::start(&opts.observe, effective_config(&opts))?;
+    let serving = Serving::start(
+        &opts.observe,
+        MtlsOptions::protection(opts.mtls.as_ref()),
+        effective_config(&opts),
+    )?;
     let _guard = serving.rt.enter();
     // Caught from here on, before `/readyz` can say ready: a SIGTERM that arrives between
     // ready and the command's start would otherwise kill the sidecar outright (the default
@@ -250,6 +277,17 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         _ => None,
     };
     serving.secured(opts.mtls.as_ref(), tls, enforcer.clone());
+    let listeners = match listeners {
+        Some(l) => l,
+        None => {
+            info!("ready but for the ports: waiting for them");
+            mark(Listeners::bind_waiting(
+                opts.proxy_port,
+                inbound,
+                opts.port_wait,
+            )?)?
+        }
+    };
     let proxy = serving.serve(
         opts.proxy,
         lookups.clone(),
@@ -403,7 +441,8 @@ fn attach_ebpf(
                 flags::PASSTHROUGH
             } else {
                 0
-            },
+            }
+            | flags::CHECK_LISTENER,
         excluded_ports_len: opts.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };
@@ -604,6 +643,7 @@ fn effective_config(opts: &RunOptions) -> serde_json::Value {
         "sockmap": opts.sockmap,
         "bpf_log": opts.bpf_log,
         "drain_timeout_secs": opts.drain_timeout.as_secs(),
+        "port_wait_ms": u64::try_from(opts.port_wait.as_millis()).unwrap_or(u64::MAX),
         "report": opts.report.as_ref().map(|p| p.display().to_string()),
         "command": config::command(&opts.command),
         "mode": MtlsOptions::protection(opts.mtls.as_ref()),

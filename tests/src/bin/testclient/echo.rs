@@ -3,6 +3,7 @@
 use std::{
     io::{self, ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc, Barrier,
@@ -69,6 +70,64 @@ pub fn echo(addr: SocketAddr, size: usize, count: usize, concurrency: usize) -> 
     ExitCode::SUCCESS
 }
 
+/// Load the test paces with files: start once `--after` exists, stop once `--until` does,
+/// and rest `--pause-ms` between connections (`echo`) or exchanges (`pingpong`). The counts
+/// still bound everything.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Pace {
+    /// Wait for this file to exist before the first connection.
+    #[arg(long)]
+    after: Option<PathBuf>,
+    /// Stop (between connections or exchanges) once this file exists.
+    #[arg(long)]
+    until: Option<PathBuf>,
+    /// Pause between connections (`echo`) or exchanges (`pingpong`), in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pause_ms: u64,
+}
+
+impl Pace {
+    pub fn is_set(&self) -> bool {
+        self.after.is_some() || self.until.is_some() || self.pause_ms > 0
+    }
+
+    fn wait_to_start(&self) {
+        while self.after.as_ref().is_some_and(|p| !p.exists()) {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.until.as_ref().is_some_and(|p| p.exists())
+    }
+
+    fn pause(&self) {
+        thread::sleep(Duration::from_millis(self.pause_ms));
+    }
+}
+
+/// Up to `count` echo connections one after the other, paced by `pace`; each line is printed
+/// as soon as its connection ends, so the test can follow the progress.
+pub fn echo_paced(addr: SocketAddr, size: usize, count: usize, pace: &Pace) -> ExitCode {
+    pace.wait_to_start();
+    let (mut failed, mut done) = (0usize, 0usize);
+    for i in 0..count {
+        if pace.stopped() {
+            break;
+        }
+        let line = echo_one(addr, size, i as u64, None);
+        failed += usize::from(!line.ok);
+        done += 1;
+        emit(&line);
+        pace.pause();
+    }
+    if failed > 0 {
+        eprintln!("error: {failed} of {done} echo connections failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
 pub fn pingpong(addr: SocketAddr, size: usize, rounds: usize, count: usize) -> ExitCode {
     let mut failed = 0;
     for i in 0..count {
@@ -83,11 +142,21 @@ pub fn pingpong(addr: SocketAddr, size: usize, rounds: usize, count: usize) -> E
     ExitCode::SUCCESS
 }
 
-/// `count` parallel connections, each exchanging until `duration` has passed.
-pub fn pingpong_for(addr: SocketAddr, size: usize, count: usize, duration: Duration) -> ExitCode {
-    let deadline = Instant::now() + duration;
+/// `count` parallel connections, each exchanging `rounds` times or until `deadline`.
+pub fn pingpong_parallel(
+    addr: SocketAddr,
+    size: usize,
+    rounds: usize,
+    count: usize,
+    deadline: Option<Instant>,
+    pace: &Pace,
+) -> ExitCode {
+    pace.wait_to_start();
     let handles: Vec<_> = (0..count)
-        .map(|i| thread::spawn(move || pingpong_until(addr, size, i as u64, deadline)))
+        .map(|i| {
+            let pace = pace.clone();
+            thread::spawn(move || pingpong_one_with(addr, size, rounds, i as u64, deadline, &pace))
+        })
         .collect();
     let mut failed = 0;
     for h in handles {
@@ -106,13 +175,9 @@ pub fn pingpong_for(addr: SocketAddr, size: usize, count: usize, duration: Durat
     ExitCode::SUCCESS
 }
 
-fn pingpong_until(addr: SocketAddr, size: usize, seed: u64, deadline: Instant) -> EchoLine {
-    // Rounds are bounded by time; the cap only guards against a clock gone wrong.
-    pingpong_one_with(addr, size, 10_000_000, seed, Some(deadline))
-}
-
-/// Echo server for the far side of a tunnel (runs inside that side's sidecar).
-pub fn serve(addr: SocketAddr) -> ExitCode {
+/// Echo server for the far side of a tunnel (runs inside that side's sidecar). With
+/// `close_after`, each connection is closed once that many bytes were echoed on it.
+pub fn serve(addr: SocketAddr, close_after: Option<u64>) -> ExitCode {
     let listener = match std::net::TcpListener::bind(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -133,19 +198,26 @@ pub fn serve(addr: SocketAddr) -> ExitCode {
         thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
             let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match (&stream).read(&mut buf) {
+            let mut left = close_after.unwrap_or(u64::MAX);
+            while left > 0 {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                match (&stream).read(&mut buf[..want]) {
                     Ok(0) => break,
                     Ok(n) => {
                         if (&stream).write_all(&buf[..n]).is_err() {
                             return;
                         }
+                        left -= n as u64;
                     }
                     Err(e)
                         if e.kind() == ErrorKind::WouldBlock
                             || e.kind() == ErrorKind::Interrupted => {}
                     Err(_) => return,
                 }
+            }
+            if left == 0 {
+                // Closed with the answer: the client's EOF is not waited for.
+                return;
             }
             let _ = stream.shutdown(Shutdown::Write);
         });
@@ -154,7 +226,7 @@ pub fn serve(addr: SocketAddr) -> ExitCode {
 }
 
 pub fn pingpong_one(addr: SocketAddr, size: usize, rounds: usize, seed: u64) -> EchoLine {
-    pingpong_one_with(addr, size, rounds, seed, None)
+    pingpong_one_with(addr, size, rounds, seed, None, &Pace::default())
 }
 
 fn pingpong_one_with(
@@ -163,6 +235,7 @@ fn pingpong_one_with(
     rounds: usize,
     seed: u64,
     deadline: Option<Instant>,
+    pace: &Pace,
 ) -> EchoLine {
     let spurious = AtomicU64::new(0);
     let mut line = EchoLine {
@@ -180,9 +253,12 @@ fn pingpong_one_with(
         line.peer = stream.peer_addr().ok();
         let request = pattern(seed, size);
         let mut reply = vec![0u8; size];
-        for _ in 0..rounds {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+        for round in 0..rounds {
+            if deadline.is_some_and(|d| Instant::now() >= d) || pace.stopped() {
                 break;
+            }
+            if round > 0 {
+                pace.pause();
             }
             write_all(&stream, &request, &spurious)?;
             line.sent += size as u64;

@@ -18,12 +18,16 @@
 //! `lockstep` (progress lines, moving on at each line the test writes to stdin).
 //!
 //! One file per group of subcommands: [`echo`] (echo, pingpong, hold, serve),
-//! [`connect_fail`], [`exchange`], [`lockstep`], [`soak`] and [`agent`] (agent-ask).
+//! [`connect_fail`], [`exchange`], [`lockstep`], [`soak`], [`agent`] (agent-ask) and
+//! [`hbone`] (hbone-reset-flood: an abusive mesh peer, the one subcommand that is not plain
+//! TCP).
 
 mod agent;
 mod connect_fail;
 mod echo;
 mod exchange;
+mod hbone;
+mod hbone_raw;
 mod lockstep;
 mod soak;
 
@@ -32,7 +36,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     process::ExitCode,
     sync::atomic::AtomicU64,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use clap::{Parser, Subcommand};
@@ -61,6 +65,7 @@ struct Cli {
 enum Command {
     /// Open `count` connections (`concurrency` at a time); on each send `size` bytes,
     /// half-close, read the echo until EOF and check it byte for byte. Exit 1 if any failed.
+    /// Paced (`--after`, `--until`, `--pause-ms`): one at a time, each line printed as it ends.
     Echo {
         #[arg(long)]
         addr: SocketAddr,
@@ -70,6 +75,8 @@ enum Command {
         count: usize,
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
+        #[command(flatten)]
+        pace: echo::Pace,
     },
     /// Open `count` connections, do one 64-byte ping-pong on each, print them and `READY`,
     /// then keep them open until stdin reaches EOF.
@@ -95,12 +102,21 @@ enum Command {
         /// a number of rounds (a bounded stream, e.g. across a certificate rotation).
         #[arg(long)]
         seconds: Option<f64>,
+        /// Run the `count` connections in parallel, each for `rounds` exchanges.
+        #[arg(long)]
+        parallel: bool,
+        #[command(flatten)]
+        pace: echo::Pace,
     },
     /// Echo server: listen on `addr`, print `READY`, then one JSON line per accepted
     /// connection (its peer address); echo each until EOF. Exit when stdin reaches EOF.
     Serve {
         #[arg(long)]
         addr: SocketAddr,
+        /// Close each connection once this many bytes were echoed on it, without waiting for
+        /// the client's EOF (the server ends first, as one answering a single request does).
+        #[arg(long)]
+        close_after: Option<u64>,
     },
     /// Connect, send one byte, read: report how (and how fast) the connection failed.
     ConnectFail {
@@ -156,6 +172,27 @@ enum Command {
         #[arg(required = true)]
         addrs: Vec<SocketAddr>,
     },
+    /// As a peer of the mesh (certificates in `tls_dir`), dial the tunnel port `addr`, then
+    /// open up to `streams` HBONE streams to `target` and reset each at once (the HTTP/2
+    /// "rapid reset" flood), until the server sends us away. Prints one `FloodLine`.
+    HboneResetFlood {
+        #[command(flatten)]
+        to: hbone::FloodTarget,
+        #[arg(long, default_value_t = 10_000)]
+        streams: u64,
+    },
+    /// As a peer of the mesh, dial the tunnel port `addr` and break HTTP/2's rules with
+    /// hand-written frames: a CONTINUATION flood (`--kind continuation`, `frames` of them)
+    /// or `frames` concurrent CONNECT streams to `target` past the server's limit
+    /// (`--kind streams`). Prints one `RawFloodLine`.
+    HboneRawFlood {
+        #[command(flatten)]
+        to: hbone::FloodTarget,
+        #[arg(long, value_enum)]
+        kind: hbone_raw::Kind,
+        #[arg(long)]
+        frames: u64,
+    },
     /// Known traffic in steps the test paces: print `ready` and wait for a stdin line, do
     /// the step (printing progress lines), print `done` and wait for stdin to close.
     Lockstep {
@@ -170,7 +207,15 @@ fn main() -> ExitCode {
             addr,
             size,
             count,
+            concurrency: _,
+            pace,
+        } if pace.is_set() => echo::echo_paced(addr, size, count, &pace),
+        Command::Echo {
+            addr,
+            size,
+            count,
             concurrency,
+            pace: _,
         } => echo::echo(addr, size, count, concurrency),
         Command::Hold { addr, count } => echo::hold(addr, count),
         Command::Pingpong {
@@ -179,11 +224,22 @@ fn main() -> ExitCode {
             rounds,
             count,
             seconds,
-        } => match seconds {
-            None => echo::pingpong(addr, size, rounds, count),
-            Some(s) => echo::pingpong_for(addr, size, count, Duration::from_secs_f64(s)),
+            parallel,
+            pace,
+        } => match (seconds, parallel || pace.is_set()) {
+            (None, false) => echo::pingpong(addr, size, rounds, count),
+            (None, true) => echo::pingpong_parallel(addr, size, rounds, count, None, &pace),
+            // Bounded by time; the round cap only guards against a clock gone wrong.
+            (Some(s), _) => echo::pingpong_parallel(
+                addr,
+                size,
+                10_000_000,
+                count,
+                Some(Instant::now() + Duration::from_secs_f64(s)),
+                &pace,
+            ),
         },
-        Command::Serve { addr } => echo::serve(addr),
+        Command::Serve { addr, close_after } => echo::serve(addr, close_after),
         Command::ConnectFail { addr } => connect_fail::connect_fail(addr),
         Command::Soak {
             addr,
@@ -215,6 +271,8 @@ fn main() -> ExitCode {
         ),
         Command::Exchange { bytes, addrs } => exchange::run(&addrs, bytes),
         Command::Lockstep { step } => lockstep::run(step),
+        Command::HboneResetFlood { to, streams } => hbone::reset_flood(&to, streams),
+        Command::HboneRawFlood { to, kind, frames } => hbone_raw::raw_flood(&to, kind, frames),
     }
 }
 
