@@ -807,10 +807,12 @@ fn a_server_sidecar_replaced_under_load_costs_no_connection() {
         "the old sidecar exited with the long connections still open: {}",
         old.stderr_text()
     );
+    // Each loop's connection under way as the replacement came up may still finish on the
+    // old sidecar: wait for SHORT_STEP more than those.
     let before_new = shorts_done(&client);
     assert!(
         wait_until(STEP_TIMEOUT, || shorts_done(&client)
-            >= before_new + SHORT_STEP),
+            >= before_new + SHORT_LOOPS + SHORT_STEP),
         "short connections after the replacement: {:#?}\n{}",
         client.stdout_lines(),
         client.stderr_text()
@@ -840,21 +842,27 @@ fn a_server_sidecar_replaced_under_load_costs_no_connection() {
     assert_eq!(conns.len(), lines.len(), "{conns:#?}");
     let not_ok: Vec<_> = conns.iter().filter(|c| c.outcome != "ok").collect();
     assert!(not_ok.is_empty(), "{not_ok:#?}");
-    // No stream was put on the connection sent away: the two-step GOAWAY lets every stream
-    // sent before the client knew finish, so a stream lost there would be one sent after
-    // it. (One whose slot was taken just before the GOAWAY came in is refused by h2 before
-    // it is written, and goes to a fresh connection unsent: a client cannot avoid that
-    // race, and it costs nothing.)
-    let resent: Vec<_> = client
+    // No stream was lost with the connection sent away: every stream sent before the client
+    // knew finished there. A stream whose slot was taken just as the GOAWAY came in is
+    // refused by h2 before it is written, or (written or still queued in h2) lies above the
+    // GOAWAY's last stream id, which says the peer never processed it: either goes to a
+    // fresh connection. A client cannot avoid that race and it costs nothing; anything else
+    // (a reset, an I/O error) would be a stream lost.
+    let goaway_refused = "not a result of an error";
+    let lost: Vec<_> = client
         .stderr
         .iter()
         .filter(|l| l.contains("was lost before the stream opened"))
+        .filter(|l| !l.contains(goaway_refused))
         .collect();
-    assert!(resent.is_empty(), "{resent:#?}");
+    assert!(lost.is_empty(), "{lost:#?}");
     let unsent = client
         .stderr
         .iter()
-        .filter(|l| l.contains("went away before the stream was sent"))
+        .filter(|l| {
+            l.contains("went away before the stream was sent")
+                || (l.contains("was lost before the stream opened") && l.contains(goaway_refused))
+        })
         .count();
     let retried = conns.iter().filter(|c| c.connect_retries > 0).count();
     eprintln!(

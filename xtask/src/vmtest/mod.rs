@@ -19,6 +19,10 @@ mod userland;
 
 use std::{
     path::Path,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -178,34 +182,38 @@ pub fn vm_test(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Packs and boots every job, `opts.jobs` at a time, in the order given.
+/// Packs and boots every job, `opts.jobs` at a time, in the order given: as soon as one guest
+/// ends, the next job boots (a pair does not wait for its slower guest). Outcomes come back
+/// in the jobs' order.
 fn run_jobs(
     opts: &Options,
     jobs: &[Job],
     prepared: &build::Prepared,
     vm_dir: &Path,
 ) -> Result<Vec<Outcome>> {
-    let width = opts.jobs.max(1);
-    let mut outcomes = Vec::new();
-    for chunk in jobs.chunks(width) {
-        let results: Vec<Result<Outcome>> = std::thread::scope(|s| {
-            let handles: Vec<_> = chunk
-                .iter()
-                .map(|job| s.spawn(move || run_job(opts, job, prepared, vm_dir)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| bail!("a guest thread panicked"))
-                })
-                .collect()
-        });
-        for r in results {
-            outcomes.push(r?);
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<Outcome>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..opts.jobs.clamp(1, jobs.len().max(1)) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let outcome = run_job(opts, job, prepared, vm_dir);
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                }
+            });
         }
-    }
-    Ok(outcomes)
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| bail!("a guest thread panicked"))
+        })
+        .collect()
 }
 
 fn run_job(
