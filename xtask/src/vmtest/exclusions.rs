@@ -73,6 +73,16 @@ pub const EXCLUSIONS: &[Exclusion] = &[
         reason: "lints the /metrics text with promtool, a 48 MB tool not packed into the guest: \
                  nothing kernel-specific (it runs on the host in `cargo xtask test`)",
     },
+    // Seen in the 6.18 guest (2026-12-07): 300 connections took 14.3 s under admin load
+    // against 3.7 s without, past its bound of 3× + 2 s. In a one-vCPU guest the scrapers and
+    // the data path share the one emulated CPU, so the ratio measures TCG's scheduling.
+    Exclusion {
+        test: "admin_load_does_not_block_the_data_path",
+        kernels: &[],
+        reason: "compares the data path's time with and without admin load: in a one-vCPU \
+                 TCG guest the scrapers and the data path share the one emulated CPU (it runs \
+                 on the host in `cargo xtask test`)",
+    },
     Exclusion {
         test: "sockmap_splices_both_legs",
         kernels: BEFORE_5_15,
