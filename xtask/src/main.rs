@@ -118,7 +118,10 @@ fn test(args: &[String]) -> Result<()> {
             seconds: FUZZ_SECONDS_IN_TEST,
         })?;
         step("smoke-running the bench harness (cargo xtask bench --quick)");
-        bench::bench(&bench::Options { quick: true })?;
+        bench::bench(&bench::Options {
+            quick: true,
+            ..Default::default()
+        })?;
     }
     Ok(())
 }

@@ -80,6 +80,14 @@ pub struct MeshArgs {
     /// stream.
     #[arg(long, default_value_t = 60)]
     pub pool_idle_timeout_secs: u64,
+    /// With --tls-dir: HTTP/2 flow-control window of one tunnelled stream, in KiB: how much
+    /// a peer may send us on one stream before we have handed it on.
+    #[arg(long, default_value_t = tunnel::STREAM_WINDOW / 1024)]
+    pub hbone_stream_window_kib: u32,
+    /// With --tls-dir: HTTP/2 flow-control window of a whole tunnel connection (all its
+    /// streams together), in KiB.
+    #[arg(long, default_value_t = tunnel::CONNECTION_WINDOW / 1024)]
+    pub hbone_connection_window_kib: u32,
 }
 
 impl MeshArgs {
@@ -95,6 +103,22 @@ impl MeshArgs {
         if self.pool_idle_timeout_secs == 0 {
             return Err(MeshError::ZeroIdle);
         }
+        let window = |kib: u32, flag: &'static str| {
+            // HTTP/2 bounds a window to 2^31-1 bytes; below its 64 KiB default nothing flows
+            // well.
+            if !(64..=MAX_WINDOW_KIB).contains(&kib) {
+                return Err(MeshError::Window(flag, kib));
+            }
+            Ok(kib * 1024)
+        };
+        let stream_window = window(self.hbone_stream_window_kib, "--hbone-stream-window-kib")?;
+        let connection_window = window(
+            self.hbone_connection_window_kib,
+            "--hbone-connection-window-kib",
+        )?;
+        if connection_window < stream_window {
+            return Err(MeshError::ConnectionWindowSmaller);
+        }
         Ok(Some(MtlsOptions {
             files: TlsFiles::discover(&dir)?,
             inbound: (!self.no_inbound)
@@ -102,10 +126,14 @@ impl MeshArgs {
             tunnel_port: self.inbound_port,
             mesh_cidrs: self.mesh_cidrs,
             permissive: self.permissive,
-            tunnel: tunnel::Settings::new(
-                self.pool_max_streams,
-                Duration::from_secs(self.pool_idle_timeout_secs),
-            ),
+            tunnel: tunnel::Settings {
+                stream_window,
+                connection_window,
+                ..tunnel::Settings::new(
+                    self.pool_max_streams,
+                    Duration::from_secs(self.pool_idle_timeout_secs),
+                )
+            },
             preface_timeout: Duration::from_millis(self.hbone_preface_timeout_ms),
         }))
     }
@@ -135,6 +163,8 @@ impl MtlsOptions {
             "pool_max_streams": self.tunnel.max_streams_per_connection,
             "pool_idle_timeout_secs": self.tunnel.idle_timeout.as_secs(),
             "hbone_preface_timeout_ms": self.preface_timeout.as_millis() as u64,
+            "hbone_stream_window_kib": self.tunnel.stream_window / 1024,
+            "hbone_connection_window_kib": self.tunnel.connection_window / 1024,
         })
     }
 }
@@ -148,7 +178,17 @@ pub enum MeshError {
     ZeroStreams,
     #[error("--pool-idle-timeout-secs must be at least 1")]
     ZeroIdle,
+    #[error("{0} {1}: a flow-control window must be 64 to {MAX_WINDOW_KIB} KiB")]
+    Window(&'static str, u32),
+    #[error(
+        "--hbone-connection-window-kib is smaller than --hbone-stream-window-kib: one stream \
+         could never use its whole window; raise the connection window"
+    )]
+    ConnectionWindowSmaller,
 }
+
+/// The largest HTTP/2 flow-control window (2^31-1 bytes), in whole KiB.
+const MAX_WINDOW_KIB: u32 = (i32::MAX as u32) / 1024;
 
 pub struct Mesh {
     pub tls: Arc<TlsState>,
@@ -276,5 +316,42 @@ mod tests {
             cache.put(IpAddr::V4(i.into()), true);
         }
         assert!(cache.entries.lock().unwrap().len() <= CACHE_CAP);
+    }
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        mesh: MeshArgs,
+    }
+
+    fn options(extra: &[&str]) -> Result<Option<MtlsOptions>, MeshError> {
+        let args = ["sidecar", "--tls-dir", "/nonexistent"].iter().chain(extra);
+        <Flags as clap::Parser>::try_parse_from(args)
+            .expect("flags parse")
+            .mesh
+            .options()
+    }
+
+    #[test]
+    fn flow_control_windows_are_checked_before_anything_is_read() {
+        let err = |extra: &[&str]| options(extra).err().map(|e| e.to_string());
+        let too_small = err(&["--hbone-stream-window-kib", "63"]).unwrap();
+        assert!(
+            too_small.contains("--hbone-stream-window-kib 63"),
+            "{too_small}"
+        );
+        let too_big = err(&["--hbone-connection-window-kib", "2097152"]).unwrap();
+        assert!(too_big.contains("2097151 KiB"), "{too_big}");
+        let crossed = err(&[
+            "--hbone-stream-window-kib",
+            "8192",
+            "--hbone-connection-window-kib",
+            "4096",
+        ])
+        .unwrap();
+        assert!(crossed.contains("raise the connection window"), "{crossed}");
+        // Valid windows get as far as reading the (missing) certificates.
+        let layout = err(&["--hbone-stream-window-kib", "1024"]).unwrap();
+        assert!(!layout.contains("window"), "{layout}");
     }
 }

@@ -28,7 +28,7 @@ pub mod stream;
 
 pub use self::{
     accept::accept,
-    http2::{MAX_HEADER_LIST, Settings, keepalive},
+    http2::{CONNECTION_WINDOW, MAX_HEADER_LIST, STREAM_WINDOW, Settings, keepalive},
 };
 
 use std::{io, net::SocketAddr, time::Duration};

@@ -32,6 +32,8 @@ pub struct Mesh<'a> {
     server_ns: &'a Netns,
     /// The echo server's address as the client dials it (the pod address).
     server: SocketAddr,
+    /// Options given to both sidecars of the pair (the window sweep's settings).
+    both: Vec<String>,
 }
 
 impl<'a> Mesh<'a> {
@@ -41,6 +43,20 @@ impl<'a> Mesh<'a> {
             sidecar,
             server_ns,
             server,
+            both: Vec::new(),
+        })
+    }
+
+    /// The same mesh (certificates and all) with `options` added to both sidecars.
+    pub fn with_options(
+        sidecar: &'a Path,
+        server_ns: &'a Netns,
+        server: SocketAddr,
+        options: &[String],
+    ) -> Result<Self> {
+        Ok(Self {
+            both: options.to_vec(),
+            ..Self::new(sidecar, server_ns, server)?
         })
     }
 
@@ -55,6 +71,9 @@ impl<'a> Mesh<'a> {
             "--inbound-port".into(),
             TUNNEL_PORT.to_string(),
         ]
+        .into_iter()
+        .chain(self.both.iter().cloned())
+        .collect()
     }
 
     /// Starts the server pod's sidecar, in `mode`'s interception mode, with an echo server
@@ -83,6 +102,7 @@ impl<'a> Mesh<'a> {
             .args(["--inbound-port", &TUNNEL_PORT.to_string()])
             .args(["--drain-timeout-secs", "2"])
             .args(extra)
+            .args(&self.both)
             .arg("--report")
             .arg(&report)
             // The workload is the pod's echo server, already running; `ready` tells

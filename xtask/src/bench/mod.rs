@@ -27,6 +27,7 @@ mod netns;
 mod report;
 mod sockperf;
 mod startup;
+mod windows;
 mod wrk;
 mod ztunnel;
 
@@ -59,6 +60,10 @@ pub struct Options {
     /// numbers; CI runs it so the harness cannot rot.
     #[arg(long)]
     pub quick: bool,
+    /// Instead of the comparison: the eBPF + mTLS pair's bulk throughput and latency with
+    /// several HBONE flow-control windows, direct beside them (target/bench/windows.md).
+    #[arg(long, conflicts_with = "quick")]
+    pub windows: bool,
 }
 
 /// How much each round does.
@@ -295,6 +300,9 @@ pub fn bench(opts: &Options) -> Result<()> {
     let _ = fs::remove_dir_all(&raw);
     fs::create_dir_all(&raw).with_context(|| format!("creating {}", raw.display()))?;
 
+    if opts.windows {
+        return windows::sweep(&bins, &raw, &out_dir.join("windows.md"));
+    }
     let params = Params::for_run(opts.quick);
     step(&format!(
         "bench ({}): {} round(s) × {} modes (loopback) and {} modes (pods); {} exchanges per size per round",
