@@ -25,7 +25,12 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Agent, peer::Peer, pod, registry};
+use super::{
+    Agent,
+    peer::Peer,
+    pod::{self, PodCgroup},
+    requests::{self, Caller, Outcome, Refusal, Session},
+};
 use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
@@ -174,12 +179,6 @@ impl Drop for CallerSlot {
     }
 }
 
-/// What one connection has registered.
-#[derive(Default)]
-struct Session {
-    pod_uid: Option<String>,
-}
-
 async fn serve_connection(
     stream: UnixStream,
     agent: Arc<Mutex<Agent>>,
@@ -266,28 +265,11 @@ fn subscribe(
     caller: &str,
 ) -> Result<tokio::sync::mpsc::Receiver<registration::PassedThrough>, Box<Reply>> {
     let mut agent = lock(agent);
-    let cgroup =
-        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(Box::new(agent.refuse(caller, "process_gone", e))),
-            Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
-        };
-    let pod = match pod::derive(&agent.root, &cgroup) {
-        Ok(p) => p,
-        Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
-    };
-    let scope = agent
-        .registry
-        .pods()
-        .find(|r| r.pod_uid == pod.uid && r.passthrough)
-        .map(|r| r.scope);
+    let pod = pod_of(peer, &agent.cgroup2, agent.ns_root.as_deref(), &agent.root);
+    let scope = pod.and_then(|pod| requests::records_scope(&agent.registry, &pod));
     match scope {
-        Some(scope) => Ok(agent.records.subscribe(scope)),
-        None => Err(Box::new(agent.refuse(
-            caller,
-            "not_registered",
-            "records: this pod has no registration with kernel pass-through on",
-        ))),
+        Ok(scope) => Ok(agent.records.subscribe(scope)),
+        Err(r) => Err(Box::new(agent.refuse(caller, r.reason, r.error))),
     }
 }
 
@@ -364,6 +346,7 @@ async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
+/// Answers a request other than `records` (see [`requests::answer`]).
 fn handle(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
@@ -371,140 +354,75 @@ fn handle(
     req: Request,
     session: &mut Session,
 ) -> Reply {
-    let mut agent = lock(agent);
+    let mut guard = lock(agent);
+    let agent = &mut *guard;
     let pid = peer.pid;
-    match req {
-        Request::Register {
-            pod_uid,
-            proxy_port,
-            inbound_port,
-            exclude_ports,
-            exclude_cidrs,
-            ipv6,
-            allow_metadata,
-            passthrough,
-            passthrough_cap,
-            mesh_cidrs,
-        } => {
-            // Read afresh for every request, and believed only while the pin holds: the pid
-            // may name another process (in another pod) once the caller is gone.
-            let cgroup = match peer
-                .read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()))
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return agent.refuse(caller, "process_gone", format!("pid {pid}: {e}"));
-                }
-                Err(e) => return agent.refuse(caller, e.reason(), e),
-            };
-            let pod = match pod::derive(&agent.root, &cgroup) {
-                Ok(p) => p,
-                Err(e) => return agent.refuse(caller, e.reason(), format!("pid {pid}: {e}")),
-            };
-            let claimed = pod::canonical_uid(&pod_uid);
-            // The answer never names the pod the caller is really in: only the claim it sent.
-            if claimed != pod.uid {
-                return agent.refuse(
-                    caller,
-                    "uid_mismatch",
-                    format!(
-                        "pid {pid} claims pod {claimed} but is not in that pod's cgroup: set \
-                         POD_UID from the downward API (metadata.uid)"
-                    ),
-                );
-            }
-            if session.pod_uid.as_ref().is_some_and(|u| *u != pod.uid) {
-                return agent.refuse(
-                    caller,
-                    "uid_mismatch",
-                    "this connection registered another pod already",
-                );
-            }
-            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
-                exclude_cidrs.iter().map(|c| c.parse()).collect();
-            let exclude_cidrs = match cidrs {
-                Ok(c) => c,
-                Err(e) => {
-                    return agent.refuse(caller, "bad_request", format!("exclude_cidrs: {e}"));
-                }
-            };
-            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
-                mesh_cidrs.iter().map(|c| c.parse()).collect();
-            let mesh_cidrs = match cidrs {
-                Ok(c) => c,
-                Err(e) => {
-                    return agent.refuse(caller, "bad_request", format!("mesh_cidrs: {e}"));
-                }
-            };
-            let req = registry::Request {
-                pod,
-                pid,
-                proxy_port,
-                inbound_port,
-                exclude_ports,
-                exclude_cidrs,
-                ipv6,
-                allow_metadata,
-                passthrough,
-                passthrough_cap,
-                mesh_cidrs,
-            };
-            let Agent { pins, registry, .. } = &mut *agent;
-            match registry.register(pins, req) {
-                Ok(reg) => {
-                    info!(pod_uid = %reg.pod_uid, pid, proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
-                    session.pod_uid = Some(reg.pod_uid.clone());
-                    Reply {
-                        ok: true,
-                        pod_uid: Some(reg.pod_uid),
-                        pod_cgroup: Some(reg.pod_cgroup.display().to_string()),
-                        proxy_cgroup: Some(reg.proxy_cgroup.display().to_string()),
-                        scope: Some(reg.scope),
-                        sockmap: Some(agent.sockmap),
-                        passthrough: Some(reg.passthrough),
-                        ..Reply::default()
-                    }
-                }
-                Err(e) => Reply {
-                    retry: e.retry(),
-                    ..agent.refuse(caller, e.reason(), e)
-                },
-            }
-        }
-        Request::Deregister => {
-            let Some(uid) = session.pod_uid.take() else {
-                return agent.refuse(
-                    caller,
-                    "not_registered",
-                    "this connection has not registered a pod",
-                );
-            };
-            let Agent { pins, registry, .. } = &mut *agent;
-            match registry.remove(pins, &uid) {
-                Ok(_) => {
-                    info!(pod_uid = %uid, "pod deregistered: interception off");
-                    Reply {
-                        ok: true,
-                        pod_uid: Some(uid),
-                        ..Reply::default()
-                    }
-                }
-                Err(e) => Reply::refused("internal", e),
-            }
-        }
-        // Streams: served by `serve_connection` itself.
-        Request::Records => Reply::refused("bad_request", "records is answered by a stream"),
-        Request::Status => {
-            if peer.uid != 0 {
-                return agent.refuse(caller, "not_root", "status is for root on the node (uid 0)");
-            }
+    let Agent {
+        pins,
+        registry,
+        cgroup2,
+        ns_root,
+        root,
+        ..
+    } = agent;
+    let outcome = requests::answer(
+        registry,
+        pins,
+        Caller { pid, uid: peer.uid },
+        || pod_of(peer, cgroup2, ns_root.as_deref(), root),
+        req,
+        session,
+    );
+    match outcome {
+        Outcome::Registered(reg) => {
+            info!(pod_uid = %reg.pod_uid, pid, proxy_port = reg.proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
             Reply {
                 ok: true,
-                status: Some(agent.status()),
+                pod_uid: Some(reg.pod_uid),
+                pod_cgroup: Some(reg.pod_cgroup.display().to_string()),
+                proxy_cgroup: Some(reg.proxy_cgroup.display().to_string()),
+                scope: Some(reg.scope),
+                sockmap: Some(agent.sockmap),
+                passthrough: Some(reg.passthrough),
                 ..Reply::default()
             }
         }
+        Outcome::Deregistered(uid) => {
+            info!(pod_uid = %uid, "pod deregistered: interception off");
+            Reply {
+                ok: true,
+                pod_uid: Some(uid),
+                ..Reply::default()
+            }
+        }
+        Outcome::Status => Reply {
+            ok: true,
+            status: Some(agent.status()),
+            ..Reply::default()
+        },
+        Outcome::Refused(r) => Reply {
+            retry: r.retry,
+            ..agent.refuse(caller, r.reason, r.error)
+        },
+        Outcome::Failed(r) => Reply::refused(r.reason, r.error),
     }
+}
+
+/// The caller's pod, from its cgroup read now, believed only while the pin holds: the pid
+/// may name another process (in another pod) once the caller is gone.
+fn pod_of(
+    peer: &Peer,
+    cgroup2: &Path,
+    ns_root: Option<&Path>,
+    root: &Path,
+) -> Result<PodCgroup, Refusal> {
+    let pid = peer.pid;
+    let cgroup = match peer.read(|pid| pod::cgroup_of(cgroup2, pid, ns_root)) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(Refusal::new("process_gone", format!("pid {pid}: {e}"))),
+        Err(e) => return Err(Refusal::new(e.reason(), e)),
+    };
+    pod::derive(root, &cgroup).map_err(|e| Refusal::new(e.reason(), format!("pid {pid}: {e}")))
 }
 
 fn lock(agent: &Arc<Mutex<Agent>>) -> std::sync::MutexGuard<'_, Agent> {
