@@ -1,7 +1,7 @@
 //! The agent's request handling against its registry, on arbitrary sequences of requests
 //! from arbitrary callers: registrations with any ports, CIDRs, caps and claims, from any
 //! container of any pod or from outside the pods, by root or not; deregistrations, status,
-//! records; and, between them, what the node does: pods and sidecar containers come and go,
+//! records; connections opened, left idle and closed; and, between them, what the node does: pods and sidecar containers come and go,
 //! the sweep runs, the agent restarts, a kernel map refuses an insert.
 //!
 //! The requests go through the code the agent runs (`requests::answer`, `Registry`), with
@@ -14,13 +14,16 @@
 //! - a registration is the caller's own pod's (the pod its cgroup says, the one it claimed,
 //!   the one its connection registered before), and changed no other pod's entries;
 //! - a deregistration leaves nothing of the pod in the maps;
-//! - `status` is answered to uid 0 only; records are only ever the caller's own pod's.
+//! - `status` is answered to uid 0 only; records are only ever the caller's own pod's;
+//! - a caller (a pod, or a uid outside the pods) holds at most its share of connections,
+//!   and gets each back when one closes.
 #![no_main]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use libfuzzer_sys::fuzz_target;
@@ -51,6 +54,7 @@ mod registration;
 mod agent;
 
 use agent::{
+    callers::{self, CallerSlot, MAX_PER_CALLER, PerCaller},
     memory_maps::MemoryMaps,
     pod::{self, PodCgroup},
     registry::{self, Registration, Registry},
@@ -85,6 +89,10 @@ struct Connection {
     pid: u32,
     cgroup: PathBuf,
     session: Session,
+    /// Its caller's name, and its place among the caller's connections (`None`: refused,
+    /// the caller held too many; requests on it go unanswered).
+    caller: String,
+    slot: Option<CallerSlot>,
 }
 
 /// The node: the pods' cgroups, the agent's registry and maps, the open connections.
@@ -94,6 +102,9 @@ struct Node {
     registry: Registry,
     maps: MemoryMaps,
     connections: Vec<Connection>,
+    per_caller: Arc<PerCaller>,
+    /// Connections callers hold open without using them.
+    idle: Vec<(String, CallerSlot)>,
     buried: usize,
 }
 
@@ -120,6 +131,32 @@ impl Node {
     fn bury(&mut self, dir: &Path) {
         self.buried += 1;
         fs::rename(dir, self.state_dir.join(format!("gone{}", self.buried))).unwrap();
+    }
+
+    /// A process connects: it gets a place among its caller's connections unless the caller
+    /// holds as many as it may.
+    fn connect(&self, uid: u32, pid: u32, cgroup: PathBuf) -> Connection {
+        let caller = callers::name(pod::derive(&self.root, &cgroup).ok().as_ref(), uid);
+        let open = self
+            .connections
+            .iter()
+            .filter(|c| c.slot.is_some() && c.caller == caller);
+        let idle = self.idle.iter().filter(|(c, _)| *c == caller);
+        let open = open.count() + idle.count();
+        let slot = self.per_caller.take(&caller);
+        assert_eq!(
+            slot.is_some(),
+            open < MAX_PER_CALLER,
+            "{caller} holds {open}"
+        );
+        Connection {
+            uid,
+            pid,
+            cgroup,
+            session: Session::default(),
+            caller,
+            slot,
+        }
     }
 
     /// The caller's pod, as the server derives it from the cgroup.
@@ -442,7 +479,12 @@ fn records(node: &Node, conn: usize) {
 
 fn step(node: &mut Node, bytes: &mut Bytes) {
     let conn = usize::from(bytes.byte()) % CONNECTIONS;
-    match bytes.byte() % 12 {
+    let op = bytes.byte() % 12;
+    if op <= 5 && node.connections[conn].slot.is_none() {
+        // A refused connection was closed: its requests are never read.
+        return;
+    }
+    match op {
         0..=2 => {
             let req = register_request(bytes);
             request(node, conn, req);
@@ -453,23 +495,37 @@ fn step(node: &mut Node, bytes: &mut Bytes) {
             records(node, conn);
             request(node, conn, registration::Request::Records);
         }
-        6 => {
-            // The connection closes; its process connects again, from anywhere on the node.
-            let pod = usize::from(bytes.byte()) % UIDS.len();
-            let container = usize::from(bytes.byte()) % CONTAINERS;
-            let cgroup = match bytes.byte() % 6 {
-                0 => node.pod_dir(pod),
-                1 => node.root.join("../system.slice/sshd.service"),
-                2 => node.container(pod, container).join("nested"),
-                _ => node.container(pod, container),
-            };
-            node.connections[conn] = Connection {
-                uid: if bytes.byte() % 4 == 0 { 0 } else { 1000 },
-                pid: node.connections[conn].pid + 100,
-                cgroup,
-                session: Session::default(),
-            };
-        }
+        6 => match bytes.byte() % 3 {
+            0 => {
+                // The connection closes; its process connects again, from anywhere.
+                let pod = usize::from(bytes.byte()) % UIDS.len();
+                let container = usize::from(bytes.byte()) % CONTAINERS;
+                let cgroup = match bytes.byte() % 6 {
+                    0 => node.pod_dir(pod),
+                    1 => node.root.join("../system.slice/sshd.service"),
+                    2 => node.container(pod, container).join("nested"),
+                    _ => node.container(pod, container),
+                };
+                let uid = if bytes.byte() % 4 == 0 { 0 } else { 1000 };
+                let pid = node.connections[conn].pid + 100;
+                node.connections[conn].slot = None;
+                node.connections[conn] = node.connect(uid, pid, cgroup);
+            }
+            1 => {
+                // The connection's caller opens another one and leaves it idle.
+                let c = &node.connections[conn];
+                let idle = node.connect(c.uid, c.pid, c.cgroup.clone());
+                if let Some(slot) = idle.slot {
+                    node.idle.push((idle.caller, slot));
+                }
+            }
+            _ => {
+                if !node.idle.is_empty() {
+                    let i = usize::from(bytes.byte()) % node.idle.len();
+                    node.idle.swap_remove(i);
+                }
+            }
+        },
         7 => {
             // A pod goes away, or (its UID again) comes back as a new cgroup.
             let pod = usize::from(bytes.byte()) % UIDS.len();
@@ -561,20 +617,19 @@ fuzz_target!(|data: &[u8]| {
         root,
         maps,
         connections: Vec::new(),
+        per_caller: Arc::new(PerCaller::default()),
+        idle: Vec::new(),
         buried: 0,
     };
     for pod in 0..UIDS.len() {
         node.create_pod(pod);
     }
-    node.connections = (0..CONNECTIONS)
-        .map(|i| Connection {
-            uid: 1000,
-            pid: 100 + i as u32,
-            // Connection 3 is another container of the first pod.
-            cgroup: node.container(i % UIDS.len(), i / UIDS.len()),
-            session: Session::default(),
-        })
-        .collect();
+    for i in 0..CONNECTIONS {
+        // Connection 3 is from another container of the first pod.
+        let cgroup = node.container(i % UIDS.len(), i / UIDS.len());
+        let conn = node.connect(1000, 100 + i as u32, cgroup);
+        node.connections.push(conn);
+    }
     for _ in 0..MAX_STEPS {
         if bytes.0.is_empty() {
             break;

@@ -2,6 +2,8 @@
 //! the kernel maps in memory (`memory_maps.rs` in place of the pinned maps).
 #![allow(dead_code)]
 
+#[path = "../../../src/cmd/agent/callers.rs"]
+pub mod callers;
 #[path = "../../../src/cmd/agent/memory_maps.rs"]
 pub mod memory_maps;
 #[path = "../../../src/cmd/agent/pod.rs"]

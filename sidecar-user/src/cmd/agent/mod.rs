@@ -14,6 +14,7 @@
 //! socket.
 
 pub mod admin;
+pub mod callers;
 pub mod cli;
 #[cfg(test)]
 mod memory_maps;

@@ -10,7 +10,6 @@
 //! [`MAX_PER_CALLER`] connections.
 
 use std::{
-    collections::HashMap,
     io,
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -27,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     Agent,
+    callers::{self, MAX_PER_CALLER, PerCaller},
     peer::Peer,
     pod::{self, PodCgroup},
     requests::{self, Caller, Outcome, Refusal, Session},
@@ -35,9 +35,6 @@ use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
-/// Connections one caller may hold open at once. A sidecar uses one (two for a moment while
-/// it reconnects); the rest of the node's [`MAX_CONNECTIONS`] stays for the other pods.
-pub const MAX_PER_CALLER: usize = 8;
 /// How long a request line may take to arrive: from the connect or the previous answer while
 /// the connection has not registered, from its first byte once it has. Also the deadline for
 /// writing an answer. The sidecar writes each request at once, so this is only ever reached
@@ -139,43 +136,6 @@ async fn accept_loop(
             }
             drop(permit);
         });
-    }
-}
-
-/// Open connections per caller (named by [`identify`]).
-#[derive(Default)]
-struct PerCaller(Mutex<HashMap<String, usize>>);
-
-/// One of a caller's connections; gives its place back when dropped.
-struct CallerSlot {
-    counts: Arc<PerCaller>,
-    caller: String,
-}
-
-impl PerCaller {
-    fn take(self: &Arc<Self>, caller: &str) -> Option<CallerSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(caller.to_string()).or_default();
-        if *n >= MAX_PER_CALLER {
-            return None;
-        }
-        *n += 1;
-        Some(CallerSlot {
-            counts: self.clone(),
-            caller: caller.to_string(),
-        })
-    }
-}
-
-impl Drop for CallerSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.caller) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.caller);
-            }
-        }
     }
 }
 
@@ -304,21 +264,19 @@ fn identify(agent: &Arc<Mutex<Agent>>, stream: &UnixStream) -> Result<(Peer, Str
         Ok(p) => p,
         Err(e) => return Err(Box::new(agent.refuse("unidentified", e.reason(), e))),
     };
-    let caller =
-        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
-            Ok(Ok(cgroup)) => match pod::derive(&agent.root, &cgroup) {
-                Ok(pod) => format!("pod {}", pod.uid),
-                Err(_) => format!("uid {}", peer.uid),
-            },
-            Ok(Err(_)) => format!("uid {}", peer.uid),
-            Err(e) => {
-                return Err(Box::new(agent.refuse(
-                    &format!("pid {}", peer.pid),
-                    e.reason(),
-                    e,
-                )));
-            }
-        };
+    let caller = match peer
+        .read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()))
+    {
+        Ok(Ok(cgroup)) => callers::name(pod::derive(&agent.root, &cgroup).ok().as_ref(), peer.uid),
+        Ok(Err(_)) => callers::name(None, peer.uid),
+        Err(e) => {
+            return Err(Box::new(agent.refuse(
+                &format!("pid {}", peer.pid),
+                e.reason(),
+                e,
+            )));
+        }
+    };
     Ok((peer, caller))
 }
 
