@@ -27,7 +27,7 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use sidecar_common::{WorkloadConfig, flags, limits, role};
+use sidecar_common::limits;
 
 #[path = "../../src/cidr.rs"]
 #[allow(dead_code)]
@@ -55,6 +55,7 @@ mod agent;
 
 use agent::{
     callers::{self, CallerSlot, MAX_PER_CALLER, PerCaller},
+    expected::{contents, implied, keys_of_scope},
     memory_maps::MemoryMaps,
     pod::{self, PodCgroup},
     registry::{self, Registration, Registry},
@@ -169,95 +170,6 @@ impl Node {
         let pods = self.registry.pods().map(|r| (r.pod_uid.clone(), r.clone()));
         pods.collect()
     }
-}
-
-/// The maps' contents, without the pending failure.
-fn contents(maps: &MemoryMaps) -> MemoryMaps {
-    MemoryMaps {
-        fail_insert_in: None,
-        ..maps.clone()
-    }
-}
-
-/// What the maps must hold for `pods`, worked out here from the registrations' fields.
-fn implied(pods: &BTreeMap<String, Registration>, shape: &MemoryMaps) -> MemoryMaps {
-    let mut maps = MemoryMaps {
-        workloads: BTreeMap::new(),
-        caps: shape.caps.as_ref().map(|_| BTreeMap::new()),
-        excluded: BTreeMap::new(),
-        meshed: shape.meshed.as_ref().map(|_| BTreeMap::new()),
-        ..contents(shape)
-    };
-    for r in pods.values() {
-        let mut ports = [0; limits::EXCLUDED_PORTS];
-        ports[..r.exclude_ports.len()].copy_from_slice(&r.exclude_ports);
-        let workload = WorkloadConfig {
-            role: role::WORKLOAD,
-            scope: r.scope,
-            proxy_port: r.proxy_port,
-            flags: (if r.ipv6 { flags::IPV6_LISTENER } else { 0 })
-                | (if r.allow_metadata {
-                    0
-                } else {
-                    flags::DENY_METADATA
-                })
-                | (if r.passthrough { flags::PASSTHROUGH } else { 0 }),
-            excluded_ports_len: r.exclude_ports.len() as u32,
-            excluded_ports: ports,
-        };
-        maps.workloads.insert(r.pod_cgroup_id, workload);
-        let proxy = WorkloadConfig {
-            role: role::PROXY,
-            ..workload
-        };
-        maps.workloads.insert(r.proxy_cgroup_id, proxy);
-        if let (Some(caps), Some(cap)) = (&mut maps.caps, r.passthrough_cap) {
-            caps.insert(r.scope, cap);
-        }
-        for c in &r.exclude_cidrs {
-            let key = trie_key(r.scope, c);
-            maps.excluded.insert(key, key_of(key));
-        }
-        if let Some(meshed) = &mut maps.meshed {
-            for c in &r.mesh_cidrs {
-                let key = trie_key(r.scope, c);
-                meshed.insert(key, key_of(key));
-            }
-        }
-    }
-    maps
-}
-
-/// The kernel trie's identity of a CIDR under a scope: prefix length, scope, the address's
-/// bits up to the prefix.
-fn trie_key(scope: u32, cidr: &str) -> (u32, [u8; 4], [u8; 16]) {
-    let c: cidr::Cidr = cidr.parse().expect("registrations hold parsed CIDRs");
-    let (addr, bits) = match c.addr {
-        std::net::IpAddr::V4(v4) => (v4.to_ipv6_mapped(), 96 + u32::from(c.prefix)),
-        std::net::IpAddr::V6(v6) => (v6, u32::from(c.prefix)),
-    };
-    let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-    let masked = u128::from_be_bytes(addr.octets()) & mask;
-    (32 + bits, scope.to_be_bytes(), masked.to_be_bytes())
-}
-
-fn key_of((prefix_len, scope, addr): (u32, [u8; 4], [u8; 16])) -> agent::pod_maps::CidrKey {
-    agent::pod_maps::CidrKey {
-        prefix_len,
-        data: sidecar_common::ScopedAddr { scope, addr },
-    }
-}
-
-/// The trie keys with `scope`: the excluded ones, then the meshed ones.
-fn keys_of_scope(maps: &MemoryMaps, scope: u32) -> Vec<(u32, [u8; 4], [u8; 16])> {
-    let mine = |k: &&(u32, [u8; 4], [u8; 16])| k.1 == scope.to_be_bytes();
-    let meshed = maps.meshed.iter().flat_map(|m| m.keys());
-    maps.excluded
-        .keys()
-        .chain(meshed)
-        .filter(mine)
-        .copied()
-        .collect()
 }
 
 /// Holds after every step.
@@ -466,14 +378,18 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
 /// `records` on connection `conn`: only ever the caller's own pod's.
 fn records(node: &Node, conn: usize) {
     let Ok(pod) = node.pod_of(conn) else { return };
-    let own = node
-        .registry
-        .pods()
-        .find(|r| r.pod_uid == pod.uid && r.passthrough)
-        .map(|r| r.scope);
     match requests::records_scope(&node.registry, &pod) {
-        Ok(scope) => assert_eq!(Some(scope), own),
-        Err(_) => assert_eq!(own, None),
+        Ok(scope) => {
+            let mut owners = node.registry.pods().filter(|r| r.scope == scope);
+            let owner = owners.next().expect("the scope of a registration");
+            assert_eq!(owner.pod_uid, pod.uid, "records of another pod");
+            assert!(owner.passthrough, "records of a pod without pass-through");
+            assert!(owners.next().is_none());
+        }
+        Err(_) => {
+            let mut pods = node.registry.pods();
+            assert!(!pods.any(|r| r.pod_uid == pod.uid && r.passthrough));
+        }
     }
 }
 

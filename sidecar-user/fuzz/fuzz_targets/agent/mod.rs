@@ -1,9 +1,11 @@
 //! The agent's request handling and registry, compiled from the sidecar's source files with
-//! the kernel maps in memory (`memory_maps.rs` in place of the pinned maps).
+//! the kernel maps in memory (`memory_maps.rs` in place of the pinned maps), and what the
+//! maps must hold (`expected.rs`, the fuzz target's own).
 #![allow(dead_code)]
 
 #[path = "../../../src/cmd/agent/callers.rs"]
 pub mod callers;
+pub mod expected;
 #[path = "../../../src/cmd/agent/memory_maps.rs"]
 pub mod memory_maps;
 #[path = "../../../src/cmd/agent/pod.rs"]
