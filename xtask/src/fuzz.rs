@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: runs every cargo-fuzz target (network bytes: the HBONE server's HTTP/2;
-//! configuration: policy file, credentials PEM, CLI values; agent registration requests)
+//! configuration: policy file, credentials PEM, CLI values; agent registration requests, and
+//! the agent's handling of them against its registry)
 //! for a bounded time (installing cargo-fuzz when missing). `cargo xtask test` runs it briefly
 //! so the targets cannot rot; crashes found become regression tests beside the parser.
 
@@ -16,6 +17,7 @@ const TARGETS: &[(&str, &str)] = &[
     ("sidecar-user/fuzz", "tls_pem"),
     ("sidecar-user/fuzz", "config"),
     ("sidecar-user/fuzz", "agent_protocol"),
+    ("sidecar-user/fuzz", "agent_requests"),
 ];
 
 #[derive(clap::Args)]

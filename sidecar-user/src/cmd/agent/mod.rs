@@ -2,7 +2,7 @@
 //!
 //! It loads the eBPF object once per node and attaches connect4/6, sockops and getsockopt at
 //! the pods' cgroup root ([`pins`]), then serves a Unix socket on which each pod's unprivileged
-//! `sidecar proxy` registers ([`server`], [`protocol`]). The caller's pod comes from its
+//! `sidecar proxy` registers ([`server`], [`requests`], [`protocol`]). The caller's pod comes from its
 //! SO_PEERCRED pid and `/proc/<pid>/cgroup` ([`pod`]), and interception is turned on for that
 //! pod only: `WORKLOADS[pod cgroup] = WORKLOAD`, `WORKLOADS[proxy container] = PROXY`
 //! ([`registry`]). A pod without a registration passes through (counted as
@@ -14,12 +14,17 @@
 //! socket.
 
 pub mod admin;
+pub mod callers;
 pub mod cli;
+#[cfg(test)]
+mod memory_maps;
 pub mod peer;
 pub mod pins;
 pub mod pod;
+pub mod pod_maps;
 pub mod records;
 pub mod registry;
+pub mod requests;
 pub mod server;
 pub mod throttle;
 

@@ -14,10 +14,12 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
+
+use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 
 use crate::redirect::ebpf::{
     EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, open_pinned, program,
@@ -118,6 +120,106 @@ impl AgentPins {
     /// Sum over CPUs of every eBPF counter, by name.
     pub fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
         crate::redirect::ebpf::sum_counters(&self.counters)
+    }
+}
+
+/// The registry's view of the pinned maps.
+impl PodMaps for AgentPins {
+    fn excluded_capacity(&self) -> u32 {
+        self.excluded_capacity
+    }
+
+    fn passthrough_capable(&self) -> bool {
+        AgentPins::passthrough_capable(self)
+    }
+
+    fn workloads(&self) -> Vec<(u64, WorkloadConfig)> {
+        self.workloads.iter().filter_map(Result::ok).collect()
+    }
+
+    fn insert_workload(&mut self, cgroup_id: u64, config: &WorkloadConfig) -> Result<(), MapError> {
+        let inserted = self.workloads.insert(cgroup_id, config, 0);
+        inserted.map_err(map_error(maps::WORKLOADS))
+    }
+
+    fn remove_workload(&mut self, cgroup_id: u64) -> Result<(), MapError> {
+        forget(self.workloads.remove(&cgroup_id)).map_err(map_error(maps::WORKLOADS))
+    }
+
+    fn caps(&self) -> Option<Vec<(u32, u32)>> {
+        let caps = self.direct_caps.as_ref()?;
+        Some(caps.iter().filter_map(Result::ok).collect())
+    }
+
+    fn insert_cap(&mut self, scope: u32, cap: u32) -> Result<(), MapError> {
+        let Some(caps) = &mut self.direct_caps else {
+            return Ok(());
+        };
+        caps.insert(scope, cap, 0)
+            .map_err(map_error(maps::DIRECT_CAPS))
+    }
+
+    fn remove_cap(&mut self, scope: u32) -> Result<(), MapError> {
+        let Some(caps) = &mut self.direct_caps else {
+            return Ok(());
+        };
+        forget(caps.remove(&scope)).map_err(map_error(maps::DIRECT_CAPS))
+    }
+
+    fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>> {
+        let keys = match trie {
+            Trie::Excluded => self.excluded.keys(),
+            Trie::Meshed => self.meshed.as_ref()?.keys(),
+        };
+        let keys = keys.filter_map(Result::ok);
+        Some(
+            keys.map(|k| CidrKey::new(k.prefix_len(), k.data()))
+                .collect(),
+        )
+    }
+
+    fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError> {
+        let (map, name) = match trie {
+            Trie::Excluded => (&mut self.excluded, maps::EXCLUDED_CIDRS),
+            Trie::Meshed => match &mut self.meshed {
+                Some(m) => (m, maps::MESH_CIDRS),
+                None => return Ok(()),
+            },
+        };
+        let key = Key::new(key.prefix_len, key.data);
+        map.insert(&key, 1, 0).map_err(map_error(name))
+    }
+
+    fn remove_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError> {
+        let (map, name) = match trie {
+            Trie::Excluded => (&mut self.excluded, maps::EXCLUDED_CIDRS),
+            Trie::Meshed => match &mut self.meshed {
+                Some(m) => (m, maps::MESH_CIDRS),
+                None => return Ok(()),
+            },
+        };
+        let key = Key::new(key.prefix_len, key.data);
+        forget(map.remove(&key)).map_err(map_error(name))
+    }
+}
+
+/// A removal that found nothing to remove (ENOENT) is done too.
+fn forget(removed: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match removed {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> MapError {
+    move |e| MapError {
+        map,
+        source: Box::new(e),
     }
 }
 

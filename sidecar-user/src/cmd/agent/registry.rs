@@ -11,13 +11,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::lpm_trie::Key;
 use serde::{Deserialize, Serialize};
 use sidecar_common::{
     ScopedAddr, WorkloadConfig, flags, limits, lpm_prefix_len, mapped_octets, role,
 };
 
-use super::pins::AgentPins;
+use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::{cidr::Cidr, host::cgroup};
 
 /// Destination CIDRs one pod may exclude (the kernel trie holds this many for every pod).
@@ -104,8 +103,8 @@ pub enum RegistryError {
     NoPort,
     #[error("{0}")]
     Cgroup(#[from] cgroup::CgroupError),
-    #[error("updating the kernel maps (WORKLOADS, EXCLUDED_CIDRS): {0}")]
-    Map(#[from] aya::maps::MapError),
+    #[error("updating the kernel map {0}")]
+    Map(#[from] MapError),
     #[error("writing {path}: {source}")]
     Persist { path: PathBuf, source: io::Error },
     #[error("the node has {MAX_PODS} registered pods already")]
@@ -186,12 +185,11 @@ impl Registry {
     /// lost): keep every `WORKLOADS`/`EXCLUDED_CIDRS` entry for `grace` while the sidecars
     /// re-register, instead of dropping their pods' interception at once; and never hand out
     /// a scope the kernel entries still use.
-    pub fn hold(&mut self, pins: &AgentPins, grace: std::time::Duration) {
+    pub fn hold(&mut self, maps: &impl PodMaps, grace: std::time::Duration) {
         self.hold_until = Some(std::time::Instant::now() + grace);
-        let max_scope = pins
-            .workloads
+        let max_scope = maps
+            .workloads()
             .iter()
-            .filter_map(Result::ok)
             .map(|(_, cfg)| cfg.scope)
             .max()
             .unwrap_or(0);
@@ -214,13 +212,13 @@ impl Registry {
     /// never intercepted, then WORKLOAD on the pod.
     pub fn register(
         &mut self,
-        pins: &mut AgentPins,
+        maps: &mut impl PodMaps,
         req: Request,
     ) -> Result<Registration, RegistryError> {
         if req.exclude_ports.len() > limits::EXCLUDED_PORTS {
             return Err(RegistryError::TooManyPorts(req.exclude_ports.len()));
         }
-        let quota = cidr_quota(pins.excluded_capacity);
+        let quota = cidr_quota(maps.excluded_capacity());
         for given in [req.exclude_cidrs.len(), req.mesh_cidrs.len()] {
             if given > quota {
                 return Err(RegistryError::TooManyCidrs { given, quota });
@@ -271,52 +269,21 @@ impl Registry {
             exclude_cidrs: req.exclude_cidrs.iter().map(Cidr::to_string).collect(),
             ipv6: req.ipv6,
             allow_metadata: req.allow_metadata,
-            passthrough: req.passthrough && pins.passthrough_capable(),
+            passthrough: req.passthrough && maps.passthrough_capable(),
             passthrough_cap: req.passthrough_cap,
             mesh_cidrs: req.mesh_cidrs.iter().map(Cidr::to_string).collect(),
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
         };
-        // Exclusions and mesh CIDRs before the WORKLOAD entry, so the first connect honours
-        // them; a previous registration's that are no longer asked for go.
-        let keys = scoped_keys(reg.scope, &reg.exclude_cidrs);
-        insert_all(&mut pins.excluded, &keys)?;
-        let mesh_keys = scoped_keys(reg.scope, &reg.mesh_cidrs);
-        if let Some(meshed) = &mut pins.meshed {
-            insert_all(meshed, &mesh_keys)?;
+        // The pod's entries are written over its previous registration's (a recreated pod's
+        // under its old scope and cgroups), and those left over removed once all are in.
+        if let Err(e) = write(maps, &reg, previous.as_ref()) {
+            restore(maps, &reg, previous.as_ref());
+            return Err(e.into());
         }
-        if let Some(prev) = same_pod {
-            for old in scoped_keys(prev.scope, &prev.exclude_cidrs) {
-                if !keys.iter().any(|k| same_key(k, &old)) {
-                    let _ = pins.excluded.remove(&old);
-                }
-            }
-            if let Some(meshed) = &mut pins.meshed {
-                for old in scoped_keys(prev.scope, &prev.mesh_cidrs) {
-                    if !mesh_keys.iter().any(|k| same_key(k, &old)) {
-                        let _ = meshed.remove(&old);
-                    }
-                }
-            }
-        }
-        // The cap before the WORKLOAD entry too.
-        if let Some(caps) = &mut pins.direct_caps {
-            match reg.passthrough_cap {
-                Some(cap) => caps.insert(reg.scope, cap, 0)?,
-                None => forget(caps.remove(&reg.scope))?,
-            }
-        }
-        let (workload, proxy) = entries(&reg);
-        pins.workloads.insert(reg.proxy_cgroup_id, proxy, 0)?;
-        pins.workloads.insert(reg.pod_cgroup_id, workload, 0)?;
-        // A restarted sidecar container has a new cgroup: its predecessor's entry goes.
         if let Some(prev) = &previous {
-            for id in [prev.proxy_cgroup_id, prev.pod_cgroup_id] {
-                if id != reg.proxy_cgroup_id && id != reg.pod_cgroup_id {
-                    let _ = pins.workloads.remove(&id);
-                }
-            }
+            remove_stale(maps, prev, &reg);
         }
         self.pods.insert(reg.pod_uid.clone(), reg.clone());
         self.persist()?;
@@ -324,24 +291,19 @@ impl Registry {
     }
 
     /// Removes a pod's interception (its sidecar deregistered, or the pod is gone).
-    pub fn remove(&mut self, pins: &mut AgentPins, uid: &str) -> Result<bool, RegistryError> {
+    pub fn remove(&mut self, maps: &mut impl PodMaps, uid: &str) -> Result<bool, RegistryError> {
         let Some(reg) = self.pods.remove(uid) else {
             return Ok(false);
         };
         // WORKLOAD first: from here on the pod's connects pass through, never to a proxy
         // that is going away.
         for id in [reg.pod_cgroup_id, reg.proxy_cgroup_id] {
-            forget(pins.workloads.remove(&id))?;
+            maps.remove_workload(id)?;
         }
-        if let Some(caps) = &mut pins.direct_caps {
-            forget(caps.remove(&reg.scope))?;
-        }
-        for key in scoped_keys(reg.scope, &reg.exclude_cidrs) {
-            let _ = pins.excluded.remove(&key);
-        }
-        if let Some(meshed) = &mut pins.meshed {
-            for key in scoped_keys(reg.scope, &reg.mesh_cidrs) {
-                let _ = meshed.remove(&key);
+        maps.remove_cap(reg.scope)?;
+        for trie in Trie::ALL {
+            for key in cidr_keys(trie, &reg) {
+                let _ = maps.remove_cidr(trie, &key);
             }
         }
         self.persist()?;
@@ -349,8 +311,8 @@ impl Registry {
     }
 
     /// Drops registrations whose pod cgroup is gone (or was recreated: other inode), then
-    /// makes `WORKLOADS` match the registrations exactly. Returns the pods removed.
-    pub fn reconcile(&mut self, pins: &mut AgentPins) -> Result<Vec<String>, RegistryError> {
+    /// makes the maps match the registrations exactly. Returns the pods removed.
+    pub fn reconcile(&mut self, maps: &mut impl PodMaps) -> Result<Vec<String>, RegistryError> {
         let gone: Vec<String> = self
             .pods
             .values()
@@ -358,9 +320,12 @@ impl Registry {
             .map(|r| r.pod_uid.clone())
             .collect();
         for uid in &gone {
-            self.remove(pins, uid)?;
+            self.remove(maps, uid)?;
             tracing::info!(pod_uid = %uid, "pod gone: interception removed");
         }
+        let prune = self
+            .hold_until
+            .is_none_or(|t| std::time::Instant::now() >= t);
         let wanted: BTreeMap<u64, WorkloadConfig> = self
             .pods
             .values()
@@ -369,31 +334,37 @@ impl Registry {
                 [(r.pod_cgroup_id, w), (r.proxy_cgroup_id, p)]
             })
             .collect();
-        let prune = self
-            .hold_until
-            .is_none_or(|t| std::time::Instant::now() >= t);
-        sync_hash(&mut pins.workloads, &wanted, prune)?;
-        if let Some(caps) = &mut pins.direct_caps {
+        let present: BTreeMap<u64, WorkloadConfig> = maps.workloads().into_iter().collect();
+        for id in present
+            .keys()
+            .filter(|id| prune && !wanted.contains_key(id))
+        {
+            let _ = maps.remove_workload(*id);
+        }
+        for (id, config) in wanted.iter().filter(|(id, c)| present.get(id) != Some(c)) {
+            maps.insert_workload(*id, config)?;
+        }
+        if let Some(present) = maps.caps() {
+            let present: BTreeMap<u32, u32> = present.into_iter().collect();
             let wanted: BTreeMap<u32, u32> = self
                 .pods
                 .values()
                 .filter_map(|r| Some((r.scope, r.passthrough_cap?)))
                 .collect();
-            sync_hash(caps, &wanted, prune)?;
+            for scope in present.keys().filter(|s| prune && !wanted.contains_key(s)) {
+                let _ = maps.remove_cap(*scope);
+            }
+            for (scope, cap) in wanted.iter().filter(|(s, c)| present.get(s) != Some(c)) {
+                maps.insert_cap(*scope, *cap)?;
+            }
         }
-        let wanted: Vec<Key<ScopedAddr>> = self
-            .pods
-            .values()
-            .flat_map(|r| scoped_keys(r.scope, &r.exclude_cidrs))
-            .collect();
-        sync_trie(&mut pins.excluded, &wanted, prune)?;
-        if let Some(meshed) = &mut pins.meshed {
-            let wanted: Vec<Key<ScopedAddr>> = self
+        for trie in Trie::ALL {
+            let wanted: Vec<CidrKey> = self
                 .pods
                 .values()
-                .flat_map(|r| scoped_keys(r.scope, &r.mesh_cidrs))
+                .flat_map(|r| cidr_keys(trie, r))
                 .collect();
-            sync_trie(meshed, &wanted, prune)?;
+            sync_trie(maps, trie, &wanted, prune)?;
         }
         Ok(gone)
     }
@@ -414,16 +385,91 @@ impl Registry {
     }
 }
 
-/// A removal that found nothing to remove (ENOENT) is done too.
-fn forget(removed: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match removed {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
+/// Writes the entries of `reg` (over `prev`, the pod's registration before, if any):
+/// exclusions, mesh CIDRs and the cap before the WORKLOAD entry, so the first connect
+/// honours them. Nothing `prev` needs is removed here, so [`restore`] can undo a failure.
+fn write(
+    maps: &mut impl PodMaps,
+    reg: &Registration,
+    prev: Option<&Registration>,
+) -> Result<(), MapError> {
+    for trie in Trie::ALL {
+        // A key `prev` wrote is there already (an update of a key a full trie holds fails
+        // on kernels before 6.14).
+        let had = prev.map(|p| cidr_keys(trie, p)).unwrap_or_default();
+        for key in cidr_keys(trie, reg).iter().filter(|k| !had.contains(k)) {
+            maps.insert_cidr(trie, key)?;
         }
-        other => other,
+    }
+    match reg.passthrough_cap {
+        Some(cap) => maps.insert_cap(reg.scope, cap)?,
+        // `prev`'s cap under another scope goes with the rest of `prev` (remove_stale).
+        None => maps.remove_cap(reg.scope)?,
+    }
+    let (workload, proxy) = entries(reg);
+    maps.insert_workload(reg.proxy_cgroup_id, &proxy)?;
+    maps.insert_workload(reg.pod_cgroup_id, &workload)?;
+    Ok(())
+}
+
+/// After a failed [`write`]: puts back the pod's entries as `prev` had them (none if it had
+/// no registration), so a refused registration changes no map. Best effort: what cannot be
+/// put back is the sweep's ([`Registry::reconcile`]) to repair.
+fn restore(maps: &mut impl PodMaps, reg: &Registration, prev: Option<&Registration>) {
+    let mut failed = Vec::new();
+    for trie in Trie::ALL {
+        let had = prev.map(|p| cidr_keys(trie, p)).unwrap_or_default();
+        for key in cidr_keys(trie, reg).iter().filter(|k| !had.contains(k)) {
+            failed.extend(maps.remove_cidr(trie, key).err());
+        }
+    }
+    let prev_cap = prev
+        .filter(|p| p.scope == reg.scope)
+        .map(|p| p.passthrough_cap);
+    failed.extend(
+        match prev_cap {
+            Some(Some(cap)) => maps.insert_cap(reg.scope, cap),
+            _ => maps.remove_cap(reg.scope),
+        }
+        .err(),
+    );
+    let prev_entries: BTreeMap<u64, WorkloadConfig> = prev
+        .map(|p| {
+            let (w, x) = entries(p);
+            BTreeMap::from([(p.pod_cgroup_id, w), (p.proxy_cgroup_id, x)])
+        })
+        .unwrap_or_default();
+    for id in [reg.proxy_cgroup_id, reg.pod_cgroup_id] {
+        failed.extend(
+            match prev_entries.get(&id) {
+                Some(config) => maps.insert_workload(id, config),
+                None => maps.remove_workload(id),
+            }
+            .err(),
+        );
+    }
+    for e in failed {
+        tracing::warn!(pod_uid = %reg.pod_uid, "undoing a failed registration: {e} (the sweep repairs it)");
+    }
+}
+
+/// Removes the entries of `prev` (the pod's registration before `reg`) that `reg` does not
+/// have: CIDRs no longer asked for, a recreated pod's old scope, a restarted sidecar's old
+/// container cgroup.
+fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration) {
+    for trie in Trie::ALL {
+        let kept = cidr_keys(trie, reg);
+        for key in cidr_keys(trie, prev).iter().filter(|k| !kept.contains(k)) {
+            let _ = maps.remove_cidr(trie, key);
+        }
+    }
+    if prev.scope != reg.scope {
+        let _ = maps.remove_cap(prev.scope);
+    }
+    for id in [prev.proxy_cgroup_id, prev.pod_cgroup_id] {
+        if id != reg.proxy_cgroup_id && id != reg.pod_cgroup_id {
+            let _ = maps.remove_workload(id);
+        }
     }
 }
 
@@ -451,90 +497,216 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
     (workload, proxy)
 }
 
-/// The trie keys of a registration's CIDRs under its scope (unparsable text cannot occur: it
-/// was written from a parsed `Cidr`).
-fn scoped_keys(scope: u32, cidrs: &[String]) -> Vec<Key<ScopedAddr>> {
-    cidrs
-        .iter()
-        .filter_map(|c| c.parse::<Cidr>().ok())
-        .map(|c| {
-            Key::new(
-                lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
-                ScopedAddr::new(scope, mapped_octets(c.addr)),
-            )
-        })
-        .collect()
-}
-
-/// Makes `trie` hold exactly `wanted` (entries nothing wants are kept unless `prune`).
-/// Makes a hash map hold `wanted`: entries that differ are written; with `prune`, entries
-/// not wanted are removed.
-fn sync_hash<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
-    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
-    wanted: &BTreeMap<K, V>,
-    prune: bool,
-) -> Result<(), aya::maps::MapError> {
-    let present: Vec<K> = map.keys().filter_map(Result::ok).collect();
-    for key in present.iter().filter(|k| prune && !wanted.contains_key(k)) {
-        let _ = map.remove(key);
-    }
-    for (key, value) in wanted {
-        if map.get(key, 0).ok().as_ref() != Some(value) {
-            map.insert(key, value, 0)?;
+/// The keys of a registration's CIDRs in `trie`, each once, under its scope (unparsable
+/// text cannot occur: it was written from a parsed `Cidr`).
+pub fn cidr_keys(trie: Trie, r: &Registration) -> Vec<CidrKey> {
+    let cidrs = match trie {
+        Trie::Excluded => &r.exclude_cidrs,
+        Trie::Meshed => &r.mesh_cidrs,
+    };
+    let mut keys = Vec::new();
+    for c in cidrs.iter().filter_map(|c| c.parse::<Cidr>().ok()) {
+        let key = CidrKey::new(
+            lpm_prefix_len(c.addr.is_ipv4(), c.prefix),
+            ScopedAddr::new(r.scope, mapped_octets(c.addr)),
+        );
+        if !keys.contains(&key) {
+            keys.push(key);
         }
     }
-    Ok(())
+    keys
 }
 
+/// Makes `trie` hold `wanted`: missing keys are inserted; with `prune`, keys not wanted are
+/// removed.
 fn sync_trie(
-    trie: &mut aya::maps::LpmTrie<aya::maps::MapData, ScopedAddr, u8>,
-    wanted: &[Key<ScopedAddr>],
+    maps: &mut impl PodMaps,
+    trie: Trie,
+    wanted: &[CidrKey],
     prune: bool,
-) -> Result<(), aya::maps::MapError> {
-    let present: Vec<Key<ScopedAddr>> = trie.keys().filter_map(Result::ok).collect();
-    for key in present
-        .iter()
-        .filter(|p| prune && !wanted.iter().any(|w| same_key(w, p)))
-    {
-        let _ = trie.remove(key);
+) -> Result<(), MapError> {
+    let Some(present) = maps.cidrs(trie) else {
+        return Ok(());
+    };
+    for key in present.iter().filter(|p| prune && !wanted.contains(p)) {
+        let _ = maps.remove_cidr(trie, key);
     }
-    for key in wanted
-        .iter()
-        .filter(|w| !present.iter().any(|p| same_key(w, p)))
-    {
-        trie.insert(key, 1, 0)?;
+    for key in wanted.iter().filter(|w| !present.contains(w)) {
+        maps.insert_cidr(trie, key)?;
     }
     Ok(())
-}
-
-/// Inserts every key, or none: on a failure the keys this call added are removed again.
-fn insert_all(
-    trie: &mut aya::maps::LpmTrie<aya::maps::MapData, ScopedAddr, u8>,
-    keys: &[Key<ScopedAddr>],
-) -> Result<(), aya::maps::MapError> {
-    let mut added = Vec::new();
-    for key in keys {
-        if trie.get(key, 0).is_ok() {
-            continue;
-        }
-        if let Err(e) = trie.insert(key, 1, 0) {
-            for k in &added {
-                let _ = trie.remove(*k);
-            }
-            return Err(e);
-        }
-        added.push(key);
-    }
-    Ok(())
-}
-
-fn same_key(a: &Key<ScopedAddr>, b: &Key<ScopedAddr>) -> bool {
-    a.prefix_len() == b.prefix_len() && a.data() == b.data()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::{memory_maps::MemoryMaps, pod::PodCgroup};
     use super::*;
+
+    /// Pods as directories under a scratch root (cgroup ids are their inodes), removed on drop.
+    struct Node {
+        dir: PathBuf,
+    }
+
+    impl Node {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("sidecar-registry-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self { dir }
+        }
+
+        fn pod(&self, uid: &str) -> PodCgroup {
+            let pod = self.dir.join(format!("pod{uid}"));
+            let container = pod.join("sidecar");
+            fs::create_dir_all(&container).unwrap();
+            PodCgroup {
+                uid: uid.into(),
+                pod,
+                container,
+            }
+        }
+
+        fn registry(&self) -> Registry {
+            Registry::load(&self.dir).unwrap()
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn request(pod: PodCgroup, exclude: &[&str], mesh: &[&str], cap: Option<u32>) -> Request {
+        let parse = |cidrs: &[&str]| cidrs.iter().map(|c| c.parse().unwrap()).collect();
+        Request {
+            pod,
+            pid: 1,
+            proxy_port: 15001,
+            inbound_port: 15006,
+            exclude_ports: vec![22],
+            exclude_cidrs: parse(exclude),
+            ipv6: false,
+            allow_metadata: false,
+            passthrough: true,
+            passthrough_cap: cap,
+            mesh_cidrs: parse(mesh),
+        }
+    }
+
+    /// The keys of `cidrs` under `scope`, as the trie holds them.
+    fn keys(scope: u32, cidrs: &[&str]) -> Vec<CidrKey> {
+        let cidrs = cidrs.iter().map(|c| c.parse::<Cidr>().unwrap());
+        let key = |c: Cidr| {
+            let data = ScopedAddr::new(scope, mapped_octets(c.addr));
+            CidrKey::new(lpm_prefix_len(c.addr.is_ipv4(), c.prefix), data)
+        };
+        cidrs.map(key).collect()
+    }
+
+    #[test]
+    fn a_cidr_with_host_bits_is_its_prefix_across_re_registrations() {
+        let node = Node::new("host-bits");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let pod = node.pod("a1");
+        let req = |cidr| request(pod.clone(), &[cidr], &[], None);
+        let reg = registry.register(&mut maps, req("10.0.0.1/8")).unwrap();
+        // The same prefix spelled otherwise: the trie has one entry for both, which the
+        // re-registration once removed as the old spelling's.
+        registry.register(&mut maps, req("10.0.0.2/8")).unwrap();
+        let held = maps.cidrs(Trie::Excluded).unwrap();
+        assert_eq!(held, keys(reg.scope, &["10.0.0.0/8"]));
+    }
+
+    #[test]
+    fn a_narrower_prefix_stays_when_the_wider_one_goes() {
+        let node = Node::new("narrower");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let pod = node.pod("a1");
+        let both = ["10.0.0.0/8", "10.1.0.0/16"];
+        let reg = registry
+            .register(&mut maps, request(pod.clone(), &both, &both, None))
+            .unwrap();
+        // Each is written, though the kernel's lookup of the narrower one finds the wider
+        // one (once taken for "already there").
+        assert_eq!(maps.cidrs(Trie::Excluded).unwrap(), keys(reg.scope, &both));
+        assert_eq!(maps.cidrs(Trie::Meshed).unwrap(), keys(reg.scope, &both));
+        let narrow = ["10.1.0.0/16"];
+        registry
+            .register(&mut maps, request(pod, &narrow, &narrow, None))
+            .unwrap();
+        assert_eq!(
+            maps.cidrs(Trie::Excluded).unwrap(),
+            keys(reg.scope, &narrow)
+        );
+        assert_eq!(maps.cidrs(Trie::Meshed).unwrap(), keys(reg.scope, &narrow));
+    }
+
+    #[test]
+    fn a_recreated_pod_leaves_nothing_under_its_old_scope() {
+        let node = Node::new("recreated");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let pod = node.pod("a1");
+        let req = |pod| request(pod, &["10.0.0.0/8"], &["10.2.0.0/16"], Some(5));
+        let old = registry.register(&mut maps, req(pod.clone())).unwrap();
+        // Moved away rather than removed, so the new directory cannot reuse its inode.
+        fs::rename(&pod.pod, node.dir.join("gone")).unwrap();
+        let new = registry.register(&mut maps, req(node.pod("a1"))).unwrap();
+        assert_ne!(old.scope, new.scope);
+        assert_eq!(
+            maps.cidrs(Trie::Excluded).unwrap(),
+            keys(new.scope, &["10.0.0.0/8"])
+        );
+        assert_eq!(
+            maps.cidrs(Trie::Meshed).unwrap(),
+            keys(new.scope, &["10.2.0.0/16"])
+        );
+        assert_eq!(maps.caps().unwrap(), [(new.scope, 5)]);
+        let ids: Vec<u64> = maps.workloads().iter().map(|(id, _)| *id).collect();
+        let mut want = vec![new.pod_cgroup_id, new.proxy_cgroup_id];
+        want.sort();
+        assert_eq!(ids, want);
+    }
+
+    #[test]
+    fn a_registration_a_map_refuses_changes_no_map() {
+        let node = Node::new("refused");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let (a, b) = (node.pod("a1"), node.pod("b2"));
+        registry
+            .register(&mut maps, request(a.clone(), &["10.0.0.0/8"], &[], Some(3)))
+            .unwrap();
+        registry
+            .register(&mut maps, request(b, &["10.0.0.0/8"], &["fd00::/8"], None))
+            .unwrap();
+        let cidrs = ["10.1.0.0/16", "192.168.0.0/16"];
+        // Each insert the registration makes fails in turn: a re-registration with other
+        // entries, and a new pod's.
+        for fail in 0..8 {
+            for pod in [a.clone(), node.pod("c3")] {
+                let before = maps.clone();
+                maps.fail_insert_in = Some(fail);
+                let req = request(pod, &cidrs, &cidrs, Some(7));
+                match registry.register(&mut maps, req) {
+                    Err(RegistryError::Map(_)) => {
+                        maps.fail_insert_in = None;
+                        assert_eq!(maps, before, "insert {fail} failed and left entries");
+                    }
+                    Ok(_) => {
+                        // Fewer inserts than `fail`: undo it for the next round.
+                        assert!(fail > 0);
+                        maps.fail_insert_in = None;
+                        let uid = registry.pods().last().unwrap().pod_uid.clone();
+                        if uid == "c3" {
+                            registry.remove(&mut maps, "c3").unwrap();
+                        }
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
 
     #[test]
     fn every_pod_the_node_can_register_gets_its_full_cidr_quota() {

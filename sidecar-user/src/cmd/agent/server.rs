@@ -10,7 +10,6 @@
 //! [`MAX_PER_CALLER`] connections.
 
 use std::{
-    collections::HashMap,
     io,
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -25,14 +24,17 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Agent, peer::Peer, pod, registry};
+use super::{
+    Agent,
+    callers::{self, MAX_PER_CALLER, PerCaller},
+    peer::Peer,
+    pod::{self, PodCgroup},
+    requests::{self, Caller, Outcome, Refusal, Session},
+};
 use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
-/// Connections one caller may hold open at once. A sidecar uses one (two for a moment while
-/// it reconnects); the rest of the node's [`MAX_CONNECTIONS`] stays for the other pods.
-pub const MAX_PER_CALLER: usize = 8;
 /// How long a request line may take to arrive: from the connect or the previous answer while
 /// the connection has not registered, from its first byte once it has. Also the deadline for
 /// writing an answer. The sidecar writes each request at once, so this is only ever reached
@@ -137,49 +139,6 @@ async fn accept_loop(
     }
 }
 
-/// Open connections per caller (named by [`identify`]).
-#[derive(Default)]
-struct PerCaller(Mutex<HashMap<String, usize>>);
-
-/// One of a caller's connections; gives its place back when dropped.
-struct CallerSlot {
-    counts: Arc<PerCaller>,
-    caller: String,
-}
-
-impl PerCaller {
-    fn take(self: &Arc<Self>, caller: &str) -> Option<CallerSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(caller.to_string()).or_default();
-        if *n >= MAX_PER_CALLER {
-            return None;
-        }
-        *n += 1;
-        Some(CallerSlot {
-            counts: self.clone(),
-            caller: caller.to_string(),
-        })
-    }
-}
-
-impl Drop for CallerSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.caller) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.caller);
-            }
-        }
-    }
-}
-
-/// What one connection has registered.
-#[derive(Default)]
-struct Session {
-    pod_uid: Option<String>,
-}
-
 async fn serve_connection(
     stream: UnixStream,
     agent: Arc<Mutex<Agent>>,
@@ -266,28 +225,11 @@ fn subscribe(
     caller: &str,
 ) -> Result<tokio::sync::mpsc::Receiver<registration::PassedThrough>, Box<Reply>> {
     let mut agent = lock(agent);
-    let cgroup =
-        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(Box::new(agent.refuse(caller, "process_gone", e))),
-            Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
-        };
-    let pod = match pod::derive(&agent.root, &cgroup) {
-        Ok(p) => p,
-        Err(e) => return Err(Box::new(agent.refuse(caller, e.reason(), e))),
-    };
-    let scope = agent
-        .registry
-        .pods()
-        .find(|r| r.pod_uid == pod.uid && r.passthrough)
-        .map(|r| r.scope);
+    let pod = pod_of(peer, &agent.cgroup2, agent.ns_root.as_deref(), &agent.root);
+    let scope = pod.and_then(|pod| requests::records_scope(&agent.registry, &pod));
     match scope {
-        Some(scope) => Ok(agent.records.subscribe(scope)),
-        None => Err(Box::new(agent.refuse(
-            caller,
-            "not_registered",
-            "records: this pod has no registration with kernel pass-through on",
-        ))),
+        Ok(scope) => Ok(agent.records.subscribe(scope)),
+        Err(r) => Err(Box::new(agent.refuse(caller, r.reason, r.error))),
     }
 }
 
@@ -322,21 +264,19 @@ fn identify(agent: &Arc<Mutex<Agent>>, stream: &UnixStream) -> Result<(Peer, Str
         Ok(p) => p,
         Err(e) => return Err(Box::new(agent.refuse("unidentified", e.reason(), e))),
     };
-    let caller =
-        match peer.read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref())) {
-            Ok(Ok(cgroup)) => match pod::derive(&agent.root, &cgroup) {
-                Ok(pod) => format!("pod {}", pod.uid),
-                Err(_) => format!("uid {}", peer.uid),
-            },
-            Ok(Err(_)) => format!("uid {}", peer.uid),
-            Err(e) => {
-                return Err(Box::new(agent.refuse(
-                    &format!("pid {}", peer.pid),
-                    e.reason(),
-                    e,
-                )));
-            }
-        };
+    let caller = match peer
+        .read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()))
+    {
+        Ok(Ok(cgroup)) => callers::name(pod::derive(&agent.root, &cgroup).ok().as_ref(), peer.uid),
+        Ok(Err(_)) => callers::name(None, peer.uid),
+        Err(e) => {
+            return Err(Box::new(agent.refuse(
+                &format!("pid {}", peer.pid),
+                e.reason(),
+                e,
+            )));
+        }
+    };
     Ok((peer, caller))
 }
 
@@ -364,6 +304,7 @@ async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
+/// Answers a request other than `records` (see [`requests::answer`]).
 fn handle(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
@@ -371,140 +312,75 @@ fn handle(
     req: Request,
     session: &mut Session,
 ) -> Reply {
-    let mut agent = lock(agent);
+    let mut guard = lock(agent);
+    let agent = &mut *guard;
     let pid = peer.pid;
-    match req {
-        Request::Register {
-            pod_uid,
-            proxy_port,
-            inbound_port,
-            exclude_ports,
-            exclude_cidrs,
-            ipv6,
-            allow_metadata,
-            passthrough,
-            passthrough_cap,
-            mesh_cidrs,
-        } => {
-            // Read afresh for every request, and believed only while the pin holds: the pid
-            // may name another process (in another pod) once the caller is gone.
-            let cgroup = match peer
-                .read(|pid| pod::cgroup_of(&agent.cgroup2, pid, agent.ns_root.as_deref()))
-            {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    return agent.refuse(caller, "process_gone", format!("pid {pid}: {e}"));
-                }
-                Err(e) => return agent.refuse(caller, e.reason(), e),
-            };
-            let pod = match pod::derive(&agent.root, &cgroup) {
-                Ok(p) => p,
-                Err(e) => return agent.refuse(caller, e.reason(), format!("pid {pid}: {e}")),
-            };
-            let claimed = pod::canonical_uid(&pod_uid);
-            // The answer never names the pod the caller is really in: only the claim it sent.
-            if claimed != pod.uid {
-                return agent.refuse(
-                    caller,
-                    "uid_mismatch",
-                    format!(
-                        "pid {pid} claims pod {claimed} but is not in that pod's cgroup: set \
-                         POD_UID from the downward API (metadata.uid)"
-                    ),
-                );
-            }
-            if session.pod_uid.as_ref().is_some_and(|u| *u != pod.uid) {
-                return agent.refuse(
-                    caller,
-                    "uid_mismatch",
-                    "this connection registered another pod already",
-                );
-            }
-            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
-                exclude_cidrs.iter().map(|c| c.parse()).collect();
-            let exclude_cidrs = match cidrs {
-                Ok(c) => c,
-                Err(e) => {
-                    return agent.refuse(caller, "bad_request", format!("exclude_cidrs: {e}"));
-                }
-            };
-            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
-                mesh_cidrs.iter().map(|c| c.parse()).collect();
-            let mesh_cidrs = match cidrs {
-                Ok(c) => c,
-                Err(e) => {
-                    return agent.refuse(caller, "bad_request", format!("mesh_cidrs: {e}"));
-                }
-            };
-            let req = registry::Request {
-                pod,
-                pid,
-                proxy_port,
-                inbound_port,
-                exclude_ports,
-                exclude_cidrs,
-                ipv6,
-                allow_metadata,
-                passthrough,
-                passthrough_cap,
-                mesh_cidrs,
-            };
-            let Agent { pins, registry, .. } = &mut *agent;
-            match registry.register(pins, req) {
-                Ok(reg) => {
-                    info!(pod_uid = %reg.pod_uid, pid, proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
-                    session.pod_uid = Some(reg.pod_uid.clone());
-                    Reply {
-                        ok: true,
-                        pod_uid: Some(reg.pod_uid),
-                        pod_cgroup: Some(reg.pod_cgroup.display().to_string()),
-                        proxy_cgroup: Some(reg.proxy_cgroup.display().to_string()),
-                        scope: Some(reg.scope),
-                        sockmap: Some(agent.sockmap),
-                        passthrough: Some(reg.passthrough),
-                        ..Reply::default()
-                    }
-                }
-                Err(e) => Reply {
-                    retry: e.retry(),
-                    ..agent.refuse(caller, e.reason(), e)
-                },
-            }
-        }
-        Request::Deregister => {
-            let Some(uid) = session.pod_uid.take() else {
-                return agent.refuse(
-                    caller,
-                    "not_registered",
-                    "this connection has not registered a pod",
-                );
-            };
-            let Agent { pins, registry, .. } = &mut *agent;
-            match registry.remove(pins, &uid) {
-                Ok(_) => {
-                    info!(pod_uid = %uid, "pod deregistered: interception off");
-                    Reply {
-                        ok: true,
-                        pod_uid: Some(uid),
-                        ..Reply::default()
-                    }
-                }
-                Err(e) => Reply::refused("internal", e),
-            }
-        }
-        // Streams: served by `serve_connection` itself.
-        Request::Records => Reply::refused("bad_request", "records is answered by a stream"),
-        Request::Status => {
-            if peer.uid != 0 {
-                return agent.refuse(caller, "not_root", "status is for root on the node (uid 0)");
-            }
+    let Agent {
+        pins,
+        registry,
+        cgroup2,
+        ns_root,
+        root,
+        ..
+    } = agent;
+    let outcome = requests::answer(
+        registry,
+        pins,
+        Caller { pid, uid: peer.uid },
+        || pod_of(peer, cgroup2, ns_root.as_deref(), root),
+        req,
+        session,
+    );
+    match outcome {
+        Outcome::Registered(reg) => {
+            info!(pod_uid = %reg.pod_uid, pid, proxy_port = reg.proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
             Reply {
                 ok: true,
-                status: Some(agent.status()),
+                pod_uid: Some(reg.pod_uid),
+                pod_cgroup: Some(reg.pod_cgroup.display().to_string()),
+                proxy_cgroup: Some(reg.proxy_cgroup.display().to_string()),
+                scope: Some(reg.scope),
+                sockmap: Some(agent.sockmap),
+                passthrough: Some(reg.passthrough),
                 ..Reply::default()
             }
         }
+        Outcome::Deregistered(uid) => {
+            info!(pod_uid = %uid, "pod deregistered: interception off");
+            Reply {
+                ok: true,
+                pod_uid: Some(uid),
+                ..Reply::default()
+            }
+        }
+        Outcome::Status => Reply {
+            ok: true,
+            status: Some(agent.status()),
+            ..Reply::default()
+        },
+        Outcome::Refused(r) => Reply {
+            retry: r.retry,
+            ..agent.refuse(caller, r.reason, r.error)
+        },
+        Outcome::Failed(r) => Reply::refused(r.reason, r.error),
     }
+}
+
+/// The caller's pod, from its cgroup read now, believed only while the pin holds: the pid
+/// may name another process (in another pod) once the caller is gone.
+fn pod_of(
+    peer: &Peer,
+    cgroup2: &Path,
+    ns_root: Option<&Path>,
+    root: &Path,
+) -> Result<PodCgroup, Refusal> {
+    let pid = peer.pid;
+    let cgroup = match peer.read(|pid| pod::cgroup_of(cgroup2, pid, ns_root)) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(Refusal::new("process_gone", format!("pid {pid}: {e}"))),
+        Err(e) => return Err(Refusal::new(e.reason(), e)),
+    };
+    pod::derive(root, &cgroup).map_err(|e| Refusal::new(e.reason(), format!("pid {pid}: {e}")))
 }
 
 fn lock(agent: &Arc<Mutex<Agent>>) -> std::sync::MutexGuard<'_, Agent> {

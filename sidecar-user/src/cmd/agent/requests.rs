@@ -1,0 +1,189 @@
+//! What a request on the registration socket does once its caller is pinned: the checks on
+//! what the caller claims, and the registry's work. The [`server`](super::server) reads the
+//! caller (its pid, uid and cgroup) and writes the answer; everything between is here, apart
+//! from the socket, so the agent's fuzz target drives the same code against maps in memory.
+
+use super::{
+    pod::{self, PodCgroup},
+    pod_maps::PodMaps,
+    registry::{self, Registration, Registry},
+};
+use crate::registration::Request;
+
+/// What one connection has registered: it may deregister only that pod, and never register
+/// another.
+#[derive(Debug, Default)]
+pub struct Session {
+    pub pod_uid: Option<String>,
+}
+
+/// Who sent a request, as SO_PEERCRED says.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+/// A request not done: `reason` is its counter, `error` the one line answered.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub error: String,
+    /// The node's condition rather than the request's: the sidecar tries again later.
+    pub retry: bool,
+}
+
+impl Refusal {
+    pub fn new(reason: &'static str, error: impl ToString) -> Self {
+        Self {
+            reason,
+            error: error.to_string(),
+            retry: false,
+        }
+    }
+}
+
+/// What became of a request; the server answers it.
+#[derive(Debug)]
+pub enum Outcome {
+    Registered(Registration),
+    Deregistered(String),
+    /// `status` from root on the node: the server writes it.
+    Status,
+    /// Refused: counted under its reason and logged as the caller's.
+    Refused(Refusal),
+    /// Not done, and not the caller's refusal to count: the agent's own failure, or a
+    /// request with no place here.
+    Failed(Refusal),
+}
+
+/// Does `req` of `caller` on a connection with `session`. `pod` reads the caller's pod from
+/// its cgroup, afresh: only a registration needs it.
+pub fn answer(
+    registry: &mut Registry,
+    maps: &mut impl PodMaps,
+    caller: Caller,
+    pod: impl FnOnce() -> Result<PodCgroup, Refusal>,
+    req: Request,
+    session: &mut Session,
+) -> Outcome {
+    let pid = caller.pid;
+    match req {
+        Request::Register {
+            pod_uid,
+            proxy_port,
+            inbound_port,
+            exclude_ports,
+            exclude_cidrs,
+            ipv6,
+            allow_metadata,
+            passthrough,
+            passthrough_cap,
+            mesh_cidrs,
+        } => {
+            let pod = match pod() {
+                Ok(p) => p,
+                Err(refusal) => return Outcome::Refused(refusal),
+            };
+            let claimed = pod::canonical_uid(&pod_uid);
+            // The answer never names the pod the caller is really in: only the claim it sent.
+            if claimed != pod.uid {
+                return Outcome::Refused(Refusal::new(
+                    "uid_mismatch",
+                    format!(
+                        "pid {pid} claims pod {claimed} but is not in that pod's cgroup: set \
+                         POD_UID from the downward API (metadata.uid)"
+                    ),
+                ));
+            }
+            if session.pod_uid.as_ref().is_some_and(|u| *u != pod.uid) {
+                return Outcome::Refused(Refusal::new(
+                    "uid_mismatch",
+                    "this connection registered another pod already",
+                ));
+            }
+            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
+                exclude_cidrs.iter().map(|c| c.parse()).collect();
+            let exclude_cidrs = match cidrs {
+                Ok(c) => c,
+                Err(e) => {
+                    let error = format!("exclude_cidrs: {e}");
+                    return Outcome::Refused(Refusal::new("bad_request", error));
+                }
+            };
+            let cidrs: Result<Vec<crate::cidr::Cidr>, _> =
+                mesh_cidrs.iter().map(|c| c.parse()).collect();
+            let mesh_cidrs = match cidrs {
+                Ok(c) => c,
+                Err(e) => {
+                    let error = format!("mesh_cidrs: {e}");
+                    return Outcome::Refused(Refusal::new("bad_request", error));
+                }
+            };
+            let req = registry::Request {
+                pod,
+                pid,
+                proxy_port,
+                inbound_port,
+                exclude_ports,
+                exclude_cidrs,
+                ipv6,
+                allow_metadata,
+                passthrough,
+                passthrough_cap,
+                mesh_cidrs,
+            };
+            match registry.register(maps, req) {
+                Ok(reg) => {
+                    session.pod_uid = Some(reg.pod_uid.clone());
+                    Outcome::Registered(reg)
+                }
+                Err(e) => Outcome::Refused(Refusal {
+                    retry: e.retry(),
+                    ..Refusal::new(e.reason(), e)
+                }),
+            }
+        }
+        Request::Deregister => {
+            let Some(uid) = session.pod_uid.take() else {
+                return Outcome::Refused(Refusal::new(
+                    "not_registered",
+                    "this connection has not registered a pod",
+                ));
+            };
+            match registry.remove(maps, &uid) {
+                Ok(_) => Outcome::Deregistered(uid),
+                Err(e) => Outcome::Failed(Refusal::new("internal", e)),
+            }
+        }
+        // Streams: served by the server itself (see [`records_scope`]).
+        Request::Records => Outcome::Failed(Refusal::new(
+            "bad_request",
+            "records is answered by a stream",
+        )),
+        Request::Status => {
+            if caller.uid != 0 {
+                return Outcome::Refused(Refusal::new(
+                    "not_root",
+                    "status is for root on the node (uid 0)",
+                ));
+            }
+            Outcome::Status
+        }
+    }
+}
+
+/// The scope whose pass-through records the caller may read: its own pod's (`pod`, from its
+/// cgroup), if that pod is registered with pass-through on.
+pub fn records_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusal> {
+    registry
+        .pods()
+        .find(|r| r.pod_uid == pod.uid && r.passthrough)
+        .map(|r| r.scope)
+        .ok_or_else(|| {
+            Refusal::new(
+                "not_registered",
+                "records: this pod has no registration with kernel pass-through on",
+            )
+        })
+}
