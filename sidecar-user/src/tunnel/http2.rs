@@ -31,11 +31,15 @@ fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
     s.serialize_u64(d.as_secs())
 }
 
-/// 4 MiB per stream and 16 MiB per connection, as ztunnel: enough for one stream to fill a
-/// fast link, and for several to share a connection, while a reader that stops holds at
-/// most this much of a peer's data.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// 1 MiB per stream and 4 MiB per connection. Measured (`cargo xtask bench --windows`,
+/// docs/performance.md): one stream moves as much as with ztunnel's 4 MiB / 16 MiB, sixteen
+/// streams on one connection move about a fifth more, and the sidecar holds less. The
+/// connection's window stays four streams' worth, so a reader that stops (and holds its
+/// stream's window) cannot stall the other streams of its connection. A link whose round
+/// trip is long enough that 1 MiB per round trip limits one stream (about 8 Gbit/s at 1 ms)
+/// wants the flags raised.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Streams one peer connection may hold open on our inbound side (ztunnel's bound).
 pub const MAX_INBOUND_STREAMS: u32 = 200;
 /// The headers of an HBONE request are a handful of short lines; 16 KiB is generous and

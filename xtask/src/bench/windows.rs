@@ -16,12 +16,13 @@ use super::{
 };
 use crate::step;
 
-/// (stream window, connection window) in KiB, both sidecars. 4 MiB / 16 MiB is ztunnel's
-/// choice and ours; HTTP/2's own default is 64 KiB for both.
-const SETTINGS: [(u32, u32); 5] = [
+/// (stream window, connection window) in KiB, both sidecars. 1 MiB / 4 MiB is our default,
+/// 4 MiB / 16 MiB ztunnel's, 64 KiB HTTP/2's own.
+const SETTINGS: [(u32, u32); 6] = [
     (64, 64),
     (256, 1024),
     (1024, 4096),
+    (4096, 4096),
     (4096, 16384),
     (16384, 65536),
 ];
