@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod listener;
 pub mod peer;
 pub mod pins;
 pub mod pod;
@@ -162,6 +163,7 @@ impl Agent {
             "pid": std::process::id(),
             "adopted": self.pins.adopted,
             "registered_pods": self.registry.pods().count(),
+            "unchecked_listener_pods": self.registry.pods().filter(|p| !p.listener_checked).count(),
             "refusals": self.registry.refusals(),
             "counters": self.pins.counters(),
             "passthrough_records": self.records_summary(),

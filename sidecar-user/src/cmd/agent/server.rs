@@ -12,7 +12,10 @@
 use std::{
     collections::HashMap,
     io,
-    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::{BorrowedFd, OwnedFd},
+        unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -25,8 +28,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Agent, peer::Peer, pod, registry};
-use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
+use super::{Agent, listener, peer::Peer, pod, registry};
+use crate::registration::{self, MAX_LINE, ParseError, Reply, Request, fds::FdReader};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
@@ -207,7 +210,7 @@ async fn serve_connection(
         .await;
         return;
     };
-    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(read), u64::MAX);
+    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(FdReader::new(read)), u64::MAX);
     let mut session = Session::default();
     let mut line = Vec::new();
     loop {
@@ -228,9 +231,14 @@ async fn serve_connection(
                 break;
             }
         }
+        // Descriptors belong to the line they came with (the sidecar sends the next request
+        // only after this one's answer); any that no request asks for are closed here.
+        let fds = reader.get_mut().get_mut().take();
+        let connection = reader.get_ref().get_ref().connection();
         let reply = match registration::parse_request(&line) {
             Ok(Request::Records) => match subscribe(&agent, &peer, &caller) {
                 Ok(records) => {
+                    drop(fds);
                     if send(&mut write, &Reply::ok()).await.is_ok() {
                         stream_records(&mut reader, &mut write, records).await;
                     }
@@ -238,7 +246,10 @@ async fn serve_connection(
                 }
                 Err(refusal) => *refusal,
             },
-            Ok(req) => handle(&agent, &peer, &caller, req, &mut session),
+            Ok(req) => {
+                let passed = Passed { fds, connection };
+                handle(&agent, &peer, &caller, req, passed, &mut session)
+            }
             Err(e @ ParseError::TooLong) => {
                 let r = lock(&agent).refuse(&caller, "bad_request", e);
                 let _ = send(&mut write, &r).await;
@@ -364,11 +375,19 @@ async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
+/// What came with a request besides its line: descriptors, and the connection itself (whose
+/// network namespace is the caller's).
+struct Passed<'a> {
+    fds: Vec<OwnedFd>,
+    connection: BorrowedFd<'a>,
+}
+
 fn handle(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
     caller: &str,
     req: Request,
+    passed: Passed<'_>,
     session: &mut Session,
 ) -> Reply {
     let mut agent = lock(agent);
@@ -385,6 +404,7 @@ fn handle(
             passthrough,
             passthrough_cap,
             mesh_cidrs,
+            listeners,
         } => {
             // Read afresh for every request, and believed only while the pin holds: the pid
             // may name another process (in another pod) once the caller is gone.
@@ -436,6 +456,18 @@ fn handle(
                     return agent.refuse(caller, "bad_request", format!("mesh_cidrs: {e}"));
                 }
             };
+            // A sidecar that passes no listeners predates the check: registered as before
+            // (refusing it would break every pod until its sidecar is updated), and said so.
+            let listeners = if listeners == 0 && passed.fds.is_empty() {
+                None
+            } else {
+                match listener::verify(passed.fds, listeners, proxy_port, ipv6, passed.connection) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        return agent.refuse(caller, "bad_listener", format!("pid {pid}: {e}"));
+                    }
+                }
+            };
             let req = registry::Request {
                 pod,
                 pid,
@@ -448,11 +480,20 @@ fn handle(
                 passthrough,
                 passthrough_cap,
                 mesh_cidrs,
+                listeners,
             };
             let Agent { pins, registry, .. } = &mut *agent;
             match registry.register(pins, req) {
                 Ok(reg) => {
-                    info!(pod_uid = %reg.pod_uid, pid, proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
+                    info!(pod_uid = %reg.pod_uid, pid, proxy_port, listener_checked = reg.listener_checked, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
+                    if !reg.listener_checked {
+                        warn!(
+                            pod_uid = %reg.pod_uid,
+                            "the pod's sidecar passed no listeners (it is older than this agent): \
+                             its connects are redirected to whatever listens on port {proxy_port}, \
+                             also after the sidecar dies; update the sidecar image"
+                        );
+                    }
                     session.pod_uid = Some(reg.pod_uid.clone());
                     Reply {
                         ok: true,
