@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false,"listeners":2}
-//!   (+ SCM_RIGHTS: the proxy's outbound listeners, 127.0.0.1 and [::1]; see `fds`)
+//!   (+ SCM_RIGHTS: the proxy's outbound listeners, 127.0.0.1 and [::1]; see `host::fd_passing`)
 //! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3,"sockmap":true}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
 //! ← {"ok":false,"error":"…","reason":"node_full","retry":true}   (try again later; not the pod's fault)
@@ -16,8 +16,6 @@
 //!
 //! The caller is identified by SO_PEERCRED (its pid) and that pid's cgroup, never by what it
 //! sends: `pod_uid` is a claim the agent checks against the cgroup.
-
-pub mod fds;
 
 use serde::{Deserialize, Serialize};
 
@@ -74,9 +72,9 @@ pub enum Request {
         /// Destinations that have sidecars: always through the proxy (mTLS).
         #[serde(default)]
         mesh_cidrs: Vec<String>,
-        /// How many listening sockets came with this line ([`fds`]): the proxy's outbound
-        /// listeners, which the agent checks and marks so the pod's connects are redirected
-        /// to them only. 0 (an older sidecar): the pod is registered without that check.
+        /// How many listening sockets came with this line (`host::fd_passing`): the proxy's
+        /// outbound listeners, which the agent checks and marks so the pod's connects are
+        /// redirected to them only. 0 (an older sidecar): registered without that check.
         #[serde(default)]
         listeners: u8,
     },

@@ -29,7 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Agent, listener, peer::Peer, pod, registry};
-use crate::registration::{self, MAX_LINE, ParseError, Reply, Request, fds::FdReader};
+use crate::{
+    host::fd_passing::FdReader,
+    registration::{self, MAX_LINE, ParseError, Reply, Request},
+};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;

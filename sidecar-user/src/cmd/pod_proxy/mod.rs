@@ -111,7 +111,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     };
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
-    // Copies of the outbound sockets, for the agent to check and mark (registration::fds).
+    // Copies of the outbound sockets, for the agent to check and mark (host::fd_passing).
     let passed: Vec<OwnedFd> = std::iter::once(&listeners.outbound_v4)
         .chain(&listeners.outbound_v6)
         .map(|l| l.try_clone().map(OwnedFd::from))

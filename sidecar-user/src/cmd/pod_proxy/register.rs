@@ -8,7 +8,7 @@
 //! registers. The pod stays intercepted (its connects are refused while no proxy listens)
 //! until the restarted sidecar takes the registration back or the pod's cgroup goes.
 //!
-//! Every register line carries the proxy's outbound listeners (`registration::fds`): the
+//! Every register line carries the proxy's outbound listeners (`host::fd_passing`): the
 //! agent marks them as the proxy's and redirects the pod's connects to nothing else. The
 //! registrar holds copies of them for its re-registrations, so it is stopped before the
 //! proxy's listeners are to close (the copies would keep them listening).
@@ -28,7 +28,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::registration::{Reply, Request, fds};
+use crate::{
+    host::fd_passing,
+    registration::{Reply, Request},
+};
 
 /// First and longest wait between attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -84,7 +87,7 @@ impl Registrar {
     }
 }
 
-/// A register request and the listeners that go with it (`registration::fds`).
+/// A register request and the listeners that go with it (`host::fd_passing`).
 pub type Registration = (Request, Vec<OwnedFd>);
 
 async fn register_loop(
@@ -224,7 +227,7 @@ async fn send_line(
         0
     } else {
         let fds: Vec<_> = listeners.iter().map(AsFd::as_fd).collect();
-        fds::send(write.as_ref(), line, &fds).await?
+        fd_passing::send(write.as_ref(), line, &fds).await?
     };
     write.write_all(&line[sent..]).await
 }

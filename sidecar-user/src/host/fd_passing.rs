@@ -1,4 +1,4 @@
-//! Descriptors passed with a request on the registration socket (`SCM_RIGHTS`).
+//! Descriptors passed with a request on the agent's registration socket (`SCM_RIGHTS`).
 //!
 //! The pod's sidecar sends its outbound listeners with its register line, so the agent, which
 //! has CAP_NET_ADMIN, can check them and mark them as the proxy's
