@@ -184,7 +184,8 @@ pub mod flags {
     /// Redirect only to the proxy's own listener: the socket listening on the proxy port
     /// must carry [`PROXY_LISTENER_MARK`] (SO_MARK needs CAP_NET_ADMIN, so no unprivileged
     /// process can forge it), else the connect is refused. Set by `sidecar run`, whose proxy
-    /// marks its listeners; a killed proxy's port bound by anyone else then gets nothing.
+    /// marks its listeners, and by the agent for pods whose sidecar passed it its listeners
+    /// to mark; a killed proxy's port bound by anyone else then gets nothing.
     pub const CHECK_LISTENER: u16 = 8;
 }
 

@@ -2,7 +2,8 @@
 //! per line, one answer line per request, on a connection the pod's sidecar keeps open.
 //!
 //! ```text
-//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false}
+//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false,"listeners":2}
+//!   (+ SCM_RIGHTS: the proxy's outbound listeners, 127.0.0.1 and [::1]; see `host::fd_passing`)
 //! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3,"sockmap":true}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
 //! ← {"ok":false,"error":"…","reason":"node_full","retry":true}   (try again later; not the pod's fault)
@@ -71,6 +72,11 @@ pub enum Request {
         /// Destinations that have sidecars: always through the proxy (mTLS).
         #[serde(default)]
         mesh_cidrs: Vec<String>,
+        /// How many listening sockets came with this line (`host::fd_passing`): the proxy's
+        /// outbound listeners, which the agent checks and marks so the pod's connects are
+        /// redirected to them only. 0 (an older sidecar): registered without that check.
+        #[serde(default)]
+        listeners: u8,
     },
     Deregister,
     Status,
@@ -182,6 +188,7 @@ mod tests {
                 passthrough: false,
                 passthrough_cap: None,
                 mesh_cidrs: vec![],
+                listeners: 0,
             }
         );
         assert_eq!(

@@ -361,6 +361,8 @@ fn agent_admin_endpoint_serves_health_and_metrics() {
             .unwrap_or_else(|| panic!("{name} {label:?} missing:\n{text}"))
     };
     assert_eq!(value("sidecar_agent_registered_pods", None), 1.0);
+    // The sidecar passed its listeners: its pod's are checked.
+    assert_eq!(value("sidecar_agent_unchecked_listener_pods", None), 0.0);
     assert_eq!(
         value(
             "sidecar_agent_registration_refusals_total",
@@ -386,6 +388,7 @@ fn agent_admin_endpoint_serves_health_and_metrics() {
     // Counts only over HTTP: which pods are registered is for root, over the socket.
     let status: Value = serde_json::from_str(&get("/status")).expect("/status is JSON");
     assert_eq!(status["registered_pods"], 1, "{status:#}");
+    assert_eq!(status["unchecked_listener_pods"], 0, "{status:#}");
     assert_eq!(status["refusals"]["outside_pods"], 1, "{status:#}");
     assert!(
         !status.to_string().contains(&a.uid) && status.get("pods").is_none(),

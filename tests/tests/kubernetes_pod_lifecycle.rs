@@ -1,6 +1,7 @@
 //! Kubernetes mode, a pod's life on a simulated node: its sidecar drained by SIGTERM (and cut
-//! at the deadline), the sidecar container restarted alone, and the pod removed; through all
-//! of it the pod stays intercepted or loses its interception, never passes around the proxy.
+//! at the deadline), the sidecar container restarted alone, the sidecar killed and its port
+//! taken by another process, and the pod removed; through all of it the pod stays intercepted
+//! or loses its interception, never passes around the proxy.
 //!
 //! The node (cgroups laid out like kubelet's, two pods' network namespaces, the agent, the
 //! unprivileged sidecars) is `sidecar_tests::node`; the other `kubernetes_*` files test the
@@ -9,19 +10,36 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::SocketAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use sidecar_common::role;
+use sidecar::host::bpffs::Bpffs;
+use sidecar_common::{flags, role};
 use sidecar_tests::{
-    host::wait_until,
+    host::{PublicCopy, wait_until},
     node::{
-        ADDR_A, ADDR_B, NS_A, NS_B, STEP, host_cgroup_id, pod_status, rmdir_retrying, setup,
-        stdout_lines, strings, two_pods,
+        ADDR_A, ADDR_B, NS_A, NS_B, STEP, host_cgroup_id, pod_status, ready, rmdir_retrying, setup,
+        spawn, stdout_lines, strings, two_pods,
     },
     ports,
     protocol::{ConnectFailLine, EchoLine},
+    testclient_bin,
 };
+
+/// How a connect the kernel refuses reads in the test client's lines: a pod whose sidecar is
+/// gone (or draining) is refused at `connect()` by the connect hooks, since the proxy port
+/// has no listener the agent marked.
+const EPERM: &str = "Operation not permitted";
+
+/// `setpriv` arguments that leave the agent exactly the capabilities its DaemonSet grants
+/// (deploy/agent.yaml).
+const AGENT_CAPABILITIES_ONLY: [&str; 3] = [
+    "setpriv",
+    "--inh-caps=-all",
+    "--bounding-set=-all,+bpf,+net_admin,+perfmon",
+];
 
 /// (d) Removing a pod (processes killed, cgroup removed) removes its WORKLOADS entries (and its
 /// cap on pass-through connections) within a bounded time, without any deregistration.
@@ -101,7 +119,8 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         wait_until(STEP, || node.readyz(&pods.a) == 503),
         "/readyz stayed ready while draining"
     );
-    // A new connect now: refused at once (the listener is closed), not hung.
+    // A new connect now: refused at once (the listener is closed, so none the agent marked
+    // listens), not hung.
     let mut probe = node.app(
         &pods.a,
         "refused",
@@ -111,7 +130,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
     let line: ConnectFailLine = stdout_lines(&out).pop().expect("connect-fail line");
     assert!(!line.connected, "{line:?}");
     assert!(
-        line.error.as_deref().is_some_and(|e| e.contains("refused")),
+        line.error.as_deref().is_some_and(|e| e.contains(EPERM)),
         "{line:?}"
     );
     assert!(line.elapsed_ms < 500, "{line:?}");
@@ -144,7 +163,7 @@ fn sigterm_drains_open_connections_and_refuses_new_ones() {
         .pop()
         .expect("connect-fail line");
     assert!(
-        !line.connected && line.error.as_deref().is_some_and(|e| e.contains("refused")),
+        !line.connected && line.error.as_deref().is_some_and(|e| e.contains(EPERM)),
         "{line:?}"
     );
     assert_eq!(node.counter("connect_not_meshed"), not_meshed);
@@ -256,12 +275,12 @@ fn restarting_the_pod_sidecar_keeps_its_pod_intercepted() {
     );
     let refused = lines
         .iter()
-        .filter(|l| !l.ok && l.error.as_deref().is_some_and(|e| e.contains("refused")))
+        .filter(|l| !l.ok && l.error.as_deref().is_some_and(|e| e.contains(EPERM)))
         .count();
     let ok = lines.iter().filter(|l| l.ok).count();
     let other: Vec<&EchoLine> = lines
         .iter()
-        .filter(|l| !l.ok && !l.error.as_deref().is_some_and(|e| e.contains("refused")))
+        .filter(|l| !l.ok && !l.error.as_deref().is_some_and(|e| e.contains(EPERM)))
         .collect();
     // Proxied before the SIGTERM, refused while no proxy ran, proxied again after.
     let first_refused = lines.iter().position(|l| !l.ok);
@@ -316,5 +335,123 @@ fn restarting_the_pod_sidecar_keeps_its_pod_intercepted() {
     eprintln!(
         "sidecar restart: {} connects, {ok} proxied, {refused} refused while no proxy ran, 0 direct",
         lines.len()
+    );
+}
+
+/// Fail-closed means refused. The pod sidecar passed its listeners with its registration and
+/// the agent, with no capability beyond its DaemonSet's, marked them; after a SIGKILL the pod
+/// stays intercepted, and when `nobody` binds the proxy port in the pod's network namespace
+/// the app's connect is refused (EPERM) at `connect()`: the squatter accepts nothing and the
+/// server sees nothing. While the sidecar lived, the same connects went through it.
+#[test]
+fn a_killed_pod_sidecar_s_port_bound_by_nobody_receives_nothing() {
+    if !ready() {
+        return;
+    }
+    // Without CAP_SYS_ADMIN the agent cannot mount bpffs: as on a node, one is mounted before
+    // it starts (held the way a run holds it, and unmounted after the node's pins are gone if
+    // it was mounted here).
+    let _bpffs = Bpffs::ensure(Path::new("/sys/fs/bpf")).expect("bpffs at /sys/fs/bpf");
+    let Some((_serial, node)) = setup("squat") else {
+        return;
+    };
+    let (proxy_port, app_port) = (node.proxy_port, node.app_port);
+    let agent = node.start_agent_in("agent", None, &AGENT_CAPABILITIES_ONLY, &[]);
+    let status = fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t000000c000001000"),
+        "the agent should hold BPF, NET_ADMIN and PERFMON only: {status}"
+    );
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let mut proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    node.wait_ready(&a, &proxy);
+    let server = node.server(&b);
+
+    let reg = pod_status(&node.status(), &a.uid)
+        .cloned()
+        .expect("registered");
+    assert_eq!(reg["listener_checked"], true, "{reg}");
+    let entry = node.workloads()[&host_cgroup_id(&a.cgroup)];
+    assert_ne!(entry.flags & flags::CHECK_LISTENER, 0, "{entry:?}");
+
+    // Live: through the proxy.
+    let mut live = node.app(&a, "live", &node.echo_args(1000, 2));
+    let out = live.success(STEP);
+    let lines: Vec<EchoLine> = stdout_lines(&out);
+    let proxied: SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    assert!(
+        lines.len() == 2 && lines.iter().all(|l| l.ok && l.peer == Some(proxied)),
+        "{out}"
+    );
+
+    // Killed: no drain, no deregistration. nobody, in the pod's app container and network
+    // namespace, takes the port (an echo server that prints a line per connection).
+    proxy.signal(libc::SIGKILL);
+    proxy.wait(STEP);
+    assert!(pod_status(&node.status(), &a.uid).is_some());
+    let public = PublicCopy::of(&testclient_bin());
+    let squatter = spawn(
+        &node.scratch,
+        "squatter",
+        Some(&a.container("app")),
+        Some(a.ns),
+        &strings(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            &public.path().display().to_string(),
+            "serve",
+            &format!("--addr=127.0.0.1:{proxy_port}"),
+        ]),
+        &[],
+    );
+    squatter.wait_for_stdout("READY", STEP);
+
+    let refused_before = node.counter("connect_proxy_not_listening");
+    let mut probe = node.app(
+        &a,
+        "probe",
+        &strings(&["connect-fail", &format!("--addr={ADDR_B}:{app_port}")]),
+    );
+    let line: ConnectFailLine = stdout_lines(&probe.success(STEP))
+        .pop()
+        .expect("connect-fail line");
+    let mut echo = node.app(&a, "after-kill", &node.echo_args(1000, 1));
+    echo.wait(STEP);
+    let after: Vec<EchoLine> = stdout_lines(&echo.stdout());
+    assert!(
+        !line.connected && line.error.as_deref().is_some_and(|e| e.contains(EPERM)),
+        "the app's connect should be refused at connect(): {line:?}"
+    );
+    assert!(
+        after.len() == 1 && !after[0].ok && after[0].peer.is_none(),
+        "{after:?}"
+    );
+    assert_eq!(
+        node.counter("connect_proxy_not_listening"),
+        refused_before + 2
+    );
+    let accepted: Vec<String> = squatter
+        .stdout()
+        .lines()
+        .filter(|l| l.trim() != "READY")
+        .map(String::from)
+        .collect();
+    assert!(accepted.is_empty(), "the squatter received {accepted:?}");
+    let reached: Vec<String> = server
+        .stdout()
+        .lines()
+        .filter(|l| l.trim() != "READY")
+        .map(String::from)
+        .collect();
+    assert_eq!(reached.len(), 2, "only the live connections: {reached:?}");
+    eprintln!(
+        "killed pod sidecar: its port bound by nobody, the app's connect refused with EPERM in \
+         {} ms, nothing accepted",
+        line.elapsed_ms
     );
 }

@@ -2,7 +2,9 @@
 //! only once registered; the agent believes where a caller really is (its cgroup), not what it
 //! claims, also from a cgroup namespace of its own and after the caller's pid was reused;
 //! malformed, silent and greedy callers are refused and counted without starving other pods;
-//! a sidecar retries a refusal marked retry, and refuses a certificate of another account.
+//! a sidecar retries a refusal marked retry, and refuses a certificate of another account; a
+//! register naming listeners it did not pass is refused, and one naming none (an older
+//! sidecar) is registered without the listener check.
 //!
 //! The node (cgroups laid out like kubelet's, two pods' network namespaces, the agent, the
 //! unprivileged sidecars) is `sidecar_tests::node`; the other `kubernetes_*` files test the
@@ -546,6 +548,56 @@ fn requests_after_the_caller_exited_are_refused_even_when_its_pid_is_reused() {
     host::signal(reused, libc::SIGKILL);
     // SAFETY: our own child.
     unsafe { libc::waitpid(reused as libc::pid_t, std::ptr::null_mut(), 0) };
+}
+
+/// The listeners a register request names must come with it (`bad_listener`, nothing entered);
+/// a request that names none, as an older sidecar's, is registered without the listener check
+/// and says so on `--status`.
+#[test]
+fn listeners_named_but_not_passed_are_refused_and_none_is_unchecked() {
+    let Some((_serial, node)) = setup("listeners") else {
+        return;
+    };
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let proxy_port = ports::take();
+    let named = serde_json::json!({
+        "op": "register",
+        "pod_uid": a.uid,
+        "proxy_port": proxy_port,
+        "listeners": 1,
+    });
+    let mut ask = agent_ask(
+        &node,
+        "register",
+        &a.container("proxy"),
+        &[
+            format!("--line={named}"),
+            format!("--line={}", register_line(&a.uid, proxy_port, 0)),
+        ],
+    );
+    let out = ask.success(STEP);
+    let got = answers(&out);
+    assert_eq!(got.len(), 2, "{out}");
+    assert_eq!(got[0]["reason"], "bad_listener", "{out}");
+    assert!(
+        got[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("says 1 listener(s) came with it, but 0")),
+        "{out}"
+    );
+    assert_eq!(got[1]["ok"], true, "{out}");
+
+    let status = node.status();
+    assert_eq!(status["refusals"]["bad_listener"], 1, "{status:#}");
+    let reg = pod_status(&status, &a.uid).expect("registered");
+    assert_eq!(reg["listener_checked"], false, "{reg}");
+    let entry = node.workloads()[&host_cgroup_id(&a.cgroup)];
+    assert_eq!(
+        entry.flags & sidecar_common::flags::CHECK_LISTENER,
+        0,
+        "{entry:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

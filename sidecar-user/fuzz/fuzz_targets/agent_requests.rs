@@ -260,6 +260,8 @@ fn register_request(bytes: &mut Bytes) -> registration::Request {
         passthrough: switches & 4 != 0,
         passthrough_cap: (switches & 8 != 0).then(|| u32::from(bytes.byte())),
         mesh_cidrs: cidr_list(bytes),
+        // Named but never passed (no descriptors travel here): refused, as by the agent.
+        listeners: (switches >> 4) & 3,
     }
 }
 
@@ -290,6 +292,13 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
         maps,
         caller,
         || pod,
+        |named, _, _| match named {
+            0 => Ok(None),
+            n => Err(Refusal::new(
+                "bad_listener",
+                format!("the request names {n} listener(s) and none came with it"),
+            )),
+        },
         req,
         &mut connections[conn].session,
     );

@@ -6,6 +6,8 @@
 #[path = "../../../src/cmd/agent/callers.rs"]
 pub mod callers;
 pub mod expected;
+#[path = "../../../src/cmd/agent/listener.rs"]
+pub mod listener;
 #[path = "../../../src/cmd/agent/memory_maps.rs"]
 pub mod memory_maps;
 #[path = "../../../src/cmd/agent/pod.rs"]

@@ -27,7 +27,8 @@ const LIMITS: http::Limits = http::Limits {
 };
 
 /// Every refusal reason, so each series exists from the start (at zero).
-pub const REASONS: [&str; 17] = [
+pub const REASONS: [&str; 18] = [
+    "bad_listener",
     "bad_request",
     "internal",
     "invalid",
@@ -84,6 +85,16 @@ fn metrics(status: &serde_json::Value) -> String {
         "gauge",
         "Pods whose sidecar is registered (intercepted).",
         &[(String::new(), pods)],
+    );
+    family(
+        "sidecar_agent_unchecked_listener_pods",
+        "gauge",
+        "Registered pods whose sidecar passed no listeners (older than the agent): their \
+         connects go to whatever listens on the proxy port, also after the sidecar dies.",
+        &[(
+            String::new(),
+            status["unchecked_listener_pods"].as_u64().unwrap_or(0),
+        )],
     );
     family(
         "sidecar_agent_pins_adopted",

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod callers;
 pub mod cli;
+pub mod listener;
 #[cfg(test)]
 mod memory_maps;
 pub mod peer;
@@ -167,6 +168,7 @@ impl Agent {
             "pid": std::process::id(),
             "adopted": self.pins.adopted,
             "registered_pods": self.registry.pods().count(),
+            "unchecked_listener_pods": self.registry.pods().filter(|p| !p.listener_checked).count(),
             "refusals": self.registry.refusals(),
             "counters": self.pins.counters(),
             "passthrough_records": self.records_summary(),

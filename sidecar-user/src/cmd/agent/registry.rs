@@ -64,6 +64,11 @@ pub struct Registration {
     /// Destinations with sidecars (never passed through), in their canonical text form.
     #[serde(default)]
     pub mesh_cidrs: Vec<String>,
+    /// The pod's connects are redirected only to the listeners its sidecar passed, which the
+    /// agent checked and marked (`flags::CHECK_LISTENER`): a killed sidecar's port bound by
+    /// anyone else gets nothing. False for a sidecar too old to pass them.
+    #[serde(default)]
+    pub listener_checked: bool,
     /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
     pub scope: u32,
     /// The proxy process that registered last (informational).
@@ -88,6 +93,8 @@ pub struct Request {
     pub passthrough: bool,
     pub passthrough_cap: Option<u32>,
     pub mesh_cidrs: Vec<Cidr>,
+    /// The sidecar's listeners, checked; marked only once the registration is admitted.
+    pub listeners: Option<super::listener::Verified>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +116,8 @@ pub enum RegistryError {
     Persist { path: PathBuf, source: io::Error },
     #[error("the node has {MAX_PODS} registered pods already")]
     Full,
+    #[error("marking the sidecar's listeners as the proxy's (SO_MARK): {0}")]
+    Mark(io::Error),
     #[error(
         "pod {uid} is registered by the sidecar in {taken} (still running): another container of \
          the pod may not take over its interception"
@@ -121,6 +130,7 @@ impl RegistryError {
     pub fn reason(&self) -> &'static str {
         match self {
             RegistryError::Taken { .. } => "proxy_taken",
+            RegistryError::Mark(_) => "bad_listener",
             RegistryError::TooManyCidrs { .. } => "over_quota",
             RegistryError::Full => "node_full",
             RegistryError::Map(_) => "kernel_map",
@@ -249,6 +259,10 @@ impl Registry {
         if previous.is_none() && self.pods.len() as u32 >= MAX_PODS {
             return Err(RegistryError::Full);
         }
+        // Admitted: the listeners become the proxy's before any entry can redirect to them.
+        if let Some(listeners) = &req.listeners {
+            listeners.mark().map_err(RegistryError::Mark)?;
+        }
         let scope = match same_pod {
             Some(p) => p.scope,
             None => {
@@ -272,6 +286,7 @@ impl Registry {
             passthrough: req.passthrough && maps.passthrough_capable(),
             passthrough_cap: req.passthrough_cap,
             mesh_cidrs: req.mesh_cidrs.iter().map(Cidr::to_string).collect(),
+            listener_checked: req.listeners.is_some(),
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
@@ -485,7 +500,12 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
             } else {
                 flags::DENY_METADATA
             }
-            | if r.passthrough { flags::PASSTHROUGH } else { 0 },
+            | if r.passthrough { flags::PASSTHROUGH } else { 0 }
+            | if r.listener_checked {
+                flags::CHECK_LISTENER
+            } else {
+                0
+            },
         excluded_ports_len: r.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
     };
@@ -592,6 +612,7 @@ mod tests {
             passthrough: true,
             passthrough_cap: cap,
             mesh_cidrs: parse(mesh),
+            listeners: None,
         }
     }
 

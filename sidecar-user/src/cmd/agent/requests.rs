@@ -4,6 +4,7 @@
 //! from the socket, so the agent's fuzz target drives the same code against maps in memory.
 
 use super::{
+    listener::Verified,
     pod::{self, PodCgroup},
     pod_maps::PodMaps,
     registry::{self, Registration, Registry},
@@ -58,12 +59,15 @@ pub enum Outcome {
 }
 
 /// Does `req` of `caller` on a connection with `session`. `pod` reads the caller's pod from
-/// its cgroup, afresh: only a registration needs it.
+/// its cgroup, afresh: only a registration needs it. `listeners` checks the listeners that
+/// came with a registration (how many it names, its proxy port, whether IPv6): `None` for a
+/// sidecar that passes none.
 pub fn answer(
     registry: &mut Registry,
     maps: &mut impl PodMaps,
     caller: Caller,
     pod: impl FnOnce() -> Result<PodCgroup, Refusal>,
+    listeners: impl FnOnce(u8, u16, bool) -> Result<Option<Verified>, Refusal>,
     req: Request,
     session: &mut Session,
 ) -> Outcome {
@@ -80,6 +84,7 @@ pub fn answer(
             passthrough,
             passthrough_cap,
             mesh_cidrs,
+            listeners: named,
         } => {
             let pod = match pod() {
                 Ok(p) => p,
@@ -120,6 +125,10 @@ pub fn answer(
                     return Outcome::Refused(Refusal::new("bad_request", error));
                 }
             };
+            let listeners = match listeners(named, proxy_port, ipv6) {
+                Ok(l) => l,
+                Err(refusal) => return Outcome::Refused(refusal),
+            };
             let req = registry::Request {
                 pod,
                 pid,
@@ -132,6 +141,7 @@ pub fn answer(
                 passthrough,
                 passthrough_cap,
                 mesh_cidrs,
+                listeners,
             };
             match registry.register(maps, req) {
                 Ok(reg) => {

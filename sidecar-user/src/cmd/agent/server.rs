@@ -11,7 +11,10 @@
 
 use std::{
     io,
-    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::{BorrowedFd, OwnedFd},
+        unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -27,11 +30,15 @@ use tracing::{debug, info, warn};
 use super::{
     Agent,
     callers::{self, MAX_PER_CALLER, PerCaller},
+    listener,
     peer::Peer,
     pod::{self, PodCgroup},
     requests::{self, Caller, Outcome, Refusal, Session},
 };
-use crate::registration::{self, MAX_LINE, ParseError, Reply, Request};
+use crate::{
+    host::fd_passing::FdReader,
+    registration::{self, MAX_LINE, ParseError, Reply, Request},
+};
 
 /// Connections served at once; more are closed at once (a node has far fewer pods).
 const MAX_CONNECTIONS: usize = 4096;
@@ -166,7 +173,7 @@ async fn serve_connection(
         .await;
         return;
     };
-    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(read), u64::MAX);
+    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(FdReader::new(read)), u64::MAX);
     let mut session = Session::default();
     let mut line = Vec::new();
     loop {
@@ -187,9 +194,14 @@ async fn serve_connection(
                 break;
             }
         }
+        // Descriptors belong to the line they came with (the sidecar sends the next request
+        // only after this one's answer); any that no request asks for are closed here.
+        let fds = reader.get_mut().get_mut().take();
+        let connection = reader.get_ref().get_ref().connection();
         let reply = match registration::parse_request(&line) {
             Ok(Request::Records) => match subscribe(&agent, &peer, &caller) {
                 Ok(records) => {
+                    drop(fds);
                     if send(&mut write, &Reply::ok()).await.is_ok() {
                         stream_records(&mut reader, &mut write, records).await;
                     }
@@ -197,7 +209,10 @@ async fn serve_connection(
                 }
                 Err(refusal) => *refusal,
             },
-            Ok(req) => handle(&agent, &peer, &caller, req, &mut session),
+            Ok(req) => {
+                let passed = Passed { fds, connection };
+                handle(&agent, &peer, &caller, req, passed, &mut session)
+            }
             Err(e @ ParseError::TooLong) => {
                 let r = lock(&agent).refuse(&caller, "bad_request", e);
                 let _ = send(&mut write, &r).await;
@@ -304,12 +319,20 @@ async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> io::Result<()> {
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
+/// What came with a request besides its line: descriptors, and the connection itself (whose
+/// network namespace is the caller's).
+struct Passed<'a> {
+    fds: Vec<OwnedFd>,
+    connection: BorrowedFd<'a>,
+}
+
 /// Answers a request other than `records` (see [`requests::answer`]).
 fn handle(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
     caller: &str,
     req: Request,
+    passed: Passed<'_>,
     session: &mut Session,
 ) -> Reply {
     let mut guard = lock(agent);
@@ -328,12 +351,31 @@ fn handle(
         pins,
         Caller { pid, uid: peer.uid },
         || pod_of(peer, cgroup2, ns_root.as_deref(), root),
+        |named, port, ipv6| {
+            // A sidecar that passes no listeners predates the check: registered as before
+            // (refusing it would break every pod until its sidecar is updated), and said so.
+            if named == 0 && passed.fds.is_empty() {
+                return Ok(None);
+            }
+            listener::verify(passed.fds, named, port, ipv6, passed.connection)
+                .map(Some)
+                .map_err(|e| Refusal::new("bad_listener", format!("pid {pid}: {e}")))
+        },
         req,
         session,
     );
     match outcome {
         Outcome::Registered(reg) => {
-            info!(pod_uid = %reg.pod_uid, pid, proxy_port = reg.proxy_port, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
+            info!(pod_uid = %reg.pod_uid, pid, proxy_port = reg.proxy_port, listener_checked = reg.listener_checked, cgroup = %reg.pod_cgroup.display(), "pod registered: interception on");
+            if !reg.listener_checked {
+                warn!(
+                    pod_uid = %reg.pod_uid,
+                    "the pod's sidecar passed no listeners (it is older than this agent): its \
+                     connects are redirected to whatever listens on port {}, also after the \
+                     sidecar dies; update the sidecar image",
+                    reg.proxy_port
+                );
+            }
             Reply {
                 ok: true,
                 pod_uid: Some(reg.pod_uid),

@@ -7,6 +7,10 @@
 //! answered by the agent's `cgroup/getsockopt` program from the `ORIG_DST` map, so reading
 //! it needs no privilege.
 //!
+//! The outbound listeners go to the agent with the register request, which marks them as the
+//! proxy's: the pod's connects are redirected to them only, so after this process dies they
+//! are refused (EPERM) even if another process binds the proxy port.
+//!
 //! Order: listeners bound → serving → registered (interception on, `/readyz` 200). SIGTERM:
 //! listeners closed at once (new redirected connects are refused promptly), open connections
 //! get `--drain-timeout-secs`, then exit 0 with the registration left in place: a SIGTERM may
@@ -17,7 +21,7 @@ pub mod cli;
 pub mod records;
 pub mod register;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{os::fd::OwnedFd, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -107,6 +111,12 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     };
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
+    // Copies of the outbound sockets, for the agent to check and mark (host::fd_passing).
+    let passed: Vec<OwnedFd> = std::iter::once(&listeners.outbound_v4)
+        .chain(&listeners.outbound_v6)
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .collect::<std::io::Result<_>>()
+        .context("copying the proxy's listeners to pass them to the agent")?;
 
     let serving = Serving::start(
         &opts.observe,
@@ -155,9 +165,12 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             .flat_map(|m| &m.mesh_cidrs)
             .map(ToString::to_string)
             .collect(),
+        listeners: passed.len() as u8,
     };
     let registered = serving.telemetry.clone();
     let proxy_port = opts.proxy_port;
+    // The listeners go with every register line (see `register`).
+    let request = (request, passed);
     let (registrar, fatal) = Registrar::start(opts.agent_socket.clone(), request, move |reply| {
         if registered.interception().is_none() {
             info!(
@@ -208,8 +221,10 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             opts.pod_uid
         );
     }
-    let cut = serving.drain(&proxy, opts.drain_timeout);
+    // First, so its copies of the listeners close with the proxy's own: new connects are
+    // then refused at once instead of waiting in a backlog nobody accepts from.
     serving.rt.block_on(registrar.stop());
+    let cut = serving.drain(&proxy, opts.drain_timeout);
     if let Some(records) = records {
         serving.rt.block_on(records.stop());
     }

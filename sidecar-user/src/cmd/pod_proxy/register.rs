@@ -7,8 +7,17 @@
 //! let the app's connects go direct, without mTLS or policy, until the restarted sidecar
 //! registers. The pod stays intercepted (its connects are refused while no proxy listens)
 //! until the restarted sidecar takes the registration back or the pod's cgroup goes.
+//!
+//! Every register line carries the proxy's outbound listeners (`host::fd_passing`): the
+//! agent marks them as the proxy's and redirects the pod's connects to nothing else. The
+//! registrar holds copies of them for its re-registrations, so it is stopped before the
+//! proxy's listeners are to close (the copies would keep them listening).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -19,7 +28,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::registration::{Reply, Request};
+use crate::{
+    host::fd_passing,
+    registration::{Reply, Request},
+};
 
 /// First and longest wait between attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -39,14 +51,15 @@ pub struct Registrar {
 pub type Fatal = oneshot::Receiver<String>;
 
 impl Registrar {
-    /// Starts registering `request` at `socket`. `on_registered` runs after each successful
-    /// registration (the first one makes the sidecar ready). A refusal of the very first
-    /// registration is fatal (a misconfigured pod must fail visibly) and reported on the
-    /// returned receiver, unless the agent marks it `retry` (the node is full, not the pod
-    /// wrong): those, and later refusals, are retried with backoff, the sidecar not ready.
+    /// Starts registering `request` at `socket`, its listeners passed each time.
+    /// `on_registered` runs after each successful registration (the first one makes the
+    /// sidecar ready). A refusal of the very first registration is fatal (a misconfigured pod
+    /// must fail visibly) and reported on the returned receiver, unless the agent marks it
+    /// `retry` (the node is full, not the pod wrong): those, and later refusals, are retried
+    /// with backoff, the sidecar not ready.
     pub fn start(
         socket: PathBuf,
-        request: Request,
+        request: Registration,
         on_registered: impl Fn(&Reply) + Send + Sync + 'static,
     ) -> (Self, Fatal) {
         let stop = CancellationToken::new();
@@ -62,7 +75,7 @@ impl Registrar {
     }
 
     /// Ends the task and closes the registration connection, leaving the registration in
-    /// place (see the module's docs).
+    /// place (see the module's docs), and closes the registrar's copies of the listeners.
     pub async fn stop(self) {
         self.stop.cancel();
         if tokio::time::timeout(STOP_DEADLINE, self.task)
@@ -74,9 +87,12 @@ impl Registrar {
     }
 }
 
+/// A register request and the listeners that go with it (`host::fd_passing`).
+pub type Registration = (Request, Vec<OwnedFd>);
+
 async fn register_loop(
     socket: PathBuf,
-    request: Request,
+    request: Registration,
     on_registered: impl Fn(&Reply),
     stop: CancellationToken,
     fatal: oneshot::Sender<String>,
@@ -142,7 +158,7 @@ enum Session {
 
 async fn session(
     socket: &PathBuf,
-    request: &Request,
+    request: &Registration,
     stop: &CancellationToken,
     on_registered: &impl Fn(&Reply),
 ) -> Session {
@@ -180,13 +196,13 @@ async fn session(
 async fn ask(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
-    request: &Request,
+    (request, listeners): &Registration,
 ) -> Result<Reply, String> {
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
     // The agent may answer and close before reading the request (a connection it refuses
     // at once): the write then fails, but the answer is there to read.
-    let written = write.write_all(&line).await;
+    let written = send_line(write, &line, listeners).await;
     match (
         tokio::time::timeout(ANSWER_TIMEOUT, lines.next_line()).await,
         written,
@@ -199,4 +215,19 @@ async fn ask(
         (Ok(Err(e)), Ok(())) => Err(e.to_string()),
         (Ok(Ok(None)), Ok(())) => Err("the agent closed the connection".into()),
     }
+}
+
+/// Writes `line`, with `listeners` attached to its first byte if there are any.
+async fn send_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &[u8],
+    listeners: &[OwnedFd],
+) -> std::io::Result<()> {
+    let sent = if listeners.is_empty() {
+        0
+    } else {
+        let fds: Vec<_> = listeners.iter().map(AsFd::as_fd).collect();
+        fd_passing::send(write.as_ref(), line, &fds).await?
+    };
+    write.write_all(&line[sent..]).await
 }
