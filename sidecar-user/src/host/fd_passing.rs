@@ -67,7 +67,7 @@ fn send_now(sock: BorrowedFd<'_>, line: &[u8], fds: &[BorrowedFd<'_>]) -> io::Re
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control_len(fds.len());
+    msg.msg_controllen = control_len(fds.len()) as _;
     // SAFETY: the control buffer holds one cmsghdr with room for `fds` (checked against
     // MAX_FDS by the caller), so the header and its data stay inside it.
     unsafe {
@@ -155,7 +155,7 @@ fn receive(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control_len(MAX_FDS);
+    msg.msg_controllen = control_len(MAX_FDS) as _;
     // SAFETY: `msg` points at live buffers of the lengths it states.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {

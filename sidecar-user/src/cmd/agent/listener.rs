@@ -187,7 +187,7 @@ fn set_mark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
 /// inode of its nsfs file.
 fn namespace(socket: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor or -1.
-    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGSKNS) };
+    let fd = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGSKNS as _) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
