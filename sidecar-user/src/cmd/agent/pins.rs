@@ -179,27 +179,33 @@ impl PodMaps for AgentPins {
     }
 
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError> {
-        let (map, name) = match trie {
-            Trie::Excluded => (&mut self.excluded, maps::EXCLUDED_CIDRS),
-            Trie::Meshed => match &mut self.meshed {
-                Some(m) => (m, maps::MESH_CIDRS),
-                None => return Ok(()),
-            },
+        let Some((map, name)) = self.trie(trie) else {
+            return Ok(());
         };
         let key = Key::new(key.prefix_len, key.data);
         map.insert(&key, 1, 0).map_err(map_error(name))
     }
 
     fn remove_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError> {
-        let (map, name) = match trie {
-            Trie::Excluded => (&mut self.excluded, maps::EXCLUDED_CIDRS),
-            Trie::Meshed => match &mut self.meshed {
-                Some(m) => (m, maps::MESH_CIDRS),
-                None => return Ok(()),
-            },
+        let Some((map, name)) = self.trie(trie) else {
+            return Ok(());
         };
         let key = Key::new(key.prefix_len, key.data);
         forget(map.remove(&key)).map_err(map_error(name))
+    }
+}
+
+impl AgentPins {
+    /// The pinned trie behind `trie` and its map name; `None` for `MESH_CIDRS` in pins of an
+    /// older build that lacks it (its writes are no-ops, see [`PodMaps`]).
+    fn trie(
+        &mut self,
+        trie: Trie,
+    ) -> Option<(&mut LpmTrie<MapData, ScopedAddr, u8>, &'static str)> {
+        match trie {
+            Trie::Excluded => Some((&mut self.excluded, maps::EXCLUDED_CIDRS)),
+            Trie::Meshed => Some((self.meshed.as_mut()?, maps::MESH_CIDRS)),
+        }
     }
 }
 
