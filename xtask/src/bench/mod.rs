@@ -27,6 +27,7 @@ mod netns;
 mod report;
 mod sockperf;
 mod startup;
+mod verdict;
 mod windows;
 mod wrk;
 mod ztunnel;
@@ -38,13 +39,17 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
+use self::verdict::SplitMix;
 use self::{
     haproxy::Haproxy,
     load::ClientResult,
@@ -74,6 +79,9 @@ pub struct Params {
     pub exchanges: usize,
     pub connections: usize,
     pub bulk_secs: f64,
+    /// The seed each round's order of modes is drawn from (in the report, so a run's order
+    /// can be replayed).
+    pub order_seed: u64,
 }
 
 impl Params {
@@ -84,17 +92,19 @@ impl Params {
                 exchanges: 1_000,
                 connections: 200,
                 bulk_secs: 0.25,
+                order_seed: 0,
             }
         } else {
-            // 20 × 1,000 = 20,000 timed exchanges per size, mode and scenario. Many short
-            // rounds rather than a few long ones: a run's p50 depends on where the scheduler
-            // puts its threads (it is bimodal on this 2-vCPU host), so more runs give a
-            // fairer mix.
+            // 12 × 1,000 = 12,000 timed exchanges per size, mode, scenario and placement.
+            // Many short rounds rather than a few long ones: the rounds are what the targets'
+            // bootstrap draws, and a run's p50 depends on where the scheduler puts its
+            // threads, so more runs give a fairer mix.
             Self {
-                rounds: 20,
+                rounds: 12,
                 exchanges: 1_000,
                 connections: 300,
                 bulk_secs: 0.3,
+                order_seed: 0,
             }
         }
     }
@@ -215,11 +225,46 @@ const HAPROXY_PORT: u16 = 20130;
 /// nginx's port for the wrk cross-check (on the echo server's pod address).
 const NGINX_PORT: u16 = 20140;
 
-/// Where each party runs, the same in every mode, so no mode wins or loses by the
-/// scheduler's placement (unpinned, the same mode's p50 was bimodal between runs): the
-/// server side (the echo server, and the server pod's sidecar) on one CPU, the client side
-/// (the load generator, and the sidecar or HAProxy in front of it) on another. With one CPU,
-/// everything shares it.
+/// Where the bench's processes may run. Every scenario runs its rounds in both, and each
+/// target is judged in each: a verdict that holds in one placement and not the other says
+/// so instead of depending on where the scheduler happened to put things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The server side (the echo server, the server pod's proxy) on CPU 0; the client side
+    /// (the load generator and the sidecar or proxy in front of it) sharing CPU 1, as in a
+    /// pod with a one-CPU limit.
+    Pinned,
+    /// No affinity at all: the scheduler places every thread.
+    Unpinned,
+}
+
+impl Placement {
+    pub const BOTH: [Placement; 2] = [Placement::Pinned, Placement::Unpinned];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Placement::Pinned => "pinned",
+            Placement::Unpinned => "unpinned",
+        }
+    }
+
+    /// Makes this the placement of every process started from now on, and moves the
+    /// long-lived ones in `running` (pid, side) to it.
+    pub fn apply(self, running: &[(u32, Side)]) -> Result<()> {
+        PLACEMENT.store(self == Placement::Unpinned, Ordering::Relaxed);
+        for &(pid, side) in running {
+            side.repin(pid)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether [`Placement::Unpinned`] is in force (the bench's driver is one thread; the flag
+/// is read when a child is spawned).
+static PLACEMENT: AtomicBool = AtomicBool::new(false);
+
+/// Which side of a scenario a process belongs to, for [`Placement::Pinned`]: the server
+/// side on one CPU, the client side on another. With one CPU, everything shares it.
 #[derive(Debug, Clone, Copy)]
 pub enum Side {
     Server,
@@ -235,14 +280,28 @@ impl Side {
         }
     }
 
-    /// Pins `cmd` (and everything it starts, which inherits the mask) to this side's CPU.
+    /// The CPUs this side may use under the current placement.
+    fn cpu_set(self) -> libc::cpu_set_t {
+        let cpus: Vec<usize> = if PLACEMENT.load(Ordering::Relaxed) {
+            (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+        } else {
+            vec![self.cpu()]
+        };
+        // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes within it for
+        // CPU numbers below CPU_SETSIZE, which these are.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            cpus.into_iter().for_each(|c| libc::CPU_SET(c, &mut set));
+            set
+        }
+    }
+
+    /// Places `cmd` (and everything it starts, which inherits the mask) on this side's CPUs.
     pub fn pin(self, cmd: &mut Command) {
-        let cpu = self.cpu();
-        // SAFETY: sched_setaffinity is async-signal-safe; the set lives on the child's stack.
+        let set = self.cpu_set();
+        // SAFETY: sched_setaffinity is async-signal-safe; the set is copied into the closure.
         unsafe {
             cmd.pre_exec(move || {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
                 if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -250,11 +309,30 @@ impl Side {
             });
         }
     }
+
+    /// Moves every thread of a running process to this side's CPUs.
+    fn repin(self, pid: u32) -> Result<()> {
+        let set = self.cpu_set();
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .with_context(|| format!("listing the threads of {pid}"))?;
+        for task in tasks {
+            let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+            // SAFETY: plain syscall on a thread id with a set on our stack.
+            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) }
+                != 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("placing thread {tid} of {pid}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One scenario's results: per mode, every round's client result.
 pub struct ScenarioResults {
     pub name: &'static str,
+    pub placement: Placement,
     pub description: &'static str,
     pub runs: Vec<(Mode, Vec<ClientResult>)>,
     /// Attempts that failed and were repeated, with why (the report lists them).
@@ -303,7 +381,13 @@ pub fn bench(opts: &Options) -> Result<()> {
     if opts.windows {
         return windows::sweep(&bins, &raw, &out_dir.join("windows.md"));
     }
-    let params = Params::for_run(opts.quick);
+    // The order of modes in each round is drawn from this seed, which the report gives.
+    let params = Params {
+        order_seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        ..Params::for_run(opts.quick)
+    };
     step(&format!(
         "bench ({}): {} round(s) × {} modes (loopback) and {} modes (pods); {} exchanges per size per round",
         if opts.quick { "quick" } else { "full" },
@@ -314,7 +398,10 @@ pub fn bench(opts: &Options) -> Result<()> {
     ));
 
     let load_at_start = report::load_average();
-    let mut progress = Progress::new(params.rounds * (Mode::SINGLE.len() + Mode::ALL.len()));
+    let mut progress = Progress::new(
+        params.rounds * Placement::BOTH.len() * (Mode::SINGLE.len() + Mode::ALL.len()),
+    );
+    let mut order_rng = SplitMix(params.order_seed);
     let mut results = Vec::new();
     let mut crosschecks = Vec::new();
     let mut http_check = None;
@@ -324,24 +411,31 @@ pub fn bench(opts: &Options) -> Result<()> {
     {
         let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
-        let _server = Server::start(plain_server(&bins.load, server_addr), &lo)?;
-        results.push(run_scenario(
-            (
-                "loopback",
-                "same host: client and server on 127.0.0.1 in one namespace",
-            ),
-            &Mode::SINGLE,
-            &bins,
-            &Client {
-                ns: &lo,
-                server: server_addr,
-                mesh: None,
-                ztunnel: None,
-            },
-            &params,
-            &raw,
-            &mut progress,
-        )?);
+        let server = Server::start(plain_server(&bins.load, server_addr), &lo)?;
+        for placement in Placement::BOTH {
+            placement.apply(&[(server.pid(), Side::Server)])?;
+            results.push(run_scenario(
+                (
+                    "loopback",
+                    "same host: client and server on 127.0.0.1 in one namespace",
+                ),
+                placement,
+                &Mode::SINGLE,
+                &bins,
+                &Client {
+                    ns: &lo,
+                    server: server_addr,
+                    mesh: None,
+                    ztunnel: None,
+                },
+                &params,
+                &raw,
+                &mut progress,
+                &mut order_rng,
+            )?);
+        }
+        // Everything after the rounds (cross-checks, startup, idle) runs pinned.
+        Placement::Pinned.apply(&[(server.pid(), Side::Server)])?;
         progress.say("cross-check: sockperf ping-pong, direct, 64 B");
         let place = sockperf::Place {
             name: "loopback",
@@ -367,7 +461,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     {
         let pods = Pods::create()?;
         let server_addr = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);
-        let _server = Server::start(plain_server(&bins.load, server_addr), &pods.server)?;
+        let server = Server::start(plain_server(&bins.load, server_addr), &pods.server)?;
         let mesh = Mesh::new(&bins.sidecar, &pods.server, server_addr)?;
         let ztunnel = ZtunnelPair::new(
             ztunnel_bin,
@@ -384,20 +478,26 @@ pub fn bench(opts: &Options) -> Result<()> {
             "idle meshed connections: up to {wanted} held open through the eBPF + mTLS pair"
         ));
         meshed_idle = idle::measure_meshed(&bins.sidecar, &bins.load, &pods, &mesh, wanted, &raw)?;
-        results.push(run_scenario(
-            ("pods", "two namespaces (pods) joined by a veth pair"),
-            &Mode::ALL,
-            &bins,
-            &Client {
-                ns: &pods.client,
-                server: server_addr,
-                mesh: Some(&mesh),
-                ztunnel: Some(&ztunnel),
-            },
-            &params,
-            &raw,
-            &mut progress,
-        )?);
+        for placement in Placement::BOTH {
+            placement.apply(&[(server.pid(), Side::Server)])?;
+            results.push(run_scenario(
+                ("pods", "two namespaces (pods) joined by a veth pair"),
+                placement,
+                &Mode::ALL,
+                &bins,
+                &Client {
+                    ns: &pods.client,
+                    server: server_addr,
+                    mesh: Some(&mesh),
+                    ztunnel: Some(&ztunnel),
+                },
+                &params,
+                &raw,
+                &mut progress,
+                &mut order_rng,
+            )?);
+        }
+        Placement::Pinned.apply(&[(server.pid(), Side::Server)])?;
         // Full runs only: four more sockperf runs would add ~15 s to the quick one.
         if !opts.quick {
             progress.say("cross-check: sockperf ping-pong in the pods, 64 B");
@@ -409,16 +509,13 @@ pub fn bench(opts: &Options) -> Result<()> {
                 mesh: Some(&mesh),
                 ztunnel: Some(&ztunnel),
             };
-            crosschecks.push((
-                "pods",
-                sockperf::crosscheck(&place, &sockperf::PODS, 3, &raw),
-            ));
+            crosschecks.push(("pods", sockperf::crosscheck(&place, &Mode::ALL, 3, &raw)));
             progress.say("cross-check: wrk against nginx in the pods, keep-alive and close");
             let place = sockperf::Place {
                 server: SocketAddr::new(server_addr.ip(), NGINX_PORT),
                 ..place
             };
-            http_check = Some(wrk::crosscheck(&place, &sockperf::PODS, &raw));
+            http_check = Some(wrk::crosscheck(&place, &wrk::MODES, &raw));
         }
     }
     progress.done();
@@ -482,30 +579,39 @@ struct Client<'a> {
     ztunnel: Option<&'a ZtunnelPair<'a>>,
 }
 
-/// Every round runs each of `modes` once; the mTLS modes need the client's `mesh`, the
-/// ztunnel pair its `ztunnel`.
+/// Every round runs each of `modes` once, in an order drawn afresh for each round (so no
+/// mode always follows the same one, or always runs first after a quiet spell); the mTLS
+/// modes need the client's `mesh`, the ztunnel pair its `ztunnel`. Runs in `placement`,
+/// which the caller has applied.
+#[allow(clippy::too_many_arguments)]
 fn run_scenario(
     (name, description): (&'static str, &'static str),
+    placement: Placement,
     modes: &[Mode],
     bins: &Bins,
     client: &Client,
     params: &Params,
     raw: &Path,
     progress: &mut Progress,
+    order_rng: &mut SplitMix,
 ) -> Result<ScenarioResults> {
     let mut runs: Vec<(Mode, Vec<ClientResult>)> = modes.iter().map(|m| (*m, Vec::new())).collect();
     let mut failures = Vec::new();
+    let mut order: Vec<usize> = (0..runs.len()).collect();
     for round in 0..params.rounds {
-        for (mode, results) in runs.iter_mut() {
+        order_rng.shuffle(&mut order);
+        for &i in &order {
+            let (mode, results) = &mut runs[i];
             let what = format!(
-                "{name}, round {}/{}, {}",
+                "{name} ({}), round {}/{}, {}",
+                placement.label(),
                 round + 1,
                 params.rounds,
                 mode.label()
             );
             for attempt in 1..=ATTEMPTS {
                 progress.say(&what);
-                let mut stem = format!("{name}-{}-{round}", mode.file_key());
+                let mut stem = format!("{name}-{}-{}-{round}", placement.label(), mode.file_key());
                 if attempt > 1 {
                     stem += &format!("-retry{attempt}");
                 }
@@ -526,6 +632,7 @@ fn run_scenario(
     }
     Ok(ScenarioResults {
         name,
+        placement,
         description,
         runs,
         failures,

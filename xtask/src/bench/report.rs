@@ -7,11 +7,12 @@ use std::{fmt::Write as _, process::Command};
 use anyhow::{Result, bail};
 
 use super::{
-    Mode, Params, ScenarioResults,
+    Mode, Params, Placement, ScenarioResults,
     idle::{self, Idle, Meshed},
     load::{SIZES, STREAMS, SidecarStats},
     sockperf::SockperfFigures,
     startup::Startup,
+    verdict::{self, Bound, Ratio},
     wrk::WrkFigures,
 };
 
@@ -32,20 +33,19 @@ pub struct Figures {
     pub rr_n: Vec<usize>,
     /// p50 of each round on its own (64 B), in µs: shows the spread between runs.
     pub round_p50_us: Vec<f64>,
-    /// Per round (in the order they ran, so round `r` of every mode ran side by side), per
-    /// size: that round's latency percentiles in µs.
-    pub round_us: Vec<Vec<[f64; 4]>>,
+    /// Per size, per round (round `r` of every mode ran in the same round, side by side):
+    /// that round's request/response samples, ns. The targets' bootstrap draws rounds.
+    pub round_samples: Vec<Vec<Vec<u32>>>,
     /// Per size, keep-alive request rate: timed exchanges per second on the persistent
-    /// connection (1 / mean round trip), all rounds pooled; and per round, per size.
+    /// connection (1 / mean round trip), all rounds pooled.
     pub rr_rate: Vec<f64>,
-    pub round_rate: Vec<Vec<f64>>,
     pub conn_per_sec: f64,
-    /// Per round (connect-exchange-close connections per second).
-    pub round_conn_per_sec: Vec<f64>,
+    /// Per round: connect-exchange-close connections and the seconds they took.
+    pub round_conn: Vec<(f64, f64)>,
     /// Per stream count in [`STREAMS`], Gbit/s.
     pub bulk_gbps: Vec<f64>,
-    /// Per round, per stream count, Gbit/s.
-    pub round_bulk_gbps: Vec<Vec<f64>>,
+    /// Per stream count, per round: Gbit moved and the seconds it took.
+    pub round_bulk: Vec<Vec<(f64, f64)>>,
     /// The (client pod's) sidecar's cost; None when direct.
     pub sidecar: Option<Cost>,
     /// The server pod's proxy's cost (modes with a proxy in each pod).
@@ -96,7 +96,11 @@ impl Cost {
 }
 
 pub struct Scenario {
-    pub name: &'static str,
+    /// The scenario and the placement, e.g. "pods, pinned".
+    pub name: String,
+    /// The scenario alone ("loopback", "pods").
+    pub place: &'static str,
+    pub placement: Placement,
     pub description: &'static str,
     pub modes: Vec<Figures>,
     /// Attempts that failed and were repeated.
@@ -109,41 +113,6 @@ impl Scenario {
             .iter()
             .find(|f| f.mode == mode)
             .expect("every mode ran")
-    }
-}
-
-/// The median over rounds of `a`'s percentile `pct` (an index into [`PERCENTILES`]) divided
-/// by `b`'s in the same round, for size `size`. Modes run interleaved, so a round that was
-/// slow for the host (every mode slower at once) moves both sides of its ratio and drops out
-/// here, where it would inflate a percentile of all rounds pooled.
-fn paired_ratio(a: &Figures, b: &Figures, size: usize, pct: usize) -> f64 {
-    let per_round = |f: &Figures| -> Vec<f64> {
-        f.round_us
-            .iter()
-            .map(|r| r.get(size).map_or(f64::NAN, |p| p[pct]))
-            .collect()
-    };
-    median_ratio(&per_round(a), &per_round(b))
-}
-
-/// The median over rounds of `a[r] / b[r]` (rounds where either is missing drop out): the
-/// same pairing as [`paired_ratio`], for per-round rates and throughputs.
-fn median_ratio(a: &[f64], b: &[f64]) -> f64 {
-    let mut ratios: Vec<f64> = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| x / y)
-        .filter(|r| r.is_finite())
-        .collect();
-    if ratios.is_empty() {
-        return f64::NAN;
-    }
-    ratios.sort_by(f64::total_cmp);
-    let n = ratios.len();
-    if n % 2 == 1 {
-        ratios[n / 2]
-    } else {
-        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
     }
 }
 
@@ -188,20 +157,10 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                     }
                 })
                 .collect();
-            let round_us = runs
-                .iter()
-                .map(|r| {
-                    r.rr_ns
-                        .iter()
-                        .map(|v| {
-                            let mut v = v.clone();
-                            v.sort_unstable();
-                            if v.is_empty() {
-                                [f64::NAN; 4]
-                            } else {
-                                PERCENTILES.map(|(p, _)| percentile(&v, p))
-                            }
-                        })
+            let round_samples = (0..SIZES.len())
+                .map(|i| {
+                    runs.iter()
+                        .map(|r| r.rr_ns.get(i).cloned().unwrap_or_default())
                         .collect()
                 })
                 .collect();
@@ -218,21 +177,18 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                     rate(&all)
                 })
                 .collect();
-            let round_rate = runs
+            let round_conn = runs
                 .iter()
-                .map(|r| r.rr_ns.iter().map(|v| rate(v)).collect())
+                .map(|r| (r.crr_count as f64, r.crr_secs))
                 .collect();
-            let round_conn_per_sec = runs
-                .iter()
-                .map(|r| r.crr_count as f64 / r.crr_secs)
-                .collect();
-            let round_bulk_gbps = runs
-                .iter()
-                .map(|r| {
-                    r.bulk_bytes
-                        .iter()
-                        .zip(&r.bulk_secs)
-                        .map(|(b, s)| *b as f64 * 8.0 / s / 1e9)
+            let round_bulk = (0..STREAMS.len())
+                .map(|i| {
+                    runs.iter()
+                        .map(|r| {
+                            let bytes = r.bulk_bytes.get(i).copied().unwrap_or(0);
+                            let secs = r.bulk_secs.get(i).copied().unwrap_or(0.0);
+                            (bytes as f64 * 8.0 / 1e9, secs)
+                        })
                         .collect()
                 })
                 .collect();
@@ -272,13 +228,12 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 rr_us,
                 rr_n,
                 round_p50_us,
-                round_us,
+                round_samples,
                 rr_rate,
-                round_rate,
                 conn_per_sec,
-                round_conn_per_sec,
+                round_conn,
                 bulk_gbps,
-                round_bulk_gbps,
+                round_bulk,
                 sidecar,
                 peer,
                 enomem_retries: runs.iter().map(|r| r.enomem_retries).sum(),
@@ -286,7 +241,9 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
             });
         }
         out.push(Scenario {
-            name: s.name,
+            name: format!("{}, {}", s.name, s.placement.label()),
+            place: s.name,
+            placement: s.placement,
             description: s.description,
             modes,
             failures: s.failures.clone(),
@@ -389,7 +346,8 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "{date} · {kernel} · {machine} · commit {commit}\n\n\
-         {} round(s), modes interleaved per round ({}); per round and mode: {} timed \
+         {} round(s) per placement, every mode once per round in an order drawn afresh for \
+         each round (seed {}) ({}); per round and mode: {} timed \
          request/response exchanges per size on one persistent \
          connection (after 200 untimed), {} connect-exchange-close connections, {:.2} s of \
          bulk per stream count. Latency is the client's round trip, µs. The sidecar's CPU time \
@@ -397,10 +355,11 @@ pub fn markdown(
          /proc/PID/status (idle: VmRSS before the first connection; peak: VmHWM). \
          Load average (1 min) at start {load_at_start}, at end {}: other work on the host \
          shows up as noise, mostly in the tails.\n\n\
-         CPU placement is fixed and the same in every mode: the server side (echo server, \
-         and the server pod's sidecar) is pinned to CPU {}, the client side (load generator, \
-         and the sidecar or HAProxy in front of it) to CPU {} (`sched_setaffinity` before \
-         exec, inherited by children and threads). `haproxy` is Debian's HAProxy in TCP mode \
+         Every scenario runs its rounds in two CPU placements, each with its own tables and \
+         targets: *pinned*, the server side (echo server, and the server pod's sidecar) on \
+         CPU {}, the client side (load generator, and the sidecar or HAProxy in front of it) \
+         sharing CPU {}, as a pod with a one-CPU limit (`sched_setaffinity` before exec, \
+         inherited by children and threads); *unpinned*, no affinity at all. `haproxy` is Debian's HAProxy in TCP mode \
          with a fixed backend, in the client's namespace where the sidecar would be: a plain \
          userspace L4 proxy to compare the proxied hop with; its CPU and RSS are measured \
          like the sidecar's.\n\n\
@@ -420,6 +379,7 @@ pub fn markdown(
          Keep-alive exchanges/s is the request rate on the persistent connection: timed \
          64 B exchanges divided by the time they took (1 / mean round trip).\n",
         params.rounds,
+        params.order_seed,
         Mode::ALL.map(Mode::label).join(", "),
         params.exchanges,
         params.connections,
@@ -576,12 +536,19 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "`sockperf ping-pong --tcp -m 64 --full-rtt` against `sockperf server`, direct and \
-         through the proxies, beside our client's 64 B figures from the same scenario's table: \
-         in the loopback namespace every single-sidecar mode; in the pods (full runs only) \
-         direct, `ebpf --proxy-all`, `ebpf + mTLS` and `ztunnel pair`. sockperf is another \
-         client and server (epoll-driven, its own message format) over the same paths; it runs \
-         once per mode, after the rounds, so its figures carry one run's scheduling luck (see \
-         the per-round table). The ratios to direct are the figure to compare.\n"
+         through the proxies, beside our client's 64 B figures from the same scenario's table \
+         (pinned placement, where sockperf runs too): every mode of the scenario, in the pods \
+         (full runs only) the mTLS pairs included. A sidecar run counts only if its report shows \
+         sockperf's connections on the mode's path (`passthrough` for pass-through). sockperf \
+         is another client and server (epoll-driven, its own message format) over the same \
+         paths; it runs once per mode, after the rounds. The ratios to direct are compared: \
+         they agree when they are within {:.0} % of each other or sockperf's lies inside our \
+         ratio's bootstrap interval. When they do not, ours is the figure to trust, decided \
+         before any run: it pools every round of its placement with an interval over them, \
+         where sockperf's is one run of a few seconds, and our client waits for each reply \
+         with a blocking read as an application does, where sockperf's busy-polling client \
+         hides the wake-up a proxy adds to every reply.\n",
+        (AGREEMENT - 1.0) * 100.0
     );
     if crosschecks.is_empty() {
         md.push_str("not run\n");
@@ -595,30 +562,34 @@ pub fn markdown(
                 continue;
             }
         };
-        let scenario = scenarios.iter().find(|s| s.name == *name);
+        let scenario = scenarios
+            .iter()
+            .find(|s| s.place == *name && s.placement == Placement::Pinned);
         let _ = writeln!(
             md,
-            "| mode | sockperf exchanges | sockperf p50 µs | sockperf p99 µs | sockperf p50 ×direct | ours p50 µs | ours p50 ×direct |"
+            "| mode | sockperf exchanges | sockperf p50 µs | sockperf p99 µs | sockperf p50 ×direct | ours p50 µs | ours p50 ×direct [95 % interval] | agree |"
         );
-        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|");
         let sp_direct = figs
             .iter()
             .find(|f| f.mode == Mode::Direct)
             .map(|f| f.p50_us);
         for f in figs {
             let ours = scenario.map(|s| s.get(f.mode).rr_us[0][0]);
-            let ours_direct = scenario.map(|s| s.get(Mode::Direct).rr_us[0][0]);
+            let ours_ratio = scenario.map(|s| latency(s.get(f.mode), s.get(Mode::Direct), 0, 0));
+            let theirs = sp_direct.map(|d| f.p50_us / d);
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {:.1} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {} | {} | {} | {} |",
                 f.mode.label(),
                 f.observations,
                 f.p50_us,
                 f.p99_us,
-                sp_direct.map_or("n/a".into(), |d| ratio(f.p50_us, d)),
+                theirs.map_or("n/a".into(), |t| format!("{t:.2}×")),
                 ours.map_or("n/a".into(), |o| format!("{o:.1}")),
-                match (ours, ours_direct) {
-                    (Some(o), Some(d)) => ratio(o, d),
+                ours_ratio.map_or("n/a".into(), |r| r.to_string()),
+                match (theirs, ours_ratio) {
+                    (Some(t), Some(o)) => agreement(t, o).to_string(),
                     _ => "n/a".into(),
                 }
             );
@@ -627,6 +598,21 @@ pub fn markdown(
     }
     wrk_section(&mut md, scenarios, http_check);
     md
+}
+
+/// How far sockperf's ratio to direct may be from ours and still agree: 15 %, or inside our
+/// ratio's bootstrap interval. Fixed before any run.
+const AGREEMENT: f64 = 1.15;
+
+/// Whether sockperf's p50 ratio to direct (`theirs`) agrees with ours; when it does not, the
+/// row says which to trust (ours: see the section's text for why).
+fn agreement(theirs: f64, ours: Ratio) -> &'static str {
+    let close = (1.0 / AGREEMENT..=AGREEMENT).contains(&(theirs / ours.point));
+    if close || (ours.low..=ours.high).contains(&theirs) {
+        "yes"
+    } else {
+        "**no**: trust ours"
+    }
 }
 
 /// wrk against nginx in the pods, beside our client's figures for the same modes.
@@ -655,7 +641,9 @@ fn wrk_section(md: &mut String, scenarios: &[Scenario], check: Option<&Result<Ve
          64 B exchanges/s (one connection, one request at a time: wrk keeps 16 in flight) and \
          conn/s from the pods table. Ratios: ×direct, ×`ebpf --proxy-all`.\n"
     );
-    let scenario = scenarios.iter().find(|s| s.name == "pods");
+    let scenario = scenarios
+        .iter()
+        .find(|s| s.place == "pods" && s.placement == Placement::Pinned);
     let find = |m: Mode| figs.iter().find(|f| f.mode == m);
     let rel = |v: f64, base: Option<f64>| base.map_or("n/a".into(), |b| ratio(v, b));
     let (direct, hop) = (find(Mode::Direct), find(Mode::EbpfProxyAll));
@@ -828,9 +816,34 @@ fn meshed_section(m: &Meshed) -> String {
     md + &scaled
 }
 
+/// Latency percentile `pct` (an index into [`PERCENTILES`]) of `a` over `b`, size `k`.
+fn latency(a: &Figures, b: &Figures, k: usize, pct: usize) -> Ratio {
+    verdict::percentile_ratio(&a.round_samples[k], &b.round_samples[k], PERCENTILES[pct].0)
+}
+
+/// Keep-alive exchanges/s of `a` over `b` (64 B): timed exchanges over their total time.
+fn keepalive(a: &Figures, b: &Figures) -> Ratio {
+    let per_round = |f: &Figures| -> Vec<(f64, f64)> {
+        f.round_samples[0]
+            .iter()
+            .map(|r| {
+                let secs = r.iter().map(|&v| f64::from(v)).sum::<f64>() / 1e9;
+                (r.len() as f64, secs)
+            })
+            .collect()
+    };
+    verdict::rate_ratio(&per_round(a), &per_round(b))
+}
+
+/// The targets, each judged on pooled figures with a bootstrap interval over rounds (see
+/// `verdict.rs`): met or missed only when the whole interval is on one side of the limit.
 fn targets(scenarios: &[Scenario], startups: &[Startup], idle: &Idle, meshed: &Meshed) -> String {
     let mut md = String::from(
-        "## Targets\n\n| target | scenario | measured | verdict |\n|---|---|---|---|\n",
+        "## Targets\n\nEvery target against another mode is judged on the pooled figures' \
+         ratio with a 95 % bootstrap interval over rounds (both modes' rounds drawn together): \
+         met when the whole interval is on the good side of the limit, missed when it is all \
+         on the other side, inconclusive when it straddles it.\n\n\
+         | target | scenario | measured: ratio [95 % interval] | verdict |\n|---|---|---|---|\n",
     );
     let verdict = |ok: bool, by: String| {
         if ok {
@@ -839,156 +852,133 @@ fn targets(scenarios: &[Scenario], startups: &[Startup], idle: &Idle, meshed: &M
             format!("**missed** ({by})")
         }
     };
+    let row = |md: &mut String,
+               target: String,
+               scenario: &str,
+               r: Ratio,
+               bound: Bound,
+               limit: f64,
+               pooled: String| {
+        let sign = match bound {
+            Bound::AtMost => "≤",
+            Bound::AtLeast => "≥",
+            Bound::Below => "<",
+        };
+        let _ = writeln!(
+            md,
+            "| {target} | {scenario} | {r} ({pooled}) | {} (limit {sign} {limit:.2}×) |",
+            verdict::judge(r, bound, limit).label()
+        );
+    };
     for s in scenarios {
-        // Kernel pass-through against no sidecar at all: judged on the median of the
-        // per-round ratios (see `paired_ratio`), the pooled ratio shown beside it.
         let (df, ef) = (s.get(Mode::Direct), s.get(Mode::Ebpf));
         for (pct, name, limit) in [(0, "p50", 1.05), (2, "p99", 1.10)] {
-            let (d, e) = (df.rr_us[0][pct], ef.rr_us[0][pct]);
-            let paired = paired_ratio(ef, df, 0, pct);
-            let _ = writeln!(
-                md,
-                "| eBPF pass-through {name} ≤ {limit:.2}× direct (64 B; median of per-round ratios) | {} | {paired:.2}× (pooled: {e:.1} µs vs {d:.1} µs = {:.2}×) | {} |",
-                s.name,
-                e / d,
-                verdict(
-                    paired <= limit,
-                    format!("limit {limit:.2}×, {:+.2}", paired - limit)
-                )
+            row(
+                &mut md,
+                format!("eBPF pass-through {name} ≤ {limit:.2}× direct (64 B)"),
+                &s.name,
+                latency(ef, df, 0, pct),
+                Bound::AtMost,
+                limit,
+                format!("{:.1} µs vs {:.1} µs", ef.rr_us[0][pct], df.rr_us[0][pct]),
             );
         }
-        let (bd, be) = (
-            s.get(Mode::Direct).bulk_gbps[0],
-            s.get(Mode::Ebpf).bulk_gbps[0],
+        row(
+            &mut md,
+            "eBPF pass-through new connections/s ≥ 0.95× direct (connect, one 64 B exchange, close)".into(),
+            &s.name,
+            verdict::rate_ratio(&ef.round_conn, &df.round_conn),
+            Bound::AtLeast,
+            0.95,
+            format!("{:.0} vs {:.0} conn/s", ef.conn_per_sec, df.conn_per_sec),
         );
-        let _ = writeln!(
-            md,
-            "| eBPF pass-through bulk 1 stream ≥ 0.9× direct | {} | {be:.2} vs {bd:.2} Gbit/s = {:.2}× | {} |",
-            s.name,
-            be / bd,
-            verdict(be >= 0.9 * bd, format!("limit 0.9×, {:+.2}", be / bd - 0.9))
+        row(
+            &mut md,
+            "eBPF pass-through bulk 1 stream ≥ 0.9× direct".into(),
+            &s.name,
+            verdict::rate_ratio(&ef.round_bulk[0], &df.round_bulk[0]),
+            Bound::AtLeast,
+            0.9,
+            format!("{:.2} vs {:.2} Gbit/s", ef.bulk_gbps[0], df.bulk_gbps[0]),
         );
         // The splice is opt-in: the default must be the faster of the two proxied hops.
+        let (pf, sf) = (s.get(Mode::EbpfProxyAll), s.get(Mode::EbpfSockmap));
         for (k, size) in SIZES.iter().enumerate() {
-            let (pf, sf) = (s.get(Mode::EbpfProxyAll), s.get(Mode::EbpfSockmap));
-            let (plain, spliced) = (pf.rr_us[k][0], sf.rr_us[k][0]);
-            let paired = paired_ratio(pf, sf, k, 0);
-            let _ = writeln!(
-                md,
-                "| sockmap splice off by default: --proxy-all p50 ≤ --proxy-all --sockmap p50 ({}; median of per-round ratios) | {} | {paired:.2}× (pooled: {plain:.1} µs vs {spliced:.1} µs) | {} |",
-                size_label(*size),
-                s.name,
-                verdict(paired <= 1.0, format!("{paired:.2}×"))
+            row(
+                &mut md,
+                format!(
+                    "sockmap splice off by default: --proxy-all p50 ≤ --proxy-all --sockmap p50 ({})",
+                    size_label(*size)
+                ),
+                &s.name,
+                latency(pf, sf, k, 0),
+                Bound::AtMost,
+                1.0,
+                format!("{:.1} µs vs {:.1} µs", pf.rr_us[k][0], sf.rr_us[k][0]),
             );
         }
-    }
-    for s in scenarios {
         // The proxied hop against the two userspace baselines.
-        let d = s.get(Mode::Direct).rr_us[0];
-        let i = s.get(Mode::Iptables).rr_us[0];
-        let e = s.get(Mode::EbpfProxyAll).rr_us[0];
-        let h = s.get(Mode::Haproxy).rr_us[0];
-        let (added_e, added_i) = (e[0] - d[0], i[0] - d[0]);
-        let _ = writeln!(
-            md,
-            "| eBPF --proxy-all added p50 ≤ iptables' added p50 (64 B) | {} | +{added_e:.1} µs vs +{added_i:.1} µs | {} |",
-            s.name,
-            verdict(added_e <= added_i, format!("{:+.1} µs", added_e - added_i))
+        let (i, h) = (s.get(Mode::Iptables), s.get(Mode::Haproxy));
+        row(
+            &mut md,
+            "eBPF --proxy-all p50 ≤ iptables' p50 (64 B)".into(),
+            &s.name,
+            latency(pf, i, 0, 0),
+            Bound::AtMost,
+            1.0,
+            format!("{:.1} µs vs {:.1} µs", pf.rr_us[0][0], i.rr_us[0][0]),
         );
-        let paired = paired_ratio(s.get(Mode::EbpfProxyAll), s.get(Mode::Haproxy), 0, 2);
-        let _ = writeln!(
-            md,
-            "| eBPF --proxy-all p99 ≤ HAProxy's p99 (64 B; median of per-round ratios) | {} | {paired:.2}× (pooled: {:.1} µs vs {:.1} µs = {:.2}×) | {} |",
-            s.name,
-            e[2],
-            h[2],
-            e[2] / h[2],
-            verdict(paired <= 1.0, format!("{paired:.2}×"))
+        row(
+            &mut md,
+            "eBPF --proxy-all p99 ≤ HAProxy's p99 (64 B)".into(),
+            &s.name,
+            latency(pf, h, 0, 2),
+            Bound::AtMost,
+            1.0,
+            format!("{:.1} µs vs {:.1} µs", pf.rr_us[0][2], h.rr_us[0][2]),
         );
-    }
-    for s in scenarios {
-        // The HBONE pair (issue #24), where the scenario has one. Every rule against another
-        // mode is the median of the per-round ratios, the pooled figures beside it.
+        // The HBONE pair, where the scenario has one.
         let Some(m) = s.modes.iter().find(|f| f.mode == Mode::EbpfMtls) else {
             continue;
         };
-        let (d, p) = (s.get(Mode::Direct), s.get(Mode::EbpfProxyAll));
-        let mut row = |target: &str, measured: String, ok: bool, by: String| {
-            let _ = writeln!(
-                md,
-                "| {target} | {} | {measured} | {} |",
-                s.name,
-                verdict(ok, by)
-            );
-        };
-        let at_least = |ratio: f64, limit: f64| {
-            (
-                ratio >= limit,
-                format!("limit {limit:.2}×, {:+.2}", ratio - limit),
-            )
-        };
-        let at_most = |ratio: f64, limit: f64| {
-            (
-                ratio <= limit,
-                format!("limit {limit:.2}×, {:+.2}", ratio - limit),
-            )
-        };
-        let conn = median_ratio(&m.round_conn_per_sec, &p.round_conn_per_sec);
-        let (ok, by) = at_least(conn, 0.8);
         row(
-            "eBPF + mTLS new connections/s ≥ 0.8× plaintext eBPF --proxy-all (median of per-round ratios)",
-            format!(
-                "{conn:.2}× (pooled: {:.0} vs {:.0} conn/s)",
-                m.conn_per_sec, p.conn_per_sec
-            ),
-            ok,
-            by,
+            &mut md,
+            "eBPF + mTLS new connections/s ≥ 0.8× plaintext eBPF --proxy-all".into(),
+            &s.name,
+            verdict::rate_ratio(&m.round_conn, &pf.round_conn),
+            Bound::AtLeast,
+            0.8,
+            format!("{:.0} vs {:.0} conn/s", m.conn_per_sec, pf.conn_per_sec),
         );
         for (pct, name, limit) in [(0, "p50", 1.6), (2, "p99", 2.0)] {
-            let paired = paired_ratio(m, d, 0, pct);
-            let (ok, by) = at_most(paired, limit);
             row(
-                &format!(
-                    "eBPF + mTLS pair {name} ≤ {limit:.1}× direct (64 B; median of per-round ratios)"
-                ),
-                format!(
-                    "{paired:.2}× (pooled: {:.1} µs vs {:.1} µs)",
-                    m.rr_us[0][pct], d.rr_us[0][pct]
-                ),
-                ok,
-                by,
+                &mut md,
+                format!("eBPF + mTLS pair {name} ≤ {limit:.1}× direct (64 B)"),
+                &s.name,
+                latency(m, df, 0, pct),
+                Bound::AtMost,
+                limit,
+                format!("{:.1} µs vs {:.1} µs", m.rr_us[0][pct], df.rr_us[0][pct]),
             );
         }
-        let rate = median_ratio(
-            &m.round_rate.iter().map(|r| r[0]).collect::<Vec<_>>(),
-            &p.round_rate.iter().map(|r| r[0]).collect::<Vec<_>>(),
-        );
-        let (ok, by) = at_least(rate, 0.8);
         row(
-            "eBPF + mTLS keep-alive request rate ≥ 0.8× plaintext eBPF --proxy-all (64 B exchanges/s on one persistent connection = 1 / mean round trip; median of per-round ratios)",
-            format!(
-                "{rate:.2}× (pooled: {:.0} vs {:.0} exchanges/s)",
-                m.rr_rate[0], p.rr_rate[0]
-            ),
-            ok,
-            by,
+            &mut md,
+            "eBPF + mTLS keep-alive request rate ≥ 0.8× plaintext eBPF --proxy-all (64 B exchanges/s on one persistent connection = 1 / mean round trip)".into(),
+            &s.name,
+            keepalive(m, pf),
+            Bound::AtLeast,
+            0.8,
+            format!("{:.0} vs {:.0} exchanges/s", m.rr_rate[0], pf.rr_rate[0]),
         );
         for (k, streams) in STREAMS.iter().enumerate() {
-            let bulk = median_ratio(
-                &m.round_bulk_gbps.iter().map(|r| r[k]).collect::<Vec<_>>(),
-                &d.round_bulk_gbps.iter().map(|r| r[k]).collect::<Vec<_>>(),
-            );
-            let (ok, by) = at_least(bulk, 0.5);
             row(
-                &format!(
-                    "eBPF + mTLS bulk ≥ 0.5× direct, {streams} stream(s) (median of per-round ratios)"
-                ),
-                format!(
-                    "{bulk:.2}× (pooled: {:.2} vs {:.2} Gbit/s)",
-                    m.bulk_gbps[k], d.bulk_gbps[k]
-                ),
-                ok,
-                by,
+                &mut md,
+                format!("eBPF + mTLS bulk ≥ 0.5× direct, {streams} stream(s)"),
+                &s.name,
+                verdict::rate_ratio(&m.round_bulk[k], &df.round_bulk[k]),
+                Bound::AtLeast,
+                0.5,
+                format!("{:.2} vs {:.2} Gbit/s", m.bulk_gbps[k], df.bulk_gbps[k]),
             );
         }
         // Against the ztunnel pair: lower latency (strictly), at least its connection rate.
@@ -996,29 +986,24 @@ fn targets(scenarios: &[Scenario], startups: &[Startup], idle: &Idle, meshed: &M
             continue;
         };
         for (pct, name) in [(0, "p50"), (2, "p99")] {
-            let paired = paired_ratio(m, z, 0, pct);
             row(
-                &format!(
-                    "eBPF + mTLS pair {name} < ztunnel pair's (64 B; median of per-round ratios)"
-                ),
-                format!(
-                    "{paired:.2}× (pooled: {:.1} µs vs {:.1} µs)",
-                    m.rr_us[0][pct], z.rr_us[0][pct]
-                ),
-                paired < 1.0,
-                format!("limit < 1.00×, {:+.2}", paired - 1.0),
+                &mut md,
+                format!("eBPF + mTLS pair {name} < ztunnel pair's (64 B)"),
+                &s.name,
+                latency(m, z, 0, pct),
+                Bound::Below,
+                1.0,
+                format!("{:.1} µs vs {:.1} µs", m.rr_us[0][pct], z.rr_us[0][pct]),
             );
         }
-        let conn = median_ratio(&m.round_conn_per_sec, &z.round_conn_per_sec);
-        let (ok, by) = at_least(conn, 1.0);
         row(
-            "eBPF + mTLS new connections/s ≥ ztunnel pair's (median of per-round ratios)",
-            format!(
-                "{conn:.2}× (pooled: {:.0} vs {:.0} conn/s)",
-                m.conn_per_sec, z.conn_per_sec
-            ),
-            ok,
-            by,
+            &mut md,
+            "eBPF + mTLS new connections/s ≥ ztunnel pair's".into(),
+            &s.name,
+            verdict::rate_ratio(&m.round_conn, &z.round_conn),
+            Bound::AtLeast,
+            1.0,
+            format!("{:.0} vs {:.0} conn/s", m.conn_per_sec, z.conn_per_sec),
         );
     }
     let idle_rss = scenarios
@@ -1109,11 +1094,17 @@ pub fn check(md: &str) -> Result<()> {
                 continue; // header or a non-mode table
             };
             for c in &cells[1..] {
+                // A number, possibly with its interval after it ("1.02× [0.98, 1.07]"), or
+                // the sockperf table's agreement.
                 let number = c
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
                     .trim_end_matches('×')
                     .parse::<f64>()
                     .is_ok_and(f64::is_finite);
-                if !(number || (*c == "n/a" && *mode == Mode::Direct)) {
+                let agreement = *c == "yes" || c.starts_with("**no**");
+                if !(number || agreement || (*c == "n/a" && *mode == Mode::Direct)) {
                     bail!("{}: cell {c:?} is not a number in: {line}", mode.label());
                 }
             }
@@ -1125,14 +1116,15 @@ pub fn check(md: &str) -> Result<()> {
             rows_per_table.push(rows);
         }
     }
-    // Per scenario: one latency table per size, the per-round table and the cost table, with
-    // the single-sidecar modes (loopback) or all of them (pods); and the server pod's sidecar
-    // in the mTLS modes.
-    let per_scenario = SIZES.len() + 2;
+    // Per scenario and placement: one latency table per size, the per-round table and the
+    // cost table, with the single-sidecar modes (loopback) or all of them (pods); and the
+    // server pod's sidecar in the mTLS modes.
+    let placements = Placement::BOTH.len();
+    let per_scenario = (SIZES.len() + 2) * placements;
     for (modes, wanted) in [
         (&Mode::SINGLE[..], per_scenario),
         (&Mode::ALL[..], per_scenario),
-        (&Mode::PAIRS[..], 1),
+        (&Mode::PAIRS[..], placements),
     ] {
         let labels: Vec<&str> = modes.iter().map(|m| m.label()).collect();
         let found = rows_per_table.iter().filter(|r| **r == labels).count();
@@ -1275,36 +1267,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paired_ratio_is_the_median_of_same_round_ratios() {
-        let figures = |rounds: &[f64]| Figures {
-            mode: Mode::Direct,
-            rr_us: vec![],
-            rr_n: vec![],
-            round_p50_us: vec![],
-            round_us: rounds.iter().map(|&p| vec![[p; 4]]).collect(),
-            rr_rate: vec![],
-            round_rate: vec![],
-            conn_per_sec: 0.0,
-            round_conn_per_sec: vec![],
-            bulk_gbps: vec![],
-            round_bulk_gbps: vec![],
-            sidecar: None,
-            peer: None,
-            enomem_retries: 0,
-            eagain_retries: 0,
-        };
-        // The third round was slow for everyone: its ratio is ordinary, and the median
-        // of 1.1, 1.0, 1.05 is 1.05.
-        let a = figures(&[11.0, 10.0, 210.0]);
-        let b = figures(&[10.0, 10.0, 200.0]);
-        assert!((paired_ratio(&a, &b, 0, 0) - 1.05).abs() < 1e-9);
-        assert!(paired_ratio(&a, &b, 1, 0).is_nan(), "no such size");
-        let even = figures(&[12.0, 10.0]);
-        let base = figures(&[10.0, 10.0]);
-        assert!((paired_ratio(&even, &base, 0, 2) - 1.1).abs() < 1e-9);
-    }
-
-    #[test]
     fn percentiles_of_sorted_samples() {
         let v: Vec<u32> = (1..=1000).map(|i| i * 1000).collect();
         assert_eq!(percentile(&v, 0.5), 500.0);
@@ -1323,8 +1285,9 @@ mod tests {
             }
             t + "\n"
         };
-        let scenario = |modes: &[Mode]| -> String { (0..4).map(|_| table(modes, None)).collect() };
-        let good = scenario(&Mode::SINGLE) + &scenario(&Mode::ALL) + &table(&Mode::PAIRS, None);
+        let scenario = |modes: &[Mode]| -> String { (0..8).map(|_| table(modes, None)).collect() };
+        let pairs = table(&Mode::PAIRS, None).repeat(2);
+        let good = scenario(&Mode::SINGLE) + &scenario(&Mode::ALL) + &pairs;
         assert!(check(&good).is_ok());
         for bad in [Mode::Ebpf, Mode::EbpfMtls] {
             let bad = good.clone() + &table(&Mode::ALL, Some(bad));
@@ -1335,11 +1298,14 @@ mod tests {
             "no server-side table"
         );
         assert!(
-            check(
-                &(scenario(&Mode::SINGLE) + &scenario(&Mode::SINGLE) + &table(&Mode::PAIRS, None))
-            )
-            .is_err(),
+            check(&(scenario(&Mode::SINGLE) + &scenario(&Mode::SINGLE) + &pairs)).is_err(),
             "no mTLS rows in the pods tables"
+        );
+        let one_placement =
+            |modes: &[Mode]| -> String { (0..4).map(|_| table(modes, None)).collect() };
+        assert!(
+            check(&(one_placement(&Mode::SINGLE) + &one_placement(&Mode::ALL) + &pairs)).is_err(),
+            "one placement only"
         );
     }
 }

@@ -1,8 +1,7 @@
 //! The external cross-check: Debian's `sockperf` (TCP ping-pong, 64 B, full round trip) in
 //! the loopback namespace, in every single-sidecar mode (direct, under the sidecar in each
-//! of its modes, through HAProxy), and in the pods scenario (full runs) direct, `ebpf
-//! --proxy-all`, `ebpf + mTLS` and `ztunnel pair`, so our own load generator's
-//! request/response figures can be compared with a tool we did not write. A proxied run
+//! of its modes, through HAProxy), and in the pods scenario (full runs) in every mode too,
+//! the mTLS pairs included, so our own load generator's request/response figures can be compared with a tool we did not write. A proxied run
 //! counts only if the proxies' records (sidecar `--report`s, ztunnel access logs) show they
 //! carried sockperf's exchanges, as the bench's own runs are checked.
 //!
@@ -27,15 +26,6 @@ use super::{
     ztunnel::{RunningPair, ZtunnelPair},
 };
 use crate::build_ebpf;
-
-/// The modes cross-checked in the pods scenario: no proxy, our plain proxied hop, our
-/// HBONE pair and ztunnel's.
-pub const PODS: [Mode; 4] = [
-    Mode::Direct,
-    Mode::EbpfProxyAll,
-    Mode::EbpfMtls,
-    Mode::Ztunnel,
-];
 
 /// sockperf's figures for one mode, in microseconds (round trip).
 #[derive(Debug, Clone)]
@@ -169,13 +159,14 @@ pub fn crosscheck(
         }
         if mode.sidecar_args().is_some() {
             let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
-            carried(&report, "outbound", server_addr, tunnel)
+            carried(&report, "outbound", mode.path(), server_addr, tunnel)
                 .with_context(|| format!("sockperf under the sidecar ({})", mode.label()))?;
         }
         if let Some(report) = peer_report {
             carried(
                 &report,
                 "inbound",
+                "proxy",
                 server_addr,
                 Some(("src_identity", mesh::CLIENT_ID)),
             )
@@ -196,17 +187,34 @@ pub fn crosscheck(
 
 /// The sidecar's report lists sockperf's connection(s) to `server` in `direction`, with
 /// bytes carried each way, and with a `tunnel` (identity field, SPIFFE ID) over mTLS with
-/// that peer. (sockperf's client resets its connection when it is done, so the sidecar
-/// records the end as `io_error`; what matters here is that the exchanges went through it.)
+/// that peer; every one of them on `path`, so a pass-through run is one that passed through
+/// (and a proxied one was proxied). (sockperf's client resets its connection when it is
+/// done, so the sidecar records the end as `io_error`; what matters here is that the
+/// exchanges went through it.)
 fn carried(
     report: &Path,
     direction: &str,
+    path: &str,
     server: std::net::SocketAddr,
     tunnel: Option<(&str, &str)>,
 ) -> Result<()> {
     if carried_to(report, direction, server, tunnel)?.connections == 0 {
         bail!(
             "the sidecar's report does not show sockperf's exchanges with {server} ({})",
+            report.display()
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    let off_path = json["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["direction"] == direction && c["original_dst"] == server.to_string())
+        .find(|c| c["path"] != path);
+    if let Some(c) = off_path {
+        bail!(
+            "sockperf's connection to {server} took path {} where this mode's is {path} ({})",
+            c["path"],
             report.display()
         );
     }

@@ -41,6 +41,7 @@ pub fn sweep(bins: &Bins, raw: &Path, out: &Path) -> Result<()> {
         exchanges: 1_000,
         connections: 100,
         bulk_secs: 1.0,
+        order_seed: 0,
     };
     let pods = Pods::create()?;
     let server = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);

@@ -81,6 +81,14 @@ pub fn check_installed() -> Result<()> {
     Ok(())
 }
 
+/// The modes cross-checked: no proxy, our plain proxied hop, our HBONE pair and ztunnel's.
+pub const MODES: [Mode; 4] = [
+    Mode::Direct,
+    Mode::EbpfProxyAll,
+    Mode::EbpfMtls,
+    Mode::Ztunnel,
+];
+
 /// nginx on `place.server` in the server pod, then wrk's two measures in each of `modes`.
 pub fn crosscheck(place: &Place, modes: &[Mode], raw: &Path) -> Result<Vec<WrkFigures>> {
     let nginx = Nginx::start(place.server_ns, place.server)?;
