@@ -1092,3 +1092,48 @@ fn a_connect_that_finds_the_policy_slot_empty_goes_to_the_proxy_not_through() {
     );
     assert_no_leftovers(done.pid);
 }
+
+// ---- raw sockets -------------------------------------------------------------------------
+
+/// A raw socket sends without `connect()`, so no connect hook sees it: `sidecar run` takes
+/// CAP_NET_RAW from its command (bounding set included, so not even an exec of a setuid
+/// binary gets it back), and leaves it only with `--keep-net-raw`. The command runs as root
+/// in both runs, so only the sidecar's drop can make the socket fail.
+#[test]
+fn the_command_cannot_open_raw_sockets_unless_allowed() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let script = format!("{CLIENT} raw-socket; grep -E '^Cap(Eff|Bnd):' /proc/self/status");
+    let run = |keep: bool| {
+        let mut builder = SidecarRun::builder(ports::take()).arg("--admin-addr=off");
+        if keep {
+            builder = builder.arg("--keep-net-raw");
+        }
+        let mut run = builder.command(["sh", "-c", &script]).start();
+        let done = run.finish(RUN_TIMEOUT);
+        done.assert_exit_code(0);
+        let lines = done.stdout.clone();
+        let cap = |name: &str| -> u64 {
+            let line = lines
+                .iter()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} line: {lines:?}"));
+            u64::from_str_radix(line.trim(), 16).unwrap()
+        };
+        let net_raw = 1u64 << 13;
+        let has = (cap("CapEff:") & net_raw != 0, cap("CapBnd:") & net_raw != 0);
+        assert_no_leftovers(done.pid);
+        (lines[0].clone(), has)
+    };
+    let (socket, (effective, bounding)) = run(false);
+    assert_eq!(
+        socket, "raw socket: Operation not permitted (os error 1)",
+        "the command opened a raw socket"
+    );
+    assert!(!effective && !bounding, "CAP_NET_RAW left to the command");
+    let (socket, (effective, bounding)) = run(true);
+    assert_eq!(socket, "raw socket: ok", "--keep-net-raw");
+    assert!(effective && bounding, "--keep-net-raw kept CAP_NET_RAW");
+}

@@ -4,6 +4,7 @@
 use thiserror::Error;
 
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
@@ -43,6 +44,66 @@ pub fn require(what: &'static str) -> Result<(), NotPrivileged> {
     } else {
         Err(NotPrivileged { what })
     }
+}
+
+/// `struct __user_cap_header_struct` of capget(2)/capset(2).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two (capabilities 0–31 and 32–63).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Takes CAP_NET_RAW from this process for good, before it execs a workload: raw sockets
+/// send without `connect()`, so no connect hook sees them and nothing of the mesh (policy,
+/// the metadata refusal, mTLS) applies. Removed from the bounding set, so no later exec
+/// regains it (not a setuid-root binary, not file capabilities), and from the ambient,
+/// inheritable, permitted and effective sets (root's exec would otherwise refill permitted
+/// from inheritable). Raw syscalls only: it runs between fork and exec.
+pub fn drop_net_raw() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_RAW as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above. It fails only where ambient capabilities do not exist (before
+    // Linux 4.3), where there is nothing to lower.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_LOWER as libc::c_ulong,
+            CAP_NET_RAW as libc::c_ulong,
+            0,
+            0,
+        )
+    };
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget fills the two data structs of a version-3 header, both ours.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let keep = !(1u32 << CAP_NET_RAW);
+    data[0].effective &= keep;
+    data[0].permitted &= keep;
+    data[0].inheritable &= keep;
+    // SAFETY: capset reads the same header and data; lowering sets needs no privilege.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Our rules for `deploy/` and the `Dockerfile`: what no Kubernetes schema knows.
 //!
 //! The schemas (checked by [`validator`]) say a manifest is well-formed; these rules say it is
-//! ours and safe: the pod sidecar has no privilege at all ([`proxy`]); the agent has exactly
+//! ours and safe: the pod sidecar has no privilege at all ([`proxy`]); the app containers
+//! beside it cannot open raw sockets ([`app`]); the agent has exactly
 //! the documented capabilities ([`agent`]); ports, the socket and bpffs paths equal
 //! `sidecar::defaults` ([`defaults`]); the images are ours at the workspace's version
 //! ([`images`]); the grace period covers the drain ([`drain`]); each kustomization lists
@@ -15,6 +16,7 @@
 //! [`pod`] is how the rules read pods and containers.
 
 pub mod agent;
+pub mod app;
 pub mod certificates;
 pub mod defaults;
 pub mod dockerfile;
@@ -123,6 +125,7 @@ pub fn problems(deploy: &Deploy) -> Vec<String> {
     let docs = &deploy.docs;
     [
         proxy::check(docs),
+        app::check(docs),
         agent::check(docs),
         defaults::check(docs),
         images::check(docs),
@@ -221,6 +224,7 @@ spec:
   containers:
     - name: app
       image: app
+      securityContext: {capabilities: {drop: [ALL]}}
       lifecycle: {preStop: {sleep: {seconds: 5}}}
   volumes:
     - {name: agent-socket, hostPath: {path: /var/run/sidecar}}

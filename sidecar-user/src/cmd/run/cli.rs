@@ -82,6 +82,11 @@ pub struct RunArgs {
     /// plaintext from outside is accepted too.
     #[arg(long, value_enum, default_value = "permissive")]
     inbound_mode: InboundMode,
+    /// Leave CAP_NET_RAW to the command. By default it is dropped (from the bounding set
+    /// too): raw sockets send without `connect()`, so no connect hook sees them and the mesh's
+    /// policy, metadata refusal and mTLS do not apply to what they send.
+    #[arg(long)]
+    keep_net_raw: bool,
     /// The command to run, after `--`.
     #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -125,6 +130,7 @@ impl RunArgs {
             mtls: self.mesh.options()?,
             policy: self.policy,
             strict_inbound: self.inbound_mode == InboundMode::Strict,
+            keep_net_raw: self.keep_net_raw,
             command: self.command,
             observe: self.observe.into(),
         })

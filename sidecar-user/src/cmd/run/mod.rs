@@ -82,6 +82,9 @@ pub struct RunOptions {
     /// Strict inbound mode: refuse plaintext connection attempts from outside to the
     /// workload (only tunnels, delivered by the sidecar over `lo`, get in).
     pub strict_inbound: bool,
+    /// Leave CAP_NET_RAW to the command (dropped by default: raw sockets bypass every
+    /// connect hook).
+    pub keep_net_raw: bool,
     pub command: Vec<OsString>,
     pub observe: ObserveOptions,
 }
@@ -326,6 +329,7 @@ pub fn run(opts: RunOptions) -> Result<i32> {
         &program,
         &opts.command[1..],
         app_cg.path(),
+        opts.keep_net_raw,
         opts.drain_timeout,
         &mut stop,
     ))?;
@@ -554,20 +558,22 @@ impl StopSignals {
     }
 }
 
-/// Spawns the command inside the app cgroup and waits for it. SIGINT/SIGTERM to the sidecar
-/// are passed on; a command that ignores them is killed after the drain deadline.
+/// Spawns the command inside the app cgroup, without CAP_NET_RAW unless `keep_net_raw`, and
+/// waits for it. SIGINT/SIGTERM to the sidecar are passed on; a command that ignores them is
+/// killed after the drain deadline.
 async fn run_command(
     program: &Path,
     args: &[OsString],
     app_cgroup: &Path,
+    keep_net_raw: bool,
     grace: Duration,
     stop: &mut StopSignals,
 ) -> Result<std::process::ExitStatus> {
     let procs = CString::new(app_cgroup.join("cgroup.procs").as_os_str().as_bytes())?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: the closure only makes async-signal-safe syscalls (open/write/close) on memory
-    // prepared before fork.
+    // SAFETY: the closure only makes async-signal-safe syscalls (open/write/close, prctl,
+    // capget/capset) on memory prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -577,7 +583,14 @@ async fn run_command(
             let written = libc::write(fd, b"0".as_ptr().cast(), 1);
             let err = io::Error::last_os_error();
             libc::close(fd);
-            if written == 1 { Ok(()) } else { Err(err) }
+            if written != 1 {
+                return Err(err);
+            }
+            if keep_net_raw {
+                Ok(())
+            } else {
+                privileges::drop_net_raw()
+            }
         });
     }
     let mut child = cmd

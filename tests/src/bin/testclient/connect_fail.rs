@@ -31,6 +31,21 @@ pub fn connect_fail(addr: SocketAddr) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Whether a raw socket can be opened (it needs CAP_NET_RAW). Always exits 0: the answer is
+/// data for the test.
+pub fn raw_socket() -> ExitCode {
+    // SAFETY: socket(2) with integer arguments; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        println!("raw socket: {}", std::io::Error::last_os_error());
+    } else {
+        // SAFETY: closes the descriptor just opened.
+        unsafe { libc::close(fd) };
+        println!("raw socket: ok");
+    }
+    ExitCode::SUCCESS
+}
+
 /// After a successful connect: how the connection fails, or `None` if a byte came back.
 /// Spurious `EAGAIN`s are retried, so the error is the real failure, not a kernel quirk.
 pub fn first_failure(stream: &TcpStream, spurious: &AtomicU64) -> Option<String> {

@@ -123,6 +123,9 @@ enum Command {
         #[arg(long)]
         addr: SocketAddr,
     },
+    /// Open a raw ICMP socket and print `raw socket: ok` or `raw socket: <the error>`: what
+    /// the workload may send past every connect hook.
+    RawSocket,
     /// Mixed traffic for a soak, in `phases` of `phase_secs`: request/response, connection
     /// churn, bulk streams and half-closes to each `--addr` (echo servers), plus connections
     /// to a port where nothing listens and to an upstream that resets (both run here). After
@@ -241,6 +244,7 @@ fn main() -> ExitCode {
         },
         Command::Serve { addr, close_after } => echo::serve(addr, close_after),
         Command::ConnectFail { addr } => connect_fail::connect_fail(addr),
+        Command::RawSocket => connect_fail::raw_socket(),
         Command::Soak {
             addr,
             phases,
