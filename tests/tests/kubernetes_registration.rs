@@ -600,6 +600,66 @@ fn listeners_named_but_not_passed_are_refused_and_none_is_unchecked() {
     );
 }
 
+/// `status` lists every pod's UID, cgroup, pid and CIDRs: a root process in a pod's container
+/// (a root container) is refused (`status_from_pod`, counted), without any pod's details,
+/// while root on the node is answered, and so is the agent's own pod (where the DaemonSet's
+/// exec probes run `sidecar agent --status`).
+#[test]
+fn status_is_answered_only_outside_the_pods() {
+    let Some((_serial, node)) = setup("status") else {
+        return;
+    };
+    let agent_pod = node.pod("c", NS_A, ADDR_A);
+    let _agent = node.start_agent_in("agent", Some(&agent_pod.container("agent")), &[], &[]);
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let mut reg = agent_ask(
+        &node,
+        "register",
+        &b.container("proxy"),
+        &[format!(
+            "--line={}",
+            register_line(&b.uid, ports::take(), 1)
+        )],
+    );
+    let out = reg.success(STEP);
+    assert_eq!(answers(&out)[0]["ok"], true, "{out}");
+
+    let mut ask = agent_ask(
+        &node,
+        "status",
+        &a.container("app"),
+        &[r#"--line={"op":"status"}"#.to_string()],
+    );
+    let out = ask.success(STEP);
+    let got = answers(&out);
+    assert_eq!(got.len(), 1, "{out}");
+    assert_eq!(got[0]["reason"], "status_from_pod", "{out}");
+    assert!(got[0].get("pods").is_none(), "{out}");
+    assert!(
+        !out.contains(&b.uid),
+        "another pod's UID in the refusal: {out}"
+    );
+
+    let mut probe = agent_ask(
+        &node,
+        "probe",
+        &agent_pod.container("agent"),
+        &[r#"--line={"op":"status"}"#.to_string()],
+    );
+    let out = probe.success(STEP);
+    let got = answers(&out);
+    assert_eq!(got.len(), 1, "{out}");
+    assert!(
+        pod_status(&got[0]["status"], &b.uid).is_some(),
+        "the agent's pod: {out}"
+    );
+
+    let status = node.status();
+    assert!(pod_status(&status, &b.uid).is_some(), "{status:#}");
+    assert_eq!(status["refusals"]["status_from_pod"], 1, "{status:#}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 /// `sidecar-testclient agent-ask` in `cgroup`: talks to the agent as a process of that pod.

@@ -17,7 +17,7 @@
 //!   the one its connection registered before), keeps its scope, and changed no other pod's
 //!   entries;
 //! - a deregistration leaves nothing of the pod in the maps;
-//! - `status` is answered to uid 0 only; records are only ever the caller's own pod's;
+//! - `status` is answered to uid 0 outside every pod only; records are only ever the caller's own pod's;
 //! - the sweep drops exactly the pods whose cgroup went; registrations survive a restart;
 //! - a caller (a pod, or a uid outside the pods) holds at most its share of connections,
 //!   and gets each back when one closes.
@@ -301,6 +301,7 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
         },
         req,
         &mut connections[conn].session,
+        None,
     );
     let session = node.connections[conn].session.pod_uid.clone();
     let pods = node.pods();
@@ -366,6 +367,12 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
                 "status answered to uid {}",
                 caller.uid
             );
+            assert!(
+                derived
+                    .as_ref()
+                    .is_err_and(|e| e.reason == pod::OUTSIDE_PODS),
+                "status answered to a caller in a pod: {derived:?}"
+            );
             assert_eq!(before, contents(&node.maps));
         }
         Outcome::Refused(refusal) | Outcome::Failed(refusal) => {
@@ -383,7 +390,11 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
             if refusal.reason != "internal" {
                 assert_eq!(session_before, session);
             }
-            assert!(!is_status || caller.uid != 0, "status refused to root");
+            let node_root = caller.uid == 0
+                && derived
+                    .as_ref()
+                    .is_err_and(|e| e.reason == pod::OUTSIDE_PODS);
+            assert!(!is_status || !node_root, "status refused to the node's root");
         }
     }
 }

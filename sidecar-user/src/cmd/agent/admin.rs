@@ -27,7 +27,7 @@ const LIMITS: http::Limits = http::Limits {
 };
 
 /// Every refusal reason, so each series exists from the start (at zero).
-pub const REASONS: [&str; 18] = [
+pub const REASONS: [&str; 19] = [
     "bad_listener",
     "bad_request",
     "internal",
@@ -43,6 +43,7 @@ pub const REASONS: [&str; 18] = [
     "over_quota",
     "process_gone",
     "proxy_taken",
+    "status_from_pod",
     "timeout",
     "too_many_connections",
     "uid_mismatch",

@@ -102,6 +102,9 @@ pub struct Agent {
     /// (see [`pod::own_namespace_root`]).
     pub ns_root: Option<PathBuf>,
     pub root: PathBuf,
+    /// The agent's own pod (the DaemonSet's), if it runs in one: its exec probes ask for
+    /// `status` from there, which callers in any other pod are refused.
+    pub own_pod: Option<String>,
     pub pins: AgentPins,
     pub registry: Registry,
     /// Whether the attached programs run the sockmap fast path (what they were loaded with).
@@ -188,6 +191,10 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         info!(root = %r.display(), "in a cgroup namespace of our own: callers' cgroups are read relative to its root");
     }
     let root = pods_root(&cgroup2, opts.cgroup_root.as_deref())?;
+    let own_pod = pod::cgroup_of(&cgroup2, std::process::id(), ns_root.as_deref())
+        .ok()
+        .and_then(|cgroup| pod::derive(&root, &cgroup).ok())
+        .map(|p| p.uid);
     let _bpffs = Bpffs::ensure(&opts.bpffs)?;
     let pin_dir = opts.pin_dir();
     std::fs::create_dir_all(&opts.state_dir)
@@ -311,6 +318,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         cgroup2,
         ns_root,
         root,
+        own_pod,
         pins,
         registry,
         sockmap,

@@ -29,10 +29,14 @@ pub enum NotAPod {
     NotInContainer(PathBuf),
 }
 
+/// The reason of [`NotAPod::OutsideRoot`]: the caller is none of the pods' (a process of
+/// the node itself).
+pub const OUTSIDE_PODS: &str = "outside_pods";
+
 impl NotAPod {
     pub fn reason(&self) -> &'static str {
         match self {
-            NotAPod::OutsideRoot(_) => "outside_pods",
+            NotAPod::OutsideRoot(_) => OUTSIDE_PODS,
             NotAPod::NoPod(_) => "not_in_pod",
             NotAPod::NotInContainer(_) => "not_in_container",
         }

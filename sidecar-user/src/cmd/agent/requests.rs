@@ -49,7 +49,7 @@ impl Refusal {
 pub enum Outcome {
     Registered(Registration),
     Deregistered(String),
-    /// `status` from root on the node: the server writes it.
+    /// `status` from root on the node, outside every pod: the server writes it.
     Status,
     /// Refused: counted under its reason and logged as the caller's.
     Refused(Refusal),
@@ -59,9 +59,11 @@ pub enum Outcome {
 }
 
 /// Does `req` of `caller` on a connection with `session`. `pod` reads the caller's pod from
-/// its cgroup, afresh: only a registration needs it. `listeners` checks the listeners that
+/// its cgroup, afresh: a registration needs it, and `status`, which only a caller outside
+/// every pod gets, or one in `agent_pod` (the agent's own pod, where its probes run). `listeners` checks the listeners that
 /// came with a registration (how many it names, its proxy port, whether IPv6): `None` for a
 /// sidecar that passes none.
+#[allow(clippy::too_many_arguments)]
 pub fn answer(
     registry: &mut Registry,
     maps: &mut impl PodMaps,
@@ -70,6 +72,7 @@ pub fn answer(
     listeners: impl FnOnce(u8, u16, bool) -> Result<Option<Verified>, Refusal>,
     req: Request,
     session: &mut Session,
+    agent_pod: Option<&str>,
 ) -> Outcome {
     let pid = caller.pid;
     match req {
@@ -171,6 +174,9 @@ pub fn answer(
             "bad_request",
             "records is answered by a stream",
         )),
+        // Every pod's UID, cgroup, pid and CIDRs: for the node's own root processes and the
+        // agent's own pod only. A root container in a pod is uid 0 too, so where the caller is
+        // decides.
         Request::Status => {
             if caller.uid != 0 {
                 return Outcome::Refused(Refusal::new(
@@ -178,7 +184,25 @@ pub fn answer(
                     "status is for root on the node (uid 0)",
                 ));
             }
-            Outcome::Status
+            match pod() {
+                Err(outside) if outside.reason == pod::OUTSIDE_PODS => Outcome::Status,
+                Ok(pod) if agent_pod == Some(pod.uid.as_str()) => Outcome::Status,
+                Ok(pod) => Outcome::Refused(Refusal::new(
+                    "status_from_pod",
+                    format!(
+                        "status is for the node's own processes and the agent's pod: pid \
+                         {pid} is in pod {}",
+                        pod.uid
+                    ),
+                )),
+                Err(other) => Outcome::Refused(Refusal::new(
+                    "status_from_pod",
+                    format!(
+                        "status is for the node's own processes and the agent's pod: {}",
+                        other.error
+                    ),
+                )),
+            }
         }
     }
 }

@@ -363,6 +363,7 @@ fn handle(
         },
         req,
         session,
+        agent.own_pod.as_deref(),
     );
     match outcome {
         Outcome::Registered(reg) => {
