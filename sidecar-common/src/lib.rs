@@ -125,7 +125,9 @@ pub mod limits {
     /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
     /// events are dropped (`connect_policy_denied` still counts them).
     pub const POLICY_EVENTS_BYTES: u32 = 256 * 1024;
-    pub const MESH_CIDRS: u32 = 1024;
+    /// Like `EXCLUDED_CIDRS`: every pod's full quota fits, so no pod's mesh CIDRs can leave
+    /// another pod without room (with 1,024, sixteen pods of 64 filled it for the node).
+    pub const MESH_CIDRS: u32 = WORKLOADS / 2 * EXCLUDED_CIDRS_PER_POD;
     /// Connects between the connect hook and their SYN (normally microseconds); LRU, so a
     /// connect that failed before sending a SYN cannot leak its entry.
     pub const DIRECT_PENDING: u32 = 65_536;

@@ -62,6 +62,7 @@ use agent::{
     expected::{contents, implied, keys_of_scope},
     memory_maps::MemoryMaps,
     pod::{self, PodCgroup},
+    pod_maps::PodMaps,
     registry::{self, Registration, Registry},
     requests::{self, Caller, Outcome, Refusal, Session},
 };
@@ -179,7 +180,7 @@ impl Node {
 /// Holds after every step.
 fn check_node(node: &Node) {
     let pods = node.pods();
-    let quota = registry::cidr_quota(node.maps.excluded_capacity);
+    let quota = registry::cidr_quota(node.maps.cidr_capacity());
     let mut scopes = BTreeSet::new();
     let mut cgroups = BTreeSet::new();
     for r in pods.values() {
@@ -553,8 +554,9 @@ fuzz_target!(|data: &[u8]| {
     fs::create_dir_all(&root).unwrap();
     let shape = bytes.byte();
     let maps = MemoryMaps {
-        // This build's trie, an older build's smaller one, one too small for any CIDR.
+        // This build's tries, an older build's smaller ones, ones too small for any CIDR.
         excluded_capacity: [limits::EXCLUDED_CIDRS, 1024, 3 * 512 + 1, 511][usize::from(shape % 4)],
+        meshed_capacity: [limits::MESH_CIDRS, 1024, 511, 2 * 512][usize::from((shape >> 5) % 4)],
         caps: (shape & 4 == 0).then(BTreeMap::new),
         meshed: (shape & 8 == 0).then(BTreeMap::new),
         passthrough_capable: shape & 16 == 0,

@@ -20,6 +20,7 @@ pub struct MemoryMaps {
     pub excluded: TrieEntries,
     pub meshed: Option<TrieEntries>,
     pub excluded_capacity: u32,
+    pub meshed_capacity: u32,
     pub passthrough_capable: bool,
     /// The insert this many inserts from now fails (once).
     pub fail_insert_in: Option<u32>,
@@ -34,6 +35,7 @@ impl Default for MemoryMaps {
             excluded: BTreeMap::new(),
             meshed: Some(BTreeMap::new()),
             excluded_capacity: limits::EXCLUDED_CIDRS,
+            meshed_capacity: limits::MESH_CIDRS,
             passthrough_capable: true,
             fail_insert_in: None,
         }
@@ -69,7 +71,7 @@ impl MemoryMaps {
             Trie::Meshed => self
                 .meshed
                 .as_mut()
-                .map(|m| (m, limits::MESH_CIDRS, "MESH_CIDRS")),
+                .map(|m| (m, self.meshed_capacity, "MESH_CIDRS")),
         }
     }
 }
@@ -91,8 +93,11 @@ fn entry_of(key: &CidrKey) -> (u32, [u8; 4], [u8; 16]) {
 }
 
 impl PodMaps for MemoryMaps {
-    fn excluded_capacity(&self) -> u32 {
-        self.excluded_capacity
+    fn cidr_capacity(&self) -> u32 {
+        match self.meshed {
+            Some(_) => self.excluded_capacity.min(self.meshed_capacity),
+            None => self.excluded_capacity,
+        }
     }
 
     fn passthrough_capable(&self) -> bool {

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use self::{pins::AgentPins, registry::Registry, throttle::LogThrottle};
+use self::{pins::AgentPins, pod_maps::PodMaps, registry::Registry, throttle::LogThrottle};
 use crate::host::{bpffs::Bpffs, cgroup, privileges};
 use crate::registration::Reply;
 
@@ -266,14 +266,13 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         },
     )?;
 
-    if pins.excluded_capacity < sidecar_common::limits::EXCLUDED_CIDRS {
+    let capacity = pins.cidr_capacity();
+    if capacity < sidecar_common::limits::EXCLUDED_CIDRS {
         warn!(
-            "the pinned {} trie holds {} entries (installed by an older build; maps carry over \
-             an upgrade): each pod may exclude at most {} CIDRs until `sidecar agent --uninstall` \
-             and a restart create the {}-entry trie",
-            sidecar_common::maps::EXCLUDED_CIDRS,
-            pins.excluded_capacity,
-            registry::cidr_quota(pins.excluded_capacity),
+            "the pinned CIDR tries hold {capacity} entries (installed by an older build; maps \
+             carry over an upgrade): each pod may exclude, and name as meshed, at most {} CIDRs \
+             until `sidecar agent --uninstall` and a restart create the {}-entry tries",
+            registry::cidr_quota(capacity),
             sidecar_common::limits::EXCLUDED_CIDRS
         );
     }

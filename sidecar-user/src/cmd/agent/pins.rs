@@ -52,6 +52,8 @@ pub struct AgentPins {
     /// Entries the pinned `EXCLUDED_CIDRS` trie holds: pins adopted from an older build may
     /// hold fewer than this build creates, and the per-pod quota is cut to fit.
     pub excluded_capacity: u32,
+    /// The same of `MESH_CIDRS` (when the pins have it).
+    pub meshed_capacity: Option<u32>,
     /// Destinations with sidecars, per pod scope (`None`: pins of a build without kernel
     /// pass-through, whose pods are then always proxied).
     pub meshed: Option<LpmTrie<MapData, ScopedAddr, u8>>,
@@ -87,13 +89,8 @@ impl AgentPins {
             adopted,
             workloads: open_pinned(dir, maps::WORKLOADS)?,
             excluded: open_pinned(dir, maps::EXCLUDED_CIDRS)?,
-            excluded_capacity: MapData::from_pin(dir.join(maps::EXCLUDED_CIDRS))
-                .and_then(|m| m.info())
-                .map_err(|source| EbpfError::Map {
-                    name: maps::EXCLUDED_CIDRS,
-                    source,
-                })?
-                .max_entries(),
+            excluded_capacity: capacity(dir, maps::EXCLUDED_CIDRS)?,
+            meshed_capacity: capacity(dir, maps::MESH_CIDRS).ok(),
             meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
             direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
@@ -105,6 +102,7 @@ impl AgentPins {
     pub fn reopen_added(&mut self) {
         if self.meshed.is_none() {
             self.meshed = open_pinned(&self.dir, maps::MESH_CIDRS).ok();
+            self.meshed_capacity = capacity(&self.dir, maps::MESH_CIDRS).ok();
         }
         if self.direct_caps.is_none() {
             self.direct_caps = open_pinned(&self.dir, maps::DIRECT_CAPS).ok();
@@ -123,10 +121,21 @@ impl AgentPins {
     }
 }
 
+/// Entries the pinned map `name` in `dir` can hold.
+fn capacity(dir: &Path, name: &'static str) -> Result<u32, EbpfError> {
+    MapData::from_pin(dir.join(name))
+        .and_then(|m| m.info())
+        .map(|info| info.max_entries())
+        .map_err(|source| EbpfError::Map { name, source })
+}
+
 /// The registry's view of the pinned maps.
 impl PodMaps for AgentPins {
-    fn excluded_capacity(&self) -> u32 {
-        self.excluded_capacity
+    fn cidr_capacity(&self) -> u32 {
+        match self.meshed_capacity {
+            Some(meshed) => self.excluded_capacity.min(meshed),
+            None => self.excluded_capacity,
+        }
     }
 
     fn passthrough_capable(&self) -> bool {

@@ -58,8 +58,9 @@ pub struct MapError {
 /// `DIRECT_CAPS` of an older build) lists as `None` and takes every write as a no-op.
 /// Removing an entry that is not there succeeds.
 pub trait PodMaps {
-    /// Entries `EXCLUDED_CIDRS` holds (see [`cidr_quota`](super::registry::cidr_quota)).
-    fn excluded_capacity(&self) -> u32;
+    /// Entries the smaller of the two CIDR tries (`EXCLUDED_CIDRS`, `MESH_CIDRS`) holds: each
+    /// pod's quota is its share of both (see [`cidr_quota`](super::registry::cidr_quota)).
+    fn cidr_capacity(&self) -> u32;
     /// Whether the programs can pass connections through (see
     /// [`AgentPins::passthrough_capable`](super::pins::AgentPins::passthrough_capable)).
     fn passthrough_capable(&self) -> bool;

@@ -228,7 +228,7 @@ impl Registry {
         if req.exclude_ports.len() > limits::EXCLUDED_PORTS {
             return Err(RegistryError::TooManyPorts(req.exclude_ports.len()));
         }
-        let quota = cidr_quota(maps.excluded_capacity());
+        let quota = cidr_quota(maps.cidr_capacity());
         for given in [req.exclude_cidrs.len(), req.mesh_cidrs.len()] {
             if given > quota {
                 return Err(RegistryError::TooManyCidrs { given, quota });
@@ -739,5 +739,28 @@ mod tests {
         // A trie of 1,024 entries (an older build's) leaves 2 per pod, not 64 for 16 pods.
         assert_eq!(cidr_quota(1024), 2);
         assert!(cidr_quota(1024) * MAX_PODS as usize <= 1024);
+    }
+
+    /// Every pod the node takes, each with its full quota of excluded and meshed CIDRs: none
+    /// is refused for lack of room another pod took (with a 1,024-entry `MESH_CIDRS`, the
+    /// seventeenth was, and every later one that named mesh CIDRs, for good).
+    #[test]
+    fn a_full_node_of_pods_with_full_quotas_registers_every_pod() {
+        let node = Node::new("full-quotas");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let quota = cidr_quota(maps.cidr_capacity());
+        assert_eq!(quota, MAX_CIDRS);
+        let cidrs: Vec<String> = (0..quota).map(|i| format!("10.{i}.0.0/16")).collect();
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        for i in 0..MAX_PODS {
+            let pod = node.pod(&format!("p{i}"));
+            let req = request(pod, &cidrs, &cidrs, None);
+            if let Err(e) = registry.register(&mut maps, req) {
+                panic!("pod {i} of {MAX_PODS} refused: {e}");
+            }
+        }
+        let held = |trie| maps.cidrs(trie).unwrap().len();
+        assert_eq!(held(Trie::Meshed), MAX_PODS as usize * quota);
+        assert_eq!(held(Trie::Excluded), MAX_PODS as usize * quota);
     }
 }
