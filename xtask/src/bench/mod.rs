@@ -535,6 +535,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     );
     let svg = report::svg(&summary);
     fs::write(out_dir.join("report.md"), &md)?;
+    fs::write(out_dir.join("verdicts.txt"), report::verdicts(&md))?;
     fs::write(out_dir.join("report.svg"), &svg)?;
     report::check(&md).context("the report lacks numbers")?;
     for (name, result) in &crosschecks {

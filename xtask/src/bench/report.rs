@@ -1065,6 +1065,27 @@ fn targets(scenarios: &[Scenario], startups: &[Startup], idle: &Idle, meshed: &M
     md
 }
 
+/// The verdicts of `md`'s Targets table, one line each (`scenario | target | verdict`, the
+/// verdict without its figures), so two runs compare with `diff`.
+pub fn verdicts(md: &str) -> String {
+    let Some(table) = md.split("## Targets").nth(1) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for line in table.lines().skip_while(|l| !l.starts_with('|')) {
+        let Some(row) = line.strip_prefix('|') else {
+            break;
+        };
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        if cells.len() < 4 || cells[0] == "target" || cells[0].starts_with("---") {
+            continue;
+        }
+        let verdict = cells[3].split(" (").next().unwrap_or("").trim_matches('*');
+        let _ = writeln!(out, "{} | {} | {verdict}", cells[1], cells[0]);
+    }
+    out
+}
+
 /// One line for the terminal at the end.
 pub fn headline(scenarios: &[Scenario]) -> String {
     let mut out = String::from("bench: 64 B p50 µs");
@@ -1265,6 +1286,17 @@ pub fn svg(scenarios: &[Scenario]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdicts_are_one_line_per_target() {
+        let md = "# x\n\n## Targets\n\ntext\n\n| target | scenario | measured | verdict |\n|---|---|---|---|\n\
+                  | a ≤ 1× | pods, pinned | 1.0× [0.9, 1.1] | inconclusive (limit ≤ 1.00×) |\n\
+                  | b | loopback, unpinned | 2× | **missed** (limit ≤ 1.00×) |\n\n## Next\n| x | y | z | w |\n";
+        assert_eq!(
+            verdicts(md),
+            "pods, pinned | a ≤ 1× | inconclusive\nloopback, unpinned | b | missed\n"
+        );
+    }
 
     #[test]
     fn percentiles_of_sorted_samples() {
