@@ -498,7 +498,7 @@ pub fn bench(opts: &Options) -> Result<()> {
             )?);
         }
         Placement::Pinned.apply(&[(server.pid(), Side::Server)])?;
-        // Full runs only: four more sockperf runs would add ~15 s to the quick one.
+        // Full runs only: nine more sockperf runs would add ~40 s to the quick one.
         if !opts.quick {
             progress.say("cross-check: sockperf ping-pong in the pods, 64 B");
             let place = sockperf::Place {
