@@ -19,6 +19,13 @@ fn main() {
             } else {
                 workspace.join(target)
             };
+            // The test-only variant's object is built into a directory of its own
+            // (xtask's `build_ebpf::FILLABLE_MAP_DIR`).
+            let target = if std::env::var_os("CARGO_FEATURE_FILLABLE_MAP_FOR_TESTS").is_some() {
+                target.join("fillable-map-ebpf")
+            } else {
+                target
+            };
             target.join("bpfel-unknown-none/release/sidecar-ebpf")
         }
     };

@@ -18,9 +18,18 @@ pub static WORKLOADS: HashMap<u64, WorkloadConfig> =
 pub static EXCLUDED_CIDRS: LpmTrie<ScopedAddr, u8> =
     LpmTrie::with_max_entries(limits::EXCLUDED_CIDRS, 0);
 
+#[cfg(not(feature = "fillable-map-for-tests"))]
 #[map(name = "COOKIE_ORIG_DST")]
 pub static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(limits::COOKIE_ORIG_DST, 0);
+
+/// Test-only: a plain hash map evicts nothing, so a test can fill it through its pin and make
+/// the kernel's next insert at connect fail (`E2BIG`), which the LRU map never does. That is
+/// how `tests/tests/fail_closed.rs` proves a failed note refuses the connect.
+#[cfg(feature = "fillable-map-for-tests")]
+#[map(name = "COOKIE_ORIG_DST")]
+pub static COOKIE_ORIG_DST: HashMap<u64, OrigDst> =
+    HashMap::with_max_entries(limits::COOKIE_ORIG_DST, 0);
 
 #[map(name = "PROXY_COOKIES")]
 pub static PROXY_COOKIES: LruHashMap<u64, u8> =

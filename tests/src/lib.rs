@@ -197,6 +197,22 @@ pub fn sidecar_bin() -> PathBuf {
     bin
 }
 
+/// The `sidecar` built against the test-only eBPF object whose `COOKIE_ORIG_DST` evicts
+/// nothing (`sidecar-ebpf`'s `fillable-map-for-tests`), so a test can fill the map and make
+/// the connect hook's insert fail. `cargo xtask test` builds it next to [`sidecar_bin`]'s.
+pub fn sidecar_fillable_map_bin() -> PathBuf {
+    let bin = profile_dir().join("sidecar-fillable-map");
+    if !bin.is_file() {
+        panic!(
+            "the fillable-map sidecar is missing at {}: run `cargo xtask test`, which builds it \
+             (with `cargo xtask build-ebpf --fillable-map-for-tests` and the sidecar-user \
+             feature of the same name)",
+            bin.display()
+        );
+    }
+    bin
+}
+
 /// `sidecar-testclient`, from the directory [`sidecar_bin`] looks in: cargo builds this
 /// package's binaries there before it runs an integration test (`env!("CARGO_BIN_EXE_…")`
 /// only exists in the test's own crate, and names the same file).

@@ -1,6 +1,6 @@
 //! Interception that must not be escaped, and a proxy that must not be exhausted: IPv4 through
 //! an IPv6 socket when `[::1]` cannot be bound, and the caps on connections and pending tunnel
-//! handshakes.
+//! handshakes; a connect refused when the kernel cannot note where it was going.
 //!
 //! Every test starts with `privileged()` and holds `serial()`. Traffic stays inside network
 //! namespaces the test created (prefix `kfc-`, addresses 10.231.x.x, no route out) or on
@@ -16,9 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sidecar_common::Counter;
+use aya::maps::{HashMap, Map, MapData};
+use sidecar_common::{Counter, OrigDst, limits, maps};
 use sidecar_tests::{
-    EchoServer, assert_no_leftovers,
+    EchoServer, assert_no_leftovers, bpf,
     host::{self, wait_child},
     netns::{Netns, PodPair},
     ports, privileged,
@@ -26,7 +27,7 @@ use sidecar_tests::{
     require,
     run::SidecarRun,
     scratch::Scratch,
-    serial,
+    serial, sidecar_fillable_map_bin,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_sidecar-testclient");
@@ -412,5 +413,92 @@ fn connections_over_the_cap_are_reset_at_once() {
     assert_eq!(stderr.matches("refusing new ones").count(), 1, "{stderr}");
     assert!(stderr.contains("--max-connections"), "{stderr}");
     assert_eq!(done.report().connections.len(), 2);
+    assert_no_leftovers(done.pid);
+}
+
+/// The connect hook notes a redirected connect's original destination in `COOKIE_ORIG_DST`
+/// before it rewrites the connect to the proxy. When that insert fails, the connect must be
+/// refused (EPERM) and counted: rewritten anyway, it would reach a proxy that cannot tell
+/// where it was going. The shipped map is LRU, whose inserts evict rather than fail, so this
+/// runs the sidecar built with the test-only object whose map evicts nothing
+/// (`fillable-map-for-tests`), fills the map through its pin, and only then connects.
+#[test]
+fn a_connect_whose_destination_cannot_be_noted_is_refused() {
+    if !privileged() || !require("sh") {
+        return;
+    }
+    let _serial = serial();
+    let server = EchoServer::start_v4();
+    let addr = format!("--addr={}", server.addr());
+    let mut run = SidecarRun::builder(ports::take())
+        .binary(sidecar_fillable_map_bin())
+        .arg("--admin-addr=off")
+        // Connects once the test closes the sidecar's stdin (`finish`): after the fill.
+        .command([
+            "sh",
+            "-c",
+            r#"read -r _; exec "$0" connect-fail "$1""#,
+            CLIENT,
+            &addr,
+        ])
+        .start();
+    let pid = run.pid();
+    // The command starts once everything is attached: before that the pin may still be
+    // replaced (below 5.15 a first load is dropped and the programs are loaded again).
+    assert!(
+        host::wait_until(Duration::from_secs(20), || !run.app_pids().is_empty()),
+        "run {pid} never started its command:\n{}",
+        run.stderr_text()
+    );
+    {
+        let map = bpf::pinned_map(pid, maps::COOKIE_ORIG_DST).expect("opening the pin");
+        assert!(
+            matches!(map, Map::HashMap(_)),
+            "{} is not a plain hash map: {} is not the fillable-map build",
+            maps::COOKIE_ORIG_DST,
+            sidecar_fillable_map_bin().display()
+        );
+        let mut map: HashMap<MapData, u64, OrigDst> = map.try_into().expect("a hash map");
+        // Cookies count up from 1, so these never name a real socket.
+        let fake = |i: u32| u64::MAX - u64::from(i);
+        for i in 0..limits::COOKIE_ORIG_DST {
+            map.insert(fake(i), OrigDst::default(), 0)
+                .unwrap_or_else(|e| panic!("filling {}: entry {i}: {e}", maps::COOKIE_ORIG_DST));
+        }
+        assert!(
+            map.insert(fake(limits::COOKIE_ORIG_DST), OrigDst::default(), 0)
+                .is_err(),
+            "{} took more than its {} entries",
+            maps::COOKIE_ORIG_DST,
+            limits::COOKIE_ORIG_DST
+        );
+    }
+
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let lines: Vec<ConnectFailLine> = done.parse_stdout();
+    assert_eq!(lines.len(), 1, "{:?}\n{}", done.stdout, done.stderr_text());
+    assert!(
+        !lines[0].connected
+            && lines[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("Operation not permitted")),
+        "the connect was not refused: {:?}",
+        lines[0]
+    );
+    let report = done.report();
+    assert_eq!(report.counter(Counter::ConnectRedirectFailed), 1);
+    assert_eq!(report.counter(Counter::ConnectRedirected), 0);
+    assert!(
+        report.connections.is_empty(),
+        "the proxy saw a connection: {:#?}",
+        report.connections
+    );
+    assert!(
+        server.peers().is_empty(),
+        "the server was reached: {:?}",
+        server.peers()
+    );
     assert_no_leftovers(done.pid);
 }

@@ -35,12 +35,19 @@ pub fn build() -> Result<Binaries> {
             .env("SIDECAR_EBPF_OBJECT", &object)
             .env(format!("CC_{}", TARGET.replace('-', "_")), &cc);
     };
+    let profile_dir = build_ebpf::target_dir().join(TARGET).join("debug");
+    let build_cmd = || {
+        let mut cmd = cargo();
+        cmd.args(["build", "--locked", "--target", TARGET]);
+        cmd.args(["-p", "sidecar-user", "-p", "sidecar-tests", "-p", "xtask"]);
+        with_env(&mut cmd);
+        cmd
+    };
+    // First: its build leaves the variant where the normal `sidecar` goes, until the next.
+    // The copy sits among the helpers, so the guests get it too.
+    build_ebpf::build_fillable_map_sidecar(build_cmd(), &profile_dir)?;
     step(&format!("building the workspace for {TARGET} (static)"));
-    let mut cmd = cargo();
-    cmd.args(["build", "--locked", "--target", TARGET]);
-    cmd.args(["-p", "sidecar-user", "-p", "sidecar-tests", "-p", "xtask"]);
-    with_env(&mut cmd);
-    crate::run(&mut cmd)?;
+    crate::run(&mut build_cmd())?;
 
     step(&format!("building the integration tests for {TARGET}"));
     let mut cmd = cargo();
@@ -65,7 +72,6 @@ pub fn build() -> Result<Binaries> {
         bail!("cargo test --no-run listed no integration test executables");
     }
     tests.sort();
-    let profile_dir = target_dir().join(TARGET).join("debug");
     Ok(Binaries {
         init: profile_dir.join("xtask"),
         profile_dir,
@@ -78,6 +84,7 @@ pub fn build() -> Result<Binaries> {
 pub fn build_broken_sidecar(vm_dir: &Path) -> Result<PathBuf> {
     let object = build_ebpf::build(&build_ebpf::Options {
         broken_for_tests: true,
+        ..Default::default()
     })?;
     let cc = which("musl-gcc").context("musl-gcc is missing: apt-get install musl-tools")?;
     let target_dir = vm_dir.join("broken-build");
@@ -175,12 +182,6 @@ pub fn strip_copy(path: &Path, cache: &Path) -> Result<PathBuf> {
             .arg(path),
     )?;
     Ok(out)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| build_ebpf::workspace_root().join("target"))
 }
 
 /// `rustup target add` when the musl standard library is missing.
