@@ -868,6 +868,17 @@ fn targets(scenarios: &[Scenario], startups: &[Startup], idle: &Idle, meshed: &M
             be / bd,
             verdict(be >= 0.9 * bd, format!("limit 0.9×, {:+.2}", be / bd - 0.9))
         );
+        // A new connection passing through costs the kernel's bookkeeping (connect hook,
+        // sockops, the close record): connect, one exchange, close, against no sidecar.
+        let conn = median_ratio(&ef.round_conn_per_sec, &df.round_conn_per_sec);
+        let _ = writeln!(
+            md,
+            "| eBPF pass-through new connections/s ≥ 0.95× direct (connect, 64 B exchange, close; median of per-round ratios) | {} | {conn:.2}× (pooled: {:.0} vs {:.0} conn/s) | {} |",
+            s.name,
+            ef.conn_per_sec,
+            df.conn_per_sec,
+            verdict(conn >= 0.95, format!("limit 0.95×, {:+.2}", conn - 0.95))
+        );
         // The splice is opt-in: the default must be the faster of the two proxied hops.
         for (k, size) in SIZES.iter().enumerate() {
             let (pf, sf) = (s.get(Mode::EbpfProxyAll), s.get(Mode::EbpfSockmap));
