@@ -134,9 +134,15 @@ pub mod limits {
     /// Open pass-through connections the kernel can track; beyond that a connection still
     /// goes direct and is counted in `direct_records_dropped`.
     pub const DIRECT_LIVE: u32 = 262_144;
-    /// About 11,000 close records between two reads (user space reads as soon as the ring
-    /// signals); when it is full, records are dropped and counted.
+    /// About 7,700 close records (136 bytes each with the ring's header) between two reads;
+    /// when it is full, records are dropped and counted. User space reads it on a timer
+    /// (every 100 ms) and when woken.
     pub const DIRECT_EVENTS_BYTES: u32 = 1024 * 1024;
+    /// Unread close records (bytes) from which sockops wakes the reader. Below it records are
+    /// written without a wakeup, which costs the closing thread an interrupt (a VM exit in a
+    /// guest) per connection, and the timer read collects them; above it, a burst faster than
+    /// the timer can keep up with still wakes the reader with three quarters of the ring free.
+    pub const DIRECT_EVENTS_WAKE_BYTES: u32 = DIRECT_EVENTS_BYTES / 4;
     /// Destinations with an open circuit, all workloads together (user space keeps at most
     /// 4,096 failing destinations per proxy).
     pub const OPEN_CIRCUITS: u32 = 16_384;

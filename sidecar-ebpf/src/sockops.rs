@@ -15,15 +15,18 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_ops,
+        BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use sidecar_common::{CircuitKey, Counter, DirectEvent, OrigDst, SockKey, is_loopback, owner};
+use sidecar_common::{
+    CircuitKey, Counter, DirectEvent, OrigDst, SockKey, is_loopback, limits, owner,
+};
 
 use crate::{
     ctx::sock_ops_key,
@@ -218,7 +221,24 @@ fn record_direct_close(ctx: &SockOpsContext, key: SockKey) {
             last_state: ctx.arg(0),
         }
     };
-    if DIRECT_EVENTS.output::<DirectEvent>(&event, 0).is_err() {
+    if DIRECT_EVENTS
+        .output::<DirectEvent>(&event, wakeup_flag())
+        .is_err()
+    {
         count(Counter::DirectRecordsDropped, 1);
+    }
+}
+
+/// Whether writing a close record wakes the reader: only once a backlog has built up. A
+/// wakeup per record (the ring's default whenever the reader has caught up) made every
+/// pass-through close raise an interrupt and wake user space; the reader polls the ring on a
+/// timer instead, and wakeups past `DIRECT_EVENTS_WAKE_BYTES` keep a burst from filling it.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    if DIRECT_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(limits::DIRECT_EVENTS_WAKE_BYTES)
+    {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
     }
 }

@@ -40,6 +40,11 @@ mod state {
     pub const CLOSING: u32 = 11;
 }
 
+/// How often the ring of close reports is read. Sockops writes reports without waking the
+/// reader until `limits::DIRECT_EVENTS_WAKE_BYTES` are waiting (a wakeup per connection was
+/// most of what pass-through added to a new connection), so this bounds how late a record is.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
 /// The ring of close reports, readable from the async runtime.
 pub struct DirectEvents {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -61,28 +66,38 @@ impl DirectEvents {
 
     /// Every report waiting in the ring (never blocks).
     pub fn drain(&mut self) -> Vec<DirectEvent> {
-        let ring = self.ring.get_mut();
-        let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            out.extend(decode(&item));
-        }
-        out
+        read_all(self.ring.get_mut())
     }
 
-    /// Waits until the kernel signals new reports, then returns them.
+    /// Waits until reports are waiting, then returns all of them: at the next timer read, or
+    /// sooner if the kernel wakes us because a backlog built up.
     pub async fn next_batch(&mut self) -> std::io::Result<Vec<DirectEvent>> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let mut out = Vec::new();
-            while let Some(item) = guard.get_inner_mut().next() {
-                out.extend(decode(&item));
-            }
-            guard.clear_ready();
+            let out = match tokio::time::timeout(POLL_EVERY, self.ring.readable_mut()).await {
+                Ok(guard) => {
+                    let mut guard = guard?;
+                    let out = read_all(guard.get_inner_mut());
+                    // Reports written after the read but before this, without a wakeup, are
+                    // left for the next timer read.
+                    guard.clear_ready();
+                    out
+                }
+                Err(_elapsed) => self.drain(),
+            };
             if !out.is_empty() {
                 return Ok(out);
             }
         }
     }
+}
+
+/// Consumes every report in the ring, in one pass.
+fn read_all(ring: &mut RingBuf<MapData>) -> Vec<DirectEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.extend(decode(&item));
+    }
+    out
 }
 
 /// Turns the reports of one workload (`scope`) into records.
