@@ -31,7 +31,9 @@ use sidecar_tests::{
 
 /// Readiness gating: a sidecar started before the agent serves, keeps trying to register, and
 /// answers /readyz 503 (its pod is not intercepted, the app's connects pass through, counted)
-/// until the agent comes up; then it registers by itself and turns ready.
+/// until the agent comes up; then it registers by itself and turns ready. Its `/status` says
+/// `mtls` (it has `--tls-dir`) from the first answer, not ready yet: an operator never reads
+/// "plain" for a sidecar configured for mTLS.
 #[test]
 fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
     let Some((_serial, node)) = setup("readiness") else {
@@ -39,7 +41,8 @@ fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
     };
     let admin_port = node.admin_port;
     let a = node.pod("a", NS_A, ADDR_A);
-    let proxy = node.start_proxy(&a, "proxy-a", "client", &[]);
+    let tls = node.certs(CLIENT_ID, "tls-readiness");
+    let proxy = node.start_proxy(&a, "proxy-a", "client", &[format!("--tls-dir={tls}")]);
     assert!(
         wait_until(STEP, || node.readyz(&a) == 503),
         "{}",
@@ -48,6 +51,10 @@ fn proxy_is_not_ready_until_registered_and_registers_when_the_agent_comes() {
     let (code, body) = node.admin(&a, "/readyz");
     assert_eq!(code, 503);
     assert!(body.contains("not attached"), "{body}");
+    let (code, body) = node.admin(&a, "/status");
+    assert_eq!(code, 200, "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["mode"], "mtls", "not ready yet: {status:#}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(node.readyz(&a), 503);
     // The exec-probe form says the same with its exit code.

@@ -1341,6 +1341,63 @@ fn probes_answer_while_silent_clients_hold_the_admin_endpoint() {
     run.finish();
 }
 
+/// `/status` says what the sidecar is configured for from its first answer: polled from the
+/// moment the admin endpoint answers until the sidecar says it is ready, every answer says
+/// `mtls` (`--tls-dir`), none `plain`, the ones given before the credentials are loaded and
+/// interception attached included.
+#[test]
+fn status_says_mtls_from_its_first_answer() {
+    if !privileged("status_says_mtls_from_its_first_answer") {
+        return;
+    }
+    let _serial = sidecar_tests::serial();
+    const ID: &str = "spiffe://example.org/ns/demo/sa/app";
+    let scratch = Scratch::new("first-status");
+    scratch.ca("ca", "example.org");
+    let tls = scratch.issue("ca", ID, "app", &[]);
+    let [proxy, admin, inbound] = ports::take_each();
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let mut run = Sidecar::spawn(
+        &[
+            "--proxy-port",
+            &proxy.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+            "--tls-dir",
+            &tls,
+            "--inbound-addr",
+            "127.0.0.1",
+            "--inbound-port",
+            &inbound.to_string(),
+        ],
+        &["requests", "127.0.0.1:9", "1", "10", "10"],
+    );
+    // Bounded: 20 s, one request at a time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut answers: Vec<(Value, bool)> = Vec::new();
+    while answers.last().is_none_or(|(_, ready)| !ready) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready within 20 s: {answers:?}"
+        );
+        if let Ok((200, body)) = http_get(admin, "/status") {
+            let s: Value = serde_json::from_str(&body).unwrap();
+            answers.push((s["mode"].clone(), s["ready"] == true));
+        }
+    }
+    run.expect_line("ready");
+    let early = answers.iter().filter(|(_, ready)| !ready).count();
+    eprintln!("{} answers, {early} of them before ready", answers.len());
+    let other: Vec<_> = answers.iter().filter(|(mode, _)| mode != "mtls").collect();
+    assert!(
+        other.is_empty(),
+        "/status under --tls-dir: {} of {} answers did not say mtls, the first: {:?}",
+        other.len(),
+        answers.len(),
+        other[0]
+    );
+}
+
 /// What the sidecar says about its security is what it was started with: `/status`, `sidecar
 /// status` and `/config` report permissive mTLS with the certificate's identity and the
 /// policy file with its rule count; a reload shows in the count and generation, a refused

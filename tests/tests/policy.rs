@@ -1093,6 +1093,96 @@ fn a_connect_that_finds_the_policy_slot_empty_goes_to_the_proxy_not_through() {
     assert_no_leftovers(done.pid);
 }
 
+/// Entries of a policy trie of run `pid` (every slot).
+fn policy_trie_len(pid: u32, name: &str) -> usize {
+    use aya::maps::lpm_trie::LpmTrie;
+    use sidecar_common::{PortBitmap, ScopedAddr};
+    let trie: LpmTrie<aya::maps::MapData, ScopedAddr, PortBitmap> =
+        sidecar_tests::bpf::pinned_map(pid, name)
+            .expect("the run's policy trie")
+            .try_into()
+            .expect("an LPM trie");
+    trie.keys().take(10_000).filter(Result::is_ok).count()
+}
+
+/// Reloads never open a window: the command connects to a denied destination in a loop
+/// while the test reloads the policy (two files that both deny it) again and again, and
+/// every connect fails with EPERM at `connect()`; none reaches the server. After each reload
+/// both slots hold a policy: the one that was live before is emptied only by the next
+/// install, so a hook that read the old slot number just before the switch still finds the
+/// old policy there (a slot emptied right after the switch was such a window).
+#[test]
+fn reloading_in_a_loop_never_lets_a_denied_connect_through() {
+    if !privileged() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = Scratch::new("policy-reload-loop");
+    let echo = EchoServer::start_v4();
+    let denied: SocketAddr = ([127, 0, 0, 1], echo.port()).into();
+    let rule = |name: &str| {
+        format!(
+            "[[rule]]\nname = \"{name}\"\naction = \"deny\"\ndestinations = [\"127.0.0.1/32\"]\nports = [{}]\n",
+            echo.port()
+        )
+    };
+    let file = scratch.write("policy.toml", &rule("deny-a"));
+    // Bounded: the loop stops at the stop file, or after this many connects.
+    const MAX_CONNECTS: usize = 5_000;
+    const RELOADS: usize = 6;
+    let stop = scratch.path("stop");
+    let script = format!(
+        "echo READY; i=0; while [ ! -e '{}' ] && [ $i -lt {MAX_CONNECTS} ]; do \
+         {CLIENT} connect-fail --addr '{denied}'; i=$((i + 1)); done",
+        stop.display()
+    );
+    let mut run = SidecarRun::builder(ports::take())
+        .passthrough()
+        .wrapped_in(["env", "SIDECAR_LOG=info"])
+        .arg("--policy")
+        .arg(&file)
+        .command(["sh", "-c", &script])
+        .start();
+    wait_for_line(&run, "READY");
+    let one_slot = policy_trie_len(run.pid(), sidecar_common::maps::POLICY_OUT);
+    assert!(one_slot > 0, "the policy is in the trie");
+    for reload in 1..=RELOADS {
+        let name = if reload % 2 == 0 { "deny-a" } else { "deny-b" };
+        scratch.write("policy.toml", &rule(name));
+        wait_for_logs(&run, "policy reloaded", reload);
+        let held = policy_trie_len(run.pid(), sidecar_common::maps::POLICY_OUT);
+        assert_eq!(
+            held,
+            2 * one_slot,
+            "after reload {reload}: the slot that was live before must stay filled until the \
+             next install"
+        );
+    }
+    fs::write(&stop, "").expect("stopping the loop");
+    let done = run.finish(RUN_TIMEOUT);
+    done.assert_exit_code(0);
+    let lines: Vec<ConnectFailLine> = done.parse_stdout();
+    assert!(
+        lines.len() >= RELOADS,
+        "only {} connects across {RELOADS} reloads",
+        lines.len()
+    );
+    let through: Vec<&ConnectFailLine> = lines.iter().filter(|l| !refused_by_kernel(l)).collect();
+    assert!(
+        through.is_empty(),
+        "{} of {} connects were not refused at connect() across {RELOADS} reloads: {through:?}",
+        through.len(),
+        lines.len()
+    );
+    assert!(
+        echo.peers().is_empty(),
+        "reached the denied server: {:?}",
+        echo.peers()
+    );
+    eprintln!("{} connects refused across {RELOADS} reloads", lines.len());
+    assert_no_leftovers(done.pid);
+}
+
 // ---- raw sockets -------------------------------------------------------------------------
 
 /// A raw socket sends without `connect()`, so no connect hook sees it: `sidecar run` takes
