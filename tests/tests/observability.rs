@@ -1341,6 +1341,35 @@ fn probes_answer_while_silent_clients_hold_the_admin_endpoint() {
     run.finish();
 }
 
+/// The SPIFFE ID of the `--tls-dir` sidecars below.
+const ID: &str = "spiffe://example.org/ns/demo/sa/app";
+
+/// A sidecar with mTLS credentials for [`ID`] (minted in `scratch`), an admin endpoint and an
+/// inbound listener on loopback, and `extra` flags; its command makes one request to a
+/// closed port. Returns the run and its admin address.
+fn spawn_with_tls(scratch: &Scratch, extra: &[&str]) -> (Sidecar, SocketAddr) {
+    scratch.ca("ca", "example.org");
+    let tls = scratch.issue("ca", ID, "app", &[]);
+    let [proxy, admin, inbound] = ports::take_each();
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
+    let (proxy, admin_arg, inbound) = (proxy.to_string(), admin.to_string(), inbound.to_string());
+    let mut args = vec![
+        "--proxy-port",
+        &proxy,
+        "--admin-addr",
+        &admin_arg,
+        "--tls-dir",
+        &tls,
+        "--inbound-addr",
+        "127.0.0.1",
+        "--inbound-port",
+        &inbound,
+    ];
+    args.extend_from_slice(extra);
+    let run = Sidecar::spawn(&args, &["requests", "127.0.0.1:9", "1", "10", "10"]);
+    (run, admin)
+}
+
 /// `/status` says what the sidecar is configured for from its first answer: polled from the
 /// moment the admin endpoint answers until the sidecar says it is ready, every answer says
 /// `mtls` (`--tls-dir`), none `plain`, the ones given before the credentials are loaded and
@@ -1351,27 +1380,8 @@ fn status_says_mtls_from_its_first_answer() {
         return;
     }
     let _serial = sidecar_tests::serial();
-    const ID: &str = "spiffe://example.org/ns/demo/sa/app";
     let scratch = Scratch::new("first-status");
-    scratch.ca("ca", "example.org");
-    let tls = scratch.issue("ca", ID, "app", &[]);
-    let [proxy, admin, inbound] = ports::take_each();
-    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-    let mut run = Sidecar::spawn(
-        &[
-            "--proxy-port",
-            &proxy.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--tls-dir",
-            &tls,
-            "--inbound-addr",
-            "127.0.0.1",
-            "--inbound-port",
-            &inbound.to_string(),
-        ],
-        &["requests", "127.0.0.1:9", "1", "10", "10"],
-    );
+    let (mut run, admin) = spawn_with_tls(&scratch, &[]);
     // Bounded: 20 s, one request at a time.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut answers: Vec<(Value, bool)> = Vec::new();
@@ -1409,10 +1419,7 @@ fn status_and_config_report_the_mtls_mode_and_the_policy_in_force() {
         return;
     }
     let _serial = sidecar_tests::serial();
-    const ID: &str = "spiffe://example.org/ns/demo/sa/app";
     let scratch = Scratch::new("truth-status");
-    scratch.ca("ca", "example.org");
-    let tls = scratch.issue("ca", ID, "app", &[]);
     let rules = |n: usize| -> String {
         (0..n)
             .map(|i| {
@@ -1424,27 +1431,15 @@ fn status_and_config_report_the_mtls_mode_and_the_policy_in_force() {
             .collect()
     };
     let policy = scratch.write("policy.toml", &rules(2));
-    let [proxy, admin, inbound] = ports::take_each();
-    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-    let mut run = Sidecar::spawn(
+    let (mut run, admin) = spawn_with_tls(
+        &scratch,
         &[
-            "--proxy-port",
-            &proxy.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-            "--tls-dir",
-            &tls,
-            "--inbound-addr",
-            "127.0.0.1",
-            "--inbound-port",
-            &inbound.to_string(),
             "--mesh-cidrs",
             "10.99.0.0/16",
             "--permissive",
             "--policy",
             policy.to_str().unwrap(),
         ],
-        &["requests", "127.0.0.1:9", "1", "10", "10"],
     );
     run.expect_line("ready");
     let status =

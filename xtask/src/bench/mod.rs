@@ -412,30 +412,25 @@ pub fn bench(opts: &Options) -> Result<()> {
         let lo = Netns::create("scbm-lo")?;
         let server_addr = SocketAddr::from(([127, 0, 0, 1], SERVER_PORT));
         let server = Server::start(plain_server(&bins.load, server_addr), &lo)?;
-        for placement in Placement::BOTH {
-            placement.apply(&[(server.pid(), Side::Server)])?;
-            results.push(run_scenario(
-                (
-                    "loopback",
-                    "same host: client and server on 127.0.0.1 in one namespace",
-                ),
-                placement,
-                &Mode::SINGLE,
-                &bins,
-                &Client {
-                    ns: &lo,
-                    server: server_addr,
-                    mesh: None,
-                    ztunnel: None,
-                },
-                &params,
-                &raw,
-                &mut progress,
-                &mut order_rng,
-            )?);
-        }
-        // Everything after the rounds (cross-checks, startup, idle) runs pinned.
-        Placement::Pinned.apply(&[(server.pid(), Side::Server)])?;
+        results.extend(run_scenario(
+            (
+                "loopback",
+                "same host: client and server on 127.0.0.1 in one namespace",
+            ),
+            server.pid(),
+            &Mode::SINGLE,
+            &bins,
+            &Client {
+                ns: &lo,
+                server: server_addr,
+                mesh: None,
+                ztunnel: None,
+            },
+            &params,
+            &raw,
+            &mut progress,
+            &mut order_rng,
+        )?);
         progress.say("cross-check: sockperf ping-pong, direct, 64 B");
         let place = sockperf::Place {
             name: "loopback",
@@ -478,26 +473,22 @@ pub fn bench(opts: &Options) -> Result<()> {
             "idle meshed connections: up to {wanted} held open through the eBPF + mTLS pair"
         ));
         meshed_idle = idle::measure_meshed(&bins.sidecar, &bins.load, &pods, &mesh, wanted, &raw)?;
-        for placement in Placement::BOTH {
-            placement.apply(&[(server.pid(), Side::Server)])?;
-            results.push(run_scenario(
-                ("pods", "two namespaces (pods) joined by a veth pair"),
-                placement,
-                &Mode::ALL,
-                &bins,
-                &Client {
-                    ns: &pods.client,
-                    server: server_addr,
-                    mesh: Some(&mesh),
-                    ztunnel: Some(&ztunnel),
-                },
-                &params,
-                &raw,
-                &mut progress,
-                &mut order_rng,
-            )?);
-        }
-        Placement::Pinned.apply(&[(server.pid(), Side::Server)])?;
+        results.extend(run_scenario(
+            ("pods", "two namespaces (pods) joined by a veth pair"),
+            server.pid(),
+            &Mode::ALL,
+            &bins,
+            &Client {
+                ns: &pods.client,
+                server: server_addr,
+                mesh: Some(&mesh),
+                ztunnel: Some(&ztunnel),
+            },
+            &params,
+            &raw,
+            &mut progress,
+            &mut order_rng,
+        )?);
         // Full runs only: nine more sockperf runs would add ~40 s to the quick one.
         if !opts.quick {
             progress.say("cross-check: sockperf ping-pong in the pods, 64 B");
@@ -580,12 +571,38 @@ struct Client<'a> {
     ztunnel: Option<&'a ZtunnelPair<'a>>,
 }
 
+/// The scenario's rounds in each [`Placement`], the long-lived echo server (`server_pid`)
+/// moved to each and back to pinned afterwards, where the cross-checks, startup and idle
+/// measurements run.
+#[allow(clippy::too_many_arguments)]
+fn run_scenario(
+    scenario: (&'static str, &'static str),
+    server_pid: u32,
+    modes: &[Mode],
+    bins: &Bins,
+    client: &Client,
+    params: &Params,
+    raw: &Path,
+    progress: &mut Progress,
+    order_rng: &mut SplitMix,
+) -> Result<Vec<ScenarioResults>> {
+    let mut results = Vec::new();
+    for placement in Placement::BOTH {
+        placement.apply(&[(server_pid, Side::Server)])?;
+        results.push(run_rounds(
+            scenario, placement, modes, bins, client, params, raw, progress, order_rng,
+        )?);
+    }
+    Placement::Pinned.apply(&[(server_pid, Side::Server)])?;
+    Ok(results)
+}
+
 /// Every round runs each of `modes` once, in an order drawn afresh for each round (so no
 /// mode always follows the same one, or always runs first after a quiet spell); the mTLS
 /// modes need the client's `mesh`, the ztunnel pair its `ztunnel`. Runs in `placement`,
 /// which the caller has applied.
 #[allow(clippy::too_many_arguments)]
-fn run_scenario(
+fn run_rounds(
     (name, description): (&'static str, &'static str),
     placement: Placement,
     modes: &[Mode],
