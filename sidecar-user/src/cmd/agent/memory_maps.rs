@@ -93,11 +93,12 @@ fn entry_of(key: &CidrKey) -> (u32, [u8; 4], [u8; 16]) {
 }
 
 impl PodMaps for MemoryMaps {
-    fn cidr_capacity(&self) -> u32 {
-        match self.meshed {
-            Some(_) => self.excluded_capacity.min(self.meshed_capacity),
-            None => self.excluded_capacity,
-        }
+    fn excluded_capacity(&self) -> u32 {
+        self.excluded_capacity
+    }
+
+    fn meshed_capacity(&self) -> Option<u32> {
+        self.meshed.as_ref().map(|_| self.meshed_capacity)
     }
 
     fn passthrough_capable(&self) -> bool {

@@ -131,11 +131,12 @@ fn capacity(dir: &Path, name: &'static str) -> Result<u32, EbpfError> {
 
 /// The registry's view of the pinned maps.
 impl PodMaps for AgentPins {
-    fn cidr_capacity(&self) -> u32 {
-        match self.meshed_capacity {
-            Some(meshed) => self.excluded_capacity.min(meshed),
-            None => self.excluded_capacity,
-        }
+    fn excluded_capacity(&self) -> u32 {
+        self.excluded_capacity
+    }
+
+    fn meshed_capacity(&self) -> Option<u32> {
+        self.meshed_capacity
     }
 
     fn passthrough_capable(&self) -> bool {

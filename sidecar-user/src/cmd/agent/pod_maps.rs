@@ -58,9 +58,17 @@ pub struct MapError {
 /// `DIRECT_CAPS` of an older build) lists as `None` and takes every write as a no-op.
 /// Removing an entry that is not there succeeds.
 pub trait PodMaps {
-    /// Entries the smaller of the two CIDR tries (`EXCLUDED_CIDRS`, `MESH_CIDRS`) holds: each
-    /// pod's quota is its share of both (see [`cidr_quota`](super::registry::cidr_quota)).
-    fn cidr_capacity(&self) -> u32;
+    /// Entries `EXCLUDED_CIDRS` holds.
+    fn excluded_capacity(&self) -> u32;
+    /// Entries `MESH_CIDRS` holds (`None`: the pins have no such trie).
+    fn meshed_capacity(&self) -> Option<u32>;
+    /// Entries the smaller of the two CIDR tries holds: each pod's quota is its share of both
+    /// (see [`cidr_quota`](super::registry::cidr_quota)).
+    fn cidr_capacity(&self) -> u32 {
+        let excluded = self.excluded_capacity();
+        self.meshed_capacity()
+            .map_or(excluded, |meshed| excluded.min(meshed))
+    }
     /// Whether the programs can pass connections through (see
     /// [`AgentPins::passthrough_capable`](super::pins::AgentPins::passthrough_capable)).
     fn passthrough_capable(&self) -> bool;

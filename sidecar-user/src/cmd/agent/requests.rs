@@ -60,9 +60,9 @@ pub enum Outcome {
 
 /// Does `req` of `caller` on a connection with `session`. `pod` reads the caller's pod from
 /// its cgroup, afresh: a registration needs it, and `status`, which only a caller outside
-/// every pod gets, or one in `agent_pod` (the agent's own pod, where its probes run). `listeners` checks the listeners that
-/// came with a registration (how many it names, its proxy port, whether IPv6): `None` for a
-/// sidecar that passes none.
+/// every pod gets, or one in `agent_pod` (the agent's own pod, where its probes run).
+/// `listeners` checks the listeners that came with a registration (how many it names, its
+/// proxy port, whether IPv6): `None` for a sidecar that passes none.
 #[allow(clippy::too_many_arguments)]
 pub fn answer(
     registry: &mut Registry,
@@ -184,25 +184,16 @@ pub fn answer(
                     "status is for root on the node (uid 0)",
                 ));
             }
-            match pod() {
-                Err(outside) if outside.reason == pod::OUTSIDE_PODS => Outcome::Status,
-                Ok(pod) if agent_pod == Some(pod.uid.as_str()) => Outcome::Status,
-                Ok(pod) => Outcome::Refused(Refusal::new(
-                    "status_from_pod",
-                    format!(
-                        "status is for the node's own processes and the agent's pod: pid \
-                         {pid} is in pod {}",
-                        pod.uid
-                    ),
-                )),
-                Err(other) => Outcome::Refused(Refusal::new(
-                    "status_from_pod",
-                    format!(
-                        "status is for the node's own processes and the agent's pod: {}",
-                        other.error
-                    ),
-                )),
-            }
+            let why = match pod() {
+                Err(outside) if outside.reason == pod::OUTSIDE_PODS => return Outcome::Status,
+                Ok(pod) if agent_pod == Some(pod.uid.as_str()) => return Outcome::Status,
+                Ok(pod) => format!("pid {pid} is in pod {}", pod.uid),
+                Err(other) => other.error,
+            };
+            Outcome::Refused(Refusal::new(
+                "status_from_pod",
+                format!("status is for the node's own processes and the agent's pod: {why}"),
+            ))
         }
     }
 }
