@@ -249,13 +249,10 @@ impl Placement {
     }
 
     /// Makes this the placement of every process started from now on, and moves the
-    /// long-lived ones in `running` (pid, side) to it.
-    pub fn apply(self, running: &[(u32, Side)]) -> Result<()> {
+    /// scenario's long-lived echo server (`server_pid`, server side) to it.
+    pub fn apply(self, server_pid: u32) -> Result<()> {
         PLACEMENT.store(self == Placement::Unpinned, Ordering::Relaxed);
-        for &(pid, side) in running {
-            side.repin(pid)?;
-        }
-        Ok(())
+        Side::Server.repin(server_pid)
     }
 }
 
@@ -588,12 +585,12 @@ fn run_scenario(
 ) -> Result<Vec<ScenarioResults>> {
     let mut results = Vec::new();
     for placement in Placement::BOTH {
-        placement.apply(&[(server_pid, Side::Server)])?;
+        placement.apply(server_pid)?;
         results.push(run_rounds(
             scenario, placement, modes, bins, client, params, raw, progress, order_rng,
         )?);
     }
-    Placement::Pinned.apply(&[(server_pid, Side::Server)])?;
+    Placement::Pinned.apply(server_pid)?;
     Ok(results)
 }
 

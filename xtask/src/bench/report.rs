@@ -31,10 +31,9 @@ pub struct Figures {
     /// Per size in [`SIZES`]: latency percentiles in µs, and the number of exchanges.
     pub rr_us: Vec<[f64; 4]>,
     pub rr_n: Vec<usize>,
-    /// p50 of each round on its own (64 B), in µs: shows the spread between runs.
-    pub round_p50_us: Vec<f64>,
     /// Per size, per round (round `r` of every mode ran in the same round, side by side):
-    /// that round's request/response samples, ns. The targets' bootstrap draws rounds.
+    /// that round's request/response samples, ns, sorted. The targets' bootstrap draws
+    /// rounds.
     pub round_samples: Vec<Vec<Vec<u32>>>,
     /// Per size, keep-alive request rate: timed exchanges per second on the persistent
     /// connection (1 / mean round trip), all rounds pooled.
@@ -107,6 +106,22 @@ pub struct Scenario {
     pub failures: Vec<String>,
 }
 
+impl Figures {
+    /// p50 of each round on its own (64 B), in µs: shows the spread between runs.
+    pub fn round_p50_us(&self) -> Vec<f64> {
+        self.round_samples[0]
+            .iter()
+            .map(|r| {
+                if r.is_empty() {
+                    f64::NAN
+                } else {
+                    percentile(r, 0.5)
+                }
+            })
+            .collect()
+    }
+}
+
 impl Scenario {
     pub fn get(&self, mode: Mode) -> &Figures {
         self.modes
@@ -145,22 +160,14 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 rr_us.push(PERCENTILES.map(|(p, _)| percentile(&all, p)));
                 rr_n.push(all.len());
             }
-            let round_p50_us = runs
-                .iter()
-                .map(|r| {
-                    let mut v = r.rr_ns.first().cloned().unwrap_or_default();
-                    v.sort_unstable();
-                    if v.is_empty() {
-                        f64::NAN
-                    } else {
-                        percentile(&v, 0.5)
-                    }
-                })
-                .collect();
             let round_samples = (0..SIZES.len())
                 .map(|i| {
                     runs.iter()
-                        .map(|r| r.rr_ns.get(i).cloned().unwrap_or_default())
+                        .map(|r| {
+                            let mut v = r.rr_ns.get(i).cloned().unwrap_or_default();
+                            v.sort_unstable();
+                            v
+                        })
                         .collect()
                 })
                 .collect();
@@ -227,7 +234,6 @@ pub fn summarize(results: &[ScenarioResults]) -> Result<Vec<Scenario>> {
                 mode: *mode,
                 rr_us,
                 rr_n,
-                round_p50_us,
                 round_samples,
                 rr_rate,
                 conn_per_sec,
@@ -423,7 +429,7 @@ pub fn markdown(
             }
             md.push('\n');
         }
-        let rounds = s.modes[0].round_p50_us.len();
+        let rounds = s.modes[0].round_samples[0].len();
         let _ = writeln!(
             md,
             "### p50 of each round on its own, 64 B (µs)\n\n\
@@ -444,7 +450,7 @@ pub fn markdown(
                 md,
                 "| {} |{}",
                 f.mode.label(),
-                f.round_p50_us
+                f.round_p50_us()
                     .iter()
                     .map(|v| format!(" {v:.1} |"))
                     .collect::<String>()
