@@ -95,15 +95,20 @@ impl Params {
                 order_seed: 0,
             }
         } else {
-            // 12 × 1,000 = 12,000 timed exchanges per size, mode, scenario and placement.
-            // Many short rounds rather than a few long ones: the rounds are what the targets'
-            // bootstrap draws, and a run's p50 depends on where the scheduler puts its
-            // threads, so more runs give a fairer mix.
+            // 12 × 4,000 = 48,000 timed exchanges per size, mode, scenario and placement.
+            // Many rounds: they are what the targets' bootstrap draws, and a run's p50
+            // depends on where the scheduler puts its threads, so more runs give a fairer
+            // mix. Each mode's window within a round is long enough (a few hundred ms of each
+            // test, where 1,000 exchanges and 300 connections took 50 ms) that a burst of the
+            // host's noise shifts one window by a few per cent rather than a quarter: with the
+            // shorter windows two full runs disagreed on 12 of 56 verdicts.
+            // 1,000 connections per mode keep the client's TIME_WAIT sockets to one server
+            // (9 modes per round in the pods) well inside the ephemeral port range.
             Self {
                 rounds: 12,
-                exchanges: 1_000,
-                connections: 300,
-                bulk_secs: 0.3,
+                exchanges: 4_000,
+                connections: 1_000,
+                bulk_secs: 0.5,
                 order_seed: 0,
             }
         }

@@ -643,7 +643,8 @@ fn wrk_section(md: &mut String, scenarios: &[Scenario], check: Option<&Result<Ve
          placement as the rounds; once per mode, after them. A proxied run counts only if \
          the proxies' records (both sidecars' reports, or the client ztunnel's access log) \
          list at least one connection to nginx per wrk connection (keep-alive) or per request \
-         (close), with at least the bodies' bytes back. Beside them, our client's keep-alive \
+         (close), with at least the bodies' bytes back, every one on the mode's path \
+         (`passthrough` for `ebpf`). Beside them, our client's keep-alive \
          64 B exchanges/s (one connection, one request at a time: wrk keeps 16 in flight) and \
          conn/s from the pods table. Ratios: ×direct, ×`ebpf --proxy-all`.\n"
     );

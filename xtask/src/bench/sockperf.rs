@@ -204,7 +204,22 @@ fn carried(
             report.display()
         );
     }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    all_on_path(report, direction, server, path)
+        .with_context(|| "sockperf's connection".to_string())
+}
+
+/// Every connection of `direction` to `server` in a sidecar's `--report` took `path`
+/// (`passthrough` or `proxy`): a pass-through run that passed through, a proxied one that
+/// was proxied.
+pub fn all_on_path(
+    report: &Path,
+    direction: &str,
+    server: std::net::SocketAddr,
+    path: &str,
+) -> Result<()> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(report).with_context(|| format!("reading {}", report.display()))?,
+    )?;
     let off_path = json["connections"]
         .as_array()
         .into_iter()
@@ -213,7 +228,7 @@ fn carried(
         .find(|c| c["path"] != path);
     if let Some(c) = off_path {
         bail!(
-            "sockperf's connection to {server} took path {} where this mode's is {path} ({})",
+            "a connection to {server} took path {} where this mode's is {path} ({})",
             c["path"],
             report.display()
         );

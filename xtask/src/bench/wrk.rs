@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use super::{
     Mode, Side, mesh,
     netns::Netns,
-    sockperf::{Carried, Place, carried_to},
+    sockperf::{Carried, Place, all_on_path, carried_to},
     terminate, wait_bounded,
 };
 use crate::setup;
@@ -81,9 +81,11 @@ pub fn check_installed() -> Result<()> {
     Ok(())
 }
 
-/// The modes cross-checked: no proxy, our plain proxied hop, our HBONE pair and ztunnel's.
-pub const MODES: [Mode; 4] = [
+/// The modes cross-checked: no proxy, kernel pass-through, our plain proxied hop, our HBONE
+/// pair and ztunnel's.
+pub const MODES: [Mode; 5] = [
     Mode::Direct,
+    Mode::Ebpf,
     Mode::EbpfProxyAll,
     Mode::EbpfMtls,
     Mode::Ztunnel,
@@ -156,6 +158,8 @@ fn run_one(place: &Place, mode: Mode, measure: Measure, raw: &Path) -> Result<Wr
         let tunnel = mode.mtls().then_some(("dst_identity", mesh::SERVER_ID));
         let got = carried_to(&report, "outbound", server, tunnel)?;
         enough(got, want, &report).with_context(|| format!("{what}: the client pod's sidecar"))?;
+        all_on_path(&report, "outbound", server, mode.path())
+            .with_context(|| format!("{what}: the client pod's sidecar"))?;
     }
     if let Some(report) = peer_report {
         let tunnel = Some(("src_identity", mesh::CLIENT_ID));
