@@ -32,7 +32,12 @@ pub fn open(dst: &CircuitKey) -> u32 {
 /// uncounted (it is already on its way: a SYN cannot be refused from sockops).
 #[inline(always)]
 pub fn add(dst: &CircuitKey) {
-    let _ = DIRECT_COUNTS.insert(dst, &0, BPF_NOEXIST as u64);
+    // Looked up first: an insert into an LRU map takes a free entry before it finds the key
+    // already there, so inserting unconditionally cost every connection to a destination with
+    // others open a wasted allocation.
+    if DIRECT_COUNTS.get_ptr_mut(dst).is_none() {
+        let _ = DIRECT_COUNTS.insert(dst, &0, BPF_NOEXIST as u64);
+    }
     if let Some(n) = DIRECT_COUNTS.get_ptr_mut(dst) {
         // SAFETY: the pointer is the map value, 8-byte aligned, valid for the program's run.
         unsafe { atomic_add(n, 1) };

@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use sidecar_common::{
-    CircuitKey, Counter, DirectEvent, OrigDst, SockKey, is_loopback, limits, owner,
+    CircuitKey, Counter, DirectConn, DirectEvent, OrigDst, SockKey, is_loopback, limits, owner,
 };
 
 use crate::{
@@ -183,23 +183,26 @@ fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(key) = sock_ops_key(ctx.ops) else {
         return Ok(());
     };
+    // SAFETY: the helper takes the context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(conn) = (unsafe { DIRECT_LIVE.get(&cookie) }).copied() {
+        // A pass-through connection is in none of the proxy's maps below (its connect was not
+        // redirected and it is never spliced): skipping their removes is a third of what
+        // each pass-through close cost here.
+        record_direct_close(ctx, key, cookie, conn);
+        return Ok(());
+    }
     let removed = ORIG_DST.remove(&key).is_ok() as u64
         + SPLICED.remove(&key).is_ok() as u64
         + PASSTHRU.remove(&key).is_ok() as u64;
     count(Counter::CloseCleanup, removed);
-    record_direct_close(ctx, key);
     Ok(())
 }
 
 /// A pass-through connection closed: its record, from the socket's own counters.
 #[inline(always)]
-fn record_direct_close(ctx: &SockOpsContext, key: SockKey) {
-    // SAFETY: the helper takes the context pointer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(conn) = (unsafe { DIRECT_LIVE.get(&cookie) }).copied() else {
-        return;
-    };
+fn record_direct_close(ctx: &SockOpsContext, key: SockKey, cookie: u64, conn: DirectConn) {
     let _ = DIRECT_LIVE.remove(&cookie);
     direct_counts::remove(&destination(&key, conn.scope));
     let ops: *const bpf_sock_ops = ctx.ops;
