@@ -109,6 +109,10 @@ pub struct ClientArgs {
     /// Read the parent's (the sidecar's) CPU time and memory from /proc.
     #[arg(long)]
     pub sidecar_stats: bool,
+    /// Read the parent sidecar's eBPF programs' run counts and times around the
+    /// connect-exchange-close loop (needs `kernel.bpf_stats_enabled`; see `kernel_cost`).
+    #[arg(long, requires = "sidecar_stats")]
+    pub bpf_cost: bool,
     /// A proxy that is not our parent (HAProxy), measured as the sidecar would be.
     #[arg(long, conflicts_with = "sidecar_stats")]
     pub proxy_pid: Option<u32>,
@@ -150,6 +154,10 @@ pub struct ClientResult {
     /// sockmap receive path (`tcp_bpf_recvmsg`) gives up after one wake-up without data.
     #[serde(default)]
     pub eagain_retries: u64,
+    /// With `--bpf-cost`: the sidecar's programs' runs and time during the
+    /// connect-exchange-close loop, by program type.
+    #[serde(default)]
+    pub crr_bpf: Option<Vec<super::kernel_cost::ProgRuns>>,
 }
 
 /// Spurious EAGAINs seen by this client process's blocking reads.
@@ -225,6 +233,10 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     }
 
     Watched::mark_all(&mut watched)?;
+    let bpf_before = match (args.bpf_cost, parent) {
+        (true, Some(pid)) => Some(super::kernel_cost::read(pid)?),
+        _ => None,
+    };
     let started = Instant::now();
     let mut buf = vec![0u8; 64];
     for _ in 0..args.connections {
@@ -233,6 +245,12 @@ pub fn client(args: &ClientArgs) -> Result<()> {
     }
     result.crr_secs = started.elapsed().as_secs_f64();
     result.crr_count = args.connections;
+    if let (Some(before), Some(pid)) = (bpf_before, parent) {
+        // The last connection's final callbacks may land after this reading (its close
+        // completes when the server's FIN arrives): one connection in thousands.
+        let after = super::kernel_cost::read(pid)?;
+        result.crr_bpf = Some(super::kernel_cost::delta(&before, &after));
+    }
     for w in &mut watched {
         w.stats.crr_cpu_secs = w.since_mark()?;
     }

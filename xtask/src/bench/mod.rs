@@ -21,6 +21,7 @@
 
 mod haproxy;
 pub mod idle;
+mod kernel_cost;
 pub mod load;
 mod mesh;
 mod netns;
@@ -82,6 +83,9 @@ pub struct Params {
     /// The seed each round's order of modes is drawn from (in the report, so a run's order
     /// can be replayed).
     pub order_seed: u64,
+    /// The client reads the sidecar's program statistics around its connection loop
+    /// (`kernel_cost`); only the kernel-cost run sets it.
+    pub bpf_cost: bool,
 }
 
 impl Params {
@@ -93,6 +97,7 @@ impl Params {
                 connections: 200,
                 bulk_secs: 0.25,
                 order_seed: 0,
+                bpf_cost: false,
             }
         } else {
             // 12 × 4,000 = 48,000 timed exchanges per size, mode, scenario and placement.
@@ -110,6 +115,7 @@ impl Params {
                 connections: 1_000,
                 bulk_secs: 0.5,
                 order_seed: 0,
+                bpf_cost: false,
             }
         }
     }
@@ -408,6 +414,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     let mut crosschecks = Vec::new();
     let mut http_check = None;
     let startups;
+    let kernel;
     let idle;
     let meshed_idle;
     {
@@ -447,6 +454,8 @@ pub fn bench(opts: &Options) -> Result<()> {
             "loopback",
             sockperf::crosscheck(&place, &Mode::SINGLE, secs, &raw),
         ));
+        progress.say("kernel cost of a pass-through connection (bpf_stats)");
+        kernel = Some(kernel_cost_run(&bins, &lo, server_addr, opts.quick, &raw));
         progress.say("sidecar startup: exec to /readyz 200, and idle RSS");
         startups = startup::measure(&bins.sidecar, &lo, if opts.quick { 2 } else { 9 }, &raw)?;
         progress.say(&format!(
@@ -521,6 +530,7 @@ pub fn bench(opts: &Options) -> Result<()> {
         &report::CrossChecks {
             sockperf: &crosschecks,
             wrk: http_check.as_ref(),
+            kernel: kernel.as_ref(),
         },
         &startups,
         (&idle, &meshed_idle),
@@ -542,6 +552,9 @@ pub fn bench(opts: &Options) -> Result<()> {
     }
     if let Some(Err(e)) = &http_check {
         bail!("wrk cross-check (pods) failed: {e:#}");
+    }
+    if let Some(Err(e)) = &kernel {
+        bail!("kernel cost of a pass-through connection: {e:#}");
     }
     step(&format!(
         "wrote {} and report.svg in {:.0} s",
@@ -715,6 +728,9 @@ fn run_client(
         .arg(&out);
     if mode.sidecar_args().is_some() {
         cmd.arg("--sidecar-stats");
+        if params.bpf_cost {
+            cmd.arg("--bpf-cost");
+        }
     }
     if let Some(h) = &haproxy {
         cmd.args(["--proxy-pid", &h.pid().to_string()]);
@@ -775,6 +791,42 @@ fn run_client(
     }
     let json = fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
     Ok(serde_json::from_slice(&json)?)
+}
+
+/// One pass-through client run in the loopback namespace (pinned, as the cross-checks)
+/// with the kernel's program statistics on for just its duration: the connect hook's and
+/// sockops' time per connection of its connect-exchange-close loop.
+fn kernel_cost_run(
+    bins: &Bins,
+    ns: &Netns,
+    server: SocketAddr,
+    quick: bool,
+    raw: &Path,
+) -> Result<kernel_cost::KernelCost> {
+    let params = Params {
+        rounds: 1,
+        exchanges: 100,
+        connections: if quick { 2_000 } else { 20_000 },
+        bulk_secs: 0.05,
+        order_seed: 0,
+        bpf_cost: true,
+    };
+    let client = Client {
+        ns,
+        server,
+        mesh: None,
+        ztunnel: None,
+    };
+    let stem = raw.join("kernel-cost");
+    let result = {
+        let _stats = kernel_cost::StatsOn::new()?;
+        run_client(bins, &client, Mode::Ebpf, &params, &stem)?
+    };
+    kernel_cost::KernelCost::from_run(
+        result.crr_count,
+        result.crr_bpf,
+        &stem.with_extension("json"),
+    )
 }
 
 /// The figures of a sidecar mode mean something only if the sidecar really carried (or, for

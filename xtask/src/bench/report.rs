@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 use super::{
     Mode, Params, Placement, ScenarioResults,
     idle::{self, Idle, Meshed},
+    kernel_cost::{self, KernelCost},
     load::{SIZES, STREAMS, SidecarStats},
     sockperf::SockperfFigures,
     startup::Startup,
@@ -325,6 +326,7 @@ pub fn load_average() -> String {
 pub struct CrossChecks<'a> {
     pub sockperf: &'a [(&'a str, Result<Vec<SockperfFigures>>)],
     pub wrk: Option<&'a Result<Vec<WrkFigures>>>,
+    pub kernel: Option<&'a Result<KernelCost>>,
 }
 
 pub fn markdown(
@@ -603,7 +605,73 @@ pub fn markdown(
         md.push('\n');
     }
     wrk_section(&mut md, scenarios, http_check);
+    kernel_section(&mut md, scenarios, checks.kernel);
     md
+}
+
+/// Where a pass-through connection's added cost goes: the programs' own time per
+/// connection, beside what one direct connection takes in the same placement.
+fn kernel_section(md: &mut String, scenarios: &[Scenario], check: Option<&Result<KernelCost>>) {
+    md.push_str(
+        "
+## Kernel cost of a pass-through connection (loopback, pinned)
+
+",
+    );
+    let cost = match check {
+        None => {
+            md.push_str(
+                "not run
+",
+            );
+            return;
+        }
+        Some(Err(e)) => {
+            let _ = writeln!(
+                md,
+                "not available: {e:#}
+"
+            );
+            return;
+        }
+        Some(Ok(cost)) => cost,
+    };
+    let direct_us = scenarios
+        .iter()
+        .find(|s| s.place == "loopback" && s.placement == Placement::Pinned)
+        .map(|s| 1e6 / s.get(Mode::Direct).conn_per_sec);
+    let _ = writeln!(
+        md,
+        "One `sidecar run` (pass-through) whose client makes {} connect-exchange-close \
+         connections, with `kernel.bpf_stats_enabled` on for that run only (set back after): \
+         the kernel's own count of each program's runs and nanoseconds, read from the \
+         sidecar's program descriptors before and after the loop. This is CPU time spent in \
+         the programs, on the connecting thread, so it does not depend on the host's noise as \
+         the ratios do (the statistics add two clock reads to each run). Beside it, the time \
+         one direct connection takes in the rounds (loopback, pinned: 1 / conn/s).\n",
+        cost.connections
+    );
+    md.push_str("| program | runs per connection | µs per connection | ns per run |\n|---|---:|---:|---:|\n");
+    let mut total = 0.0;
+    for r in &cost.runs {
+        let Some((us, runs)) = cost.per_connection(r.prog_type) else {
+            continue;
+        };
+        total += us;
+        let _ = writeln!(
+            md,
+            "| {} | {runs:.1} | {us:.2} | {:.0} |",
+            kernel_cost::type_name(r.prog_type),
+            us * 1e3 / runs
+        );
+    }
+    let share = direct_us.map_or("n/a".into(), |d| {
+        format!(
+            "{:.1} % of a direct connection's {d:.0} µs",
+            total / d * 100.0
+        )
+    });
+    let _ = writeln!(md, "| **all** | | **{total:.2}** | |\n\n{share}\n");
 }
 
 /// How far sockperf's ratio to direct may be from ours and still agree: 15 %, or inside our

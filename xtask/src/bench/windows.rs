@@ -42,6 +42,7 @@ pub fn sweep(bins: &Bins, raw: &Path, out: &Path) -> Result<()> {
         connections: 100,
         bulk_secs: 1.0,
         order_seed: 0,
+        bpf_cost: false,
     };
     let pods = Pods::create()?;
     let server = SocketAddr::new(POD_SERVER_IP.parse()?, SERVER_PORT);
