@@ -119,7 +119,17 @@ pub mod limits {
     /// Destination prefixes of one compiled outbound policy (one slot); the map holds two
     /// slots so a reload can fill one while the other is live.
     pub const POLICY_PREFIXES: u32 = 1024;
-    pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
+    /// Destination prefixes of one pod's compiled policy on a node (the node agent's maps are
+    /// shared by every pod): 2 of them are always taken (the whole IPv6 and IPv4 spaces).
+    pub const POLICY_PREFIXES_PER_POD: u32 = 32;
+    /// Room for both slots of every pod's full quota (`WORKLOADS` holds two entries per pod),
+    /// so no pod's policy can leave another without room; and for a standalone run's two
+    /// slots of [`POLICY_PREFIXES`]. Never preallocated: an entry costs memory (its 8 KiB
+    /// port bitmap) only once it is added.
+    pub const POLICY_OUT: u32 = max(
+        2 * POLICY_PREFIXES,
+        WORKLOADS / 2 * 2 * POLICY_PREFIXES_PER_POD,
+    );
     pub const POLICY_PROXIED: u32 = POLICY_OUT;
     /// Bytes of the deny event ring (a power of two, a multiple of the page size): about
     /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
@@ -151,6 +161,10 @@ pub mod limits {
     /// which can only let connections through, never refuse one wrongly.
     pub const DIRECT_COUNTS: u32 = 65_536;
     pub const DIRECT_CAPS: u32 = WORKLOADS;
+
+    const fn max(a: u32, b: u32) -> u32 {
+        if a > b { a } else { b }
+    }
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod callers;
 pub mod cli;
+pub mod denies;
 pub mod listener;
 #[cfg(test)]
 mod memory_maps;
@@ -326,6 +327,19 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     }));
 
     // Bound before serving anything, so a busy address is a clean error.
+    {
+        let _guard = rt.enter();
+        match crate::policy::pinned::DenyEvents::open(&pin_dir) {
+            Ok(events) => {
+                rt.spawn(denies::run(events, agent.clone()));
+            }
+            Err(e) => warn!(
+                "cannot read the pods' policy refusals ({e}): connects the kernel refuses go \
+                 unlogged (the eBPF counter connect_policy_denied still counts them)"
+            ),
+        }
+    }
+
     let admin = match opts.admin_addr {
         Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {
             anyhow::anyhow!(

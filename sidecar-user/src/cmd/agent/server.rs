@@ -388,6 +388,14 @@ fn handle(
                 ..Reply::default()
             }
         }
+        Outcome::PolicyReplaced(uid) => {
+            info!(pod_uid = %uid, "pod policy replaced in the kernel");
+            Reply {
+                ok: true,
+                pod_uid: Some(uid),
+                ..Reply::default()
+            }
+        }
         Outcome::Deregistered(uid) => {
             info!(pod_uid = %uid, "pod deregistered: interception off");
             Reply {
