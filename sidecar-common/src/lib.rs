@@ -352,6 +352,9 @@ pub struct PolicyDenyEvent {
     pub _pad: u16,
     /// The calling process (thread group id).
     pub pid: u32,
+    /// The workload's scope (its `WORKLOADS` entry's): the node agent names the pod by it,
+    /// since the process may be gone by the time the event is read.
+    pub scope: u32,
 }
 
 /// A pass-through connection while the kernel tracks it ([`maps::DIRECT_PENDING`],
@@ -864,7 +867,7 @@ mod tests {
             assert!(!b.contains(p), "{p}");
         }
         assert_eq!(size_of::<PolicyState>(), 8);
-        assert_eq!(size_of::<PolicyDenyEvent>(), 24);
+        assert_eq!(size_of::<PolicyDenyEvent>(), 28);
         assert_eq!(size_of::<DirectConn>(), 24);
         assert_eq!(size_of::<DirectEvent>(), 48 + 8 + 24 + 8 + 16 + 24);
         assert_eq!(policy_scope(1, 0), 2);
@@ -909,6 +912,7 @@ mod tests {
                 port: 443,
                 _pad: 0,
                 pid: 1,
+                scope: 2,
             }),
         ];
         assert!(sums.iter().all(|s| *s > 0), "{sums:?}");

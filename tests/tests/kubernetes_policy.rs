@@ -216,6 +216,16 @@ fn a_pods_policy_is_enforced_in_the_kernel_across_reloads_and_restarts() {
     assert_eq!(slot_keys(), V1_KEYS);
 
     check_fates(&node, &a, &servers, v1, "v1");
+    // The agent read the kernel's refusal from the node's deny ring and named the pod.
+    assert!(
+        wait_until(STEP, || agent.stderr().lines().any(|l| {
+            l.contains("pod policy refused connect() in the kernel (EPERM)")
+                && l.contains(&a.uid)
+                && l.contains(&format!("{ADDR_B}:{}", servers.ports[0]))
+        })),
+        "the agent never logged the refusal:\n{}",
+        agent.stderr()
+    );
     assert!(
         wait_until(STEP, || passthrough_recorded(&log, servers.ports[1])),
         "the pass-through connection was never recorded:\n{:?}",

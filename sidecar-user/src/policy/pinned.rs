@@ -145,6 +145,8 @@ pub struct DenyEvents {
 pub struct KernelDeny {
     pub dst: std::net::SocketAddr,
     pub pid: u32,
+    /// The workload scope whose policy refused it.
+    pub scope: u32,
 }
 
 impl DenyEvents {
@@ -181,6 +183,7 @@ fn decode_deny(item: &[u8]) -> Option<KernelDeny> {
     Some(KernelDeny {
         dst: std::net::SocketAddr::new(ip_from_words(e.ip), e.port),
         pid: e.pid,
+        scope: e.scope,
     })
 }
 
@@ -195,6 +198,7 @@ mod tests {
             port: 5432,
             _pad: 0,
             pid: 4242,
+            scope: 7,
         };
         let size = std::mem::size_of::<PolicyDenyEvent>();
         let mut bytes = Vec::new();
@@ -204,6 +208,7 @@ mod tests {
         bytes.extend_from_slice(&event.port.to_ne_bytes());
         bytes.extend_from_slice(&0u16.to_ne_bytes());
         bytes.extend_from_slice(&event.pid.to_ne_bytes());
+        bytes.extend_from_slice(&event.scope.to_ne_bytes());
         assert_eq!(bytes.len(), size);
         for offset in 0..4 {
             let mut buf = vec![0xa5u8; offset];
@@ -211,6 +216,7 @@ mod tests {
             let got = decode_deny(&buf[offset..]).expect("a whole event");
             assert_eq!(got.dst, "10.1.2.3:5432".parse().unwrap());
             assert_eq!(got.pid, 4242);
+            assert_eq!(got.scope, 7);
             assert!(decode_deny(&buf[offset..offset + size - 1]).is_none());
         }
     }
