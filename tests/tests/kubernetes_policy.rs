@@ -335,3 +335,58 @@ fn a_pods_policy_is_enforced_in_the_kernel_across_reloads_and_restarts() {
     );
     drop(agent);
 }
+
+/// A policy the agent refuses (more destination prefixes than a pod's quota) refuses the
+/// registration: the sidecar exits with the agent's one-line reason, the refusal is counted,
+/// and nothing of the pod is in the maps. A policy over the 64 KiB a registration carries is
+/// refused by the sidecar itself, before it registers.
+#[test]
+fn a_pod_whose_policy_the_agent_refuses_is_not_registered() {
+    let Some((_serial, node)) = setup("pod-policy-refused") else {
+        return;
+    };
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let policy = node.scratch.path("policy.toml");
+    let mut big = String::new();
+    for i in 0..40 {
+        big.push_str(&format!(
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"10.99.{i}.0/24\"]\n"
+        ));
+    }
+    fs::write(&policy, &big).unwrap();
+    let mut proxy =
+        node.start_proxy_passthrough(&a, "proxy-a", &[format!("--policy={}", policy.display())]);
+    assert_eq!(proxy.wait(STEP).code(), Some(1), "{}", proxy.stderr());
+    let err = proxy.stderr();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("42 destination prefixes") && errors[0].contains("merge CIDRs"),
+        "{err}"
+    );
+    let status = node.status();
+    assert_eq!(status["refusals"]["over_quota"], 1, "{status:#}");
+    assert!(pod_status(&status, &a.uid).is_none(), "{status:#}");
+    assert!(node.workloads().is_empty(), "{:?}", node.workloads());
+    assert_eq!(policy_entries(&node), (vec![], Default::default()));
+
+    // Too long to send: refused by the sidecar, the agent never asked.
+    let long = format!(
+        "# {}\n[defaults]\noutbound = \"allow\"\n",
+        "x".repeat(70 * 1024)
+    );
+    fs::write(&policy, long).unwrap();
+    let mut proxy = node.start_proxy_passthrough(
+        &a,
+        "proxy-a-long",
+        &[format!("--policy={}", policy.display())],
+    );
+    assert_eq!(proxy.wait(STEP).code(), Some(1), "{}", proxy.stderr());
+    assert!(
+        proxy.stderr().contains("at most 65536"),
+        "{}",
+        proxy.stderr()
+    );
+    assert_eq!(node.status()["refusals"]["bad_policy"], Value::Null);
+}
