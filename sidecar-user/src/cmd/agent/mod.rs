@@ -277,6 +277,24 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
             sidecar_common::limits::EXCLUDED_CIDRS
         );
     }
+    match pins
+        .policy
+        .as_ref()
+        .map(crate::policy::kernel::PolicyMaps::capacity)
+    {
+        Some(capacity) if capacity < sidecar_common::limits::POLICY_OUT => warn!(
+            "the pinned policy tries hold {capacity} entries (installed by an older build; maps \
+             carry over an upgrade): a pod's policy may compile to at most {} destination \
+             prefixes until `sidecar agent --uninstall` and a restart create the {}-entry tries",
+            registry::policy_quota(capacity),
+            sidecar_common::limits::POLICY_OUT
+        ),
+        Some(_) => {}
+        None => warn!(
+            "the pins have no policy maps (installed by an older build): pods with a policy are \
+             refused until `sidecar agent --uninstall` and a restart create them"
+        ),
+    }
     let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)
         .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;
