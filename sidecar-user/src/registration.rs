@@ -15,6 +15,9 @@
 //! → {"op":"records"}               (the caller's own pod's pass-through records, streamed)
 //! ← {"ok":true}
 //! ← {"local":"10.0.0.5:41000","remote":"10.0.0.9:80","started_unix_us":…,…}   (one per close)
+//! → {"op":"denies"}                (the connects the kernel refused under the caller's own pod's policy, streamed)
+//! ← {"ok":true}
+//! ← {"dst":"10.0.0.9:5432","pid":4242}                                          (one per refusal)
 //! ```
 //!
 //! The caller is identified by SO_PEERCRED (its pid) and that pid's cgroup, never by what it
@@ -110,6 +113,18 @@ pub enum Request {
     /// Streams the pass-through records of the caller's pod (named by the caller's cgroup,
     /// never by anything it sends) on this connection until it closes.
     Records,
+    /// Streams the connects the kernel refused under the caller's pod's policy (the pod
+    /// named as for `records`), so its sidecar counts and logs them by rule.
+    Denies,
+}
+
+/// A connect of the pod the kernel refused under its policy (EPERM), as the agent streams it
+/// to the pod's sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDenied {
+    pub dst: std::net::SocketAddr,
+    /// The process that called `connect()`.
+    pub pid: u32,
 }
 
 /// A pass-through connection that closed, as the agent streams it to its pod's sidecar.
@@ -245,6 +260,13 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"op":"records"}"#).unwrap(),
             Request::Records
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"denies"}"#).unwrap(),
+            Request::Denies
+        );
+        let denied: PolicyDenied =
+            serde_json::from_str(r#"{"dst":"10.0.0.9:5432","pid":7}"#).unwrap();
+        assert_eq!(denied.dst, "10.0.0.9:5432".parse().unwrap());
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"deregister"}"#).unwrap(),
             Request::Deregister

@@ -166,6 +166,16 @@ fn passthrough_recorded(log: &Path, port: u16) -> bool {
         .any(|l| l["path"] == "passthrough" && l["original_dst"] == format!("{ADDR_B}:{port}"))
 }
 
+/// The kernel refusals pod `pod`'s sidecar counts in its `/metrics` (streamed by the agent).
+fn kernel_denies(node: &Node, pod: &Pod) -> u64 {
+    node.admin(pod, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("sidecar_ebpf_connect_policy_denied_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until the sidecar's stderr says `needle` more than `before` times.
 fn wait_log(proc: &Proc, needle: &str, before: usize) {
     assert!(
@@ -237,6 +247,21 @@ fn a_pods_policy_is_enforced_in_the_kernel_across_reloads_and_restarts() {
     wait_log(&proxy, "policy reloaded", 0);
     check_fates(&node, &a, &servers, v2, "v2");
     assert_eq!(slot_keys(), V1_KEYS + V2_KEYS, "both slots filled");
+    // The agent streams the pod's kernel refusals to its sidecar, which counts them in its
+    // own /metrics as `sidecar run` does its kernel's (the denied connects never reached
+    // its proxy, whose decisions count none).
+    assert!(
+        wait_until(STEP, || kernel_denies(&node, &a) >= 1),
+        "pod A's sidecar never counted its kernel refusals:\n{}",
+        node.admin(&a, "/metrics").1
+    );
+    assert!(
+        proxy.stderr().lines().any(|l| l
+            .contains("policy refused connect() in the kernel (EPERM)")
+            && l.contains("deny-b")),
+        "the sidecar never logged a kernel refusal with its rule:\n{}",
+        proxy.stderr()
+    );
     assert!(wait_until(STEP, || passthrough_recorded(
         &log,
         servers.ports[2]

@@ -298,6 +298,16 @@ impl Enforcer {
             Some(ring) => ring.drain(),
             None => return,
         };
+        self.record_kernel_denies(events.into_iter().map(|e| (e.dst, e.pid)));
+    }
+
+    /// Logs and counts connects the kernel refused, by destination and pid: read from the
+    /// run's own ring, or (a pod's) streamed by the node agent.
+    pub fn record_kernel_denies(
+        &self,
+        events: impl IntoIterator<Item = (std::net::SocketAddr, u32)>,
+    ) {
+        let events: Vec<_> = events.into_iter().collect();
         if events.is_empty() {
             return;
         }
@@ -306,16 +316,16 @@ impl Enforcer {
         // a denied connect in a loop must not flood the log.
         let mut batch: std::collections::BTreeMap<(String, std::net::SocketAddr, u32), u64> =
             Default::default();
-        for e in events {
+        for (dst, pid) in events {
             let req = Request {
                 direction: Direction::Outbound,
                 peer: None,
-                dst: e.dst,
+                dst,
             };
             let evaluation = policy.evaluate(&req);
             let rule = policy.rule_label(&evaluation, req.direction);
             self.stats.count(req.direction, &rule, Decision::Deny);
-            *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
+            *batch.entry((rule, dst, pid)).or_default() += 1;
         }
         for ((rule, dst, pid), times) in batch {
             warn!(

@@ -3,7 +3,8 @@
 //! reads it in batches and logs each refusal once per (pod, destination, pid) per batch with
 //! a count, as a standalone run's `Enforcer::drain_kernel_events` does, so an app retrying a
 //! denied connect in a loop cannot flood the log. The pod is named by its scope (the process
-//! may be gone by the time the batch is read).
+//! may be gone by the time the batch is read). Each refusal also goes to the pod's sidecar,
+//! if it listens (`denies`), which counts it by rule in its own `/metrics`.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +16,7 @@ use std::{
 use tracing::warn;
 
 use super::Agent;
-use crate::policy::pinned::DenyEvents;
+use crate::{policy::pinned::DenyEvents, registration::PolicyDenied};
 
 /// How often the ring is read.
 const POLL: Duration = Duration::from_millis(100);
@@ -28,13 +29,19 @@ pub async fn run(mut events: DenyEvents, agent: Arc<Mutex<Agent>>) {
         if drained.is_empty() {
             continue;
         }
-        let pods: BTreeMap<u32, String> = {
+        let (pods, subscribers): (BTreeMap<u32, String>, _) = {
             let a = agent.lock().unwrap_or_else(|p| p.into_inner());
             let pods = a.registry.pods();
-            pods.map(|r| (r.scope, r.pod_uid.clone())).collect()
+            let pods = pods.map(|r| (r.scope, r.pod_uid.clone())).collect();
+            (pods, a.denies.clone())
         };
         let mut batch: BTreeMap<(String, SocketAddr, u32), u64> = BTreeMap::new();
         for e in drained {
+            let denied = PolicyDenied {
+                dst: e.dst,
+                pid: e.pid,
+            };
+            subscribers.deliver(e.scope, denied);
             let pod_uid = pods
                 .get(&e.scope)
                 .cloned()

@@ -114,6 +114,8 @@ pub struct Agent {
     pub throttle: LogThrottle,
     /// The pods' sidecars listening for their pass-through records.
     pub records: Arc<records::Subscribers>,
+    /// Pods' sidecars listening for their kernel refusals (fed by [`denies`]).
+    pub denies: Arc<records::Subscribers<crate::registration::PolicyDenied>>,
 }
 
 impl Agent {
@@ -342,6 +344,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         sockmap,
         throttle: LogThrottle::default(),
         records,
+        denies: Arc::default(),
     }));
 
     // Bound before serving anything, so a busy address is a clean error.

@@ -197,10 +197,10 @@ pub fn answer(
                 Err(e) => Outcome::Failed(Refusal::new("internal", e)),
             }
         }
-        // Streams: served by the server itself (see [`records_scope`]).
-        Request::Records => Outcome::Failed(Refusal::new(
+        // Streams: served by the server itself (see [`records_scope`], [`denies_scope`]).
+        Request::Records | Request::Denies => Outcome::Failed(Refusal::new(
             "bad_request",
-            "records is answered by a stream",
+            "records and denies are answered by a stream",
         )),
         // Every pod's UID, cgroup, pid and CIDRs: for the node's own root processes and the
         // agent's own pod only. A root container in a pod is uid 0 too, so where the caller is
@@ -255,6 +255,16 @@ pub fn records_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusa
                 "records: this pod has no registration with kernel pass-through on",
             )
         })
+}
+
+/// The scope whose kernel refusals the caller may read: its own pod's (`pod`, from its
+/// cgroup), if that pod is registered.
+pub fn denies_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusal> {
+    registry
+        .pods()
+        .find(|r| r.pod_uid == pod.uid)
+        .map(|r| r.scope)
+        .ok_or_else(|| Refusal::new("not_registered", "denies: this pod is not registered"))
 }
 
 #[cfg(test)]

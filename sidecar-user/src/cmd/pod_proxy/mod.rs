@@ -34,7 +34,7 @@ use crate::{
     proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::{agent::AgentSockopts, passthrough::Recorder},
     registration::{MAX_POLICY, Request},
-    telemetry::{InterceptionInfo, NoKernelCounters, record::Journal},
+    telemetry::{InterceptionInfo, record::Journal},
     tls::{TlsState, identity::SpiffeId},
 };
 
@@ -156,6 +156,11 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would,
     // and whether a socket is spliced.
     let passthrough_cap = opts.proxy.limits.passthrough_per_destination;
+    // The pod's kernel refusals, streamed by the agent: counted here, and by rule.
+    let kernel_counters = Arc::new(records::StreamedCounters::default());
+    let denies = enforcer.clone().map(|e| {
+        records::Listener::start_denies(opts.agent_socket.clone(), e, kernel_counters.clone())
+    });
     let proxy = serving.serve(
         opts.proxy,
         Arc::new(AgentSockopts),
@@ -186,6 +191,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         policy: policy_text,
     };
     let registered = serving.telemetry.clone();
+    let counters = kernel_counters.clone();
     let proxy_port = opts.proxy_port;
     // The listeners go with every register line (see `register`).
     let request = (request, passed);
@@ -208,7 +214,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
                     proxy_port,
                     cgroup: reply.pod_cgroup.clone().unwrap_or_default(),
                 },
-                Arc::new(NoKernelCounters),
+                counters.clone(),
             );
         },
     );
@@ -250,6 +256,9 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let cut = serving.drain(&proxy, opts.drain_timeout);
     if let Some(records) = records {
         serving.rt.block_on(records.stop());
+    }
+    if let Some(denies) = denies {
+        serving.rt.block_on(denies.stop());
     }
     serving.telemetry.detaching();
     let (records, _) = journal.snapshot();
