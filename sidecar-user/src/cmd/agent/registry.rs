@@ -245,6 +245,8 @@ pub struct Registry {
     /// The kernel slots of each pod's policy, by pod UID (not persisted: adopted from the
     /// maps after a restart).
     policies: BTreeMap<String, PolicySlots>,
+    /// Pods whose saved policy could not be put back in force: said once, retried each sweep.
+    policy_failures: BTreeSet<String>,
 }
 
 impl Registry {
@@ -269,6 +271,7 @@ impl Registry {
             refusals: BTreeMap::new(),
             hold_until: None,
             policies: BTreeMap::new(),
+            policy_failures: BTreeSet::new(),
         })
     }
 
@@ -480,6 +483,7 @@ impl Registry {
         for id in [reg.pod_cgroup_id, reg.proxy_cgroup_id] {
             maps.remove_workload(id)?;
         }
+        self.policy_failures.remove(uid);
         let held = self.policies.remove(uid);
         if let Some(pm) = maps.policy()
             && (held.is_some() || reg.policy.is_some())
@@ -582,9 +586,12 @@ impl Registry {
                 Ok(()) => {
                     tracing::info!(pod_uid = %r.pod_uid, "the pod's policy is in force again");
                     self.policies.insert(r.pod_uid.clone(), slots);
+                    self.policy_failures.remove(&r.pod_uid);
                 }
                 Err(e) => {
-                    tracing::warn!(pod_uid = %r.pod_uid, "cannot put the pod's policy back in force: {e}")
+                    if self.policy_failures.insert(r.pod_uid.clone()) {
+                        tracing::warn!(pod_uid = %r.pod_uid, "cannot put the pod's policy back in force (retried each sweep): {e}")
+                    }
                 }
             }
         }
