@@ -119,7 +119,17 @@ pub mod limits {
     /// Destination prefixes of one compiled outbound policy (one slot); the map holds two
     /// slots so a reload can fill one while the other is live.
     pub const POLICY_PREFIXES: u32 = 1024;
-    pub const POLICY_OUT: u32 = 2 * POLICY_PREFIXES;
+    /// Destination prefixes of one pod's compiled policy on a node (the node agent's maps are
+    /// shared by every pod): 2 of them are always taken (the whole IPv6 and IPv4 spaces).
+    pub const POLICY_PREFIXES_PER_POD: u32 = 32;
+    /// Room for both slots of every pod's full quota (`WORKLOADS` holds two entries per pod),
+    /// so no pod's policy can leave another without room; and for a standalone run's two
+    /// slots of [`POLICY_PREFIXES`]. Never preallocated: an entry costs memory (its 8 KiB
+    /// port bitmap) only once it is added.
+    pub const POLICY_OUT: u32 = max(
+        2 * POLICY_PREFIXES,
+        WORKLOADS / 2 * 2 * POLICY_PREFIXES_PER_POD,
+    );
     pub const POLICY_PROXIED: u32 = POLICY_OUT;
     /// Bytes of the deny event ring (a power of two, a multiple of the page size): about
     /// 8,000 events between two reads (user space reads every 100 ms); when it is full,
@@ -151,6 +161,10 @@ pub mod limits {
     /// which can only let connections through, never refuse one wrongly.
     pub const DIRECT_COUNTS: u32 = 65_536;
     pub const DIRECT_CAPS: u32 = WORKLOADS;
+
+    const fn max(a: u32, b: u32) -> u32 {
+        if a > b { a } else { b }
+    }
 }
 
 /// Role of a cgroup in [`WorkloadConfig::role`].
@@ -338,6 +352,9 @@ pub struct PolicyDenyEvent {
     pub _pad: u16,
     /// The calling process (thread group id).
     pub pid: u32,
+    /// The workload's scope (its `WORKLOADS` entry's): the node agent names the pod by it,
+    /// since the process may be gone by the time the event is read.
+    pub scope: u32,
 }
 
 /// A pass-through connection while the kernel tracks it ([`maps::DIRECT_PENDING`],
@@ -850,7 +867,7 @@ mod tests {
             assert!(!b.contains(p), "{p}");
         }
         assert_eq!(size_of::<PolicyState>(), 8);
-        assert_eq!(size_of::<PolicyDenyEvent>(), 24);
+        assert_eq!(size_of::<PolicyDenyEvent>(), 28);
         assert_eq!(size_of::<DirectConn>(), 24);
         assert_eq!(size_of::<DirectEvent>(), 48 + 8 + 24 + 8 + 16 + 24);
         assert_eq!(policy_scope(1, 0), 2);
@@ -895,6 +912,7 @@ mod tests {
                 port: 443,
                 _pad: 0,
                 pid: 1,
+                scope: 2,
             }),
         ];
         assert!(sums.iter().all(|s| *s > 0), "{sums:?}");

@@ -206,6 +206,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
             port,
             _pad: 0,
             pid,
+            scope: cfg.scope,
         };
         // A full ring drops the event; the counter above still has it.
         let _ = POLICY_EVENTS.output::<PolicyDenyEvent>(&event, 0);

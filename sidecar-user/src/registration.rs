@@ -2,30 +2,49 @@
 //! per line, one answer line per request, on a connection the pod's sidecar keeps open.
 //!
 //! ```text
-//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false,"listeners":2}
+//! → {"op":"register","pod_uid":"…","proxy_port":15001,"inbound_port":15008,"exclude_ports":[],"exclude_cidrs":[],"ipv6":true,"allow_metadata":false,"listeners":2,"policy":"[[rule]]\n…"}
 //!   (+ SCM_RIGHTS: the proxy's outbound listeners, 127.0.0.1 and [::1]; see `host::fd_passing`)
 //! ← {"ok":true,"pod_uid":"…","pod_cgroup":"…","proxy_cgroup":"…","scope":3,"sockmap":true}
 //! ← {"ok":false,"error":"…","reason":"uid_mismatch"}
+//! ← {"ok":false,"error":"…","reason":"bad_policy"}               (nothing of the pod is registered)
 //! ← {"ok":false,"error":"…","reason":"node_full","retry":true}   (try again later; not the pod's fault)
+//! → {"op":"policy","text":"[[rule]]\n…"}   (this connection's pod: replace its policy)
+//! ← {"ok":true}  or  {"ok":false,"error":"…","reason":"bad_policy"}   (refused: the old one stays)
 //! → {"op":"deregister"}            (this connection's registration)
 //! → {"op":"status"}                (uid 0 callers only: registrations, refusals, counters)
 //! → {"op":"records"}               (the caller's own pod's pass-through records, streamed)
 //! ← {"ok":true}
 //! ← {"local":"10.0.0.5:41000","remote":"10.0.0.9:80","started_unix_us":…,…}   (one per close)
+//! → {"op":"denies"}                (the connects the kernel refused under the caller's own pod's policy, streamed)
+//! ← {"ok":true}
+//! ← {"dst":"10.0.0.9:5432","pid":4242}                                          (one per refusal)
 //! ```
 //!
 //! The caller is identified by SO_PEERCRED (its pid) and that pid's cgroup, never by what it
 //! sends: `pod_uid` is a claim the agent checks against the cgroup.
+//!
+//! `policy` is the whole text of the sidecar's policy file (`sidecar proxy --policy`): the
+//! agent validates and compiles it as `sidecar policy check` does and installs its outbound
+//! half in the pod's kernel slots before the pod's connects are intercepted, so the pod's
+//! denied connects fail with EPERM at `connect()` from the first one.
 
 use serde::{Deserialize, Serialize};
 
+/// Longest policy text a pod may hand the agent. Its kernel share is bounded anyway (see
+/// the agent's per-pod prefix quota), and every connection may carry one, so the agent's
+/// memory for request lines stays bounded.
+pub const MAX_POLICY: usize = 64 * 1024;
+
 /// Longest request line the agent reads; longer ones are refused and the connection closed.
-pub const MAX_LINE: usize = 4096;
+/// Room for a policy of [`MAX_POLICY`] bytes escaped in JSON (a valid TOML file has no
+/// control characters but tabs and line breaks, each escaped in two bytes, as are quotes and
+/// backslashes) and the rest of a register line.
+pub const MAX_LINE: usize = 4096 + 2 * MAX_POLICY;
 
 /// Why a request line is not a request.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("request longer than {MAX_LINE} bytes")]
+    #[error("request longer than {MAX_LINE} bytes (a policy may be at most {MAX_POLICY} bytes)")]
     TooLong,
     #[error("not a request: {0}")]
     NotARequest(#[from] serde_json::Error),
@@ -77,12 +96,35 @@ pub enum Request {
         /// redirected to them only. 0 (an older sidecar): registered without that check.
         #[serde(default)]
         listeners: u8,
+        /// The sidecar's policy file, whole (at most [`MAX_POLICY`] bytes): the agent
+        /// installs its outbound half in the pod's kernel slots before interception starts,
+        /// or refuses the registration (`bad_policy`, `over_quota`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<String>,
+    },
+    /// Replaces the policy of the pod this connection registered (the sidecar reloaded its
+    /// file). Refused: the policy in force stays, in the kernel and (the sidecar's side) in
+    /// the proxy.
+    Policy {
+        text: String,
     },
     Deregister,
     Status,
     /// Streams the pass-through records of the caller's pod (named by the caller's cgroup,
     /// never by anything it sends) on this connection until it closes.
     Records,
+    /// Streams the connects the kernel refused under the caller's pod's policy (the pod
+    /// named as for `records`), so its sidecar counts and logs them by rule.
+    Denies,
+}
+
+/// A connect of the pod the kernel refused under its policy (EPERM), as the agent streams it
+/// to the pod's sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDenied {
+    pub dst: std::net::SocketAddr,
+    /// The process that called `connect()`.
+    pub pid: u32,
 }
 
 /// A pass-through connection that closed, as the agent streams it to its pod's sidecar.
@@ -189,12 +231,42 @@ mod tests {
                 passthrough_cap: None,
                 mesh_cidrs: vec![],
                 listeners: 0,
+                policy: None,
             }
         );
+        let with_policy = Request::Register {
+            pod_uid: "u".into(),
+            proxy_port: 15001,
+            inbound_port: 0,
+            exclude_ports: vec![],
+            exclude_cidrs: vec![],
+            ipv6: false,
+            allow_metadata: false,
+            passthrough: true,
+            passthrough_cap: None,
+            mesh_cidrs: vec![],
+            listeners: 2,
+            policy: Some("[[rule]]\naction = \"deny\"\nports = [22]\n".into()),
+        };
+        let line = serde_json::to_string(&with_policy).unwrap();
+        assert!(line.contains(r#""policy":"[[rule]]\naction = \"deny\"\nports = [22]\n""#));
+        assert_eq!(parse_request(line.as_bytes()).unwrap(), with_policy);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"policy","text":"x"}"#).unwrap(),
+            Request::Policy { text: "x".into() }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"policy"}"#).is_err());
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"records"}"#).unwrap(),
             Request::Records
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"denies"}"#).unwrap(),
+            Request::Denies
+        );
+        let denied: PolicyDenied =
+            serde_json::from_str(r#"{"dst":"10.0.0.9:5432","pid":7}"#).unwrap();
+        assert_eq!(denied.dst, "10.0.0.9:5432".parse().unwrap());
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"deregister"}"#).unwrap(),
             Request::Deregister
@@ -223,5 +295,17 @@ mod tests {
             parse_request(b"{\"op\":\"status\"}\n").unwrap(),
             Request::Status
         );
+    }
+
+    /// The largest policy the agent takes fits in a line, however it is escaped, as long as
+    /// it is a policy (no control characters but tabs and line breaks).
+    #[test]
+    fn a_policy_of_the_largest_size_fits_in_a_line() {
+        let worst: String = "\"\\\n\t".repeat(MAX_POLICY / 4);
+        assert_eq!(worst.len(), MAX_POLICY);
+        let request = Request::Policy { text: worst };
+        let line = serde_json::to_vec(&request).unwrap();
+        assert!(line.len() <= MAX_LINE, "{} > {MAX_LINE}", line.len());
+        assert_eq!(parse_request(&line).unwrap(), request);
     }
 }

@@ -266,8 +266,11 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
         let reply: Value = serde_json::from_str(&reply).expect("a JSON answer");
         assert_eq!(reply["ok"], false, "{line}: {reply}");
     }
-    // 8 KiB without a newline: refused, and the connection closed.
-    s.write_all(&vec![b'x'; 8192]).unwrap();
+    // One byte more than the longest request (4 KiB + twice the 64 KiB a policy may take)
+    // without a newline: refused, and the connection closed (after reading all of it, so
+    // nothing unread resets the connection before the answer is read).
+    s.write_all(&vec![b'x'; sidecar::registration::MAX_LINE + 1])
+        .unwrap();
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("\"reason\":\"bad_request\""), "{rest}");

@@ -1,7 +1,8 @@
 //! The agent's request handling against its registry, on arbitrary sequences of requests
 //! from arbitrary callers: registrations with any ports, CIDRs, caps and claims, from any
 //! container of any pod or from outside the pods, by root or not; deregistrations, status,
-//! records; connections opened, left idle and closed. Between them, what the node does: pods
+//! records; pods' policies at registration and replaced (`policy`), valid, invalid, over the
+//! pod's quota or too long; connections opened, left idle and closed. Between them, what the node does: pods
 //! and sidecar containers come and go, the sweep runs, the agent restarts (with its state
 //! directory or without), a kernel map refuses an insert.
 //!
@@ -16,7 +17,10 @@
 //! - a registration is the caller's own pod's (the pod its cgroup says, the one it claimed,
 //!   the one its connection registered before), keeps its scope, and changed no other pod's
 //!   entries;
-//! - a deregistration leaves nothing of the pod in the maps;
+//! - a deregistration leaves nothing of the pod in the maps, its policy included;
+//! - a pod's policy is in force (`POLICY_STATE`) exactly when its registration has one, and
+//!   no policy entry belongs to a scope without one; a refused `policy` changes nothing in
+//!   force;
 //! - `status` is answered to uid 0 outside every pod only; records are only ever the caller's own pod's;
 //! - the sweep drops exactly the pods whose cgroup went; registrations survive a restart;
 //! - a caller (a pod, or a uid outside the pods) holds at most its share of connections,
@@ -51,6 +55,52 @@ mod host {
     pub(crate) use super::cgroup;
 }
 
+// The policy's parser and compiler, as the agent validates a pod's policy with them. Their
+// modules name each other as siblings (`super::rules`), so all sit at the crate root, and
+// `crate::policy` names the two the agent uses.
+#[path = "../../src/tls/identity.rs"]
+#[allow(dead_code)]
+mod identity;
+
+/// `crate::tls::identity`, as the parser names it.
+mod tls {
+    pub(crate) use super::identity;
+}
+
+#[path = "../../src/telemetry/labels.rs"]
+#[allow(dead_code)]
+mod labels;
+
+/// `crate::telemetry::labels`, as the parser names it.
+mod telemetry {
+    pub(crate) use super::labels;
+}
+
+#[path = "../../src/policy/rules.rs"]
+#[allow(dead_code)]
+mod rules;
+
+#[path = "../../src/policy/destinations.rs"]
+#[allow(dead_code)]
+mod destinations;
+
+#[path = "../../src/policy/schema.rs"]
+#[allow(dead_code)]
+mod schema;
+
+#[path = "../../src/policy/kernel.rs"]
+#[allow(dead_code)]
+mod kernel;
+
+#[path = "../../src/policy/load.rs"]
+#[allow(dead_code)]
+mod load;
+
+/// `crate::policy`, as the agent names it.
+mod policy {
+    pub(crate) use super::{kernel, load};
+}
+
 #[path = "../../src/registration.rs"]
 #[allow(dead_code)]
 mod registration;
@@ -59,7 +109,7 @@ mod agent;
 
 use agent::{
     callers::{self, CallerSlot, MAX_PER_CALLER, PerCaller},
-    expected::{contents, implied, keys_of_scope},
+    expected::{contents, implied, keys_of_scope, policy_scopes},
     memory_maps::MemoryMaps,
     pod::{self, PodCgroup},
     pod_maps::PodMaps,
@@ -203,6 +253,54 @@ fn check_node(node: &Node) {
         implied(&pods, &node.maps),
         "the maps are not what the registrations imply"
     );
+    if let Some(policy) = &node.maps.policy {
+        let with_policy: BTreeSet<u32> = pods
+            .values()
+            .filter(|r| r.policy.is_some())
+            .map(|r| r.scope)
+            .collect();
+        let live: BTreeSet<u32> = policy.states.keys().copied().collect();
+        assert_eq!(live, with_policy, "policies in force are not the registrations'");
+        assert!(
+            policy_scopes(policy).is_subset(&with_policy),
+            "policy entries of a scope without a policy: {:?} (registered {with_policy:?})",
+            policy_scopes(policy)
+        );
+        let quota = registry::policy_quota(policy.capacity);
+        for r in pods.values().filter(|r| r.policy.is_some()) {
+            let slot = policy.states[&r.scope].slot;
+            let owner = (r.scope * 2 + slot).to_be_bytes();
+            let live_keys = policy.denied.keys().filter(|k| k.1 == owner).count();
+            assert!(
+                (2..=quota).contains(&live_keys),
+                "pod {} has {live_keys} prefixes in force",
+                r.pod_uid
+            );
+        }
+    }
+}
+
+/// A policy text for a register or `policy` request: valid ones (with and without a
+/// destination table, dry run), and ones the agent must refuse (invalid, empty, cut short,
+/// over a pod's quota, too long).
+fn policy_text(bytes: &mut Bytes) -> String {
+    let pick = bytes.byte();
+    match pick % 8 {
+        0 => format!(
+            "[[rule]]\naction = \"deny\"\ndestinations = [\"10.{}.0.0/16\"]\nports = [{}]\n",
+            bytes.byte(),
+            bytes.byte()
+        ),
+        1 => "[[destination]]\ndestinations = [\"10.1.0.0/16\"]\nconnect_retries = 2\n".into(),
+        2 => "dry_run = true\n[defaults]\noutbound = \"deny\"\n".into(),
+        3 => "[[rule]]\naction = \"maybe\"\n".into(),
+        4 => "# nothing\n".into(),
+        5 => "[defaults]\noutbound = \"deny\"".into(),
+        6 => (0..40)
+            .map(|i| format!("[[rule]]\naction = \"deny\"\ndestinations = [\"10.9.{i}.0/24\"]\n"))
+            .collect(),
+        _ => format!("# {}\n[defaults]\noutbound = \"allow\"\n", "x".repeat(registration::MAX_POLICY)),
+    }
 }
 
 fn cidr_list(bytes: &mut Bytes) -> Vec<String> {
@@ -263,6 +361,7 @@ fn register_request(bytes: &mut Bytes) -> registration::Request {
         mesh_cidrs: cidr_list(bytes),
         // Named but never passed (no descriptors travel here): refused, as by the agent.
         listeners: (switches >> 4) & 3,
+        policy: (switches & 64 != 0).then(|| policy_text(bytes)),
     }
 }
 
@@ -340,7 +439,8 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
                     let workloads = [r.pod_cgroup_id, r.proxy_cgroup_id]
                         .map(|id| m.workloads.get(&id).copied());
                     let cap = m.caps.as_ref().map(|c| c.get(&r.scope).copied());
-                    (workloads, cap, keys_of_scope(m, r.scope))
+                    let policy = m.policy.as_ref().map(|p| p.states.get(&r.scope).copied());
+                    (workloads, cap, keys_of_scope(m, r.scope), policy)
                 });
                 entries.collect()
             };
@@ -360,7 +460,26 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
                         .is_none_or(|c| !c.contains_key(&gone.scope))
                 );
                 assert_eq!(keys_of_scope(maps, gone.scope), []);
+                assert!(
+                    maps.policy
+                        .as_ref()
+                        .is_none_or(|p| !p.holds_scope(gone.scope)),
+                    "the deregistered pod's policy stayed"
+                );
             }
+        }
+        Outcome::PolicyReplaced(uid) => {
+            assert_eq!(session_before.as_ref(), Some(&uid));
+            assert_eq!(session, session_before);
+            let reg = &pods[&uid];
+            assert_eq!(reg.scope, pods_before[&uid].scope);
+            assert!(reg.policy.is_some());
+            let others = |p: &BTreeMap<String, Registration>| {
+                let mut p = p.clone();
+                p.remove(&uid);
+                p
+            };
+            assert_eq!(others(&pods_before), others(&pods), "another pod changed");
         }
         Outcome::Status => {
             assert!(
@@ -420,8 +539,8 @@ fn records(node: &Node, conn: usize) {
 
 fn step(node: &mut Node, bytes: &mut Bytes) {
     let conn = usize::from(bytes.byte()) % CONNECTIONS;
-    let op = bytes.byte() % 12;
-    if op <= 5 && node.connections[conn].slot.is_none() {
+    let op = bytes.byte() % 13;
+    if (op <= 5 || op == 12) && node.connections[conn].slot.is_none() {
         // A refused connection was closed: its requests are never read.
         return;
     }
@@ -517,6 +636,10 @@ fn step(node: &mut Node, bytes: &mut Bytes) {
             }
         }
         10 => node.maps.fail_insert_in = Some(u32::from(bytes.byte() % 8)),
+        12 => {
+            let text = policy_text(bytes);
+            request(node, conn, registration::Request::Policy { text });
+        }
         _ => {
             // The agent restarts: it reads the registrations back and reconciles.
             let pods = node.pods();

@@ -22,12 +22,10 @@
 //! connection cap, which only the proxy can give. Tables are first-match over nested prefixes
 //! too, so they compile the same way.
 
-use std::{collections::BTreeSet, net::IpAddr, path::Path};
+use std::{collections::BTreeSet, net::IpAddr};
 
-use aya::maps::{HashMap, LpmTrie, MapData, RingBuf, lpm_trie::Key};
 use sidecar_common::{
-    PolicyDenyEvent, PolicyState, PortBitmap, ScopedAddr, ip_from_words, limits, lpm_prefix_len,
-    maps, policy_flags, policy_scope,
+    PolicyState, PortBitmap, ScopedAddr, limits, lpm_prefix_len, maps, policy_flags, policy_scope,
 };
 use thiserror::Error;
 
@@ -127,7 +125,7 @@ pub enum KernelPolicyError {
     #[error("kernel policy map {name}: {source}")]
     Map {
         name: &'static str,
-        source: aya::maps::MapError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -283,74 +281,158 @@ impl Compiled {
     }
 }
 
-/// The workload's policy maps, opened from the run's pins. Installing a policy fills the
-/// slot that is not live (in both tries), then flips `POLICY_STATE` to it in one map update:
-/// the connect hooks read the slot once per connect, so they see the old policy or the new
-/// one, never a mix. The old slot is left as it is until the next install (a hook that read
-/// the state just before the flip may still be looking in it), which empties it first.
+/// The two tries a compiled policy fills: `POLICY_OUT` (denied ports) and `POLICY_PROXIED`
+/// (ports that must reach the proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PolicyTrie {
+    Denied,
+    Proxied,
+}
+
+impl PolicyTrie {
+    pub const ALL: [PolicyTrie; 2] = [PolicyTrie::Denied, PolicyTrie::Proxied];
+
+    pub fn map_name(self) -> &'static str {
+        match self {
+            PolicyTrie::Denied => maps::POLICY_OUT,
+            PolicyTrie::Proxied => maps::POLICY_PROXIED,
+        }
+    }
+}
+
+/// A key of the policy tries: prefix length (32 bits of slot scope, then the address's) and
+/// the scoped address, as the kernel's LPM trie takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotKey {
+    pub prefix_len: u32,
+    pub data: ScopedAddr,
+}
+
+impl SlotKey {
+    /// The workload scope whose policy this key belongs to, and the slot (see
+    /// [`policy_scope`]).
+    pub fn owner(&self) -> (u32, u32) {
+        let slot_scope = u32::from_be_bytes(self.data.scope);
+        (slot_scope / 2, slot_scope % 2)
+    }
+}
+
+/// The policy maps as the few operations installing a policy needs: the pinned maps
+/// ([`pinned::PinnedPolicyMaps`](super::pinned::PinnedPolicyMaps)) and, for the agent's tests
+/// and fuzz target, maps in memory. Removing what is not there succeeds.
+pub trait PolicyMaps {
+    /// Entries `POLICY_OUT` holds (shared by every scope of these maps).
+    fn capacity(&self) -> u32;
+    /// `POLICY_STATE[scope]`.
+    fn state(&self, scope: u32) -> Option<PolicyState>;
+    /// Every scope with a `POLICY_STATE` entry.
+    fn scopes(&self) -> Vec<u32>;
+    fn set_state(&mut self, scope: u32, state: PolicyState) -> Result<(), KernelPolicyError>;
+    fn remove_state(&mut self, scope: u32);
+    /// Every key of `trie` (all scopes).
+    fn keys(&self, trie: PolicyTrie) -> Vec<SlotKey>;
+    fn insert(
+        &mut self,
+        trie: PolicyTrie,
+        key: &SlotKey,
+        ports: &PortBitmap,
+    ) -> Result<(), KernelPolicyError>;
+    fn remove(&mut self, trie: PolicyTrie, key: &SlotKey);
+}
+
+/// One workload's policy in the kernel: which slot is live and the keys of each. Installing
+/// fills the slot that is not live (in both tries), then flips `POLICY_STATE` to it in one
+/// map update: the connect hooks read the slot once per connect, so they see the old policy
+/// or the new one, never a mix. The old slot is left as it is until the next install (a hook
+/// that read the state just before the flip may still be looking in it), which empties it
+/// first.
 ///
 /// A slot is filled most specific prefix first and emptied least specific first, so a hook
 /// that looks into one half done finds either the entry a full slot would give it or no entry
 /// at all — never a shorter prefix's (the /0 entry's allow where a longer one denies) — and
 /// the hook sends a miss to the proxy.
-pub struct KernelPolicy {
+#[derive(Debug)]
+pub struct PolicySlots {
     scope: u32,
-    state: HashMap<MapData, u32, PolicyState>,
-    denied: LpmTrie<MapData, ScopedAddr, PortBitmap>,
-    proxied: LpmTrie<MapData, ScopedAddr, PortBitmap>,
-    /// The live slot and the keys of each slot.
     live: Option<u32>,
-    keys: [Vec<Key<ScopedAddr>>; 2],
+    keys: [Vec<SlotKey>; 2],
+    /// `POLICY_STATE` before the last install, for [`PolicySlots::undo_install`].
+    before: Option<PolicyState>,
 }
 
-impl KernelPolicy {
-    pub fn open(pin_dir: &Path, scope: u32) -> Result<Self, KernelPolicyError> {
-        fn open<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-            dir: &Path,
-            name: &'static str,
-        ) -> Result<T, KernelPolicyError> {
-            let err = |source| KernelPolicyError::Map { name, source };
-            let data = MapData::from_pin(dir.join(name)).map_err(err)?;
-            T::try_from(aya::maps::Map::from_map_data(data).map_err(err)?).map_err(err)
-        }
-        Ok(Self {
+impl PolicySlots {
+    /// A scope with nothing in the maps.
+    pub fn new(scope: u32) -> Self {
+        Self {
             scope,
-            state: open(pin_dir, maps::POLICY_STATE)?,
-            denied: open(pin_dir, maps::POLICY_OUT)?,
-            proxied: open(pin_dir, maps::POLICY_PROXIED)?,
             live: None,
             keys: [Vec::new(), Vec::new()],
-        })
+            before: None,
+        }
     }
 
-    pub fn install(&mut self, compiled: &Compiled) -> Result<(), KernelPolicyError> {
+    /// What the maps hold for `scope` already (an earlier process installed it: the agent
+    /// before a restart): the live slot from `POLICY_STATE`, each slot's keys found by
+    /// walking both tries. The next install then empties the right slot, and
+    /// [`PolicySlots::remove`] leaves nothing behind.
+    pub fn adopt(maps: &(impl PolicyMaps + ?Sized), scope: u32) -> Self {
+        let mut slots = Self::new(scope);
+        slots.live = maps.state(scope).map(|s| s.slot & 1);
+        for trie in PolicyTrie::ALL {
+            for key in maps.keys(trie) {
+                let (owner, slot) = key.owner();
+                let keys = &mut slots.keys[slot as usize];
+                if owner == scope && !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        // Emptied least specific first: the reverse of this order.
+        for keys in &mut slots.keys {
+            keys.sort_by_key(|k| std::cmp::Reverse(k.prefix_len));
+        }
+        slots
+    }
+
+    pub fn scope(&self) -> u32 {
+        self.scope
+    }
+
+    /// Whether a policy is live for the scope.
+    pub fn is_live(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Puts `compiled` in force for the scope (see the type's docs). On failure the slot
+    /// being filled is emptied again and the policy in force stays.
+    pub fn install(
+        &mut self,
+        maps: &mut (impl PolicyMaps + ?Sized),
+        compiled: &Compiled,
+    ) -> Result<(), KernelPolicyError> {
         let slot = self.live.map_or(0, |s| 1 - s);
-        self.clear(slot);
+        self.clear(maps, slot);
         let mut entries: Vec<_> = compiled.entries.iter().collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.prefix.len));
         for e in entries {
-            let key = Key::new(
-                lpm_prefix_len(false, e.prefix.len),
-                ScopedAddr::new(policy_scope(self.scope, slot), e.prefix.bytes()),
-            );
+            let key = SlotKey {
+                prefix_len: lpm_prefix_len(false, e.prefix.len),
+                data: ScopedAddr::new(policy_scope(self.scope, slot), e.prefix.bytes()),
+            };
             // Every prefix in both tries (when any port is proxied), so the longest-prefix
             // lookup finds the same entry in each.
             self.keys[slot as usize].push(key);
-            let inserted = self
-                .denied
-                .insert(&key, *e.denied_ports, 0)
-                .map_err(|source| (maps::POLICY_OUT, source))
+            let inserted = maps
+                .insert(PolicyTrie::Denied, &key, &e.denied_ports)
                 .and_then(|()| {
                     if !compiled.proxies_some {
                         return Ok(());
                     }
-                    self.proxied
-                        .insert(&key, *e.proxied_ports, 0)
-                        .map_err(|source| (maps::POLICY_PROXIED, source))
+                    maps.insert(PolicyTrie::Proxied, &key, &e.proxied_ports)
                 });
-            if let Err((name, source)) = inserted {
-                self.clear(slot);
-                return Err(KernelPolicyError::Map { name, source });
+            if let Err(e) = inserted {
+                self.clear(maps, slot);
+                return Err(e);
             }
         }
         let state = PolicyState {
@@ -369,105 +451,56 @@ impl KernelPolicy {
                 0
             },
         };
-        if let Err(source) = self.state.insert(self.scope, state, 0) {
-            self.clear(slot);
-            return Err(KernelPolicyError::Map {
-                name: maps::POLICY_STATE,
-                source,
-            });
+        let before = maps.state(self.scope);
+        if let Err(e) = maps.set_state(self.scope, state) {
+            self.clear(maps, slot);
+            return Err(e);
         }
         self.live = Some(slot);
+        self.before = before;
         Ok(())
     }
 
+    /// Puts the policy that was in force before the last install back in force (a
+    /// registration that could not be completed after it): `POLICY_STATE` flips back to the
+    /// old slot, which the install left intact, and the new slot is emptied; with none
+    /// before, the scope's policy is removed.
+    pub fn undo_install(&mut self, maps: &mut (impl PolicyMaps + ?Sized)) {
+        let Some(before) = self.before.take() else {
+            self.remove(maps);
+            return;
+        };
+        let Some(new) = self.live else { return };
+        if maps.set_state(self.scope, before).is_ok() {
+            self.live = Some(before.slot & 1);
+            self.clear(maps, new);
+        }
+    }
+
+    /// Takes the scope's policy out of force and empties both slots: `POLICY_STATE` first,
+    /// so no connect looks into a slot being emptied.
+    pub fn remove(&mut self, maps: &mut (impl PolicyMaps + ?Sized)) {
+        maps.remove_state(self.scope);
+        self.live = None;
+        for slot in [0, 1] {
+            self.clear(maps, slot);
+        }
+    }
+
     /// Empties `slot`, least specific prefix first (the reverse of filling).
-    fn clear(&mut self, slot: u32) {
+    fn clear(&mut self, maps: &mut (impl PolicyMaps + ?Sized), slot: u32) {
         for key in self.keys[slot as usize].drain(..).rev() {
-            let _ = self.denied.remove(&key);
-            let _ = self.proxied.remove(&key);
+            for trie in PolicyTrie::ALL {
+                maps.remove(trie, &key);
+            }
         }
     }
-}
-
-/// The connects the kernel refused, as it reported them ([`maps::POLICY_EVENTS`]).
-pub struct DenyEvents {
-    ring: RingBuf<MapData>,
-}
-
-/// One refused connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelDeny {
-    pub dst: std::net::SocketAddr,
-    pub pid: u32,
-}
-
-impl DenyEvents {
-    pub fn open(pin_dir: &Path) -> Result<Self, KernelPolicyError> {
-        let name = maps::POLICY_EVENTS;
-        let err = |source| KernelPolicyError::Map { name, source };
-        let data = MapData::from_pin(pin_dir.join(name)).map_err(err)?;
-        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
-        Ok(Self {
-            ring: RingBuf::try_from(map).map_err(err)?,
-        })
-    }
-
-    /// Every event waiting in the ring (never blocks).
-    pub fn drain(&mut self) -> Vec<KernelDeny> {
-        let mut out = Vec::new();
-        while let Some(item) = self.ring.next() {
-            out.extend(decode_deny(&item));
-        }
-        out
-    }
-}
-
-/// One ring item as the kernel wrote it (a `PolicyDenyEvent`, at any alignment); `None` if
-/// it is too short. Pure Rust around one unsafe read: checked by Miri (`cargo xtask miri`).
-fn decode_deny(item: &[u8]) -> Option<KernelDeny> {
-    if item.len() < std::mem::size_of::<PolicyDenyEvent>() {
-        return None;
-    }
-    // SAFETY: `item` holds at least size_of::<PolicyDenyEvent>() initialized bytes (checked
-    // above); the type is plain integers, valid for any bits; the read is unaligned-safe.
-    let e: PolicyDenyEvent =
-        unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<PolicyDenyEvent>()) };
-    Some(KernelDeny {
-        dst: std::net::SocketAddr::new(ip_from_words(e.ip), e.port),
-        pid: e.pid,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn deny_events_decode_at_any_alignment() {
-        let event = PolicyDenyEvent {
-            ip: sidecar_common::words_from_ip("10.1.2.3".parse().unwrap()),
-            port: 5432,
-            _pad: 0,
-            pid: 4242,
-        };
-        let size = std::mem::size_of::<PolicyDenyEvent>();
-        let mut bytes = Vec::new();
-        for w in event.ip {
-            bytes.extend_from_slice(&w.to_ne_bytes());
-        }
-        bytes.extend_from_slice(&event.port.to_ne_bytes());
-        bytes.extend_from_slice(&0u16.to_ne_bytes());
-        bytes.extend_from_slice(&event.pid.to_ne_bytes());
-        assert_eq!(bytes.len(), size);
-        for offset in 0..4 {
-            let mut buf = vec![0xa5u8; offset];
-            buf.extend_from_slice(&bytes);
-            let got = decode_deny(&buf[offset..]).expect("a whole event");
-            assert_eq!(got.dst, "10.1.2.3:5432".parse().unwrap());
-            assert_eq!(got.pid, 4242);
-            assert!(decode_deny(&buf[offset..offset + size - 1]).is_none());
-        }
-    }
     use crate::{
         policy::{rules::Request, schema::parse},
         telemetry::labels::Direction,

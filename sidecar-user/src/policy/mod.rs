@@ -3,7 +3,9 @@
 //! * [`schema`]: the TOML file, parsed strictly and validated; errors name the line.
 //! * [`rules`]: the validated policy and its pure evaluation (first match wins).
 //! * [`destinations`]: per-destination retries, circuit breaking and connection caps.
-//! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`).
+//! * [`load`]: a policy's text checked whole, parsed and compiled (files and pods alike).
+//! * [`kernel`]: the outbound half compiled for the connect hooks (EPERM at `connect`), and
+//!   put in force in a workload's two slots; [`pinned`]: those maps as pinned.
 //! * [`stats`]: decisions counted by direction, rule and decision.
 //! * [`reload`]: the file watched and swapped atomically, kernel maps first.
 //!
@@ -12,6 +14,8 @@
 
 pub mod destinations;
 pub mod kernel;
+pub mod load;
+pub mod pinned;
 pub mod reload;
 pub mod rules;
 pub mod schema;
@@ -26,98 +30,81 @@ use std::{
 };
 
 use serde::Serialize;
-use thiserror::Error;
 use tracing::{info, warn};
 
-pub use self::schema::PolicyError;
+pub use self::{
+    load::{LoadError, Loaded, load},
+    schema::PolicyError,
+};
 use self::{
-    kernel::{DenyEvents, KernelPolicy, KernelPolicyError},
+    pinned::{DenyEvents, KernelPolicy},
     rules::{Action, Policy, Request},
     stats::{DecisionCount, PolicyStats},
 };
 use crate::telemetry::labels::{Decision, Direction};
-
-#[derive(Debug, Error)]
-pub enum LoadError {
-    #[error("cannot read policy file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "policy file {path} is empty (or only comments), which is what a file caught \
-         half-written looks like: to allow everything, say so with [defaults] outbound = \
-         \"allow\" and inbound = \"allow\""
-    )]
-    Empty { path: PathBuf },
-    #[error(
-        "policy file {path} does not end with a line break, so it looks cut short: write the \
-         new policy to a temporary file in the same directory and rename it over this one"
-    )]
-    Truncated { path: PathBuf },
-    #[error("policy file {path} {error}")]
-    Invalid { path: PathBuf, error: PolicyError },
-    #[error("policy file {path}: {error}")]
-    Kernel {
-        path: PathBuf,
-        error: KernelPolicyError,
-    },
-}
-
-/// A policy file read, validated and compiled for the kernel: everything that can fail
-/// before it is put in force.
-pub struct Loaded {
-    pub policy: Policy,
-    pub compiled: kernel::Compiled,
-}
-
-/// Reads, validates and compiles `path`.
-pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        path: path.into(),
-        source,
-    })?;
-    check_whole(path, &text)?;
-    let policy = schema::parse(&text).map_err(|error| LoadError::Invalid {
-        path: path.into(),
-        error,
-    })?;
-    let compiled = kernel::compile(&policy).map_err(|error| LoadError::Kernel {
-        path: path.into(),
-        error,
-    })?;
-    Ok(Loaded { policy, compiled })
-}
-
-/// The file is polled, so a writer that truncates it and writes it in place can be read
-/// mid-way: empty (which would parse as allow-everything) or cut inside a line. Both are
-/// refused, and the old policy stays in force. A cut that falls exactly between two lines
-/// cannot be told from a complete file, which is why the only safe update is to write a
-/// temporary file and rename it over the policy (as kubelet does for a ConfigMap volume).
-fn check_whole(path: &Path, text: &str) -> Result<(), LoadError> {
-    let has_content = text.lines().any(|l| {
-        let l = l.trim();
-        !l.is_empty() && !l.starts_with('#')
-    });
-    if !has_content {
-        return Err(LoadError::Empty { path: path.into() });
-    }
-    if !text.ends_with('\n') {
-        return Err(LoadError::Truncated { path: path.into() });
-    }
-    Ok(())
-}
 
 /// How often the policy file is checked for changes.
 const POLICY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often the kernel's deny events are read (and logged).
 const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// A policy for the node agent to install in a pod's kernel maps, and where to say whether
+/// it did (`Err`: its one-line refusal).
+pub struct KernelUpdate {
+    pub text: String,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// Who enforces the outbound policy at `connect()`: nobody (a proxy-only policy), the run's
+/// own pinned maps (`sidecar run`), or the node agent, for a pod (`sidecar proxy`), reached
+/// through the sidecar's registration connection.
+pub enum KernelHalf {
+    None,
+    Local(Box<Mutex<KernelPolicy>>),
+    Agent(tokio::sync::mpsc::Sender<KernelUpdate>),
+}
+
+impl KernelHalf {
+    /// Puts `loaded` in force in the kernel; the proxy's half follows only if this succeeds.
+    async fn install(&self, path: &Path, loaded: &Loaded) -> Result<(), LoadError> {
+        match self {
+            KernelHalf::None => Ok(()),
+            KernelHalf::Local(k) => k
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .install(&loaded.compiled)
+                .map_err(|error| LoadError::Kernel {
+                    path: path.into(),
+                    error,
+                }),
+            KernelHalf::Agent(agent) => {
+                let error = |error: String| LoadError::Agent {
+                    path: path.into(),
+                    error,
+                };
+                let (done, answer) = tokio::sync::oneshot::channel();
+                let update = KernelUpdate {
+                    text: loaded.text.clone(),
+                    done,
+                };
+                agent
+                    .send(update)
+                    .await
+                    .map_err(|_| error("the registration with the agent has stopped".into()))?;
+                answer
+                    .await
+                    .map_err(|_| error("the registration with the agent has stopped".into()))?
+                    .map_err(error)
+            }
+        }
+    }
+}
+
 /// The live policy, its kernel maps and its counters.
 pub struct Enforcer {
     path: PathBuf,
     live: RwLock<Arc<Policy>>,
-    kernel: Mutex<Option<KernelPolicy>>,
+    kernel: KernelHalf,
     /// Connects the kernel refused, read by [`Enforcer::drain_kernel_events`].
     kernel_events: Mutex<Option<DenyEvents>>,
     stats: PolicyStats,
@@ -149,30 +136,44 @@ pub struct Verdict {
 }
 
 impl Enforcer {
-    /// Puts `loaded` in force, in the kernel (if `kernel` is given) first.
+    /// Puts `loaded` in force, in the run's own kernel maps (if `kernel` is given) first.
     pub fn new(
         path: PathBuf,
         loaded: Loaded,
-        mut kernel: Option<KernelPolicy>,
+        kernel: Option<KernelPolicy>,
         kernel_events: Option<DenyEvents>,
     ) -> Result<Arc<Self>, LoadError> {
-        if let Some(k) = kernel.as_mut() {
-            k.install(&loaded.compiled)
-                .map_err(|error| LoadError::Kernel {
-                    path: path.clone(),
-                    error,
-                })?;
-        }
-        Ok(Arc::new(Self {
+        let kernel = match kernel {
+            Some(mut k) => {
+                k.install(&loaded.compiled)
+                    .map_err(|error| LoadError::Kernel {
+                        path: path.clone(),
+                        error,
+                    })?;
+                KernelHalf::Local(Box::new(Mutex::new(k)))
+            }
+            None => KernelHalf::None,
+        };
+        Ok(Self::with_kernel(path, loaded, kernel, kernel_events))
+    }
+
+    /// `loaded` is in force in `kernel` already (or there is none).
+    fn with_kernel(
+        path: PathBuf,
+        loaded: Loaded,
+        kernel: KernelHalf,
+        kernel_events: Option<DenyEvents>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             path,
             live: RwLock::new(Arc::new(loaded.policy)),
-            kernel: Mutex::new(kernel),
+            kernel,
             kernel_events: Mutex::new(kernel_events),
             stats: PolicyStats::default(),
             generation: AtomicU64::new(1),
             reload_errors: AtomicU64::new(0),
             loaded_at: Mutex::new(std::time::SystemTime::now()),
-        }))
+        })
     }
 
     /// For a run whose maps are pinned in `pin_dir`: puts `loaded` in force in the kernel
@@ -201,18 +202,24 @@ impl Enforcer {
         Ok(enforcer)
     }
 
-    /// For `sidecar proxy`, which has no access to the kernel maps: puts `loaded` in force in
-    /// the proxy only (outbound rules are applied when the proxy connects upstream, inbound
-    /// ones per tunnel stream) and starts watching the file. Needs a tokio runtime.
-    pub fn start_in_proxy(path: &Path, loaded: Loaded) -> Result<Arc<Self>, LoadError> {
-        let enforcer = Self::new(path.into(), loaded, None, None)?;
+    /// For `sidecar proxy`, which has no access to the kernel maps: the node agent installs
+    /// the pod's policy in them (`loaded` goes with the registration, so it is in force in the
+    /// kernel before the pod's first intercepted connect), and each reload goes to the agent
+    /// through `agent` before the proxy takes it. Starts watching the file. Needs a tokio
+    /// runtime.
+    pub fn start_with_agent(
+        path: &Path,
+        loaded: Loaded,
+        agent: tokio::sync::mpsc::Sender<KernelUpdate>,
+    ) -> Arc<Self> {
+        let enforcer = Self::with_kernel(path.into(), loaded, KernelHalf::Agent(agent), None);
         info!(
             file = %path.display(),
             rules = enforcer.current().rules.len(),
-            "policy in force in the proxy (the node agent compiles none into the kernel)"
+            "policy in force in the proxy, and in the kernel once the node agent registers the pod"
         );
         reload::spawn_watcher(enforcer.clone(), POLICY_POLL);
-        Ok(enforcer)
+        enforcer
     }
 
     pub fn path(&self) -> &Path {
@@ -223,25 +230,15 @@ impl Enforcer {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the file; a valid policy replaces the live one (kernel maps first, so a
-    /// kernel failure leaves the old policy whole in both halves).
-    pub fn reload(&self) -> Result<(), LoadError> {
-        let result = load(&self.path).and_then(|loaded| {
-            if let Some(k) = self
-                .kernel
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                k.install(&loaded.compiled)
-                    .map_err(|error| LoadError::Kernel {
-                        path: self.path.clone(),
-                        error,
-                    })?;
-            }
-            *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded.policy);
-            Ok(())
-        });
+    /// Re-reads the file; a valid policy replaces the live one (kernel half first, so a
+    /// kernel or agent refusal leaves the old policy whole in both halves).
+    pub async fn reload(&self) -> Result<(), LoadError> {
+        let result = match load(&self.path) {
+            Ok(loaded) => self.kernel.install(&self.path, &loaded).await.map(|()| {
+                *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded.policy);
+            }),
+            Err(e) => Err(e),
+        };
         match &result {
             Ok(()) => {
                 self.generation.fetch_add(1, Ordering::Relaxed);
@@ -301,6 +298,16 @@ impl Enforcer {
             Some(ring) => ring.drain(),
             None => return,
         };
+        self.record_kernel_denies(events.into_iter().map(|e| (e.dst, e.pid)));
+    }
+
+    /// Logs and counts connects the kernel refused, by destination and pid: read from the
+    /// run's own ring, or (a pod's) streamed by the node agent.
+    pub fn record_kernel_denies(
+        &self,
+        events: impl IntoIterator<Item = (std::net::SocketAddr, u32)>,
+    ) {
+        let events: Vec<_> = events.into_iter().collect();
         if events.is_empty() {
             return;
         }
@@ -309,16 +316,16 @@ impl Enforcer {
         // a denied connect in a loop must not flood the log.
         let mut batch: std::collections::BTreeMap<(String, std::net::SocketAddr, u32), u64> =
             Default::default();
-        for e in events {
+        for (dst, pid) in events {
             let req = Request {
                 direction: Direction::Outbound,
                 peer: None,
-                dst: e.dst,
+                dst,
             };
             let evaluation = policy.evaluate(&req);
             let rule = policy.rule_label(&evaluation, req.direction);
             self.stats.count(req.direction, &rule, Decision::Deny);
-            *batch.entry((rule, e.dst, e.pid)).or_default() += 1;
+            *batch.entry((rule, dst, pid)).or_default() += 1;
         }
         for ((rule, dst, pid), times) in batch {
             warn!(

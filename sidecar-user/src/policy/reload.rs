@@ -33,7 +33,7 @@ pub fn spawn_watcher(enforcer: Arc<Enforcer>, interval: Duration) -> tokio::task
                 continue;
             }
             seen = now;
-            match enforcer.reload() {
+            match enforcer.reload().await {
                 Ok(()) => info!(
                     file = %enforcer.path().display(),
                     rules = enforcer.current().rules.len(),

@@ -547,7 +547,7 @@ fn files_caught_half_written_are_refused_and_rename_is_taken() {
         (&replacement[..cut], "cut inside a line"),
     ] {
         std::fs::write(&path, partial).unwrap();
-        let err = enforcer.reload().expect_err(why);
+        let err = block_on(enforcer.reload()).expect_err(why);
         let one_line = err.to_string();
         assert!(
             matches!(err, LoadError::Empty { .. } | LoadError::Truncated { .. }),
@@ -564,6 +564,14 @@ fn files_caught_half_written_are_refused_and_rename_is_taken() {
     let tmp = dir.0.join(".policy.toml.tmp");
     std::fs::write(&tmp, &replacement).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    enforcer.reload().expect("a renamed-in file is whole");
+    block_on(enforcer.reload()).expect("a renamed-in file is whole");
     assert_eq!(enforcer.current().rules.len(), 2);
+}
+
+/// Runs a reload (async: a pod's goes to the node agent) to completion.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
 }

@@ -116,8 +116,8 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// For interception that keeps no counters of its own in the kernel (iptables mode, and a
-/// pod sidecar, whose kernel counters are the node agent's).
+/// For interception that keeps no counters of its own in the kernel (iptables mode; a pod
+/// sidecar's are the node agent's, but for the policy refusals the agent streams to it).
 pub struct NoKernelCounters;
 
 impl CounterSource for NoKernelCounters {

@@ -44,6 +44,35 @@ pub fn excluded_cidrs(node: &Node) -> usize {
     trie.keys().filter_map(Result::ok).count()
 }
 
+/// What the pinned policy maps hold: the scopes with a `POLICY_STATE` entry, and the
+/// `POLICY_OUT` and `POLICY_PROXIED` keys by the workload scope they belong to (each key's
+/// scope is `workload scope * 2 + slot`).
+pub fn policy_entries(node: &Node) -> (Vec<u32>, BTreeMap<u32, usize>) {
+    let data = MapData::from_pin(node.pin_dir.join("POLICY_STATE")).expect("pinned POLICY_STATE");
+    let state: BpfHashMap<MapData, u32, sidecar_common::PolicyState> =
+        aya::maps::Map::HashMap(data)
+            .try_into()
+            .expect("POLICY_STATE is a hash map");
+    let scopes = state.keys().filter_map(Result::ok).collect();
+    let mut keys = BTreeMap::new();
+    for name in ["POLICY_OUT", "POLICY_PROXIED"] {
+        let data = MapData::from_pin(node.pin_dir.join(name)).expect("pinned policy trie");
+        let trie: aya::maps::LpmTrie<
+            MapData,
+            sidecar_common::ScopedAddr,
+            sidecar_common::PortBitmap,
+        > = aya::maps::Map::LpmTrie(data)
+            .try_into()
+            .expect("an LPM trie");
+        for k in trie.keys().filter_map(Result::ok) {
+            *keys
+                .entry(u32::from_be_bytes(k.data().scope) / 2)
+                .or_default() += 1;
+        }
+    }
+    (scopes, keys)
+}
+
 /// The id the kernel (and so the agent's maps) knows a cgroup by: its inode number.
 pub fn host_cgroup_id(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -40,7 +40,7 @@ use std::{
 
 use serde_json::Value;
 
-pub use kernel::{collect_dirs, excluded_cidrs, host_cgroup_id, rmdir_retrying};
+pub use kernel::{collect_dirs, excluded_cidrs, host_cgroup_id, policy_entries, rmdir_retrying};
 pub use net::{ADDR_A, ADDR_B, NS_A, NS_B, Net};
 pub use proc::{Proc, spawn};
 pub use two_pods::{TwoPods, two_pods};
@@ -358,6 +358,18 @@ impl Node {
     /// `sidecar proxy` with kernel pass-through left on (the default).
     pub fn start_proxy_passthrough(&self, pod: &Pod, name: &str, extra: &[String]) -> Proc {
         self.spawn_proxy(pod, "proxy", name, "default", extra)
+    }
+
+    /// [`Node::start_proxy_passthrough`] in container cgroup `container` of the pod (a
+    /// restarted sidecar).
+    pub fn start_proxy_passthrough_in(
+        &self,
+        pod: &Pod,
+        container: &str,
+        name: &str,
+        extra: &[String],
+    ) -> Proc {
+        self.spawn_proxy(pod, container, name, "default", extra)
     }
 
     fn spawn_proxy(

@@ -2,22 +2,51 @@
 //! registrations' fields alone (not by the registry's own functions), so the fuzz target
 //! checks the registry against an account of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sidecar_common::{ScopedAddr, WorkloadConfig, flags, limits, role};
 
-use super::{memory_maps::MemoryMaps, pod_maps::CidrKey, registry::Registration};
+use super::{
+    memory_maps::{MemoryMaps, MemoryPolicyMaps},
+    pod_maps::CidrKey,
+    registry::Registration,
+};
 use crate::cidr::Cidr;
 
 /// A trie entry as the kernel tells entries apart: prefix length, scope, masked address.
 pub type Entry = (u32, [u8; 4], [u8; 16]);
 
-/// The maps' contents, without the pending failure.
+/// The maps' contents, without the pending failure, and of the policy maps only what is in
+/// force (the slot a scope does not use keeps an older policy until the next install).
 pub fn contents(maps: &MemoryMaps) -> MemoryMaps {
     MemoryMaps {
         fail_insert_in: None,
+        policy: maps.policy.as_ref().map(in_force),
         ..maps.clone()
     }
+}
+
+/// The policy maps' states and the keys of each scope's live slot.
+fn in_force(p: &MemoryPolicyMaps) -> MemoryPolicyMaps {
+    let live = |k: &(u32, [u8; 4], [u8; 16])| {
+        let slot_scope = u32::from_be_bytes(k.1);
+        p.states
+            .get(&(slot_scope / 2))
+            .is_some_and(|s| s.slot == slot_scope % 2)
+    };
+    MemoryPolicyMaps {
+        denied: p.denied.iter().filter(|(k, _)| live(k)).map(|(k, v)| (*k, v.clone())).collect(),
+        proxied: p.proxied.iter().filter(|(k, _)| live(k)).map(|(k, v)| (*k, v.clone())).collect(),
+        ..p.clone()
+    }
+}
+
+/// The workload scopes with any entry in the policy maps.
+pub fn policy_scopes(p: &MemoryPolicyMaps) -> BTreeSet<u32> {
+    let keys = p.denied.keys().chain(p.proxied.keys());
+    keys.map(|k| u32::from_be_bytes(k.1) / 2)
+        .chain(p.states.keys().copied())
+        .collect()
 }
 
 /// What the maps must hold for `pods`, worked out here from the registrations' fields.

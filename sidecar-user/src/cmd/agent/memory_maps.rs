@@ -6,9 +6,10 @@
 
 use std::{collections::BTreeMap, io};
 
-use sidecar_common::{WorkloadConfig, limits};
+use sidecar_common::{PolicyState, PortBitmap, WorkloadConfig, limits};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
+use crate::policy::kernel::{KernelPolicyError, PolicyMaps, PolicyTrie, SlotKey};
 
 /// Trie entries by (prefix length, scope, masked address).
 type TrieEntries = BTreeMap<(u32, [u8; 4], [u8; 16]), CidrKey>;
@@ -22,8 +23,122 @@ pub struct MemoryMaps {
     pub excluded_capacity: u32,
     pub meshed_capacity: u32,
     pub passthrough_capable: bool,
+    /// `POLICY_STATE`, `POLICY_OUT` and `POLICY_PROXIED` (`None`: pins without them).
+    pub policy: Option<MemoryPolicyMaps>,
     /// The insert this many inserts from now fails (once).
     pub fail_insert_in: Option<u32>,
+}
+
+/// A policy trie's entries by (prefix length, slot scope, address).
+type PolicyEntries = BTreeMap<(u32, [u8; 4], [u8; 16]), Box<PortBitmap>>;
+
+/// The policy maps in memory: a full trie refuses new keys, as the kernel's does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPolicyMaps {
+    pub states: BTreeMap<u32, PolicyState>,
+    pub denied: PolicyEntries,
+    pub proxied: PolicyEntries,
+    pub capacity: u32,
+    /// Entries a trie takes before it refuses new keys, as if other pods held the rest of
+    /// its capacity (`None`: the capacity).
+    pub room: Option<u32>,
+}
+
+impl Default for MemoryPolicyMaps {
+    fn default() -> Self {
+        Self {
+            states: BTreeMap::new(),
+            denied: BTreeMap::new(),
+            proxied: BTreeMap::new(),
+            capacity: limits::POLICY_OUT,
+            room: None,
+        }
+    }
+}
+
+impl MemoryPolicyMaps {
+    fn trie(&self, trie: PolicyTrie) -> &PolicyEntries {
+        match trie {
+            PolicyTrie::Denied => &self.denied,
+            PolicyTrie::Proxied => &self.proxied,
+        }
+    }
+
+    /// Whether the maps hold anything of workload `scope`: its state, or a key in either
+    /// slot of either trie.
+    pub fn holds_scope(&self, scope: u32) -> bool {
+        self.states.contains_key(&scope)
+            || [&self.denied, &self.proxied]
+                .iter()
+                .flat_map(|t| t.keys())
+                .any(|(_, s, _)| u32::from_be_bytes(*s) / 2 == scope)
+    }
+}
+
+impl PolicyMaps for MemoryPolicyMaps {
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn state(&self, scope: u32) -> Option<PolicyState> {
+        self.states.get(&scope).copied()
+    }
+
+    fn scopes(&self) -> Vec<u32> {
+        self.states.keys().copied().collect()
+    }
+
+    fn set_state(&mut self, scope: u32, state: PolicyState) -> Result<(), KernelPolicyError> {
+        self.states.insert(scope, state);
+        Ok(())
+    }
+
+    fn remove_state(&mut self, scope: u32) {
+        self.states.remove(&scope);
+    }
+
+    fn keys(&self, trie: PolicyTrie) -> Vec<SlotKey> {
+        self.trie(trie)
+            .keys()
+            .map(|(len, scope, addr)| SlotKey {
+                prefix_len: *len,
+                data: sidecar_common::ScopedAddr {
+                    scope: *scope,
+                    addr: *addr,
+                },
+            })
+            .collect()
+    }
+
+    fn insert(
+        &mut self,
+        trie: PolicyTrie,
+        key: &SlotKey,
+        ports: &PortBitmap,
+    ) -> Result<(), KernelPolicyError> {
+        let capacity = self.room.unwrap_or(self.capacity) as usize;
+        let entries = match trie {
+            PolicyTrie::Denied => &mut self.denied,
+            PolicyTrie::Proxied => &mut self.proxied,
+        };
+        let id = (key.prefix_len, key.data.scope, key.data.addr);
+        if entries.len() >= capacity && !entries.contains_key(&id) {
+            return Err(KernelPolicyError::Map {
+                name: trie.map_name(),
+                source: Box::new(io::Error::from_raw_os_error(libc::ENOSPC)),
+            });
+        }
+        entries.insert(id, Box::new(*ports));
+        Ok(())
+    }
+
+    fn remove(&mut self, trie: PolicyTrie, key: &SlotKey) {
+        let id = (key.prefix_len, key.data.scope, key.data.addr);
+        match trie {
+            PolicyTrie::Denied => self.denied.remove(&id),
+            PolicyTrie::Proxied => self.proxied.remove(&id),
+        };
+    }
 }
 
 impl Default for MemoryMaps {
@@ -37,6 +152,7 @@ impl Default for MemoryMaps {
             excluded_capacity: limits::EXCLUDED_CIDRS,
             meshed_capacity: limits::MESH_CIDRS,
             passthrough_capable: true,
+            policy: Some(MemoryPolicyMaps::default()),
             fail_insert_in: None,
         }
     }
@@ -103,6 +219,14 @@ impl PodMaps for MemoryMaps {
 
     fn passthrough_capable(&self) -> bool {
         self.passthrough_capable
+    }
+
+    fn policy(&mut self) -> Option<&mut dyn PolicyMaps> {
+        self.policy.as_mut().map(|p| p as &mut dyn PolicyMaps)
+    }
+
+    fn policy_ref(&self) -> Option<&dyn PolicyMaps> {
+        self.policy.as_ref().map(|p| p as &dyn PolicyMaps)
     }
 
     fn workloads(&self) -> Vec<(u64, WorkloadConfig)> {

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod callers;
 pub mod cli;
+pub mod denies;
 pub mod listener;
 #[cfg(test)]
 mod memory_maps;
@@ -113,6 +114,8 @@ pub struct Agent {
     pub throttle: LogThrottle,
     /// The pods' sidecars listening for their pass-through records.
     pub records: Arc<records::Subscribers>,
+    /// Pods' sidecars listening for their kernel refusals (fed by [`denies`]).
+    pub denies: Arc<records::Subscribers<crate::registration::PolicyDenied>>,
 }
 
 impl Agent {
@@ -276,6 +279,24 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
             sidecar_common::limits::EXCLUDED_CIDRS
         );
     }
+    match pins
+        .policy
+        .as_ref()
+        .map(crate::policy::kernel::PolicyMaps::capacity)
+    {
+        Some(capacity) if capacity < sidecar_common::limits::POLICY_OUT => warn!(
+            "the pinned policy tries hold {capacity} entries (installed by an older build; maps \
+             carry over an upgrade): a pod's policy may compile to at most {} destination \
+             prefixes until `sidecar agent --uninstall` and a restart create the {}-entry tries",
+            registry::policy_quota(capacity),
+            sidecar_common::limits::POLICY_OUT
+        ),
+        Some(_) => {}
+        None => warn!(
+            "the pins have no policy maps (installed by an older build): pods with a policy are \
+             refused until `sidecar agent --uninstall` and a restart create them"
+        ),
+    }
     let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)
         .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;
@@ -323,9 +344,23 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
         sockmap,
         throttle: LogThrottle::default(),
         records,
+        denies: Arc::default(),
     }));
 
     // Bound before serving anything, so a busy address is a clean error.
+    {
+        let _guard = rt.enter();
+        match crate::policy::pinned::DenyEvents::open(&pin_dir) {
+            Ok(events) => {
+                rt.spawn(denies::run(events, agent.clone()));
+            }
+            Err(e) => warn!(
+                "cannot read the pods' policy refusals ({e}): connects the kernel refuses go \
+                 unlogged (the eBPF counter connect_policy_denied still counts them)"
+            ),
+        }
+    }
+
     let admin = match opts.admin_addr {
         Some(addr) => Some(std::net::TcpListener::bind(addr).map_err(|e| {
             anyhow::anyhow!(

@@ -20,6 +20,7 @@ use aya::{
 use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
+use crate::policy::{kernel::PolicyMaps, pinned::PinnedPolicyMaps};
 
 use crate::redirect::ebpf::{
     EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, open_pinned, program,
@@ -60,6 +61,8 @@ pub struct AgentPins {
     /// Pods' caps on pass-through connections per destination, by scope (`None`: pins of a
     /// build without them, whose programs hold no such cap).
     pub direct_caps: Option<HashMap<MapData, u32, u32>>,
+    /// Pods' policies, by scope (`None`: pins without the policy maps).
+    pub policy: Option<PinnedPolicyMaps>,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -93,6 +96,7 @@ impl AgentPins {
             meshed_capacity: capacity(dir, maps::MESH_CIDRS).ok(),
             meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
             direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
+            policy: PinnedPolicyMaps::open(dir).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }
@@ -106,6 +110,9 @@ impl AgentPins {
         }
         if self.direct_caps.is_none() {
             self.direct_caps = open_pinned(&self.dir, maps::DIRECT_CAPS).ok();
+        }
+        if self.policy.is_none() {
+            self.policy = PinnedPolicyMaps::open(&self.dir).ok();
         }
     }
 
@@ -141,6 +148,14 @@ impl PodMaps for AgentPins {
 
     fn passthrough_capable(&self) -> bool {
         AgentPins::passthrough_capable(self)
+    }
+
+    fn policy(&mut self) -> Option<&mut dyn PolicyMaps> {
+        self.policy.as_mut().map(|p| p as &mut dyn PolicyMaps)
+    }
+
+    fn policy_ref(&self) -> Option<&dyn PolicyMaps> {
+        self.policy.as_ref().map(|p| p as &dyn PolicyMaps)
     }
 
     fn workloads(&self) -> Vec<(u64, WorkloadConfig)> {

@@ -1,11 +1,14 @@
 //! The kernel maps the [`registry`](super::registry) keeps in step with its registrations,
 //! as the few operations it needs: list, insert and remove entries of `WORKLOADS`,
-//! `DIRECT_CAPS` and the two per-pod CIDR tries. The agent's pinned maps implement it
+//! `DIRECT_CAPS` and the two per-pod CIDR tries, and the policy maps
+//! ([`PolicyMaps`]). The agent's pinned maps implement it
 //! ([`AgentPins`](super::pins::AgentPins)); the registry's tests and the agent's fuzz target
 //! use maps in memory (`memory_maps.rs`), so the registry's bookkeeping is checked without a
 //! kernel.
 
 use sidecar_common::{ScopedAddr, WorkloadConfig};
+
+use crate::policy::kernel::PolicyMaps;
 
 /// The per-pod CIDR tries, keyed by [`CidrKey`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -72,6 +75,11 @@ pub trait PodMaps {
     /// Whether the programs can pass connections through (see
     /// [`AgentPins::passthrough_capable`](super::pins::AgentPins::passthrough_capable)).
     fn passthrough_capable(&self) -> bool;
+
+    /// `POLICY_STATE` and the two policy tries, where pods' policies are installed (`None`:
+    /// pins without them, where a pod with a policy is refused).
+    fn policy(&mut self) -> Option<&mut dyn PolicyMaps>;
+    fn policy_ref(&self) -> Option<&dyn PolicyMaps>;
 
     /// `WORKLOADS`: cgroup id → the configuration of the pod or proxy in that cgroup.
     fn workloads(&self) -> Vec<(u64, WorkloadConfig)>;

@@ -5,7 +5,10 @@
 //! by the server, never from what it sends.
 //!
 //! Records for a pod whose sidecar is not listening (restarting, or too slow: its queue is
-//! full) are dropped and counted (`undelivered`), never queued without bound.
+//! full) are dropped and counted (`undelivered`), never queued without bound. The same
+//! delivery carries the connects the kernel refused under a pod's policy
+//! ([`Subscribers<PolicyDenied>`](crate::registration::PolicyDenied), fed by
+//! [`denies`](super::denies)).
 
 use std::{
     collections::HashMap,
@@ -24,18 +27,27 @@ use crate::registration::PassedThrough;
 /// Records queued per subscribed sidecar before further ones are dropped.
 const QUEUE: usize = 4096;
 
-/// Who listens for which pod's records.
-#[derive(Default)]
-pub struct Subscribers {
-    by_scope: Mutex<HashMap<u32, Vec<mpsc::Sender<PassedThrough>>>>,
+/// Who listens for which pod's records (or refusals).
+pub struct Subscribers<T = PassedThrough> {
+    by_scope: Mutex<HashMap<u32, Vec<mpsc::Sender<T>>>>,
     /// Records no sidecar took (none subscribed, or its queue was full).
     pub undelivered: AtomicU64,
     pub delivered: AtomicU64,
 }
 
-impl Subscribers {
+impl<T> Default for Subscribers<T> {
+    fn default() -> Self {
+        Self {
+            by_scope: Mutex::default(),
+            undelivered: AtomicU64::default(),
+            delivered: AtomicU64::default(),
+        }
+    }
+}
+
+impl<T: Copy> Subscribers<T> {
     /// A new listener for the pod with `scope`; dropping the receiver unsubscribes it.
-    pub fn subscribe(&self, scope: u32) -> mpsc::Receiver<PassedThrough> {
+    pub fn subscribe(&self, scope: u32) -> mpsc::Receiver<T> {
         let (tx, rx) = mpsc::channel(QUEUE);
         self.by_scope
             .lock()
@@ -46,7 +58,7 @@ impl Subscribers {
         rx
     }
 
-    fn deliver(&self, scope: u32, record: PassedThrough) {
+    pub fn deliver(&self, scope: u32, record: T) {
         let mut by_scope = self.by_scope.lock().unwrap_or_else(|e| e.into_inner());
         let mut taken = false;
         if let Some(senders) = by_scope.get_mut(&scope) {
@@ -65,7 +77,9 @@ impl Subscribers {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+}
 
+impl Subscribers {
     /// Reads the ring for as long as it can and delivers every report.
     pub async fn run(self: Arc<Self>, mut events: DirectEvents) {
         loop {
@@ -107,7 +121,7 @@ mod tests {
 
     #[test]
     fn a_pod_gets_only_its_own_records_and_the_rest_are_counted() {
-        let subs = Subscribers::default();
+        let subs = Subscribers::<PassedThrough>::default();
         let mut a = subs.subscribe(1);
         let mut b = subs.subscribe(2);
         subs.deliver(1, record());

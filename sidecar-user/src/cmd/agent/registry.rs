@@ -4,9 +4,14 @@
 //!
 //! The map is always made to match the registrations exactly: entries of pods that are gone,
 //! or that no registration explains, are removed (at start and by the periodic sweep).
+//!
+//! A pod's policy (the text its sidecar sent) is installed in the pod's scope of the policy
+//! maps before its `WORKLOADS` entry is written, kept in force across agent restarts (the
+//! text is persisted with the registration and installed again at start), and emptied out
+//! with the registration.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -17,7 +22,14 @@ use sidecar_common::{
 };
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
-use crate::{cidr::Cidr, host::cgroup};
+use crate::{
+    cidr::Cidr,
+    host::cgroup,
+    policy::{
+        kernel::{Compiled, KernelPolicyError, PolicyMaps, PolicySlots, PolicyTrie},
+        load,
+    },
+};
 
 /// Destination CIDRs one pod may exclude (the kernel trie holds this many for every pod).
 pub const MAX_CIDRS: usize = limits::EXCLUDED_CIDRS_PER_POD as usize;
@@ -30,6 +42,43 @@ const MAX_PODS: u32 = limits::WORKLOADS / 2;
 /// still has its full share and none can starve another.
 pub fn cidr_quota(capacity: u32) -> usize {
     MAX_CIDRS.min((capacity / MAX_PODS) as usize)
+}
+
+/// Destination prefixes one pod's compiled policy may have on a node whose policy tries hold
+/// `capacity` entries: both slots of every pod the node can register fit, so no pod's policy
+/// can leave another without room (fewer on tries adopted from an older build).
+pub fn policy_quota(capacity: u32) -> usize {
+    (limits::POLICY_PREFIXES as usize).min((capacity / MAX_PODS / 2) as usize)
+}
+
+/// A pod's policy as its sidecar sent it, validated and compiled (`policy::load::from_text`).
+#[derive(Clone)]
+pub struct PodPolicy {
+    pub text: String,
+    pub compiled: Compiled,
+}
+
+impl std::fmt::Debug for PodPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodPolicy")
+            .field("bytes", &self.text.len())
+            .field("prefixes", &self.compiled.entries.len())
+            .finish()
+    }
+}
+
+/// Validates and compiles a pod's policy text, as `sidecar policy check` does a file.
+pub fn pod_policy(uid: &str, text: String) -> Result<PodPolicy, load::LoadError> {
+    let loaded = load::from_text(&policy_name(uid), text)?;
+    Ok(PodPolicy {
+        text: loaded.text,
+        compiled: loaded.compiled,
+    })
+}
+
+/// What errors call a pod's policy ("policy file of pod … line 3: …").
+fn policy_name(uid: &str) -> PathBuf {
+    PathBuf::from(format!("of pod {uid}"))
 }
 
 /// File name of the persisted registrations in the state directory.
@@ -77,6 +126,10 @@ pub struct Registration {
     /// or broken connections included).
     #[serde(default)]
     pub registrations: u64,
+    /// The pod's policy (its sidecar's file, whole), in force in the pod's kernel slots; kept
+    /// here so a restarted agent puts it back before the sidecar re-registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// What a register request asks for, after the caller's pod was derived from its cgroup.
@@ -95,6 +148,8 @@ pub struct Request {
     pub mesh_cidrs: Vec<Cidr>,
     /// The sidecar's listeners, checked; marked only once the registration is admitted.
     pub listeners: Option<super::listener::Verified>,
+    /// The pod's policy, installed before its `WORKLOADS` entry is written.
+    pub policy: Option<PodPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +178,20 @@ pub enum RegistryError {
          the pod may not take over its interception"
     )]
     Taken { uid: String, taken: PathBuf },
+    #[error(
+        "the policy compiles to {prefixes} destination prefixes (2 of them always: the IPv4 and \
+         IPv6 spaces); a pod may have at most {quota} on this node: merge CIDRs"
+    )]
+    PolicyOverQuota { prefixes: usize, quota: usize },
+    #[error(
+        "the node's pinned programs have no policy maps (installed by an older build): this \
+         node cannot enforce a pod's policy until `sidecar agent --uninstall` and a restart"
+    )]
+    NoPolicyMaps,
+    #[error("installing the pod's policy: {0}")]
+    Policy(#[from] KernelPolicyError),
+    #[error("this pod is not registered (any more): register it again")]
+    NotRegistered,
 }
 
 impl RegistryError {
@@ -131,7 +200,12 @@ impl RegistryError {
         match self {
             RegistryError::Taken { .. } => "proxy_taken",
             RegistryError::Mark(_) => "bad_listener",
-            RegistryError::TooManyCidrs { .. } => "over_quota",
+            RegistryError::TooManyCidrs { .. } | RegistryError::PolicyOverQuota { .. } => {
+                "over_quota"
+            }
+            RegistryError::NoPolicyMaps => "no_policy_maps",
+            RegistryError::Policy(_) => "kernel_map",
+            RegistryError::NotRegistered => "not_registered",
             RegistryError::Full => "node_full",
             RegistryError::Map(_) => "kernel_map",
             RegistryError::Persist { .. } => "internal",
@@ -146,7 +220,10 @@ impl RegistryError {
     pub fn retry(&self) -> bool {
         matches!(
             self,
-            RegistryError::Full | RegistryError::Map(_) | RegistryError::Persist { .. }
+            RegistryError::Full
+                | RegistryError::Map(_)
+                | RegistryError::Policy(_)
+                | RegistryError::Persist { .. }
         )
     }
 }
@@ -165,6 +242,11 @@ pub struct Registry {
     refusals: BTreeMap<&'static str, u64>,
     /// Until then, kernel entries no registration explains are kept (see [`Registry::hold`]).
     hold_until: Option<std::time::Instant>,
+    /// The kernel slots of each pod's policy, by pod UID (not persisted: adopted from the
+    /// maps after a restart).
+    policies: BTreeMap<String, PolicySlots>,
+    /// Pods whose saved policy could not be put back in force: said once, retried each sweep.
+    policy_failures: BTreeSet<String>,
 }
 
 impl Registry {
@@ -188,6 +270,8 @@ impl Registry {
             pods: persisted.pods,
             refusals: BTreeMap::new(),
             hold_until: None,
+            policies: BTreeMap::new(),
+            policy_failures: BTreeSet::new(),
         })
     }
 
@@ -203,6 +287,11 @@ impl Registry {
             .map(|(_, cfg)| cfg.scope)
             .max()
             .unwrap_or(0);
+        let max_policy_scope = maps
+            .policy_ref()
+            .and_then(|p| p.scopes().into_iter().max())
+            .unwrap_or(0);
+        let max_scope = max_scope.max(max_policy_scope);
         self.next_scope = self.next_scope.max(max_scope.saturating_add(1));
     }
 
@@ -236,6 +325,9 @@ impl Registry {
         }
         if req.proxy_port == 0 {
             return Err(RegistryError::NoPort);
+        }
+        if let Some(policy) = &req.policy {
+            check_policy_quota(maps, policy)?;
         }
         let pod_cgroup_id = cgroup::id(&req.pod.pod)?;
         let proxy_cgroup_id = cgroup::id(&req.pod.container)?;
@@ -290,19 +382,95 @@ impl Registry {
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
+            policy: req.policy.as_ref().map(|p| p.text.clone()),
         };
+        // The policy first: no connect of the pod may find it intercepted without its policy.
+        // Slots of the pod's previous scope stay as they are until everything else is in.
+        let held = self.policies.remove(&reg.pod_uid);
+        let (mut slots, stale) = match held {
+            Some(s) if s.scope() == scope => (Some(s), None),
+            other => (None, other),
+        };
+        if let Some(policy) = &req.policy {
+            let pm = maps.policy().ok_or(RegistryError::NoPolicyMaps)?;
+            let s = slots.get_or_insert_with(|| PolicySlots::adopt(pm, scope));
+            if let Err(e) = s.install(pm, &policy.compiled) {
+                self.keep_slots(&reg.pod_uid, slots.filter(PolicySlots::is_live).or(stale));
+                return Err(e.into());
+            }
+        }
         // The pod's entries are written over its previous registration's (a recreated pod's
         // under its old scope and cgroups), and those left over removed once all are in.
         if let Err(e) = write(maps, &reg, previous.as_ref()) {
             restore(maps, &reg, previous.as_ref());
+            if req.policy.is_some()
+                && let Some(s) = &mut slots
+                && let Some(pm) = maps.policy()
+            {
+                s.undo_install(pm);
+            }
+            self.keep_slots(&reg.pod_uid, slots.filter(PolicySlots::is_live).or(stale));
             return Err(e.into());
         }
         if let Some(prev) = &previous {
             remove_stale(maps, prev, &reg);
         }
+        if let Some(pm) = maps.policy() {
+            // Registered without a policy now: the one it had goes.
+            if req.policy.is_none()
+                && let Some(s) = &mut slots
+            {
+                s.remove(pm);
+            }
+            // A recreated pod's old scope.
+            if let Some(mut s) = stale.filter(|s| s.scope() != scope) {
+                s.remove(pm);
+            }
+        }
+        self.keep_slots(&reg.pod_uid, slots);
         self.pods.insert(reg.pod_uid.clone(), reg.clone());
         self.persist()?;
         Ok(reg)
+    }
+
+    /// Replaces the policy of the registered pod `uid` (its sidecar reloaded its file). A
+    /// refusal leaves the policy in force as it was.
+    pub fn set_policy(
+        &mut self,
+        maps: &mut impl PodMaps,
+        uid: &str,
+        policy: PodPolicy,
+    ) -> Result<(), RegistryError> {
+        let Some(reg) = self.pods.get_mut(uid) else {
+            return Err(RegistryError::NotRegistered);
+        };
+        check_policy_quota(maps, &policy)?;
+        let pm = maps.policy().ok_or(RegistryError::NoPolicyMaps)?;
+        let scope = reg.scope;
+        let slots = self
+            .policies
+            .entry(uid.to_string())
+            .or_insert_with(|| PolicySlots::adopt(pm, scope));
+        if let Err(e) = slots.install(pm, &policy.compiled) {
+            if !slots.is_live() {
+                self.policies.remove(uid);
+            }
+            return Err(e.into());
+        }
+        reg.policy = Some(policy.text);
+        // In force in the kernel: what the registrations file says matters only after a
+        // restart, and the sidecar sends its policy again when it re-registers.
+        if let Err(e) = self.persist() {
+            tracing::warn!(pod_uid = %uid, "the new policy is in force but not saved: {e}");
+        }
+        Ok(())
+    }
+
+    /// Files `slots` as the pod's, if it has a policy in force.
+    fn keep_slots(&mut self, uid: &str, slots: Option<PolicySlots>) {
+        if let Some(s) = slots.filter(PolicySlots::is_live) {
+            self.policies.insert(uid.to_string(), s);
+        }
     }
 
     /// Removes a pod's interception (its sidecar deregistered, or the pod is gone).
@@ -314,6 +482,16 @@ impl Registry {
         // that is going away.
         for id in [reg.pod_cgroup_id, reg.proxy_cgroup_id] {
             maps.remove_workload(id)?;
+        }
+        self.policy_failures.remove(uid);
+        let held = self.policies.remove(uid);
+        if let Some(pm) = maps.policy()
+            && (held.is_some() || reg.policy.is_some())
+        {
+            let mut slots = held
+                .filter(|s| s.scope() == reg.scope)
+                .unwrap_or_else(|| PolicySlots::adopt(pm, reg.scope));
+            slots.remove(pm);
         }
         maps.remove_cap(reg.scope)?;
         for trie in Trie::ALL {
@@ -381,7 +559,61 @@ impl Registry {
                 .collect();
             sync_trie(maps, trie, &wanted, prune)?;
         }
+        if let Some(pm) = maps.policy() {
+            self.sync_policies(pm, prune);
+        }
         Ok(gone)
+    }
+
+    /// Puts each registration's policy in force where it is not (after a restart: adopting
+    /// what the maps hold for its scope, so nothing of the old slots is left), and with
+    /// `prune` removes every policy entry of a scope that has no registered policy.
+    fn sync_policies(&mut self, pm: &mut dyn PolicyMaps, prune: bool) {
+        for r in self.pods.values() {
+            let Some(text) = &r.policy else { continue };
+            if self
+                .policies
+                .get(&r.pod_uid)
+                .is_some_and(|s| s.scope() == r.scope && s.is_live())
+            {
+                continue;
+            }
+            let mut slots = PolicySlots::adopt(pm, r.scope);
+            let installed = pod_policy(&r.pod_uid, text.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|p| slots.install(pm, &p.compiled).map_err(|e| e.to_string()));
+            match installed {
+                Ok(()) => {
+                    tracing::info!(pod_uid = %r.pod_uid, "the pod's policy is in force again");
+                    self.policies.insert(r.pod_uid.clone(), slots);
+                    self.policy_failures.remove(&r.pod_uid);
+                }
+                Err(e) => {
+                    if self.policy_failures.insert(r.pod_uid.clone()) {
+                        tracing::warn!(pod_uid = %r.pod_uid, "cannot put the pod's policy back in force (retried each sweep): {e}")
+                    }
+                }
+            }
+        }
+        if !prune {
+            return;
+        }
+        let wanted: BTreeSet<u32> = self
+            .pods
+            .values()
+            .filter(|r| r.policy.is_some())
+            .map(|r| r.scope)
+            .collect();
+        for scope in pm.scopes().into_iter().filter(|s| !wanted.contains(s)) {
+            pm.remove_state(scope);
+        }
+        for trie in PolicyTrie::ALL {
+            for key in pm.keys(trie) {
+                if !wanted.contains(&key.owner().0) {
+                    pm.remove(trie, &key);
+                }
+            }
+        }
     }
 
     fn persist(&self) -> Result<(), RegistryError> {
@@ -398,6 +630,16 @@ impl Registry {
                 source,
             })
     }
+}
+
+/// Refuses a policy bigger than a pod's share of the node's policy tries.
+fn check_policy_quota(maps: &impl PodMaps, policy: &PodPolicy) -> Result<(), RegistryError> {
+    let pm = maps.policy_ref().ok_or(RegistryError::NoPolicyMaps)?;
+    let (prefixes, quota) = (policy.compiled.entries.len(), policy_quota(pm.capacity()));
+    if prefixes > quota {
+        return Err(RegistryError::PolicyOverQuota { prefixes, quota });
+    }
+    Ok(())
 }
 
 /// Writes the entries of `reg` (over `prev`, the pod's registration before, if any):
@@ -480,6 +722,11 @@ fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration
     }
     if prev.scope != reg.scope {
         let _ = maps.remove_cap(prev.scope);
+        if prev.policy.is_some()
+            && let Some(pm) = maps.policy()
+        {
+            PolicySlots::adopt(pm, prev.scope).remove(pm);
+        }
     }
     for id in [prev.proxy_cgroup_id, prev.pod_cgroup_id] {
         if id != reg.proxy_cgroup_id && id != reg.pod_cgroup_id {
@@ -613,6 +860,7 @@ mod tests {
             passthrough_cap: cap,
             mesh_cidrs: parse(mesh),
             listeners: None,
+            policy: None,
         }
     }
 
@@ -766,5 +1014,178 @@ mod tests {
         assert_eq!(held(Trie::Meshed), PODS * quota);
         assert_eq!(held(Trie::Excluded), PODS * quota);
         assert!(quota * MAX_PODS as usize <= limits::MESH_CIDRS as usize);
+    }
+
+    /// `n` deny rules on distinct /24s: `n + 2` prefixes compiled.
+    fn policy_of(n: usize, tag: u8) -> PodPolicy {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[rule]]\naction = \"deny\"\ndestinations = [\"10.{tag}.{i}.0/24\"]\n"
+            ));
+        }
+        if n == 0 {
+            text.push_str("[defaults]\noutbound = \"allow\"\n");
+        }
+        pod_policy("test", text).unwrap()
+    }
+
+    fn with_policy(pod: PodCgroup, policy: PodPolicy) -> Request {
+        Request {
+            policy: Some(policy),
+            ..request(pod, &[], &[], None)
+        }
+    }
+
+    fn policy_maps(maps: &MemoryMaps) -> &super::super::memory_maps::MemoryPolicyMaps {
+        maps.policy.as_ref().unwrap()
+    }
+
+    /// Keys of workload `scope` in the denied trie.
+    fn policy_keys(maps: &MemoryMaps, scope: u32) -> usize {
+        let p = policy_maps(maps);
+        p.denied
+            .keys()
+            .filter(|k| u32::from_be_bytes(k.1) / 2 == scope)
+            .count()
+    }
+
+    /// A pod registered with a policy has it in force in its scope; a refused registration
+    /// (its `WORKLOADS` write fails) leaves nothing of it; deregistering empties both slots
+    /// and the state.
+    #[test]
+    fn a_pods_policy_comes_and_goes_with_its_registration() {
+        let node = Node::new("policy-lifecycle");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let pod = node.pod("a1");
+        // No CIDRs and no cap: the first insert that can be made to fail is the proxy's
+        // WORKLOADS entry, written after the policy (whose trie inserts are not counted).
+        maps.fail_insert_in = Some(0);
+        let refused = registry.register(&mut maps, with_policy(pod.clone(), policy_of(3, 1)));
+        assert!(matches!(refused, Err(RegistryError::Map(_))), "{refused:?}");
+        assert!(policy_maps(&maps).states.is_empty());
+        assert!(policy_maps(&maps).denied.is_empty());
+        assert!(maps.workloads.is_empty());
+
+        let reg = registry
+            .register(&mut maps, with_policy(pod.clone(), policy_of(3, 1)))
+            .unwrap();
+        assert!(reg.policy.is_some());
+        assert_eq!(
+            policy_maps(&maps)
+                .states
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [reg.scope]
+        );
+        assert_eq!(policy_keys(&maps, reg.scope), 5);
+        // A reload fills the other slot: both are there until the next one.
+        registry
+            .set_policy(&mut maps, "a1", policy_of(1, 2))
+            .unwrap();
+        assert_eq!(policy_keys(&maps, reg.scope), 5 + 3);
+        assert!(registry.remove(&mut maps, "a1").unwrap());
+        assert!(!policy_maps(&maps).holds_scope(reg.scope));
+    }
+
+    /// A policy over the pod's quota is refused at registration (nothing registered) and as
+    /// a replacement (the old one stays in force); so is one the tries have no room for.
+    #[test]
+    fn a_refused_policy_leaves_the_one_in_force() {
+        let node = Node::new("policy-refused");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let quota = policy_quota(limits::POLICY_OUT);
+        assert_eq!(quota, limits::POLICY_PREFIXES_PER_POD as usize);
+        let pod = node.pod("a1");
+        let over = policy_of(quota - 1, 1);
+        let refused = registry.register(&mut maps, with_policy(pod.clone(), over.clone()));
+        let e = refused.unwrap_err();
+        assert_eq!(e.reason(), "over_quota", "{e}");
+        assert!(e.to_string().contains("merge CIDRs"), "{e}");
+        assert_eq!(registry.pods().count(), 0);
+        assert_eq!(maps, MemoryMaps::default());
+
+        let full = policy_of(quota - 2, 1);
+        let reg = registry
+            .register(&mut maps, with_policy(pod, full.clone()))
+            .unwrap();
+        let before = maps.clone();
+        let e = registry.set_policy(&mut maps, "a1", over).unwrap_err();
+        assert_eq!(e.reason(), "over_quota");
+        assert_eq!(maps, before);
+        assert_eq!(
+            registry.pods().next().unwrap().policy,
+            Some(full.text.clone())
+        );
+
+        // No room left in the tries: refused, and retried later.
+        maps.policy.as_mut().unwrap().room = Some(quota as u32 + 1);
+        let e = registry
+            .set_policy(&mut maps, "a1", policy_of(3, 2))
+            .unwrap_err();
+        assert_eq!(e.reason(), "kernel_map", "{e}");
+        assert!(e.retry());
+        let p = policy_maps(&maps);
+        assert_eq!(p.states, policy_maps(&before).states);
+        let live = |m: &MemoryMaps| {
+            let slot = policy_maps(m).states[&reg.scope].slot;
+            let owner = (reg.scope * 2 + slot).to_be_bytes();
+            let keys = policy_maps(m).denied.keys().filter(|k| k.1 == owner);
+            keys.copied().collect::<Vec<_>>()
+        };
+        assert_eq!(live(&maps), live(&before));
+        assert_eq!(registry.pods().next().unwrap().policy, Some(full.text));
+    }
+
+    /// A restarted agent puts each persisted policy back in force, adopting the slots the
+    /// maps hold, so its later installs and the pod's removal leave none of the old keys.
+    #[test]
+    fn a_restarted_agent_adopts_the_pinned_slots() {
+        let node = Node::new("policy-restart");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let reg = registry
+            .register(&mut maps, with_policy(node.pod("a1"), policy_of(4, 1)))
+            .unwrap();
+        registry
+            .set_policy(&mut maps, "a1", policy_of(2, 2))
+            .unwrap();
+        // The agent restarts, and a stale state of a pod nobody registered is pruned.
+        maps.policy
+            .as_mut()
+            .unwrap()
+            .states
+            .insert(reg.scope + 50, Default::default());
+        let mut registry = node.registry();
+        assert_eq!(
+            registry.pods().next().unwrap().policy,
+            Some(policy_of(2, 2).text)
+        );
+        registry.reconcile(&mut maps).unwrap();
+        assert_eq!(
+            policy_maps(&maps)
+                .states
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [reg.scope]
+        );
+        registry
+            .set_policy(&mut maps, "a1", policy_of(1, 3))
+            .unwrap();
+        // The 4-rule policy's 6 keys are gone: the 2-rule one's 4 and the 1-rule one's 3.
+        assert_eq!(policy_keys(&maps, reg.scope), 4 + 3);
+        assert!(registry.remove(&mut maps, "a1").unwrap());
+        assert!(!policy_maps(&maps).holds_scope(reg.scope));
+        assert!(policy_maps(&maps).denied.is_empty());
+    }
+
+    #[test]
+    fn every_pod_the_node_can_register_gets_its_full_policy_quota() {
+        let quota = policy_quota(limits::POLICY_OUT);
+        assert_eq!(quota, limits::POLICY_PREFIXES_PER_POD as usize);
+        assert!(quota * 2 * MAX_PODS as usize <= limits::POLICY_OUT as usize);
+        // Tries of an older build (2,048 entries): 2 prefixes per pod, not 32 for 32 pods.
+        assert_eq!(policy_quota(2048), 2);
     }
 }

@@ -7,9 +7,9 @@ use super::{
     listener::Verified,
     pod::{self, PodCgroup},
     pod_maps::PodMaps,
-    registry::{self, Registration, Registry},
+    registry::{self, PodPolicy, Registration, Registry},
 };
-use crate::registration::Request;
+use crate::registration::{MAX_POLICY, Request};
 
 /// What one connection has registered: it may deregister only that pod, and never register
 /// another.
@@ -49,6 +49,8 @@ impl Refusal {
 pub enum Outcome {
     Registered(Registration),
     Deregistered(String),
+    /// The pod's policy was replaced (`policy`).
+    PolicyReplaced(String),
     /// `status` from root on the node, outside every pod: the server writes it.
     Status,
     /// Refused: counted under its reason and logged as the caller's.
@@ -88,6 +90,7 @@ pub fn answer(
             passthrough_cap,
             mesh_cidrs,
             listeners: named,
+            policy,
         } => {
             let pod = match pod() {
                 Ok(p) => p,
@@ -128,6 +131,11 @@ pub fn answer(
                     return Outcome::Refused(Refusal::new("bad_request", error));
                 }
             };
+            let policy = match policy.map(|text| check_policy(&pod.uid, text)) {
+                None => None,
+                Some(Ok(p)) => Some(p),
+                Some(Err(refusal)) => return Outcome::Refused(refusal),
+            };
             let listeners = match listeners(named, proxy_port, ipv6) {
                 Ok(l) => l,
                 Err(refusal) => return Outcome::Refused(refusal),
@@ -145,12 +153,32 @@ pub fn answer(
                 passthrough_cap,
                 mesh_cidrs,
                 listeners,
+                policy,
             };
             match registry.register(maps, req) {
                 Ok(reg) => {
                     session.pod_uid = Some(reg.pod_uid.clone());
                     Outcome::Registered(reg)
                 }
+                Err(e) => Outcome::Refused(Refusal {
+                    retry: e.retry(),
+                    ..Refusal::new(e.reason(), e)
+                }),
+            }
+        }
+        Request::Policy { text } => {
+            let Some(uid) = session.pod_uid.clone() else {
+                return Outcome::Refused(Refusal::new(
+                    "not_registered",
+                    "policy: this connection has not registered a pod",
+                ));
+            };
+            let policy = match check_policy(&uid, text) {
+                Ok(p) => p,
+                Err(refusal) => return Outcome::Refused(refusal),
+            };
+            match registry.set_policy(maps, &uid, policy) {
+                Ok(()) => Outcome::PolicyReplaced(uid),
                 Err(e) => Outcome::Refused(Refusal {
                     retry: e.retry(),
                     ..Refusal::new(e.reason(), e)
@@ -169,10 +197,10 @@ pub fn answer(
                 Err(e) => Outcome::Failed(Refusal::new("internal", e)),
             }
         }
-        // Streams: served by the server itself (see [`records_scope`]).
-        Request::Records => Outcome::Failed(Refusal::new(
+        // Streams: served by the server itself (see [`records_scope`], [`denies_scope`]).
+        Request::Records | Request::Denies => Outcome::Failed(Refusal::new(
             "bad_request",
-            "records is answered by a stream",
+            "records and denies are answered by a stream",
         )),
         // Every pod's UID, cgroup, pid and CIDRs: for the node's own root processes and the
         // agent's own pod only. A root container in a pod is uid 0 too, so where the caller is
@@ -198,6 +226,22 @@ pub fn answer(
     }
 }
 
+/// A pod's policy text checked as `sidecar policy check` checks a file (whole, valid,
+/// compilable), and no longer than [`MAX_POLICY`].
+fn check_policy(uid: &str, text: String) -> Result<PodPolicy, Refusal> {
+    if text.len() > MAX_POLICY {
+        return Err(Refusal::new(
+            "bad_policy",
+            format!(
+                "the policy of pod {uid} is {} bytes; the agent takes at most {MAX_POLICY}: \
+                 shorten it (merge rules and CIDRs)",
+                text.len()
+            ),
+        ));
+    }
+    registry::pod_policy(uid, text).map_err(|e| Refusal::new("bad_policy", e))
+}
+
 /// The scope whose pass-through records the caller may read: its own pod's (`pod`, from its
 /// cgroup), if that pod is registered with pass-through on.
 pub fn records_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusal> {
@@ -211,4 +255,42 @@ pub fn records_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusa
                 "records: this pod has no registration with kernel pass-through on",
             )
         })
+}
+
+/// The scope whose kernel refusals the caller may read: its own pod's (`pod`, from its
+/// cgroup), if that pod is registered.
+pub fn denies_scope(registry: &Registry, pod: &PodCgroup) -> Result<u32, Refusal> {
+    registry
+        .pods()
+        .find(|r| r.pod_uid == pod.uid)
+        .map(|r| r.scope)
+        .ok_or_else(|| Refusal::new("not_registered", "denies: this pod is not registered"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod's policy is checked as `sidecar policy check` checks a file, and refused in one
+    /// line that says why; one over the size cap is refused before it is parsed.
+    #[test]
+    fn bad_and_oversized_policies_are_refused_in_one_line() {
+        let bad = check_policy("u1", "[[rule]]\naction = \"maybe\"\n".into()).unwrap_err();
+        assert_eq!(bad.reason, "bad_policy");
+        assert!(bad.error.contains("of pod u1 line 2"), "{}", bad.error);
+        assert!(!bad.error.contains('\n'), "{}", bad.error);
+        for cut in ["", "# only a comment\n", "[defaults]\noutbound = \"deny\""] {
+            let r = check_policy("u1", cut.into()).unwrap_err();
+            assert_eq!(r.reason, "bad_policy", "{cut:?}: {}", r.error);
+        }
+        let big = format!(
+            "# {}\n[defaults]\noutbound = \"allow\"\n",
+            "x".repeat(MAX_POLICY)
+        );
+        let r = check_policy("u1", big).unwrap_err();
+        assert_eq!(r.reason, "bad_policy");
+        assert!(r.error.contains("at most 65536"), "{}", r.error);
+        let ok = check_policy("u1", "[defaults]\noutbound = \"deny\"\n".into()).unwrap();
+        assert_eq!(ok.compiled.entries.len(), 2);
+    }
 }

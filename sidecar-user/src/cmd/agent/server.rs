@@ -209,6 +209,16 @@ async fn serve_connection(
                 }
                 Err(refusal) => *refusal,
             },
+            Ok(Request::Denies) => match subscribe_denies(&agent, &peer, &caller) {
+                Ok(denies) => {
+                    drop(fds);
+                    if send(&mut write, &Reply::ok()).await.is_ok() {
+                        stream_records(&mut reader, &mut write, denies).await;
+                    }
+                    break;
+                }
+                Err(refusal) => *refusal,
+            },
             Ok(req) => {
                 let passed = Passed { fds, connection };
                 handle(&agent, &peer, &caller, req, passed, &mut session)
@@ -248,12 +258,28 @@ fn subscribe(
     }
 }
 
+/// The kernel refusals of the caller's pod, if it is a registered pod (named as for
+/// [`subscribe`]).
+fn subscribe_denies(
+    agent: &Arc<Mutex<Agent>>,
+    peer: &Peer,
+    caller: &str,
+) -> Result<tokio::sync::mpsc::Receiver<registration::PolicyDenied>, Box<Reply>> {
+    let mut agent = lock(agent);
+    let pod = pod_of(peer, &agent.cgroup2, agent.ns_root.as_deref(), &agent.root);
+    let scope = pod.and_then(|pod| requests::denies_scope(&agent.registry, &pod));
+    match scope {
+        Ok(scope) => Ok(agent.denies.subscribe(scope)),
+        Err(r) => Err(Box::new(agent.refuse(caller, r.reason, r.error))),
+    }
+}
+
 /// Writes each record as a line until the sidecar closes the connection (or sends anything:
 /// a records connection carries no more requests).
-async fn stream_records(
+async fn stream_records<T: serde::Serialize>(
     reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
     write: &mut OwnedWriteHalf,
-    mut records: tokio::sync::mpsc::Receiver<registration::PassedThrough>,
+    mut records: tokio::sync::mpsc::Receiver<T>,
 ) {
     loop {
         tokio::select! {
@@ -385,6 +411,14 @@ fn handle(
                 scope: Some(reg.scope),
                 sockmap: Some(agent.sockmap),
                 passthrough: Some(reg.passthrough),
+                ..Reply::default()
+            }
+        }
+        Outcome::PolicyReplaced(uid) => {
+            info!(pod_uid = %uid, "pod policy replaced in the kernel");
+            Reply {
+                ok: true,
+                pod_uid: Some(uid),
                 ..Reply::default()
             }
         }

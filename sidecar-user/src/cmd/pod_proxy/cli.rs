@@ -53,13 +53,14 @@ pub struct ProxyArgs {
     pub drain_timeout_secs: u64,
     #[command(flatten)]
     pub mesh: MeshArgs,
-    /// Authorization policy (TOML, the same schema as `sidecar run --policy`), enforced in
-    /// the proxy: outbound rules when it connects upstream, inbound rules on the verified
-    /// peer identity. Re-read when it changes; an invalid file is refused, the old one stays.
+    /// Authorization policy (TOML, the same schema as `sidecar run --policy`, at most 64 KiB):
+    /// sent to the node agent, which enforces its outbound rules at connect() (EPERM), and
+    /// enforced in the proxy (inbound rules on the verified peer identity). Re-read when it
+    /// changes; a file refused here or by the agent leaves the old one in force in both.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
-    /// Send every connection through the proxy. By default a pod without --policy and
-    /// --permissive lets the agent pass plaintext connections to destinations outside
+    /// Send every connection through the proxy. By default a pod without --permissive lets
+    /// the agent pass plaintext connections its policy allows to destinations outside
     /// --mesh-cidrs straight through in the kernel (recorded, and streamed to this sidecar).
     #[arg(long)]
     pub proxy_all: bool,

@@ -33,8 +33,8 @@ use crate::{
     cmd::serve::{Listeners, Serving},
     proxy::{ProxySettings, mesh::MtlsOptions},
     redirect::{agent::AgentSockopts, passthrough::Recorder},
-    registration::Request,
-    telemetry::{InterceptionInfo, NoKernelCounters, record::Journal},
+    registration::{MAX_POLICY, Request},
+    telemetry::{InterceptionInfo, record::Journal},
     tls::{TlsState, identity::SpiffeId},
 };
 
@@ -57,7 +57,8 @@ pub struct PodProxyOptions {
     pub proxy: ProxySettings,
     pub drain_timeout: Duration,
     pub mtls: Option<MtlsOptions>,
-    /// Authorization policy file, enforced in the proxy (watched for changes).
+    /// Authorization policy file (watched for changes): enforced by the proxy, and its
+    /// outbound half in the kernel by the node agent, to which it goes with the registration.
     pub policy: Option<PathBuf>,
     /// Every connection through the proxy (no kernel pass-through).
     pub proxy_all: bool,
@@ -65,13 +66,12 @@ pub struct PodProxyOptions {
 }
 
 impl PodProxyOptions {
-    /// Whether to ask the agent for kernel pass-through. Not with a policy: this sidecar
-    /// enforces it in the proxy only, so every connection must reach the proxy; not with
-    /// `--permissive`, whose probe of each destination needs the proxy.
+    /// Whether to ask the agent for kernel pass-through. Not with `--permissive`, whose probe
+    /// of each destination needs the proxy. A policy does not stop it: the agent compiles the
+    /// pod's policy into the kernel, whose connect hooks refuse what it denies and send to the
+    /// proxy what it must see (audit rules, dry run, `servers` rules, destination tables).
     pub fn passthrough(&self) -> bool {
-        !self.proxy_all
-            && self.policy.is_none()
-            && !self.mtls.as_ref().is_some_and(|m| m.permissive)
+        !self.proxy_all && !self.mtls.as_ref().is_some_and(|m| m.permissive)
     }
 }
 
@@ -109,6 +109,17 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         Some(path) => Some(crate::policy::load(path)?),
         None => None,
     };
+    if let (Some(loaded), Some(path)) = (&policy, &opts.policy)
+        && loaded.text.len() > MAX_POLICY
+    {
+        bail!(
+            "policy file {} is {} bytes; the node agent takes at most {MAX_POLICY} for a pod: \
+             shorten it (merge rules and CIDRs)",
+            path.display(),
+            loaded.text.len()
+        );
+    }
+    let policy_text = policy.as_ref().map(|l| l.text.clone());
     let listeners = Listeners::bind(opts.proxy_port, opts.mtls.as_ref().and_then(|m| m.inbound))?;
     let ipv6 = listeners.outbound_v6.is_some();
     // Copies of the outbound sockets, for the agent to check and mark (host::fd_passing).
@@ -130,8 +141,14 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
         opts.proxy_port,
         opts.proxy.connect_timeout,
     );
+    // The kernel half of the policy is the agent's: reloads go to it through the registrar.
+    let (policy_updates, policy_reloads) = tokio::sync::mpsc::channel(1);
     let enforcer = match (policy, &opts.policy) {
-        (Some(loaded), Some(path)) => Some(crate::policy::Enforcer::start_in_proxy(path, loaded)?),
+        (Some(loaded), Some(path)) => Some(crate::policy::Enforcer::start_with_agent(
+            path,
+            loaded,
+            policy_updates,
+        )),
         _ => None,
     };
     serving.secured(opts.mtls.as_ref(), tls, enforcer.clone());
@@ -139,6 +156,11 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would,
     // and whether a socket is spliced.
     let passthrough_cap = opts.proxy.limits.passthrough_per_destination;
+    // The pod's kernel refusals, streamed by the agent: counted here, and by rule.
+    let kernel_counters = Arc::new(records::StreamedCounters::default());
+    let denies = enforcer.clone().map(|e| {
+        records::Listener::start_denies(opts.agent_socket.clone(), e, kernel_counters.clone())
+    });
     let proxy = serving.serve(
         opts.proxy,
         Arc::new(AgentSockopts),
@@ -166,29 +188,36 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             .map(ToString::to_string)
             .collect(),
         listeners: passed.len() as u8,
+        policy: policy_text,
     };
     let registered = serving.telemetry.clone();
+    let counters = kernel_counters.clone();
     let proxy_port = opts.proxy_port;
     // The listeners go with every register line (see `register`).
     let request = (request, passed);
-    let (registrar, fatal) = Registrar::start(opts.agent_socket.clone(), request, move |reply| {
-        if registered.interception().is_none() {
-            info!(
-                pod_cgroup = reply.pod_cgroup.as_deref().unwrap_or("?"),
-                "registered with the agent: interception on"
+    let (registrar, fatal) = Registrar::start(
+        opts.agent_socket.clone(),
+        request,
+        policy_reloads,
+        move |reply| {
+            if registered.interception().is_none() {
+                info!(
+                    pod_cgroup = reply.pod_cgroup.as_deref().unwrap_or("?"),
+                    "registered with the agent: interception on"
+                );
+            }
+            registered.attached(
+                InterceptionInfo {
+                    mode: crate::redirect::Mode::Agent,
+                    // What the agent's programs run with; an agent too old to say: not claimed.
+                    sockmap: reply.sockmap.unwrap_or(false),
+                    proxy_port,
+                    cgroup: reply.pod_cgroup.clone().unwrap_or_default(),
+                },
+                counters.clone(),
             );
-        }
-        registered.attached(
-            InterceptionInfo {
-                mode: crate::redirect::Mode::Agent,
-                // What the agent's programs run with; an agent too old to say: not claimed.
-                sockmap: reply.sockmap.unwrap_or(false),
-                proxy_port,
-                cgroup: reply.pod_cgroup.clone().unwrap_or_default(),
-            },
-            Arc::new(NoKernelCounters),
-        );
-    });
+        },
+    );
 
     // The agent streams this pod's pass-through records on a connection of their own.
     let records = opts.passthrough().then(|| {
@@ -227,6 +256,9 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     let cut = serving.drain(&proxy, opts.drain_timeout);
     if let Some(records) = records {
         serving.rt.block_on(records.stop());
+    }
+    if let Some(denies) = denies {
+        serving.rt.block_on(denies.stop());
     }
     serving.telemetry.detaching();
     let (records, _) = journal.snapshot();

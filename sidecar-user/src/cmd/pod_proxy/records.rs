@@ -1,9 +1,19 @@
 //! The pod's pass-through records: the agent records the connections it let go straight to
 //! their destination and streams this pod's (and only this pod's: it goes by this process's
 //! cgroup) on a connection of their own; each becomes the same record a proxied connection
-//! gets (metrics, access log). Reconnects with backoff when the stream breaks (agent restart).
+//! gets (metrics, access log). The connects the kernel refused under the pod's policy come
+//! the same way (`denies`), each counted and logged by rule as the proxy's own denies are.
+//! Reconnects with backoff when the stream breaks (agent restart).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -14,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    policy::Enforcer,
     redirect::passthrough::Recorder,
-    registration::{PassedThrough, Reply, Request},
+    registration::{PassedThrough, PolicyDenied, Reply, Request},
+    telemetry::CounterSource,
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -27,11 +39,82 @@ pub struct Listener {
     task: JoinHandle<()>,
 }
 
+/// What a stream carries, and what becomes of each of its lines.
+trait Sink: Send + Sync + 'static {
+    const REQUEST: Request;
+    const WHAT: &'static str;
+    fn take(&self, line: &str);
+}
+
+impl Sink for Recorder {
+    const REQUEST: Request = Request::Records;
+    const WHAT: &'static str = "pass-through records";
+    fn take(&self, line: &str) {
+        match serde_json::from_str::<PassedThrough>(line) {
+            Ok(closed) => self.record(&closed),
+            Err(e) => warn!("unreadable pass-through record from the agent: {e}"),
+        }
+    }
+}
+
+/// The pod's kernel counters this sidecar can know: the connects the kernel refused under
+/// its policy, as the agent streams them. `/metrics` shows them as `sidecar run`'s own
+/// counter (`sidecar_ebpf_connect_policy_denied_total`); the node's other counters are the
+/// agent's.
+#[derive(Default)]
+pub struct StreamedCounters {
+    policy_denied: AtomicU64,
+}
+
+impl CounterSource for StreamedCounters {
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::from([(
+            "connect_policy_denied",
+            self.policy_denied.load(Ordering::Relaxed),
+        )])
+    }
+}
+
+/// The pod's policy, which the kernel's refusals are counted against by rule, and its
+/// counters.
+struct Denies {
+    enforcer: Arc<Enforcer>,
+    counters: Arc<StreamedCounters>,
+}
+
+impl Sink for Denies {
+    const REQUEST: Request = Request::Denies;
+    const WHAT: &'static str = "kernel policy refusals";
+    fn take(&self, line: &str) {
+        match serde_json::from_str::<PolicyDenied>(line) {
+            Ok(d) => {
+                self.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
+                self.enforcer.record_kernel_denies([(d.dst, d.pid)]);
+            }
+            Err(e) => warn!("unreadable policy refusal from the agent: {e}"),
+        }
+    }
+}
+
 impl Listener {
     /// Starts reading the records at the agent's `socket` (on the current runtime).
     pub fn start(socket: PathBuf, recorder: Recorder) -> Self {
+        Self::spawn(socket, recorder)
+    }
+
+    /// Starts reading the connects the kernel refused under the pod's policy: counted in
+    /// `counters`, and by rule (and logged) by `enforcer`.
+    pub fn start_denies(
+        socket: PathBuf,
+        enforcer: Arc<Enforcer>,
+        counters: Arc<StreamedCounters>,
+    ) -> Self {
+        Self::spawn(socket, Denies { enforcer, counters })
+    }
+
+    fn spawn(socket: PathBuf, sink: impl Sink) -> Self {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(listen(socket, recorder, stop.clone()));
+        let task = tokio::spawn(listen(socket, sink, stop.clone()));
         Self { stop, task }
     }
 
@@ -41,26 +124,26 @@ impl Listener {
     }
 }
 
-async fn listen(socket: PathBuf, recorder: Recorder, stop: CancellationToken) {
+async fn listen<S: Sink>(socket: PathBuf, sink: S, stop: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u64;
     loop {
         let result = tokio::select! {
-            r = stream(&socket, &recorder) => r,
+            r = stream(&socket, &sink) => r,
             () = stop.cancelled() => return,
         };
         match result {
             Ok(()) => {
                 backoff = BACKOFF_MIN;
-                info!("the agent's pass-through records stream ended: reconnecting");
+                info!("the agent's {} stream ended: reconnecting", S::WHAT);
             }
             Err(e) => {
                 failures += 1;
                 // Before the registration is in place the agent refuses: say so once.
                 if failures == 1 || failures.is_multiple_of(30) {
-                    warn!("pass-through records unavailable ({e}); retrying");
+                    warn!("{} unavailable ({e}); retrying", S::WHAT);
                 } else {
-                    debug!("pass-through records unavailable ({e})");
+                    debug!("{} unavailable ({e})", S::WHAT);
                 }
             }
         }
@@ -72,13 +155,13 @@ async fn listen(socket: PathBuf, recorder: Recorder, stop: CancellationToken) {
     }
 }
 
-/// One stream: ask, then record every line until it ends.
-async fn stream(socket: &PathBuf, recorder: &Recorder) -> Result<(), String> {
+/// One stream: ask, then hand every line to `sink` until it ends.
+async fn stream<S: Sink>(socket: &PathBuf, sink: &S) -> Result<(), String> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| format!("cannot reach the agent at {}: {e}", socket.display()))?;
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(&Request::Records).expect("requests serialize");
+    let mut line = serde_json::to_vec(&S::REQUEST).expect("requests serialize");
     line.push(b'\n');
     write.write_all(&line).await.map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(read).lines();
@@ -91,12 +174,9 @@ async fn stream(socket: &PathBuf, recorder: &Recorder) -> Result<(), String> {
     if !reply.ok {
         return Err(reply.error.unwrap_or_else(|| "refused".into()));
     }
-    debug!("receiving this pod's pass-through records from the agent");
+    debug!("receiving this pod's {} from the agent", S::WHAT);
     while let Some(l) = lines.next_line().await.map_err(|e| e.to_string())? {
-        match serde_json::from_str::<PassedThrough>(&l) {
-            Ok(closed) => recorder.record(&closed),
-            Err(e) => warn!("unreadable pass-through record from the agent: {e}"),
-        }
+        sink.take(&l);
     }
     Ok(())
 }

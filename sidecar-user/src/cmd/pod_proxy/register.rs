@@ -12,6 +12,11 @@
 //! agent marks them as the proxy's and redirects the pod's connects to nothing else. The
 //! registrar holds copies of them for its re-registrations, so it is stopped before the
 //! proxy's listeners are to close (the copies would keep them listening).
+//!
+//! The pod's policy goes with the register line, and each reload the sidecar accepts goes to
+//! the agent on the same connection (`{"op":"policy"}`) before the proxy takes it: the
+//! kernel half of the pod's policy is the agent's. The register line always carries the
+//! policy the agent last accepted, so a re-registration never brings an older one back.
 
 use std::{
     os::fd::{AsFd, OwnedFd},
@@ -22,7 +27,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixStream,
-    sync::oneshot,
+    sync::{mpsc, oneshot},
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
@@ -30,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     host::fd_passing,
+    policy::KernelUpdate,
     registration::{Reply, Request},
 };
 
@@ -57,9 +63,12 @@ impl Registrar {
     /// must fail visibly) and reported on the returned receiver, unless the agent marks it
     /// `retry` (the node is full, not the pod wrong): those, and later refusals, are retried
     /// with backoff, the sidecar not ready.
+    /// `policies`: reloads of the pod's policy for the agent to install (see the module's
+    /// docs); each is answered once the agent did or refused.
     pub fn start(
         socket: PathBuf,
         request: Registration,
+        policies: mpsc::Receiver<KernelUpdate>,
         on_registered: impl Fn(&Reply) + Send + Sync + 'static,
     ) -> (Self, Fatal) {
         let stop = CancellationToken::new();
@@ -67,6 +76,7 @@ impl Registrar {
         let task = tokio::spawn(register_loop(
             socket,
             request,
+            policies,
             on_registered,
             stop.clone(),
             fatal_tx,
@@ -92,7 +102,8 @@ pub type Registration = (Request, Vec<OwnedFd>);
 
 async fn register_loop(
     socket: PathBuf,
-    request: Registration,
+    mut request: Registration,
+    mut policies: mpsc::Receiver<KernelUpdate>,
     on_registered: impl Fn(&Reply),
     stop: CancellationToken,
     fatal: oneshot::Sender<String>,
@@ -102,7 +113,7 @@ async fn register_loop(
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u64;
     loop {
-        match session(&socket, &request, &stop, &on_registered).await {
+        match session(&socket, &mut request, &mut policies, &stop, &on_registered).await {
             Session::Stopped => return,
             Session::Broken(why) => {
                 registered_once = true;
@@ -137,9 +148,20 @@ async fn register_loop(
                 }
             }
         }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = stop.cancelled() => return,
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                () = stop.cancelled() => return,
+                Some(update) = policies.recv() => {
+                    let _ = update.done.send(Err(
+                        "the pod is not registered with the agent right now (it registers again \
+                         with the policy in force)"
+                            .into(),
+                    ));
+                }
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -158,7 +180,8 @@ enum Session {
 
 async fn session(
     socket: &PathBuf,
-    request: &Registration,
+    request: &mut Registration,
+    policies: &mut mpsc::Receiver<KernelUpdate>,
     stop: &CancellationToken,
     on_registered: &impl Fn(&Reply),
 ) -> Session {
@@ -179,16 +202,38 @@ async fn session(
         };
     }
     on_registered(&reply);
-    // Connected and registered: wait for the connection to break, or for the stop.
-    tokio::select! {
-        line = lines.next_line() => Session::Broken(match line {
-            Ok(None) => "closed by the agent".into(),
-            Ok(Some(l)) => format!("unexpected message {l:?}"),
-            Err(e) => e.to_string(),
-        }),
-        () = stop.cancelled() => {
-            info!("registration left in place: the pod stays intercepted until a restarted sidecar registers or the pod is gone");
-            Session::Stopped
+    // Connected and registered: hand the agent each policy reload, until the connection
+    // breaks or the stop.
+    loop {
+        tokio::select! {
+            line = lines.next_line() => return Session::Broken(match line {
+                Ok(None) => "closed by the agent".into(),
+                Ok(Some(l)) => format!("unexpected message {l:?}"),
+                Err(e) => e.to_string(),
+            }),
+            () = stop.cancelled() => {
+                info!("registration left in place: the pod stays intercepted until a restarted sidecar registers or the pod is gone");
+                return Session::Stopped;
+            }
+            Some(update) = policies.recv() => {
+                let ask_line = (Request::Policy { text: update.text.clone() }, Vec::new());
+                match ask(&mut write, &mut lines, &ask_line).await {
+                    Ok(reply) if reply.ok => {
+                        if let Request::Register { policy, .. } = &mut request.0 {
+                            *policy = Some(update.text);
+                        }
+                        let _ = update.done.send(Ok(()));
+                    }
+                    Ok(reply) => {
+                        let error = reply.error.unwrap_or_else(|| "no reason given".into());
+                        let _ = update.done.send(Err(error));
+                    }
+                    Err(e) => {
+                        let _ = update.done.send(Err(format!("no answer from the agent: {e}")));
+                        return Session::Broken(e);
+                    }
+                }
+            }
         }
     }
 }
