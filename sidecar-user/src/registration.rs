@@ -31,9 +31,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Longest policy text a pod may hand the agent. Its kernel share is bounded anyway (see
-/// the agent's per-pod prefix quota), and every connection may carry one, so the agent's
-/// memory for request lines stays bounded.
-pub const MAX_POLICY: usize = 64 * 1024;
+/// the agent's per-pod prefix quota: 32 prefixes fit in far less), and any connection may
+/// send a line this long, so it bounds the agent's memory for request lines: 8 connections
+/// per pod × 36 KiB.
+pub const MAX_POLICY: usize = 16 * 1024;
 
 /// Longest request line the agent reads; longer ones are refused and the connection closed.
 /// Room for a policy of [`MAX_POLICY`] bytes escaped in JSON (a valid TOML file has no

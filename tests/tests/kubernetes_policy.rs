@@ -363,7 +363,7 @@ fn a_pods_policy_is_enforced_in_the_kernel_across_reloads_and_restarts() {
 
 /// A policy the agent refuses (more destination prefixes than a pod's quota) refuses the
 /// registration: the sidecar exits with the agent's one-line reason, the refusal is counted,
-/// and nothing of the pod is in the maps. A policy over the 64 KiB a registration carries is
+/// and nothing of the pod is in the maps. A policy over the 16 KiB a registration carries is
 /// refused by the sidecar itself, before it registers.
 #[test]
 fn a_pod_whose_policy_the_agent_refuses_is_not_registered() {
@@ -399,7 +399,7 @@ fn a_pod_whose_policy_the_agent_refuses_is_not_registered() {
     // Too long to send: refused by the sidecar, the agent never asked.
     let long = format!(
         "# {}\n[defaults]\noutbound = \"allow\"\n",
-        "x".repeat(70 * 1024)
+        "x".repeat(17 * 1024)
     );
     fs::write(&policy, long).unwrap();
     let mut proxy = node.start_proxy_passthrough(
@@ -409,7 +409,7 @@ fn a_pod_whose_policy_the_agent_refuses_is_not_registered() {
     );
     assert_eq!(proxy.wait(STEP).code(), Some(1), "{}", proxy.stderr());
     assert!(
-        proxy.stderr().contains("at most 65536"),
+        proxy.stderr().contains("at most 16384"),
         "{}",
         proxy.stderr()
     );

@@ -289,7 +289,11 @@ mod tests {
         );
         let r = check_policy("u1", big).unwrap_err();
         assert_eq!(r.reason, "bad_policy");
-        assert!(r.error.contains("at most 65536"), "{}", r.error);
+        assert!(
+            r.error.contains(&format!("at most {MAX_POLICY}")),
+            "{}",
+            r.error
+        );
         let ok = check_policy("u1", "[defaults]\noutbound = \"deny\"\n".into()).unwrap();
         assert_eq!(ok.compiled.entries.len(), 2);
     }
