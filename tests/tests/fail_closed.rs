@@ -377,8 +377,13 @@ fn pending_handshakes_over_the_cap_are_refused_promptly_and_counted() {
     assert_no_leftovers(done.pid);
 }
 
-/// `--max-connections 2` and six app connections open at once: two are proxied, four are
-/// reset right after accept (the app sees the refusal at once), and the cap is logged once.
+/// `--max-connections 2` and six app connections open at once: the cap holds (the proxy
+/// serves at most two at a time and refuses the rest right after accept: the app sees the
+/// refusal at once, nothing half-served), and the cap is logged once. How many are refused
+/// depends on how many the proxy has accepted before the first two finish: all six connect
+/// before any sends (the client's barrier), but a slow accept loop may take the last ones
+/// only after the first two closed, and serve them. A 1 MiB echo keeps the first two open
+/// long enough that at least one is refused.
 #[test]
 fn connections_over_the_cap_are_reset_at_once() {
     if !privileged() {
@@ -395,6 +400,7 @@ fn connections_over_the_cap_are_reset_at_once() {
             CLIENT.to_string(),
             "echo".into(),
             format!("--addr={}", server.addr()),
+            "--size=1048576".into(),
             "--count=6".into(),
             "--concurrency=6".into(),
         ])
@@ -404,7 +410,7 @@ fn connections_over_the_cap_are_reset_at_once() {
     let stderr = done.stderr.join("\n");
     assert_eq!(lines.len(), 6, "{lines:#?}\n{stderr}");
     let ok = lines.iter().filter(|l| l.ok).count();
-    assert_eq!(ok, 2, "{lines:#?}");
+    assert!((2..6).contains(&ok), "{ok} served: {lines:#?}");
     // Refused, not half-served: nothing came back on the four.
     assert!(
         lines.iter().filter(|l| !l.ok).all(|l| l.received == 0),
@@ -412,7 +418,7 @@ fn connections_over_the_cap_are_reset_at_once() {
     );
     assert_eq!(stderr.matches("refusing new ones").count(), 1, "{stderr}");
     assert!(stderr.contains("--max-connections"), "{stderr}");
-    assert_eq!(done.report().connections.len(), 2);
+    assert_eq!(done.report().connections.len(), ok);
     assert_no_leftovers(done.pid);
 }
 
