@@ -199,26 +199,34 @@ async fn serve_connection(
         let fds = reader.get_mut().get_mut().take();
         let connection = reader.get_ref().get_ref().connection();
         let reply = match registration::parse_request(&line) {
-            Ok(Request::Records) => match subscribe(&agent, &peer, &caller) {
-                Ok(records) => {
-                    drop(fds);
-                    if send(&mut write, &Reply::ok()).await.is_ok() {
-                        stream_records(&mut reader, &mut write, records).await;
+            Ok(Request::Records) => {
+                match subscribe(&agent, &peer, &caller, requests::records_scope, |a, s| {
+                    a.records.subscribe(s)
+                }) {
+                    Ok(records) => {
+                        drop(fds);
+                        if send(&mut write, &Reply::ok()).await.is_ok() {
+                            stream_records(&mut reader, &mut write, records).await;
+                        }
+                        break;
                     }
-                    break;
+                    Err(refusal) => *refusal,
                 }
-                Err(refusal) => *refusal,
-            },
-            Ok(Request::Denies) => match subscribe_denies(&agent, &peer, &caller) {
-                Ok(denies) => {
-                    drop(fds);
-                    if send(&mut write, &Reply::ok()).await.is_ok() {
-                        stream_records(&mut reader, &mut write, denies).await;
+            }
+            Ok(Request::Denies) => {
+                match subscribe(&agent, &peer, &caller, requests::denies_scope, |a, s| {
+                    a.denies.subscribe(s)
+                }) {
+                    Ok(denies) => {
+                        drop(fds);
+                        if send(&mut write, &Reply::ok()).await.is_ok() {
+                            stream_records(&mut reader, &mut write, denies).await;
+                        }
+                        break;
                     }
-                    break;
+                    Err(refusal) => *refusal,
                 }
-                Err(refusal) => *refusal,
-            },
+            }
             Ok(req) => {
                 let passed = Passed { fds, connection };
                 handle(&agent, &peer, &caller, req, passed, &mut session)
@@ -242,34 +250,20 @@ async fn serve_connection(
     }
 }
 
-/// The pass-through records of the caller's pod, if it is a registered pod with pass-through
-/// on. The pod comes from the caller's cgroup, read now, as for a registration.
-fn subscribe(
+/// A stream of the caller's own pod (its pass-through records, or its kernel refusals): the
+/// pod comes from the caller's cgroup, read now, as for a registration; `scope_of` says
+/// whether that pod may have this stream, `open` subscribes to its scope.
+fn subscribe<T>(
     agent: &Arc<Mutex<Agent>>,
     peer: &Peer,
     caller: &str,
-) -> Result<tokio::sync::mpsc::Receiver<registration::PassedThrough>, Box<Reply>> {
+    scope_of: fn(&super::registry::Registry, &PodCgroup) -> Result<u32, Refusal>,
+    open: fn(&mut Agent, u32) -> tokio::sync::mpsc::Receiver<T>,
+) -> Result<tokio::sync::mpsc::Receiver<T>, Box<Reply>> {
     let mut agent = lock(agent);
     let pod = pod_of(peer, &agent.cgroup2, agent.ns_root.as_deref(), &agent.root);
-    let scope = pod.and_then(|pod| requests::records_scope(&agent.registry, &pod));
-    match scope {
-        Ok(scope) => Ok(agent.records.subscribe(scope)),
-        Err(r) => Err(Box::new(agent.refuse(caller, r.reason, r.error))),
-    }
-}
-
-/// The kernel refusals of the caller's pod, if it is a registered pod (named as for
-/// [`subscribe`]).
-fn subscribe_denies(
-    agent: &Arc<Mutex<Agent>>,
-    peer: &Peer,
-    caller: &str,
-) -> Result<tokio::sync::mpsc::Receiver<registration::PolicyDenied>, Box<Reply>> {
-    let mut agent = lock(agent);
-    let pod = pod_of(peer, &agent.cgroup2, agent.ns_root.as_deref(), &agent.root);
-    let scope = pod.and_then(|pod| requests::denies_scope(&agent.registry, &pod));
-    match scope {
-        Ok(scope) => Ok(agent.denies.subscribe(scope)),
+    match pod.and_then(|pod| scope_of(&agent.registry, &pod)) {
+        Ok(scope) => Ok(open(&mut agent, scope)),
         Err(r) => Err(Box::new(agent.refuse(caller, r.reason, r.error))),
     }
 }
