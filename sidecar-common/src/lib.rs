@@ -17,7 +17,8 @@ pub mod programs {
     pub const CONNECT6: &str = "sidecar_connect6";
     pub const SOCKOPS: &str = "sidecar_sockops";
     pub const SK_MSG: &str = "sidecar_sk_msg";
-    /// cgroup_skb/ingress on the app cgroup: strict inbound mode (see the program's docs).
+    /// cgroup_skb/ingress: strict inbound mode (see the program's docs), on the app cgroup
+    /// (`sidecar run`) or the pods' cgroup root (`sidecar agent`).
     pub const STRICT_INBOUND: &str = "sidecar_strict_in";
     /// cgroup/getsockopt at the pods' cgroup root (`sidecar agent`): answers the proxy's
     /// `SO_ORIGINAL_DST` from `ORIG_DST`, so the proxy needs no privileges.
@@ -153,9 +154,13 @@ pub mod limits {
     /// guest) per connection, and the timer read collects them; above it, a burst faster than
     /// the timer can keep up with still wakes the reader with three quarters of the ring free.
     pub const DIRECT_EVENTS_WAKE_BYTES: u32 = DIRECT_EVENTS_BYTES / 4;
-    /// Destinations with an open circuit, all workloads together (user space keeps at most
-    /// 4,096 failing destinations per proxy).
-    pub const OPEN_CIRCUITS: u32 = 16_384;
+    /// Open circuits one pod may have refused in the kernel (the node agent's maps are shared
+    /// by every pod); past it the pod's proxy still fails its own connects to them at once.
+    pub const OPEN_CIRCUITS_PER_POD: u32 = 32;
+    /// Destinations with an open circuit, all workloads together: every pod's quota (so no
+    /// pod's failing destinations leave another without room), and a standalone run's 4,096
+    /// (user space keeps at most that many failing destinations per proxy).
+    pub const OPEN_CIRCUITS: u32 = max(4_096, WORKLOADS / 2 * OPEN_CIRCUITS_PER_POD);
     /// Destinations with pass-through connections open, all workloads together. LRU: when
     /// more are busy at once, the least recently used destination's count is forgotten,
     /// which can only let connections through, never refuse one wrongly.
@@ -209,6 +214,11 @@ pub mod flags {
     /// marks its listeners, and by the agent for pods whose sidecar passed it its listeners
     /// to mark; a killed proxy's port bound by anyone else then gets nothing.
     pub const CHECK_LISTENER: u16 = 8;
+    /// Strict inbound: a new connection from outside the host (a SYN that did not arrive on
+    /// `lo`) to a socket of this workload is dropped, so only the sidecar's tunnel, which
+    /// delivers over `lo`, reaches the workload's listeners. Read by the `cgroup_skb`
+    /// ingress program, which only `sidecar run --inbound-mode strict` and the agent attach.
+    pub const STRICT_INBOUND: u16 = 16;
 }
 
 /// The socket options the agent's `cgroup/getsockopt` program answers for the unprivileged
@@ -399,7 +409,7 @@ pub struct DirectEvent {
 
 /// An original destination, as the app asked for it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct OrigDst {
     /// 16-byte address, network byte order words (v4-mapped for IPv4).
     pub ip: [u32; 4],
@@ -410,7 +420,7 @@ pub struct OrigDst {
 
 /// A destination of one workload whose circuit is open ([`maps::OPEN_CIRCUITS`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct CircuitKey {
     pub dst: OrigDst,
     /// The workload's scope (as in [`WorkloadConfig::scope`]).

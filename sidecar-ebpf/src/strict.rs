@@ -1,4 +1,7 @@
-//! cgroup_skb/ingress on the **app** cgroup: strict inbound mode.
+//! cgroup_skb/ingress: strict inbound mode, for the workloads whose `WORKLOADS` entry has
+//! `flags::STRICT_INBOUND`. `sidecar run` attaches it to its app cgroup; the agent to the
+//! pods' cgroup root, where it runs for every pod's sockets and drops only for the pods that
+//! asked (`sidecar proxy --inbound-mode strict`).
 //!
 //! Goal: a plaintext connection from another host to one of the workload's listening ports
 //! is refused, while peers still reach the workload through the sidecar's mTLS tunnel, which
@@ -17,13 +20,24 @@
 //! not arrive on the loopback device is dropped. Local traffic — the inbound proxy's
 //! connects to the workload's address, and any local process, whatever address it dials —
 //! arrives on `lo`.
+//! Whose socket it is: at cgroup ingress the kernel runs the programs of the receiving
+//! socket's cgroup with that socket as the packet's, so `bpf_skb_cgroup_id` and its ancestors
+//! name the listener's cgroup. The deepest one in `WORKLOADS` decides, as in the connect hooks:
+//! a pod's sidecar container (role `PROXY`) inside a strict pod still takes tunnels from
+//! outside. The header checks come first, so packets that are not an outside SYN cost no map
+//! lookup.
 //! Replies to the workload's own outbound connections (SYN+ACK, then ACKs) pass, so
 //! destinations excluded from interception keep working. A dropped SYN is retransmitted by
 //! the client until its connect times out: the port looks filtered, not closed.
-use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use sidecar_common::Counter;
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::generated::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use sidecar_common::{Counter, WorkloadConfig, flags, limits, role};
 
-use crate::maps::count;
+use crate::maps::{WORKLOADS, count};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -35,12 +49,38 @@ const TCP_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
 pub fn sidecar_strict_in(ctx: SkBuffContext) -> i32 {
-    if is_outside_syn(&ctx) {
+    if is_outside_syn(&ctx) && owner_is_strict(ctx.skb.skb) {
         count(Counter::StrictInboundDropped, 1);
         DROP
     } else {
         PASS
     }
+}
+
+/// Whether the socket receiving the packet belongs to a workload in strict inbound mode: the
+/// deepest cgroup, from the socket's own up to the root, with an entry in `WORKLOADS`.
+#[inline(always)]
+fn owner_is_strict(skb: *mut __sk_buff) -> bool {
+    // SAFETY: helper calls on the context pointer the kernel handed us.
+    let own = unsafe { bpf_skb_cgroup_id(skb) };
+    // SAFETY: the map value is copied out immediately.
+    let mut found: Option<WorkloadConfig> = unsafe { WORKLOADS.get(&own) }.copied();
+    if found.is_none() {
+        let mut level = 0;
+        while level < limits::CGROUP_DEPTH {
+            // SAFETY: as above.
+            let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+            if id == 0 {
+                break;
+            }
+            // SAFETY: as above.
+            if let Some(cfg) = unsafe { WORKLOADS.get(&id) } {
+                found = Some(*cfg);
+            }
+            level += 1;
+        }
+    }
+    found.is_some_and(|cfg| cfg.role == role::WORKLOAD && cfg.flags & flags::STRICT_INBOUND != 0)
 }
 
 /// At cgroup ingress the packet starts at the network header.

@@ -10,6 +10,9 @@
 //! ← {"ok":false,"error":"…","reason":"node_full","retry":true}   (try again later; not the pod's fault)
 //! → {"op":"policy","text":"[[rule]]\n…"}   (this connection's pod: replace its policy)
 //! ← {"ok":true}  or  {"ok":false,"error":"…","reason":"bad_policy"}   (refused: the old one stays)
+//! → {"op":"circuit","dst":"10.0.0.9:5432","open":true}   (this connection's pod: refuse its
+//!   connects to dst at connect() while the proxy's circuit for it is open; false: let them go)
+//! ← {"ok":true}  or  {"ok":false,"error":"…","reason":"over_quota"}   (the proxy alone refuses it)
 //! → {"op":"deregister"}            (this connection's registration)
 //! → {"op":"status"}                (uid 0 callers only: registrations, refusals, counters)
 //! → {"op":"records"}               (the caller's own pod's pass-through records, streamed)
@@ -102,6 +105,18 @@ pub enum Request {
         /// or refuses the registration (`bad_policy`, `over_quota`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         policy: Option<String>,
+        /// Strict inbound (`sidecar proxy --inbound-mode strict`): new connections from
+        /// outside the node to the pod's app containers are dropped in the kernel, so only
+        /// the sidecar's tunnel (`inbound_port`, required) reaches them.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        strict_inbound: bool,
+    },
+    /// The pod's proxy opened (`open`) or closed the circuit of `dst`: its connects there are
+    /// refused at `connect()` in the kernel while it is open, pass-through ones included.
+    /// Held while this connection lives (see the agent's registry).
+    Circuit {
+        dst: std::net::SocketAddr,
+        open: bool,
     },
     /// Replaces the policy of the pod this connection registered (the sidecar reloaded its
     /// file). Refused: the policy in force stays, in the kernel and (the sidecar's side) in
@@ -233,6 +248,7 @@ mod tests {
                 mesh_cidrs: vec![],
                 listeners: 0,
                 policy: None,
+                strict_inbound: false,
             }
         );
         let with_policy = Request::Register {
@@ -248,6 +264,7 @@ mod tests {
             mesh_cidrs: vec![],
             listeners: 2,
             policy: Some("[[rule]]\naction = \"deny\"\nports = [22]\n".into()),
+            strict_inbound: true,
         };
         let line = serde_json::to_string(&with_policy).unwrap();
         assert!(line.contains(r#""policy":"[[rule]]\naction = \"deny\"\nports = [22]\n""#));
@@ -257,6 +274,15 @@ mod tests {
             Request::Policy { text: "x".into() }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"policy"}"#).is_err());
+        assert!(line.contains(r#""strict_inbound":true"#), "{line}");
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"circuit","dst":"10.0.0.9:80","open":true}"#)
+                .unwrap(),
+            Request::Circuit {
+                dst: "10.0.0.9:80".parse().unwrap(),
+                open: true
+            }
+        );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"records"}"#).unwrap(),
             Request::Records

@@ -253,6 +253,21 @@ fn check_node(node: &Node) {
         implied(&pods, &node.maps),
         "the maps are not what the registrations imply"
     );
+    // Open circuits: only registered pods', each within its share.
+    let mut circuits: BTreeMap<u32, u32> = BTreeMap::new();
+    for key in &node.maps.circuits {
+        *circuits.entry(key.scope).or_default() += 1;
+    }
+    for (scope, n) in circuits {
+        assert!(
+            scopes.contains(&scope),
+            "open circuits of scope {scope}, which no pod has"
+        );
+        assert!(
+            n <= limits::OPEN_CIRCUITS_PER_POD,
+            "scope {scope} holds {n} circuits"
+        );
+    }
     if let Some(policy) = &node.maps.policy {
         let with_policy: BTreeSet<u32> = pods
             .values()
@@ -260,7 +275,10 @@ fn check_node(node: &Node) {
             .map(|r| r.scope)
             .collect();
         let live: BTreeSet<u32> = policy.states.keys().copied().collect();
-        assert_eq!(live, with_policy, "policies in force are not the registrations'");
+        assert_eq!(
+            live, with_policy,
+            "policies in force are not the registrations'"
+        );
         assert!(
             policy_scopes(policy).is_subset(&with_policy),
             "policy entries of a scope without a policy: {:?} (registered {with_policy:?})",
@@ -299,7 +317,10 @@ fn policy_text(bytes: &mut Bytes) -> String {
         6 => (0..40)
             .map(|i| format!("[[rule]]\naction = \"deny\"\ndestinations = [\"10.9.{i}.0/24\"]\n"))
             .collect(),
-        _ => format!("# {}\n[defaults]\noutbound = \"allow\"\n", "x".repeat(registration::MAX_POLICY)),
+        _ => format!(
+            "# {}\n[defaults]\noutbound = \"allow\"\n",
+            "x".repeat(registration::MAX_POLICY)
+        ),
     }
 }
 
@@ -362,6 +383,7 @@ fn register_request(bytes: &mut Bytes) -> registration::Request {
         // Named but never passed (no descriptors travel here): refused, as by the agent.
         listeners: (switches >> 4) & 3,
         policy: (switches & 64 != 0).then(|| policy_text(bytes)),
+        strict_inbound: switches & 128 != 0,
     }
 }
 
@@ -481,6 +503,28 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
             };
             assert_eq!(others(&pods_before), others(&pods), "another pod changed");
         }
+        Outcome::Circuit => {
+            assert!(
+                session_before.is_some(),
+                "a circuit of a connection that registered nothing"
+            );
+            assert_eq!(session, session_before);
+            assert_eq!(pods_before, pods, "a circuit changed a registration");
+            let uid = session.expect("registered");
+            let scope = pods[&uid].scope;
+            let others = |m: &MemoryMaps| -> BTreeSet<_> {
+                m.circuits
+                    .iter()
+                    .filter(|k| k.scope != scope)
+                    .copied()
+                    .collect()
+            };
+            assert_eq!(
+                others(&before),
+                others(&node.maps),
+                "another pod's circuits changed"
+            );
+        }
         Outcome::Status => {
             assert!(
                 is_status && caller.uid == 0,
@@ -514,7 +558,10 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
                 && derived
                     .as_ref()
                     .is_err_and(|e| e.reason == pod::OUTSIDE_PODS);
-            assert!(!is_status || !node_root, "status refused to the node's root");
+            assert!(
+                !is_status || !node_root,
+                "status refused to the node's root"
+            );
         }
     }
 }
@@ -539,8 +586,8 @@ fn records(node: &Node, conn: usize) {
 
 fn step(node: &mut Node, bytes: &mut Bytes) {
     let conn = usize::from(bytes.byte()) % CONNECTIONS;
-    let op = bytes.byte() % 13;
-    if (op <= 5 || op == 12) && node.connections[conn].slot.is_none() {
+    let op = bytes.byte() % 14;
+    if (op <= 5 || op >= 12) && node.connections[conn].slot.is_none() {
         // A refused connection was closed: its requests are never read.
         return;
     }
@@ -568,6 +615,13 @@ fn step(node: &mut Node, bytes: &mut Bytes) {
                 };
                 let uid = if bytes.byte() % 4 == 0 { 0 } else { 1000 };
                 let pid = node.connections[conn].pid + 100;
+                let Node {
+                    registry,
+                    maps,
+                    connections,
+                    ..
+                } = &mut *node;
+                requests::connection_ended(registry, maps, &connections[conn].session);
                 node.connections[conn].slot = None;
                 node.connections[conn] = node.connect(uid, pid, cgroup);
             }
@@ -639,6 +693,12 @@ fn step(node: &mut Node, bytes: &mut Bytes) {
         12 => {
             let text = policy_text(bytes);
             request(node, conn, registration::Request::Policy { text });
+        }
+        13 => {
+            // A few destinations, so opens and closes meet, and sometimes past the pod's share.
+            let dst = std::net::SocketAddr::from(([10, 0, 0, 9], u16::from(bytes.byte() % 40)));
+            let open = bytes.byte() % 3 != 0;
+            request(node, conn, registration::Request::Circuit { dst, open });
         }
         _ => {
             // The agent restarts: it reads the registrations back and reconciles.

@@ -32,6 +32,20 @@ impl Node {
             .expect("DIRECT_CAPS is a hash map");
         map.iter().map(|r| r.expect("DIRECT_CAPS entry")).collect()
     }
+
+    /// `OPEN_CIRCUITS`: the destinations each pod's connects are refused for, by scope.
+    pub fn open_circuits(&self) -> Vec<(u32, std::net::SocketAddr)> {
+        let data =
+            MapData::from_pin(self.pin_dir.join("OPEN_CIRCUITS")).expect("pinned OPEN_CIRCUITS");
+        let map: BpfHashMap<MapData, sidecar_common::CircuitKey, u8> =
+            aya::maps::Map::HashMap(data)
+                .try_into()
+                .expect("OPEN_CIRCUITS is a hash map");
+        map.keys()
+            .map(|k| k.expect("OPEN_CIRCUITS key"))
+            .map(|k| (k.scope, k.dst.to_socket_addr()))
+            .collect()
+    }
 }
 
 /// Entries in the pinned `EXCLUDED_CIDRS` trie.

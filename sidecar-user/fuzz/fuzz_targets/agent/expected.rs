@@ -35,8 +35,18 @@ fn in_force(p: &MemoryPolicyMaps) -> MemoryPolicyMaps {
             .is_some_and(|s| s.slot == slot_scope % 2)
     };
     MemoryPolicyMaps {
-        denied: p.denied.iter().filter(|(k, _)| live(k)).map(|(k, v)| (*k, v.clone())).collect(),
-        proxied: p.proxied.iter().filter(|(k, _)| live(k)).map(|(k, v)| (*k, v.clone())).collect(),
+        denied: p
+            .denied
+            .iter()
+            .filter(|(k, _)| live(k))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect(),
+        proxied: p
+            .proxied
+            .iter()
+            .filter(|(k, _)| live(k))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect(),
         ..p.clone()
     }
 }
@@ -71,7 +81,12 @@ pub fn implied(pods: &BTreeMap<String, Registration>, shape: &MemoryMaps) -> Mem
                 } else {
                     flags::DENY_METADATA
                 })
-                | (if r.passthrough { flags::PASSTHROUGH } else { 0 }),
+                | (if r.passthrough { flags::PASSTHROUGH } else { 0 })
+                | (if r.strict_inbound {
+                    flags::STRICT_INBOUND
+                } else {
+                    0
+                }),
             excluded_ports_len: r.exclude_ports.len() as u32,
             excluded_ports: ports,
         };

@@ -4,9 +4,12 @@
 //! every update (kernels before 6.14 even the update of a key it holds), a full hash map
 //! refuses new keys. An insert can be made to fail, to drive the registry's error paths.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+};
 
-use sidecar_common::{PolicyState, PortBitmap, WorkloadConfig, limits};
+use sidecar_common::{CircuitKey, PolicyState, PortBitmap, WorkloadConfig, limits};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::policy::kernel::{KernelPolicyError, PolicyMaps, PolicyTrie, SlotKey};
@@ -25,6 +28,8 @@ pub struct MemoryMaps {
     pub passthrough_capable: bool,
     /// `POLICY_STATE`, `POLICY_OUT` and `POLICY_PROXIED` (`None`: pins without them).
     pub policy: Option<MemoryPolicyMaps>,
+    /// `OPEN_CIRCUITS`.
+    pub circuits: BTreeSet<CircuitKey>,
     /// The insert this many inserts from now fails (once).
     pub fail_insert_in: Option<u32>,
 }
@@ -153,6 +158,7 @@ impl Default for MemoryMaps {
             meshed_capacity: limits::MESH_CIDRS,
             passthrough_capable: true,
             policy: Some(MemoryPolicyMaps::default()),
+            circuits: BTreeSet::new(),
             fail_insert_in: None,
         }
     }
@@ -221,6 +227,10 @@ impl PodMaps for MemoryMaps {
         self.passthrough_capable
     }
 
+    fn strict_capable(&self) -> bool {
+        true
+    }
+
     fn policy(&mut self) -> Option<&mut dyn PolicyMaps> {
         self.policy.as_mut().map(|p| p as &mut dyn PolicyMaps)
     }
@@ -270,6 +280,25 @@ impl PodMaps for MemoryMaps {
         if let Some(caps) = &mut self.caps {
             caps.remove(&scope);
         }
+        Ok(())
+    }
+
+    fn circuits(&self) -> Option<Vec<CircuitKey>> {
+        Some(self.circuits.iter().copied().collect())
+    }
+
+    fn insert_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError> {
+        let full =
+            self.circuits.len() >= limits::OPEN_CIRCUITS as usize && !self.circuits.contains(key);
+        if self.insert_fails() || full {
+            return Err(error("OPEN_CIRCUITS", libc::E2BIG));
+        }
+        self.circuits.insert(*key);
+        Ok(())
+    }
+
+    fn remove_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError> {
+        self.circuits.remove(key);
         Ok(())
     }
 

@@ -240,7 +240,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     let (pinned_object, sockmap) = match previous.as_ref().map(|p| p.object.clone()) {
         _ if !pins.adopted => (object, opts.sockmap),
         Some(o) if o == object => (o, kept_sockmap),
-        other => match pins::upgrade(&pin_dir, opts.sockmap) {
+        other => match pins::upgrade(&pin_dir, &root, opts.sockmap) {
             Ok(()) => {
                 info!(from = other.as_deref().unwrap_or("unknown"), to = %object, "eBPF programs upgraded in place");
                 // The upgrade pins the maps the new object adds.

@@ -15,9 +15,12 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
+        SockOps,
+    },
 };
-use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
+use sidecar_common::{CircuitKey, ScopedAddr, WorkloadConfig, maps, programs};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::policy::{kernel::PolicyMaps, pinned::PinnedPolicyMaps};
@@ -34,6 +37,10 @@ pub const LINKS: [&str; 4] = [
     programs::CONNECT4,
     programs::CONNECT6,
 ];
+/// The strict inbound program's link, at the pods' root too: it drops outside SYNs only for
+/// pods registered with strict inbound. Not required to adopt an installation: pins of a
+/// build without it get it at the next upgrade, and refuse strict pods until then.
+pub const STRICT_LINK: &str = programs::STRICT_INBOUND;
 /// Maps the agent needs to find pinned to adopt an installation.
 const REQUIRED_MAPS: [&str; 4] = [
     maps::WORKLOADS,
@@ -63,6 +70,10 @@ pub struct AgentPins {
     pub direct_caps: Option<HashMap<MapData, u32, u32>>,
     /// Pods' policies, by scope (`None`: pins without the policy maps).
     pub policy: Option<PinnedPolicyMaps>,
+    /// Pods' open circuits, refused at `connect()` (`None`: pins without the map).
+    pub circuits: Option<HashMap<MapData, CircuitKey, u8>>,
+    /// The strict inbound program is attached ([`STRICT_LINK`] is pinned).
+    pub strict_capable: bool,
     counters: PerCpuArray<MapData, u64>,
 }
 
@@ -97,6 +108,8 @@ impl AgentPins {
             meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
             direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
             policy: PinnedPolicyMaps::open(dir).ok(),
+            circuits: open_pinned(dir, maps::OPEN_CIRCUITS).ok(),
+            strict_capable: dir.join(link_pin_name(STRICT_LINK)).exists(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }
@@ -114,6 +127,10 @@ impl AgentPins {
         if self.policy.is_none() {
             self.policy = PinnedPolicyMaps::open(&self.dir).ok();
         }
+        if self.circuits.is_none() {
+            self.circuits = open_pinned(&self.dir, maps::OPEN_CIRCUITS).ok();
+        }
+        self.strict_capable = self.dir.join(link_pin_name(STRICT_LINK)).exists();
     }
 
     /// Whether these pins can pass connections through: the maps the programs need for it
@@ -148,6 +165,10 @@ impl PodMaps for AgentPins {
 
     fn passthrough_capable(&self) -> bool {
         AgentPins::passthrough_capable(self)
+    }
+
+    fn strict_capable(&self) -> bool {
+        self.strict_capable
     }
 
     fn policy(&mut self) -> Option<&mut dyn PolicyMaps> {
@@ -189,6 +210,27 @@ impl PodMaps for AgentPins {
             return Ok(());
         };
         forget(caps.remove(&scope)).map_err(map_error(maps::DIRECT_CAPS))
+    }
+
+    fn circuits(&self) -> Option<Vec<CircuitKey>> {
+        let circuits = self.circuits.as_ref()?;
+        Some(circuits.keys().filter_map(Result::ok).collect())
+    }
+
+    fn insert_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError> {
+        let Some(circuits) = &mut self.circuits else {
+            return Ok(());
+        };
+        circuits
+            .insert(key, 1, 0)
+            .map_err(map_error(maps::OPEN_CIRCUITS))
+    }
+
+    fn remove_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError> {
+        let Some(circuits) = &mut self.circuits else {
+            return Ok(());
+        };
+        forget(circuits.remove(key)).map_err(map_error(maps::OPEN_CIRCUITS))
     }
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>> {
@@ -336,7 +378,29 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError>
         link.pin(&path)
             .map_err(|source| EbpfError::Pin { path, source })?;
     }
+    attach_strict(&mut ebpf, dir, root)?;
     tracing::info!(cgroup = %root.display(), pins = %dir.display(), "eBPF programs loaded, attached and pinned");
+    Ok(())
+}
+
+/// Attaches the strict inbound program at the pods' root and pins its link.
+fn attach_strict(ebpf: &mut aya::Ebpf, dir: &Path, root: &Path) -> Result<(), EbpfError> {
+    let cgroup = open_cgroup(root)?;
+    let prog: &mut CgroupSkb = program(ebpf, STRICT_LINK)?;
+    let id = prog
+        .attach(
+            &cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )
+        .map_err(|source| attach_error(STRICT_LINK, root, source))?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| attach_error(STRICT_LINK, root, source))?;
+    let path = dir.join(link_pin_name(STRICT_LINK));
+    fd_link(STRICT_LINK, link)?
+        .pin(&path)
+        .map_err(|source| EbpfError::Pin { path, source })?;
     Ok(())
 }
 
@@ -365,6 +429,7 @@ fn program_fd(
     let fd = match name {
         programs::SOCKOPS => program::<SockOps>(ebpf, name)?.fd(),
         programs::GETSOCKOPT => program::<CgroupSockopt>(ebpf, name)?.fd(),
+        STRICT_LINK => program::<CgroupSkb>(ebpf, name)?.fd(),
         _ => program::<CgroupSockAddr>(ebpf, name)?.fd(),
     };
     fd.and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -381,7 +446,7 @@ fn program_fd(
 /// new sk_msg to the sockhash (replacing the old one). Maps the new object adds are created
 /// and pinned. On any failure nothing attached has changed, or the links that were updated
 /// run new programs against the same maps; the error says which.
-pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
+pub fn upgrade(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
     let pinned: Vec<String> = fs::read_dir(dir)
         .map_err(|source| EbpfError::PinDir {
             path: dir.into(),
@@ -410,10 +475,18 @@ pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
     }
     // Load (verify) every program before touching any link.
     let mut fds = Vec::new();
-    for name in LINKS {
+    let strict_pinned = dir.join(link_pin_name(STRICT_LINK)).exists();
+    for name in LINKS
+        .into_iter()
+        .chain(strict_pinned.then_some(STRICT_LINK))
+    {
         fds.push((name, program_fd(&mut ebpf, name)?));
     }
     attach_sk_msg(&mut ebpf)?;
+    // Pins from a build without the strict inbound program: attached now, for the first time.
+    if !strict_pinned {
+        attach_strict(&mut ebpf, dir, root)?;
+    }
     for (name, fd) in fds {
         let path = dir.join(link_pin_name(name));
         let link = raw::obj_get(&path).map_err(|e| EbpfError::Attach {

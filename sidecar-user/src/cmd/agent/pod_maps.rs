@@ -1,12 +1,12 @@
 //! The kernel maps the [`registry`](super::registry) keeps in step with its registrations,
 //! as the few operations it needs: list, insert and remove entries of `WORKLOADS`,
-//! `DIRECT_CAPS` and the two per-pod CIDR tries, and the policy maps
+//! `DIRECT_CAPS`, `OPEN_CIRCUITS` and the two per-pod CIDR tries, and the policy maps
 //! ([`PolicyMaps`]). The agent's pinned maps implement it
 //! ([`AgentPins`](super::pins::AgentPins)); the registry's tests and the agent's fuzz target
 //! use maps in memory (`memory_maps.rs`), so the registry's bookkeeping is checked without a
 //! kernel.
 
-use sidecar_common::{ScopedAddr, WorkloadConfig};
+use sidecar_common::{CircuitKey, ScopedAddr, WorkloadConfig};
 
 use crate::policy::kernel::PolicyMaps;
 
@@ -75,6 +75,9 @@ pub trait PodMaps {
     /// Whether the programs can pass connections through (see
     /// [`AgentPins::passthrough_capable`](super::pins::AgentPins::passthrough_capable)).
     fn passthrough_capable(&self) -> bool;
+    /// Whether the strict inbound program is attached at the pods' root (pins of an older
+    /// build may lack it until their upgrade).
+    fn strict_capable(&self) -> bool;
 
     /// `POLICY_STATE` and the two policy tries, where pods' policies are installed (`None`:
     /// pins without them, where a pod with a policy is refused).
@@ -90,6 +93,12 @@ pub trait PodMaps {
     fn caps(&self) -> Option<Vec<(u32, u32)>>;
     fn insert_cap(&mut self, scope: u32, cap: u32) -> Result<(), MapError>;
     fn remove_cap(&mut self, scope: u32) -> Result<(), MapError>;
+
+    /// `OPEN_CIRCUITS`: a pod's destinations whose connects are refused while their
+    /// circuit is open (`None`: pins without the map).
+    fn circuits(&self) -> Option<Vec<CircuitKey>>;
+    fn insert_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError>;
+    fn remove_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError>;
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>>;
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;

@@ -9,16 +9,24 @@
 //! maps before its `WORKLOADS` entry is written, kept in force across agent restarts (the
 //! text is persisted with the registration and installed again at start), and emptied out
 //! with the registration.
+//!
+//! A pod's open circuits (destinations its proxy found failing) are refused at `connect()`
+//! in the pod's scope of `OPEN_CIRCUITS` while its sidecar's registration connection lives:
+//! they are the proxy's live state, not configuration, so they are neither persisted nor
+//! kept past the connection (a new registration starts with none, and the sidecar sends the
+//! ones it holds open again).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 use sidecar_common::{
-    ScopedAddr, WorkloadConfig, flags, limits, lpm_prefix_len, mapped_octets, role,
+    CircuitKey, OrigDst, ScopedAddr, WorkloadConfig, flags, limits, lpm_prefix_len, mapped_octets,
+    role,
 };
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
@@ -118,6 +126,10 @@ pub struct Registration {
     /// anyone else gets nothing. False for a sidecar too old to pass them.
     #[serde(default)]
     pub listener_checked: bool,
+    /// Strict inbound: new connections from outside the node to the pod's app containers are
+    /// dropped in the kernel; only the sidecar's tunnel reaches them.
+    #[serde(default)]
+    pub strict_inbound: bool,
     /// Identifies the pod in scoped kernel keys (CIDR exclusions, policy).
     pub scope: u32,
     /// The proxy process that registered last (informational).
@@ -150,6 +162,7 @@ pub struct Request {
     pub listeners: Option<super::listener::Verified>,
     /// The pod's policy, installed before its `WORKLOADS` entry is written.
     pub policy: Option<PodPolicy>,
+    pub strict_inbound: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +205,21 @@ pub enum RegistryError {
     Policy(#[from] KernelPolicyError),
     #[error("this pod is not registered (any more): register it again")]
     NotRegistered,
+    #[error(
+        "strict inbound needs the sidecar's tunnel (an inbound port): without one nothing from \
+         outside could reach the pod; give the sidecar --tls-dir or drop --inbound-mode strict"
+    )]
+    StrictWithoutTunnel,
+    #[error(
+        "the node's pinned programs have no strict inbound program (installed by an older \
+         build): restart the agent with this build to upgrade them in place"
+    )]
+    NoStrictProgram,
+    #[error(
+        "the pod has {quota} open circuits refused in the kernel already (each pod's share of \
+         the node's table): {dst} is refused by the proxy only"
+    )]
+    CircuitsOverQuota { dst: SocketAddr, quota: u32 },
 }
 
 impl RegistryError {
@@ -204,6 +232,9 @@ impl RegistryError {
                 "over_quota"
             }
             RegistryError::NoPolicyMaps => "no_policy_maps",
+            RegistryError::NoStrictProgram => "no_strict_program",
+            RegistryError::CircuitsOverQuota { .. } => "over_quota",
+            RegistryError::StrictWithoutTunnel => "invalid",
             RegistryError::Policy(_) => "kernel_map",
             RegistryError::NotRegistered => "not_registered",
             RegistryError::Full => "node_full",
@@ -247,6 +278,8 @@ pub struct Registry {
     policies: BTreeMap<String, PolicySlots>,
     /// Pods whose saved policy could not be put back in force: said once, retried each sweep.
     policy_failures: BTreeSet<String>,
+    /// Each pod's open circuits refused in the kernel, by pod UID (see the module's docs).
+    circuits: BTreeMap<String, BTreeSet<SocketAddr>>,
 }
 
 impl Registry {
@@ -272,6 +305,7 @@ impl Registry {
             hold_until: None,
             policies: BTreeMap::new(),
             policy_failures: BTreeSet::new(),
+            circuits: BTreeMap::new(),
         })
     }
 
@@ -326,6 +360,12 @@ impl Registry {
         if req.proxy_port == 0 {
             return Err(RegistryError::NoPort);
         }
+        if req.strict_inbound && req.inbound_port == 0 {
+            return Err(RegistryError::StrictWithoutTunnel);
+        }
+        if req.strict_inbound && !maps.strict_capable() {
+            return Err(RegistryError::NoStrictProgram);
+        }
         if let Some(policy) = &req.policy {
             check_policy_quota(maps, policy)?;
         }
@@ -379,6 +419,7 @@ impl Registry {
             passthrough_cap: req.passthrough_cap,
             mesh_cidrs: req.mesh_cidrs.iter().map(Cidr::to_string).collect(),
             listener_checked: req.listeners.is_some(),
+            strict_inbound: req.strict_inbound,
             scope,
             pid: req.pid,
             registrations: same_pod.map_or(0, |p| p.registrations) + 1,
@@ -428,9 +469,63 @@ impl Registry {
             }
         }
         self.keep_slots(&reg.pod_uid, slots);
+        // A new registration (a restarted sidecar, or the same one after its connection
+        // broke) sends the circuits it holds open again: none of the old ones stay.
+        self.clear_circuits(maps, &reg.pod_uid, previous.as_ref().map(|p| p.scope));
         self.pods.insert(reg.pod_uid.clone(), reg.clone());
         self.persist()?;
         Ok(reg)
+    }
+
+    /// Opens (refuses connects to `dst` in the kernel) or closes one of the registered pod
+    /// `uid`'s circuits. Over the pod's quota an open is refused and the proxy alone refuses
+    /// the destination.
+    pub fn set_circuit(
+        &mut self,
+        maps: &mut impl PodMaps,
+        uid: &str,
+        dst: SocketAddr,
+        open: bool,
+    ) -> Result<(), RegistryError> {
+        let Some(reg) = self.pods.get(uid) else {
+            return Err(RegistryError::NotRegistered);
+        };
+        let key = circuit_key(reg.scope, dst);
+        let held = self.circuits.entry(uid.to_string()).or_default();
+        if !open {
+            held.remove(&dst);
+            maps.remove_circuit(&key)?;
+            return Ok(());
+        }
+        let quota = limits::OPEN_CIRCUITS_PER_POD;
+        if !held.contains(&dst) && held.len() as u32 >= quota {
+            return Err(RegistryError::CircuitsOverQuota { dst, quota });
+        }
+        maps.insert_circuit(&key)?;
+        held.insert(dst);
+        Ok(())
+    }
+
+    /// Lets through again every connect the pod `uid` had refused for an open circuit: its
+    /// sidecar's connection ended (no proxy left to close them), or it registered anew.
+    /// `scope`: the pod's scope when they were opened.
+    pub fn clear_circuits(&mut self, maps: &mut impl PodMaps, uid: &str, scope: Option<u32>) {
+        let Some(held) = self.circuits.remove(uid) else {
+            return;
+        };
+        let Some(scope) = scope.or_else(|| self.pods.get(uid).map(|r| r.scope)) else {
+            return;
+        };
+        for dst in held {
+            if let Err(e) = maps.remove_circuit(&circuit_key(scope, dst)) {
+                tracing::warn!(pod_uid = %uid, %dst, "cannot close an open circuit in the kernel (the sweep retries): {e}");
+            }
+        }
+    }
+
+    /// Open circuits the kernel refuses for the pod `uid`.
+    pub fn circuits_of(&self, uid: &str) -> usize {
+        self.circuits.get(uid).map_or(0, BTreeSet::len)
     }
 
     /// Replaces the policy of the registered pod `uid` (its sidecar reloaded its file). A
@@ -484,6 +579,7 @@ impl Registry {
             maps.remove_workload(id)?;
         }
         self.policy_failures.remove(uid);
+        self.clear_circuits(maps, uid, Some(reg.scope));
         let held = self.policies.remove(uid);
         if let Some(pm) = maps.policy()
             && (held.is_some() || reg.policy.is_some())
@@ -561,6 +657,17 @@ impl Registry {
         }
         if let Some(pm) = maps.policy() {
             self.sync_policies(pm, prune);
+        }
+        if prune && let Some(present) = maps.circuits() {
+            let wanted: BTreeSet<CircuitKey> = self
+                .circuits
+                .iter()
+                .filter_map(|(uid, held)| Some((self.pods.get(uid)?.scope, held)))
+                .flat_map(|(scope, held)| held.iter().map(move |dst| circuit_key(scope, *dst)))
+                .collect();
+            for key in present.iter().filter(|k| !wanted.contains(k)) {
+                let _ = maps.remove_circuit(key);
+            }
         }
         Ok(gone)
     }
@@ -735,6 +842,14 @@ fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration
     }
 }
 
+/// The `OPEN_CIRCUITS` key of a pod's circuit to `dst`.
+fn circuit_key(scope: u32, dst: SocketAddr) -> CircuitKey {
+    CircuitKey {
+        dst: OrigDst::from_socket_addr(dst),
+        scope,
+    }
+}
+
 /// The two `WORKLOADS` values of a registration: the pod's and its proxy container's.
 fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
     let mut workload = WorkloadConfig {
@@ -750,6 +865,11 @@ fn entries(r: &Registration) -> (WorkloadConfig, WorkloadConfig) {
             | if r.passthrough { flags::PASSTHROUGH } else { 0 }
             | if r.listener_checked {
                 flags::CHECK_LISTENER
+            } else {
+                0
+            }
+            | if r.strict_inbound {
+                flags::STRICT_INBOUND
             } else {
                 0
             },
@@ -861,6 +981,7 @@ mod tests {
             mesh_cidrs: parse(mesh),
             listeners: None,
             policy: None,
+            strict_inbound: false,
         }
     }
 
@@ -1187,5 +1308,94 @@ mod tests {
         assert!(quota * 2 * MAX_PODS as usize <= limits::POLICY_OUT as usize);
         // Tries of an older build (2,048 entries): 2 prefixes per pod, not 32 for 32 pods.
         assert_eq!(policy_quota(2048), 2);
+    }
+
+    /// A pod's open circuits are its own share of `OPEN_CIRCUITS`: over it an open is refused
+    /// and nothing written; a close, a new registration and the pod's removal take them out;
+    /// the sweep removes any no pod holds (a previous agent's).
+    #[test]
+    fn a_pods_open_circuits_are_its_share_and_go_with_it() {
+        let node = Node::new("circuits");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let dst = |port: u16| SocketAddr::from(([10, 0, 0, 9], port));
+        let e = registry
+            .set_circuit(&mut maps, "a1", dst(1), true)
+            .unwrap_err();
+        assert_eq!(e.reason(), "not_registered");
+        let a = registry
+            .register(&mut maps, request(node.pod("a1"), &[], &[], None))
+            .unwrap();
+        let b = registry
+            .register(&mut maps, request(node.pod("b1"), &[], &[], None))
+            .unwrap();
+        let quota = limits::OPEN_CIRCUITS_PER_POD;
+        assert!(quota * MAX_PODS <= limits::OPEN_CIRCUITS);
+        for port in 0..quota as u16 {
+            registry
+                .set_circuit(&mut maps, "a1", dst(port), true)
+                .unwrap();
+        }
+        let before = maps.clone();
+        let e = registry
+            .set_circuit(&mut maps, "a1", dst(9999), true)
+            .unwrap_err();
+        assert_eq!(e.reason(), "over_quota", "{e}");
+        assert_eq!(maps, before);
+        // Another pod's share is untouched by the first one's.
+        registry.set_circuit(&mut maps, "b1", dst(1), true).unwrap();
+        assert!(maps.circuits.contains(&circuit_key(b.scope, dst(1))));
+        registry
+            .set_circuit(&mut maps, "a1", dst(0), false)
+            .unwrap();
+        assert!(!maps.circuits.contains(&circuit_key(a.scope, dst(0))));
+        registry
+            .set_circuit(&mut maps, "a1", dst(9999), true)
+            .unwrap();
+        assert_eq!(registry.circuits_of("a1"), quota as usize);
+
+        // Registered again (its sidecar reconnected): it sends its circuits anew.
+        registry
+            .register(&mut maps, request(node.pod("a1"), &[], &[], None))
+            .unwrap();
+        assert_eq!(registry.circuits_of("a1"), 0);
+        assert!(maps.circuits.iter().all(|k| k.scope != a.scope));
+        registry.set_circuit(&mut maps, "a1", dst(5), true).unwrap();
+        assert!(registry.remove(&mut maps, "a1").unwrap());
+        assert!(maps.circuits.iter().all(|k| k.scope != a.scope));
+
+        // A previous agent's entry that no pod holds goes with the sweep.
+        maps.circuits.insert(circuit_key(b.scope + 7, dst(2)));
+        registry.reconcile(&mut maps).unwrap();
+        assert_eq!(
+            maps.circuits.iter().copied().collect::<Vec<_>>(),
+            [circuit_key(b.scope, dst(1))]
+        );
+    }
+
+    /// Strict inbound sets the pod's flag (not its proxy's role's meaning: the program drops
+    /// only for the WORKLOAD role), and needs the tunnel.
+    #[test]
+    fn strict_inbound_needs_the_tunnel_and_sets_the_pods_flag() {
+        let node = Node::new("strict");
+        let (mut registry, mut maps) = (node.registry(), MemoryMaps::default());
+        let mut req = request(node.pod("a1"), &[], &[], None);
+        req.strict_inbound = true;
+        req.inbound_port = 0;
+        let e = registry.register(&mut maps, req.clone()).unwrap_err();
+        assert_eq!(e.reason(), "invalid");
+        assert!(e.to_string().contains("--tls-dir"), "{e}");
+        assert!(maps.workloads.is_empty());
+        req.inbound_port = 15008;
+        let reg = registry.register(&mut maps, req).unwrap();
+        let pod = maps.workloads[&reg.pod_cgroup_id];
+        assert_eq!(pod.role, role::WORKLOAD);
+        assert_ne!(pod.flags & flags::STRICT_INBOUND, 0);
+        let plain = registry
+            .register(&mut maps, request(node.pod("b1"), &[], &[], None))
+            .unwrap();
+        assert_eq!(
+            maps.workloads[&plain.pod_cgroup_id].flags & flags::STRICT_INBOUND,
+            0
+        );
     }
 }

@@ -16,6 +16,9 @@ use crate::registration::{MAX_POLICY, Request};
 #[derive(Debug, Default)]
 pub struct Session {
     pub pod_uid: Option<String>,
+    /// Which of the pod's registrations this connection made (`Registration::registrations`):
+    /// when it ends, what it held goes only if no newer connection registered the pod since.
+    pub registration: u64,
 }
 
 /// Who sent a request, as SO_PEERCRED says.
@@ -51,6 +54,8 @@ pub enum Outcome {
     Deregistered(String),
     /// The pod's policy was replaced (`policy`).
     PolicyReplaced(String),
+    /// A circuit of the pod was opened or closed in the kernel (`circuit`).
+    Circuit,
     /// `status` from root on the node, outside every pod: the server writes it.
     Status,
     /// Refused: counted under its reason and logged as the caller's.
@@ -91,6 +96,7 @@ pub fn answer(
             mesh_cidrs,
             listeners: named,
             policy,
+            strict_inbound,
         } => {
             let pod = match pod() {
                 Ok(p) => p,
@@ -154,10 +160,12 @@ pub fn answer(
                 mesh_cidrs,
                 listeners,
                 policy,
+                strict_inbound,
             };
             match registry.register(maps, req) {
                 Ok(reg) => {
                     session.pod_uid = Some(reg.pod_uid.clone());
+                    session.registration = reg.registrations;
                     Outcome::Registered(reg)
                 }
                 Err(e) => Outcome::Refused(Refusal {
@@ -179,6 +187,21 @@ pub fn answer(
             };
             match registry.set_policy(maps, &uid, policy) {
                 Ok(()) => Outcome::PolicyReplaced(uid),
+                Err(e) => Outcome::Refused(Refusal {
+                    retry: e.retry(),
+                    ..Refusal::new(e.reason(), e)
+                }),
+            }
+        }
+        Request::Circuit { dst, open } => {
+            let Some(uid) = session.pod_uid.clone() else {
+                return Outcome::Refused(Refusal::new(
+                    "not_registered",
+                    "circuit: this connection has not registered a pod",
+                ));
+            };
+            match registry.set_circuit(maps, &uid, dst, open) {
+                Ok(()) => Outcome::Circuit,
                 Err(e) => Outcome::Refused(Refusal {
                     retry: e.retry(),
                     ..Refusal::new(e.reason(), e)
@@ -223,6 +246,18 @@ pub fn answer(
                 format!("status is for the node's own processes and the agent's pod: {why}"),
             ))
         }
+    }
+}
+
+/// The registration connection `session` ended: the open circuits it sent go, unless a newer
+/// connection registered the pod since (a sidecar that reconnected sends its own again).
+pub fn connection_ended(registry: &mut Registry, maps: &mut impl PodMaps, session: &Session) {
+    let Some(uid) = &session.pod_uid else { return };
+    if registry
+        .pods()
+        .any(|r| r.pod_uid == *uid && r.registrations == session.registration)
+    {
+        registry.clear_circuits(maps, uid, None);
     }
 }
 

@@ -244,8 +244,12 @@ async fn serve_connection(
     }
     // A connection that ends without deregistering keeps its pod intercepted (fail-closed):
     // the sidecar crashed or the agent restarts; it re-registers when it comes back, and the
-    // sweep removes the pod when its cgroup goes.
-    if let Some(uid) = session.pod_uid {
+    // sweep removes the pod when its cgroup goes. Its open circuits go: no proxy is left to
+    // close them.
+    if let Some(uid) = &session.pod_uid {
+        let mut guard = lock(&agent);
+        let agent = &mut *guard;
+        requests::connection_ended(&mut agent.registry, &mut agent.pins, &session);
         debug!(pod_uid = %uid, "registration connection ended; interception stays");
     }
 }
@@ -408,6 +412,7 @@ fn handle(
                 ..Reply::default()
             }
         }
+        Outcome::Circuit => Reply::ok(),
         Outcome::PolicyReplaced(uid) => {
             info!(pod_uid = %uid, "pod policy replaced in the kernel");
             Reply {

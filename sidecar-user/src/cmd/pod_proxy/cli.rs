@@ -6,6 +6,7 @@ use super::PodProxyOptions;
 use crate::{
     admin::flags::ObserveArgs,
     cidr::Cidr,
+    cmd::run::cli::InboundMode,
     proxy::{
         ProxySettingsArgs, SettingsError,
         mesh::{MeshArgs, MeshError},
@@ -64,6 +65,11 @@ pub struct ProxyArgs {
     /// --mesh-cidrs straight through in the kernel (recorded, and streamed to this sidecar).
     #[arg(long)]
     pub proxy_all: bool,
+    /// strict: only the sidecar's tunnel reaches the pod's app containers (needs --tls-dir
+    /// with its inbound listener); the node agent drops other connection attempts from outside
+    /// the node in the kernel. permissive: plaintext from outside is accepted too.
+    #[arg(long, value_enum, default_value = "permissive")]
+    pub inbound_mode: InboundMode,
     #[command(flatten)]
     pub observe: ObserveArgs,
 }
@@ -86,6 +92,7 @@ impl TryFrom<ProxyArgs> for PodProxyOptions {
             mtls: a.mesh.options()?,
             policy: a.policy,
             proxy_all: a.proxy_all,
+            strict_inbound: a.inbound_mode == InboundMode::Strict,
             observe: a.observe.into(),
         })
     }

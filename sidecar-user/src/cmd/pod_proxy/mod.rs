@@ -17,6 +17,7 @@
 //! be a restart of this container alone, so the pod stays intercepted (fail-closed) until
 //! the restarted sidecar registers again or the pod's cgroup goes (see `register`).
 
+pub mod circuits;
 pub mod cli;
 pub mod records;
 pub mod register;
@@ -62,6 +63,9 @@ pub struct PodProxyOptions {
     pub policy: Option<PathBuf>,
     /// Every connection through the proxy (no kernel pass-through).
     pub proxy_all: bool,
+    /// Only the sidecar's tunnel reaches the pod's app containers: the agent drops other
+    /// connection attempts from outside the node.
+    pub strict_inbound: bool,
     pub observe: ObserveOptions,
 }
 
@@ -93,6 +97,12 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             "--exclude-ports takes at most {} ports ({} given)",
             sidecar_common::limits::EXCLUDED_PORTS,
             opts.exclude_ports.len()
+        );
+    }
+    if opts.strict_inbound && opts.mtls.as_ref().and_then(|m| m.inbound).is_none() {
+        bail!(
+            "--inbound-mode strict refuses every connection that does not come through the \
+             sidecar's tunnel, so it needs --tls-dir with an inbound listener (not --no-inbound)"
         );
     }
     let tls = match &opts.mtls {
@@ -189,16 +199,21 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
             .collect(),
         listeners: passed.len() as u8,
         policy: policy_text,
+        strict_inbound: opts.strict_inbound,
     };
     let registered = serving.telemetry.clone();
     let counters = kernel_counters.clone();
     let proxy_port = opts.proxy_port;
     // The listeners go with every register line (see `register`).
     let request = (request, passed);
+    // Open circuits are refused at connect() by the agent, for pass-through connects too.
+    let circuits = Arc::new(circuits::AgentCircuits::default());
+    proxy.refuse_open_circuits_in(circuits.clone());
     let (registrar, fatal) = Registrar::start(
         opts.agent_socket.clone(),
         request,
         policy_reloads,
+        circuits,
         move |reply| {
             if registered.interception().is_none() {
                 info!(
@@ -227,8 +242,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
                 scope: 0,
                 telemetry: serving.telemetry.clone(),
                 journal: journal.clone(),
-                // Counted in this proxy's circuits; the agent owns the kernel, which does
-                // not refuse a pod's open circuits at connect().
+                // Counted in this proxy's circuits, which the agent refuses at connect().
                 circuits: Some(proxy.clone()),
             },
         )
@@ -306,6 +320,7 @@ fn effective_config(opts: &PodProxyOptions) -> serde_json::Value {
         "tls": opts.mtls.as_ref().map(MtlsOptions::config),
         "policy": opts.policy.as_ref().map(|p| p.display().to_string()),
         "passthrough": opts.passthrough(),
+        "inbound_mode": if opts.strict_inbound { "strict" } else { "permissive" },
     });
     let config = admin::config::with(config, &opts.observe);
     admin::config::redact(admin::config::with(config, &opts.proxy))

@@ -17,10 +17,16 @@
 //! the agent on the same connection (`{"op":"policy"}`) before the proxy takes it: the
 //! kernel half of the pod's policy is the agent's. The register line always carries the
 //! policy the agent last accepted, so a re-registration never brings an older one back.
+//!
+//! The proxy's open circuits go the same way (`{"op":"circuit"}`, see `circuits`): what
+//! changed while registered, and all of them after each registration.
 
 use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -33,6 +39,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::circuits::{self, AgentCircuits};
 use crate::{
     host::fd_passing,
     policy::KernelUpdate,
@@ -64,11 +71,13 @@ impl Registrar {
     /// `retry` (the node is full, not the pod wrong): those, and later refusals, are retried
     /// with backoff, the sidecar not ready.
     /// `policies`: reloads of the pod's policy for the agent to install (see the module's
-    /// docs); each is answered once the agent did or refused.
+    /// docs); each is answered once the agent did or refused. `circuits`: the proxy's open
+    /// circuits, for the agent to refuse in the kernel.
     pub fn start(
         socket: PathBuf,
         request: Registration,
         policies: mpsc::Receiver<KernelUpdate>,
+        circuits: Arc<AgentCircuits>,
         on_registered: impl Fn(&Reply) + Send + Sync + 'static,
     ) -> (Self, Fatal) {
         let stop = CancellationToken::new();
@@ -77,6 +86,7 @@ impl Registrar {
             socket,
             request,
             policies,
+            circuits,
             on_registered,
             stop.clone(),
             fatal_tx,
@@ -104,6 +114,7 @@ async fn register_loop(
     socket: PathBuf,
     mut request: Registration,
     mut policies: mpsc::Receiver<KernelUpdate>,
+    circuits: Arc<AgentCircuits>,
     on_registered: impl Fn(&Reply),
     stop: CancellationToken,
     fatal: oneshot::Sender<String>,
@@ -113,7 +124,15 @@ async fn register_loop(
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u64;
     loop {
-        match session(&socket, &mut request, &mut policies, &stop, &on_registered).await {
+        let session = session(
+            &socket,
+            &mut request,
+            &mut policies,
+            &circuits,
+            &stop,
+            &on_registered,
+        );
+        match session.await {
             Session::Stopped => return,
             Session::Broken(why) => {
                 registered_once = true;
@@ -182,6 +201,7 @@ async fn session(
     socket: &PathBuf,
     request: &mut Registration,
     policies: &mut mpsc::Receiver<KernelUpdate>,
+    circuits: &AgentCircuits,
     stop: &CancellationToken,
     on_registered: &impl Fn(&Reply),
 ) -> Session {
@@ -202,10 +222,19 @@ async fn session(
         };
     }
     on_registered(&reply);
-    // Connected and registered: hand the agent each policy reload, until the connection
-    // breaks or the stop.
+    // Connected and registered: hand the agent the open circuits, then each change of them
+    // and each policy reload, until the connection breaks or the stop.
+    let mut sent = BTreeSet::new();
+    if let Err(e) = send_circuits(&mut write, &mut lines, circuits, &mut sent).await {
+        return Session::Broken(e);
+    }
     loop {
         tokio::select! {
+            () = circuits.changed() => {
+                if let Err(e) = send_circuits(&mut write, &mut lines, circuits, &mut sent).await {
+                    return Session::Broken(e);
+                }
+            }
             line = lines.next_line() => return Session::Broken(match line {
                 Ok(None) => "closed by the agent".into(),
                 Ok(Some(l)) => format!("unexpected message {l:?}"),
@@ -236,6 +265,31 @@ async fn session(
             }
         }
     }
+}
+
+/// Tells the agent what changed between the circuits it has (`sent`) and those the proxy
+/// holds open. One it refuses (the pod's share is full) stays with the proxy alone, and is
+/// not asked for again while open.
+async fn send_circuits(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    wanted: &AgentCircuits,
+    sent: &mut BTreeSet<SocketAddr>,
+) -> Result<(), String> {
+    for (dst, open) in circuits::changes(&wanted.wanted(), sent) {
+        let line = (Request::Circuit { dst, open }, Vec::new());
+        let reply = ask(write, lines, &line).await?;
+        if !reply.ok {
+            let error = reply.error.unwrap_or_else(|| "no reason given".into());
+            warn!(%dst, open, "the agent did not take a circuit change: {error}");
+        }
+        if open {
+            sent.insert(dst);
+        } else {
+            sent.remove(&dst);
+        }
+    }
+    Ok(())
 }
 
 async fn ask(

@@ -12,8 +12,8 @@ use crate::{
 };
 
 /// `--inbound-mode`.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum InboundMode {
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum InboundMode {
     /// Plaintext connections from outside reach the workload's ports as before.
     Permissive,
     /// Only tunnels (delivered by the sidecar over `lo`) reach the workload; plaintext

@@ -446,6 +446,11 @@ fn attach_ebpf(
             } else {
                 0
             }
+            | if opts.strict_inbound {
+                flags::STRICT_INBOUND
+            } else {
+                0
+            }
             | flags::CHECK_LISTENER,
         excluded_ports_len: opts.exclude_ports.len() as u32,
         excluded_ports: [0; limits::EXCLUDED_PORTS],
