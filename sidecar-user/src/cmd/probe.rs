@@ -207,7 +207,7 @@ fn agent_programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     match result {
         Ok(()) => Check::pass(
             NAME,
-            "connect4, connect6, sockops, getsockopt, sk_msg load, attach and pin (`sidecar agent` works)",
+            "connect4, connect6, sockops, getsockopt, strict_in, sk_msg load, attach and pin (`sidecar agent` works)",
         ),
         // Before 5.15 the getsockopt program cannot call bpf_get_netns_cookie: the agent is
         // unavailable there by design (it refuses to start), while `sidecar run` works, so

@@ -54,7 +54,7 @@ pub struct ProxyArgs {
     pub drain_timeout_secs: u64,
     #[command(flatten)]
     pub mesh: MeshArgs,
-    /// Authorization policy (TOML, the same schema as `sidecar run --policy`, at most 64 KiB):
+    /// Authorization policy (TOML, the same schema as `sidecar run --policy`, at most 16 KiB):
     /// sent to the node agent, which enforces its outbound rules at connect() (EPERM), and
     /// enforced in the proxy (inbound rules on the verified peer identity). Re-read when it
     /// changes; a file refused here or by the agent leaves the old one in force in both.
