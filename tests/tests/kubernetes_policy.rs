@@ -415,3 +415,92 @@ fn a_pod_whose_policy_the_agent_refuses_is_not_registered() {
     );
     assert_eq!(node.status()["refusals"]["bad_policy"], Value::Null);
 }
+
+/// The example application as `deploy/` ships it (`deploy/example-app.yaml`'s sidecar
+/// container, its arguments, environment, user and volumes, and `deploy/policy.yaml` as its
+/// policy file): it registers with pass-through on and the policy in the kernel; the app's
+/// plaintext connection to a pod outside `--mesh-cidrs` passes straight through (the server
+/// sees the app's own socket; the sidecar records it as `passthrough`), and its connect to
+/// the cloud metadata address, which the shipped policy denies, fails with EPERM at
+/// `connect()`, counted and logged by the sidecar as the kernel's refusal under the policy's
+/// own rule (not only the agent's default metadata refusal).
+#[test]
+fn the_shipped_example_app_passes_through_and_is_denied_in_the_kernel() {
+    let Some((_serial, node)) = setup("pod-policy-shipped") else {
+        return;
+    };
+    let _agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let shipped = node.start_shipped_sidecar(&a);
+    node.wait_shipped_ready(&a, &shipped);
+    assert!(
+        shipped.policy.contains("169.254.169.254/32"),
+        "{}",
+        shipped.policy
+    );
+    let status = node.status();
+    let reg = pod_status(&status, &a.uid).expect("registered");
+    assert_eq!(reg["passthrough"], true, "{reg}");
+    assert_eq!(
+        reg["policy"].as_str(),
+        Some(shipped.policy.as_str()),
+        "{reg}"
+    );
+
+    let server = node.server(&b);
+    let peers = || -> Vec<String> {
+        server
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["peer"].as_str().map(String::from))
+            .collect()
+    };
+    let out = node
+        .shipped_app(&a, &shipped, "app-echo", &node.echo_args(100, 1))
+        .success(STEP);
+    let lines: Vec<EchoLine> = stdout_lines(&out);
+    assert!(lines.len() == 1 && lines[0].ok, "{out}");
+    let local = lines[0].local.expect("local").to_string();
+    assert!(
+        wait_until(STEP, || peers().len() == 1),
+        "the server saw nothing"
+    );
+    assert_eq!(peers(), [local], "the server saw the proxy, not the app");
+    let metrics = || node.admin_on(&a, shipped.admin_port, "/metrics").1;
+    let closed = r#"sidecar_connections_closed_total{direction="outbound",path="passthrough",reason="ok"} 1"#;
+    assert!(
+        wait_until(STEP, || metrics().contains(closed)),
+        "the sidecar never recorded the pass-through connection:\n{}",
+        metrics()
+    );
+
+    let mut denied = node.shipped_app(
+        &a,
+        &shipped,
+        "app-metadata",
+        &["connect-fail".into(), "--addr=169.254.169.254:80".into()],
+    );
+    let out = denied.success(STEP);
+    assert!(
+        out.contains("Operation not permitted"),
+        "the metadata address must be refused at connect(): {out}"
+    );
+    assert!(
+        wait_until(STEP, || metrics()
+            .lines()
+            .any(|l| l == "sidecar_ebpf_connect_policy_denied_total 1")),
+        "the kernel's refusal under the pod's policy was not counted:\n{}",
+        metrics()
+    );
+    assert!(
+        wait_until(STEP, || shipped
+            .sidecar
+            .stderr()
+            .contains("policy refused connect() in the kernel")
+            && shipped.sidecar.stderr().contains("no-metadata")),
+        "{}",
+        shipped.sidecar.stderr()
+    );
+}

@@ -27,6 +27,7 @@
 pub mod kernel;
 pub mod net;
 pub mod proc;
+pub mod shipped;
 pub mod two_pods;
 
 use std::{
@@ -311,11 +312,14 @@ impl Node {
         path
     }
 
-    /// The sidecar binary as `nobody` can execute it: in place if every directory above it
-    /// lets others through (a checkout under `/root` does not), else a copy in the scratch
-    /// directory.
-    fn unprivileged_bin(&self) -> PathBuf {
-        let bin = sidecar_bin();
+    /// The sidecar binary as `nobody` can execute it (see [`Node::for_nobody`]).
+    pub fn unprivileged_bin(&self) -> PathBuf {
+        self.for_nobody(sidecar_bin())
+    }
+
+    /// `bin` as any user can execute it: in place if every directory above it lets others
+    /// through (a checkout under `/root` does not), else a copy in the scratch directory.
+    pub fn for_nobody(&self, bin: PathBuf) -> PathBuf {
         let reachable = bin.ancestors().all(|p| {
             p.as_os_str().is_empty()
                 || fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
@@ -323,10 +327,11 @@ impl Node {
         if reachable {
             return bin;
         }
-        let copy = self.scratch.path("bin/sidecar");
+        let name = bin.file_name().expect("a binary's file name");
+        let copy = self.scratch.path("bin").join(name);
         if !copy.exists() {
             fs::create_dir_all(copy.parent().unwrap()).unwrap();
-            fs::copy(&bin, &copy).expect("copying the sidecar binary for nobody");
+            fs::copy(&bin, &copy).expect("copying a binary for nobody");
             fs::set_permissions(copy.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
             fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
         }
@@ -448,6 +453,12 @@ impl Node {
     /// GET `path` from the admin server of the sidecar in `pod`: HTTP status (0 if nothing
     /// answers) and body.
     pub fn admin(&self, pod: &Pod, path: &str) -> (u16, String) {
+        self.admin_on(pod, self.admin_port, path)
+    }
+
+    /// GET `path` from port `port` of 127.0.0.1 in `pod`'s network namespace: HTTP status (0
+    /// if nothing answers) and body.
+    pub fn admin_on(&self, pod: &Pod, port: u16, path: &str) -> (u16, String) {
         let out = output_with_timeout(
             Command::new("nsenter")
                 .arg(format!("--net=/run/netns/{}", pod.ns))
@@ -458,7 +469,7 @@ impl Node {
                     "2",
                     "-w",
                     "\n%{http_code}",
-                    &format!("http://127.0.0.1:{}{path}", self.admin_port),
+                    &format!("http://127.0.0.1:{port}{path}"),
                 ]),
             STEP,
         );
