@@ -95,6 +95,11 @@ pub mod maps {
     /// Read only while the policy's [`policy_flags::PROXIED_PORTS`](crate::policy_flags) is
     /// set.
     pub const POLICY_PROXIED: &str = "POLICY_PROXIED";
+    /// `PerCpuHashMap<u32 workload scope, ScopeCounters>`: the counters a workload's own
+    /// programs runs can be charged to (its connects, its strict inbound drops), so the node
+    /// agent can show each pod its own. User space creates a workload's entry (the programs
+    /// only add to entries that exist) and removes it with the workload.
+    pub const SCOPE_COUNTERS: &str = "SCOPE_COUNTERS";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
@@ -166,6 +171,9 @@ pub mod limits {
     /// which can only let connections through, never refuse one wrongly.
     pub const DIRECT_COUNTS: u32 = 65_536;
     pub const DIRECT_CAPS: u32 = WORKLOADS;
+    /// One entry per workload; allocated when user space adds it (not preallocated: an
+    /// entry is `Counter::COUNT` × 8 bytes per CPU).
+    pub const SCOPE_COUNTERS: u32 = WORKLOADS;
 
     const fn max(a: u32, b: u32) -> u32 {
         if a > b { a } else { b }
@@ -708,6 +716,53 @@ impl Counter {
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
+    /// The counters the programs charge to a workload too ([`maps::SCOPE_COUNTERS`]): those
+    /// of its connects and of its strict inbound drops. The others (the sockmap splice, the
+    /// original-destination answers, close cleanups) are the node's.
+    pub const PER_WORKLOAD: [Counter; 14] = [
+        Counter::ConnectSeen,
+        Counter::ConnectRedirected,
+        Counter::ConnectExcludedPort,
+        Counter::ConnectExcludedCidr,
+        Counter::ConnectNoV6Listener,
+        Counter::ConnectFromProxy,
+        Counter::ConnectPolicyDenied,
+        Counter::StrictInboundDropped,
+        Counter::ConnectMetadataDenied,
+        Counter::ConnectRedirectFailed,
+        Counter::ConnectPassthrough,
+        Counter::ConnectCircuitOpen,
+        Counter::ConnectOverloaded,
+        Counter::ConnectProxyNotListening,
+    ];
+
+    /// The counter's name (as in [`Counter::ALL`]).
+    pub fn name(self) -> &'static str {
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            if Self::ALL[i].0 as u32 == self as u32 {
+                return Self::ALL[i].1;
+            }
+            i += 1;
+        }
+        "unknown"
+    }
+}
+
+/// One workload's share of the [`Counter`]s ([`maps::SCOPE_COUNTERS`]), indexed as
+/// [`maps::COUNTERS`] is; slots the programs never charge to a workload stay 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopeCounters {
+    pub counts: [u64; Counter::COUNT as usize],
+}
+
+impl Default for ScopeCounters {
+    fn default() -> Self {
+        Self {
+            counts: [0; Counter::COUNT as usize],
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -724,6 +779,7 @@ mod pod {
     unsafe impl aya::Pod for super::DirectConn {}
     unsafe impl aya::Pod for super::DirectEvent {}
     unsafe impl aya::Pod for super::CircuitKey {}
+    unsafe impl aya::Pod for super::ScopeCounters {}
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use sidecar_common::{
 use crate::{
     ctx::user_ip6,
     direct_counts,
+    maps::Counts,
     maps::{
         COOKIE_ORIG_DST, DIRECT_CAPS, DIRECT_PENDING, EXCLUDED_CIDRS, MESH_CIDRS, OPEN_CIRCUITS,
         POLICY_EVENTS, POLICY_OUT, POLICY_PROXIED, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED,
@@ -55,12 +56,16 @@ pub fn sidecar_connect6(ctx: SockAddrContext) -> i32 {
     verdict(try_connect::<true>(&ctx))
 }
 
-/// A workload's connect that hit a map error is refused and counted: letting it through
-/// unredirected would bypass mTLS and policy (fail closed, see [`connect_verdict`]).
+/// A workload's connect that hit a map error is refused and counted (the workload's own
+/// count too): letting it through unredirected would bypass mTLS and policy (fail closed,
+/// see [`connect_verdict`]).
 #[inline(always)]
 fn verdict(result: Result<bool, i64>) -> i32 {
     if result.is_err() {
-        count(Counter::ConnectRedirectFailed, 1);
+        match find_workload() {
+            Some(cfg) => Counts::of(cfg.scope).count(Counter::ConnectRedirectFailed, 1),
+            None => count(Counter::ConnectRedirectFailed, 1),
+        }
     }
     connect_verdict(result)
 }
@@ -173,9 +178,10 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     };
     // SAFETY: the helper takes the context pointer.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
+    let counts = Counts::of(cfg.scope);
 
     if cfg.role == role::PROXY {
-        count(Counter::ConnectFromProxy, 1);
+        counts.count(Counter::ConnectFromProxy, 1);
         // Noted whatever the address: a local one may be loopback or the host's (the pod's)
         // own, which only sockops can tell apart (it forgets the rest at once). Only the
         // splice of this leg depends on the note: without it the proxy's own connect still
@@ -188,7 +194,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     if cfg.role != role::WORKLOAD {
         return Ok(true);
     }
-    count(Counter::ConnectSeen, 1);
+    counts.count(Counter::ConnectSeen, 1);
     if port == cfg.proxy_port && is_loopback(&ip) {
         // Already aimed at the proxy: nothing to rewrite.
         return Ok(true);
@@ -198,7 +204,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     // proxy.
     let verdict = policy_verdict(cfg.scope, addr, port);
     if verdict == PolicyVerdict::Deny {
-        count(Counter::ConnectPolicyDenied, 1);
+        counts.count(Counter::ConnectPolicyDenied, 1);
         // SAFETY: helper call without pointer arguments.
         let pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
         let event = PolicyDenyEvent {
@@ -216,17 +222,17 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     // The metadata address hands out the node's credentials: refused unless the loader was
     // told `--allow-metadata`, before the exclusions so excluding it does not bypass this.
     if cfg.flags & flags::DENY_METADATA != 0 && is_cloud_metadata(&ip) {
-        count(Counter::ConnectMetadataDenied, 1);
+        counts.count(Counter::ConnectMetadataDenied, 1);
         debug!(ctx, "connect to the cloud metadata address refused");
         return Ok(false);
     }
     if cfg.excludes_port(port) {
-        count(Counter::ConnectExcludedPort, 1);
+        counts.count(Counter::ConnectExcludedPort, 1);
         return Ok(true);
     }
     let key = Key::new(lpm_prefix_len(false, 128), ScopedAddr::new(cfg.scope, addr));
     if EXCLUDED_CIDRS.get(&key).is_some() {
-        count(Counter::ConnectExcludedCidr, 1);
+        counts.count(Counter::ConnectExcludedCidr, 1);
         return Ok(true);
     }
     // A destination that keeps failing: refused here, at once, instead of a connect that
@@ -237,7 +243,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     };
     // SAFETY: the value is only tested for presence.
     if unsafe { OPEN_CIRCUITS.get(&circuit) }.is_some() {
-        count(Counter::ConnectCircuitOpen, 1);
+        counts.count(Counter::ConnectCircuitOpen, 1);
         debug!(ctx, "connect to port {} refused: its circuit is open", port);
         return Ok(false);
     }
@@ -250,12 +256,12 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         // SAFETY: the value is copied out immediately.
         let cap = unsafe { DIRECT_CAPS.get(&cfg.scope) }.copied();
         if cap.is_some_and(|cap| direct_counts::open(&circuit) >= cap) {
-            count(Counter::ConnectOverloaded, 1);
+            counts.count(Counter::ConnectOverloaded, 1);
             debug!(ctx, "connect to port {} refused: its cap is reached", port);
             return Ok(false);
         }
         if go_direct(cookie, cfg.scope) {
-            count(Counter::ConnectPassthrough, 1);
+            counts.count(Counter::ConnectPassthrough, 1);
             return Ok(true);
         }
     }
@@ -266,7 +272,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     // dry run, and `--proxy-all`.
     let mapped = V6 && is_v4_mapped(&ip);
     if V6 && !mapped && cfg.flags & flags::IPV6_LISTENER == 0 {
-        count(Counter::ConnectNoV6Listener, 1);
+        counts.count(Counter::ConnectNoV6Listener, 1);
         debug!(ctx, "connect to port {} refused: no [::1] listener", port);
         return Ok(false);
     }
@@ -275,7 +281,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
     if cfg.flags & flags::CHECK_LISTENER != 0
         && !proxy_listening(ctx, V6 && !mapped, cfg.proxy_port)
     {
-        count(Counter::ConnectProxyNotListening, 1);
+        counts.count(Counter::ConnectProxyNotListening, 1);
         debug!(
             ctx,
             "connect to port {} refused: the proxy does not listen", port
@@ -309,7 +315,7 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
             u32::from(cfg.proxy_port.to_be()),
         );
     }
-    count(Counter::ConnectRedirected, 1);
+    counts.count(Counter::ConnectRedirected, 1);
     debug!(
         ctx,
         "redirected connect to port {} via proxy port {}", port, cfg.proxy_port

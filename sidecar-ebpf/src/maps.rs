@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 use sidecar_common::{
-    CircuitKey, Counter, DirectConn, OrigDst, PolicyState, PortBitmap, ScopedAddr, SockKey,
-    WorkloadConfig, limits,
+    CircuitKey, Counter, DirectConn, OrigDst, PolicyState, PortBitmap, ScopeCounters, ScopedAddr,
+    SockKey, WorkloadConfig, limits,
 };
 
 #[map(name = "WORKLOADS")]
@@ -108,5 +109,33 @@ pub fn count(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: the pointer is this CPU's slot, valid for the program's run.
         unsafe { *slot += n };
+    }
+}
+
+#[map(name = "SCOPE_COUNTERS")]
+pub static SCOPE_COUNTERS: PerCpuHashMap<u32, ScopeCounters> =
+    PerCpuHashMap::with_max_entries(limits::SCOPE_COUNTERS, BPF_F_NO_PREALLOC);
+
+/// The counters of one workload: each count goes to the node's `COUNTERS` and, when user
+/// space gave the workload an entry, to its own in `SCOPE_COUNTERS` too. Looked up once per
+/// program run.
+pub struct Counts(Option<*mut ScopeCounters>);
+
+impl Counts {
+    #[inline(always)]
+    pub fn of(scope: u32) -> Self {
+        Counts(SCOPE_COUNTERS.get_ptr_mut(&scope))
+    }
+
+    #[inline(always)]
+    pub fn count(&self, counter: Counter, n: u64) {
+        count(counter, n);
+        if let Some(own) = self.0 {
+            // SAFETY: the pointer is this CPU's copy of the workload's entry, valid for the
+            // program's run; only programs on this CPU write it.
+            if let Some(slot) = unsafe { (*own).counts.get_mut(counter as usize) } {
+                *slot += n;
+            }
+        }
     }
 }

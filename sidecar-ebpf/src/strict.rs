@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use sidecar_common::{Counter, WorkloadConfig, flags, limits, role};
 
-use crate::maps::{WORKLOADS, count};
+use crate::maps::{Counts, WORKLOADS};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -49,18 +49,23 @@ const TCP_ACK: u8 = 0x10;
 
 #[cgroup_skb(ingress)]
 pub fn sidecar_strict_in(ctx: SkBuffContext) -> i32 {
-    if is_outside_syn(&ctx) && owner_is_strict(ctx.skb.skb) {
-        count(Counter::StrictInboundDropped, 1);
-        DROP
-    } else {
-        PASS
+    if !is_outside_syn(&ctx) {
+        return PASS;
+    }
+    match strict_owner(ctx.skb.skb) {
+        Some(scope) => {
+            Counts::of(scope).count(Counter::StrictInboundDropped, 1);
+            DROP
+        }
+        None => PASS,
     }
 }
 
-/// Whether the socket receiving the packet belongs to a workload in strict inbound mode: the
-/// deepest cgroup, from the socket's own up to the root, with an entry in `WORKLOADS`.
+/// The scope of the workload in strict inbound mode the socket receiving the packet belongs
+/// to, if it does: the deepest cgroup, from the socket's own up to the root, with an entry in
+/// `WORKLOADS` decides.
 #[inline(always)]
-fn owner_is_strict(skb: *mut __sk_buff) -> bool {
+fn strict_owner(skb: *mut __sk_buff) -> Option<u32> {
     // SAFETY: helper calls on the context pointer the kernel handed us.
     let own = unsafe { bpf_skb_cgroup_id(skb) };
     // SAFETY: the map value is copied out immediately.
@@ -80,7 +85,9 @@ fn owner_is_strict(skb: *mut __sk_buff) -> bool {
             level += 1;
         }
     }
-    found.is_some_and(|cfg| cfg.role == role::WORKLOAD && cfg.flags & flags::STRICT_INBOUND != 0)
+    found
+        .filter(|cfg| cfg.role == role::WORKLOAD && cfg.flags & flags::STRICT_INBOUND != 0)
+        .map(|cfg| cfg.scope)
 }
 
 /// At cgroup ingress the packet starts at the network header.

@@ -13,6 +13,8 @@
 //! → {"op":"circuit","dst":"10.0.0.9:5432","open":true}   (this connection's pod: refuse its
 //!   connects to dst at connect() while the proxy's circuit for it is open; false: let them go)
 //! ← {"ok":true}  or  {"ok":false,"error":"…","reason":"over_quota"}   (the proxy alone refuses it)
+//! → {"op":"counters"}              (the caller's own pod's kernel counters, named by its cgroup)
+//! ← {"ok":true,"counters":{"connect_seen":12,"connect_passthrough":9,…}}
 //! → {"op":"deregister"}            (this connection's registration)
 //! → {"op":"status"}                (uid 0 callers only: registrations, refusals, counters)
 //! → {"op":"records"}               (the caller's own pod's pass-through records, streamed)
@@ -132,6 +134,9 @@ pub enum Request {
     /// Streams the connects the kernel refused under the caller's pod's policy (the pod
     /// named as for `records`), so its sidecar counts and logs them by rule.
     Denies,
+    /// The kernel's counters of the caller's pod (named as for `records`): what its
+    /// connects and strict inbound drops were charged, for its sidecar's `/metrics`.
+    Counters,
 }
 
 /// A connect of the pod the kernel refused under its policy (EPERM), as the agent streams it
@@ -191,6 +196,9 @@ pub struct Reply {
     /// `status` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// `counters` only: the pod's own kernel counters by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<std::collections::BTreeMap<String, u64>>,
     /// A refusal for a reason outside the pod's control (the node is full, too many
     /// connections): the sidecar retries instead of exiting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -290,6 +298,10 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"denies"}"#).unwrap(),
             Request::Denies
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"counters"}"#).unwrap(),
+            Request::Counters
         );
         let denied: PolicyDenied =
             serde_json::from_str(r#"{"dst":"10.0.0.9:5432","pid":7}"#).unwrap();

@@ -268,3 +268,84 @@ fn every_metric_the_dashboard_queries_is_in_a_real_scrape() {
     let exit = run.wait_exit(Duration::from_secs(20));
     assert!(exit.is_some(), "the sidecar did not stop on SIGTERM");
 }
+
+/// The dashboard's kernel panels for a pod: on the simulated node, a pod sidecar's scrape has
+/// every `sidecar_ebpf_connect_*` family the dashboard queries, with the pod's own values
+/// (its two pass-through connects, none of the other pod's), and the agent's scrape has the
+/// node-wide splice families (`sidecar_ebpf_sk_msg_*`: the sockmap is the node's, not a
+/// pod's).
+#[test]
+fn a_pod_sidecars_kernel_panels_show_its_own_values() {
+    let Some((_serial, node)) = sidecar_tests::node::setup("dashboard-pod") else {
+        return;
+    };
+    let agent_admin = SocketAddr::from(([127, 0, 0, 1], ports::take()));
+    let _agent = node.start_agent_in("agent", None, &[], &[format!("--admin-addr={agent_admin}")]);
+    let a = node.pod("a", sidecar_tests::node::NS_A, sidecar_tests::node::ADDR_A);
+    let b = node.pod("b", sidecar_tests::node::NS_B, sidecar_tests::node::ADDR_B);
+    let proxy_a = node.start_proxy_passthrough(&a, "proxy-a", &[]);
+    let proxy_b = node.start_proxy_passthrough(&b, "proxy-b", &[]);
+    node.wait_ready(&a, &proxy_a);
+    node.wait_ready(&b, &proxy_b);
+    let _server = node.server(&b);
+    node.app(&a, "client", &node.echo_args(64, 2))
+        .success(sidecar_tests::node::STEP);
+    let passed = "sidecar_ebpf_connect_passthrough_total 2";
+    assert!(
+        sidecar_tests::host::wait_until(sidecar_tests::node::STEP, || node
+            .admin(&a, "/metrics")
+            .1
+            .lines()
+            .any(|l| l == passed)),
+        "pod A's sidecar never showed its own pass-through connects:\n{}",
+        node.admin(&a, "/metrics").1
+    );
+    let scrape_a = node.admin(&a, "/metrics").1;
+    let scrape_b = node.admin(&b, "/metrics").1;
+    let (code, scrape_agent) = http_get(agent_admin, "/metrics").expect("the agent's /metrics");
+    assert_eq!(code, 200);
+    let families = |scrape: &str| -> BTreeMap<String, String> {
+        scrape
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+            .collect()
+    };
+    let value = |scrape: &str, name: &str| -> Option<u64> {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (pod, agent) = (families(&scrape_a), families(&scrape_agent));
+    let kernel: BTreeSet<String> = queries(&dashboard())
+        .iter()
+        .flat_map(|(_, q)| metric_names(q))
+        .filter(|n| n.starts_with("sidecar_ebpf_"))
+        .collect();
+    assert!(!kernel.is_empty());
+    for name in &kernel {
+        if name.starts_with("sidecar_ebpf_sk_msg_") {
+            assert!(agent.contains_key(name), "{name} not in the agent's scrape");
+        } else {
+            assert!(
+                pod.contains_key(name),
+                "{name} not in pod A's scrape:\n{scrape_a}"
+            );
+        }
+    }
+    assert!(
+        value(&scrape_a, "sidecar_ebpf_connect_seen_total") >= Some(2),
+        "{scrape_a}"
+    );
+    assert_eq!(
+        value(&scrape_b, "sidecar_ebpf_connect_passthrough_total"),
+        Some(0),
+        "pod B's sidecar shows pod A's connects, or none of its own counters:\n{scrape_b}"
+    );
+    assert!(
+        value(&scrape_agent, "sidecar_ebpf_connect_passthrough_total") >= Some(2),
+        "{scrape_agent}"
+    );
+}

@@ -525,6 +525,15 @@ fn request(node: &mut Node, conn: usize, req: registration::Request) {
                 "another pod's circuits changed"
             );
         }
+        Outcome::Counters(_) => {
+            let derived = derived.expect("counters for a caller outside the pods");
+            assert!(
+                pods.values().any(|r| r.pod_uid == derived.uid),
+                "counters of a pod that is not registered"
+            );
+            assert_eq!(before, contents(&node.maps));
+            assert_eq!(pods_before, pods);
+        }
         Outcome::Status => {
             assert!(
                 is_status && caller.uid == 0,
@@ -586,7 +595,7 @@ fn records(node: &Node, conn: usize) {
 
 fn step(node: &mut Node, bytes: &mut Bytes) {
     let conn = usize::from(bytes.byte()) % CONNECTIONS;
-    let op = bytes.byte() % 14;
+    let op = bytes.byte() % 15;
     if (op <= 5 || op >= 12) && node.connections[conn].slot.is_none() {
         // A refused connection was closed: its requests are never read.
         return;
@@ -700,6 +709,7 @@ fn step(node: &mut Node, bytes: &mut Bytes) {
             let open = bytes.byte() % 3 != 0;
             request(node, conn, registration::Request::Circuit { dst, open });
         }
+        14 => request(node, conn, registration::Request::Counters),
         _ => {
             // The agent restarts: it reads the registrations back and reconciles.
             let pods = node.pods();

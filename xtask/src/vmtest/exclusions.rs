@@ -83,6 +83,12 @@ pub const EXCLUSIONS: &[Exclusion] = &[
                  TCG guest the scrapers and the data path share the one emulated CPU (it runs \
                  on the host in `cargo xtask test`)",
     },
+    // The dashboard's pod check runs a simulated node, like the `kubernetes_*` files.
+    Exclusion {
+        test: "a_pod_sidecars_kernel_panels_show_its_own_values",
+        kernels: BEFORE_5_15,
+        reason: NO_AGENT,
+    },
     Exclusion {
         test: "sockmap_splices_both_legs",
         kernels: BEFORE_5_15,

@@ -66,6 +66,8 @@ pub fn implied(pods: &BTreeMap<String, Registration>, shape: &MemoryMaps) -> Mem
         caps: shape.caps.as_ref().map(|_| BTreeMap::new()),
         excluded: BTreeMap::new(),
         meshed: shape.meshed.as_ref().map(|_| BTreeMap::new()),
+        // Every registered pod has counters of its own, and nothing else does.
+        counted: pods.values().map(|r| r.scope).collect(),
         ..contents(shape)
     };
     for r in pods.values() {

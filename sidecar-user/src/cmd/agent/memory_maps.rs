@@ -30,6 +30,8 @@ pub struct MemoryMaps {
     pub policy: Option<MemoryPolicyMaps>,
     /// `OPEN_CIRCUITS`.
     pub circuits: BTreeSet<CircuitKey>,
+    /// The scopes with an entry in `SCOPE_COUNTERS` (their counts stay 0 here).
+    pub counted: BTreeSet<u32>,
     /// The insert this many inserts from now fails (once).
     pub fail_insert_in: Option<u32>,
 }
@@ -159,6 +161,7 @@ impl Default for MemoryMaps {
             passthrough_capable: true,
             policy: Some(MemoryPolicyMaps::default()),
             circuits: BTreeSet::new(),
+            counted: BTreeSet::new(),
             fail_insert_in: None,
         }
     }
@@ -281,6 +284,29 @@ impl PodMaps for MemoryMaps {
             caps.remove(&scope);
         }
         Ok(())
+    }
+
+    fn counted_scopes(&self) -> Option<Vec<u32>> {
+        Some(self.counted.iter().copied().collect())
+    }
+
+    fn add_counters(&mut self, scope: u32) -> Result<(), MapError> {
+        self.counted.insert(scope);
+        Ok(())
+    }
+
+    fn remove_counters(&mut self, scope: u32) -> Result<(), MapError> {
+        self.counted.remove(&scope);
+        Ok(())
+    }
+
+    fn counters_of(&self, scope: u32) -> Option<BTreeMap<&'static str, u64>> {
+        self.counted.contains(&scope).then(|| {
+            sidecar_common::Counter::PER_WORKLOAD
+                .iter()
+                .map(|c| (c.name(), 0))
+                .collect()
+        })
     }
 
     fn circuits(&self) -> Option<Vec<CircuitKey>> {

@@ -14,13 +14,15 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
         SockOps,
     },
 };
-use sidecar_common::{CircuitKey, ScopedAddr, WorkloadConfig, maps, programs};
+use sidecar_common::{
+    CircuitKey, Counter, ScopeCounters, ScopedAddr, WorkloadConfig, maps, programs,
+};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::policy::{kernel::PolicyMaps, pinned::PinnedPolicyMaps};
@@ -37,6 +39,9 @@ pub const LINKS: [&str; 4] = [
     programs::CONNECT4,
     programs::CONNECT6,
 ];
+/// `BPF_NOEXIST` (uapi/linux/bpf.h): create the entry only if it is not there.
+const BPF_NOEXIST: u64 = 1;
+
 /// The strict inbound program's link, at the pods' root too: it drops outside SYNs only for
 /// pods registered with strict inbound. Not required to adopt an installation: pins of a
 /// build without it get it at the next upgrade, and refuse strict pods until then.
@@ -72,6 +77,8 @@ pub struct AgentPins {
     pub policy: Option<PinnedPolicyMaps>,
     /// Pods' open circuits, refused at `connect()` (`None`: pins without the map).
     pub circuits: Option<HashMap<MapData, CircuitKey, u8>>,
+    /// Each pod's own counters, by scope (`None`: pins without the map).
+    pub scope_counters: Option<PerCpuHashMap<MapData, u32, ScopeCounters>>,
     /// The strict inbound program is attached ([`STRICT_LINK`] is pinned).
     pub strict_capable: bool,
     counters: PerCpuArray<MapData, u64>,
@@ -109,6 +116,7 @@ impl AgentPins {
             direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
             policy: PinnedPolicyMaps::open(dir).ok(),
             circuits: open_pinned(dir, maps::OPEN_CIRCUITS).ok(),
+            scope_counters: open_pinned(dir, maps::SCOPE_COUNTERS).ok(),
             strict_capable: dir.join(link_pin_name(STRICT_LINK)).exists(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
@@ -129,6 +137,9 @@ impl AgentPins {
         }
         if self.circuits.is_none() {
             self.circuits = open_pinned(&self.dir, maps::OPEN_CIRCUITS).ok();
+        }
+        if self.scope_counters.is_none() {
+            self.scope_counters = open_pinned(&self.dir, maps::SCOPE_COUNTERS).ok();
         }
         self.strict_capable = self.dir.join(link_pin_name(STRICT_LINK)).exists();
     }
@@ -210,6 +221,55 @@ impl PodMaps for AgentPins {
             return Ok(());
         };
         forget(caps.remove(&scope)).map_err(map_error(maps::DIRECT_CAPS))
+    }
+
+    fn counted_scopes(&self) -> Option<Vec<u32>> {
+        let map = self.scope_counters.as_ref()?;
+        Some(map.keys().filter_map(Result::ok).collect())
+    }
+
+    fn add_counters(&mut self, scope: u32) -> Result<(), MapError> {
+        let Some(map) = &mut self.scope_counters else {
+            return Ok(());
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError {
+            map: maps::SCOPE_COUNTERS,
+            source: Box::new(e),
+        })?;
+        let zero =
+            PerCpuValues::try_from(vec![ScopeCounters::default(); cpus]).map_err(|e| MapError {
+                map: maps::SCOPE_COUNTERS,
+                source: Box::new(e),
+            })?;
+        match map.insert(scope, zero, BPF_NOEXIST) {
+            // Already there: a restarted agent's pod keeps its counts.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(map_error(maps::SCOPE_COUNTERS)),
+        }
+    }
+
+    fn remove_counters(&mut self, scope: u32) -> Result<(), MapError> {
+        let Some(map) = &mut self.scope_counters else {
+            return Ok(());
+        };
+        forget(map.remove(&scope)).map_err(map_error(maps::SCOPE_COUNTERS))
+    }
+
+    fn counters_of(&self, scope: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
+        let per_cpu = self.scope_counters.as_ref()?.get(&scope, 0).ok()?;
+        Some(
+            Counter::PER_WORKLOAD
+                .iter()
+                .map(|c| {
+                    let total = per_cpu.iter().map(|v| v.counts[*c as usize]).sum();
+                    (c.name(), total)
+                })
+                .collect(),
+        )
     }
 
     fn circuits(&self) -> Option<Vec<CircuitKey>> {

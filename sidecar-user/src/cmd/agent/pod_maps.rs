@@ -6,6 +6,8 @@
 //! use maps in memory (`memory_maps.rs`), so the registry's bookkeeping is checked without a
 //! kernel.
 
+#[cfg(doc)]
+use sidecar_common::Counter;
 use sidecar_common::{CircuitKey, ScopedAddr, WorkloadConfig};
 
 use crate::policy::kernel::PolicyMaps;
@@ -99,6 +101,15 @@ pub trait PodMaps {
     fn circuits(&self) -> Option<Vec<CircuitKey>>;
     fn insert_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError>;
     fn remove_circuit(&mut self, key: &CircuitKey) -> Result<(), MapError>;
+
+    /// `SCOPE_COUNTERS`: the scopes with their own counters (`None`: pins without the map).
+    fn counted_scopes(&self) -> Option<Vec<u32>>;
+    /// Gives `scope` its own counters, zero, unless it has them (a restarted agent's pods
+    /// keep theirs).
+    fn add_counters(&mut self, scope: u32) -> Result<(), MapError>;
+    fn remove_counters(&mut self, scope: u32) -> Result<(), MapError>;
+    /// `scope`'s own counters, summed over CPUs, by name ([`Counter::PER_WORKLOAD`]).
+    fn counters_of(&self, scope: u32) -> Option<std::collections::BTreeMap<&'static str, u64>>;
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>>;
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;

@@ -472,6 +472,10 @@ impl Registry {
         // A new registration (a restarted sidecar, or the same one after its connection
         // broke) sends the circuits it holds open again: none of the old ones stay.
         self.clear_circuits(maps, &reg.pod_uid, previous.as_ref().map(|p| p.scope));
+        // The pod's own counters: without them it still works, its sidecar only shows none.
+        if let Err(e) = maps.add_counters(reg.scope) {
+            tracing::warn!(pod_uid = %reg.pod_uid, "no counters of its own for the pod (the sweep retries): {e}");
+        }
         self.pods.insert(reg.pod_uid.clone(), reg.clone());
         self.persist()?;
         Ok(reg)
@@ -590,6 +594,7 @@ impl Registry {
             slots.remove(pm);
         }
         maps.remove_cap(reg.scope)?;
+        let _ = maps.remove_counters(reg.scope);
         for trie in Trie::ALL {
             for key in cidr_keys(trie, &reg) {
                 let _ = maps.remove_cidr(trie, &key);
@@ -657,6 +662,15 @@ impl Registry {
         }
         if let Some(pm) = maps.policy() {
             self.sync_policies(pm, prune);
+        }
+        if let Some(present) = maps.counted_scopes() {
+            let wanted: BTreeSet<u32> = self.pods.values().map(|r| r.scope).collect();
+            for scope in present.iter().filter(|s| prune && !wanted.contains(s)) {
+                let _ = maps.remove_counters(*scope);
+            }
+            for scope in wanted.iter().filter(|s| !present.contains(s)) {
+                maps.add_counters(*scope)?;
+            }
         }
         if prune && let Some(present) = maps.circuits() {
             let wanted: BTreeSet<CircuitKey> = self
@@ -829,6 +843,7 @@ fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration
     }
     if prev.scope != reg.scope {
         let _ = maps.remove_cap(prev.scope);
+        let _ = maps.remove_counters(prev.scope);
         if prev.policy.is_some()
             && let Some(pm) = maps.policy()
         {

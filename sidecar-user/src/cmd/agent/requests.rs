@@ -56,6 +56,8 @@ pub enum Outcome {
     PolicyReplaced(String),
     /// A circuit of the pod was opened or closed in the kernel (`circuit`).
     Circuit,
+    /// The caller's pod's own kernel counters (`counters`).
+    Counters(std::collections::BTreeMap<&'static str, u64>),
     /// `status` from root on the node, outside every pod: the server writes it.
     Status,
     /// Refused: counted under its reason and logged as the caller's.
@@ -206,6 +208,22 @@ pub fn answer(
                     retry: e.retry(),
                     ..Refusal::new(e.reason(), e)
                 }),
+            }
+        }
+        // Asked once a second by every sidecar, also while its pod is not registered (yet, or
+        // again after an agent restart): answered, not counted as the caller's refusal.
+        Request::Counters => {
+            let scope = match pod().and_then(|pod| denies_scope(registry, &pod)) {
+                Ok(scope) => scope,
+                Err(refusal) => return Outcome::Failed(refusal),
+            };
+            match maps.counters_of(scope) {
+                Some(counters) => Outcome::Counters(counters),
+                None => Outcome::Failed(Refusal::new(
+                    "no_counters",
+                    "the node's pins have no counters per pod (installed by an older build) \
+                     or the sweep has not given this pod its own yet",
+                )),
             }
         }
         Request::Deregister => {

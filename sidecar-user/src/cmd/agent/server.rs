@@ -413,6 +413,16 @@ fn handle(
             }
         }
         Outcome::Circuit => Reply::ok(),
+        Outcome::Counters(counters) => Reply {
+            ok: true,
+            counters: Some(
+                counters
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            ),
+            ..Reply::default()
+        },
         Outcome::PolicyReplaced(uid) => {
             info!(pod_uid = %uid, "pod policy replaced in the kernel");
             Reply {

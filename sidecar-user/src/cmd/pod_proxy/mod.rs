@@ -19,6 +19,7 @@
 
 pub mod circuits;
 pub mod cli;
+pub mod counters;
 pub mod records;
 pub mod register;
 
@@ -166,11 +167,13 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     // The agent's `cgroup/getsockopt` program answers SO_ORIGINAL_DST, as iptables would,
     // and whether a socket is spliced.
     let passthrough_cap = opts.proxy.limits.passthrough_per_destination;
-    // The pod's kernel refusals, streamed by the agent: counted here, and by rule.
-    let kernel_counters = Arc::new(records::StreamedCounters::default());
-    let denies = enforcer.clone().map(|e| {
-        records::Listener::start_denies(opts.agent_socket.clone(), e, kernel_counters.clone())
-    });
+    // The pod's kernel counters, asked of the agent; its policy refusals, streamed by the
+    // agent to be counted by rule.
+    let kernel_counters = Arc::new(counters::PodCounters::default());
+    let poller = counters::Poller::start(opts.agent_socket.clone(), kernel_counters.clone());
+    let denies = enforcer
+        .clone()
+        .map(|e| records::Listener::start_denies(opts.agent_socket.clone(), e));
     let proxy = serving.serve(
         opts.proxy,
         Arc::new(AgentSockopts),
@@ -274,6 +277,7 @@ pub fn run(opts: PodProxyOptions) -> Result<i32> {
     if let Some(denies) = denies {
         serving.rt.block_on(denies.stop());
     }
+    serving.rt.block_on(poller.stop());
     serving.telemetry.detaching();
     let (records, _) = journal.snapshot();
     info!(connections = records.len(), cut, "sidecar proxy stopped");

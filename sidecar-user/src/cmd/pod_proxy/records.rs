@@ -2,18 +2,11 @@
 //! their destination and streams this pod's (and only this pod's: it goes by this process's
 //! cgroup) on a connection of their own; each becomes the same record a proxied connection
 //! gets (metrics, access log). The connects the kernel refused under the pod's policy come
-//! the same way (`denies`), each counted and logged by rule as the proxy's own denies are.
+//! the same way (`denies`), each counted and logged by rule as the proxy's own denies are
+//! (the total is among the pod's kernel counters, see `counters`).
 //! Reconnects with backoff when the stream breaks (agent restart).
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -27,7 +20,6 @@ use crate::{
     policy::Enforcer,
     redirect::passthrough::Recorder,
     registration::{PassedThrough, PolicyDenied, Reply, Request},
-    telemetry::CounterSource,
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -57,29 +49,9 @@ impl Sink for Recorder {
     }
 }
 
-/// The pod's kernel counters this sidecar can know: the connects the kernel refused under
-/// its policy, as the agent streams them. `/metrics` shows them as `sidecar run`'s own
-/// counter (`sidecar_ebpf_connect_policy_denied_total`); the node's other counters are the
-/// agent's.
-#[derive(Default)]
-pub struct StreamedCounters {
-    policy_denied: AtomicU64,
-}
-
-impl CounterSource for StreamedCounters {
-    fn counters(&self) -> BTreeMap<&'static str, u64> {
-        BTreeMap::from([(
-            "connect_policy_denied",
-            self.policy_denied.load(Ordering::Relaxed),
-        )])
-    }
-}
-
-/// The pod's policy, which the kernel's refusals are counted against by rule, and its
-/// counters.
+/// The pod's policy, which the kernel's refusals are counted against by rule.
 struct Denies {
     enforcer: Arc<Enforcer>,
-    counters: Arc<StreamedCounters>,
 }
 
 impl Sink for Denies {
@@ -87,10 +59,7 @@ impl Sink for Denies {
     const WHAT: &'static str = "kernel policy refusals";
     fn take(&self, line: &str) {
         match serde_json::from_str::<PolicyDenied>(line) {
-            Ok(d) => {
-                self.counters.policy_denied.fetch_add(1, Ordering::Relaxed);
-                self.enforcer.record_kernel_denies([(d.dst, d.pid)]);
-            }
+            Ok(d) => self.enforcer.record_kernel_denies([(d.dst, d.pid)]),
             Err(e) => warn!("unreadable policy refusal from the agent: {e}"),
         }
     }
@@ -102,14 +71,10 @@ impl Listener {
         Self::spawn(socket, recorder)
     }
 
-    /// Starts reading the connects the kernel refused under the pod's policy: counted in
-    /// `counters`, and by rule (and logged) by `enforcer`.
-    pub fn start_denies(
-        socket: PathBuf,
-        enforcer: Arc<Enforcer>,
-        counters: Arc<StreamedCounters>,
-    ) -> Self {
-        Self::spawn(socket, Denies { enforcer, counters })
+    /// Starts reading the connects the kernel refused under the pod's policy: counted by
+    /// rule (and logged) by `enforcer`.
+    pub fn start_denies(socket: PathBuf, enforcer: Arc<Enforcer>) -> Self {
+        Self::spawn(socket, Denies { enforcer })
     }
 
     fn spawn(socket: PathBuf, sink: impl Sink) -> Self {
