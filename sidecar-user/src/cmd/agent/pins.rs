@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
-use sidecar_common::{ScopedAddr, WorkloadConfig, maps, programs};
+use sidecar_common::{ScopeUsage, ScopedAddr, WorkloadConfig, limits, maps, programs};
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::policy::{kernel::PolicyMaps, pinned::PinnedPolicyMaps};
@@ -63,7 +63,39 @@ pub struct AgentPins {
     pub direct_caps: Option<HashMap<MapData, u32, u32>>,
     /// Pods' policies, by scope (`None`: pins without the policy maps).
     pub policy: Option<PinnedPolicyMaps>,
+    /// What each pod holds of the pass-through tables, and its dropped close records, by
+    /// scope (`None`: pins of a build without per-pod quotas).
+    pub scope_usage: Option<HashMap<MapData, u32, ScopeUsage>>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+/// Each pod's share of the node-wide pass-through tables, as the programs are loaded with it
+/// (see `limits::TRACKED_PER_POD` and `limits::DESTINATIONS_PER_POD` for why the defaults
+/// are the most that lets every pod's share fit). Pins adopted as they are keep the quotas
+/// they were loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Pass-through connections a pod may have tracked at once.
+    pub tracked_per_pod: u32,
+    /// Destinations a pod may have pass-through connections open to at once.
+    pub destinations_per_pod: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            tracked_per_pod: limits::TRACKED_PER_POD,
+            destinations_per_pod: limits::DESTINATIONS_PER_POD,
+        }
+    }
+}
+
+impl Quotas {
+    fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global("TRACKED_QUOTA", &self.tracked_per_pod, true)
+            .override_global("DESTINATIONS_QUOTA", &self.destinations_per_pod, true);
+    }
 }
 
 impl AgentPins {
@@ -73,6 +105,7 @@ impl AgentPins {
         dir: &Path,
         cgroup_root: &Path,
         sockmap: bool,
+        quotas: Quotas,
     ) -> Result<Self, EbpfError> {
         let adopted = if is_complete(dir) {
             tracing::info!(pins = %dir.display(), "adopting the pinned programs and maps: no reload");
@@ -84,7 +117,7 @@ impl AgentPins {
                     tracing::warn!("{failure}");
                 }
             }
-            install(dir, cgroup_root, sockmap)?;
+            install(dir, cgroup_root, sockmap, quotas)?;
             false
         };
         Ok(Self {
@@ -97,6 +130,7 @@ impl AgentPins {
             meshed: open_pinned(dir, maps::MESH_CIDRS).ok(),
             direct_caps: open_pinned(dir, maps::DIRECT_CAPS).ok(),
             policy: PinnedPolicyMaps::open(dir).ok(),
+            scope_usage: open_pinned(dir, maps::SCOPE_USAGE).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }
@@ -114,6 +148,15 @@ impl AgentPins {
         if self.policy.is_none() {
             self.policy = PinnedPolicyMaps::open(&self.dir).ok();
         }
+        if self.scope_usage.is_none() {
+            self.scope_usage = open_pinned(&self.dir, maps::SCOPE_USAGE).ok();
+        }
+    }
+
+    /// What pod scope `scope` holds of the pass-through tables (`None`: no entry yet, or
+    /// pins without them).
+    pub fn usage(&self, scope: u32) -> Option<ScopeUsage> {
+        self.scope_usage.as_ref()?.get(&scope, 0).ok()
     }
 
     /// Whether these pins can pass connections through: the maps the programs need for it
@@ -191,6 +234,13 @@ impl PodMaps for AgentPins {
         forget(caps.remove(&scope)).map_err(map_error(maps::DIRECT_CAPS))
     }
 
+    fn remove_usage(&mut self, scope: u32) -> Result<(), MapError> {
+        let Some(usage) = &mut self.scope_usage else {
+            return Ok(());
+        };
+        forget(usage.remove(&scope)).map_err(map_error(maps::SCOPE_USAGE))
+    }
+
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>> {
         let keys = match trie {
             Trie::Excluded => self.excluded.keys(),
@@ -265,12 +315,12 @@ fn is_complete(dir: &Path) -> bool {
 
 /// Loads the object, pins its maps, attaches and pins the links. On failure everything
 /// created so far is removed again.
-fn install(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
+fn install(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
     fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
         path: dir.into(),
         source,
     })?;
-    let result = install_into(dir, root, sockmap);
+    let result = install_into(dir, root, sockmap, quotas);
     if result.is_err() {
         for failure in uninstall(dir).1 {
             tracing::warn!("{failure}");
@@ -279,8 +329,10 @@ fn install(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
     result
 }
 
-fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
-    let mut ebpf = EbpfLoader::new()
+fn install_into(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
+    let mut loader = EbpfLoader::new();
+    quotas.apply(&mut loader);
+    let mut ebpf = loader
         .override_global("SOCKMAP_ENABLED", &u8::from(sockmap), true)
         .override_global(aya_log::LEVEL, &0u8, true)
         .load(OBJECT)
@@ -381,7 +433,7 @@ fn program_fd(
 /// new sk_msg to the sockhash (replacing the old one). Maps the new object adds are created
 /// and pinned. On any failure nothing attached has changed, or the links that were updated
 /// run new programs against the same maps; the error says which.
-pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
+pub fn upgrade(dir: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
     let pinned: Vec<String> = fs::read_dir(dir)
         .map_err(|source| EbpfError::PinDir {
             path: dir.into(),
@@ -393,6 +445,7 @@ pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
         .collect();
     let sockmap = u8::from(sockmap);
     let mut loader = EbpfLoader::new();
+    quotas.apply(&mut loader);
     loader
         .override_global("SOCKMAP_ENABLED", &sockmap, true)
         .override_global(aya_log::LEVEL, &0u8, true);
@@ -433,7 +486,7 @@ pub fn upgrade(dir: &Path, sockmap: bool) -> Result<(), EbpfError> {
 
 /// For `sidecar probe`: installs at a scratch cgroup and pin directory, then removes it all.
 pub fn probe(cgroup: &Path, dir: &Path) -> Result<(), EbpfError> {
-    install(dir, cgroup, true)?;
+    install(dir, cgroup, true, Quotas::default())?;
     let (_, failed) = uninstall(dir);
     match failed.into_iter().next() {
         None => Ok(()),

@@ -91,6 +91,12 @@ pub trait PodMaps {
     fn insert_cap(&mut self, scope: u32, cap: u32) -> Result<(), MapError>;
     fn remove_cap(&mut self, scope: u32) -> Result<(), MapError>;
 
+    /// `SCOPE_USAGE`: forgets what a pod that is gone held of the pass-through tables (the
+    /// kernel makes the entry; its closes after this find none and change nothing).
+    fn remove_usage(&mut self, _scope: u32) -> Result<(), MapError> {
+        Ok(())
+    }
+
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>>;
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;
     fn remove_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;

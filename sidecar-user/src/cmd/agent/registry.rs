@@ -494,6 +494,7 @@ impl Registry {
             slots.remove(pm);
         }
         maps.remove_cap(reg.scope)?;
+        maps.remove_usage(reg.scope)?;
         for trie in Trie::ALL {
             for key in cidr_keys(trie, &reg) {
                 let _ = maps.remove_cidr(trie, &key);
@@ -722,6 +723,7 @@ fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration
     }
     if prev.scope != reg.scope {
         let _ = maps.remove_cap(prev.scope);
+        let _ = maps.remove_usage(prev.scope);
         if prev.policy.is_some()
             && let Some(pm) = maps.policy()
         {
