@@ -165,7 +165,7 @@ pub mod limits {
     /// `DIRECT_PENDING` and `DIRECT_LIVE` at once and no pod can leave another's pass-through
     /// connections untracked. Past it, the pod's new connections go through its proxy (which
     /// records them). `sidecar agent --tracked-per-pod` sets it lower; `sidecar run` (one
-    /// workload) has no quota.
+    /// workload) has the whole table.
     pub const TRACKED_PER_POD: u32 = DIRECT_LIVE / PODS;
     /// Destinations one pod may have pass-through connections open to at once, by default:
     /// 65,536 / 512 pods / 2 = 64. Half the table, because the quota is checked at connect

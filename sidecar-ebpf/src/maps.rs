@@ -106,13 +106,15 @@ pub static SOCKMAP_ENABLED: Global<u8> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static NETNS_COOKIES: Global<u8> = Global::new(1);
 
-/// Set by the agent: pass-through connections a workload may have tracked at once
-/// ([`limits::TRACKED_PER_POD`]); 0 (`sidecar run`, one workload): no quota.
+/// Set by the loader: pass-through connections a workload may have tracked at once (the
+/// agent: [`limits::TRACKED_PER_POD`]; `sidecar run`, one workload: the whole table); 0: no
+/// quota.
 #[unsafe(no_mangle)]
 pub static TRACKED_QUOTA: Global<u32> = Global::new(0);
 
-/// Set by the agent: destinations a workload may have pass-through connections open to at
-/// once ([`limits::DESTINATIONS_PER_POD`]); 0: no quota.
+/// Set by the loader: destinations a workload may have pass-through connections open to at
+/// once (the agent: [`limits::DESTINATIONS_PER_POD`]; `sidecar run`: the whole table); 0: no
+/// quota.
 #[unsafe(no_mangle)]
 pub static DESTINATIONS_QUOTA: Global<u32> = Global::new(0);
 

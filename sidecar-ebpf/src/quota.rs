@@ -2,8 +2,8 @@
 //! can leave another's pass-through connections untracked (unrecorded, uncapped) by filling
 //! `DIRECT_PENDING`/`DIRECT_LIVE`, or another's per-destination counts without room by
 //! filling `DIRECT_COUNTS`. The agent sets the quotas ([`TRACKED_QUOTA`],
-//! [`DESTINATIONS_QUOTA`]) so that every pod's full share fits; `sidecar run` sets none and
-//! never makes an entry.
+//! [`DESTINATIONS_QUOTA`]) so that every pod's full share fits; `sidecar run` gives its one
+//! workload the whole tables, so that past them it too goes through the proxy.
 //!
 //! A connection the quota does not admit goes through the workload's proxy, which records it
 //! and holds its cap: the quota moves connections off the fast path, never off the record.

@@ -212,6 +212,11 @@ pub const TARGET_EXCLUSIONS: &[TargetExclusion] = &[
         reason: NO_AGENT,
     },
     TargetExclusion {
+        target: "kubernetes_quotas",
+        kernels: BEFORE_5_15,
+        reason: NO_AGENT,
+    },
+    TargetExclusion {
         target: "kubernetes_registration",
         kernels: BEFORE_5_15,
         reason: NO_AGENT,
