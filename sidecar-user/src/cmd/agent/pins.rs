@@ -234,6 +234,13 @@ impl PodMaps for AgentPins {
         forget(caps.remove(&scope)).map_err(map_error(maps::DIRECT_CAPS))
     }
 
+    fn usage_scopes(&self) -> Vec<u32> {
+        let Some(usage) = &self.scope_usage else {
+            return Vec::new();
+        };
+        usage.keys().filter_map(Result::ok).collect()
+    }
+
     fn remove_usage(&mut self, scope: u32) -> Result<(), MapError> {
         let Some(usage) = &mut self.scope_usage else {
             return Ok(());

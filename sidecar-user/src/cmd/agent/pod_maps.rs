@@ -96,6 +96,10 @@ pub trait PodMaps {
     fn remove_usage(&mut self, _scope: u32) -> Result<(), MapError> {
         Ok(())
     }
+    /// The scopes `SCOPE_USAGE` has entries for.
+    fn usage_scopes(&self) -> Vec<u32> {
+        Vec::new()
+    }
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>>;
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;

@@ -552,6 +552,16 @@ impl Registry {
                 maps.insert_cap(*scope, *cap)?;
             }
         }
+        if prune {
+            // Entries of pods that went while no agent ran (or whose removal failed): each
+            // holds a place in a table every pod needs one in.
+            let scopes: BTreeSet<u32> = self.pods.values().map(|r| r.scope).collect();
+            for scope in maps.usage_scopes() {
+                if !scopes.contains(&scope) {
+                    let _ = maps.remove_usage(scope);
+                }
+            }
+        }
         for trie in Trie::ALL {
             let wanted: Vec<CidrKey> = self
                 .pods
