@@ -284,3 +284,68 @@ fn a_pod_over_its_destination_quota_goes_through_its_proxy() {
         p.success(STEP);
     }
 }
+
+/// With the agent stopped (SIGSTOP), nothing reads the node's ring of close records: pod A's
+/// pass-through connections still work, the ring fills, and the records that did not fit
+/// are counted as pod A's in the agent's status, none as pod B's.
+#[test]
+fn close_records_the_ring_drops_are_counted_per_pod() {
+    let Some((_serial, node)) = setup("quota-ring") else {
+        return;
+    };
+    // More close records than the ring holds (about 7,700 between two reads).
+    const CONNECTIONS: u64 = 10_000;
+    let agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let proxy_a = node.start_proxy_passthrough(&a, "proxy-a", &[]);
+    let proxy_b = node.start_proxy_passthrough(&b, "proxy-b", &[]);
+    node.wait_ready(&a, &proxy_a);
+    node.wait_ready(&b, &proxy_b);
+    let _server_b = node.server(&b);
+    let _server_a = node.server(&a);
+    // Pod B has an entry (one pass-through connection, recorded) before the ring fills.
+    let to_a = format!("{ADDR_A}:{}", node.app_port);
+    let mut echo = node.app(
+        &b,
+        "echo-b",
+        &strings(&["echo", &format!("--addr={to_a}"), "--size=100", "--count=1"]),
+    );
+    echo.success(STEP);
+
+    agent.signal(libc::SIGSTOP);
+    let mut flood = node.app(
+        &a,
+        "flood",
+        &[
+            "echo".into(),
+            format!("--addr={ADDR_B}:{}", node.app_port),
+            "--size=100".into(),
+            format!("--count={CONNECTIONS}"),
+            "--concurrency=4".into(),
+        ],
+    );
+    // Bounded: a flood that does not end fails here (and the node's teardown kills it).
+    let status = flood.wait(std::time::Duration::from_secs(180));
+    agent.signal(libc::SIGCONT);
+    assert!(
+        status.success(),
+        "pod A's connections failed:\n{}",
+        flood.stderr()
+    );
+
+    let status = node.status();
+    let dropped = node.counter("direct_records_dropped");
+    assert!(
+        dropped > 0,
+        "the ring never overflowed: the test proves nothing"
+    );
+    assert_eq!(
+        status["passthrough_usage"][&a.uid]["records_dropped"], dropped,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["passthrough_usage"][&b.uid]["records_dropped"], 0,
+        "{status:#}"
+    );
+}
