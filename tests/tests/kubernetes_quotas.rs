@@ -1,6 +1,7 @@
 //! Kubernetes mode, each pod's share of the node's pass-through tables: a pod that floods
 //! cannot make another pod's pass-through connections go untracked (unrecorded, uncapped);
-//! past its own share, its new connections go through its own proxy, which records them.
+//! past its own share, its new connections go through its own proxy, which records them. The
+//! close records the node's (shared) ring drops are counted per pod.
 //!
 //! The quotas are set low on the agent (`--tracked-per-pod`, `--destinations-per-pod`) so a
 //! handful of connections reaches them; the defaults, and why every pod's full share fits the
