@@ -14,8 +14,8 @@ use serde_json::Value;
 use sidecar_tests::{
     host::wait_until,
     node::{
-        ADDR_A, ADDR_B, NS_A, NS_B, Node, Pod, Proc, STEP, access_lines, setup, stdout_lines,
-        strings,
+        ADDR_A, ADDR_B, NS_A, NS_B, Node, Pod, Proc, STEP, access_lines, host_cgroup_id,
+        rmdir_retrying, setup, stdout_lines, strings,
     },
     ports,
     protocol::{EchoLine, HoldLine},
@@ -196,6 +196,25 @@ fn a_pod_over_its_tracking_quota_goes_through_its_proxy_and_the_other_keeps_its_
         node.status()
     );
     assert_eq!(usage(&node, &a)["records_dropped"], 0);
+
+    // The pod goes (SIGKILL, then its cgroups): its entry goes with it, so a gone pod holds
+    // no place in the table every pod needs one in.
+    let scope = node.workloads()[&host_cgroup_id(&a.cgroup)].scope;
+    assert!(node.scope_usage().contains_key(&scope));
+    drop(proxy_a);
+    node.kill_all(&a.cgroup);
+    for d in [
+        a.cgroup.join("proxy"),
+        a.cgroup.join("app"),
+        a.cgroup.clone(),
+    ] {
+        assert!(rmdir_retrying(&d), "cannot remove {}", d.display());
+    }
+    assert!(
+        wait_until(STEP, || !node.scope_usage().contains_key(&scope)),
+        "{:?}",
+        node.scope_usage()
+    );
 }
 
 /// Pod A with pass-through connections open to its quota of destinations: a connection to a
