@@ -176,6 +176,11 @@ pub mod limits {
     pub const DESTINATIONS_PER_POD: u32 = DIRECT_COUNTS / PODS / 2;
     /// One entry per workload.
     pub const SCOPE_USAGE: u32 = WORKLOADS;
+    // The shares above are only a guarantee while they all fit at once.
+    const _: () = assert!(TRACKED_PER_POD * PODS <= DIRECT_LIVE);
+    const _: () = assert!(TRACKED_PER_POD * PODS <= DIRECT_PENDING);
+    const _: () = assert!(2 * DESTINATIONS_PER_POD * PODS <= DIRECT_COUNTS);
+    const _: () = assert!(PODS <= SCOPE_USAGE);
     /// About 7,700 close records (136 bytes each with the ring's header) between two reads;
     /// when it is full, records are dropped and counted. User space reads it on a timer
     /// (every 100 ms) and when woken.

@@ -317,6 +317,11 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
              refused until `sidecar agent --uninstall` and a restart create them"
         ),
     }
+    if let Some(why) = pins.shares_unfit() {
+        warn!(
+            "{why} (installed by an older build; maps carry over an upgrade): until `sidecar agent --uninstall` and a restart, one pod can leave others' pass-through connections untracked"
+        );
+    }
     let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)
         .with_context(|| format!("reading registrations in {}", opts.state_dir.display()))?;

@@ -153,6 +153,23 @@ impl AgentPins {
         }
     }
 
+    /// Why every pod's share may not fit the pinned pass-through tables: pins installed by an
+    /// older build keep their maps across an upgrade (a smaller `DIRECT_PENDING`, no
+    /// `SCOPE_USAGE`, so no quotas at all). `None`: they fit.
+    pub fn shares_unfit(&self) -> Option<String> {
+        if self.scope_usage.is_none() {
+            return Some("the pins have no SCOPE_USAGE map: pods have no share".into());
+        }
+        let pending = capacity(&self.dir, maps::DIRECT_PENDING).ok()?;
+        (pending < limits::DIRECT_PENDING).then(|| {
+            format!(
+                "the pinned DIRECT_PENDING holds {pending} notes, fewer than every pod's share \
+                 ({})",
+                limits::DIRECT_PENDING
+            )
+        })
+    }
+
     /// What pod scope `scope` holds of the pass-through tables (`None`: no entry yet, or
     /// pins without them).
     pub fn usage(&self, scope: u32) -> Option<ScopeUsage> {
