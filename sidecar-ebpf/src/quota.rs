@@ -21,7 +21,9 @@
 //!   note never became a live entry. A connect that fails before its SYN (no route, no free
 //!   local port) leaves its note to the LRU and keeps its place in the quota: that errs
 //!   towards the proxy, and the place comes back only with the pod's entry (the agent removes
-//!   it with the pod).
+//!   it with the pod). The one way for it to err the other way: connections open across an
+//!   in-place upgrade from a build without quotas never took a place, so their closes give
+//!   back places never taken, and until they have all closed a pod may hold that many more.
 //! - `destinations` is checked at connect but added to at the SYN (an entry of
 //!   `DIRECT_COUNTS` is made only for a connection that really goes out), so connects to new
 //!   destinations racing on other CPUs can overshoot the quota by how many are in flight:
