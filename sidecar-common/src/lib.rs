@@ -82,8 +82,10 @@ pub mod maps {
     /// the connect hooks refuse a workload's connect to them at once. User space inserts an
     /// entry when a circuit opens and removes it when the open period ends.
     pub const OPEN_CIRCUITS: &str = "OPEN_CIRCUITS";
-    /// `LruHashMap<CircuitKey, u64>`: pass-through connections open to each destination of
-    /// each workload, from their SYN to their close, for `DIRECT_CAPS`.
+    /// `HashMap<CircuitKey, u64>`: pass-through connections open to each destination of
+    /// each workload, from their SYN to their close, for `DIRECT_CAPS`. Not an LRU: another
+    /// workload's traffic must not be able to evict a count (which would lift the cap);
+    /// [`ScopeUsage::destinations`](crate::ScopeUsage) bounds each workload's share instead.
     pub const DIRECT_COUNTS: &str = "DIRECT_COUNTS";
     /// `HashMap<u32 workload scope, u32>`: pass-through connections a workload may have open
     /// to one destination (ip:port); the connect hooks refuse (EPERM) a pass-through connect
@@ -100,6 +102,12 @@ pub mod maps {
     /// agent can show each pod its own. User space creates a workload's entry (the programs
     /// only add to entries that exist) and removes it with the workload.
     pub const SCOPE_COUNTERS: &str = "SCOPE_COUNTERS";
+    /// `HashMap<u32 workload scope, ScopeUsage>`: what each workload holds of the node-wide
+    /// pass-through tables, so the connect hooks can hold its quota of them
+    /// ([`limits::TRACKED_PER_POD`](crate::limits), [`limits::DESTINATIONS_PER_POD`]), and the
+    /// close records the ring dropped for it. Made by the connect hook at a workload's first
+    /// pass-through connect; removed by the agent with the pod.
+    pub const SCOPE_USAGE: &str = "SCOPE_USAGE";
 }
 
 /// Capacities. Bounded, so a flood of connections evicts (LRU) instead of failing inserts.
@@ -145,11 +153,40 @@ pub mod limits {
     /// another pod without room (with 1,024, sixteen pods of 64 filled it for the node).
     pub const MESH_CIDRS: u32 = WORKLOADS / 2 * EXCLUDED_CIDRS_PER_POD;
     /// Connects between the connect hook and their SYN (normally microseconds); LRU, so a
-    /// connect that failed before sending a SYN cannot leak its entry.
-    pub const DIRECT_PENDING: u32 = 65_536;
-    /// Open pass-through connections the kernel can track; beyond that a connection still
-    /// goes direct and is counted in `direct_records_dropped`.
+    /// connect that failed before sending a SYN cannot leak its entry. As large as
+    /// `DIRECT_LIVE`: a pod's notes here count in its [`TRACKED_PER_POD`] with its live
+    /// connections, so every pod's full quota fits here too and nobody's fresh note is
+    /// evicted (about 20 MiB preallocated, 80 bytes an entry).
+    pub const DIRECT_PENDING: u32 = DIRECT_LIVE;
+    /// Open pass-through connections the kernel can track. Beyond that a connection goes
+    /// through the proxy (the note at connect fails); only if the table fills between a
+    /// connect and its SYN does one go direct unrecorded, counted in `direct_records_dropped`
+    /// (the per-pod quotas below make that impossible for pods).
     pub const DIRECT_LIVE: u32 = 262_144;
+    /// Pods a node agent can register (`WORKLOADS` holds two entries per pod: its app and
+    /// its proxy).
+    pub const PODS: u32 = WORKLOADS / 2;
+    /// Pass-through connections one pod may have tracked at once (noted at connect, open,
+    /// or closing), by default: 262,144 / 512 pods = 512, so every pod's full quota fits
+    /// `DIRECT_PENDING` and `DIRECT_LIVE` at once and no pod can leave another's pass-through
+    /// connections untracked. Past it, the pod's new connections go through its proxy (which
+    /// records them). `sidecar agent --tracked-per-pod` sets it lower; `sidecar run` (one
+    /// workload) has the whole table.
+    pub const TRACKED_PER_POD: u32 = DIRECT_LIVE / PODS;
+    /// Destinations one pod may have pass-through connections open to at once, by default:
+    /// 65,536 / 512 pods / 2 = 64. Half the table, because the quota is checked at connect
+    /// and an entry is made at the SYN: connects of one pod to new destinations racing on
+    /// other CPUs can each pass the check, and the other half is room for them. Past it, the
+    /// pod's connections to a further destination go through its proxy (which holds its cap
+    /// there). `sidecar agent --destinations-per-pod` sets it lower.
+    pub const DESTINATIONS_PER_POD: u32 = DIRECT_COUNTS / PODS / 2;
+    /// One entry per workload.
+    pub const SCOPE_USAGE: u32 = WORKLOADS;
+    // The shares above are only a guarantee while they all fit at once.
+    const _: () = assert!(TRACKED_PER_POD * PODS <= DIRECT_LIVE);
+    const _: () = assert!(TRACKED_PER_POD * PODS <= DIRECT_PENDING);
+    const _: () = assert!(2 * DESTINATIONS_PER_POD * PODS <= DIRECT_COUNTS);
+    const _: () = assert!(PODS <= SCOPE_USAGE);
     /// About 7,700 close records (136 bytes each with the ring's header) between two reads;
     /// when it is full, records are dropped and counted. User space reads it on a timer
     /// (every 100 ms) and when woken.
@@ -166,9 +203,10 @@ pub mod limits {
     /// pod's failing destinations leave another without room), and a standalone run's 4,096
     /// (user space keeps at most that many failing destinations per proxy).
     pub const OPEN_CIRCUITS: u32 = max(4_096, WORKLOADS / 2 * OPEN_CIRCUITS_PER_POD);
-    /// Destinations with pass-through connections open, all workloads together. LRU: when
-    /// more are busy at once, the least recently used destination's count is forgotten,
-    /// which can only let connections through, never refuse one wrongly.
+    /// Destinations with pass-through connections open, all workloads together. A plain
+    /// hash map: when it is full a new destination goes uncounted (which can only let
+    /// connections through, never refuse one wrongly), and per-pod quotas
+    /// ([`DESTINATIONS_PER_POD`]) keep any one pod from filling it.
     pub const DIRECT_COUNTS: u32 = 65_536;
     pub const DIRECT_CAPS: u32 = WORKLOADS;
     /// One entry per workload; allocated when user space adds it (not preallocated: an
@@ -388,6 +426,22 @@ pub struct DirectConn {
     pub scope: u32,
     /// The connecting process (thread group id).
     pub pid: u32,
+}
+
+/// What one workload holds of the node-wide pass-through tables ([`maps::SCOPE_USAGE`]).
+/// The kernel changes each field with atomic adds only; user space reads them and never
+/// writes an entry that exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ScopeUsage {
+    /// Its pass-through connections noted at connect and not yet closed (in
+    /// `DIRECT_PENDING` or `DIRECT_LIVE`), plus connects racing to be noted.
+    pub tracked: u64,
+    /// Its entries in `DIRECT_COUNTS` (destinations it has pass-through connections open
+    /// to), plus SYNs racing to add one.
+    pub destinations: u64,
+    /// Its close records the ring (`DIRECT_EVENTS`) had no room for.
+    pub records_dropped: u64,
 }
 
 /// A pass-through connection that closed: what sockops read from the socket at its last
@@ -679,11 +733,18 @@ pub enum Counter {
     /// proxy ([`flags::CHECK_LISTENER`]): it died and something else bound the port, or
     /// nothing listens there.
     ConnectProxyNotListening,
+    /// Pass-through connects sent through the proxy instead because the workload had its
+    /// quota of tracked pass-through connections ([`limits::TRACKED_PER_POD`]).
+    PassthroughOverQuota,
+    /// Pass-through connects to a destination new to the workload sent through the proxy
+    /// instead because it had pass-through connections open to its quota of destinations
+    /// ([`limits::DESTINATIONS_PER_POD`]).
+    PassthroughOverDestinations,
 }
 
 impl Counter {
     /// Every counter, in slot order, with its metric-friendly name.
-    pub const ALL: [(Counter, &'static str); 26] = [
+    pub const ALL: [(Counter, &'static str); 28] = [
         (Counter::ConnectSeen, "connect_seen"),
         (Counter::ConnectRedirected, "connect_redirected"),
         (Counter::ConnectExcludedPort, "connect_excluded_port"),
@@ -713,13 +774,19 @@ impl Counter {
             Counter::ConnectProxyNotListening,
             "connect_proxy_not_listening",
         ),
+        (Counter::PassthroughOverQuota, "passthrough_over_quota"),
+        (
+            Counter::PassthroughOverDestinations,
+            "passthrough_over_destinations",
+        ),
     ];
     /// Number of slots in [`maps::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
-    /// The counters the programs charge to a workload too ([`maps::SCOPE_COUNTERS`]): those
-    /// of its connects and of its strict inbound drops. The others (the sockmap splice, the
-    /// original-destination answers, close cleanups) are the node's.
-    pub const PER_WORKLOAD: [Counter; 14] = [
+    /// The counters a workload has its own of: those of its connects and strict inbound
+    /// drops (charged to [`maps::SCOPE_COUNTERS`] too) and its dropped close records (kept in
+    /// [`maps::SCOPE_USAGE`]). The others (the sockmap splice, the original-destination
+    /// answers, close cleanups) are the node's.
+    pub const PER_WORKLOAD: [Counter; 17] = [
         Counter::ConnectSeen,
         Counter::ConnectRedirected,
         Counter::ConnectExcludedPort,
@@ -734,6 +801,9 @@ impl Counter {
         Counter::ConnectCircuitOpen,
         Counter::ConnectOverloaded,
         Counter::ConnectProxyNotListening,
+        Counter::PassthroughOverQuota,
+        Counter::PassthroughOverDestinations,
+        Counter::DirectRecordsDropped,
     ];
 
     /// The counter's name (as in [`Counter::ALL`]).
@@ -780,6 +850,7 @@ mod pod {
     unsafe impl aya::Pod for super::DirectEvent {}
     unsafe impl aya::Pod for super::CircuitKey {}
     unsafe impl aya::Pod for super::ScopeCounters {}
+    unsafe impl aya::Pod for super::ScopeUsage {}
 }
 
 #[cfg(test)]
@@ -935,6 +1006,7 @@ mod tests {
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<PolicyDenyEvent>(), 28);
         assert_eq!(size_of::<DirectConn>(), 24);
+        assert_eq!(size_of::<ScopeUsage>(), 24);
         assert_eq!(size_of::<DirectEvent>(), 48 + 8 + 24 + 8 + 16 + 24);
         assert_eq!(policy_scope(1, 0), 2);
         assert_eq!(policy_scope(1, 1), 3);

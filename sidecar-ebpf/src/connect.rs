@@ -41,6 +41,7 @@ use crate::{
         POLICY_EVENTS, POLICY_OUT, POLICY_PROXIED, POLICY_STATE, PROXY_COOKIES, SOCKMAP_ENABLED,
         WORKLOADS, count,
     },
+    quota::{self, Admit},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -255,14 +256,22 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<bool, i64> {
         // them (sockops, from SYN to close) and holds the workload's own cap here.
         // SAFETY: the value is copied out immediately.
         let cap = unsafe { DIRECT_CAPS.get(&cfg.scope) }.copied();
-        if cap.is_some_and(|cap| direct_counts::open(&circuit) >= cap) {
+        let open = direct_counts::open(&circuit);
+        if cap.is_some_and(|cap| open.unwrap_or(0) >= cap) {
             counts.count(Counter::ConnectOverloaded, 1);
             debug!(ctx, "connect to port {} refused: its cap is reached", port);
             return Ok(false);
         }
-        if go_direct(cookie, cfg.scope) {
-            counts.count(Counter::ConnectPassthrough, 1);
-            return Ok(true);
+        // The workload's share of the node's tracking tables: past it, the proxy (which
+        // records the connection and holds the cap) instead of a direct one untracked.
+        match quota::admit(cfg.scope, open.is_none()) {
+            Admit::Yes if go_direct(cookie, cfg.scope) => {
+                counts.count(Counter::ConnectPassthrough, 1);
+                return Ok(true);
+            }
+            Admit::Yes => quota::release(cfg.scope),
+            Admit::OverTracked => counts.count(Counter::PassthroughOverQuota, 1),
+            Admit::OverDestinations => counts.count(Counter::PassthroughOverDestinations, 1),
         }
     }
 

@@ -2,6 +2,11 @@
 //! ([`DIRECT_COUNTS`]), so the connect hooks can hold the workload's cap (`DIRECT_CAPS`):
 //! sockops adds one at a pass-through connection's SYN and takes it away at its close.
 //!
+//! The map is a plain hash, not an LRU: another workload's traffic must not be able to evict
+//! a count, which would lift the cap. Each workload's entries are bounded by its quota of
+//! destinations instead ([`crate::quota`]), checked at connect; when the map is full anyway, a
+//! new destination goes uncounted, which also only lets connections through.
+//!
 //! Counts are changed with atomic adds (two CPUs may open or close connections to the same
 //! destination at once). Linux 5.10 has no atomic compare-and-swap or fetch for BPF, so a
 //! count is read apart from its update; every race that leaves it wrong leaves it too low,
@@ -16,15 +21,16 @@ use core::{
 use aya_ebpf::bindings::BPF_NOEXIST;
 use sidecar_common::CircuitKey;
 
-use crate::maps::DIRECT_COUNTS;
+use crate::{maps::DIRECT_COUNTS, quota};
 
-/// Open pass-through connections to `dst` (0 if none, or if the count went below zero).
+/// Open pass-through connections to `dst` (0 if the count went below zero); `None` if it
+/// has no entry (a destination new to the workload).
 #[inline(always)]
-pub fn open(dst: &CircuitKey) -> u32 {
+pub fn open(dst: &CircuitKey) -> Option<u32> {
     match DIRECT_COUNTS.get_ptr(dst) {
         // SAFETY: the pointer is the map value, valid for the program's run.
-        Some(n) => clamp(unsafe { read_volatile(n) }),
-        None => 0,
+        Some(n) => Some(clamp(unsafe { read_volatile(n) })),
+        None => None,
     }
 }
 
@@ -32,11 +38,14 @@ pub fn open(dst: &CircuitKey) -> u32 {
 /// uncounted (it is already on its way: a SYN cannot be refused from sockops).
 #[inline(always)]
 pub fn add(dst: &CircuitKey) {
-    // Looked up first: an insert into an LRU map takes a free entry before it finds the key
-    // already there, so inserting unconditionally cost every connection to a destination with
-    // others open a wasted allocation.
+    // Looked up first: only a new entry counts in the workload's destinations, added to
+    // before it exists and taken back if it could not be made (or another CPU made it), so
+    // that count never reads lower than the workload's entries.
     if DIRECT_COUNTS.get_ptr_mut(dst).is_none() {
-        let _ = DIRECT_COUNTS.insert(dst, &0, BPF_NOEXIST as u64);
+        quota::destinations(dst.scope, 1);
+        if DIRECT_COUNTS.insert(dst, &0, BPF_NOEXIST as u64).is_err() {
+            quota::destinations(dst.scope, u64::MAX);
+        }
     }
     if let Some(n) = DIRECT_COUNTS.get_ptr_mut(dst) {
         // SAFETY: the pointer is the map value, 8-byte aligned, valid for the program's run.
@@ -55,8 +64,10 @@ pub fn remove(dst: &CircuitKey) {
         atomic_add(n, u64::MAX);
         read_volatile(n)
     };
-    if left as i64 <= 0 {
-        let _ = DIRECT_COUNTS.remove(dst);
+    // Two CPUs may both see the last connection go: only the one whose remove succeeds
+    // takes the destination off the workload's count.
+    if left as i64 <= 0 && DIRECT_COUNTS.remove(dst).is_ok() {
+        quota::destinations(dst.scope, u64::MAX);
     }
 }
 
@@ -68,7 +79,7 @@ pub fn remove(dst: &CircuitKey) {
 /// # Safety
 /// `n` must be valid and 8-byte aligned for the program's run.
 #[inline(always)]
-unsafe fn atomic_add(n: *mut u64, v: u64) {
+pub unsafe fn atomic_add(n: *mut u64, v: u64) {
     // SAFETY: forwarded from the caller.
     let _ = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, v) };
 }

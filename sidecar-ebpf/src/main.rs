@@ -19,7 +19,7 @@
 //! socket to plain TCP, which bypasses nothing.
 #![no_std]
 #![no_main]
-// `direct_counts` needs an atomic add, which core's atomics lack on the BPF target.
+// `direct_counts` and `quota` need an atomic add, which core's atomics lack on the BPF target.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
@@ -27,6 +27,7 @@ mod connect;
 mod ctx;
 mod direct_counts;
 mod maps;
+mod quota;
 mod skmsg;
 mod sockops;
 mod sockopt;

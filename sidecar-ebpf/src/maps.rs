@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 use sidecar_common::{
-    CircuitKey, Counter, DirectConn, OrigDst, PolicyState, PortBitmap, ScopeCounters, ScopedAddr,
-    SockKey, WorkloadConfig, limits,
+    CircuitKey, Counter, DirectConn, OrigDst, PolicyState, PortBitmap, ScopeCounters, ScopeUsage,
+    ScopedAddr, SockKey, WorkloadConfig, limits,
 };
 
 #[map(name = "WORKLOADS")]
@@ -79,8 +79,12 @@ pub static OPEN_CIRCUITS: HashMap<CircuitKey, u8> =
     HashMap::with_max_entries(limits::OPEN_CIRCUITS, 0);
 
 #[map(name = "DIRECT_COUNTS")]
-pub static DIRECT_COUNTS: LruHashMap<CircuitKey, u64> =
-    LruHashMap::with_max_entries(limits::DIRECT_COUNTS, 0);
+pub static DIRECT_COUNTS: HashMap<CircuitKey, u64> =
+    HashMap::with_max_entries(limits::DIRECT_COUNTS, 0);
+
+#[map(name = "SCOPE_USAGE")]
+pub static SCOPE_USAGE: HashMap<u32, ScopeUsage> =
+    HashMap::with_max_entries(limits::SCOPE_USAGE, 0);
 
 #[map(name = "DIRECT_CAPS")]
 pub static DIRECT_CAPS: HashMap<u32, u32> = HashMap::with_max_entries(limits::DIRECT_CAPS, 0);
@@ -102,6 +106,18 @@ pub static SOCKMAP_ENABLED: Global<u8> = Global::new(0);
 /// constant of the frozen `.rodata`, so the verifier drops the helper call it guards.
 #[unsafe(no_mangle)]
 pub static NETNS_COOKIES: Global<u8> = Global::new(1);
+
+/// Set by the loader: pass-through connections a workload may have tracked at once (the
+/// agent: [`limits::TRACKED_PER_POD`]; `sidecar run`, one workload: the whole table); 0: no
+/// quota.
+#[unsafe(no_mangle)]
+pub static TRACKED_QUOTA: Global<u32> = Global::new(0);
+
+/// Set by the loader: destinations a workload may have pass-through connections open to at
+/// once (the agent: [`limits::DESTINATIONS_PER_POD`]; `sidecar run`: the whole table); 0: no
+/// quota.
+#[unsafe(no_mangle)]
+pub static DESTINATIONS_QUOTA: Global<u32> = Global::new(0);
 
 /// Adds `n` to a per-CPU counter; per-CPU slots need no atomics.
 #[inline(always)]

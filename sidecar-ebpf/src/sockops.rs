@@ -35,6 +35,7 @@ use crate::{
         COOKIE_ORIG_DST, DIRECT_EVENTS, DIRECT_LIVE, DIRECT_PENDING, ORIG_DST, PASSTHRU,
         PROXY_COOKIES, SOCKETS, SOCKMAP_ENABLED, SPLICED, count,
     },
+    quota,
 };
 
 #[sock_ops]
@@ -64,7 +65,10 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
     };
     let _ = DIRECT_PENDING.remove(&cookie);
     if DIRECT_LIVE.insert(&cookie, &note, BPF_ANY as u64).is_err() {
-        // The table is full: the connection goes direct unrecorded, and says so.
+        // The table is full (impossible while every workload keeps to its quota): the
+        // connection goes direct unrecorded, and says so.
+        quota::release(note.scope);
+        quota::record_dropped(note.scope);
         count(Counter::DirectRecordsDropped, 1);
         return Ok(());
     }
@@ -203,7 +207,9 @@ fn on_state_change(ctx: &SockOpsContext) -> Result<(), i64> {
 /// A pass-through connection closed: its record, from the socket's own counters.
 #[inline(always)]
 fn record_direct_close(ctx: &SockOpsContext, key: SockKey, cookie: u64, conn: DirectConn) {
-    let _ = DIRECT_LIVE.remove(&cookie);
+    if DIRECT_LIVE.remove(&cookie).is_ok() {
+        quota::release(conn.scope);
+    }
     direct_counts::remove(&destination(&key, conn.scope));
     let ops: *const bpf_sock_ops = ctx.ops;
     // SAFETY: `ops` is the context pointer; each field is read with one load of its size.
@@ -228,6 +234,7 @@ fn record_direct_close(ctx: &SockOpsContext, key: SockKey, cookie: u64, conn: Di
         .output::<DirectEvent>(&event, wakeup_flag())
         .is_err()
     {
+        quota::record_dropped(conn.scope);
         count(Counter::DirectRecordsDropped, 1);
     }
 }

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use sidecar_common::{
-    Counter, OrigDst, ScopedAddr, SockKey, WorkloadConfig, lpm_prefix_len, mapped_octets, maps,
-    programs,
+    Counter, OrigDst, ScopedAddr, SockKey, WorkloadConfig, limits, lpm_prefix_len, mapped_octets,
+    maps, programs,
 };
 use thiserror::Error;
 
@@ -203,6 +203,10 @@ impl EbpfInterception {
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCKMAP_ENABLED", &u8::from(sockmap), true)
             .override_global("NETNS_COOKIES", &u8::from(netns_cookies), true)
+            // One run's workload may have the whole tables: its connections past them go
+            // through the proxy instead of untracked.
+            .override_global("TRACKED_QUOTA", &limits::DIRECT_LIVE, true)
+            .override_global("DESTINATIONS_QUOTA", &limits::DIRECT_COUNTS, true)
             .override_global(
                 aya_log::LEVEL,
                 &if settings.bpf_log { 5u8 } else { 0u8 },

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use sidecar_common::WorkloadConfig;
+use sidecar_common::{ScopeUsage, WorkloadConfig};
 
 use super::Node;
 use crate::host::wait_until;
@@ -45,6 +45,15 @@ impl Node {
             .map(|k| k.expect("OPEN_CIRCUITS key"))
             .map(|k| (k.scope, k.dst.to_socket_addr()))
             .collect()
+    }
+
+    /// `SCOPE_USAGE`: what each pod scope holds of the pass-through tables.
+    pub fn scope_usage(&self) -> BTreeMap<u32, ScopeUsage> {
+        let data = MapData::from_pin(self.pin_dir.join("SCOPE_USAGE")).expect("pinned SCOPE_USAGE");
+        let map: BpfHashMap<MapData, u32, ScopeUsage> = aya::maps::Map::HashMap(data)
+            .try_into()
+            .expect("SCOPE_USAGE is a hash map");
+        map.iter().map(|r| r.expect("SCOPE_USAGE entry")).collect()
     }
 }
 

@@ -68,6 +68,13 @@ pub const EXCLUSIONS: &[Exclusion] = &[
                  (it runs on the host in `cargo xtask test`)",
     },
     Exclusion {
+        test: "close_records_the_ring_drops_are_counted_per_pod",
+        kernels: &[],
+        reason: "a native-scale load test: 10,000 connections to overflow the records ring, \
+                 as records_that_do_not_fit_the_ring_are_counted (it runs on the host in \
+                 `cargo xtask test`)",
+    },
+    Exclusion {
         test: "a_real_scrape_passes_promtool_check_metrics",
         kernels: &[],
         reason: "lints the /metrics text with promtool, a 48 MB tool not packed into the guest: \
@@ -230,6 +237,11 @@ pub const TARGET_EXCLUSIONS: &[TargetExclusion] = &[
         reason: "pod circuits and strict inbound through the agent: run on 6.1 (the oldest \
                  kernel the agent runs on) and on the host (6.18), which span the helpers it \
                  uses; kept out of 6.12 and 6.18 guests for the matrix's time",
+    },
+    TargetExclusion {
+        target: "kubernetes_quotas",
+        kernels: BEFORE_5_15,
+        reason: NO_AGENT,
     },
     TargetExclusion {
         target: "kubernetes_registration",

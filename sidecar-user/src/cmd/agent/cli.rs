@@ -2,6 +2,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use sidecar_common::limits;
+
 use super::AgentOptions;
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +36,19 @@ pub struct AgentArgs {
     /// or off.
     #[arg(long, value_name = "ADDR|off", default_value = "off", value_parser = parse_admin)]
     pub admin_addr: MaybeAddr,
+    /// Pass-through connections each pod may have tracked at once; past it, its new
+    /// connections go through its proxy. The default is the most that lets every pod's share
+    /// fit the node's tracking table. Applies when this agent loads the programs (adopted
+    /// pins keep theirs).
+    #[arg(long, default_value_t = limits::TRACKED_PER_POD,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::TRACKED_PER_POD)))]
+    pub tracked_per_pod: u32,
+    /// Destinations each pod may have pass-through connections open to at once; past it,
+    /// connections to a further destination go through its proxy. The default is the most
+    /// that lets every pod's share fit the node's per-destination counts.
+    #[arg(long, default_value_t = limits::DESTINATIONS_PER_POD,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(limits::DESTINATIONS_PER_POD)))]
+    pub destinations_per_pod: u32,
     /// Remove every pin, link, state file and the socket (the agent must be stopped), then exit.
     #[arg(long, conflicts_with = "status")]
     pub uninstall: bool,
@@ -56,6 +71,10 @@ impl From<&AgentArgs> for AgentOptions {
             sockmap: a.sockmap,
             sweep_interval: Duration::from_millis(a.sweep_interval_ms.max(100)),
             admin_addr: a.admin_addr,
+            quotas: super::pins::Quotas {
+                tracked_per_pod: a.tracked_per_pod,
+                destinations_per_pod: a.destinations_per_pod,
+            },
         }
     }
 }

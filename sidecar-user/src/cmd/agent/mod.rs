@@ -70,6 +70,8 @@ pub struct AgentOptions {
     pub sweep_interval: Duration,
     /// The admin endpoint (`/healthz`, `/metrics`, `/status`); `None`: off.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Each pod's share of the pass-through tables, for programs this agent loads.
+    pub quotas: pins::Quotas,
 }
 
 impl AgentOptions {
@@ -155,7 +157,25 @@ impl Agent {
             "refusals": self.registry.refusals(),
             "counters": self.pins.counters(),
             "passthrough_records": self.records_summary(),
+            "passthrough_usage": self.usage_by_pod(),
         })
+    }
+
+    /// What each pod holds of the node's pass-through tables (its share is the quota), and
+    /// its close records the ring had no room for, by pod UID.
+    fn usage_by_pod(&self) -> serde_json::Value {
+        let usage = self.registry.pods().filter_map(|p| {
+            let u = self.pins.usage(p.scope)?;
+            Some((
+                p.pod_uid.clone(),
+                serde_json::json!({
+                    "tracked": u.tracked as i64,
+                    "destinations": u.destinations as i64,
+                    "records_dropped": u.records_dropped,
+                }),
+            ))
+        });
+        serde_json::Value::Object(usage.collect())
     }
 
     fn records_summary(&self) -> serde_json::Value {
@@ -227,7 +247,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
             root.display()
         );
     }
-    let mut pins = AgentPins::open_or_install(&pin_dir, &root, opts.sockmap)?;
+    let mut pins = AgentPins::open_or_install(&pin_dir, &root, opts.sockmap, opts.quotas)?;
     let object = object_fingerprint();
     // A restart adopts as is; an upgrade (the pins come from another build) swaps the programs
     // in the pinned links for this build's and keeps every map.
@@ -240,7 +260,7 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
     let (pinned_object, sockmap) = match previous.as_ref().map(|p| p.object.clone()) {
         _ if !pins.adopted => (object, opts.sockmap),
         Some(o) if o == object => (o, kept_sockmap),
-        other => match pins::upgrade(&pin_dir, &root, opts.sockmap) {
+        other => match pins::upgrade(&pin_dir, &root, opts.sockmap, opts.quotas) {
             Ok(()) => {
                 info!(from = other.as_deref().unwrap_or("unknown"), to = %object, "eBPF programs upgraded in place");
                 // The upgrade pins the maps the new object adds.
@@ -296,6 +316,11 @@ pub fn run(opts: AgentOptions) -> Result<i32> {
             "the pins have no policy maps (installed by an older build): pods with a policy are \
              refused until `sidecar agent --uninstall` and a restart create them"
         ),
+    }
+    if let Some(why) = pins.shares_unfit() {
+        warn!(
+            "{why} (installed by an older build; maps carry over an upgrade): until `sidecar agent --uninstall` and a restart, one pod can leave others' pass-through connections untracked"
+        );
     }
     let registrations_kept = opts.state_dir.join(registry::FILE).exists();
     let mut registry = Registry::load(&opts.state_dir)

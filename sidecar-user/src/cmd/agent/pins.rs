@@ -21,7 +21,8 @@ use aya::{
     },
 };
 use sidecar_common::{
-    CircuitKey, Counter, ScopeCounters, ScopedAddr, WorkloadConfig, maps, programs,
+    CircuitKey, Counter, ScopeCounters, ScopeUsage, ScopedAddr, WorkloadConfig, limits, maps,
+    programs,
 };
 
 use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
@@ -81,7 +82,39 @@ pub struct AgentPins {
     pub scope_counters: Option<PerCpuHashMap<MapData, u32, ScopeCounters>>,
     /// The strict inbound program is attached ([`STRICT_LINK`] is pinned).
     pub strict_capable: bool,
+    /// What each pod holds of the pass-through tables, and its dropped close records, by
+    /// scope (`None`: pins of a build without per-pod quotas).
+    pub scope_usage: Option<HashMap<MapData, u32, ScopeUsage>>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+/// Each pod's share of the node-wide pass-through tables, as the programs are loaded with it
+/// (see `limits::TRACKED_PER_POD` and `limits::DESTINATIONS_PER_POD` for why the defaults
+/// are the most that lets every pod's share fit). Pins adopted as they are keep the quotas
+/// they were loaded with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Pass-through connections a pod may have tracked at once.
+    pub tracked_per_pod: u32,
+    /// Destinations a pod may have pass-through connections open to at once.
+    pub destinations_per_pod: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            tracked_per_pod: limits::TRACKED_PER_POD,
+            destinations_per_pod: limits::DESTINATIONS_PER_POD,
+        }
+    }
+}
+
+impl Quotas {
+    fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global("TRACKED_QUOTA", &self.tracked_per_pod, true)
+            .override_global("DESTINATIONS_QUOTA", &self.destinations_per_pod, true);
+    }
 }
 
 impl AgentPins {
@@ -91,6 +124,7 @@ impl AgentPins {
         dir: &Path,
         cgroup_root: &Path,
         sockmap: bool,
+        quotas: Quotas,
     ) -> Result<Self, EbpfError> {
         let adopted = if is_complete(dir) {
             tracing::info!(pins = %dir.display(), "adopting the pinned programs and maps: no reload");
@@ -102,7 +136,7 @@ impl AgentPins {
                     tracing::warn!("{failure}");
                 }
             }
-            install(dir, cgroup_root, sockmap)?;
+            install(dir, cgroup_root, sockmap, quotas)?;
             false
         };
         Ok(Self {
@@ -118,6 +152,7 @@ impl AgentPins {
             circuits: open_pinned(dir, maps::OPEN_CIRCUITS).ok(),
             scope_counters: open_pinned(dir, maps::SCOPE_COUNTERS).ok(),
             strict_capable: dir.join(link_pin_name(STRICT_LINK)).exists(),
+            scope_usage: open_pinned(dir, maps::SCOPE_USAGE).ok(),
             counters: open_pinned(dir, maps::COUNTERS)?,
         })
     }
@@ -142,6 +177,32 @@ impl AgentPins {
             self.scope_counters = open_pinned(&self.dir, maps::SCOPE_COUNTERS).ok();
         }
         self.strict_capable = self.dir.join(link_pin_name(STRICT_LINK)).exists();
+        if self.scope_usage.is_none() {
+            self.scope_usage = open_pinned(&self.dir, maps::SCOPE_USAGE).ok();
+        }
+    }
+
+    /// Why every pod's share may not fit the pinned pass-through tables: pins installed by an
+    /// older build keep their maps across an upgrade (a smaller `DIRECT_PENDING`, no
+    /// `SCOPE_USAGE`, so no quotas at all). `None`: they fit.
+    pub fn shares_unfit(&self) -> Option<String> {
+        if self.scope_usage.is_none() {
+            return Some("the pins have no SCOPE_USAGE map: pods have no share".into());
+        }
+        let pending = capacity(&self.dir, maps::DIRECT_PENDING).ok()?;
+        (pending < limits::DIRECT_PENDING).then(|| {
+            format!(
+                "the pinned DIRECT_PENDING holds {pending} notes, fewer than every pod's share \
+                 ({})",
+                limits::DIRECT_PENDING
+            )
+        })
+    }
+
+    /// What pod scope `scope` holds of the pass-through tables (`None`: no entry yet, or
+    /// pins without them).
+    pub fn usage(&self, scope: u32) -> Option<ScopeUsage> {
+        self.scope_usage.as_ref()?.get(&scope, 0).ok()
     }
 
     /// Whether these pins can pass connections through: the maps the programs need for it
@@ -261,15 +322,18 @@ impl PodMaps for AgentPins {
 
     fn counters_of(&self, scope: u32) -> Option<std::collections::BTreeMap<&'static str, u64>> {
         let per_cpu = self.scope_counters.as_ref()?.get(&scope, 0).ok()?;
-        Some(
-            Counter::PER_WORKLOAD
-                .iter()
-                .map(|c| {
-                    let total = per_cpu.iter().map(|v| v.counts[*c as usize]).sum();
-                    (c.name(), total)
-                })
-                .collect(),
-        )
+        let mut counters: std::collections::BTreeMap<&'static str, u64> = Counter::PER_WORKLOAD
+            .iter()
+            .map(|c| {
+                let total = per_cpu.iter().map(|v| v.counts[*c as usize]).sum();
+                (c.name(), total)
+            })
+            .collect();
+        // Sockops counts a pod's dropped close records in its usage entry (made at its first
+        // pass-through connect: none yet, none dropped).
+        let dropped = self.usage(scope).map_or(0, |u| u.records_dropped);
+        counters.insert(Counter::DirectRecordsDropped.name(), dropped);
+        Some(counters)
     }
 
     fn circuits(&self) -> Option<Vec<CircuitKey>> {
@@ -291,6 +355,20 @@ impl PodMaps for AgentPins {
             return Ok(());
         };
         forget(circuits.remove(key)).map_err(map_error(maps::OPEN_CIRCUITS))
+    }
+
+    fn usage_scopes(&self) -> Vec<u32> {
+        let Some(usage) = &self.scope_usage else {
+            return Vec::new();
+        };
+        usage.keys().filter_map(Result::ok).collect()
+    }
+
+    fn remove_usage(&mut self, scope: u32) -> Result<(), MapError> {
+        let Some(usage) = &mut self.scope_usage else {
+            return Ok(());
+        };
+        forget(usage.remove(&scope)).map_err(map_error(maps::SCOPE_USAGE))
     }
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>> {
@@ -367,12 +445,12 @@ fn is_complete(dir: &Path) -> bool {
 
 /// Loads the object, pins its maps, attaches and pins the links. On failure everything
 /// created so far is removed again.
-fn install(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
+fn install(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
     fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
         path: dir.into(),
         source,
     })?;
-    let result = install_into(dir, root, sockmap);
+    let result = install_into(dir, root, sockmap, quotas);
     if result.is_err() {
         for failure in uninstall(dir).1 {
             tracing::warn!("{failure}");
@@ -381,8 +459,10 @@ fn install(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
     result
 }
 
-fn install_into(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
-    let mut ebpf = EbpfLoader::new()
+fn install_into(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
+    let mut loader = EbpfLoader::new();
+    quotas.apply(&mut loader);
+    let mut ebpf = loader
         .override_global("SOCKMAP_ENABLED", &u8::from(sockmap), true)
         .override_global(aya_log::LEVEL, &0u8, true)
         .load(OBJECT)
@@ -506,7 +586,7 @@ fn program_fd(
 /// new sk_msg to the sockhash (replacing the old one). Maps the new object adds are created
 /// and pinned. On any failure nothing attached has changed, or the links that were updated
 /// run new programs against the same maps; the error says which.
-pub fn upgrade(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> {
+pub fn upgrade(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result<(), EbpfError> {
     let pinned: Vec<String> = fs::read_dir(dir)
         .map_err(|source| EbpfError::PinDir {
             path: dir.into(),
@@ -518,6 +598,7 @@ pub fn upgrade(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> 
         .collect();
     let sockmap = u8::from(sockmap);
     let mut loader = EbpfLoader::new();
+    quotas.apply(&mut loader);
     loader
         .override_global("SOCKMAP_ENABLED", &sockmap, true)
         .override_global(aya_log::LEVEL, &0u8, true);
@@ -566,7 +647,7 @@ pub fn upgrade(dir: &Path, root: &Path, sockmap: bool) -> Result<(), EbpfError> 
 
 /// For `sidecar probe`: installs at a scratch cgroup and pin directory, then removes it all.
 pub fn probe(cgroup: &Path, dir: &Path) -> Result<(), EbpfError> {
-    install(dir, cgroup, true)?;
+    install(dir, cgroup, true, Quotas::default())?;
     let (_, failed) = uninstall(dir);
     match failed.into_iter().next() {
         None => Ok(()),

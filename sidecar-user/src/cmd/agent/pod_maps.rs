@@ -110,6 +110,15 @@ pub trait PodMaps {
     fn remove_counters(&mut self, scope: u32) -> Result<(), MapError>;
     /// `scope`'s own counters, summed over CPUs, by name ([`Counter::PER_WORKLOAD`]).
     fn counters_of(&self, scope: u32) -> Option<std::collections::BTreeMap<&'static str, u64>>;
+    /// `SCOPE_USAGE`: forgets what a pod that is gone held of the pass-through tables (the
+    /// kernel makes the entry; its closes after this find none and change nothing).
+    fn remove_usage(&mut self, _scope: u32) -> Result<(), MapError> {
+        Ok(())
+    }
+    /// The scopes `SCOPE_USAGE` has entries for.
+    fn usage_scopes(&self) -> Vec<u32> {
+        Vec::new()
+    }
 
     fn cidrs(&self, trie: Trie) -> Option<Vec<CidrKey>>;
     fn insert_cidr(&mut self, trie: Trie, key: &CidrKey) -> Result<(), MapError>;

@@ -595,6 +595,7 @@ impl Registry {
         }
         maps.remove_cap(reg.scope)?;
         let _ = maps.remove_counters(reg.scope);
+        maps.remove_usage(reg.scope)?;
         for trie in Trie::ALL {
             for key in cidr_keys(trie, &reg) {
                 let _ = maps.remove_cidr(trie, &key);
@@ -650,6 +651,16 @@ impl Registry {
             }
             for (scope, cap) in wanted.iter().filter(|(s, c)| present.get(s) != Some(c)) {
                 maps.insert_cap(*scope, *cap)?;
+            }
+        }
+        if prune {
+            // Entries of pods that went while no agent ran (or whose removal failed): each
+            // holds a place in a table every pod needs one in.
+            let scopes: BTreeSet<u32> = self.pods.values().map(|r| r.scope).collect();
+            for scope in maps.usage_scopes() {
+                if !scopes.contains(&scope) {
+                    let _ = maps.remove_usage(scope);
+                }
             }
         }
         for trie in Trie::ALL {
@@ -844,6 +855,7 @@ fn remove_stale(maps: &mut impl PodMaps, prev: &Registration, reg: &Registration
     if prev.scope != reg.scope {
         let _ = maps.remove_cap(prev.scope);
         let _ = maps.remove_counters(prev.scope);
+        let _ = maps.remove_usage(prev.scope);
         if prev.policy.is_some()
             && let Some(pm) = maps.policy()
         {
