@@ -23,14 +23,18 @@ pub mod programs {
     /// cgroup/getsockopt at the pods' cgroup root (`sidecar agent`): answers the proxy's
     /// `SO_ORIGINAL_DST` from `ORIG_DST`, so the proxy needs no privileges.
     pub const GETSOCKOPT: &str = "sidecar_getsockopt";
+    /// cgroup/sock_release where the connect hooks are: a pass-through note still pending at
+    /// a socket's release gives its workload's quota place back.
+    pub const SOCK_RELEASE: &str = "sidecar_sock_release";
     /// All programs, in the order the loader loads them.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 7] = [
         CONNECT4,
         CONNECT6,
         SOCKOPS,
         SK_MSG,
         STRICT_INBOUND,
         GETSOCKOPT,
+        SOCK_RELEASE,
     ];
 }
 

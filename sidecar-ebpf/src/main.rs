@@ -11,6 +11,8 @@
 //!   `SO_ORIGINAL_DST` from `ORIG_DST`, so an unprivileged proxy needs no map access.
 //! * `strict_in` (cgroup_skb/ingress on the app cgroup, strict inbound mode only): drop
 //!   connection attempts to the workload that do not come from loopback.
+//! * `sock_release` (cgroup/sock_release, where the connect hooks are): a socket closed before
+//!   its pass-through connection sent a SYN gives its workload's quota place back.
 //!
 //! Each entry point is a thin wrapper that calls a `try_*` function and maps its result to
 //! the verdict in one place. Where an error could let a connection bypass the proxy (the
@@ -28,6 +30,7 @@ mod ctx;
 mod direct_counts;
 mod maps;
 mod quota;
+mod release;
 mod skmsg;
 mod sockops;
 mod sockopt;

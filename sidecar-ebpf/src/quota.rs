@@ -18,10 +18,11 @@
 //!   connections never exceed the quota; two connects racing for the last place may both
 //!   see the other's add and both go to the proxy.
 //! - `tracked` is taken back exactly once per admitted connection: at its close, or when its
-//!   note never became a live entry. A connect that fails before its SYN (no route, no free
-//!   local port) leaves its note to the LRU and keeps its place in the quota: that errs
-//!   towards the proxy, and the place comes back only with the pod's entry (the agent removes
-//!   it with the pod). The one way for it to err the other way: connections open across an
+//!   note never became a live entry, or when its socket is released with the note still
+//!   pending (a connect that failed before its SYN: no route, no free local port; see
+//!   `release`). Whichever removes the note gives the place back. A note the LRU evicts
+//!   before either keeps its place until the pod's entry goes: that errs towards the proxy.
+//!   The one way for it to err the other way: connections open across an
 //!   in-place upgrade from a build without quotas never took a place, so their closes give
 //!   back places never taken, and until they have all closed a pod may hold that many more.
 //! - `destinations` is checked at connect but added to at the SYN (an entry of

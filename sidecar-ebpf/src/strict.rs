@@ -66,11 +66,16 @@ pub fn sidecar_strict_in(ctx: SkBuffContext) -> i32 {
 /// `WORKLOADS` decides.
 #[inline(always)]
 fn strict_owner(skb: *mut __sk_buff) -> Option<u32> {
+    // Plain scalars, every one initialized, rather than an `Option` of the entry: the
+    // compiler may read a field of an `Option` that is `None`, and kernels before 5.15 refuse
+    // a read of stack they have not seen written.
+    let (mut strict, mut scope) = (false, 0u32);
     // SAFETY: helper calls on the context pointer the kernel handed us.
     let own = unsafe { bpf_skb_cgroup_id(skb) };
-    // SAFETY: the map value is copied out immediately.
-    let mut found: Option<WorkloadConfig> = unsafe { WORKLOADS.get(&own) }.copied();
-    if found.is_none() {
+    // SAFETY: the map value is read at once.
+    if let Some(cfg) = unsafe { WORKLOADS.get(&own) } {
+        (strict, scope) = (is_strict(cfg), cfg.scope);
+    } else {
         let mut level = 0;
         while level < limits::CGROUP_DEPTH {
             // SAFETY: as above.
@@ -78,16 +83,19 @@ fn strict_owner(skb: *mut __sk_buff) -> Option<u32> {
             if id == 0 {
                 break;
             }
-            // SAFETY: as above.
+            // SAFETY: as above. Deeper levels come later and win.
             if let Some(cfg) = unsafe { WORKLOADS.get(&id) } {
-                found = Some(*cfg);
+                (strict, scope) = (is_strict(cfg), cfg.scope);
             }
             level += 1;
         }
     }
-    found
-        .filter(|cfg| cfg.role == role::WORKLOAD && cfg.flags & flags::STRICT_INBOUND != 0)
-        .map(|cfg| cfg.scope)
+    strict.then_some(scope)
+}
+
+#[inline(always)]
+fn is_strict(cfg: &WorkloadConfig) -> bool {
+    cfg.role == role::WORKLOAD && cfg.flags & flags::STRICT_INBOUND != 0
 }
 
 /// At cgroup ingress the packet starts at the network header.

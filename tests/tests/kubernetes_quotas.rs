@@ -217,6 +217,44 @@ fn a_pod_over_its_tracking_quota_goes_through_its_proxy_and_the_other_keeps_its_
     );
 }
 
+/// Connects that fail before any SYN goes out (here: no route) keep no place in the pod's
+/// share: each socket gives its place back when it is released, so after more such failures
+/// than its quota the pod's next connection still passes through, not through its proxy.
+#[test]
+fn connects_that_fail_before_their_syn_give_their_places_back() {
+    let Some((_serial, node)) = setup("quota-unroutable") else {
+        return;
+    };
+    let _agent = node.start_agent_in("agent", None, &[], &agent_flags());
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let proxy_a = node.start_proxy_passthrough(&a, "proxy-a", &[]);
+    node.wait_ready(&a, &proxy_a);
+    let _server = serve(&node, &b, "server-b", node.app_port);
+    // The pods' namespaces have no route but the one between them.
+    let unroutable: SocketAddr = "10.254.99.1:80".parse().unwrap();
+    for i in 0..TRACKED + OVER {
+        let mut probe = node.app(
+            &a,
+            &format!("unroutable-{i}"),
+            &strings(&["connect-fail", &format!("--addr={unroutable}")]),
+        );
+        let out = probe.success(STEP);
+        assert!(out.contains("unreachable"), "{out}");
+    }
+    assert_eq!(node.counter("connect_passthrough"), (TRACKED + OVER) as u64);
+    assert!(
+        wait_until(STEP, || usage(&node, &a)["tracked"] == 0),
+        "the failed connects kept their places: {:#}",
+        usage(&node, &a)
+    );
+    let to_b: SocketAddr = format!("{ADDR_B}:{}", node.app_port).parse().unwrap();
+    let (mut held, lines) = hold(&node, &a, "after", to_b, 1);
+    assert_eq!(direct(&lines), 1, "{lines:#?}");
+    held.release();
+    held.success(STEP);
+}
+
 /// Pod A with pass-through connections open to its quota of destinations: a connection to a
 /// further destination goes through its proxy (which holds the cap there), counted; once one
 /// destination's connections close, a new destination passes through again. Pod B's count of

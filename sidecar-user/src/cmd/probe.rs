@@ -207,7 +207,7 @@ fn agent_programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     match result {
         Ok(()) => Check::pass(
             NAME,
-            "connect4, connect6, sockops, getsockopt, strict_in, sk_msg load, attach and pin (`sidecar agent` works)",
+            "connect4, connect6, sockops, getsockopt, strict_in, sock_release, sk_msg load, attach and pin (`sidecar agent` works)",
         ),
         // Before 5.15 the getsockopt program cannot call bpf_get_netns_cookie: the agent is
         // unavailable there by design (it refuses to start), while `sidecar run` works, so
@@ -266,12 +266,12 @@ fn programs(cg_root: &Path, bpffs_path: &Path) -> Check {
     match result {
         Ok(None) => Check::pass(
             NAME,
-            "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin (sockmap fast path available)",
+            "connect4, connect6, sockops, sk_msg, strict_in, sock_release load, attach and pin (sockmap fast path available)",
         ),
         Ok(Some(why)) => Check::pass(
             NAME,
             format!(
-                "connect4, connect6, sockops, sk_msg, strict_in load, attach and pin; sockmap \
+                "connect4, connect6, sockops, sk_msg, strict_in, sock_release load, attach and pin; sockmap \
                  fast path unavailable: {why}"
             ),
         ),

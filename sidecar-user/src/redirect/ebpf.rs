@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
         sk_msg::SkMsgLinkId,
     },
@@ -261,6 +261,19 @@ impl EbpfInterception {
                 .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
             pins.pin_link(name, fd_link(name, link)?)?;
         }
+        // Where the connect hooks are: a socket released with its pass-through note still
+        // pending gives its quota place back.
+        {
+            let name = programs::SOCK_RELEASE;
+            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
+            pins.pin_link(name, fd_link(name, link)?)?;
+        }
         if let Some(path) = &settings.strict_inbound_cgroup {
             let name = programs::STRICT_INBOUND;
             let app = open_cgroup(path)?;
@@ -348,7 +361,14 @@ macro_rules! loadable {
         }
     )*};
 }
-loadable!(CgroupSockAddr, SockOps, SkMsg, CgroupSkb, CgroupSockopt);
+loadable!(
+    CgroupSockAddr,
+    SockOps,
+    SkMsg,
+    CgroupSkb,
+    CgroupSockopt,
+    CgroupSock
+);
 
 pub(crate) fn attach_error(
     name: &'static str,

@@ -16,8 +16,8 @@ use aya::{
     EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SkMsg,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, SkMsg, SockOps,
     },
 };
 use sidecar_common::{
@@ -47,6 +47,11 @@ const BPF_NOEXIST: u64 = 1;
 /// pods registered with strict inbound. Not required to adopt an installation: pins of a
 /// build without it get it at the next upgrade, and refuse strict pods until then.
 pub const STRICT_LINK: &str = programs::STRICT_INBOUND;
+/// The links attached after [`LINKS`] that an installation may lack (pins of an older build
+/// get them at their upgrade): the strict inbound program, and the release hook that gives
+/// a socket's pending pass-through place back (without it a pod's failed connects keep
+/// theirs until the pod is gone).
+const OPTIONAL_LINKS: [&str; 2] = [STRICT_LINK, programs::SOCK_RELEASE];
 /// Maps the agent needs to find pinned to adopt an installation.
 const REQUIRED_MAPS: [&str; 4] = [
     maps::WORKLOADS,
@@ -518,28 +523,46 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Resul
         link.pin(&path)
             .map_err(|source| EbpfError::Pin { path, source })?;
     }
-    attach_strict(&mut ebpf, dir, root)?;
+    for name in OPTIONAL_LINKS {
+        attach_optional(&mut ebpf, name, dir, root)?;
+    }
     tracing::info!(cgroup = %root.display(), pins = %dir.display(), "eBPF programs loaded, attached and pinned");
     Ok(())
 }
 
-/// Attaches the strict inbound program at the pods' root and pins its link.
-fn attach_strict(ebpf: &mut aya::Ebpf, dir: &Path, root: &Path) -> Result<(), EbpfError> {
+/// Attaches one of the [`OPTIONAL_LINKS`] at the pods' root and pins its link.
+fn attach_optional(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    dir: &Path,
+    root: &Path,
+) -> Result<(), EbpfError> {
     let cgroup = open_cgroup(root)?;
-    let prog: &mut CgroupSkb = program(ebpf, STRICT_LINK)?;
-    let id = prog
-        .attach(
-            &cgroup,
-            CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::Single,
-        )
-        .map_err(|source| attach_error(STRICT_LINK, root, source))?;
-    let link = prog
-        .take_link(id)
-        .map_err(|source| attach_error(STRICT_LINK, root, source))?;
-    let path = dir.join(link_pin_name(STRICT_LINK));
-    fd_link(STRICT_LINK, link)?
-        .pin(&path)
+    let link = if name == STRICT_LINK {
+        let prog: &mut CgroupSkb = program(ebpf, name)?;
+        let id = prog
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map_err(|source| attach_error(name, root, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_error(name, root, source))?;
+        fd_link(name, link)?
+    } else {
+        let prog: &mut CgroupSock = program(ebpf, name)?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| attach_error(name, root, source))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| attach_error(name, root, source))?;
+        fd_link(name, link)?
+    };
+    let path = dir.join(link_pin_name(name));
+    link.pin(&path)
         .map_err(|source| EbpfError::Pin { path, source })?;
     Ok(())
 }
@@ -570,6 +593,7 @@ fn program_fd(
         programs::SOCKOPS => program::<SockOps>(ebpf, name)?.fd(),
         programs::GETSOCKOPT => program::<CgroupSockopt>(ebpf, name)?.fd(),
         STRICT_LINK => program::<CgroupSkb>(ebpf, name)?.fd(),
+        programs::SOCK_RELEASE => program::<CgroupSock>(ebpf, name)?.fd(),
         _ => program::<CgroupSockAddr>(ebpf, name)?.fd(),
     };
     fd.and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -616,17 +640,16 @@ pub fn upgrade(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Result
     }
     // Load (verify) every program before touching any link.
     let mut fds = Vec::new();
-    let strict_pinned = dir.join(link_pin_name(STRICT_LINK)).exists();
-    for name in LINKS
+    let (pinned, missing): (Vec<&str>, Vec<&str>) = OPTIONAL_LINKS
         .into_iter()
-        .chain(strict_pinned.then_some(STRICT_LINK))
-    {
+        .partition(|name| dir.join(link_pin_name(name)).exists());
+    for name in LINKS.into_iter().chain(pinned) {
         fds.push((name, program_fd(&mut ebpf, name)?));
     }
     attach_sk_msg(&mut ebpf)?;
-    // Pins from a build without the strict inbound program: attached now, for the first time.
-    if !strict_pinned {
-        attach_strict(&mut ebpf, dir, root)?;
+    // Pins from a build without them: attached now, for the first time.
+    for name in missing {
+        attach_optional(&mut ebpf, name, dir, root)?;
     }
     for (name, fd) in fds {
         let path = dir.join(link_pin_name(name));
