@@ -157,6 +157,8 @@ pub fn type_name(prog_type: u32) -> &'static str {
         CONNECT_HOOK => "connect hook (cgroup connect4/connect6)",
         SOCK_OPS => "sockops (SYN, handshake, each state change to the close)",
         16 => "sk_msg",
+        // BPF_PROG_TYPE_CGROUP_SOCK: the only one the sidecar has is the release hook.
+        9 => "release hook (cgroup sock_release: a pending pass-through place given back)",
         _ => "other",
     }
 }
