@@ -504,3 +504,39 @@ fn the_shipped_example_app_passes_through_and_is_denied_in_the_kernel() {
         shipped.sidecar.stderr()
     );
 }
+
+/// A reload made while the agent is down is not lost: the sidecar keeps the old policy in
+/// force in both halves (said and counted once in `reload_errors`), tries the same file again
+/// until the agent takes it, and once the restarted agent has the pod registered again the
+/// new policy is in force in the kernel and the proxy, without the file changing again.
+#[test]
+fn a_reload_made_while_the_agent_is_down_is_put_in_force_when_it_is_back() {
+    let Some((_serial, node)) = setup("pod-policy-agent-down") else {
+        return;
+    };
+    let agent = node.start_agent("agent");
+    let a = node.pod("a", NS_A, ADDR_A);
+    let b = node.pod("b", NS_B, ADDR_B);
+    let servers = Servers::start(&node, &b);
+    let policy = node.scratch.path("policy.toml");
+    write_policy(&policy, &servers, V1);
+    let proxy =
+        node.start_proxy_passthrough(&a, "proxy-a", &[format!("--policy={}", policy.display())]);
+    node.wait_ready(&a, &proxy);
+    check_fates(&node, &a, &servers, V1, "v1");
+
+    drop(agent);
+    write_policy(&policy, &servers, V2);
+    wait_log(&proxy, "policy not taken yet", 0);
+    check_fates(&node, &a, &servers, V1, "agent-down");
+    let status: Value = serde_json::from_str(&node.admin(&a, "/status").1).expect("/status");
+    assert_eq!(status["policy"]["reload_errors"], 1, "{status:#}");
+
+    let _agent = node.start_agent("agent-2");
+    wait_log(&proxy, "policy reloaded", 0);
+    check_fates(&node, &a, &servers, V2, "agent-back");
+    // Retried quietly: the refusal was said and counted once.
+    assert_eq!(proxy.stderr().matches("policy not taken yet").count(), 1);
+    let status: Value = serde_json::from_str(&node.admin(&a, "/status").1).expect("/status");
+    assert_eq!(status["policy"]["reload_errors"], 1, "{status:#}");
+}

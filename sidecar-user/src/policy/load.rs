@@ -39,8 +39,22 @@ pub enum LoadError {
         error: KernelPolicyError,
     },
     /// The kernel half of a pod's policy is the node agent's, and it did not install it.
+    /// `retry`: not a refusal of this policy but the agent's state (unreachable, the pod not
+    /// registered right now): the same file is tried again.
     #[error("policy file {path}: the node agent did not install it: {error}")]
-    Agent { path: PathBuf, error: String },
+    Agent {
+        path: PathBuf,
+        error: String,
+        retry: bool,
+    },
+}
+
+impl LoadError {
+    /// The node agent could not take the policy for a reason of its own (see
+    /// [`LoadError::Agent`]): the same file is worth trying again.
+    pub fn is_retry(&self) -> bool {
+        matches!(self, LoadError::Agent { retry: true, .. })
+    }
 }
 
 /// A policy read, validated and compiled for the kernel: everything that can fail before it

@@ -52,7 +52,16 @@ const EVENT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 /// it did (`Err`: its one-line refusal).
 pub struct KernelUpdate {
     pub text: String,
-    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    pub done: tokio::sync::oneshot::Sender<Result<(), AgentRefusal>>,
+}
+
+/// Why the node agent did not install a pod's policy.
+#[derive(Debug)]
+pub struct AgentRefusal {
+    pub error: String,
+    /// The agent's state, not the policy: unreachable, the pod not registered right now, or
+    /// a refusal the agent marks `retry` (a kernel map update failed).
+    pub retry: bool,
 }
 
 /// Who enforces the outbound policy at `connect()`: nobody (a proxy-only policy), the run's
@@ -78,23 +87,22 @@ impl KernelHalf {
                     error,
                 }),
             KernelHalf::Agent(agent) => {
-                let error = |error: String| LoadError::Agent {
+                let error = |r: AgentRefusal| LoadError::Agent {
                     path: path.into(),
-                    error,
+                    error: r.error,
+                    retry: r.retry,
+                };
+                let stopped = || AgentRefusal {
+                    error: "the registration with the agent has stopped".into(),
+                    retry: false,
                 };
                 let (done, answer) = tokio::sync::oneshot::channel();
                 let update = KernelUpdate {
                     text: loaded.text.clone(),
                     done,
                 };
-                agent
-                    .send(update)
-                    .await
-                    .map_err(|_| error("the registration with the agent has stopped".into()))?;
-                answer
-                    .await
-                    .map_err(|_| error("the registration with the agent has stopped".into()))?
-                    .map_err(error)
+                agent.send(update).await.map_err(|_| error(stopped()))?;
+                answer.await.map_err(|_| error(stopped()))?.map_err(error)
             }
         }
     }
@@ -231,7 +239,10 @@ impl Enforcer {
     }
 
     /// Re-reads the file; a valid policy replaces the live one (kernel half first, so a
-    /// kernel or agent refusal leaves the old policy whole in both halves).
+    /// kernel or agent refusal leaves the old policy whole in both halves). A refusal is
+    /// counted in `reload_errors`, except one worth retrying ([`LoadError::is_retry`]): the
+    /// watcher counts that once per file ([`Enforcer::count_reload_error`]), however often it
+    /// tries.
     pub async fn reload(&self) -> Result<(), LoadError> {
         let result = match load(&self.path) {
             Ok(loaded) => self.kernel.install(&self.path, &loaded).await.map(|()| {
@@ -245,11 +256,15 @@ impl Enforcer {
                 *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) =
                     std::time::SystemTime::now();
             }
-            Err(_) => {
-                self.reload_errors.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(e) if e.is_retry() => {}
+            Err(_) => self.count_reload_error(),
         }
         result
+    }
+
+    /// One more refused reload in `reload_errors`.
+    pub fn count_reload_error(&self) {
+        self.reload_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Decides on one connection, counts it and logs it. Returns the verdict: whether it

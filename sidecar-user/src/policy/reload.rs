@@ -1,7 +1,10 @@
 //! Hot reload: the policy file is polled (like certificate rotation, no inotify: it works the
 //! same on every filesystem and with editors that replace the file); when its content
 //! changes it is loaded whole and put in force atomically. An invalid file is refused with
-//! its line and problem, and the old policy stays in force in the proxy and the kernel.
+//! its line and problem, and the old policy stays in force in the proxy and the kernel. A
+//! file a pod's node agent could not take for a reason of its own (unreachable, restarting)
+//! is tried again at every poll until it is taken or the file changes: the old policy stays
+//! in force meanwhile, and the refusal is said and counted once.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -10,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Enforcer;
 
@@ -26,20 +29,40 @@ fn fingerprint(enforcer: &Enforcer) -> u64 {
 pub fn spawn_watcher(enforcer: Arc<Enforcer>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = fingerprint(&enforcer);
+        // The file in `seen` is waiting for the agent to take it.
+        let mut waiting = false;
         loop {
             tokio::time::sleep(interval).await;
             let now = fingerprint(&enforcer);
-            if now == seen {
+            if now == seen && !waiting {
                 continue;
             }
+            let first_try = now != seen;
             seen = now;
             match enforcer.reload().await {
-                Ok(()) => info!(
-                    file = %enforcer.path().display(),
-                    rules = enforcer.current().rules.len(),
-                    "policy reloaded"
-                ),
-                Err(e) => warn!("policy refused, keeping the current one: {e}"),
+                Ok(()) => {
+                    waiting = false;
+                    info!(
+                        file = %enforcer.path().display(),
+                        rules = enforcer.current().rules.len(),
+                        "policy reloaded"
+                    )
+                }
+                Err(e) if e.is_retry() => {
+                    if first_try || !waiting {
+                        enforcer.count_reload_error();
+                        warn!(
+                            "policy not taken yet, keeping the current one until it is (tried again each {interval:?}): {e}"
+                        );
+                    } else {
+                        debug!("policy still not taken: {e}");
+                    }
+                    waiting = true;
+                }
+                Err(e) => {
+                    waiting = false;
+                    warn!("policy refused, keeping the current one: {e}")
+                }
             }
         }
     })

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use super::circuits::{self, AgentCircuits};
 use crate::{
     host::fd_passing,
-    policy::KernelUpdate,
+    policy::{AgentRefusal, KernelUpdate},
     registration::{Reply, Request},
 };
 
@@ -174,11 +174,12 @@ async fn register_loop(
                 () = &mut pause => break,
                 () = stop.cancelled() => return,
                 Some(update) = policies.recv() => {
-                    let _ = update.done.send(Err(
-                        "the pod is not registered with the agent right now (it registers again \
-                         with the policy in force)"
+                    let _ = update.done.send(Err(AgentRefusal {
+                        error: "the pod is not registered with the agent right now (tried again \
+                                once it is)"
                             .into(),
-                    ));
+                        retry: true,
+                    }));
                 }
             }
         }
@@ -255,10 +256,13 @@ async fn session(
                     }
                     Ok(reply) => {
                         let error = reply.error.unwrap_or_else(|| "no reason given".into());
-                        let _ = update.done.send(Err(error));
+                        let _ = update.done.send(Err(AgentRefusal { error, retry: reply.retry }));
                     }
                     Err(e) => {
-                        let _ = update.done.send(Err(format!("no answer from the agent: {e}")));
+                        let _ = update.done.send(Err(AgentRefusal {
+                            error: format!("no answer from the agent: {e}"),
+                            retry: true,
+                        }));
                         return Session::Broken(e);
                     }
                 }
