@@ -240,51 +240,34 @@ impl EbpfInterception {
         };
 
         attach_sk_msg(&mut ebpf)?;
-        let root = open_cgroup(&settings.sockops_cgroup)?;
-        let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
-        let id = prog
-            .attach(&root, CgroupAttachMode::Single)
-            .map_err(|source| attach_error(programs::SOCKOPS, &settings.sockops_cgroup, source))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| attach_error(programs::SOCKOPS, &settings.sockops_cgroup, source))?;
-        pins.pin_link(programs::SOCKOPS, fd_link(programs::SOCKOPS, link)?)?;
+        let root_path = &settings.sockops_cgroup;
+        let root = open_cgroup(root_path)?;
+        let name = programs::SOCKOPS;
+        pins.pin_link(
+            name,
+            attach_to_cgroup::<SockOps>(&mut ebpf, name, &root, root_path)?,
+        )?;
 
-        let cgroup = open_cgroup(&settings.connect_cgroup)?;
+        let path = &settings.connect_cgroup;
+        let cgroup = open_cgroup(path)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
-            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
-            pins.pin_link(name, fd_link(name, link)?)?;
+            let link = attach_to_cgroup::<CgroupSockAddr>(&mut ebpf, name, &cgroup, path)?;
+            pins.pin_link(name, link)?;
         }
         // Where the connect hooks are: a socket released with its pass-through note still
         // pending gives its quota place back.
-        {
-            let name = programs::SOCK_RELEASE;
-            let prog: &mut CgroupSock = program(&mut ebpf, name)?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| attach_error(name, &settings.connect_cgroup, source))?;
-            pins.pin_link(name, fd_link(name, link)?)?;
-        }
+        let name = programs::SOCK_RELEASE;
+        pins.pin_link(
+            name,
+            attach_to_cgroup::<CgroupSock>(&mut ebpf, name, &cgroup, path)?,
+        )?;
         if let Some(path) = &settings.strict_inbound_cgroup {
             let name = programs::STRICT_INBOUND;
             let app = open_cgroup(path)?;
-            let prog: &mut CgroupSkb = program(&mut ebpf, name)?;
-            let id = prog
-                .attach(&app, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-                .map_err(|source| attach_error(name, path, source))?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| attach_error(name, path, source))?;
-            pins.pin_link(name, fd_link(name, link)?)?;
+            pins.pin_link(
+                name,
+                attach_to_cgroup::<CgroupSkb>(&mut ebpf, name, &app, path)?,
+            )?;
         }
 
         let lookups = std::sync::Arc::new(KernelLookups::open(&settings.pin_dir, netns_cookies)?);
@@ -369,6 +352,60 @@ loadable!(
     CgroupSockopt,
     CgroupSock
 );
+
+/// A program type the sidecar attaches to a cgroup with a link (aya gives each type its own
+/// `attach`; `cgroup_skb` is only ever attached for ingress here).
+pub trait CgroupProgram: Loadable {
+    /// Attaches to `cgroup` (found at `path`, for the error) and takes the link out of aya's
+    /// hands, ready to pin.
+    fn attach_link(
+        &mut self,
+        name: &'static str,
+        cgroup: &fs::File,
+        path: &Path,
+    ) -> Result<FdLink, EbpfError>;
+}
+
+macro_rules! cgroup_program {
+    ($($t:ty => |$prog:ident, $cgroup:ident| $attach:expr),* $(,)?) => {$(
+        impl CgroupProgram for $t {
+            fn attach_link(
+                &mut self,
+                name: &'static str,
+                $cgroup: &fs::File,
+                path: &Path,
+            ) -> Result<FdLink, EbpfError> {
+                let $prog = self;
+                let id = $attach.map_err(|source| attach_error(name, path, source))?;
+                let link = $prog
+                    .take_link(id)
+                    .map_err(|source| attach_error(name, path, source))?;
+                fd_link(name, link)
+            }
+        }
+    )*};
+}
+cgroup_program!(
+    CgroupSockAddr => |p, cgroup| p.attach(cgroup, CgroupAttachMode::Single),
+    CgroupSock => |p, cgroup| p.attach(cgroup, CgroupAttachMode::Single),
+    SockOps => |p, cgroup| p.attach(cgroup, CgroupAttachMode::Single),
+    CgroupSkb => |p, cgroup| p.attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single),
+);
+
+/// Loads (verifies) program `name` of type `P` and attaches it to `cgroup` (at `path`): its
+/// link, ready to pin.
+pub(crate) fn attach_to_cgroup<P>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &fs::File,
+    path: &Path,
+) -> Result<FdLink, EbpfError>
+where
+    P: CgroupProgram,
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    program::<P>(ebpf, name)?.attach_link(name, cgroup, path)
+}
 
 pub(crate) fn attach_error(
     name: &'static str,

@@ -15,10 +15,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, SkMsg, SockOps,
-    },
+    programs::{CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps},
 };
 use sidecar_common::{
     CircuitKey, Counter, ScopeCounters, ScopeUsage, ScopedAddr, WorkloadConfig, limits, maps,
@@ -29,7 +26,8 @@ use super::pod_maps::{CidrKey, MapError, PodMaps, Trie};
 use crate::policy::{kernel::PolicyMaps, pinned::PinnedPolicyMaps};
 
 use crate::redirect::ebpf::{
-    EbpfError, OBJECT, attach_error, fd_link, link_pin_name, open_cgroup, open_pinned, program,
+    EbpfError, OBJECT, attach_error, attach_to_cgroup, link_pin_name, open_cgroup, open_pinned,
+    program,
 };
 
 /// The pinned links, in attach order (sockops and the original-destination answer before
@@ -486,16 +484,7 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Resul
     let cgroup = open_cgroup(root)?;
     for name in LINKS {
         let link = match name {
-            programs::SOCKOPS => {
-                let prog: &mut SockOps = program(&mut ebpf, name)?;
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| attach_error(name, root, source))?;
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| attach_error(name, root, source))?;
-                fd_link(name, link)?
-            }
+            programs::SOCKOPS => attach_to_cgroup::<SockOps>(&mut ebpf, name, &cgroup, root)?,
             programs::GETSOCKOPT => {
                 // aya 0.14 cannot turn a sockopt link into a pinnable `FdLink`: create the
                 // BPF link ourselves (same syscall aya uses for the others) and pin it.
@@ -508,16 +497,7 @@ fn install_into(dir: &Path, root: &Path, sockmap: bool, quotas: Quotas) -> Resul
                     .map_err(|e| attach_error(name, root, io_program_error(e)))?;
                 continue;
             }
-            _ => {
-                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| attach_error(name, root, source))?;
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| attach_error(name, root, source))?;
-                fd_link(name, link)?
-            }
+            _ => attach_to_cgroup::<CgroupSockAddr>(&mut ebpf, name, &cgroup, root)?,
         };
         let path = dir.join(link_pin_name(name));
         link.pin(&path)
@@ -539,27 +519,9 @@ fn attach_optional(
 ) -> Result<(), EbpfError> {
     let cgroup = open_cgroup(root)?;
     let link = if name == STRICT_LINK {
-        let prog: &mut CgroupSkb = program(ebpf, name)?;
-        let id = prog
-            .attach(
-                &cgroup,
-                CgroupSkbAttachType::Ingress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(|source| attach_error(name, root, source))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| attach_error(name, root, source))?;
-        fd_link(name, link)?
+        attach_to_cgroup::<CgroupSkb>(ebpf, name, &cgroup, root)?
     } else {
-        let prog: &mut CgroupSock = program(ebpf, name)?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| attach_error(name, root, source))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|source| attach_error(name, root, source))?;
-        fd_link(name, link)?
+        attach_to_cgroup::<CgroupSock>(ebpf, name, &cgroup, root)?
     };
     let path = dir.join(link_pin_name(name));
     link.pin(&path)
